@@ -1,0 +1,148 @@
+"""A model's config.json seen through its adapter: expert counts, top-k, MoE layers, edits."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_prune.architectures import ADAPTERS, Adapter, get_adapter
+from moe_prune.architectures.layer_rules import LAYER_RULES
+from moe_prune.errors import MoePruneError
+
+# Fields that change without changing the model's weights or shapes.
+_VOLATILE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map", "use_cache"}
+TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d[part]
+    d[last] = value
+
+
+@dataclass
+class ModelConfig:
+    """The raw config dict plus where its MoE text model lives and which adapter reads it."""
+
+    raw: dict[str, Any]
+    adapter: Adapter
+    text_key: str | None = None  # e.g. "text_config" for multimodal wrappers
+    source: str = "config.json"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Find the adapter for the top-level model_type or for a nested text config."""
+        model_type = raw.get("model_type")
+        if model_type in ADAPTERS:
+            return cls(raw, ADAPTERS[model_type], None, source)
+        for key in TEXT_CONFIG_KEYS:
+            sub = raw.get(key)
+            if isinstance(sub, dict) and sub.get("model_type") in ADAPTERS:
+                return cls(raw, ADAPTERS[sub["model_type"]], key, source)
+        if not model_type:
+            raise MoePruneError(f"{source}: no model_type field; is this a transformers model folder?")
+        get_adapter(str(model_type))  # raises the 'unsupported' error with the list
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        """Read and parse config.json with a one-line error on failure."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MoePruneError(f"{path}: config.json not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MoePruneError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise MoePruneError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, str(path))
+
+    @property
+    def text(self) -> dict[str, Any]:
+        """The dict holding the MoE fields (the text config of a multimodal wrapper)."""
+        return self.raw[self.text_key] if self.text_key else self.raw
+
+    @property
+    def model_type(self) -> str:
+        return self.adapter.model_type
+
+    def get(self, dotted: str) -> Any:
+        return _get(self.text, dotted)
+
+    def first(self, keys: tuple[str, ...]) -> Any:
+        """Value of the first key present (aliases are listed in priority order)."""
+        for key in keys:
+            value = self.get(key)
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def num_layers(self) -> int:
+        value = self.get(self.adapter.layer_count_key)
+        if not isinstance(value, int) or value <= 0:
+            raise MoePruneError(f"{self.source}: missing or invalid {self.adapter.layer_count_key!r}")
+        return value
+
+    @property
+    def num_experts(self) -> int:
+        value = self.first(self.adapter.expert_count_keys)
+        if not isinstance(value, int) or value <= 0:
+            keys = " / ".join(self.adapter.expert_count_keys)
+            raise MoePruneError(f"{self.source}: missing or invalid routed-expert count ({keys})")
+        return value
+
+    @property
+    def top_k(self) -> int:
+        value = self.first(self.adapter.top_k_keys)
+        if not isinstance(value, int) or value <= 0:
+            raise MoePruneError(f"{self.source}: missing or invalid top-k ({' / '.join(self.adapter.top_k_keys)})")
+        return value
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return LAYER_RULES[self.adapter.moe_layers](self.text, self.num_layers)
+
+    @property
+    def n_group(self) -> int:
+        """Number of expert groups for group-limited routing (1 when the family has none)."""
+        if not self.adapter.routing.grouped:
+            return 1
+        if self.get("topk_method") == "greedy":
+            return 1
+        return int(self.get("n_group") or 1)
+
+    @property
+    def shared_experts(self) -> Any:
+        return self.first(self.adapter.shared_expert_keys) if self.adapter.shared_expert_keys else None
+
+    def fingerprint(self) -> str:
+        """Hash of the config minus fields that do not change the model (versions, names, dtype)."""
+        clean = {k: v for k, v in self.raw.items() if k not in _VOLATILE}
+        blob = json.dumps(clean, sort_keys=True, separators=(",", ":"), default=str)
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def with_expert_count(self, count: int, top_k: int) -> ModelConfig:
+        """A copy with every expert-count alias present set to `count` and top-k set to `top_k`."""
+        raw = copy.deepcopy(self.raw)
+        text = raw[self.text_key] if self.text_key else raw
+        for key in self.adapter.expert_count_keys:
+            if _get(text, key) is not None:
+                _set(text, key, count)
+        for key in self.adapter.top_k_keys:
+            if _get(text, key) is not None:
+                _set(text, key, top_k)
+        return ModelConfig(raw, self.adapter, self.text_key, self.source)

@@ -1,0 +1,43 @@
+"""What moe-prune needs to know about one MoE family, as plain data.
+
+Keys are relative to one decoder layer (`layer_prefix` with `{L}` for its index) and are
+matched with any wrapper prefix in front (e.g. a multimodal model's `language_model.`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How router logits become expert choices; used to compute router probabilities."""
+
+    score: str = "softmax"  # softmax | sigmoid: how logits become per-expert probabilities
+    select_on: str = "scores"  # scores | logits | scores+bias: what top-k ranks
+    renormalize: bool | str = True  # True/False, or the config key that decides (e.g. norm_topk_prob)
+    grouped: bool = False  # n_group / topk_group group-limited selection
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One row of the architecture table."""
+
+    model_type: str
+    expert_count_keys: tuple[str, ...]  # every alias of the routed-expert count; dotted for nested configs
+    top_k_keys: tuple[str, ...]
+    moe_layers: str  # name of a rule in architectures.layer_rules
+    router: str  # router weight [E, H]; rows are experts
+    experts: str  # container prefix: `{experts}{e}.*` per expert, `{experts}<name>` fused [E, ...]
+    layer_prefix: str = "model.layers.{L}."
+    fused_experts: tuple[str, ...] = ()  # fused expert tensors outside `experts` (leading expert axis)
+    router_bias: str | None = None  # added to logits; sliced with the router rows
+    selection_bias: str | None = None  # added to scores for selection only; expert axis is the last
+    routing: Routing = Routing()
+    layer_count_key: str = "num_hidden_layers"
+    shared_expert_keys: tuple[str, ...] = ()  # config keys that size the always-on shared experts
+    runtime_layers: str = "model.layers"  # module path of the decoder layer list in memory
+    runtime_router: str = "mlp.gate"  # module path of the router inside one loaded decoder layer
+    runtime_experts: str = "mlp.experts"
+    router_logits_output: int | None = 0  # index of the logits in the router's output (None: the output is them)
+    selection_from: str = "experts_args"  # experts_args: (hidden, top_k_index, top_k_weights); router_scores

@@ -1,0 +1,169 @@
+"""The architecture table: one row per supported `model_type`.
+
+Facts checked against transformers 5.x `save_pretrained` output of tiny random models
+(see tests/test_adapters.py); on-disk keys differ from in-memory module names, so both are listed.
+"""
+
+from __future__ import annotations
+
+from moe_prune.architectures.spec import Adapter, Routing
+
+SOFTMAX = Routing(score="softmax", select_on="scores", renormalize=True)
+SOFTMAX_NORM_KEY = Routing(score="softmax", select_on="scores", renormalize="norm_topk_prob")
+SOFTMAX_NO_RENORM = Routing(score="softmax", select_on="scores", renormalize=False)
+TOPK_THEN_SOFTMAX = Routing(score="softmax", select_on="logits", renormalize=True)
+SIGMOID_BIAS_GROUPED = Routing(score="sigmoid", select_on="scores+bias", renormalize="norm_topk_prob", grouped=True)
+
+
+def _mixtral_like(model_type: str, **overrides) -> Adapter:
+    """Mixtral-style keys: block_sparse_moe.gate + experts.{e}.w1/w2/w3."""
+    fields = dict(
+        model_type=model_type,
+        expert_count_keys=("num_local_experts", "num_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        moe_layers="all",
+        router="block_sparse_moe.gate.weight",
+        experts="block_sparse_moe.experts.",
+        routing=SOFTMAX,
+    )
+    return Adapter(**{**fields, **overrides})
+
+
+def _qwen_like(model_type: str, **overrides) -> Adapter:
+    """Qwen/DeepSeek-style keys: mlp.gate + mlp.experts.{e}.gate_proj/up_proj/down_proj."""
+    fields = dict(
+        model_type=model_type,
+        expert_count_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok",),
+        moe_layers="all",
+        router="mlp.gate.weight",
+        experts="mlp.experts.",
+        routing=SOFTMAX_NORM_KEY,
+    )
+    return Adapter(**{**fields, **overrides})
+
+
+def _deepseek_like(model_type: str, routing: Routing, **overrides) -> Adapter:
+    """DeepSeek/GLM: n_routed_experts, shared experts, first k layers dense, grouped routing."""
+    return _qwen_like(
+        model_type,
+        expert_count_keys=("n_routed_experts",),
+        moe_layers="first_k_dense",
+        shared_expert_keys=("n_shared_experts",),
+        routing=routing,
+        **overrides,
+    )
+
+
+def _granite_like(model_type: str, **overrides) -> Adapter:
+    """Granite MoE: fused input_linear [E, 2I, H] / output_linear [E, H, I], router.layer."""
+    fields = dict(
+        model_type=model_type,
+        expert_count_keys=("num_local_experts",),
+        top_k_keys=("num_experts_per_tok",),
+        moe_layers="all",
+        router="block_sparse_moe.router.layer.weight",
+        experts="block_sparse_moe.experts.",
+        fused_experts=("block_sparse_moe.input_linear.", "block_sparse_moe.output_linear."),
+        routing=TOPK_THEN_SOFTMAX,
+        runtime_router="block_sparse_moe.router",
+        runtime_experts="block_sparse_moe.experts",
+    )
+    return Adapter(**{**fields, **overrides})
+
+
+ROWS: tuple[Adapter, ...] = (
+    _mixtral_like("mixtral"),
+    _mixtral_like("minimax"),
+    _mixtral_like(
+        "minimax_m2",
+        selection_bias="block_sparse_moe.e_score_correction_bias",
+        routing=Routing(score="sigmoid", select_on="scores+bias", renormalize=True),
+    ),
+    _mixtral_like("phimoe", runtime_router="mlp.router"),
+    _qwen_like("qwen2_moe", moe_layers="sparse_step", shared_expert_keys=("shared_expert_intermediate_size",)),
+    _qwen_like("qwen3_moe", expert_count_keys=("num_local_experts", "num_experts"), moe_layers="sparse_step"),
+    _qwen_like("qwen3_next", moe_layers="sparse_step", shared_expert_keys=("shared_expert_intermediate_size",)),
+    _qwen_like("qwen3_5_moe_text", moe_layers="all", shared_expert_keys=("shared_expert_intermediate_size",)),
+    _qwen_like("olmoe"),
+    _qwen_like("flex_olmo"),
+    _deepseek_like("deepseek_v2", Routing(score="softmax", renormalize="norm_topk_prob", grouped=True)),
+    _deepseek_like("deepseek_v3", SIGMOID_BIAS_GROUPED, selection_bias="mlp.gate.e_score_correction_bias"),
+    _deepseek_like("glm4_moe", SIGMOID_BIAS_GROUPED, selection_bias="mlp.gate.e_score_correction_bias"),
+    _deepseek_like("dots1", SIGMOID_BIAS_GROUPED, selection_bias="mlp.gate.e_score_correction_bias"),
+    _qwen_like(
+        "ernie4_5_moe",
+        expert_count_keys=("moe_num_experts",),
+        top_k_keys=("moe_k",),
+        moe_layers="ernie_interval",
+        shared_expert_keys=("moe_num_shared_experts",),
+        selection_bias="mlp.moe_statics.e_score_correction_bias",
+        routing=Routing(score="softmax", select_on="scores+bias", renormalize=True),
+    ),
+    _qwen_like(
+        "hunyuan_v1_moe",
+        top_k_keys=("moe_topk",),
+        router="mlp.gate.wg.weight",
+        shared_expert_keys=("num_shared_expert",),
+        routing=SOFTMAX,
+    ),
+    _qwen_like(
+        "jamba",
+        top_k_keys=("num_experts_per_tok",),
+        moe_layers="expert_layer_period",
+        router="feed_forward.router.weight",
+        experts="feed_forward.experts.",
+        routing=SOFTMAX_NO_RENORM,
+        runtime_router="feed_forward.router",
+        runtime_experts="feed_forward.experts",
+    ),
+    _qwen_like(
+        "lfm2_moe",
+        moe_layers="num_dense_layers",
+        router="feed_forward.gate.weight",
+        experts="feed_forward.experts.",
+        selection_bias="feed_forward.expert_bias",
+        routing=Routing(score="sigmoid", select_on="scores+bias", renormalize="norm_topk_prob"),
+        runtime_router="feed_forward.gate",
+        runtime_experts="feed_forward.experts",
+    ),
+    _granite_like("granitemoe"),
+    _granite_like("granitemoeshared", shared_expert_keys=("shared_intermediate_size",)),
+    _granite_like("granitemoehybrid", shared_expert_keys=("shared_intermediate_size",)),
+    _qwen_like(
+        "gpt_oss",
+        expert_count_keys=("num_local_experts",),
+        router="mlp.router.weight",
+        router_bias="mlp.router.bias",
+        routing=TOPK_THEN_SOFTMAX,
+        runtime_router="mlp.router",
+    ),
+    _qwen_like(
+        "llama4_text",
+        expert_count_keys=("num_local_experts",),
+        moe_layers="moe_layers_list",
+        router="feed_forward.router.weight",
+        experts="feed_forward.experts.",
+        shared_expert_keys=("intermediate_size",),
+        routing=Routing(score="sigmoid", select_on="logits", renormalize=False),
+        runtime_router="feed_forward.router",
+        runtime_experts="feed_forward.experts",
+        router_logits_output=1,
+        selection_from="router_scores",
+    ),
+    Adapter(
+        model_type="dbrx",
+        expert_count_keys=("ffn_config.moe_num_experts",),
+        top_k_keys=("ffn_config.moe_top_k",),
+        layer_count_key="n_layers",
+        moe_layers="all",
+        layer_prefix="transformer.blocks.{L}.",
+        router="ffn.router.layer.weight",
+        experts="ffn.experts.mlp.",
+        routing=SOFTMAX,
+        runtime_layers="transformer.blocks",
+        runtime_router="ffn.router",
+        runtime_experts="ffn.experts",
+        router_logits_output=None,
+    ),
+)

@@ -1,0 +1,1 @@
+"""Artifacts passed between stages, each defined once with a schema version and validated on read."""

@@ -1,0 +1,124 @@
+"""The drop mask: per MoE layer which experts to keep and drop, in ORIGINAL expert ids."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_prune import __version__
+from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.identity import ModelIdentity
+from moe_prune.errors import MoePruneError
+
+MASK_SCHEMA = "moe-prune/mask"
+MASK_VERSION = 1
+
+
+@dataclass
+class DropMask:
+    """Kept original expert ids per MoE layer; dropped = the model's ids minus the kept ones."""
+
+    model: ModelIdentity
+    keep: dict[int, tuple[int, ...]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def drop(self, layer: int) -> tuple[int, ...]:
+        return tuple(i for i in self.model.original_ids[layer] if i not in set(self.keep[layer]))
+
+    @property
+    def is_uniform(self) -> bool:
+        return len({len(v) for v in self.keep.values()}) <= 1
+
+    @classmethod
+    def create(
+        cls, model: ModelIdentity, keep: dict[int, list[int]], criterion: str, params: dict[str, Any] | None = None
+    ) -> DropMask:
+        """Build a validated mask with provenance (criterion, parameters, tool version, time)."""
+        provenance = {
+            "criterion": criterion,
+            "params": params or {},
+            "tool_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        mask = cls(model, {k: tuple(sorted(v)) for k, v in keep.items()}, provenance)
+        mask.validate("mask")
+        return mask
+
+    def validate(self, name: str) -> None:
+        """Every MoE layer listed, ids known to the model, at least one expert kept per layer."""
+        if sorted(self.keep) != self.model.moe_layers:
+            raise MoePruneError(f"{name}: lists layers {sorted(self.keep)} but the model's MoE layers are "
+                                f"{self.model.moe_layers}")
+        for layer, kept in self.keep.items():
+            present = set(self.model.original_ids[layer])
+            unknown = sorted(set(kept) - present)
+            if unknown:
+                raise MoePruneError(f"{name}: layer {layer} keeps experts {unknown} that the model does not have "
+                                    f"(it has original ids {sorted(present)})")
+            if len(set(kept)) != len(kept):
+                raise MoePruneError(f"{name}: layer {layer} lists an expert twice")
+            if not kept:
+                raise MoePruneError(f"{name}: layer {layer} drops every expert; keep at least one")
+
+    def validate_groups(self, n_group: int, name: str) -> None:
+        """Grouped routers stay the same model only with equal drops per group and >= 2 kept per group."""
+        if n_group <= 1:
+            return
+        for layer, kept in self.keep.items():
+            ids = self.model.original_ids[layer]
+            if len(ids) % n_group:
+                raise MoePruneError(f"{name}: layer {layer} has {len(ids)} experts, not divisible into {n_group} groups")
+            size = len(ids) // n_group
+            per_group = [sum(1 for slot in range(g * size, (g + 1) * size) if ids[slot] in kept) for g in range(n_group)]
+            if len(set(per_group)) != 1 or per_group[0] < 2:
+                raise MoePruneError(
+                    f"{name}: layer {layer} keeps {per_group} experts in its {n_group} routing groups; grouped routing "
+                    "needs the same number kept in every group and at least 2 per group"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": MASK_SCHEMA,
+            "version": MASK_VERSION,
+            "model": self.model.to_dict(),
+            "layers": {
+                str(layer): {"keep": list(self.keep[layer]), "drop": list(self.drop(layer))}
+                for layer in sorted(self.keep)
+            },
+            "provenance": self.provenance,
+        }
+
+    def dumps(self) -> str:
+        return dump_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], name: str) -> DropMask:
+        check_header(obj, MASK_SCHEMA, MASK_VERSION, name)
+        model = ModelIdentity.from_dict(obj.get("model"), name)
+        layers = obj.get("layers")
+        if not isinstance(layers, dict):
+            raise MoePruneError(f"{name}: 'layers' must be an object of layer -> {{keep, drop}}")
+        keep: dict[int, tuple[int, ...]] = {}
+        for key, entry in layers.items():
+            try:
+                layer = int(key)
+                present = model.original_ids[layer]
+                kept = [int(i) for i in entry["keep"]] if "keep" in entry else None
+                dropped = [int(i) for i in entry.get("drop", [])]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise MoePruneError(f"{name}: layer {key!r} is not an MoE layer of the model or is malformed") from None
+            if kept is None:
+                kept = [i for i in present if i not in set(dropped)]
+            elif set(kept) & set(dropped) or set(kept) | set(dropped) != set(present) and dropped:
+                raise MoePruneError(f"{name}: layer {layer} keep and drop lists do not partition its experts")
+            keep[layer] = tuple(kept)
+        mask = cls(model, keep, obj.get("provenance") or {})
+        mask.validate(name)
+        return mask
+
+    @classmethod
+    def read(cls, source: str | Path) -> DropMask:
+        obj, name = read_json(source, "mask")
+        return cls.from_dict(obj, name)

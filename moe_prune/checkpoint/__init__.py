@@ -1,0 +1,1 @@
+"""Checkpoint I/O and surgery on safetensors shards, tensor by tensor, without loading the model."""

@@ -1,0 +1,111 @@
+"""Open an input checkpoint (local folder or hub id): its config, tensors, manifest and identity."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.artifacts.identity import ModelIdentity
+from moe_prune.artifacts.manifest import Manifest
+from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
+from moe_prune.errors import MoePruneError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local folder as is; anything else that looks like `org/name` is fetched from the hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists():
+        raise MoePruneError(f"{text}: not a model folder")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise MoePruneError(f"{text}: model folder not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # hub errors have many types; all mean the same to the user
+        raise MoePruneError(f"{text}: not a local folder and could not be fetched from the hub ({type(exc).__name__})") from None
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint folder, read lazily: headers only, never the weights."""
+
+    folder: Path
+
+    @classmethod
+    def open(cls, model: str | Path) -> Checkpoint:
+        ckpt = cls(resolve_model(model))
+        ckpt.tensors  # validate shards up front, before any work
+        return ckpt
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        return ModelConfig.load(self.folder / "config.json")
+
+    @cached_property
+    def shard_files(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MoePruneError(f"{index}: corrupt index (no weight_map)") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.folder / f).exists()]
+            if missing:
+                raise MoePruneError(f"{index}: lists missing shard {missing[0]}")
+            return [self.folder / f for f in files]
+        if (self.folder / SINGLE_NAME).exists():
+            return [self.folder / SINGLE_NAME]
+        others = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if len(others) == 1:
+            return [self.folder / others[0]]
+        if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
+            raise MoePruneError(f"{self.folder}: only safetensors checkpoints are supported (found .bin/.pt weights)")
+        raise MoePruneError(f"{self.folder}: no safetensors weights found")
+
+    @cached_property
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor of every shard, in shard then file order."""
+        out: list[TensorInfo] = []
+        seen: set[str] = set()
+        for shard in self.shard_files:
+            infos, _ = read_header(shard)
+            for info in infos:
+                if info.name in seen:
+                    raise MoePruneError(f"{shard}: tensor {info.name!r} appears in two shards")
+                seen.add(info.name)
+                out.append(info)
+        return out
+
+    @cached_property
+    def manifest(self) -> Manifest | None:
+        return Manifest.read(self.folder)
+
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        """Identity in original expert ids (from moe_prune.json when an earlier stage wrote one)."""
+        config = self.config
+        count = config.num_experts
+        slots = self.manifest.slots if self.manifest else {layer: tuple(range(count)) for layer in config.moe_layers}
+        if sorted(slots) != config.moe_layers:
+            raise MoePruneError(f"{self.folder}: moe_prune.json layers disagree with config.json")
+        for layer, ids in slots.items():
+            if len(ids) != count:
+                raise MoePruneError(
+                    f"{self.folder}: moe_prune.json says layer {layer} has {len(ids)} experts, config.json says {count}"
+                )
+        return ModelIdentity(config.model_type, config.num_layers, slots, config.fingerprint())
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shard_files)

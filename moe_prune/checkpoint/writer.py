@@ -1,0 +1,77 @@
+"""Write an output checkpoint: resharded safetensors, index, config, side files, manifest."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.artifacts.manifest import MANIFEST_NAME, Manifest
+from moe_prune.checkpoint.safetensors_io import OutputTensor, write_file
+from moe_prune.checkpoint.source import INDEX_NAME
+from moe_prune.errors import MoePruneError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".ckpt")
+REWRITTEN = {"config.json", INDEX_NAME, MANIFEST_NAME, "pytorch_model.bin.index.json"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' (10^9), '500MiB' (2^20) or a byte count, as transformers' max_shard_size."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m[2].upper() not in _UNITS or float(m[1]) <= 0:
+        raise MoePruneError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+def assign_shards(tensors: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
+    """Greedy in order: a new shard starts when the next tensor would pass `max_bytes`."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def write_weights(folder: Path, tensors: list[OutputTensor], max_bytes: int) -> list[str]:
+    """Write shards named like transformers does and the index; returns the shard file names."""
+    shards = assign_shards(tensors, max_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards, strict=True):
+        write_file(folder / name, shard)
+        weight_map.update({t.name: name for t in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def copy_side_files(source: Path, folder: Path) -> None:
+    """Tokenizer, generation config, chat template, remote code...: everything that is not weights."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in REWRITTEN and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, folder / path.name)
+
+
+def write_checkpoint(
+    folder: Path,
+    source: Path,
+    tensors: list[OutputTensor],
+    config: ModelConfig,
+    manifest: Manifest,
+    max_bytes: int,
+) -> list[str]:
+    """Everything an output checkpoint folder holds; returns the shard names."""
+    names = write_weights(folder, tensors, max_bytes)
+    copy_side_files(source, folder)
+    (folder / "config.json").write_text(json.dumps(config.raw, indent=2, sort_keys=True) + "\n")
+    manifest.write(folder)
+    return names
