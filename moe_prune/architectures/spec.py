@@ -6,7 +6,7 @@ matched with any wrapper prefix in front (e.g. a multimodal model's `language_mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,18 @@ class Adapter:
     runtime_experts: str = "mlp.experts"
     router_logits_output: int | None = 0  # index of the logits in the router's output (None: the output is them)
     selection_from: str = "experts_args"  # experts_args: (hidden, top_k_index, top_k_weights); router_scores
+    memory_keys: tuple[tuple[str, str], ...] = ()  # overrides for checkpoints saved with in-memory (fused) names
+
+    def memory_layout(self) -> Adapter:
+        """The same family with the key names of `save_pretrained(..., save_original_format=False)`.
+
+        transformers 5 renames modules in memory (e.g. Mixtral's block_sparse_moe -> mlp) and fuses
+        experts; checkpoints written that way name tensors after the runtime modules.
+        """
+        fields: dict[str, object] = {
+            "router": f"{self.runtime_router}.weight",
+            "experts": f"{self.runtime_experts}.",
+            "fused_experts": (),
+        }
+        fields.update(dict(self.memory_keys))
+        return replace(self, **fields)

@@ -78,6 +78,7 @@ ROWS: tuple[Adapter, ...] = (
     _mixtral_like(
         "minimax_m2",
         selection_bias="block_sparse_moe.e_score_correction_bias",
+        memory_keys=(("selection_bias", "mlp.e_score_correction_bias"),),
         routing=Routing(score="sigmoid", select_on="scores+bias", renormalize=True),
     ),
     _mixtral_like("phimoe", runtime_router="mlp.router"),
@@ -98,12 +99,14 @@ ROWS: tuple[Adapter, ...] = (
         moe_layers="ernie_interval",
         shared_expert_keys=("moe_num_shared_experts",),
         selection_bias="mlp.moe_statics.e_score_correction_bias",
+        memory_keys=(("selection_bias", "mlp.gate.moe_statics.e_score_correction_bias"),),
         routing=Routing(score="softmax", select_on="scores+bias", renormalize=True),
     ),
     _qwen_like(
         "hunyuan_v1_moe",
         top_k_keys=("moe_topk",),
         router="mlp.gate.wg.weight",
+        memory_keys=(("router", "mlp.gate.wg.weight"),),
         shared_expert_keys=("num_shared_expert",),
         routing=SOFTMAX,
     ),
@@ -165,5 +168,6 @@ ROWS: tuple[Adapter, ...] = (
         runtime_router="ffn.router",
         runtime_experts="ffn.experts",
         router_logits_output=None,
+        memory_keys=(("router", "ffn.router.layer.weight"), ("experts", "ffn.experts.mlp.")),
     ),
 )

@@ -21,18 +21,22 @@ class ExpertKey:
     kind: str  # per_expert | rows (expert axis 0, possibly blocked) | last_axis
     layer: int
     slot: int | None = None
-    prefix: str = ""
-    tail: str = ""
+    stem: str = ""  # per_expert: the key up to the expert number
+    tail: str = ""  # per_expert: the key after the expert number
+
+    def renumbered(self, slot: int) -> str:
+        return f"{self.stem}{slot}.{self.tail}"
 
 
-class KeyMatcher:
-    """Classify safetensors keys with the adapter's key templates, whatever wraps them."""
+class _LayoutMatcher:
+    """Classify safetensors keys with one key layout of an adapter, whatever prefix wraps them."""
 
     def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
         layer = re.escape(adapter.layer_prefix).replace(r"\{L\}", r"(?P<layer>\d+)")
-        head = r"^(?P<prefix>(?:.*\.)?)" + layer
-        self._per_expert = re.compile(head + re.escape(adapter.experts) + r"(?P<slot>\d+)\.(?P<tail>.+)$")
+        head = r"^(?:.*\.)?" + layer
+        self._per_expert = re.compile(
+            r"^(?P<stem>(?:.*\.)?" + layer + re.escape(adapter.experts) + r")(?P<slot>\d+)\.(?P<tail>.+)$"
+        )
         fused = "|".join(re.escape(p) for p in (adapter.experts, *adapter.fused_experts))
         self._fused = re.compile(head + f"(?:{fused})" + r"(?P<tail>(?!\d+\.).+)$")
         rows = [adapter.router] + ([adapter.router_bias] if adapter.router_bias else [])
@@ -44,7 +48,7 @@ class KeyMatcher:
     def classify(self, name: str) -> ExpertKey | None:
         """None for tensors that do not depend on the expert count (attention, norms, shared experts...)."""
         if m := self._per_expert.match(name):
-            return ExpertKey("per_expert", int(m["layer"]), int(m["slot"]), m["prefix"], m["tail"])
+            return ExpertKey("per_expert", int(m["layer"]), int(m["slot"]), m["stem"], m["tail"])
         if m := self._rows.match(name):
             return ExpertKey("rows", int(m["layer"]))
         if self._last and (m := self._last.match(name)):
@@ -58,9 +62,30 @@ class KeyMatcher:
         m = self._router.match(name)
         return int(m["layer"]) if m else None
 
-    def per_expert_name(self, key: ExpertKey, slot: int) -> str:
-        layer = self.adapter.layer_prefix.replace("{L}", str(key.layer))
-        return f"{key.prefix}{layer}{self.adapter.experts}{slot}.{key.tail}"
+
+
+class KeyMatcher:
+    """Both key layouts of a family: transformers' legacy names and its in-memory (fused) names.
+
+    A checkpoint may use either (`save_pretrained(..., save_original_format=False)` writes the
+    second); the two never classify the same key differently, so the first match wins.
+    """
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self._layouts = (_LayoutMatcher(adapter), _LayoutMatcher(adapter.memory_layout()))
+
+    def classify(self, name: str) -> ExpertKey | None:
+        for layout in self._layouts:
+            if (key := layout.classify(name)) is not None:
+                return key
+        return None
+
+    def is_router(self, name: str) -> int | None:
+        for layout in self._layouts:
+            if (layer := layout.is_router(name)) is not None:
+                return layer
+        return None
 
 
 def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -122,7 +147,7 @@ def plan_expert_selection(
             if key.slot is None or key.slot >= n_experts:
                 raise MoePruneError(f"{info.file}: {info.name} names expert {key.slot} but the model has {n_experts}")
             if key.slot in slots:
-                out.append(whole(info, matcher.per_expert_name(key, slots.index(key.slot))))
+                out.append(whole(info, key.renumbered(slots.index(key.slot))))
         else:
             out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, n_experts, slots))
     return out
