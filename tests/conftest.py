@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tiny_models import build_tiny  # noqa: E402
+from tiny_models import build_tiny
 
 _CACHE: dict[str, tuple[Path, object]] = {}
 

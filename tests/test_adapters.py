@@ -31,7 +31,7 @@ REQUIRED = {
 
 
 def test_required_families_have_adapters_and_tiny_models():
-    assert REQUIRED <= set(ADAPTERS)
+    assert set(ADAPTERS) >= REQUIRED
     assert set(ADAPTERS) - {"qwen3_5_moe_text", "granitemoehybrid"} <= set(TINY)
 
 
@@ -72,8 +72,14 @@ def test_config_rule_matches_router_keys_on_disk(model_type, tiny_factory):
     routers = sorted({layer for t in ckpt.tensors if (layer := matcher.is_router(t.name)) is not None})
     assert routers == ckpt.config.moe_layers
     n = ckpt.config.num_experts
-    per_expert = {matcher.classify(t.name).slot for t in ckpt.tensors if (k := matcher.classify(t.name)) and k.slot is not None}
-    fused = [t for t in ckpt.tensors if (k := matcher.classify(t.name)) and k.kind == "rows" and matcher.is_router(t.name) is None]
+    per_expert = {
+        matcher.classify(t.name).slot for t in ckpt.tensors if (k := matcher.classify(t.name)) and k.slot is not None
+    }
+    fused = [
+        t
+        for t in ckpt.tensors
+        if (k := matcher.classify(t.name)) and k.kind == "rows" and matcher.is_router(t.name) is None
+    ]
     assert per_expert == set(range(n)) or fused, "adapter found no expert tensors"
 
 
@@ -121,7 +127,7 @@ def test_first_mask_does_not_fit_pruned_model(tiny_factory, tmp_path):
     ckpt = Checkpoint.open(folder)
     mask = DropMask.create(ckpt.identity, random_keep(ckpt, 2, seed=0), "test")
     prune.run(folder, mask, tmp_path / "once")
-    with pytest.raises(Exception, match="expects 8 experts in layer 0 but .* has 6"):
+    with pytest.raises(Exception, match=r"expects 8 experts in layer 0 but .* has 6"):
         prune.run(tmp_path / "once", mask, tmp_path / "twice")
 
 
@@ -132,7 +138,7 @@ def test_fused_layout_on_disk_is_accepted(model_type, tiny_factory, tmp_path):
     original.save_pretrained(fused, save_original_format=False)
     ckpt = Checkpoint.open(fused)
     with safe_open(ckpt.shard_files[0], "pt") as handle:
-        assert not any(".experts.0." in k for k in handle.keys()), "expected fused expert tensors on disk"
+        assert not any(".experts.0." in k for k in handle), "expected fused expert tensors on disk"
     keep = random_keep(ckpt, 4, seed=3)
     out = tmp_path / "out"
     prune.run(fused, DropMask.create(ckpt.identity, keep, "test"), out)

@@ -36,4 +36,4 @@ def get_adapter(model_type: str) -> Adapter:
         ) from None
 
 
-__all__ = ["ADAPTERS", "Adapter", "Routing", "get_adapter", "supported_model_types", "LAYER_RULES"]
+__all__ = ["ADAPTERS", "LAYER_RULES", "Adapter", "Routing", "get_adapter", "supported_model_types"]

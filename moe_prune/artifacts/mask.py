@@ -49,14 +49,17 @@ class DropMask:
     def validate(self, name: str) -> None:
         """Every MoE layer listed, ids known to the model, at least one expert kept per layer."""
         if sorted(self.keep) != self.model.moe_layers:
-            raise MoePruneError(f"{name}: lists layers {sorted(self.keep)} but the model's MoE layers are "
-                                f"{self.model.moe_layers}")
+            raise MoePruneError(
+                f"{name}: lists layers {sorted(self.keep)} but the model's MoE layers are {self.model.moe_layers}"
+            )
         for layer, kept in self.keep.items():
             present = set(self.model.original_ids[layer])
             unknown = sorted(set(kept) - present)
             if unknown:
-                raise MoePruneError(f"{name}: layer {layer} keeps experts {unknown} that the model does not have "
-                                    f"(it has original ids {sorted(present)})")
+                raise MoePruneError(
+                    f"{name}: layer {layer} keeps experts {unknown} that the model does not have "
+                    f"(it has original ids {sorted(present)})"
+                )
             if len(set(kept)) != len(kept):
                 raise MoePruneError(f"{name}: layer {layer} lists an expert twice")
             if not kept:
@@ -69,9 +72,13 @@ class DropMask:
         for layer, kept in self.keep.items():
             ids = self.model.original_ids[layer]
             if len(ids) % n_group:
-                raise MoePruneError(f"{name}: layer {layer} has {len(ids)} experts, not divisible into {n_group} groups")
+                raise MoePruneError(
+                    f"{name}: layer {layer} has {len(ids)} experts, not divisible into {n_group} groups"
+                )
             size = len(ids) // n_group
-            per_group = [sum(1 for slot in range(g * size, (g + 1) * size) if ids[slot] in kept) for g in range(n_group)]
+            per_group = [
+                sum(1 for slot in range(g * size, (g + 1) * size) if ids[slot] in kept) for g in range(n_group)
+            ]
             if len(set(per_group)) != 1 or per_group[0] < 2:
                 raise MoePruneError(
                     f"{name}: layer {layer} keeps {per_group} experts in its {n_group} routing groups; grouped routing "
@@ -111,7 +118,7 @@ class DropMask:
                 raise MoePruneError(f"{name}: layer {key!r} is not an MoE layer of the model or is malformed") from None
             if kept is None:
                 kept = [i for i in present if i not in set(dropped)]
-            elif set(kept) & set(dropped) or set(kept) | set(dropped) != set(present) and dropped:
+            elif set(kept) & set(dropped) or (set(kept) | set(dropped) != set(present) and dropped):
                 raise MoePruneError(f"{name}: layer {layer} keep and drop lists do not partition its experts")
             keep[layer] = tuple(kept)
         mask = cls(model, keep, obj.get("provenance") or {})

@@ -94,14 +94,18 @@ class Stats:
             raise MoePruneError(f"{name}: unknown statistics {unknown}")
         for key, array in arrays.items():
             if array.shape[:1] != (len(identity.moe_layers),):
-                raise MoePruneError(f"{name}: {key} has {array.shape[:1]} layers, identity has {len(identity.moe_layers)}")
+                raise MoePruneError(
+                    f"{name}: {key} has {array.shape[:1]} layers, identity has {len(identity.moe_layers)}"
+                )
         return cls(identity, arrays, meta.get("provenance") or {})
 
     def combine(self, other: Stats, other_name: str = "stats") -> Stats:
         """Statistics of the union of two disjoint data sets (exact: sums add, bitsets OR)."""
         self.identity.require_same(other.identity, other_name, "the first statistics file")
         if set(self.arrays) != set(other.arrays):
-            raise MoePruneError(f"{other_name}: holds statistics {sorted(other.arrays)}, expected {sorted(self.arrays)}")
+            raise MoePruneError(
+                f"{other_name}: holds statistics {sorted(other.arrays)}, expected {sorted(self.arrays)}"
+            )
         merged = {}
         for key, array in self.arrays.items():
             rule = STAT_FIELDS[key][0]

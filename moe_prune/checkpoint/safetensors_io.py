@@ -66,7 +66,9 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         try:
             begin, stop = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), path, base + begin, base + stop)
+            info = TensorInfo(
+                name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), path, base + begin, base + stop
+            )
         except (KeyError, TypeError, ValueError):
             raise MoePruneError(f"{path}: corrupt safetensors entry for {name!r}") from None
         if info.end > size or info.start > info.end:
@@ -114,7 +116,11 @@ def write_file(path: Path, tensors: Iterable[OutputTensor], metadata: dict[str, 
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -33,7 +33,9 @@ def resolve_model(model: str | Path) -> Path:
 
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # hub errors have many types; all mean the same to the user
-        raise MoePruneError(f"{text}: not a local folder and could not be fetched from the hub ({type(exc).__name__})") from None
+        raise MoePruneError(
+            f"{text}: not a local folder and could not be fetched from the hub ({type(exc).__name__})"
+        ) from None
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Checkpoint:
     @classmethod
     def open(cls, model: str | Path) -> Checkpoint:
         ckpt = cls(resolve_model(model))
-        ckpt.tensors  # validate shards up front, before any work
+        if not ckpt.tensors:  # reads every shard header: corrupt input fails before any work
+            raise MoePruneError(f"{ckpt.folder}: the checkpoint holds no tensors")
         return ckpt
 
     @cached_property

@@ -63,7 +63,6 @@ class _LayoutMatcher:
         return int(m["layer"]) if m else None
 
 
-
 class KeyMatcher:
     """Both key layouts of a family: transformers' legacy names and its in-memory (fused) names.
 
@@ -105,7 +104,8 @@ def slice_expert_axis(info: TensorInfo, axis: int, n_experts: int, keep_slots: l
     axis = axis % len(info.shape)
     if info.shape[axis] % n_experts:
         raise MoePruneError(
-            f"{info.file}: {info.name} has {info.shape[axis]} entries on its expert axis, not a multiple of {n_experts} experts"
+            f"{info.file}: {info.name} has {info.shape[axis]} entries on its expert axis, "
+            f"not a multiple of {n_experts} experts"
         )
     outer = math.prod(info.shape[:axis])
     if outer == 0 or info.nbytes % (outer * n_experts):

@@ -1,0 +1,23 @@
+"""The `moe-prune` command line: one module per subcommand, each a thin wrapper over a stage."""
+
+from __future__ import annotations
+
+import typer
+
+from moe_prune.cli import eval as eval_cmd
+from moe_prune.cli import prune as prune_cmd
+
+app = typer.Typer(
+    name="moe-prune",
+    help="Make Mixture-of-Experts language models smaller by dropping or merging whole experts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
+app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

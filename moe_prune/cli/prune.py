@@ -1,0 +1,56 @@
+"""Drop the experts a mask names: slice routers and per-expert biases, fix the config, reshard."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import (
+    DEFAULT_MODEL,
+    ForceOpt,
+    JsonOpt,
+    ModelArg,
+    OutDirOpt,
+    human_bytes,
+    out_console,
+    print_json,
+    user_errors,
+    warn,
+)
+
+
+@user_errors
+def prune(
+    out: OutDirOpt,
+    mask: Annotated[str, typer.Option("--mask", "-m", help="Drop mask JSON (from `moe-prune score`); - reads stdin.")],
+    model: ModelArg = DEFAULT_MODEL,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.artifacts.mask import DropMask
+    from moe_prune.stages import prune as stage
+
+    drop_mask = DropMask.read(mask)
+    result = stage.run(
+        model, drop_mask, out, max_shard_size=max_shard_size, force=force, mask_name="<stdin>" if mask == "-" else mask
+    )
+    for message in result.warnings:
+        warn(message)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    table = Table(title=f"pruned → {result.out}")
+    table.add_column("layer", justify="right")
+    table.add_column("kept (original ids)")
+    table.add_column("dropped")
+    for layer, kept in result.kept.items():
+        table.add_row(str(layer), " ".join(map(str, kept)), str(result.experts_before - len(kept)))
+    out_console.print(table)
+    out_console.print(
+        f"experts per layer {result.experts_before} → {result.experts_after}, top-k {result.top_k}, "
+        f"weights {human_bytes(result.bytes_before)} → {human_bytes(result.bytes_after)} "
+        f"in {len(result.shards)} shard(s)"
+    )
