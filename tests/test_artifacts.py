@@ -1,0 +1,83 @@
+"""Artifacts: masks and statistics round-trip, validate on read, and combine exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moe_prune.artifacts.identity import ModelIdentity
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.artifacts.stats import Stats
+from moe_prune.errors import MoePruneError
+
+IDENT = ModelIdentity("mixtral", 3, {0: tuple(range(8)), 2: (0, 2, 3, 5, 6, 7)}, "sha256:abc")
+
+
+def test_mask_round_trip_and_drop_lists():
+    mask = DropMask.create(IDENT, {0: [7, 1, 2, 3], 2: [0, 5, 6]}, "usage", {"ratio": 0.5})
+    again = DropMask.from_dict(json.loads(mask.dumps()), "m")
+    assert again.keep == {0: (1, 2, 3, 7), 2: (0, 5, 6)}
+    assert again.drop(2) == (2, 3, 7)
+    assert again.provenance["criterion"] == "usage" and again.provenance["tool_version"]
+    assert not again.is_uniform
+
+
+def test_mask_from_drop_lists_only():
+    obj = DropMask.create(IDENT, {0: [0, 1], 2: [0, 2]}, "x").to_dict()
+    for entry in obj["layers"].values():
+        del entry["keep"]
+    assert DropMask.from_dict(obj, "m").keep == {0: (0, 1), 2: (0, 2)}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda o: o.update(schema="other"), "not a moe-prune/mask file"),
+        (lambda o: o.update(version=99), "version 99 is not supported"),
+        (lambda o: o["layers"]["2"].update(keep=[1], drop=[]), "does not have"),
+        (lambda o: o["layers"].pop("2"), "lists layers"),
+        (lambda o: o["layers"].update({"1": {"keep": [0]}}), "not an MoE layer"),
+        (lambda o: o["layers"]["0"].update(keep=[0, 1], drop=[1, 2]), "do not partition"),
+    ],
+)
+def test_mask_validation(edit, message):
+    obj = DropMask.create(IDENT, {0: [0, 1], 2: [0, 2]}, "x").to_dict()
+    edit(obj)
+    with pytest.raises(MoePruneError, match=message):
+        DropMask.from_dict(obj, "m")
+
+
+def test_identity_mismatch_says_what_differs():
+    other = ModelIdentity("mixtral", 3, {0: tuple(range(8)), 2: tuple(range(8))}, "sha256:abc")
+    with pytest.raises(MoePruneError, match="expects 6 experts in layer 2 but model has 8"):
+        IDENT.require_same(other, "mask", "model")
+
+
+def test_stats_save_load_combine(tmp_path):
+    rng = np.random.default_rng(0)
+    a = Stats(
+        IDENT,
+        {"hard_counts": rng.integers(0, 9, (2, 8)), "vocab_bits": rng.integers(0, 255, (2, 8, 4), dtype=np.uint8)},
+    )
+    b = Stats(
+        IDENT,
+        {"hard_counts": rng.integers(0, 9, (2, 8)), "vocab_bits": rng.integers(0, 255, (2, 8, 4), dtype=np.uint8)},
+    )
+    a.save(tmp_path / "a.npz")
+    loaded = Stats.load(tmp_path / "a.npz")
+    assert loaded.identity == IDENT
+    both = loaded.combine(b)
+    assert np.array_equal(both.arrays["hard_counts"], a.arrays["hard_counts"] + b.arrays["hard_counts"])
+    assert np.array_equal(both.arrays["vocab_bits"], a.arrays["vocab_bits"] | b.arrays["vocab_bits"])
+    with pytest.raises(MoePruneError, match="lacks statistics grad_sum"):
+        both.require("hard_counts", "grad_sum")
+
+
+def test_stats_refuse_garbage(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    with pytest.raises(MoePruneError, match="not a moe-prune statistics file"):
+        Stats.load(tmp_path / "x.npz")
+    with pytest.raises(MoePruneError, match="not found"):
+        Stats.load(tmp_path / "missing.npz")
