@@ -12,7 +12,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +110,19 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, length: int) -> None:
         length -= done
 
 
-def write_file(path: Path, tensors: Iterable[OutputTensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file by streaming each tensor's source byte ranges into place."""
+Progress = Callable[[int], None]
+
+
+def write_file(
+    path: Path,
+    tensors: Iterable[OutputTensor],
+    metadata: dict[str, str] | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Write a .safetensors file by streaming each tensor's source byte ranges into place.
+
+    `progress(nbytes)` is called after each tensor, so callers can show a bar without this module knowing Rich.
+    """
     tensors = list(tensors)
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -133,6 +144,8 @@ def write_file(path: Path, tensors: Iterable[OutputTensor], metadata: dict[str, 
                 for tensor in group:
                     for start, end in tensor.ranges:
                         _copy_range(src.fileno(), dst, start, end - start)
+                    if progress:
+                        progress(tensor.nbytes)
 
 
 def _by_source(tensors: list[OutputTensor]) -> Iterator[tuple[Path, list[OutputTensor]]]:

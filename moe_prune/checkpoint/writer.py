@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import MANIFEST_NAME, Manifest
-from moe_prune.checkpoint.safetensors_io import OutputTensor, write_file
+from moe_prune.checkpoint.safetensors_io import OutputTensor, Progress, write_file
 from moe_prune.checkpoint.source import INDEX_NAME
 from moe_prune.errors import MoePruneError
 
@@ -41,13 +41,15 @@ def assign_shards(tensors: list[OutputTensor], max_bytes: int) -> list[list[Outp
     return shards
 
 
-def write_weights(folder: Path, tensors: list[OutputTensor], max_bytes: int) -> list[str]:
+def write_weights(
+    folder: Path, tensors: list[OutputTensor], max_bytes: int, progress: Progress | None = None
+) -> list[str]:
     """Write shards named like transformers does and the index; returns the shard file names."""
     shards = assign_shards(tensors, max_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     for name, shard in zip(names, shards, strict=True):
-        write_file(folder / name, shard)
+        write_file(folder / name, shard, progress=progress)
         weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -68,9 +70,10 @@ def write_checkpoint(
     config: ModelConfig,
     manifest: Manifest,
     max_bytes: int,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Everything an output checkpoint folder holds; returns the shard names."""
-    names = write_weights(folder, tensors, max_bytes)
+    names = write_weights(folder, tensors, max_bytes, progress)
     copy_side_files(source, folder)
     (folder / "config.json").write_text(json.dumps(config.raw, indent=2, sort_keys=True) + "\n")
     manifest.write(folder)

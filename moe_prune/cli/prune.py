@@ -13,6 +13,7 @@ from moe_prune.cli.common import (
     JsonOpt,
     ModelArg,
     OutDirOpt,
+    byte_progress,
     human_bytes,
     out_console,
     print_json,
@@ -34,9 +35,16 @@ def prune(
     from moe_prune.stages import prune as stage
 
     drop_mask = DropMask.read(mask)
-    result = stage.run(
-        model, drop_mask, out, max_shard_size=max_shard_size, force=force, mask_name="<stdin>" if mask == "-" else mask
-    )
+    with byte_progress("writing shards") as update:
+        result = stage.run(
+            model,
+            drop_mask,
+            out,
+            max_shard_size=max_shard_size,
+            force=force,
+            mask_name="<stdin>" if mask == "-" else mask,
+            progress=update,
+        )
     for message in result.warnings:
         warn(message)
     if json_output:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,12 @@ def run(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     mask_name: str = "mask",
+    progress: Callable[[int, int], None] | None = None,
 ) -> PruneResult:
-    """Drop the mask's experts, slice routers and per-expert biases, fix the config, reshard."""
+    """Drop the mask's experts, slice routers and per-expert biases, fix the config, reshard.
+
+    `progress(done_bytes, total_bytes)` reports copying; it lets the CLI draw a bar.
+    """
     max_bytes = parse_size(max_shard_size)
     check_writable(out, force)
     ckpt = Checkpoint.open(model)
@@ -83,8 +88,17 @@ def run(
         history=[*previous, {"stage": "prune", "source": str(model), "mask": mask.to_dict()}],
     )
     new_config = config.with_expert_count(kept_count, top_k)
+    total = sum(t.nbytes for t in tensors)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress:
+            progress(done, total)
+
     with atomic_folder(Path(out), force, protect=(ckpt.folder,)) as tmp:
-        shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes)
+        shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes, advance)
         bytes_after = sum((tmp / s).stat().st_size for s in shards)
     return PruneResult(
         out=Path(out),
