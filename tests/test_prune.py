@@ -32,7 +32,7 @@ def all_tensors(folder) -> dict[str, torch.Tensor]:
     out = {}
     for shard in Checkpoint.open(folder).shard_files:
         with safe_open(shard, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle})
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
     return out
 
 
@@ -87,7 +87,7 @@ def test_companion_tensors_travel_with_their_expert_untouched(mixtral, tmp_path)
     folder, _ = mixtral
     shard = folder / "model.safetensors"
     with safe_open(shard, "pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     for e in range(8):
         tensors[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight_scale_inv"] = torch.full((2, 2), float(e))
     blocks = torch.arange(8 * 3 * 4, dtype=torch.uint8).reshape(8, 3, 4)
