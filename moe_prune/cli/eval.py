@@ -1,0 +1,162 @@
+"""Perplexity, size, expert load balance and FLOPs per token of a model (optionally against a baseline)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    JsonOpt,
+    ModelArg,
+    err_console,
+    human_bytes,
+    out_console,
+    print_json,
+    user_errors,
+    warn,
+)
+
+if TYPE_CHECKING:
+    from moe_prune.stages.evaluate import EvalResult, LayerLoad, ModelEval
+
+COMPACT_EXPERTS = 16  # wider layers show min / median / max instead of every expert's count
+
+
+@user_errors
+def evaluate(
+    model: ModelArg = DEFAULT_MODEL,
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Text file (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id.")
+    ] = DEFAULT_DATA,
+    text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence (capped at the model's context).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_tokens: Annotated[int | None, typer.Option(help="Evaluate at most this many tokens of the data.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Also evaluate this model (e.g. the unpruned original) and compare.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")] = "cpu",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code to run.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from moe_prune.stages import evaluate as stage
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=err_console, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def advance(label: str, done: int, total: int) -> None:
+        """Start the bar with the first batch, so errors before any model runs print no bar at all."""
+        if label not in tasks:
+            bar.start()
+            tasks[label] = bar.add_task(f"evaluating {label} (batches)", total=total)
+        bar.update(tasks[label], completed=done)
+
+    try:
+        result = stage.run(
+            model,
+            data,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            baseline=baseline,
+            progress=advance,
+            text_field=text_field,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        if tasks:  # Progress.stop prints a newline on non-terminals even when never started
+            bar.stop()
+    for message in result.warnings:
+        warn(message)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    out_console.print(summary_table(result))
+    out_console.print(load_table(result.model))
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M': parameter and FLOP counts at a glance."""
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}T"
+
+
+def _delta(model: float, baseline: float, fmt: Any) -> str:
+    sign = "+" if model >= baseline else "-"
+    relative = f" ({(model / baseline - 1) * 100:+.1f}%)" if baseline else ""
+    return f"{sign}{fmt(abs(model - baseline))}{relative}"
+
+
+def _rows(m: ModelEval) -> list[tuple[str, float, Any, bool]]:
+    """(label, value, formatter, compare with the baseline) for each summary row."""
+    p = m.params
+    return [
+        ("perplexity", m.perplexity, lambda v: f"{v:.3f}", True),
+        ("tokens scored", m.tokens_scored, lambda v: f"{v:,}", False),
+        ("experts per layer / top-k", m.experts_per_layer, lambda v: f"{v} / {m.top_k}", False),
+        ("params total", p.total, human_count, True),
+        ("params in routed experts", p.routed_experts, human_count, True),
+        ("params active per token", p.active, human_count, True),
+        ("FLOPs per token", p.flops_per_token, human_count, True),
+        ("bytes on disk", m.bytes_on_disk, human_bytes, True),
+        ("bytes in memory", m.bytes_in_memory, human_bytes, True),
+    ]
+
+
+def summary_table(result: EvalResult) -> Table:
+    """One row per metric; baseline and change columns when a baseline was evaluated."""
+    m, b = result.model, result.baseline
+    title = f"{m.model} on {result.data}" + (f"\nbaseline: {b.model}" if b else "")
+    table = Table(title=f"{title}\n({m.sequences} sequences × {m.seq_len} tokens)")
+    for name in ("metric", "model", *(("baseline", "change") if b else ())):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    base_rows = _rows(b) if b is not None else [None] * len(_rows(m))
+    for (label, value, fmt, compare), base in zip(_rows(m), base_rows, strict=True):
+        cells = [label, fmt(value)]
+        if base is not None:
+            cells += [base[2](base[1]), _delta(value, base[1], fmt) if compare else ""]
+        table.add_row(*cells)
+    table.caption = "FLOPs/token ≈ 2 × active matmul params (input embedding excluded, attention scores ignored)"
+    return table
+
+
+def _compact(load: LayerLoad) -> str:
+    """Every expert's count (as `original id:count` once pruned), or a summary for wide layers."""
+    counts = load.counts
+    if len(counts) > COMPACT_EXPERTS:
+        ordered = sorted(counts)
+        return f"min {ordered[0]} · median {ordered[len(ordered) // 2]} · max {ordered[-1]}"
+    if load.original_ids == list(range(len(counts))):
+        return " ".join(str(c) for c in counts)
+    return " ".join(f"{i}:{c}" for i, c in zip(load.original_ids, counts, strict=True))
+
+
+def load_table(m: ModelEval) -> Table:
+    """Expert load per MoE layer: how evenly the router spreads its top-k choices."""
+    table = Table(title=f"expert load of the model (top-{m.top_k} selections per expert)")
+    for name, justify in (("layer", "right"), ("experts", "right"), ("max/mean", "right"), ("entropy", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("tokens per expert")
+    for load in m.load:
+        table.add_row(
+            str(load.layer),
+            str(load.experts),
+            f"{load.max_over_mean:.2f}",
+            f"{load.entropy:.3f}",
+            _compact(load),
+        )
+    table.caption = "max/mean 1.00 and entropy (H/log E) 1.000 mean perfectly even load"
+    return table

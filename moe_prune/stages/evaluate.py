@@ -1,0 +1,292 @@
+"""`eval`: perplexity, size, FLOPs per token and expert load balance of a model, optionally vs a baseline.
+
+Perplexity is exp of the token-weighted mean next-token NLL over fixed-length chunks of one token
+stream (documents joined by EOS, see `runtime.data`): every chunk of `seq_len` tokens scores
+`seq_len - 1` predictions, each from the tokens before it in its chunk. Chunks depend only on the data
+and the tokenizer, so a pruned model and its baseline are compared on identical inputs.
+
+Parameter counts come from the safetensors headers (what is on disk), split by the adapter into
+routed experts and the rest. Per token, only top_k of E routed experts run:
+    active = non-expert + top_k / E × routed-expert parameters
+    FLOPs/token ≈ 2 × (active − input embedding + tied output head)
+i.e. 2 FLOPs per multiply-accumulate of every weight a token passes through; the input embedding is
+a lookup, not a matmul; attention-score FLOPs (which grow with context) are left out. Quantized
+checkpoints count stored elements (e.g. packed bytes), not logical weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, memory_bytes, parse_dtype
+from moe_prune.runtime.routing import RoutingRecorder, load_balance
+
+# progress(label, batches_done, batches_total): called before the first batch and after each one.
+ProgressFn = Callable[[str, int, int], None]
+# Characters read per requested token: far more than any tokenizer needs, so --max-tokens is met.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass
+class ParamCounts:
+    """Parameter counts of one checkpoint; see the module docstring for active and FLOPs."""
+
+    total: int
+    routed_experts: int
+    non_expert: int
+    embedding: int
+    output_head: int
+    tied_output_head: bool
+    active: int
+    flops_per_token: int
+
+
+@dataclass
+class LayerLoad:
+    """How evenly one MoE layer spread its top-k selections over its experts."""
+
+    layer: int
+    experts: int
+    original_ids: list[int]  # which expert of the never-pruned model each slot holds (counts follow this order)
+    tokens: int
+    counts: list[int]
+    max_over_mean: float
+    entropy: float  # H(load) / log(E): 1 = perfectly even, 0 = one expert takes everything
+
+
+@dataclass
+class ModelEval:
+    """Everything `eval` measures for one model."""
+
+    model: str
+    model_type: str
+    experts_per_layer: int
+    top_k: int
+    moe_layers: list[int]
+    shared_experts: dict[str, Any] | None
+    seq_len: int
+    sequences: int
+    tokens_scored: int
+    nll: float
+    perplexity: float
+    params: ParamCounts
+    bytes_on_disk: int
+    bytes_in_memory: int
+    load: list[LayerLoad]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _change(model: float, baseline: float) -> dict[str, float | None]:
+    return {
+        "model": model,
+        "baseline": baseline,
+        "change": model - baseline,
+        "relative_change": (model / baseline - 1) if baseline else None,
+    }
+
+
+@dataclass
+class EvalResult:
+    """The model's evaluation, the baseline's when asked for, and their comparison."""
+
+    data: str
+    model: ModelEval
+    baseline: ModelEval | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def comparison(self) -> dict[str, dict[str, float | None]] | None:
+        """Model vs baseline for each size/cost metric and perplexity (negative change = saving)."""
+        if self.baseline is None:
+            return None
+        m, b = self.model, self.baseline
+        return {
+            "params": _change(m.params.total, b.params.total),
+            "active_params": _change(m.params.active, b.params.active),
+            "flops_per_token": _change(m.params.flops_per_token, b.params.flops_per_token),
+            "bytes_on_disk": _change(m.bytes_on_disk, b.bytes_on_disk),
+            "bytes_in_memory": _change(m.bytes_in_memory, b.bytes_in_memory),
+            "perplexity": _change(m.perplexity, b.perplexity),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": self.data,
+            "model": self.model.to_dict(),
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "comparison": self.comparison(),
+            "warnings": self.warnings,
+        }
+
+
+def _is_expert_weight(key: ExpertKey, name: str, matcher: KeyMatcher) -> bool:
+    """Expert-axis tensors that belong to the experts, not the router (weight, bias) or selection bias."""
+    if key.kind == "per_expert":
+        return True
+    router_bias = matcher.adapter.router_bias
+    is_router = matcher.is_router(name) is not None or (router_bias is not None and name.endswith(router_bias))
+    return key.kind == "rows" and not is_router
+
+
+def count_params(ckpt: Checkpoint, model: Any) -> ParamCounts:
+    """Split the checkpoint's tensors into routed experts and the rest; embeddings from the loaded model."""
+    config = ckpt.config
+    adapter = config.adapter
+    matcher = KeyMatcher(adapter)
+    moe_layers = set(config.moe_layers)
+    total = routed = 0
+    for info in ckpt.tensors:
+        total += info.numel
+        key = matcher.classify(info.name)
+        if key is not None and key.layer in moe_layers and _is_expert_weight(key, info.name, matcher):
+            routed += info.numel
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    tied = head_weight is not None and head_weight.data_ptr() == embedding.data_ptr()
+    active = total - routed + round(routed * config.top_k / config.num_experts)
+    head_numel = head_weight.numel() if head_weight is not None else 0
+    matmul = active - embedding.numel() + (head_numel if tied else 0)
+    return ParamCounts(total, routed, total - routed, embedding.numel(), head_numel, tied, active, 2 * matmul)
+
+
+@torch.inference_mode()
+def nll_sum(model: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callable[[int], None]) -> tuple[float, int]:
+    """(summed next-token NLL, number of predictions) over `chunks`, accumulated in float64."""
+    device = input_device(model)
+    total, count = 0.0, 0
+    for done, start in enumerate(range(0, len(chunks), batch_size), 1):
+        batch = chunks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        targets = batch[:, 1:].reshape(-1)
+        predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
+        total += float(torch.nn.functional.cross_entropy(predicted, targets, reduction="sum"))
+        count += targets.numel()
+        on_batch(done)
+    return total, count
+
+
+def _layer_loads(recorder: RoutingRecorder, original_ids: dict[int, tuple[int, ...]]) -> list[LayerLoad]:
+    loads = []
+    rows = zip(recorder.layers, recorder.tokens.tolist(), recorder.hard_counts.tolist(), strict=True)
+    for layer, tokens, counts in rows:
+        max_over_mean, entropy = load_balance(counts)
+        ids = list(original_ids[layer])
+        loads.append(LayerLoad(layer, len(counts), ids, tokens, counts, max_over_mean, entropy))
+    return loads
+
+
+def _shared_experts(ckpt: Checkpoint) -> dict[str, Any] | None:
+    config = ckpt.config
+    key = next((k for k in config.adapter.shared_expert_keys if config.get(k) is not None), None)
+    return None if key is None else {"key": key, "value": config.get(key)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every model of one `eval` run is loaded and scored."""
+
+    seq_len: int
+    batch_size: int
+    max_tokens: int | None
+    dtype: str
+    device: str
+    trust_remote_code: bool
+
+
+def evaluate_model(
+    name: str, ckpt: Checkpoint, label: str, texts: list[str], settings: Settings, progress: ProgressFn
+) -> tuple[ModelEval, torch.Tensor, list[str]]:
+    """Load one model, score `texts`, count its routing; returns the evaluation, the chunks scored, warnings."""
+    config = ckpt.config
+    tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
+    model = load_model(ckpt.folder, settings.dtype, settings.device, settings.trust_remote_code)
+    used_len = clip_seq_len(settings.seq_len, model.config)
+    warnings = []
+    if used_len < settings.seq_len:
+        warnings.append(f"{label}: sequence length {settings.seq_len} exceeds the model's context; using {used_len}")
+    chunks = fixed_chunks(token_stream(texts, tokenizer, settings.max_tokens), used_len, settings.max_tokens)
+    batches = math.ceil(len(chunks) / settings.batch_size)
+    progress(label, 0, batches)
+    with RoutingRecorder(model, config) as recorder:
+        nll, scored = nll_sum(model, chunks, settings.batch_size, lambda done: progress(label, done, batches))
+    mean = nll / scored
+    result = ModelEval(
+        model=name,
+        model_type=config.model_type,
+        experts_per_layer=config.num_experts,
+        top_k=config.top_k,
+        moe_layers=config.moe_layers,
+        shared_experts=_shared_experts(ckpt),
+        seq_len=used_len,
+        sequences=len(chunks),
+        tokens_scored=scored,
+        nll=mean,
+        perplexity=math.exp(mean) if mean < 700 else math.inf,
+        params=count_params(ckpt, model),
+        bytes_on_disk=ckpt.total_bytes(),
+        bytes_in_memory=memory_bytes(model),
+        load=_layer_loads(recorder, ckpt.identity.original_ids),
+    )
+    return result, chunks, warnings
+
+
+def run(
+    model: str | Path,
+    data: str,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    baseline: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data`."""
+    if seq_len < 2:
+        raise MoePruneError(f"sequence length must be at least 2 (got {seq_len})")
+    if batch_size < 1:
+        raise MoePruneError(f"batch size must be at least 1 (got {batch_size})")
+    if max_tokens is not None and max_tokens < 1:
+        raise MoePruneError(f"max tokens must be at least 1 (got {max_tokens})")
+    parse_dtype(dtype)
+    # Open both checkpoints first (headers and config): a wrong folder is reported before any data is read.
+    checkpoints = {"model": (str(model), _open(model))}
+    if baseline is not None:
+        checkpoints["baseline"] = (str(baseline), _open(baseline))
+    max_chars = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN_BOUND
+    texts = load_texts(data, text_field, split, max_chars)
+    settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code)
+    report = progress or (lambda label, done, total: None)
+    evals = {
+        label: evaluate_model(name, ckpt, label, texts, settings, report) for label, (name, ckpt) in checkpoints.items()
+    }
+    result, chunks, warnings = evals["model"]
+    base = None
+    if "baseline" in evals:
+        base, base_chunks, base_warnings = evals["baseline"]
+        warnings += base_warnings
+        if not torch.equal(chunks, base_chunks):
+            warnings.append("model and baseline tokenize the data differently; their perplexities are not comparable")
+    return EvalResult(str(data), result, base, warnings)
+
+
+def _open(model: str | Path) -> Checkpoint:
+    ckpt = Checkpoint.open(model)
+    _ = ckpt.identity  # reads and checks config.json (and moe_prune.json) now, not after the data is loaded
+    return ckpt

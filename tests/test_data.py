@@ -1,0 +1,202 @@
+"""Text loading, token streams and fixed chunks (`moe_prune.runtime.data`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
+
+DOCS = ["first document\nwith two lines", "second, with a comma", "third"]
+
+
+class OrdTokenizer:
+    """One token per character (its code point); counts how many documents it was asked to encode."""
+
+    eos_token_id = 0
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        assert not add_special_tokens
+        self.encoded += len(texts)
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+
+def write(path, content: str):
+    path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+def test_txt_splits_on_blank_lines(tmp_path):
+    source = write(tmp_path / "a.txt", "\n\n" + "\n \t\n".join(DOCS) + "\n\n\n")
+    assert load_texts(source) == DOCS
+
+
+def test_txt_without_blank_lines_is_one_document(tmp_path):
+    assert load_texts(write(tmp_path / "a.txt", "line one\nline two\n")) == ["line one\nline two"]
+
+
+def test_jsonl_reads_text_field_and_skips_blank_lines(tmp_path):
+    lines = [json.dumps({"body": d, "domain": "x"}) for d in DOCS]
+    source = write(tmp_path / "a.jsonl", "\n".join(lines[:2]) + "\n\n" + lines[2] + "\n")
+    assert load_texts(source, text_field="body") == DOCS
+
+
+@pytest.mark.parametrize("wrap", [lambda r: r, lambda r: {"data": r}])
+def test_json_list_or_data_object(tmp_path, wrap):
+    source = write(tmp_path / "a.json", json.dumps(wrap([{"text": d} for d in DOCS])))
+    assert load_texts(source) == DOCS
+
+
+def test_json_list_of_strings(tmp_path):
+    assert load_texts(write(tmp_path / "a.json", json.dumps(DOCS))) == DOCS
+
+
+def test_csv_column_with_embedded_newlines(tmp_path):
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text"])
+        writer.writerows([i, d] for i, d in enumerate(DOCS))
+    assert load_texts(str(tmp_path / "a.csv")) == DOCS
+
+
+def test_parquet_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "a.parquet")
+    assert load_texts(str(tmp_path / "a.parquet")) == DOCS
+
+
+def test_max_chars_stops_after_the_document_that_reaches_it(tmp_path):
+    source = write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": d}) for d in DOCS))
+    assert load_texts(source, max_chars=len(DOCS[0]) + 1) == DOCS[:2]
+    assert load_texts(source, max_chars=len(DOCS[0])) == DOCS[:1]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", " \n\n \n", "contains no text"),
+        ("empty.jsonl", "\n\n", "contains no text"),
+        ("empty.json", "[]", "contains no text"),
+        ("empty.csv", "text\n", "contains no text"),
+        ("blank.jsonl", json.dumps({"text": "   "}), "contains no text"),
+        ("nofield.jsonl", json.dumps({"body": "x"}), "record 1 has no field 'text'"),
+        ("nofield.json", json.dumps([{"text": "x"}, {"body": "y"}]), "record 2 has no field 'text'"),
+        ("nofield.csv", "body\nx\n", "no column 'text'"),
+        ("badline.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),
+        ("bad.json", "{oops", "not valid JSON"),
+        ("object.json", json.dumps({"rows": []}), "expected a JSON list"),
+        ("number.jsonl", json.dumps({"text": 3}), "is int, not text"),
+        ("data.xml", "<a/>", "unknown data format .xml"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_problem(tmp_path, name, content, message):
+    source = write(tmp_path / name, content)
+    with pytest.raises(MoePruneError, match=message) as info:
+        load_texts(source)
+    assert str(info.value).startswith(source)
+
+
+def test_parquet_without_the_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(MoePruneError, match=r"no column 'text'.*body"):
+        load_texts(str(tmp_path / "a.parquet"))
+
+
+def test_empty_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a.parquet")
+    with pytest.raises(MoePruneError, match="contains no text"):
+        load_texts(str(tmp_path / "a.parquet"))
+
+
+def test_corrupt_parquet(tmp_path):
+    source = write(tmp_path / "a.parquet", "not parquet at all")
+    with pytest.raises(MoePruneError, match="not a readable parquet file"):
+        load_texts(source)
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(MoePruneError, match="not UTF-8"):
+        load_texts(str(tmp_path / "a.txt"))
+
+
+@pytest.mark.parametrize("source", ["missing.jsonl", "./missing", "/no/such/dir/file"])
+def test_missing_file(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MoePruneError, match="data file not found"):
+        load_texts(source)
+
+
+def test_folder_is_refused(tmp_path):
+    with pytest.raises(MoePruneError, match="is a folder"):
+        load_texts(str(tmp_path))
+
+
+def test_unreachable_hub_dataset_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(MoePruneError, match="could not be loaded as a hub dataset"):
+        load_texts("no-such-org/no-such-dataset")
+
+
+def test_token_stream_appends_eos_after_every_document():
+    expected = [i for d in DOCS for i in [*map(ord, d), OrdTokenizer.eos_token_id]]
+    assert token_stream(DOCS, OrdTokenizer()).tolist() == expected
+
+
+def test_token_stream_without_eos_joins_documents():
+    tokenizer = OrdTokenizer()
+    tokenizer.eos_token_id = None
+    assert token_stream(DOCS, tokenizer).tolist() == [ord(c) for c in "".join(DOCS)]
+
+
+def test_token_stream_stops_tokenizing_once_max_tokens_exist():
+    tokenizer = OrdTokenizer()
+    ids = token_stream(DOCS * 10, tokenizer, max_tokens=len(DOCS[0]) + 2, batch=1)
+    assert tokenizer.encoded == 2
+    assert ids.tolist() == token_stream(DOCS[:2], OrdTokenizer()).tolist()
+
+
+def test_fixed_chunks_are_consecutive_windows_without_the_ragged_tail():
+    ids = torch.arange(23)
+    chunks = fixed_chunks(ids, 5)
+    assert chunks.dtype == torch.long
+    assert chunks.shape == (4, 5)
+    assert [row.tolist() for row in chunks] == [list(range(s, s + 5)) for s in range(0, 20, 5)]
+
+
+def test_fixed_chunks_respect_max_tokens():
+    assert fixed_chunks(list(range(100)), 8, max_tokens=20).tolist() == [list(range(8)), list(range(8, 16))]
+
+
+def test_fixed_chunks_errors():
+    with pytest.raises(MoePruneError, match="data has 7 tokens, fewer than one sequence of 8"):
+        fixed_chunks(torch.arange(7), 8)
+    with pytest.raises(MoePruneError, match="max tokens 5 is fewer than one sequence of 8"):
+        fixed_chunks(torch.arange(50), 8, max_tokens=5)
+    with pytest.raises(MoePruneError, match="at least 2"):
+        fixed_chunks(torch.arange(50), 1)
+
+
+def test_clip_seq_len_to_context():
+    config = SimpleNamespace(max_position_embeddings=64)
+    assert clip_seq_len(256, config) == 64
+    assert clip_seq_len(32, config) == 32
+    assert clip_seq_len(256, SimpleNamespace()) == 256
