@@ -1,0 +1,16 @@
+"""Tiny trained Mixtral-style demo MoE shipped with moe-prune, plus its data.
+
+Lets users and tests try pruning/merging offline: a 4-layer, 8-expert, top-2
+model trained on a synthetic six-domain corpus (see :mod:`moe_prune.demo.corpus`),
+rebuilt reproducibly by ``scripts/build_demo.py``.
+"""
+
+from pathlib import Path
+
+DEMO_DIR: Path = Path(__file__).parent
+DEMO_MODEL_DIR: Path = DEMO_DIR / "model"
+DEMO_DATA_DIR: Path = DEMO_DIR / "data"
+DEMO_CALIBRATION: Path = DEMO_DATA_DIR / "calibration.jsonl"
+DEMO_HELDOUT: Path = DEMO_DATA_DIR / "heldout.jsonl"
+
+__all__ = ["DEMO_CALIBRATION", "DEMO_DATA_DIR", "DEMO_DIR", "DEMO_HELDOUT", "DEMO_MODEL_DIR"]
