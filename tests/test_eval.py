@@ -301,4 +301,5 @@ def test_cli_demo_defaults():
     assert result.exit_code == 0, result.output
     model = json.loads(result.stdout)["model"]
     assert model["tokens_scored"] == model["sequences"] * (model["seq_len"] - 1) > 0
-    assert 1.0 < model["perplexity"] < model["params"]["embedding"]  # better than nothing, finite
+    vocab = json.loads((DEMO_MODEL_DIR / "config.json").read_text())["vocab_size"]
+    assert 1.0 < model["perplexity"] < vocab / 4  # a trained model is far better than uniform guessing

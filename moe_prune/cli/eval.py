@@ -81,8 +81,18 @@ def evaluate(
     if json_output:
         print_json(result.to_dict())
         return
+    m, b = result.model, result.baseline
+    out_console.print(
+        f"[bold]{m.model}[/] on {result.data}: {m.sequences} sequences × {m.seq_len} tokens", highlight=False
+    )
+    if b is not None:
+        out_console.print(f"baseline: [bold]{b.model}[/]", highlight=False)
     out_console.print(summary_table(result))
-    out_console.print(load_table(result.model))
+    out_console.print(
+        "FLOPs/token ≈ 2 × active matmul params (input embedding excluded, attention scores ignored)", style="dim"
+    )
+    out_console.print(load_table(m))
+    out_console.print("max/mean 1.00 and entropy (H/log E) 1.000 mean a perfectly even load", style="dim")
 
 
 def human_count(n: float) -> str:
@@ -119,8 +129,7 @@ def _rows(m: ModelEval) -> list[tuple[str, float, Any, bool]]:
 def summary_table(result: EvalResult) -> Table:
     """One row per metric; baseline and change columns when a baseline was evaluated."""
     m, b = result.model, result.baseline
-    title = f"{m.model} on {result.data}" + (f"\nbaseline: {b.model}" if b else "")
-    table = Table(title=f"{title}\n({m.sequences} sequences × {m.seq_len} tokens)")
+    table = Table()
     for name in ("metric", "model", *(("baseline", "change") if b else ())):
         table.add_column(name, justify="left" if name == "metric" else "right")
     base_rows = _rows(b) if b is not None else [None] * len(_rows(m))
@@ -129,7 +138,6 @@ def summary_table(result: EvalResult) -> Table:
         if base is not None:
             cells += [base[2](base[1]), _delta(value, base[1], fmt) if compare else ""]
         table.add_row(*cells)
-    table.caption = "FLOPs/token ≈ 2 × active matmul params (input embedding excluded, attention scores ignored)"
     return table
 
 
@@ -146,7 +154,7 @@ def _compact(load: LayerLoad) -> str:
 
 def load_table(m: ModelEval) -> Table:
     """Expert load per MoE layer: how evenly the router spreads its top-k choices."""
-    table = Table(title=f"expert load of the model (top-{m.top_k} selections per expert)")
+    table = Table(title=f"expert load (top-{m.top_k} selections per expert)", title_justify="left")
     for name, justify in (("layer", "right"), ("experts", "right"), ("max/mean", "right"), ("entropy", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     table.add_column("tokens per expert")
@@ -158,5 +166,4 @@ def load_table(m: ModelEval) -> Table:
             f"{load.entropy:.3f}",
             _compact(load),
         )
-    table.caption = "max/mean 1.00 and entropy (H/log E) 1.000 mean perfectly even load"
     return table
