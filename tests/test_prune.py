@@ -225,3 +225,22 @@ def test_existing_output_needs_force(mixtral, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")], "temporary folders left behind"
     result = runner.invoke(app, ["prune", str(folder), "--mask", mask, "--out", str(folder), "--force"])
     assert result.exit_code == 1 and "input checkpoint" in result.stderr
+
+
+def test_wrapper_prefix_does_not_matter(mixtral, tmp_path):
+    """A multimodal wrapper's `language_model.` prefix: keys still classify, slice and renumber."""
+    folder, _ = mixtral
+    shard = folder / "model.safetensors"
+    with safe_open(shard, "pt") as handle:
+        tensors = {f"language_model.{k}": handle.get_tensor(k) for k in handle.keys()}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    ckpt = Checkpoint.open(folder)
+    keep = random_keep(ckpt, 4, seed=7)
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
+    out = all_tensors(tmp_path / "out")
+    router = "language_model.model.layers.2.block_sparse_moe.gate.weight"
+    assert torch.equal(out[router], tensors[router][keep[2]])
+    for new, orig in enumerate(keep[2]):
+        key = "language_model.model.layers.2.block_sparse_moe.experts.{}.w2.weight"
+        assert torch.equal(out[key.format(new)], tensors[key.format(orig)])
+    assert "language_model.model.layers.2.block_sparse_moe.experts.4.w2.weight" not in out
