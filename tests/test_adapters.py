@@ -113,7 +113,6 @@ def test_second_prune_speaks_original_ids(model_type, tiny_factory, tmp_path):
     pruned = Checkpoint.open(once)
     assert pruned.identity.original_ids == {k: tuple(v) for k, v in first_keep.items()}
     second_keep = random_keep(pruned, groups, seed=2)
-    assert any(max(v) >= n - groups for v in second_keep.values()) or True
     twice = tmp_path / "twice"
     prune.run(once, DropMask.create(pruned.identity, second_keep, "test"), twice)
     final = Checkpoint.open(twice)
