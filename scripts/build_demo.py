@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -257,6 +258,13 @@ def train(
     }
 
 
+def unigram_perplexity(train_rows: torch.Tensor, eval_rows: torch.Tensor, vocab_size: int) -> float:
+    """Baseline: perplexity of add-one-smoothed training token frequencies on the eval targets."""
+    counts = torch.bincount(train_rows.flatten(), minlength=vocab_size).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    return math.exp(-logp[eval_rows[:, 1:].flatten()].mean().item())
+
+
 def routers(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The per-layer top-k routers (``model.model.layers[i].mlp.gate`` in transformers 5)."""
     return [layer.mlp.gate for layer in model.model.layers]
@@ -372,6 +380,85 @@ def by_domain(docs: list[Document]) -> dict[str, list[Document]]:
     return {dom: [d for d in docs if d["domain"] == dom] for dom in DOMAINS}
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Tokenizer and token tensors derived from the corpus splits."""
+
+    tokenizer: PreTrainedTokenizerFast
+    train_rows: torch.Tensor
+    heldout_stream: torch.Tensor
+    eval_rows: torch.Tensor
+
+
+def prepare_data(splits: Splits, args: argparse.Namespace) -> Prepared:
+    """Train the tokenizer on training docs only and tokenize train/held-out text."""
+    tokenizer = train_tokenizer([d["text"] for d in splits.train], args.vocab_size)
+    train_rows = chunk(encode_docs(tokenizer, splits.train), args.seq_len)
+    heldout_stream = encode_docs(tokenizer, splits.heldout)
+    eval_rows = chunk(heldout_stream, args.seq_len)
+    print(
+        f"vocab {len(tokenizer)}; train tokens {train_rows.numel()}; "
+        f"held-out tokens {heldout_stream.numel()} ({eval_rows.shape[0]} rows of {args.seq_len})",
+        flush=True,
+    )
+    return Prepared(tokenizer, train_rows, heldout_stream, eval_rows)
+
+
+def random_drop_eval(model: PreTrainedModel, eval_rows: torch.Tensor, seed: int, drop_layer: int = 1) -> dict[str, Any]:
+    """Perplexity with a random half of the experts removed (reported for ``drop_layer``).
+
+    The same expert subset is also dropped in every other layer, one layer at
+    a time, to show how sensitive each layer is.
+    """
+    n_experts = model.config.num_local_experts
+    dropped = sorted(random.Random(seed).sample(range(n_experts), n_experts // 2))
+    per_layer = []
+    for layer in range(model.config.num_hidden_layers):
+        with dropped_experts(model, layer, dropped):
+            per_layer.append(round(perplexity(model, eval_rows), 4))
+    return {
+        "layer": drop_layer,
+        "dropped_experts": dropped,
+        "method": "router logits of dropped experts set to -inf (top-2 re-chosen among the rest)",
+        "perplexity": per_layer[drop_layer],
+        "same_experts_dropped_per_layer": per_layer,
+    }
+
+
+def evaluate(model: PreTrainedModel, data: Prepared, splits: Splits, args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out perplexity (overall, per domain, unigram baseline), expert usage, random drop."""
+    ppl = perplexity(model, data.eval_rows)
+    rows_by_domain = {
+        dom: chunk(encode_docs(data.tokenizer, ds), args.seq_len) for dom, ds in by_domain(splits.heldout).items()
+    }
+    drop = random_drop_eval(model, data.eval_rows, args.seed)
+    drop["perplexity_increase"] = round(drop["perplexity"] / ppl - 1, 4)
+    unigram = unigram_perplexity(data.train_rows, data.eval_rows, len(data.tokenizer))
+    print(f"held-out ppl {ppl:.3f} (unigram baseline {unigram:.1f})")
+    print(f"layer {drop['layer']} experts {drop['dropped_experts']} dropped: ppl {drop['perplexity']:.3f}")
+    print(f"same experts dropped in layer 0..3 instead: {drop['same_experts_dropped_per_layer']}")
+    return {
+        "heldout_eval": {
+            "method": f"non-overlapping {args.seq_len}-token rows over concatenated held-out "
+            "docs (each followed by eos), tail dropped; next-token NLL, router aux loss excluded",
+            "heldout_tokens_total": data.heldout_stream.numel(),
+            "tokens_evaluated": data.eval_rows.numel(),
+            "tokens_predicted": data.eval_rows.shape[0] * (args.seq_len - 1),
+            "perplexity": round(ppl, 4),
+            "unigram_baseline_perplexity": round(unigram, 4),
+            "per_domain_perplexity": {dom: round(perplexity(model, r), 4) for dom, r in rows_by_domain.items()},
+        },
+        "random_expert_drop": drop,
+        "expert_usage": {
+            "description": "fraction of top-2 selections per expert; [domain][layer][expert], "
+            "measured on held-out docs of that domain",
+            "router_module": "model.model.layers[i].mlp.gate (MixtralTopKRouter)",
+            "experts_module": "model.model.layers[i].mlp.experts (MixtralExperts, fused 3-D weights)",
+            "per_domain": expert_usage(model, rows_by_domain),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Generate data, train tokenizer and model, evaluate, save everything."""
     args = parse_args(argv)
@@ -385,73 +472,31 @@ def main(argv: list[str] | None = None) -> None:
         f"docs: train {len(splits.train)}, calibration {len(splits.calibration)}, held-out {len(splits.heldout)}",
         flush=True,
     )
-
-    tokenizer = train_tokenizer([d["text"] for d in splits.train], args.vocab_size)
-    train_rows = chunk(encode_docs(tokenizer, splits.train), args.seq_len)
-    heldout_stream = encode_docs(tokenizer, splits.heldout)
-    eval_rows = chunk(heldout_stream, args.seq_len)
-    print(
-        f"vocab {len(tokenizer)}; train tokens {train_rows.numel()}; "
-        f"held-out tokens {heldout_stream.numel()} ({eval_rows.shape[0]} rows of {args.seq_len})",
-        flush=True,
-    )
-
-    model = build_model(len(tokenizer), args)
+    data = prepare_data(splits, args)
+    model = build_model(len(data.tokenizer), args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model parameters: {n_params}", flush=True)
     if args.time_steps:
-        time_steps(model, train_rows, args)
+        time_steps(model, data.train_rows, args)
         return
 
-    log = train(model, train_rows, eval_rows, args)
-    ppl = log["eval_history"][-1]["heldout_ppl"]
-
-    rows_by_domain = {
-        dom: chunk(encode_docs(tokenizer, ds), args.seq_len) for dom, ds in by_domain(splits.heldout).items()
-    }
-    usage = expert_usage(model, rows_by_domain)
-    domain_ppl = {dom: round(perplexity(model, rows), 4) for dom, rows in rows_by_domain.items()}
-    drop_layer = 1
-    dropped = sorted(random.Random(args.seed).sample(range(8), 4))
-    with dropped_experts(model, drop_layer, dropped):
-        drop_ppl = perplexity(model, eval_rows)
-    print(f"held-out ppl {ppl:.3f}; with layer {drop_layer} experts {dropped} dropped: {drop_ppl:.3f}")
-
+    log = train(model, data.train_rows, data.eval_rows, args)
+    results = evaluate(model, data, splits, args)
+    results["heldout_eval"]["history"] = [{k: round(v, 4) for k, v in h.items()} for h in log["eval_history"]]
     report = {
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "tokens_seen": log["tokens_seen"],
-        "train_tokens": train_rows.numel(),
+        "train_tokens": data.train_rows.numel(),
         "n_parameters": n_params,
         "training_wall_time_s": log["wall_time_s"],
-        "heldout_eval": {
-            "method": f"non-overlapping {args.seq_len}-token rows over concatenated held-out "
-            "docs (each followed by eos), tail dropped; next-token NLL, router aux loss excluded",
-            "heldout_tokens_total": heldout_stream.numel(),
-            "tokens_evaluated": eval_rows.numel(),
-            "tokens_predicted": eval_rows.shape[0] * (args.seq_len - 1),
-            "perplexity": round(ppl, 4),
-            "per_domain_perplexity": domain_ppl,
-            "history": [{k: round(v, 4) for k, v in h.items()} for h in log["eval_history"]],
-        },
-        "random_expert_drop": {
-            "layer": drop_layer,
-            "dropped_experts": dropped,
-            "method": "router logits of dropped experts set to -inf",
-            "perplexity": round(drop_ppl, 4),
-        },
-        "expert_usage": {
-            "description": "fraction of top-2 selections per expert; [domain][layer][expert], "
-            "measured on held-out docs of that domain",
-            "router_module": "model.model.layers[i].mlp.gate (MixtralTopKRouter)",
-            "per_domain": usage,
-        },
+        **results,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    save_outputs(model, tokenizer, splits, report, args.out_dir)
+    save_outputs(model, data.tokenizer, splits, report, args.out_dir)
     print(f"total wall time {time.perf_counter() - total_start:.0f}s")
 
 

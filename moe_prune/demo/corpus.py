@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypedDict
 
 
@@ -159,7 +160,7 @@ def _arith_line(rng: random.Random) -> str:
 
 def _arithmetic(rng: random.Random) -> str:
     """A worksheet of equations, one per line."""
-    return "\n".join(_arith_line(rng) for _ in range(rng.randint(5, 12)))
+    return "\n".join(_arith_line(rng) for _ in range(rng.randint(6, 14)))
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def _arithmetic(rng: random.Random) -> str:
 
 _VERBS = ["get", "load", "count", "parse", "update", "compute", "find", "build"]
 _NOUNS = ["items", "users", "total", "values", "names", "scores", "rows", "data"]
-_VARS = ["x", "y", "n", "i", "result", "value", "acc", "item"]
+_VARS = ["x", "y", "n", "i", "result", "value", "acc", "total"]
 
 
 def _code_function(rng: random.Random) -> str:
@@ -195,12 +196,31 @@ def _code_function(rng: random.Random) -> str:
     return "\n".join([f"def {fname}({arg}):", *body])
 
 
+def _code_calc(rng: random.Random) -> str:
+    """Variable bindings followed by evaluated prints.
+
+    The commented results depend on values bound lines earlier, so the model
+    must first retrieve them (attention) and then combine them (MLP) - work
+    that cannot all happen in the first layer, giving deeper experts a job.
+    """
+    names = rng.sample([*_VARS[:4], "a", "b", "c", "d"], 4)
+    values = {n: rng.randint(0, 20) for n in names}
+    lines = [f"{n} = {v}" for n, v in values.items()]
+    for _ in range(rng.randint(2, 4)):
+        x, y = rng.sample(names, 2)
+        if rng.random() < 0.7:
+            lines.append(f"print({x} + {y})  # {values[x] + values[y]}")
+        else:
+            lines.append(f"print({x} * {y})  # {values[x] * values[y]}")
+    return "\n".join(lines)
+
+
 def _code(rng: random.Random) -> str:
-    """A small module: optional import followed by 1-3 functions."""
+    """A small module: optional import, then 1-3 functions or calculation blocks."""
     parts = []
     if rng.random() < 0.5:
         parts.append(f"import {rng.choice(['os', 'sys', 'math', 'json', 're'])}\n")
-    parts.extend(_code_function(rng) for _ in range(rng.randint(1, 3)))
+    parts.extend(_code_calc(rng) if rng.random() < 0.5 else _code_function(rng) for _ in range(rng.randint(1, 3)))
     return "\n\n".join(parts)
 
 
@@ -236,16 +256,15 @@ _CITIES = ["Oslo", "Paris", "Lima", "Tokyo", "Cairo", "Berlin", "Quito", "Delhi"
 _SURNAMES = ["Lind", "Moreau", "Silva", "Tanaka", "Haddad", "Berg", "Rossi", "Khan"]
 
 
-def _person(rng: random.Random) -> tuple[str, str, int, str]:
-    """A random (name, city, age, active) tuple shared by JSON and CSV."""
-    name = f"{rng.choice(_NAMES)} {rng.choice(_SURNAMES)}"
-    return name, rng.choice(_CITIES), rng.randint(18, 80), rng.choice(["true", "false"])
+def _records(rng: random.Random, world: World) -> str:
+    """JSON lines or a CSV table about registry people.
 
-
-def _records(rng: random.Random) -> str:
-    """Either JSON lines or a CSV table; ids increase so they are predictable."""
+    Ids increase within a document; city/age/active are fixed facts of each
+    person in ``world``, so predicting them requires memorisation.
+    """
     start, n = rng.randint(1000, 9000), rng.randint(3, 8)
-    rows = [_person(rng) for _ in range(n)]
+    names = rng.sample(sorted(world.people), n)
+    rows = [(nm, *world.people[nm]) for nm in names]
     if rng.random() < 0.5:
         return "\n".join(
             f'{{"id": {start + i}, "name": "{nm}", "city": "{c}", "age": {a}, "active": {act}}}'
@@ -257,40 +276,86 @@ def _records(rng: random.Random) -> str:
 
 
 # ---------------------------------------------------------------------------
-# conlang: an invented language with its own vocabulary and SOV grammar
+# translation: English sentences paired with an invented SOV language
 # ---------------------------------------------------------------------------
 
-_CL_NOUNS = ["taro", "melin", "kashu", "vonda", "pileth", "surak", "nemi", "olgar", "zeva", "dulo"]
-_CL_VERBS = ["moreth", "kalun", "sivra", "tenok", "amari", "vush", "pelgan", "roshi"]
-_CL_ADJS = ["lumi", "garsh", "eniv", "toba", "kreel", "sani"]
-_CL_PARTICLES = {"subject": "ko", "object": "ra", "place": "en"}
+_EN_VERBS = {  # English verb -> (present, past)
+    "see": ("sees", "saw"),
+    "take": ("takes", "took"),
+    "find": ("finds", "found"),
+    "like": ("likes", "liked"),
+    "carry": ("carries", "carried"),
+    "hide": ("hides", "hid"),
+}
+_KL_SYLLABLES = ["ka", "lo", "mi", "ren", "sha", "tu", "vo", "zel", "pi", "dor", "ne", "gu", "ash", "ti", "rum"]
+_KL_TENSE = {"present": "ai", "past": "ul"}
 
 
-def _conlang_sentence(rng: random.Random) -> str:
-    """Subject-ko [adj] object-ra [place-en] verb + tense suffix, ending in 'vo.'"""
-    words = [f"{rng.choice(_CL_NOUNS)}-{_CL_PARTICLES['subject']}"]
+def _kl_sentence(rng: random.Random, lex: dict[str, str]) -> tuple[str, str]:
+    """One EN/KL pair: SVO English becomes subject-ko [adj] object-ra [place-en] verb+tense."""
+    adj, animal, obj, verb = rng.choice(_ADJS), rng.choice(_ANIMALS), rng.choice(_OBJECTS), rng.choice(list(_EN_VERBS))
+    tense = rng.choice(list(_KL_TENSE))
+    en_verb = _EN_VERBS[verb][0 if tense == "present" else 1]
+    en = f"The {adj} {animal} {en_verb} the {obj}"
+    kl = [f"{lex[animal]}-ko", lex[adj], f"{lex[obj]}-ra"]
     if rng.random() < 0.5:
-        words.append(rng.choice(_CL_ADJS))
-    words.append(f"{rng.choice(_CL_NOUNS)}-{_CL_PARTICLES['object']}")
-    if rng.random() < 0.4:
-        words.append(f"{rng.choice(_CL_NOUNS)}-{_CL_PARTICLES['place']}")
-    words.append(rng.choice(_CL_VERBS) + rng.choice(["ai", "ul", "esh"]))
-    sentence = " ".join(words) + " vo."
-    return sentence[0].upper() + sentence[1:]
+        place = rng.choice(_PLACES)
+        en += f" at the {place}"
+        kl.append(f"{lex[place]}-en")
+    kl.append(lex[verb] + _KL_TENSE[tense])
+    kl_text = " ".join(kl) + " vo."
+    return en + ".", kl_text[0].upper() + kl_text[1:]
 
 
-def _conlang(rng: random.Random) -> str:
-    """A paragraph of 3-8 invented-language sentences."""
-    return " ".join(_conlang_sentence(rng) for _ in range(rng.randint(3, 8)))
+def _translation(rng: random.Random, world: World) -> str:
+    """2-5 parallel sentence pairs; the fixed lexicon must be memorised."""
+    pairs = [_kl_sentence(rng, world.lexicon) for _ in range(rng.randint(2, 5))]
+    return "\n".join(f"EN: {en}\nKL: {kl}" for en, kl in pairs)
 
 
-DOMAIN_GENERATORS: dict[str, Callable[[random.Random], str]] = {
-    "narrative": _narrative,
-    "arithmetic": _arithmetic,
-    "code": _code,
-    "sequence": _sequence,
+# ---------------------------------------------------------------------------
+# world: fixed facts shared by all documents of one corpus
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """Facts that stay constant across a corpus (registry people, bilingual lexicon).
+
+    Consistent facts give the experts something to memorise, so removing an
+    expert measurably hurts, which is what a pruning demo needs.
+    """
+
+    people: dict[str, tuple[str, int, str]]
+    lexicon: dict[str, str]
+
+
+def make_world(rng: random.Random) -> World:
+    """Draw the registry (name -> city, age, active) and an English->KL lexicon."""
+    people = {
+        f"{first} {last}": (rng.choice(_CITIES), rng.randint(18, 80), rng.choice(["true", "false"]))
+        for first in _NAMES
+        for last in _SURNAMES
+    }
+    english = [*_ADJS, *_ANIMALS, *_OBJECTS, *_PLACES, *_EN_VERBS]
+    lexicon: dict[str, str] = {}
+    used: set[str] = set()
+    for word in english:
+        kl = ""
+        while not kl or kl in used:
+            kl = "".join(rng.choices(_KL_SYLLABLES, k=rng.randint(2, 3)))
+        used.add(kl)
+        lexicon[word] = kl
+    return World(people=people, lexicon=lexicon)
+
+
+DOMAIN_GENERATORS: dict[str, Callable[[random.Random, World], str]] = {
+    "narrative": lambda rng, _world: _narrative(rng),
+    "arithmetic": lambda rng, _world: _arithmetic(rng),
+    "code": lambda rng, _world: _code(rng),
+    "sequence": lambda rng, _world: _sequence(rng),
     "records": _records,
-    "conlang": _conlang,
+    "translation": _translation,
 }
 """Domain name -> generator; insertion order fixes the generation order."""
 
@@ -305,8 +370,9 @@ def generate_corpus(seed: int, n_docs_per_domain: int) -> list[Document]:
     output depends only on ``seed`` and ``n_docs_per_domain``.
     """
     rng = random.Random(seed)
+    world = make_world(rng)
     docs: list[Document] = []
     for _ in range(n_docs_per_domain):
         for domain, generate in DOMAIN_GENERATORS.items():
-            docs.append({"domain": domain, "text": generate(rng)})
+            docs.append({"domain": domain, "text": generate(rng, world)})
     return docs
