@@ -71,8 +71,14 @@ def test_stats_save_load_combine(tmp_path):
     both = loaded.combine(b)
     assert np.array_equal(both.arrays["hard_counts"], a.arrays["hard_counts"] + b.arrays["hard_counts"])
     assert np.array_equal(both.arrays["vocab_bits"], a.arrays["vocab_bits"] | b.arrays["vocab_bits"])
-    with pytest.raises(MoePruneError, match="lacks statistics grad_sum"):
-        both.require("hard_counts", "grad_sum")
+    with pytest.raises(MoePruneError, match="lacks statistics grad_gram"):
+        both.require("hard_counts", "grad_gram")
+
+
+def test_stats_combine_refuses_gradient_statistics():
+    grads = {"hard_counts": np.ones((2, 8)), "grad_gram": np.ones((2, 8, 8))}
+    with pytest.raises(MoePruneError, match="do not add"):
+        Stats(IDENT, grads).combine(Stats(IDENT, dict(grads)), "b.npz")
 
 
 def test_stats_refuse_garbage(tmp_path):

@@ -25,21 +25,25 @@ STATS_SCHEMA = "moe-prune/stats"
 STATS_VERSION = 1
 
 # name -> (how disjoint data combine, what it holds). Shapes: L = MoE layers, E = experts, H = hidden, V = vocab.
+# Rules: `sum` adds, `or` ORs bitsets, `final` is a nonlinear function of a whole run's accumulated
+# gradient (norms, stds, outlier counts of the summed gradient) and cannot be combined exactly.
 STAT_FIELDS: dict[str, tuple[str, str]] = {
     "tokens": ("sum", "[L] tokens routed through each MoE layer"),
     "hard_counts": ("sum", "[L, E] top-k selections per expert"),
-    "soft_counts": ("sum", "[L, E] summed router probabilities per expert"),
-    "coselection": ("sum", "[L, E, E] tokens that selected both experts i and j"),
-    "vocab_bits": ("or", "[L, E, ceil(V/8)] packed bitset of token ids routed to each expert"),
+    "soft_counts": ("sum", "[L, E] summed router probabilities per expert (softmax or sigmoid of the logits)"),
+    "coselection": ("sum", "[L, E, E] tokens that selected both experts i and j (diagonal: hard counts)"),
+    "vocab_bits": ("or", "[L, E, ceil(V/8)] uint8 np.packbits bitset of input token ids routed to each expert"),
     "logit_gram": ("sum", "[L, E, E] sum over tokens of logit_i * logit_j"),
     "logit_sum": ("sum", "[L, E] sum of router logits"),
-    "act_sum": ("sum", "[L, E, H] sum of each expert's output per hidden dimension"),
-    "act_sumsq": ("sum", "[L, E, H] sum of squares of each expert's output"),
+    "act_sum": ("sum", "[L, E, H] sum of each expert's (unweighted) output per hidden dimension"),
+    "act_sumsq": ("sum", "[L, E, H] sum of squares of each expert's output per hidden dimension"),
     "act_unit_sum": ("sum", "[L, E, H] sum of unit-normalised expert outputs"),
     "act_norm_sum": ("sum", "[L, E] sum of expert output L2 norms"),
-    "act_weighted_norm_sum": ("sum", "[L, E] sum of router-weight x output norm"),
-    "act_outliers": ("sum", "[L, E] output elements beyond mean +- 3 sigma"),
-    "grad_sum": ("sum", "[L, E, P] accumulated gradient of each expert, reduced"),
+    "act_weighted_norm_sum": ("sum", "[L, E] sum of routing weight x output L2 norm"),
+    "act_outliers": ("sum", "[L, E] output elements beyond mean +- 3 std of their own output vector"),
+    "grad_gram": ("final", "[L, E, E] Gram matrix of the experts' flattened accumulated weight gradients"),
+    "grad_entropy": ("final", "[L, E] sum over hidden dims of log std of the accumulated weight gradient"),
+    "grad_outliers": ("final", "[L, E] accumulated-gradient elements beyond mean +- 3 std of the expert's gradient"),
 }
 
 
@@ -105,6 +109,13 @@ class Stats:
         if set(self.arrays) != set(other.arrays):
             raise MoePruneError(
                 f"{other_name}: holds statistics {sorted(other.arrays)}, expected {sorted(self.arrays)}"
+            )
+        final = sorted(k for k in self.arrays if STAT_FIELDS[k][0] == "final")
+        if final:
+            raise MoePruneError(
+                f"{other_name}: gradient statistics ({', '.join(final)}) are functions of one run's whole "
+                "accumulated gradient and do not add; profile with --gradients in one run "
+                "(several processes under `accelerate launch` all-reduce before reducing)"
             )
         merged = {}
         for key, array in self.arrays.items():
