@@ -13,8 +13,8 @@ does not depend on how the data was batched. Per MoE layer, for each expert e:
   grad_entropy   [E] sum over hidden dimensions of log std of the gradient: for each 2-D per-expert
                  gradient matrix, the axis whose length is the hidden size is the hidden axis (the
                  last when both are), the (population) std is taken across the other axis; 1-D biases
-                 are skipped; summed over matrices. -inf when some hidden dimension has zero spread
-                 (e.g. an expert that received no token).
+                 and matrices with no hidden-sized axis are skipped; summed over matrices. -inf when
+                 some hidden dimension has zero spread (e.g. an expert that received no token).
   grad_outliers  [E] elements of F_e beyond mean +- 3 std (population) of F_e's own elements.
 
 These are nonlinear in the whole run's gradient, so files do not combine (rule `final` in
