@@ -44,7 +44,6 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import RoutingRecorder
 
 OUTLIER_STDS = 3.0
-FLOAT_FIELDS = ("soft_counts", "logit_gram", "logit_sum")
 ACT_FIELDS = ("act_sum", "act_sumsq", "act_unit_sum", "act_norm_sum", "act_weighted_norm_sum", "act_outliers")
 
 
@@ -74,9 +73,8 @@ class StatisticsRecorder(RoutingRecorder):
     `arrays()` returns the `artifacts.stats` layout (leading axis over `layers`).
     """
 
-    def __init__(self, model: Any, config: ModelConfig, activations: bool = True) -> None:
+    def __init__(self, model: Any, config: ModelConfig) -> None:
         super().__init__(model, config)
-        self.activations = activations
         embeddings = model.get_input_embeddings().weight
         self.vocab_size = int(embeddings.shape[0])
         self.vocab_bytes = math.ceil(self.vocab_size / 8)
@@ -94,8 +92,6 @@ class StatisticsRecorder(RoutingRecorder):
 
     def __enter__(self) -> StatisticsRecorder:
         super().__enter__()
-        if not self.activations:
-            return self
         for slot, layer in enumerate(self.layers):
             experts = self.module(layer, self.adapter.runtime_experts)
             if self.adapter.selection_from == "experts_args":
@@ -229,9 +225,7 @@ class StatisticsRecorder(RoutingRecorder):
         """Every statistic recorded, as numpy arrays with a leading axis over `layers`."""
         empty = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, torch.device("cpu"))
         layers = [empty if s is None else s for s in self._sums]
-        names = ["soft_counts", "coselection", "logit_gram", "logit_sum"]
-        if self.activations:
-            names += list(ACT_FIELDS)
+        names = ["soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS]
         out = {"tokens": self.tokens.numpy(), "hard_counts": self.hard_counts.numpy()}
         for name in names:
             out[name] = torch.stack([getattr(s, name).cpu() for s in layers]).numpy()
