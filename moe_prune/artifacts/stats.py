@@ -3,7 +3,8 @@
 Layout: one array per statistic, named `<stat>` with a leading axis over the model's MoE layers
 (in `identity.moe_layers` order), plus `__meta__`, a JSON string with schema, version, identity
 and provenance. Every statistic declares how two files of disjoint data combine: `sum` (counts,
-sums, Gram matrices) or `or` (bitsets), so `combine` is exact.
+sums, Gram matrices) or `or` (bitsets), so `combine` is exact; `final` (gradient reductions) refuses.
+How each is measured: `runtime.statistics` (forward) and `runtime.gradients` (`--gradients`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,167 @@
+"""Collect routing, logit, activation (and with --gradients, gradient) statistics of a model on calibration data.
+
+`moe-prune profile --combine a.npz b.npz --out c.npz` adds statistics of disjoint data exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import ForceOpt, JsonOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.stages.profile import ProfileResult, Settings
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n)."""
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(index), int(count)
+    except ValueError:
+        raise MoePruneError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+
+
+@user_errors
+def profile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Statistics file to write (.npz).")],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Model folder or hub id (default: the demo model); with --combine, the .npz files to add.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option("--data", "-d", help="Calibration text (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id."),
+    ] = str(DEMO_CALIBRATION),
+    text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    split: Annotated[str, typer.Option(help="Split of a hub dataset (streamed).")] = "train",
+    samples: Annotated[int, typer.Option(help="Calibration sequences (drawn with --seed when more exist).")] = 256,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (capped at the model's context).")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the choice of sequences.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    shard: Annotated[str, typer.Option(help="Profile only slice i of n of the sequences, e.g. 0/4.")] = "0/1",
+    gradients: Annotated[
+        bool, typer.Option("--gradients", help="Also backpropagate the next-token loss: gradient statistics.")
+    ] = False,
+    combine: Annotated[
+        bool, typer.Option("--combine", help="Add the statistics files given as arguments (disjoint data).")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")] = "cpu",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code to run.")] = False,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.stages import profile as stage
+
+    out = out.expanduser()
+    if out.exists() and not force:
+        raise MoePruneError(f"{out}: already exists; pass --force to replace it")
+    if out.is_dir():
+        raise MoePruneError(f"{out}: is a folder; expected a .npz file path")
+    if not out.parent.is_dir():
+        raise MoePruneError(f"{out.parent}: output folder does not exist")
+    if combine:
+        _combine([Path(p) for p in inputs or []], out, json_output)
+        return
+    if inputs and len(inputs) > 1:
+        raise MoePruneError(f"expected one model, got {len(inputs)} arguments (use --combine to add .npz files)")
+    model = inputs[0] if inputs else str(DEMO_MODEL_DIR)
+    settings = stage.Settings(
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        batch_size=batch_size,
+        shard=parse_shard(shard),
+        gradients=gradients,
+        text_field=text_field,
+        split=split,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    result = _run_with_progress(model, data, settings)
+    result.stats.save(out)
+    for message in result.warnings:
+        warn(message)
+    if json_output:
+        print_json({"out": str(out), **result.to_dict()})
+        return
+    out_console.print(
+        f"[bold]{model}[/] on {data}: {result.sequences} sequences × {result.seq_len} tokens "
+        f"= {result.tokens:,} tokens → {out}",
+        highlight=False,
+    )
+    out_console.print(usage_table(result))
+    out_console.print("share = an expert's part of the layer's top-k selections; entropy 1.000 = even", style="dim")
+
+
+def _run_with_progress(model: str, data: str, settings: Settings) -> ProfileResult:
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from moe_prune.stages import profile as stage
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens · {task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    bar = Progress(*columns, console=err_console, transient=True)
+    state: dict[str, object] = {}
+
+    def advance(done: int, total: int) -> None:
+        """Start the bar with the first batch, so errors before any model runs print no bar at all."""
+        if "task" not in state:
+            bar.start()
+            state["task"] = bar.add_task("profiling", total=total, rate="")
+        task = state["task"]
+        speed = bar.tasks[0].speed if bar.tasks else None
+        bar.update(task, completed=done, rate=f"{speed:,.0f} tok/s" if speed else "")  # type: ignore[arg-type]
+
+    try:
+        return stage.run(model, data, settings, progress=advance)
+    finally:
+        if state:
+            bar.stop()
+
+
+def _combine(paths: list[Path], out: Path, json_output: bool) -> None:
+    from moe_prune.stages import profile as stage
+
+    merged = stage.combine(paths)
+    merged.save(out)
+    tokens = int(merged.arrays["tokens"].max()) if merged.arrays["tokens"].size else 0
+    if json_output:
+        print_json({"out": str(out), "inputs": [str(p) for p in paths], "tokens": tokens})
+        return
+    out_console.print(f"combined {len(paths)} files ({tokens:,} tokens per MoE layer) → {out}", highlight=False)
+
+
+def usage_table(result: ProfileResult) -> Table:
+    """One row per MoE layer: tokens and how evenly the experts were used."""
+    table = Table(title="expert usage per MoE layer", title_justify="left")
+    for name in ("layer", "tokens", "min share", "max share", "max/mean", "entropy"):
+        table.add_column(name, justify="right")
+    for row in result.layers:
+        table.add_row(
+            str(row.layer),
+            f"{row.tokens:,}",
+            f"{row.min_share:.3f}",
+            f"{row.max_share:.3f}",
+            f"{row.max_over_mean:.2f}",
+            f"{row.entropy:.3f}",
+        )
+    return table

@@ -1,0 +1,234 @@
+"""Every forward statistic of `artifacts.stats` in one pass: router and expert hooks, streaming sums.
+
+Definitions (per MoE layer; T tokens, E experts, H hidden size; see `STAT_FIELDS` for the names):
+  soft_counts       sum over tokens of softmax(z) over all experts, or sigmoid(z) when the family
+                    scores with a sigmoid (`adapter.routing.score`); z = the router's logits.
+  coselection[i,j]  tokens whose top-k holds both i and j; the diagonal equals the hard counts.
+  vocab_bits        np.packbits (big-endian bit order) bitset over the vocabulary of the INPUT token
+                    ids whose hidden state was routed to the expert (set with `set_input_ids`).
+  logit_gram/_sum   sum over tokens of z z^T and of z.
+  act_*             statistics of each expert's UNWEIGHTED output vector a (before the routing
+                    weight), over the tokens routed to it: per-dimension sum and sum of squares, sum
+                    of a/||a|| (zero for a zero vector), sum of ||a||, sum of routing weight x ||a||,
+                    and outliers: elements of a beyond mean +- 3 std, mean and (population) std taken
+                    across a's own hidden dimension (MC-Suite 2.4), so one pass suffices.
+
+How per-expert outputs are seen: for families whose experts module is called as
+experts(hidden, top_k_index, top_k_weights) the module's forward is wrapped while recording. For
+each expert hit in the batch the wrapper calls the module's ORIGINAL forward on that expert's tokens
+with index = e and weight = 1, which returns the expert's unweighted output computed by the model's
+own code (activation, biases, clamps included); it records the statistics, multiplies by the routing
+weight and index-adds into the result, experts in ascending order as the eager code does. Each expert
+runs once on its tokens, as without the recorder, so the model's output is unchanged (tested).
+llama4 (`selection_from == "router_scores"`) scales the expert INPUT by sigmoid(router logit) and runs
+every expert on every token; its act_* statistics are of the experts-module output at each expert's
+selected tokens, i.e. the expert output of its score-scaled input, and the routing weight is that
+sigmoid score.
+
+Accumulators: counts in int64, everything else in float64 on the model's device (the per-batch
+values are computed in float64 from the model's own dtype), so sums of disjoint data add exactly up
+to float64 rounding and memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.runtime.routing import RoutingRecorder
+
+OUTLIER_STDS = 3.0
+ACT_FIELDS = ("act_sum", "act_sumsq", "act_unit_sum", "act_norm_sum", "act_weighted_norm_sum", "act_outliers")
+
+
+class _Layer:
+    """Running sums of one MoE layer, allocated on first use on the device the layer runs on."""
+
+    def __init__(self, experts: int, hidden: int, vocab_bytes: int, device: torch.device) -> None:
+        f64 = {"dtype": torch.float64, "device": device}
+        i64 = {"dtype": torch.int64, "device": device}
+        self.soft_counts = torch.zeros(experts, **f64)
+        self.coselection = torch.zeros(experts, experts, **i64)
+        self.vocab_bits = torch.zeros(experts * vocab_bytes, dtype=torch.uint8, device=device)
+        self.logit_gram = torch.zeros(experts, experts, **f64)
+        self.logit_sum = torch.zeros(experts, **f64)
+        self.act_sum = torch.zeros(experts, hidden, **f64)
+        self.act_sumsq = torch.zeros(experts, hidden, **f64)
+        self.act_unit_sum = torch.zeros(experts, hidden, **f64)
+        self.act_norm_sum = torch.zeros(experts, **f64)
+        self.act_weighted_norm_sum = torch.zeros(experts, **f64)
+        self.act_outliers = torch.zeros(experts, **i64)
+
+
+class StatisticsRecorder(RoutingRecorder):
+    """Context manager: while active, accumulate every forward statistic of every MoE layer.
+
+    Call `set_input_ids(ids)` before each forward pass (the vocabulary bitsets need them).
+    `arrays()` returns the `artifacts.stats` layout (leading axis over `layers`).
+    """
+
+    def __init__(self, model: Any, config: ModelConfig) -> None:
+        super().__init__(model, config)
+        embeddings = model.get_input_embeddings().weight
+        self.vocab_size = int(embeddings.shape[0])
+        self.vocab_bytes = math.ceil(self.vocab_size / 8)
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.hidden_size = int(text.hidden_size)
+        self._sums: list[_Layer | None] = [None] * len(self.layers)
+        self._ids: torch.Tensor | None = None
+        self._last_logits: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._last_index: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._patched: list[tuple[torch.nn.Module, Any]] = []
+
+    def set_input_ids(self, input_ids: torch.Tensor) -> None:
+        """The batch about to run; flattened in the same (batch, position) order as the MoE layers see tokens."""
+        self._ids = input_ids.reshape(-1)
+
+    def __enter__(self) -> StatisticsRecorder:
+        super().__enter__()
+        for slot, layer in enumerate(self.layers):
+            experts = self.module(layer, self.adapter.runtime_experts)
+            if self.adapter.selection_from == "experts_args":
+                # An instance attribute shadows the class forward; keep any existing one (accelerate hooks).
+                self._patched.append((experts, experts.__dict__.get("forward")))
+                experts.forward = partial(self._experts_forward, slot, experts.forward)
+            else:
+                self._handles.append(experts.register_forward_hook(partial(self._scaled_experts_hook, slot)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, previous in self._patched:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._patched.clear()
+        super().__exit__(*exc)
+
+    def _layer(self, slot: int, device: torch.device) -> _Layer:
+        sums = self._sums[slot]
+        if sums is None:
+            sums = self._sums[slot] = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, device)
+        return sums
+
+    # -- router and selection -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def on_router_logits(self, slot: int, logits: torch.Tensor) -> None:
+        z = logits.detach().reshape(-1, logits.shape[-1]).double()
+        sums = self._layer(slot, z.device)
+        probs = torch.sigmoid(z) if self.adapter.routing.score == "sigmoid" else torch.softmax(z, dim=-1)
+        sums.soft_counts += probs.sum(0)
+        sums.logit_sum += z.sum(0)
+        sums.logit_gram += z.T @ z
+        self._last_logits[slot] = z
+
+    @torch.no_grad()
+    def on_selection(self, slot: int, top_k_index: torch.Tensor) -> None:
+        index = top_k_index.detach().reshape(-1, top_k_index.shape[-1])
+        super().on_selection(slot, index)
+        sums = self._layer(slot, index.device)
+        experts = self.num_experts
+        onehot = torch.zeros(index.shape[0], experts + 1, dtype=torch.float32, device=index.device)
+        onehot.scatter_(1, index.clamp(max=experts).long(), 1.0)
+        onehot = onehot[:, :experts]  # an index equal to E (a family's "no expert" slot) selects nothing
+        sums.coselection += (onehot.T @ onehot).round().long()
+        self._add_vocab(sums, onehot)
+        self._last_index[slot] = index
+
+    def _add_vocab(self, sums: _Layer, onehot: torch.Tensor) -> None:
+        """OR this batch's (expert, input token) pairs into the packed bitsets."""
+        ids = self._ids
+        if ids is None or ids.numel() != onehot.shape[0]:
+            got = "no input ids" if ids is None else f"{ids.numel()} input ids"
+            raise RuntimeError(f"statistics recorder: {onehot.shape[0]} routed tokens but {got}; call set_input_ids")
+        token, expert = onehot.nonzero(as_tuple=True)
+        ids = ids.to(onehot.device)[token]
+        pairs = torch.unique(expert * self.vocab_size + ids)
+        expert, ids = pairs // self.vocab_size, pairs % self.vocab_size
+        byte = expert * self.vocab_bytes + ids // 8
+        bit = torch.tensor(128, device=ids.device, dtype=torch.int64) >> (ids % 8)  # np.packbits: big-endian
+        # Pairs are unique, so bits that share a byte differ and their sum is their OR.
+        where, inverse = torch.unique(byte, return_inverse=True)
+        merged = torch.zeros_like(where).index_add_(0, inverse, bit)
+        sums.vocab_bits[where] |= merged.to(torch.uint8)
+
+    # -- expert outputs -----------------------------------------------------------------------
+
+    def _experts_forward(
+        self,
+        slot: int,
+        original: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The experts module's forward, one expert at a time, seeing each expert's unweighted output."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        index = top_k_index.reshape(flat.shape[0], -1)
+        weights = top_k_weights.reshape(index.shape)
+        result = torch.zeros_like(flat)
+        with torch.no_grad():
+            hit = torch.unique(index)
+        for expert in hit.tolist():
+            if not 0 <= expert < self.num_experts:
+                continue
+            with torch.no_grad():
+                position, token = torch.where((index == expert).T)  # the eager code's order
+            n = token.numel()
+            one = torch.full((n, 1), expert, dtype=index.dtype, device=index.device)
+            output = original(
+                flat[token], one, torch.ones((n, 1), dtype=weights.dtype, device=weights.device), *args, **kwargs
+            )
+            output = output.reshape(n, -1)
+            weight = weights[token, position, None]
+            self._add_activations(slot, expert, output.detach(), weight.detach().reshape(-1))
+            result.index_add_(0, token, (output * weight).to(result.dtype))
+        return result.reshape(hidden.shape[:-1] + result.shape[-1:])
+
+    @torch.no_grad()
+    def _scaled_experts_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any], output: Any) -> None:
+        """llama4: the experts module returns [E*T, H] for score-scaled copies of every token."""
+        index, logits = self._last_index[slot], self._last_logits[slot]
+        if index is None or logits is None:
+            raise RuntimeError("statistics recorder: experts ran before their router")
+        per_expert = output.detach().reshape(self.num_experts, index.shape[0], -1)
+        for expert in torch.unique(index).tolist():
+            token = (index == expert).any(dim=1).nonzero(as_tuple=True)[0]
+            self._add_activations(slot, expert, per_expert[expert, token], torch.sigmoid(logits[token, expert]))
+
+    @torch.no_grad()
+    def _add_activations(self, slot: int, expert: int, output: torch.Tensor, weight: torch.Tensor) -> None:
+        a = output.double()
+        sums = self._layer(slot, a.device)
+        norms = a.norm(dim=1)
+        sums.act_sum[expert] += a.sum(0)
+        sums.act_sumsq[expert] += (a * a).sum(0)
+        sums.act_unit_sum[expert] += (a / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]).sum(0)
+        sums.act_norm_sum[expert] += norms.sum()
+        sums.act_weighted_norm_sum[expert] += (weight.double() * norms).sum()
+        mean = a.mean(dim=1, keepdim=True)
+        std = a.std(dim=1, correction=0, keepdim=True)
+        sums.act_outliers[expert] += ((a - mean).abs() > OUTLIER_STDS * std).sum()
+
+    # -- results ----------------------------------------------------------------------------
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every statistic recorded, as numpy arrays with a leading axis over `layers`."""
+        empty = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, torch.device("cpu"))
+        layers = [empty if s is None else s for s in self._sums]
+        names = ["soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS]
+        out = {"tokens": self.tokens.numpy(), "hard_counts": self.hard_counts.numpy()}
+        for name in names:
+            out[name] = torch.stack([getattr(s, name).cpu() for s in layers]).numpy()
+        bits = torch.stack([s.vocab_bits.cpu() for s in layers]).numpy()
+        out["vocab_bits"] = bits.reshape(len(layers), self.num_experts, self.vocab_bytes)
+        return out

@@ -1,0 +1,226 @@
+"""`profile`: routing, logit, activation (and optionally gradient) statistics of a model on calibration data.
+
+Data: documents tokenized into one stream (documents joined by EOS, see `runtime.data`), cut into
+windows of `seq_len` tokens (clipped to the model's context). When the data holds more windows than
+`samples`, a seeded random choice of `samples` windows is taken (kept in stream order); otherwise all
+windows are used, with a warning when fewer than asked. At most `POOL_FACTOR` x samples x seq_len
+tokens are read, so a huge corpus is never tokenized whole. `shard=(i, n)` keeps the i-th of n
+contiguous slices of the chosen windows, so several machines profile disjoint parts and `combine`
+adds their files.
+
+One forward pass per batch collects every forward statistic (`runtime.statistics`); with
+`gradients=True` the same pass also runs backward on the summed next-token loss and the gradient
+statistics are reduced once at the end (`runtime.gradients`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import moe_prune
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime import gradients as grad_stats
+from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, parse_dtype
+from moe_prune.runtime.routing import load_balance
+from moe_prune.runtime.statistics import StatisticsRecorder
+
+# progress(tokens_done, tokens_total): called before the first batch and after each one.
+ProgressFn = Callable[[int, int], None]
+POOL_FACTOR = 4  # windows are drawn from at most this many times the tokens needed
+CHARS_PER_TOKEN_BOUND = 16  # characters read per wanted token: more than any tokenizer needs
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the calibration data is chosen and the model run."""
+
+    samples: int = 256
+    seq_len: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    shard: tuple[int, int] = (0, 1)
+    gradients: bool = False
+    text_field: str = "text"
+    split: str = "train"
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise MoePruneError(f"samples must be at least 1 (got {self.samples})")
+        if self.seq_len < 2:
+            raise MoePruneError(f"sequence length must be at least 2 (got {self.seq_len})")
+        if self.batch_size < 1:
+            raise MoePruneError(f"batch size must be at least 1 (got {self.batch_size})")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise MoePruneError(f"shard {index}/{count}: expected i/n with 0 <= i < n")
+        parse_dtype(self.dtype)
+
+
+@dataclass
+class LayerSummary:
+    """How one MoE layer used its experts on the calibration data."""
+
+    layer: int
+    tokens: int
+    min_share: float  # smallest expert's share of the layer's top-k selections
+    max_share: float
+    max_over_mean: float
+    entropy: float  # H(load) / log(E)
+
+
+@dataclass
+class ProfileResult:
+    """The statistics and what the run saw."""
+
+    stats: Stats
+    sequences: int
+    seq_len: int
+    tokens: int
+    layers: list[LayerSummary]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sequences": self.sequences,
+            "seq_len": self.seq_len,
+            "tokens": self.tokens,
+            "statistics": sorted(self.stats.arrays),
+            "provenance": self.stats.provenance,
+            "layers": [asdict(layer) for layer in self.layers],
+            "warnings": self.warnings,
+        }
+
+
+def choose_windows(ids: torch.Tensor, seq_len: int, samples: int, seed: int) -> torch.Tensor:
+    """[N, seq_len]: `samples` windows drawn with `seed` (stream order kept), or all when fewer exist."""
+    chunks = fixed_chunks(ids, seq_len)
+    if len(chunks) <= samples:
+        return chunks
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(chunks), generator=generator)[:samples].sort().values
+    return chunks[chosen]
+
+
+def shard_slice(count: int, shard: tuple[int, int]) -> slice:
+    """The i-th of n contiguous, nearly equal slices of `count` items."""
+    index, parts = shard
+    return slice(index * count // parts, (index + 1) * count // parts)
+
+
+def summarize(stats: Stats, top_k: int) -> list[LayerSummary]:
+    """Per-layer usage spread from the hard counts."""
+    rows = []
+    arrays = stats.arrays
+    for layer, tokens, counts in zip(stats.identity.moe_layers, arrays["tokens"], arrays["hard_counts"], strict=True):
+        total = max(int(tokens) * top_k, 1)
+        max_over_mean, entropy = load_balance(counts.tolist())
+        shares = counts / total
+        rows.append(LayerSummary(layer, int(tokens), float(shares.min()), float(shares.max()), max_over_mean, entropy))
+    return rows
+
+
+def run(
+    model: str | Path, data: str, settings: Settings = Settings(), progress: ProgressFn | None = None
+) -> ProfileResult:
+    """Profile `model` on `data`; nothing is written (see `Stats.save`)."""
+    settings.check()
+    ckpt = Checkpoint.open(model)
+    identity = ckpt.identity  # config problems surface before any data is read
+    config = ckpt.config
+    max_chars = POOL_FACTOR * settings.samples * settings.seq_len * CHARS_PER_TOKEN_BOUND
+    texts = load_texts(data, settings.text_field, settings.split, max_chars)
+    tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
+    loaded = load_model(ckpt.folder, settings.dtype, settings.device, settings.trust_remote_code)
+    warnings = []
+    seq_len = clip_seq_len(settings.seq_len, loaded.config)
+    if seq_len < settings.seq_len:
+        warnings.append(f"sequence length {settings.seq_len} exceeds the model's context; using {seq_len}")
+    ids = token_stream(texts, tokenizer, POOL_FACTOR * settings.samples * seq_len)
+    try:
+        windows = choose_windows(ids, seq_len, settings.samples, settings.seed)
+    except MoePruneError as exc:
+        raise MoePruneError(f"{data}: {exc}") from None
+    if len(windows) < settings.samples:
+        warnings.append(f"{data}: holds only {len(windows)} sequences of {seq_len} tokens ({settings.samples} asked)")
+    total = len(windows)
+    windows = windows[shard_slice(total, settings.shard)]
+    if len(windows) == 0:
+        raise MoePruneError(f"shard {settings.shard[0]}/{settings.shard[1]} of {total} sequences is empty")
+    arrays, predictions = _collect(loaded, config, windows, settings, progress)
+    provenance = {
+        "tool": f"moe-prune {moe_prune.__version__}",
+        "model": str(model),
+        "data": str(data),
+        "text_field": settings.text_field,
+        "split": settings.split,
+        "samples": settings.samples,
+        "sequences_available": total,
+        "sequences": len(windows),
+        "seq_len": seq_len,
+        "seed": settings.seed,
+        "shard": list(settings.shard),
+        "batch_size": settings.batch_size,
+        "dtype": settings.dtype,
+        "gradients": settings.gradients,
+        "predictions": predictions if settings.gradients else None,
+    }
+    stats = Stats(identity, arrays, provenance)
+    tokens = int(windows.numel())
+    return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
+
+
+def _collect(
+    model: Any, config: Any, windows: torch.Tensor, settings: Settings, progress: ProgressFn | None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Run every batch once under the recorder; returns the arrays and the number of next-token predictions."""
+    report = progress or (lambda done, total: None)
+    device = input_device(model)
+    total_tokens = int(windows.numel())
+    report(0, total_tokens)
+    predictions = 0
+    recorder = StatisticsRecorder(model, config)
+    grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
+    with recorder, grads as expert_params:
+        for start in range(0, len(windows), settings.batch_size):
+            batch = windows[start : start + settings.batch_size].to(device)
+            recorder.set_input_ids(batch)
+            if settings.gradients:
+                logits = model(input_ids=batch, use_cache=False).logits
+                targets = batch[:, 1:].reshape(-1)
+                predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
+                torch.nn.functional.cross_entropy(predicted, targets, reduction="sum").backward()
+                predictions += targets.numel()
+            else:
+                with torch.inference_mode():
+                    model(input_ids=batch, use_cache=False)
+            report(min(start + settings.batch_size, len(windows)) * windows.shape[1], total_tokens)
+        arrays = recorder.arrays()
+        if expert_params is not None:
+            arrays.update(grad_stats.reduce(expert_params, config.num_experts, recorder.hidden_size, predictions))
+    return arrays, predictions
+
+
+def combine(paths: list[Path]) -> Stats:
+    """Statistics of the union of disjoint data: every file must describe the same model."""
+    if len(paths) < 2:
+        raise MoePruneError("combine needs at least two statistics files")
+    loaded = [Stats.load(path) for path in paths]
+    merged = loaded[0]
+    for path, stats in zip(paths[1:], loaded[1:], strict=True):
+        merged = merged.combine(stats, str(path))
+    sources = [{"file": str(path), **stats.provenance} for path, stats in zip(paths, loaded, strict=True)]
+    merged.provenance = {"tool": f"moe-prune {moe_prune.__version__}", "combined": sources}
+    return merged
