@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -66,6 +67,9 @@ def test_stats_save_load_combine(tmp_path):
         {"hard_counts": rng.integers(0, 9, (2, 8)), "vocab_bits": rng.integers(0, 255, (2, 8, 4), dtype=np.uint8)},
     )
     a.save(tmp_path / "a.npz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.npz").stat().st_mode & 0o777 == 0o666 & ~umask
     loaded = Stats.load(tmp_path / "a.npz")
     assert loaded.identity == IDENT
     both = loaded.combine(b)

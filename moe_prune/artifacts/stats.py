@@ -76,6 +76,9 @@ class Stats:
         try:
             with open(tmp, "wb") as handle:
                 np.savez(handle, __meta__=np.array(json.dumps(meta)), **self.arrays)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
