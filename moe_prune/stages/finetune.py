@@ -111,8 +111,7 @@ def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int
     config = ckpt.config
     if out.resolve() == ckpt.folder.resolve():
         raise MoePruneError(f"{out}: is the input checkpoint; choose another output folder")
-    if not options.resume:
-        check_writable(out, options.force)
+    check_writable(out, options.force)
     parse_size(options.max_shard_size)
     start, end = options.top_k_anneal or (options.top_k or config.top_k,) * 2
     check_top_k(config, start, "--top-k-anneal" if options.top_k_anneal else "--top-k")
