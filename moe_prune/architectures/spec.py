@@ -42,6 +42,10 @@ class Adapter:
     router_logits_output: int | None = 0  # index of the logits in the router's output (None: the output is them)
     selection_from: str = "experts_args"  # experts_args: (hidden, top_k_index, top_k_weights); router_scores
     memory_keys: tuple[tuple[str, str], ...] = ()  # overrides for checkpoints saved with in-memory (fused) names
+    # Token mixers inside one loaded decoder layer (`finetune --train attention`); linear/SSM ones included.
+    runtime_attention: tuple[str, ...] = ("self_attn", "linear_attn")
+    # Attributes holding top-k on the router, on its MoE block and on the CausalLM (read at every forward).
+    runtime_top_k_attrs: tuple[str, ...] = ("top_k", "num_experts_per_tok")
 
     def memory_layout(self) -> Adapter:
         """The same family with the key names of `save_pretrained(..., save_original_format=False)`.

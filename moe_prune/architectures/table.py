@@ -119,6 +119,7 @@ ROWS: tuple[Adapter, ...] = (
         routing=SOFTMAX_NO_RENORM,
         runtime_router="feed_forward.router",
         runtime_experts="feed_forward.experts",
+        runtime_attention=("self_attn", "mamba"),
     ),
     _qwen_like(
         "lfm2_moe",
@@ -129,10 +130,13 @@ ROWS: tuple[Adapter, ...] = (
         routing=Routing(score="sigmoid", select_on="scores+bias", renormalize="norm_topk_prob"),
         runtime_router="feed_forward.gate",
         runtime_experts="feed_forward.experts",
+        runtime_attention=("self_attn", "conv"),
     ),
     _granite_like("granitemoe"),
     _granite_like("granitemoeshared", shared_expert_keys=("shared_intermediate_size",)),
-    _granite_like("granitemoehybrid", shared_expert_keys=("shared_intermediate_size",)),
+    _granite_like(
+        "granitemoehybrid", shared_expert_keys=("shared_intermediate_size",), runtime_attention=("self_attn", "mamba")
+    ),
     _qwen_like(
         "gpt_oss",
         expert_count_keys=("num_local_experts",),
@@ -168,6 +172,7 @@ ROWS: tuple[Adapter, ...] = (
         runtime_router="ffn.router",
         runtime_experts="ffn.experts",
         router_logits_output=None,
+        runtime_attention=("norm_attn_norm.attn",),
         memory_keys=(("router", "ffn.router.layer.weight"), ("experts", "ffn.experts.mlp.")),
     ),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moe_prune.cli import eval as eval_cmd
+from moe_prune.cli import finetune as finetune_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
 app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
+app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
 
 
 def main() -> None:

@@ -1,0 +1,216 @@
+"""Next-token finetuning on a token budget: recover a pruned or merged model, optionally at a lower top-k."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import (
+    DEFAULT_MODEL,
+    ForceOpt,
+    JsonOpt,
+    ModelArg,
+    OutDirOpt,
+    err_console,
+    out_console,
+    print_json,
+    user_errors,
+    warn,
+)
+from moe_prune.demo import DEMO_CALIBRATION
+
+if TYPE_CHECKING:
+    from moe_prune.stages.finetune import FinetuneResult
+
+TRAIN = "Training"
+ROUTING = "Routing"
+STATE = "Checkpoints"
+
+
+def parse_tokens(text: str) -> int:
+    """'1M' -> 1_000_000, '250k' -> 250_000, '4096' -> 4096."""
+    from moe_prune.errors import MoePruneError
+
+    units = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    cleaned = text.strip().upper().replace("_", "")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise MoePruneError(f"--tokens {text!r}: expected a count such as 1M, 250k or 4096") from None
+    return int(value)
+
+
+@user_errors
+def finetune(
+    out: OutDirOpt,
+    model: ModelArg = DEFAULT_MODEL,
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Training text (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id.")
+    ] = str(DEMO_CALIBRATION),
+    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 1M, 250k.", rich_help_panel=TRAIN)] = "1M",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel=TRAIN)] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.", rich_help_panel=TRAIN)] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=TRAIN)] = 1,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.", rich_help_panel=TRAIN)] = 1e-5,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay (2-D weights).", rich_help_panel=TRAIN)
+    ] = 0.01,
+    warmup_ratio: Annotated[
+        float, typer.Option(help="Share of steps of linear warm-up before cosine decay.", rich_help_panel=TRAIN)
+    ] = 0.05,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (0: off).", rich_help_panel=TRAIN)] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of data order and randomness.", rich_help_panel=TRAIN)] = 0,
+    train: Annotated[
+        str, typer.Option(help="What trains: all, router, experts, attention (comma-separated).", rich_help_panel=TRAIN)
+    ] = "all",
+    router_warmup_steps: Annotated[
+        int, typer.Option(help="Train only the routers for this many steps first.", rich_help_panel=TRAIN)
+    ] = 0,
+    mixed_precision: Annotated[
+        str | None, typer.Option(help="no, bf16 or fp16 (default: accelerate's config).", rich_help_panel=TRAIN)
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Route to k experts (static).", rich_help_panel=ROUTING)] = None,
+    top_k_anneal: Annotated[
+        str | None, typer.Option(help="FROM:TO, top-k lowered linearly over the run.", rich_help_panel=ROUTING)
+    ] = None,
+    entropy_weight: Annotated[
+        float, typer.Option(help="Weight of the mean router entropy in the loss.", rich_help_panel=ROUTING)
+    ] = 0.0,
+    aux_loss_weight: Annotated[
+        float, typer.Option(help="Weight of the family's load-balancing loss.", rich_help_panel=ROUTING)
+    ] = 0.0,
+    text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    eval_data: Annotated[
+        str | None, typer.Option(help="Held-out text for the before/after table (default: demo held-out).")
+    ] = None,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored before and after (0: skip).")] = 16384,
+    save_every: Annotated[
+        int, typer.Option(help="Save resumable state every N steps (0: never).", rich_help_panel=STATE)
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run of this --out.", rich_help_panel=STATE)
+    ] = False,
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.", rich_help_panel=STATE)
+    ] = "5GB",
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.stages import finetune as stage
+    from moe_prune.training.options import FinetuneOptions, parse_anneal, parse_train
+
+    options = FinetuneOptions(
+        tokens=parse_tokens(tokens),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        train=parse_train(train),
+        router_warmup_steps=router_warmup_steps,
+        top_k=top_k,
+        top_k_anneal=parse_anneal(top_k_anneal) if top_k_anneal else None,
+        entropy_weight=entropy_weight,
+        aux_loss_weight=aux_loss_weight,
+        mixed_precision=mixed_precision,
+        text_field=text_field,
+        eval_data=eval_data,
+        eval_tokens=eval_tokens,
+        save_every=save_every,
+        max_shard_size=max_shard_size,
+        force=force,
+        resume=resume,
+    )
+    with _TrainingBar() as bar:
+        try:
+            result = stage.run(model, data, out, options, progress=bar.update)
+        except KeyboardInterrupt:
+            bar.stop()
+            err_console.print("[bold red]interrupted[/]; continue from the last saved state with --resume")
+            raise typer.Exit(130) from None
+    if not result.main_process:
+        return
+    for message in result.warnings:
+        warn(message)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    _print(result)
+
+
+class _TrainingBar:
+    """Rich bar on stderr with loss, tokens/s and ETA; started at the first report, so errors show no bar."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeRemainingColumn(),
+        )
+        self.bar = Progress(*columns, console=err_console, transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> _TrainingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+            self.task = None
+
+    def update(self, p: Any) -> None:
+        labels = {"before": "scoring held-out", "after": "scoring held-out", "saving": "saving"}
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=None, loss="-", speed="-")
+        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        speed = f"{p.tokens / p.seconds:,.0f}" if p.seconds > 0 else "-"
+        description = labels.get(p.phase, "training (steps)")
+        self.bar.update(self.task, description=description, completed=p.step, total=p.total, loss=loss, speed=speed)
+
+
+def _print(r: FinetuneResult) -> None:
+    out_console.print(
+        f"finetuned [bold]{r.model}[/] → {r.out}: {r.steps} steps × {r.tokens_per_step:,} tokens "
+        f"= {r.tokens_trained:,} tokens ({r.epochs:.2f} epochs), {r.trainable_params:,} of {r.total_params:,} "
+        f"parameters trained" + (f", resumed at step {r.resumed_from}" if r.resumed_from else ""),
+        highlight=False,
+    )
+    if r.before is None or r.after is None:
+        return
+    table = Table(title=f"held-out ({r.eval_data})", title_justify="left")
+    for name in ("", "before", "after"):
+        table.add_column(name, justify="left" if not name else "right")
+    table.add_row("loss", f"{r.before.loss:.4f}", f"{r.after.loss:.4f}")
+    table.add_row("perplexity", *(_ppl(h.loss) for h in (r.before, r.after)))
+    table.add_row("top-k", str(r.before.top_k), str(r.after.top_k))
+    table.add_row("router entropy (nats)", f"{r.before.router_entropy:.3f}", f"{r.after.router_entropy:.3f}")
+    out_console.print(table)
+    load = Table(title="expert load balance (max/mean tokens per expert · entropy H/log E)", title_justify="left")
+    for name in ("layer", "max/mean before", "max/mean after", "entropy before", "entropy after"):
+        load.add_column(name, justify="right")
+    for b, a in zip(r.before.load, r.after.load, strict=True):
+        load.add_row(
+            str(b.layer), f"{b.max_over_mean:.2f}", f"{a.max_over_mean:.2f}", f"{b.entropy:.3f}", f"{a.entropy:.3f}"
+        )
+    out_console.print(load)
+
+
+def _ppl(loss: float) -> str:
+    import math
+
+    return f"{math.exp(loss):.3f}" if loss < 700 else "inf"

@@ -1,0 +1,397 @@
+"""`finetune`: next-token training of a (pruned or merged) MoE on a token budget, built on `accelerate`.
+
+The same code runs on CPU, one GPU, or many processes under `accelerate launch` (DDP, FSDP or DeepSpeed
+from an accelerate config): each process trains on its own slice of every step's batch (see
+`training.batches`), gradients are averaged by the wrapper. Loss = next-token cross-entropy
++ entropy_weight × mean router entropy (SEER-MoE 3.3.2) + aux_loss_weight × the family's own
+load-balancing loss. AdamW, linear warm-up then cosine decay, gradient clipping, all seeded.
+
+The output is a standard checkpoint (resharded safetensors, the input's tensor names and dtype, its
+config with the final top-k, tokenizer and side files, `moe_prune.json` with a "finetune" history
+entry). Unfinished runs save resumable state beside the output (`training.state`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_prune.artifacts.manifest import Manifest
+from moe_prune.checkpoint.output import atomic_folder, check_writable
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.checkpoint.writer import copy_side_files, parse_size
+from moe_prune.demo import DEMO_HELDOUT
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.training.batches import BatchPlan
+from moe_prune.training.freeze import group_members, members_of, select_trainable
+from moe_prune.training.heldout import HeldOut, measure
+from moe_prune.training.losses import RouterEntropy, token_cross_entropy
+from moe_prune.training.options import FinetuneOptions
+from moe_prune.training.schedule import lr_at, warmup_steps
+from moe_prune.training.state import WorkFolder, fingerprint_json, work_folder
+from moe_prune.training.topk import check_top_k, set_top_k, top_k_at
+
+CHARS_PER_TOKEN_BOUND = 16  # characters read per budgeted token (as `eval`): more than any tokenizer needs
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+@dataclass
+class Progress:
+    """One report to the progress callback: phase is 'before', 'train', 'after' or 'saving'."""
+
+    phase: str
+    step: int
+    total: int
+    loss: float | None = None
+    tokens: int = 0  # tokens trained so far in this invocation (all processes)
+    seconds: float = 0.0  # wall time spent training in this invocation
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class FinetuneResult:
+    """What a finetuning run did; `before`/`after` are held-out measurements."""
+
+    out: Path
+    model: str
+    data: str
+    eval_data: str
+    steps: int
+    resumed_from: int
+    seq_len: int
+    tokens_per_step: int
+    tokens_trained: int
+    epochs: float
+    processes: int
+    trainable_params: int
+    total_params: int
+    train_loss_first: float | None
+    train_loss_last: float | None
+    before: HeldOut | None
+    after: HeldOut | None
+    warnings: list[str] = field(default_factory=list)
+    main_process: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["out"] = str(self.out)
+        out.pop("main_process")
+        return out
+
+
+@dataclass
+class _Plan:
+    """Everything decided before the model is loaded."""
+
+    ckpt: Checkpoint
+    seq_len: int
+    steps: int
+    tokens_per_step: int
+    top_k_start: int
+    top_k_end: int
+
+
+def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int) -> _Plan:
+    """Validate options against the checkpoint: cheap checks first, so bad input costs nothing."""
+    options.check()
+    ckpt = Checkpoint.open(model)
+    _ = ckpt.identity
+    config = ckpt.config
+    if out.resolve() == ckpt.folder.resolve():
+        raise MoePruneError(f"{out}: is the input checkpoint; choose another output folder")
+    check_writable(out, options.force)
+    parse_size(options.max_shard_size)
+    start, end = options.top_k_anneal or (options.top_k or config.top_k,) * 2
+    check_top_k(config, start, "--top-k-anneal" if options.top_k_anneal else "--top-k")
+    check_top_k(config, end, "--top-k-anneal" if options.top_k_anneal else "--top-k")
+    context = config.get("max_position_embeddings")
+    seq_len = min(options.seq_len, context) if isinstance(context, int) and context > 0 else options.seq_len
+    tokens_per_step = options.batch_size * options.grad_accum * processes * seq_len
+    steps = options.tokens // tokens_per_step
+    if steps == 0:
+        raise MoePruneError(
+            f"--tokens {options.tokens} is smaller than one optimizer step: batch {options.batch_size} × "
+            f"accumulation {options.grad_accum} × {processes} process(es) × {seq_len} tokens = {tokens_per_step}"
+        )
+    return _Plan(ckpt, seq_len, steps, tokens_per_step, start, end)
+
+
+def _accelerator(options: FinetuneOptions) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    kwargs: dict[str, Any] = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+    if options.mixed_precision is not None:
+        kwargs["mixed_precision"] = options.mixed_precision
+    try:
+        return Accelerator(**kwargs)
+    except (ValueError, RuntimeError) as exc:  # e.g. fp16 on a CPU
+        raise MoePruneError(f"cannot set up training ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _chunks(source: str, tokenizer: Any, options: FinetuneOptions, seq_len: int, budget: int) -> torch.Tensor:
+    texts = load_texts(source, options.text_field, max_chars=budget * CHARS_PER_TOKEN_BOUND)
+    return fixed_chunks(token_stream(texts, tokenizer, budget), seq_len)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return "sha256:" + hashlib.sha256(tensor.numpy().tobytes()).hexdigest()[:16]
+
+
+def _fingerprint(plan: _Plan, chunks: torch.Tensor, options: FinetuneOptions, processes: int) -> dict[str, Any]:
+    """What makes two runs the same run: input model, training tokens, settings, process count."""
+    headers = json.dumps([[t.name, t.dtype, list(t.shape)] for t in plan.ckpt.tensors]).encode()
+    model = {"config": plan.ckpt.config.fingerprint(), "tensors": "sha256:" + hashlib.sha256(headers).hexdigest()[:16]}
+    return fingerprint_json(
+        {"model": model, "data": _digest(chunks), "options": options.fingerprint_fields(), "processes": processes}
+    )
+
+
+def _save_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The floating dtype holding most of the input's bytes: the output is written in it."""
+    sizes: dict[str, int] = {}
+    for info in ckpt.tensors:
+        if info.dtype in SAFETENSORS_DTYPES:
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + info.end - info.start
+    return SAFETENSORS_DTYPES[max(sizes, key=sizes.get)] if sizes else torch.float32
+
+
+def _optimizer(model: Any, names: list[str], options: FinetuneOptions) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on 1-D tensors (norms, biases), as usual."""
+    params = dict(model.named_parameters())
+    decay = [params[n] for n in names if params[n].ndim >= 2]
+    plain = [params[n] for n in names if params[n].ndim < 2]
+    groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=options.lr)
+
+
+def run(
+    model: str | Path,
+    data: str,
+    out: str | Path,
+    options: FinetuneOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> FinetuneResult:
+    """Finetune `model` on `data` and write the result to `out` (see the module docstring)."""
+    from accelerate.utils import set_seed
+
+    options = options or FinetuneOptions()
+    out = Path(out).expanduser().absolute()
+    accelerator = _accelerator(options)
+    main = accelerator.is_main_process
+    report = progress if (progress is not None and main) else (lambda p: None)
+    plan = _plan(model, out, options, accelerator.num_processes)
+    ckpt, config = plan.ckpt, plan.ckpt.config
+    work = WorkFolder(work_folder(out))
+    if work.exists() and not options.resume and not options.force:
+        raise MoePruneError(
+            f"{work.path}: an interrupted run of {out.name} is saved there; pass --resume to continue it "
+            "or --force to discard it"
+        )
+
+    tokenizer = load_tokenizer(ckpt.folder)
+    chunks = _chunks(data, tokenizer, options, plan.seq_len, options.tokens)
+    eval_source = options.eval_data or str(DEMO_HELDOUT)
+    eval_chunks = (
+        _chunks(eval_source, tokenizer, options, plan.seq_len, options.eval_tokens) if options.eval_tokens else None
+    )
+    fingerprint = _fingerprint(plan, chunks, options, accelerator.num_processes)
+    start_step = work.check_resumable(fingerprint) if options.resume else 0
+    if main and work.exists() and not options.resume:
+        work.remove()  # --force: the old interrupted run is discarded
+    accelerator.wait_for_everyone()
+
+    set_seed(options.seed)
+    inner = load_model(ckpt.folder, "float32").to(accelerator.device)
+    warnings: list[str] = []
+    batches = BatchPlan(len(chunks), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)
+    epochs = batches.epochs(plan.steps)
+    if epochs > 1:
+        warnings.append(f"the data holds {len(chunks) * plan.seq_len} tokens; the budget repeats it {epochs:.1f} times")
+    if options.router_warmup_steps >= plan.steps:
+        warnings.append(
+            f"--router-warmup-steps {options.router_warmup_steps} covers the whole run of {plan.steps} steps"
+        )
+
+    before = None
+    if eval_chunks is not None:
+        report(Progress("before", 0, 1))
+        before = measure(inner, inner, config, eval_chunks, options.batch_size, config.top_k, accelerator.device)
+
+    groups = options.train + (("router",) if options.router_warmup_steps and "router" not in options.train else ())
+    names = select_trainable(inner, config, groups)
+    routers = set(group_members(inner, config, "router"))
+    selected = members_of(inner, config, options.train)
+    optimizer = _optimizer(inner, names, options)
+    wrapped, optimizer = accelerator.prepare(inner, optimizer)
+    inner = accelerator.unwrap_model(wrapped)
+    if start_step:
+        accelerator.load_state(str(work.state_dir(start_step)))
+
+    params = dict(inner.named_parameters())
+    trainable = [params[n] for n in names]
+    warm = options.router_warmup_steps
+    warmup = warmup_steps(plan.steps, options.warmup_ratio)
+    want_aux = options.aux_loss_weight > 0
+    losses: list[float] = []
+    current_k = config.top_k
+    started = time.perf_counter()
+    wrapped.train()
+    report(Progress("train", start_step, plan.steps))
+    with ExitStack() as stack:
+        entropy = stack.enter_context(RouterEntropy(inner, config)) if options.entropy_weight > 0 else None
+        for step in range(start_step, plan.steps):
+            k = top_k_at(step, plan.steps, plan.top_k_start, plan.top_k_end)
+            if k != current_k:
+                set_top_k(inner, config, k)
+                current_k = k
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, plan.steps, warmup, options.lr)
+            step_loss = 0.0
+            for micro in range(options.grad_accum):
+                index = batches.indices(step, micro, accelerator.process_index)
+                batch = chunks[index].to(accelerator.device)
+                sync = nullcontext() if micro == options.grad_accum - 1 else accelerator.no_sync(wrapped)
+                with sync:
+                    with accelerator.autocast():
+                        kwargs = {"output_router_logits": True} if want_aux else {}
+                        outputs = wrapped(input_ids=batch, use_cache=False, **kwargs)
+                    ce = token_cross_entropy(outputs.logits, batch)
+                    loss = ce
+                    if entropy is not None:
+                        loss = loss + options.entropy_weight * entropy.mean()
+                        entropy.clear()
+                    if want_aux:
+                        if getattr(outputs, "aux_loss", None) is None:
+                            raise MoePruneError(f"{config.model_type}: the model computes no load-balancing loss")
+                        loss = loss + options.aux_loss_weight * outputs.aux_loss
+                    accelerator.backward(loss / options.grad_accum)
+                step_loss += float(ce.detach()) / options.grad_accum
+            frozen = (set(names) - routers) if step < warm else (set(names) - selected)
+            for name in frozen:
+                params[name].grad = None
+            if options.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
+            losses.append(mean_loss)
+            done = step + 1
+            elapsed = time.perf_counter() - started
+            report(Progress("train", done, plan.steps, mean_loss, (done - start_step) * plan.tokens_per_step, elapsed))
+            if options.save_every and done % options.save_every == 0 and done < plan.steps:
+                _save_state(accelerator, work, done, fingerprint)
+
+    after = None
+    if eval_chunks is not None:
+        report(Progress("after", 0, 1))
+        after = measure(wrapped, inner, config, eval_chunks, options.batch_size, current_k, accelerator.device)
+    report(Progress("saving", 0, 1))
+    _write(accelerator, wrapped, inner, ckpt, model, data, out, options, plan, current_k)
+    if main:
+        work.remove()
+    accelerator.wait_for_everyone()
+    total_params = sum(p.numel() for p in inner.parameters())
+    return FinetuneResult(
+        out=out,
+        model=str(model),
+        data=str(data),
+        eval_data=eval_source,
+        steps=plan.steps,
+        resumed_from=start_step,
+        seq_len=plan.seq_len,
+        tokens_per_step=plan.tokens_per_step,
+        tokens_trained=plan.steps * plan.tokens_per_step,
+        epochs=epochs,
+        processes=accelerator.num_processes,
+        trainable_params=sum(params[n].numel() for n in names),
+        total_params=total_params,
+        train_loss_first=losses[0] if losses else None,
+        train_loss_last=losses[-1] if losses else None,
+        before=before,
+        after=after,
+        warnings=warnings,
+        main_process=main,
+    )
+
+
+def _save_state(accelerator: Any, work: WorkFolder, step: int, fingerprint: dict[str, Any]) -> None:
+    """Resumable state after `step` steps: written by all processes, then committed by the main one."""
+    if accelerator.is_main_process:
+        work.path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(work.state_dir(step)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        work.commit(step, fingerprint)
+    accelerator.wait_for_everyone()
+
+
+def _write(
+    accelerator: Any,
+    wrapped: Any,
+    inner: Any,
+    ckpt: Checkpoint,
+    model: str | Path,
+    data: str,
+    out: Path,
+    options: FinetuneOptions,
+    plan: _Plan,
+    top_k: int,
+) -> None:
+    """The output checkpoint, written by the main process into a temp folder that then replaces `out`."""
+    state = accelerator.get_state_dict(wrapped)  # gathers shards under FSDP / DeepSpeed: every process calls it
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    dtype = _save_dtype(ckpt)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    config = ckpt.config
+    previous = ckpt.manifest.history if ckpt.manifest else []
+    entry = {
+        "stage": "finetune",
+        "source": str(model),
+        "data": str(data),
+        "steps": plan.steps,
+        "tokens": plan.steps * plan.tokens_per_step,
+        "top_k": top_k,
+        "options": options.fingerprint_fields(),
+    }
+    manifest = Manifest(slots=dict(ckpt.identity.original_ids), history=[*previous, entry])
+    new_config = config.with_expert_count(config.num_experts, top_k)
+    with atomic_folder(out, options.force, protect=(ckpt.folder,)) as tmp:
+        with _quiet():
+            inner.save_pretrained(tmp, state_dict=state, max_shard_size=options.max_shard_size)
+        copy_side_files(ckpt.folder, tmp)
+        (tmp / "config.json").write_text(json.dumps(new_config.raw, indent=2, sort_keys=True) + "\n")
+        manifest.write(tmp)
+    accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No 'Writing model shards' bar from transformers: the CLI draws its own."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+__all__ = ["FinetuneOptions", "FinetuneResult", "Progress", "ProgressFn", "run"]

@@ -1,0 +1,67 @@
+"""Held-out measurements for finetune's before/after table: loss, router entropy, expert load balance.
+
+Every process scores the whole held-out set (it is small), so all processes agree without talking;
+the model may be wrapped (DDP/FSDP): forwards go through the wrapper, hooks sit on the inner modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.runtime.routing import RoutingRecorder, load_balance
+from moe_prune.training.losses import RouterEntropy, token_cross_entropy
+
+
+@dataclass
+class LayerBalance:
+    """One MoE layer's top-k load: max/mean tokens per expert and normalised entropy H/log E."""
+
+    layer: int
+    max_over_mean: float
+    entropy: float
+
+
+@dataclass
+class HeldOut:
+    """What the held-out set says about the model at one point of the run."""
+
+    loss: float  # mean next-token NLL
+    router_entropy: float  # mean entropy (nats) of the routing distribution, see training.losses
+    top_k: int
+    load: list[LayerBalance]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def measure(
+    model: Any, inner: Any, config: ModelConfig, chunks: torch.Tensor, batch_size: int, top_k: int, device: Any
+) -> HeldOut:
+    """Score `chunks` with `model` (possibly wrapped; `inner` is the unwrapped model the hooks go on)."""
+    was_training = inner.training
+    inner.eval()
+    total, count = 0.0, 0
+    recorder = RoutingRecorder(inner, config)
+    recorder.top_k = top_k
+    entropies = []
+    with recorder, RouterEntropy(inner, config) as entropy:
+        for start in range(0, len(chunks), batch_size):
+            batch = chunks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            predictions = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(token_cross_entropy(logits, batch)) * predictions
+            count += predictions
+            entropies.append(float(entropy.mean()))
+            entropy.clear()
+    inner.train(was_training)
+    load = [
+        LayerBalance(layer, *load_balance(counts))
+        for layer, counts in zip(recorder.layers, recorder.hard_counts.tolist(), strict=True)
+    ]
+    mean_entropy = sum(entropies) / len(entropies) if entropies else float("nan")
+    return HeldOut(total / max(count, 1), mean_entropy, top_k, load)

@@ -1,0 +1,108 @@
+"""Resumable state of an unfinished run, kept in a work folder beside the output: `.<out name>.resume/`.
+
+  run.json       schema header, the run's fingerprint (model, data, settings, process count) and the
+                 last completed step whose state is saved
+  state-<step>/  `accelerate` save_state: model, optimizer, every process's RNG states
+
+The output folder itself appears only when the run finishes (atomically), so the work folder lives
+beside it, not inside. It is removed after a successful finish; an interrupted run leaves it for
+`--resume`. The data position needs no saving: batches follow from the seed and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.errors import MoePruneError
+
+RUN_SCHEMA = "moe-prune/finetune-run"
+RUN_VERSION = 1
+
+
+def work_folder(out: Path) -> Path:
+    """Where the resumable state of a run writing `out` lives."""
+    return out.parent / f".{out.name}.resume"
+
+
+def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    """Dotted path of the first field that differs (None when equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if saved == current else path
+
+
+def _lookup(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+@dataclass
+class WorkFolder:
+    """The work folder of one output; only the main process writes to it."""
+
+    path: Path
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    def state_dir(self, step: int) -> Path:
+        return self.path / f"state-{step:08d}"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> tuple[dict[str, Any], int]:
+        """(fingerprint, last saved step) of the interrupted run."""
+        if not self.run_file.exists():
+            raise MoePruneError(f"{self.path}: holds no saved state (run.json missing); start again with --force")
+        obj, name = read_json(self.run_file, "finetune run state")
+        check_header(obj, RUN_SCHEMA, RUN_VERSION, name)
+        try:
+            fingerprint, step = dict(obj["fingerprint"]), int(obj["step"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MoePruneError(f"{name}: malformed run state ({exc!r})") from None
+        if not self.state_dir(step).is_dir():
+            raise MoePruneError(f"{self.path}: saved state of step {step} is missing; start again with --force")
+        return fingerprint, step
+
+    def check_resumable(self, fingerprint: dict[str, Any]) -> int:
+        """The step to continue from, or a one-line error when the saved run is another run."""
+        if not self.exists():
+            raise MoePruneError(f"{self.path}: no interrupted run to resume (nothing was saved; see --save-every)")
+        saved, step = self.read()
+        field = _first_difference(saved, fingerprint)
+        if field is not None:
+            raise MoePruneError(
+                f"{self.path}: was saved by another run ({field} was {_lookup(saved, field)!r}, "
+                f"now {_lookup(fingerprint, field)!r}); rerun it with the same settings, or start over with --force"
+            )
+        return step
+
+    def commit(self, step: int, fingerprint: dict[str, Any]) -> None:
+        """Point run.json at the state of `step` (already written), then drop older states."""
+        obj = {"schema": RUN_SCHEMA, "version": RUN_VERSION, "step": step, "fingerprint": fingerprint}
+        tmp = self.run_file.with_suffix(".json.tmp")
+        tmp.write_text(dump_json(obj))
+        tmp.replace(self.run_file)
+        for old in self.path.glob("state-*"):
+            if old != self.state_dir(step):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def fingerprint_json(obj: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint as it reads back from run.json (tuples become lists)."""
+    return json.loads(json.dumps(obj))
