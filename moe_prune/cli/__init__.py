@@ -6,6 +6,7 @@ import typer
 
 from moe_prune.cli import eval as eval_cmd
 from moe_prune.cli import prune as prune_cmd
+from moe_prune.cli import score as score_cmd
 
 app = typer.Typer(
     name="moe-prune",
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
+app.command("score", help=score_cmd.__doc__)(score_cmd.score)
 
 
 def main() -> None:
