@@ -96,6 +96,12 @@ def score(
     if direction not in ("min", "max"):
         raise MoePruneError(f"--direction must be min or max, not {direction!r}")
     budget = budget or Budget(drop=0)
+    if global_ and not crit.global_ok:
+        comparable = ", ".join(c.name for c in _global_criteria())
+        raise MoePruneError(
+            f"criterion {crit.name!r} gives scores that are not comparable across layers, so --global is "
+            f"refused; criteria that support it: {comparable}"
+        )
     if isinstance(stats, (str, Path)):
         stats_name = stats_name or str(stats)
         stats = Stats.load(Path(stats))
@@ -108,12 +114,6 @@ def score(
 
     n_layers, n_experts = len(identity.moe_layers), identity.experts_in(identity.moe_layers[0])
     if global_:
-        if not crit.global_ok:
-            comparable = ", ".join(c.name for c in _global_criteria())
-            raise MoePruneError(
-                f"criterion {crit.name!r} gives scores that are not comparable across layers, so --global is "
-                f"refused; criteria that support it: {comparable}"
-            )
         if n_group > 1:
             raise MoePruneError(f"--global is not supported with grouped routing ({n_group} groups per layer)")
         floor = _floor(min_keep, top_k)
