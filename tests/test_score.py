@@ -270,6 +270,12 @@ def test_random_is_seeded():
     assert score(stats, None, "random", budget=Budget(drop=4), seed=3)[0].provenance["params"]["seed"] == 3
 
 
+def test_random_needs_only_the_model(tiny_factory):
+    folder, _ = tiny_factory("mixtral")
+    first, _ = score(None, folder, "random", budget=Budget(drop=3), seed=7)
+    assert first.keep == score(None, folder, "random", budget=Budget(drop=3), seed=7)[0].keep
+
+
 def test_every_criterion_is_registered_with_a_description():
     names = {c.name for c in all_criteria()}
     assert len(names) == 19  # 16 MC-Suite + soft counts + router-weighted activation norm + random
@@ -428,9 +434,10 @@ def test_cli_writes_mask_refuses_overwrite_and_reports_json(tiny_factory, tmp_pa
     assert again.exit_code == 1 and "already exists" in again.output
     result = runner.invoke(app, [*args, "--force", "--json", "--report"])
     report = json.loads(result.stdout)
-    assert report["layers"]["1"]["dropped"] == list(mask.drop(1)) or set(report["layers"]["1"]["dropped"]) == set(
-        mask.drop(1)
-    )
+    assert report["out"] == str(out) and report["criterion"] == "usage-frequency"
+    assert {int(k): set(v["dropped"]) for k, v in report["layers"].items()} == {
+        layer: set(mask.drop(layer)) for layer in mask.keep
+    }
     listing = runner.invoke(app, ["score", "--list", "--json"])
     assert {c["name"] for c in json.loads(listing.stdout)} == {c.name for c in all_criteria()}
 

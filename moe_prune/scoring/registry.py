@@ -18,6 +18,7 @@ import numpy as np
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
+    from moe_prune.artifacts.identity import ModelIdentity
     from moe_prune.artifacts.stats import Stats
     from moe_prune.checkpoint.expert_weights import ExpertWeights
 
@@ -26,8 +27,9 @@ Direction = Literal["min", "max"]
 
 @dataclass
 class Inputs:
-    """What criteria read: statistics (arrays `[L, E, ...]`), checkpoint weights, a seed."""
+    """What criteria read: the model's identity, statistics (arrays `[L, E, ...]`), checkpoint weights, a seed."""
 
+    identity: ModelIdentity
     stats: Stats | None
     weights: ExpertWeights | None
     seed: int = 0
@@ -40,15 +42,10 @@ class Inputs:
     @property
     def shape(self) -> tuple[int, int]:
         """(MoE layers, experts) of the scored model."""
-        if self.stats is not None:
-            ident = self.stats.identity
-        else:
-            assert self.weights is not None
-            ident = self.weights.ckpt.identity
-        counts = {len(ids) for ids in ident.original_ids.values()}
+        counts = {len(ids) for ids in self.identity.original_ids.values()}
         if len(counts) != 1:
             raise MoePruneError("scoring needs the same expert count in every MoE layer")
-        return len(ident.moe_layers), counts.pop()
+        return len(self.identity.moe_layers), counts.pop()
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def score(
             )
         quotas = [group_quota(n_experts, n_group, n_drop, layer) for layer in identity.moe_layers]
 
-    inputs = Inputs(stats, ExpertWeights(ckpt, progress) if crit.weights and ckpt else None, seed, _vocab(stats, ckpt))
+    weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
+    inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
     scores, usage, values = _run(crit, inputs, (n_layers, n_experts))
     pairs: dict[int, list[tuple[int, int, float]]] = {}
     if global_:
