@@ -132,20 +132,10 @@ def score(
     weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
     inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
     scores, usage, values = _run(crit, inputs, (n_layers, n_experts))
-    pairs: dict[int, list[tuple[int, int, float]]] = {}
     if global_:
-        drops = global_drops(scores, direction, total, floor)
+        drops, pairs = global_drops(scores, direction, total, floor), {}
     else:
-        drops = []
-        for index, layer in enumerate(identity.moe_layers):
-            if values is not None:
-                chosen, chosen_pairs = pick_by_pairs(values[index], usage[index], direction, n_drop, quotas[index])
-                ids = identity.original_ids[layer]
-                pairs[layer] = [(ids[p], ids[q], v) for p, q, v in chosen_pairs]
-            else:
-                chosen = pick_by_order(expert_order(scores[index], direction), n_drop, quotas[index])
-            assert len(chosen) == n_drop, "selection could not meet a validated budget"
-            drops.append(chosen)
+        drops, pairs = _layerwise(identity, scores, usage, values, direction, n_drop, quotas)
 
     dropped = {
         layer: [identity.original_ids[layer][slot] for slot in drops[i]] for i, layer in enumerate(identity.moe_layers)
@@ -177,6 +167,31 @@ def score(
         warnings=warnings,
     )
     return mask, report
+
+
+def _layerwise(
+    identity: ModelIdentity,
+    scores: np.ndarray,
+    usage: np.ndarray | None,
+    values: np.ndarray | None,
+    direction: Direction,
+    n_drop: int,
+    quotas: list[Callable[[int, list[int]], bool]],
+) -> tuple[list[list[int]], dict[int, list[tuple[int, int, float]]]]:
+    """Slots to drop per layer (in choice order), and for pair criteria the pairs chosen (original ids)."""
+    drops: list[list[int]] = []
+    pairs: dict[int, list[tuple[int, int, float]]] = {}
+    for index, layer in enumerate(identity.moe_layers):
+        if values is not None:
+            assert usage is not None
+            chosen, chosen_pairs = pick_by_pairs(values[index], usage[index], direction, n_drop, quotas[index])
+            ids = identity.original_ids[layer]
+            pairs[layer] = [(ids[p], ids[q], v) for p, q, v in chosen_pairs]
+        else:
+            chosen = pick_by_order(expert_order(scores[index], direction), n_drop, quotas[index])
+        assert len(chosen) == n_drop, "selection could not meet a validated budget"
+        drops.append(chosen)
+    return drops, pairs
 
 
 def write_mask(mask: DropMask, out: Path, force: bool = False) -> None:
