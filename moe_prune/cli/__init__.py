@@ -8,6 +8,7 @@ from moe_prune.cli import eval as eval_cmd
 from moe_prune.cli import finetune as finetune_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
+from moe_prune.cli import score as score_cmd
 
 app = typer.Typer(
     name="moe-prune",
@@ -20,6 +21,7 @@ app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
 app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
 app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
+app.command("score", help=score_cmd.__doc__)(score_cmd.score)
 
 
 def main() -> None:

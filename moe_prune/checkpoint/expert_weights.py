@@ -1,0 +1,140 @@
+"""Read routed-expert weights and router rows layer by layer, for criteria that score weights.
+
+Only one MoE layer's expert tensors are in memory at a time (as float32 `[E, ...]` stacks), read
+through safetensors `safe_open`, so a model far larger than memory can be scored. Both on-disk
+layouts are accepted: one tensor per expert (`...experts.{e}.w1.weight`, stacked here) and fused
+tensors with a leading expert axis (`[E, 2I, H]`, or dbrx's blocked `[E*I, H]`, reshaped to
+`[E, I, H]`). Quantised tensors (FP8, MXFP4 blocks, int) are refused: their raw values are not the
+weights, and dequantising is family-specific.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moe_prune.checkpoint.safetensors_io import TensorInfo
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
+from moe_prune.errors import MoePruneError
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass
+class LayerWeights:
+    """One MoE layer: its routed experts' tensors as `[E, ...]` float32 stacks, and the router `[E, H]`."""
+
+    layer: int
+    tensors: dict[str, torch.Tensor]  # key tail (e.g. `w1.weight`, `gate_up_proj`) -> [E, ...]
+    router: torch.Tensor
+
+    def flat(self) -> Iterator[torch.Tensor]:
+        """Each tensor as `[E, numel per expert]`: concatenating these gives each expert's flattened weights."""
+        for tensor in self.tensors.values():
+            yield tensor.reshape(tensor.shape[0], -1)
+
+    def matrices(self) -> Iterator[torch.Tensor]:
+        """The per-expert 2-D weight matrices as `[E, rows, cols]` (biases and other shapes skipped)."""
+        for tensor in self.tensors.values():
+            if tensor.dim() == 3:
+                yield tensor
+
+
+class ExpertWeights:
+    """Streams `LayerWeights` of a checkpoint in MoE-layer order; headers are indexed once, weights read lazily."""
+
+    def __init__(self, ckpt: Checkpoint, progress: Callable[[int, int], None] | None = None) -> None:
+        self.ckpt = ckpt
+        self.progress = progress  # progress(layers done, layers) after each layer is read
+        config = ckpt.config
+        self.n_experts = config.num_experts
+        self.layers = config.moe_layers
+        matcher = KeyMatcher(config.adapter)
+        router_bias = config.adapter.router_bias
+        self._experts: dict[int, list[tuple[TensorInfo, ExpertKey]]] = defaultdict(list)
+        self._routers: dict[int, TensorInfo] = {}
+        for info in ckpt.tensors:
+            if (layer := matcher.is_router(info.name)) is not None:
+                self._routers[layer] = info
+                continue
+            key = matcher.classify(info.name)
+            if key is None or key.kind == "last_axis" or key.layer not in self.layers:
+                continue
+            if router_bias and info.name.endswith(router_bias):
+                continue
+            self._experts[key.layer].append((info, key))
+        for layer in self.layers:
+            if layer not in self._routers:
+                raise MoePruneError(f"{ckpt.folder}: no router weight ({config.adapter.router}) for MoE layer {layer}")
+            if not self._experts[layer]:
+                raise MoePruneError(f"{ckpt.folder}: no routed-expert weights found for MoE layer {layer}")
+
+    def __iter__(self) -> Iterator[LayerWeights]:
+        for done, layer in enumerate(self.layers, 1):
+            yield self.load(layer)
+            if self.progress:
+                self.progress(done, len(self.layers))
+
+    def load(self, layer: int) -> LayerWeights:
+        """Read one layer's expert stacks and router rows as float32 (each shard opened once)."""
+        per_expert: dict[str, dict[int, TensorInfo]] = defaultdict(dict)
+        fused: list[TensorInfo] = []
+        for info, key in self._experts[layer]:
+            if key.kind != "per_expert":
+                fused.append(info)
+                continue
+            assert key.slot is not None
+            if key.slot >= self.n_experts:
+                raise MoePruneError(
+                    f"{info.file}: {info.name} names expert {key.slot} but the model has {self.n_experts}"
+                )
+            per_expert[key.tail][key.slot] = info
+        for tail, slots in per_expert.items():
+            missing = sorted(set(range(self.n_experts)) - set(slots))
+            if missing:
+                raise MoePruneError(
+                    f"{self.ckpt.folder}: layer {layer} has no {tail!r} tensor for experts {missing[:5]}"
+                )
+        wanted = [self._routers[layer], *fused, *(info for slots in per_expert.values() for info in slots.values())]
+        loaded = _read_all(wanted)
+        tensors = {info.name: _split_fused(info, loaded[info.name], self.n_experts) for info in fused}
+        for tail, slots in per_expert.items():
+            tensors[tail] = torch.stack([loaded[slots[e].name] for e in range(self.n_experts)])
+        router = loaded[self._routers[layer].name].reshape(self.n_experts, -1)
+        return LayerWeights(layer, tensors, router)
+
+
+def _split_fused(info: TensorInfo, tensor: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """`[E, ...]` from a fused tensor whose leading axis holds E equal blocks (dbrx: `[E*I, H]`)."""
+    if tensor.dim() == 0 or tensor.shape[0] % n_experts:
+        raise MoePruneError(
+            f"{info.file}: {info.name} has shape {tuple(info.shape)}, which does not split into {n_experts} experts"
+        )
+    if tensor.shape[0] == n_experts:
+        return tensor
+    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
+
+
+def _read_all(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
+    """The named tensors as float32, opening each shard once; a one-line error for quantised dtypes."""
+    for info in infos:
+        if info.dtype not in FLOAT_DTYPES:
+            raise MoePruneError(
+                f"{info.file}: {info.name} is {info.dtype} (quantised); weight criteria need float weights "
+                "(dequantise the checkpoint first, or use a statistics-based criterion)"
+            )
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for info in infos:
+        by_file[info.file].append(info.name)
+    out: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in names:
+                out[name] = handle.get_tensor(name).to(torch.float32)
+    return out

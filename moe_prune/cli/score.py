@@ -1,0 +1,182 @@
+"""Score every routed expert with a criterion (statistics and/or weights) and write the drop mask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import ForceOpt, JsonOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.stages.score import ScoreReport
+
+COMPACT_EXPERTS = 16  # wider layers list only the dropped experts' scores and the range
+
+
+@user_errors
+def score(
+    stats: Annotated[
+        str | None, typer.Argument(help="Statistics .npz from `moe-prune profile` (omit for weight criteria).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Checkpoint folder or hub id (weight criteria; checks top-k).")
+    ] = None,
+    criterion: Annotated[str | None, typer.Option("--criterion", "-c", help="Criterion name (see --list).")] = None,
+    direction: Annotated[
+        str | None, typer.Option(help="min drops the lowest scores first, max the highest (default: per criterion).")
+    ] = None,
+    drop: Annotated[int | None, typer.Option(help="Experts to drop per layer (in total with --global).")] = None,
+    keep: Annotated[int | None, typer.Option(help="Experts to keep per layer (in total with --global).")] = None,
+    ratio: Annotated[float | None, typer.Option(help="Fraction of experts to drop, rounded to nearest.")] = None,
+    global_: Annotated[
+        bool, typer.Option("--global", help="Choose across all layers (non-uniform; comparable criteria only).")
+    ] = False,
+    min_keep: Annotated[
+        int | None, typer.Option(help="With --global: fewest experts a layer keeps (default and minimum: top-k).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the `random` criterion.")] = 0,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Mask JSON to write; - writes it to stdout (pipe into `prune --mask -`)."),
+    ] = None,
+    force: ForceOpt = False,
+    report: Annotated[bool, typer.Option("--report", help="Print every expert's score and what is dropped.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the criteria and exit.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.scoring.selection import Budget
+    from moe_prune.stages import score as stage
+
+    if list_:
+        _list(json_output)
+        return
+    if criterion is None:
+        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
+    if out == "-" and json_output:
+        raise MoePruneError("--out - writes the mask to stdout; --json cannot share it")
+    if out not in (None, "-") and Path(out).exists() and not force:
+        raise MoePruneError(f"{out}: already exists; pass --force to replace it")
+    budget = Budget(drop, keep, ratio) if (drop, keep, ratio) != (None, None, None) else None
+    if budget is None and out is not None:
+        raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
+    console = err_console if out == "-" else out_console
+    with _layer_progress() as progress:
+        mask, result = stage.score(
+            stats,
+            model,
+            criterion,
+            direction=direction,  # type: ignore[arg-type]
+            budget=budget,
+            global_=global_,
+            min_keep=min_keep,
+            seed=seed,
+            progress=progress,
+        )
+    for message in result.warnings:
+        warn(message)
+    if out == "-":
+        typer.echo(mask.dumps(), nl=False)
+    elif out is not None:
+        stage.write_mask(mask, Path(out), force)
+    if json_output:
+        print_json({**result.to_dict(), "out": out})
+        return
+    console.print(score_table(result, full=report or out is None))
+    if out not in (None, "-"):
+        console.print(f"mask written to {out}", highlight=False)
+
+
+def _list(json_output: bool) -> None:
+    from moe_prune.scoring import all_criteria
+
+    criteria = sorted(all_criteria(), key=lambda c: c.name)
+    if json_output:
+        print_json(
+            [
+                {
+                    "name": c.name,
+                    "direction": c.direction,
+                    "kind": c.kind,
+                    "needs": c.needs(),
+                    "global": c.global_ok,
+                    "description": c.description,
+                    "source": c.source,
+                }
+                for c in criteria
+            ]
+        )
+        return
+    table = Table(title="criteria (--direction defaults to the one shown)", title_justify="left")
+    for name in ("criterion", "dir", "needs", "global"):
+        table.add_column(name, no_wrap=name != "needs")
+    table.add_column("what it scores")
+    for c in criteria:
+        table.add_row(c.name, c.direction, c.needs(), "yes" if c.global_ok else "", c.description)
+    out_console.print(table)
+
+
+def score_table(result: ScoreReport, full: bool) -> Table:
+    """Per layer: what is dropped and (full) every expert's score, dropped ones in red."""
+    what = "usage (hard counts)" if result.kind == "pair" else "score"
+    table = Table(
+        title=f"{result.criterion} ({result.direction}): {result.source}", title_justify="left", highlight=False
+    )
+    table.add_column("layer", justify="right")
+    table.add_column("dropped (original ids, in order)")
+    table.add_column("kept", justify="right")
+    if full:
+        table.add_column(f"{what} per expert (original id: value)")
+    for layer, ids in result.original_ids.items():
+        dropped = result.dropped[layer]
+        row = [str(layer), " ".join(map(str, dropped)) or "-", str(len(ids) - len(dropped))]
+        if full:
+            row.append(_scores(ids, result.scores[layer], set(dropped), result.pairs.get(layer)))
+        table.add_row(*row)
+    return table
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _scores(ids: tuple[int, ...], scores: list[float], dropped: set[int], pairs: Any) -> str:
+    if len(ids) > COMPACT_EXPERTS:
+        ordered = sorted(scores)
+        shown = " ".join(f"[red]{i}:{_fmt(s)}[/]" for i, s in zip(ids, scores, strict=True) if i in dropped)
+        text = f"{shown} · range {_fmt(ordered[0])} .. {_fmt(ordered[-1])}"
+    else:
+        text = " ".join(
+            f"[red]{i}:{_fmt(s)}[/]" if i in dropped else f"{i}:{_fmt(s)}" for i, s in zip(ids, scores, strict=True)
+        )
+    if pairs:
+        text += "\npairs: " + ", ".join(f"({p},{q})={_fmt(v)}" for p, q, v in pairs)
+    return text
+
+
+@contextmanager
+def _layer_progress() -> Iterator[Callable[[int, int], None]]:
+    """A bar of MoE layers read (weight criteria), started on the first update so quick runs print nothing."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn("reading expert weights"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True
+    )
+    tasks: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+            tasks.append(bar.add_task("layers", total=total))
+        bar.update(tasks[0], completed=done)
+
+    try:
+        yield update
+    finally:
+        if tasks:  # Progress.stop prints a newline on non-terminals even when never started
+            bar.stop()

@@ -1,0 +1,102 @@
+"""The criterion registry: every criterion is one decorated function, listed by `moe-prune score --list`.
+
+A criterion turns its inputs (statistics and/or checkpoint weights) into scores:
+- `kind="expert"`: an `[L, E]` array, one score per expert; `min` drops the lowest first, `max` the highest.
+- `kind="pair"`: `(values [L, E, E], usage [L, E])`; greedily the remaining pair with the min/max value
+  is picked and its less used expert dropped (MC-Suite eqs. 8 and 10).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.artifacts.identity import ModelIdentity
+    from moe_prune.artifacts.stats import Stats
+    from moe_prune.checkpoint.expert_weights import ExpertWeights
+
+Direction = Literal["min", "max"]
+
+
+@dataclass
+class Inputs:
+    """What criteria read: the model's identity, statistics (arrays `[L, E, ...]`), checkpoint weights, a seed."""
+
+    identity: ModelIdentity
+    stats: Stats | None
+    weights: ExpertWeights | None
+    seed: int = 0
+    vocab_size: int | None = None
+
+    def array(self, name: str) -> np.ndarray:
+        assert self.stats is not None
+        return np.asarray(self.stats.arrays[name], dtype=np.float64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(MoE layers, experts) of the scored model."""
+        counts = {len(ids) for ids in self.identity.original_ids.values()}
+        if len(counts) != 1:
+            raise MoePruneError("scoring needs the same expert count in every MoE layer")
+        return len(self.identity.moe_layers), counts.pop()
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One registered criterion: its function and what it needs."""
+
+    name: str
+    fn: Callable[[Inputs], Any]
+    description: str
+    kind: Literal["expert", "pair"] = "expert"
+    direction: Direction = "min"  # the direction the papers recommend (or, unreported, the sensible one)
+    stats: tuple[str, ...] = ()  # statistics fields it reads
+    weights: bool = False  # reads checkpoint weights (needs --model)
+    global_ok: bool = False  # scores comparable across layers, so `--global` is meaningful
+    source: str = ""  # paper and equation
+
+    def needs(self) -> str:
+        parts = [*self.stats] + (["model weights"] if self.weights else [])
+        return ", ".join(parts) or "-"
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def criterion(name: str, description: str, **fields: Any) -> Callable[[Callable[[Inputs], Any]], Callable]:
+    """Register `fn` under `name`; the decorated function's docstring holds the formula."""
+
+    def register(fn: Callable[[Inputs], Any]) -> Callable[[Inputs], Any]:
+        if name in CRITERIA:
+            raise ValueError(f"criterion {name!r} registered twice")
+        CRITERIA[name] = Criterion(name, fn, description, **fields)
+        return fn
+
+    return register
+
+
+def get_criterion(name: str) -> Criterion:
+    """The named criterion, or a one-line error with a suggestion and the list."""
+    _load()
+    if name in CRITERIA:
+        return CRITERIA[name]
+    close = difflib.get_close_matches(name, CRITERIA, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise MoePruneError(f"unknown criterion {name!r}{hint}; available: {', '.join(sorted(CRITERIA))}")
+
+
+def all_criteria() -> list[Criterion]:
+    _load()
+    return list(CRITERIA.values())
+
+
+def _load() -> None:
+    """Import the criterion modules (explicitly, so a broken module fails loudly)."""
+    from moe_prune.scoring import activations, gradients, routing, weights  # noqa: F401

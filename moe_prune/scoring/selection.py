@@ -1,0 +1,145 @@
+"""Turn scores into drops: how many (drop / keep / ratio), layer-wise or global, with floors and routing groups.
+
+Ties are broken by expert slot (lower slot first for both directions; pairs by (p, q)), so the
+same scores always give the same mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_prune.errors import MoePruneError
+from moe_prune.scoring.registry import Direction
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one of: drop N, keep N, or drop a ratio R. Per layer, or over all layers with `--global`."""
+
+    drop: int | None = None
+    keep: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("drop", "keep", "ratio") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise MoePruneError(f"--ratio {self.ratio} must be in [0, 1)")
+        for name in ("drop", "keep"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise MoePruneError(f"--{name} {value} must not be negative")
+
+    def drops(self, experts: int, scope: str) -> int:
+        """How many of `experts` to drop; `ratio` rounds to the nearest count (halves up)."""
+        if self.drop is not None:
+            n = self.drop
+        elif self.keep is not None:
+            n = experts - self.keep
+            if n < 0:
+                raise MoePruneError(f"--keep {self.keep} is more than the {experts} experts {scope}")
+        else:
+            assert self.ratio is not None
+            n = math.floor(self.ratio * experts + 0.5)
+        if n >= experts:
+            raise MoePruneError(f"dropping {n} of the {experts} experts {scope} leaves none; keep at least one")
+        return n
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"drop": self.drop, "keep": self.keep, "ratio": self.ratio}
+
+
+def expert_order(scores: np.ndarray, direction: Direction) -> list[int]:
+    """Slots in drop order: lowest score first for `min`, highest first for `max`; ties by slot."""
+    key = scores if direction == "min" else -scores
+    return [int(i) for i in np.lexsort((np.arange(len(scores)), key))]
+
+
+def pick_by_order(order: list[int], n_drop: int, allowed: Callable[[int, list[int]], bool]) -> list[int]:
+    """The first `n_drop` slots of `order` that `allowed(slot, dropped so far)` accepts."""
+    dropped: list[int] = []
+    for slot in order:
+        if len(dropped) == n_drop:
+            break
+        if allowed(slot, dropped):
+            dropped.append(slot)
+    return dropped
+
+
+def pick_by_pairs(
+    values: np.ndarray,
+    usage: np.ndarray,
+    direction: Direction,
+    n_drop: int,
+    allowed: Callable[[int, list[int]], bool],
+) -> tuple[list[int], list[tuple[int, int, float]]]:
+    """Greedy pair rule: among remaining experts take the pair with min/max value, drop its less used expert.
+
+    Ties in usage drop the higher slot; ties in value take the first pair (p, q) in row order. Pairs whose
+    loser is not allowed (routing-group quota) are skipped. Returns the drops and the pairs (p, q, value) chosen.
+    """
+    experts = len(usage)
+    p_idx, q_idx = np.triu_indices(experts, k=1)
+    p_less = (usage[p_idx] < usage[q_idx]) | ((usage[p_idx] == usage[q_idx]) & (p_idx > q_idx))
+    loser = np.where(p_less, p_idx, q_idx)
+    pair_values = values[p_idx, q_idx].astype(np.float64)
+    fill = np.inf if direction == "min" else -np.inf
+    dropped: list[int] = []
+    pairs: list[tuple[int, int, float]] = []
+    while len(dropped) < n_drop:
+        droppable = np.array([allowed(slot, dropped) and slot not in dropped for slot in range(experts)], dtype=bool)
+        ok = droppable[loser] & ~np.isin(p_idx, dropped) & ~np.isin(q_idx, dropped)
+        if not ok.any():
+            break
+        masked = np.where(ok, pair_values, fill)
+        best = int(np.argmin(masked) if direction == "min" else np.argmax(masked))
+        dropped.append(int(loser[best]))
+        pairs.append((int(p_idx[best]), int(q_idx[best]), float(pair_values[best])))
+    return dropped, pairs
+
+
+def group_quota(experts: int, n_group: int, n_drop: int, layer: int) -> Callable[[int, list[int]], bool]:
+    """Allow a slot while its routing group has dropped fewer than n_drop / n_group (equal drops per group)."""
+    if n_group <= 1:
+        return lambda slot, dropped: True
+    size = experts // n_group
+    if experts % n_group or n_drop % n_group:
+        raise MoePruneError(
+            f"layer {layer}: grouped routing ({n_group} groups of {size}) needs the drop count to be a multiple of "
+            f"{n_group}; dropping {n_drop} is not"
+        )
+    if size - n_drop // n_group < 2:
+        raise MoePruneError(
+            f"layer {layer}: dropping {n_drop} leaves {size - n_drop // n_group} experts per routing group; "
+            "grouped routing needs at least 2 per group"
+        )
+    quota = n_drop // n_group
+    return lambda slot, dropped: sum(1 for d in dropped if d // size == slot // size) < quota
+
+
+def global_drops(scores: np.ndarray, direction: Direction, total: int, floor: int) -> list[list[int]]:
+    """Drop `total` experts over all layers in score order, never leaving a layer with fewer than `floor`."""
+    layers, experts = scores.shape
+    room = layers * max(experts - floor, 0)
+    if total > room:
+        raise MoePruneError(
+            f"cannot drop {total} experts globally while keeping at least {floor} per layer (at most {room} can go)"
+        )
+    flat = scores.reshape(-1)
+    key = flat if direction == "min" else -flat
+    order = np.lexsort((np.arange(flat.size), key))
+    dropped: list[list[int]] = [[] for _ in range(layers)]
+    done = 0
+    for index in order:
+        if done == total:
+            break
+        layer, slot = divmod(int(index), experts)
+        if experts - len(dropped[layer]) > floor:
+            dropped[layer].append(slot)
+            done += 1
+    return dropped
