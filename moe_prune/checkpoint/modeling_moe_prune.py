@@ -25,6 +25,7 @@ import inspect
 from typing import Any
 
 import transformers
+from transformers import GenerationMixin
 
 RAGGED_KEY = "moe_prune_ragged"
 CLASS_PREFIX = "Ragged"
@@ -75,6 +76,8 @@ def __getattr__(name: str) -> type:
     if not name.startswith(CLASS_PREFIX) or name.startswith("__"):
         raise AttributeError(name)
     base = getattr(transformers, name[len(CLASS_PREFIX) :])
-    cls = type(name, (RaggedMixin, base), {"__module__": __name__, "__doc__": RaggedMixin.__doc__})
+    # GenerationMixin listed directly: transformers then keeps this class as is instead of wrapping it.
+    bases = (RaggedMixin, base, GenerationMixin)
+    cls = type(name, bases, {"__module__": __name__, "__doc__": RaggedMixin.__doc__})
     globals()[name] = cls
     return cls
