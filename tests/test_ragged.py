@@ -264,3 +264,29 @@ def test_cli_eval_of_ragged_checkpoint_equals_masked_reference(tiny_factory, tmp
         kept = keep[load["layer"]]
         assert load["experts"] == len(kept) and load["original_ids"] == kept
         assert sum(load["counts"]) == load["tokens"] * min(2, len(kept))
+
+
+def test_config_entry_point_without_a_model():
+    """The API `merge` shares: stock config for equal counts, ragged block + model file otherwise."""
+    from moe_prune.architectures import get_adapter
+
+    adapter = get_adapter("mixtral")
+    raw = {"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2}
+    raw["auto_map"] = {"AutoConfig": "x.Cfg", "AutoModelForCausalLM": "x.Model", "AutoTokenizer": ["t.Tok", None]}
+    uniform, files = ragged.expert_count_config(raw, adapter, {0: 1, 1: 1}, 2)
+    assert files == {} and uniform["num_local_experts"] == 1 and uniform["num_experts_per_tok"] == 1
+    assert uniform["auto_map"] == raw["auto_map"], "someone else's auto_map is not ours to remove"
+    config, files = ragged.expert_count_config(raw, adapter, {0: 3, 1: 5}, 4)
+    assert files == {ragged.MODEL_FILE: ragged.model_code()}
+    assert config["num_local_experts"] == 5 and config["num_experts_per_tok"] == 4
+    assert config[RAGGED_KEY]["top_k_per_layer"] == {"0": 3, "1": 4}
+    assert config["auto_map"] == {
+        "AutoTokenizer": ["t.Tok", None],
+        "AutoModelForCausalLM": "modeling_moe_prune.RaggedMixtralForCausalLM",
+    }
+    assert raw["num_local_experts"] == 8 and RAGGED_KEY not in raw, "the input dict is not modified"
+    back, files = ragged.expert_count_config(config, adapter, {0: 2, 1: 2}, 4)
+    assert files == {} and RAGGED_KEY not in back and back["auto_map"] == {"AutoTokenizer": ["t.Tok", None]}
+    wrapped = {"model_type": "qwen3_5_moe", "text_config": {**raw, "model_type": "qwen3_5_moe_text"}}
+    with pytest.raises(MoePruneError, match="plain causal-LM"):
+        ragged.ragged_config(wrapped, get_adapter("qwen3_5_moe_text"), {0: 3, 1: 5}, 2)

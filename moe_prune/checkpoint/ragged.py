@@ -106,8 +106,11 @@ def ragged_config(
         "experts_per_layer": {str(layer): counts[layer] for layer in sorted(counts)},
         "top_k_per_layer": {str(layer): min(top_k, counts[layer]) for layer in sorted(counts)},
     }
+    # The model class extends transformers' own class, so it needs transformers' config class too: drop remote
+    # config/model entries a hub checkpoint may carry (other entries, e.g. tokenizers, stay).
     auto_map = raw.get("auto_map") if isinstance(raw.get("auto_map"), dict) else {}
-    raw["auto_map"] = {**auto_map, AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
+    kept = {k: v for k, v in auto_map.items() if k != "AutoConfig" and not k.startswith("AutoModel")}
+    raw["auto_map"] = {**kept, AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
     return raw, {MODEL_FILE: model_code()}
 
 
