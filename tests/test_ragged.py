@@ -290,3 +290,20 @@ def test_config_entry_point_without_a_model():
     wrapped = {"model_type": "qwen3_5_moe", "text_config": {**raw, "model_type": "qwen3_5_moe_text"}}
     with pytest.raises(MoePruneError, match="plain causal-LM"):
         ragged.ragged_config(wrapped, get_adapter("qwen3_5_moe_text"), {0: 3, 1: 5}, 2)
+
+
+def test_ragged_model_saved_by_transformers_prunes_again(tiny_factory, tmp_path):
+    """A ragged model re-saved by transformers itself (fused layout, no moe_prune.json) is still sized per layer."""
+    folder, original = tiny_factory("mixtral")
+    ckpt = Checkpoint.open(folder)
+    mask, _ = ragged_mask(ckpt, seed=7)
+    prune.run(folder, mask, tmp_path / "once")
+    slots = Checkpoint.open(tmp_path / "once").identity.original_ids
+    load_model(tmp_path / "once").save_pretrained(tmp_path / "resaved", save_original_format=False)
+    resaved = Checkpoint.open(tmp_path / "resaved")
+    assert ragged.trusted_model_code(resaved.folder)
+    assert resaved.identity.original_ids == {layer: tuple(range(len(ids))) for layer, ids in slots.items()}
+    second = keep_per_group(resaved, [1, 2, 4], seed=8)  # slot numbers of the re-saved model
+    prune.run(resaved.folder, DropMask.create(resaved.identity, second, "test"), tmp_path / "twice")
+    in_original_ids = {layer: sorted(slots[layer][s] for s in kept) for layer, kept in second.items()}
+    assert_matches(tmp_path / "twice", original, ckpt, in_original_ids)
