@@ -61,10 +61,9 @@ class PruneResult:
 
 def top_k_warnings(counts: dict[int, int], top_k: int) -> list[str]:
     """One line per clipping: globally when no layer has top-k experts, else per layer that has fewer."""
-    if max(counts.values()) < top_k:
-        return [
-            f"top-k {top_k} is more than the {max(counts.values())} experts kept; top-k set to {max(counts.values())}"
-        ]
+    largest = max(counts.values())
+    if largest < top_k:
+        return [f"top-k {top_k} is more than the {largest} experts kept; top-k set to {largest}"]
     return [
         f"layer {layer}: top-k {top_k} is more than the {n} experts kept; that layer uses {n} per token"
         for layer, n in counts.items()
