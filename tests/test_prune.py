@@ -126,14 +126,6 @@ def test_grouped_router_masks_are_validated(tiny_factory, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_uniform_mask_is_refused(mixtral, tmp_path):
-    folder, _ = mixtral
-    ckpt = Checkpoint.open(folder)
-    keep = {layer: list(range(8 - layer - 1)) for layer in ckpt.identity.moe_layers}
-    with pytest.raises(MoePruneError, match="different numbers of experts per layer"):
-        prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
-
-
 def test_cli_prune_with_mask_on_stdin_and_json(mixtral, tmp_path):
     folder, _ = mixtral
     ckpt = Checkpoint.open(folder)

@@ -16,6 +16,8 @@ from moe_prune.errors import MoePruneError
 # Fields that change without changing the model's weights or shapes.
 _VOLATILE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "auto_map", "use_cache"}
 TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
+# config.json block that marks a checkpoint with different expert counts per MoE layer (see checkpoint/ragged.py).
+RAGGED_KEY = "moe_prune_ragged"
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -104,6 +106,45 @@ class ModelConfig:
             keys = " / ".join(self.adapter.expert_count_keys)
             raise MoePruneError(f"{self.source}: missing or invalid routed-expert count ({keys})")
         return value
+
+    @property
+    def ragged(self) -> dict[str, Any] | None:
+        """The per-layer expert-count block moe-prune writes for non-uniform checkpoints, or None."""
+        block = self.text.get(RAGGED_KEY)
+        return block if isinstance(block, dict) else None
+
+    @property
+    def experts_per_layer(self) -> dict[int, int]:
+        """Routed experts of every MoE layer: the ragged block's list, else the config count everywhere.
+
+        In a ragged checkpoint the expert-count keys hold the largest count; the list sizes each layer.
+        """
+        if self.ragged is None:
+            return {layer: self.num_experts for layer in self.moe_layers}
+        listed = self.ragged.get("experts_per_layer")
+        try:
+            counts = {int(k): int(v) for k, v in listed.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise MoePruneError(f"{self.source}: {RAGGED_KEY}.experts_per_layer must map layer -> count") from None
+        if sorted(counts) != self.moe_layers:
+            raise MoePruneError(
+                f"{self.source}: {RAGGED_KEY}.experts_per_layer lists layers {sorted(counts)} "
+                f"but the MoE layers are {self.moe_layers}"
+            )
+        if any(n <= 0 or n > self.num_experts for n in counts.values()):
+            raise MoePruneError(
+                f"{self.source}: {RAGGED_KEY}.experts_per_layer counts must be between 1 and the "
+                f"config's expert count {self.num_experts}"
+            )
+        return counts
+
+    def experts_in_layer(self, layer: int) -> int:
+        """Routed experts of MoE layer `layer` (per-layer in ragged checkpoints)."""
+        return self.experts_per_layer[layer]
+
+    def top_k_in_layer(self, layer: int) -> int:
+        """Experts each token uses in `layer`: top-k, clipped to the experts the layer has."""
+        return min(self.top_k, self.experts_in_layer(layer))
 
     @property
     def top_k(self) -> int:

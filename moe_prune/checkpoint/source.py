@@ -99,14 +99,15 @@ class Checkpoint:
     def identity(self) -> ModelIdentity:
         """Identity in original expert ids (from moe_prune.json when an earlier stage wrote one)."""
         config = self.config
-        count = config.num_experts
-        slots = self.manifest.slots if self.manifest else {layer: tuple(range(count)) for layer in config.moe_layers}
+        counts = config.experts_per_layer
+        slots = self.manifest.slots if self.manifest else {layer: tuple(range(n)) for layer, n in counts.items()}
         if sorted(slots) != config.moe_layers:
             raise MoePruneError(f"{self.folder}: moe_prune.json layers disagree with config.json")
         for layer, ids in slots.items():
-            if len(ids) != count:
+            if len(ids) != counts[layer]:
                 raise MoePruneError(
-                    f"{self.folder}: moe_prune.json says layer {layer} has {len(ids)} experts, config.json says {count}"
+                    f"{self.folder}: moe_prune.json says layer {layer} has {len(ids)} experts, "
+                    f"config.json says {counts[layer]}"
                 )
         return ModelIdentity(config.model_type, config.num_layers, slots, config.fingerprint())
 

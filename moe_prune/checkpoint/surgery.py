@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from moe_prune.architectures.spec import Adapter
@@ -126,9 +127,13 @@ def whole(info: TensorInfo, name: str | None = None) -> OutputTensor:
 
 
 def plan_expert_selection(
-    tensors: list[TensorInfo], adapter: Adapter, n_experts: int, keep_slots: dict[int, list[int]]
+    tensors: list[TensorInfo], adapter: Adapter, n_experts: int | Mapping[int, int], keep_slots: dict[int, list[int]]
 ) -> list[OutputTensor]:
-    """Output tensors keeping `keep_slots[layer]` (current slot numbers) and renumbering them 0..K-1."""
+    """Output tensors keeping `keep_slots[layer]` (current slot numbers) and renumbering them 0..K-1.
+
+    `n_experts` is the current expert count of every MoE layer, or a per-layer mapping (ragged checkpoints).
+    """
+    counts = n_experts if isinstance(n_experts, Mapping) else dict.fromkeys(keep_slots, n_experts)
     matcher = KeyMatcher(adapter)
     routers = {layer for t in tensors if (layer := matcher.is_router(t.name)) is not None}
     if routers != set(keep_slots):
@@ -143,11 +148,14 @@ def plan_expert_selection(
             out.append(whole(info))
             continue
         slots = keep_slots[key.layer]
+        layer_experts = counts[key.layer]
         if key.kind == "per_expert":
-            if key.slot is None or key.slot >= n_experts:
-                raise MoePruneError(f"{info.file}: {info.name} names expert {key.slot} but the model has {n_experts}")
+            if key.slot is None or key.slot >= layer_experts:
+                raise MoePruneError(
+                    f"{info.file}: {info.name} names expert {key.slot} but layer {key.layer} has {layer_experts}"
+                )
             if key.slot in slots:
                 out.append(whole(info, key.renumbered(slots.index(key.slot))))
         else:
-            out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, n_experts, slots))
+            out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, layer_experts, slots))
     return out

@@ -22,6 +22,12 @@ from moe_prune.cli.common import (
 )
 
 
+def _counts(per_layer: dict[int, int]) -> str:
+    """'6' when every layer has 6 experts, else each layer's count: '6/3/5'."""
+    values = list(per_layer.values())
+    return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
+
+
 @user_errors
 def prune(
     out: OutDirOpt,
@@ -55,10 +61,15 @@ def prune(
     table.add_column("kept (original ids)")
     table.add_column("dropped")
     for layer, kept in result.kept.items():
-        table.add_row(str(layer), " ".join(map(str, kept)), str(result.experts_before - len(kept)))
+        table.add_row(str(layer), " ".join(map(str, kept)), str(result.experts_before_per_layer[layer] - len(kept)))
     out_console.print(table)
     out_console.print(
-        f"experts per layer {result.experts_before} → {result.experts_after}, top-k {result.top_k}, "
+        f"experts per layer {_counts(result.experts_before_per_layer)} → {_counts(result.experts_after_per_layer)}, "
+        f"top-k {result.top_k}, "
         f"weights {human_bytes(result.bytes_before)} → {human_bytes(result.bytes_after)} "
         f"in {len(result.shards)} shard(s)"
     )
+    if result.ragged:
+        out_console.print(
+            f"different expert counts per layer: load with trust_remote_code=True ({', '.join(result.model_code)})"
+        )

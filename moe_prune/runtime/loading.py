@@ -1,7 +1,9 @@
 """Load a checkpoint as a runnable transformers model and its tokenizer, with one-line errors.
 
 Stock `AutoModelForCausalLM` on purpose: a pruned checkpoint must run in plain transformers, so
-evaluating it the same way is part of the check.
+evaluating it the same way is part of the check. Checkpoints with different expert counts per layer
+carry moe-prune's `modeling_moe_prune.py`; remote code is trusted for them only when that file is
+byte-identical to the one this moe-prune ships (anything else needs the user's --trust-remote-code).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moe_prune.checkpoint.ragged import MODEL_FILE, is_ragged_folder, trusted_model_code
 from moe_prune.checkpoint.source import resolve_model
 from moe_prune.errors import MoePruneError
 
@@ -58,7 +61,7 @@ def load_model(
     folder = resolve_model(model_path)
     if not (folder / "config.json").exists():
         raise MoePruneError(f"{model_path}: no config.json; not a transformers model folder")
-    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": _trust_code(folder, trust_remote_code)}
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
@@ -70,6 +73,18 @@ def load_model(
         raise MoePruneError(f"{model_path}: could not load the model ({_short(exc)})") from None
     _check_complete(model_path, info)
     return model.eval()
+
+
+def _trust_code(folder: Path, trust_remote_code: bool) -> bool:
+    """The user's choice, or True for a ragged checkpoint carrying exactly the modelling file moe-prune ships."""
+    if trust_remote_code or trusted_model_code(folder):
+        return True
+    if is_ragged_folder(folder):
+        raise MoePruneError(
+            f"{folder}: has different expert counts per layer but its {MODEL_FILE} is not the one this moe-prune "
+            "ships; pass --trust-remote-code to run it anyway"
+        )
+    return False
 
 
 def _check_complete(model_path: str | Path, info: dict[str, Any]) -> None:

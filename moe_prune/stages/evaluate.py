@@ -7,7 +7,7 @@ and the tokenizer, so a pruned model and its baseline are compared on identical 
 
 Parameter counts come from the safetensors headers (what is on disk), split by the adapter into
 routed experts and the rest. Per token, only top_k of E routed experts run:
-    active = non-expert + top_k / E × routed-expert parameters
+    active = non-expert + Σ_layers top_k / E × routed-expert parameters (each MoE layer its own E)
     FLOPs/token ≈ 2 × (active − input embedding + tied output head)
 i.e. 2 FLOPs per multiply-accumulate of every weight a token passes through; the input embedding is
 a lookup, not a matmul; attention-score FLOPs (which grow with context) are left out. Quantized
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +145,22 @@ def count_params(ckpt: Checkpoint, model: Any) -> ParamCounts:
     config = ckpt.config
     adapter = config.adapter
     matcher = KeyMatcher(adapter)
-    moe_layers = set(config.moe_layers)
-    total = routed = 0
+    per_layer = dict.fromkeys(config.moe_layers, 0)
+    total = 0
     for info in ckpt.tensors:
         total += info.numel
         key = matcher.classify(info.name)
-        if key is not None and key.layer in moe_layers and _is_expert_weight(key, info.name, matcher):
-            routed += info.numel
+        if key is not None and key.layer in per_layer and _is_expert_weight(key, info.name, matcher):
+            per_layer[key.layer] += info.numel
+    routed = sum(per_layer.values())
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_weight = head.weight if head is not None else None
     tied = head_weight is not None and head_weight.data_ptr() == embedding.data_ptr()
-    active = total - routed + round(routed * config.top_k / config.num_experts)
+    used = sum(
+        Fraction(n * config.top_k_in_layer(layer), config.experts_in_layer(layer)) for layer, n in per_layer.items()
+    )  # per layer: ragged checkpoints differ in experts (and top-k) per layer
+    active = total - routed + round(used)
     head_numel = head_weight.numel() if head_weight is not None else 0
     matmul = active - embedding.numel() + (head_numel if tied else 0)
     return ParamCounts(total, routed, total - routed, embedding.numel(), head_numel, tied, active, 2 * matmul)
@@ -181,8 +186,9 @@ def _layer_loads(recorder: RoutingRecorder, original_ids: dict[int, tuple[int, .
     loads = []
     rows = zip(recorder.layers, recorder.tokens.tolist(), recorder.hard_counts.tolist(), strict=True)
     for layer, tokens, counts in rows:
-        max_over_mean, entropy = load_balance(counts)
         ids = list(original_ids[layer])
+        counts = counts[: len(ids)]  # ragged: the recorder counts up to the largest layer's experts
+        max_over_mean, entropy = load_balance(counts)
         loads.append(LayerLoad(layer, len(counts), ids, tokens, counts, max_over_mean, entropy))
     return loads
 

@@ -6,18 +6,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.output import atomic_folder, check_writable
+from moe_prune.checkpoint.ragged import expert_count_config, write_model_files
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import plan_expert_selection
 from moe_prune.checkpoint.writer import parse_size, write_checkpoint
-from moe_prune.errors import MoePruneError
 
 
 @dataclass
 class PruneResult:
-    """What `prune` wrote, for the CLI's table and JSON."""
+    """What `prune` wrote, for the CLI's table and JSON.
+
+    `experts_before` / `experts_after` are the largest per-layer counts; the per-layer dicts hold all of them
+    (they differ between layers after a non-uniform mask, whose checkpoint then needs `trust_remote_code`).
+    """
 
     out: Path
     experts_before: int
@@ -28,12 +33,23 @@ class PruneResult:
     shards: list[str]
     kept: dict[int, list[int]]
     warnings: list[str] = field(default_factory=list)
+    experts_before_per_layer: dict[int, int] = field(default_factory=dict)
+    experts_after_per_layer: dict[int, int] = field(default_factory=dict)
+    model_code: list[str] = field(default_factory=list)
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.experts_after_per_layer.values())) > 1
 
     def to_dict(self) -> dict:
         return {
             "out": str(self.out),
             "experts_before": self.experts_before,
             "experts_after": self.experts_after,
+            "experts_before_per_layer": {str(k): v for k, v in self.experts_before_per_layer.items()},
+            "experts_after_per_layer": {str(k): v for k, v in self.experts_after_per_layer.items()},
+            "ragged": self.ragged,
+            "model_code": self.model_code,
             "top_k": self.top_k,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
@@ -41,6 +57,18 @@ class PruneResult:
             "kept": {str(k): v for k, v in self.kept.items()},
             "warnings": self.warnings,
         }
+
+
+def top_k_warnings(counts: dict[int, int], top_k: int) -> list[str]:
+    """One line per clipping: globally when no layer has top-k experts, else per layer that has fewer."""
+    largest = max(counts.values())
+    if largest < top_k:
+        return [f"top-k {top_k} is more than the {largest} experts kept; top-k set to {largest}"]
+    return [
+        f"layer {layer}: top-k {top_k} is more than the {n} experts kept; that layer uses {n} per token"
+        for layer, n in counts.items()
+        if n < top_k
+    ]
 
 
 def run(
@@ -54,6 +82,7 @@ def run(
 ) -> PruneResult:
     """Drop the mask's experts, slice routers and per-expert biases, fix the config, reshard.
 
+    Different keep counts per layer give a checkpoint with `modeling_moe_prune.py` (see checkpoint/ragged.py).
     `progress(done_bytes, total_bytes)` reports copying; it lets the CLI draw a bar.
     """
     max_bytes = parse_size(max_shard_size)
@@ -61,12 +90,6 @@ def run(
     ckpt = Checkpoint.open(model)
     config = ckpt.config
     mask.model.require_same(ckpt.identity, mask_name, str(ckpt.folder))
-    if not mask.is_uniform:
-        counts = {layer: len(kept) for layer, kept in mask.keep.items()}
-        raise MoePruneError(
-            f"{mask_name}: keeps different numbers of experts per layer {counts}; stock transformers needs the same "
-            "count in every MoE layer (non-uniform pruning is not supported yet)"
-        )
     mask.validate_groups(config.n_group, mask_name)
 
     identity = ckpt.identity
@@ -74,20 +97,17 @@ def run(
         layer: [slot for slot, orig in enumerate(identity.original_ids[layer]) if orig in set(kept)]
         for layer, kept in mask.keep.items()
     }
-    kept_count = len(next(iter(keep_slots.values())))
-    warnings = []
-    top_k = config.top_k
-    if kept_count < top_k:
-        warnings.append(f"top-k {top_k} is more than the {kept_count} experts kept; top-k set to {kept_count}")
-        top_k = kept_count
-    tensors = plan_expert_selection(ckpt.tensors, config.adapter, config.num_experts, keep_slots)
+    counts = {layer: len(slots) for layer, slots in keep_slots.items()}
+    new_raw, model_files = expert_count_config(config.raw, config.adapter, counts, config.top_k)
+    new_config = ModelConfig.from_dict(new_raw, config.source)
+    warnings = top_k_warnings(counts, config.top_k)
+    tensors = plan_expert_selection(ckpt.tensors, config.adapter, config.experts_per_layer, keep_slots)
 
     previous = ckpt.manifest.history if ckpt.manifest else []
     manifest = Manifest(
         slots={layer: tuple(sorted(kept, key=identity.original_ids[layer].index)) for layer, kept in mask.keep.items()},
         history=[*previous, {"stage": "prune", "source": str(model), "mask": mask.to_dict()}],
     )
-    new_config = config.with_expert_count(kept_count, top_k)
     total = sum(t.nbytes for t in tensors)
     done = 0
 
@@ -99,15 +119,19 @@ def run(
 
     with atomic_folder(Path(out), force, protect=(ckpt.folder,)) as tmp:
         shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes, advance)
+        write_model_files(tmp, model_files)
         bytes_after = sum((tmp / s).stat().st_size for s in shards)
     return PruneResult(
         out=Path(out),
-        experts_before=config.num_experts,
-        experts_after=kept_count,
-        top_k=top_k,
+        experts_before=max(config.experts_per_layer.values()),
+        experts_after=max(counts.values()),
+        top_k=new_config.top_k,
         bytes_before=ckpt.total_bytes(),
         bytes_after=bytes_after,
         shards=shards,
         kept={layer: list(kept) for layer, kept in mask.keep.items()},
         warnings=warnings,
+        experts_before_per_layer=config.experts_per_layer,
+        experts_after_per_layer=counts,
+        model_code=sorted(model_files),
     )

@@ -1,0 +1,83 @@
+"""Different numbers of routed experts per MoE layer, for checkpoints written by moe-prune.
+
+Stock transformers sizes every MoE layer from one config field, so a checkpoint pruned or merged
+non-uniformly (e.g. by a global criterion) needs this file. It is copied unchanged into such a
+checkpoint and loaded with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+It imports only torch (through transformers) and transformers: moe-prune need not be installed.
+
+Everything family-specific is data in config.json, under `moe_prune_ragged`:
+    base_class         the transformers class this model extends, e.g. "MixtralForCausalLM"
+    layers             module path of the decoder layer list, e.g. "model.layers"
+    block              the MoE block inside one decoder layer, e.g. "mlp"
+    count_keys         config fields holding the routed-expert count (they hold the largest count)
+    top_k_keys         config fields holding top-k
+    experts_per_layer  {layer: routed experts}
+    top_k_per_layer    {layer: experts per token} (top-k, clipped to the layer's experts)
+The stock model is built first; then each MoE layer's block is built again from a copy of the
+config that gives that layer's counts, so every weight loads under its usual name.
+`auto_map` names the class as "Ragged" + base_class; this module creates it on first access.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import transformers
+from transformers import GenerationMixin
+
+RAGGED_KEY = "moe_prune_ragged"
+CLASS_PREFIX = "Ragged"
+
+
+def _set(obj: Any, dotted: str, value: int) -> None:
+    """Set a possibly nested config field (e.g. dbrx's `ffn_config.moe_num_experts`)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def layer_config(config: Any, spec: dict[str, Any], layer: int) -> Any:
+    """A copy of `config` whose expert-count and top-k fields describe MoE layer `layer`."""
+    layer_cfg = copy.deepcopy(config)
+    for key in spec["count_keys"]:
+        _set(layer_cfg, key, int(spec["experts_per_layer"][str(layer)]))
+    for key in spec["top_k_keys"]:
+        _set(layer_cfg, key, int(spec["top_k_per_layer"][str(layer)]))
+    return layer_cfg
+
+
+def rebuild_moe_blocks(model: Any, config: Any) -> None:
+    """Replace each MoE layer's block by one of the same class sized for that layer."""
+    spec = getattr(config, RAGGED_KEY)
+    layers = model.get_submodule(spec["layers"])
+    parent_path, _, name = spec["block"].rpartition(".")
+    for key in spec["experts_per_layer"]:
+        layer = int(key)
+        owner = layers[layer].get_submodule(parent_path) if parent_path else layers[layer]
+        block_class = type(getattr(owner, name))
+        kwargs = {"layer_idx": layer} if "layer_idx" in inspect.signature(block_class.__init__).parameters else {}
+        setattr(owner, name, block_class(layer_config(config, spec, layer), **kwargs))
+
+
+class RaggedMixin:
+    """Build the stock model, then resize its MoE blocks layer by layer."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        rebuild_moe_blocks(self, config)
+        self.post_init()
+
+
+def __getattr__(name: str) -> type:
+    """`Ragged<BaseClass>`: a subclass of transformers' `<BaseClass>` with per-layer expert counts."""
+    if not name.startswith(CLASS_PREFIX) or name.startswith("__"):
+        raise AttributeError(name)
+    base = getattr(transformers, name[len(CLASS_PREFIX) :])
+    # GenerationMixin listed directly: transformers then keeps this class as is instead of wrapping it.
+    bases = (RaggedMixin, base, GenerationMixin)
+    cls = type(name, bases, {"__module__": __name__, "__doc__": RaggedMixin.__doc__})
+    globals()[name] = cls
+    return cls

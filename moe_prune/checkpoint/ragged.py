@@ -1,0 +1,156 @@
+"""Config and model code for checkpoints whose MoE layers keep different numbers of experts.
+
+Uniform counts give a stock config (`ModelConfig.with_expert_count`) that plain transformers loads.
+Non-uniform ("ragged") counts give a config that keeps the largest count in the expert-count fields,
+lists each layer's count under `moe_prune_ragged` with the family facts the model file needs (from
+the adapter table), and points `auto_map` at `modeling_moe_prune.py`, a static, self-contained
+file copied into the checkpoint. `expert_count_config` is the one entry point for both cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from moe_prune.architectures.config import RAGGED_KEY, ModelConfig
+from moe_prune.architectures.spec import Adapter
+from moe_prune.errors import MoePruneError
+
+MODEL_FILE = "modeling_moe_prune.py"
+MODEL_MODULE = MODEL_FILE.removesuffix(".py")
+AUTO_CLASS = "AutoModelForCausalLM"
+CLASS_PREFIX = "Ragged"
+RAGGED_FORMAT = 1
+
+
+def model_code() -> str:
+    """The modelling file shipped with moe-prune (it lives in this package)."""
+    return resources.files("moe_prune.checkpoint").joinpath(MODEL_FILE).read_text()
+
+
+def causal_lm_class(model_type: str) -> str:
+    """transformers' ForCausalLM class name for `model_type`, from transformers' own auto mapping."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name is None:
+        raise MoePruneError(
+            f"model_type {model_type!r} has no causal-LM class in transformers; "
+            "different expert counts per layer are not supported for it"
+        )
+    return name
+
+
+def block_path(adapter: Adapter) -> str:
+    """The MoE block inside a decoder layer: the module holding both the router and the experts."""
+    router, experts = adapter.runtime_router.split("."), adapter.runtime_experts.split(".")
+    common = []
+    for a, b in zip(router, experts, strict=False):
+        if a != b:
+            break
+        common.append(a)
+    if not common or len(common) == min(len(router), len(experts)):
+        raise MoePruneError(
+            f"{adapter.model_type}: router {adapter.runtime_router!r} and experts {adapter.runtime_experts!r} "
+            "share no MoE block module; different expert counts per layer are not supported for it"
+        )
+    return ".".join(common)
+
+
+def _strip_ragged(raw: dict[str, Any], text: dict[str, Any]) -> None:
+    """Remove what an earlier ragged edit added (a uniform result must load with stock transformers)."""
+    text.pop(RAGGED_KEY, None)
+    auto_map = raw.get("auto_map")
+    if isinstance(auto_map, dict) and str(auto_map.get(AUTO_CLASS, "")).startswith(f"{MODEL_MODULE}."):
+        del auto_map[AUTO_CLASS]
+        if not auto_map:
+            del raw["auto_map"]
+
+
+def ragged_config(
+    config: dict[str, Any], adapter: Adapter, counts: dict[int, int], top_k: int
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """config.json for per-layer expert `counts` (layer -> routed experts) and the files to write beside it.
+
+    Expert-count fields hold the largest count (so configs stay valid); top-k fields hold `top_k`,
+    clipped to that largest count; each layer uses min(top_k, its count) experts per token.
+    """
+    model = ModelConfig.from_dict(config)
+    if model.adapter.model_type != adapter.model_type:
+        raise MoePruneError(f"config.json is a {model.model_type} config, not {adapter.model_type}")
+    if model.text_key is not None:
+        raise MoePruneError(
+            f"{adapter.model_type} inside {model.text_key}: different expert counts per layer are only supported "
+            "for plain causal-LM checkpoints; keep the same number of experts in every layer"
+        )
+    if sorted(counts) != model.moe_layers:
+        raise MoePruneError(f"expert counts given for layers {sorted(counts)}, the MoE layers are {model.moe_layers}")
+    if any(n < 1 for n in counts.values()):
+        raise MoePruneError("every MoE layer must keep at least one expert")
+    largest = max(counts.values())
+    global_top_k = min(top_k, largest)
+    raw = copy.deepcopy(model.with_expert_count(largest, global_top_k).raw)
+    _strip_ragged(raw, raw)
+    present = [key for key in (*adapter.expert_count_keys, *adapter.top_k_keys) if model.get(key) is not None]
+    base = causal_lm_class(adapter.model_type)
+    raw[RAGGED_KEY] = {
+        "format": RAGGED_FORMAT,
+        "base_class": base,
+        "layers": adapter.runtime_layers,
+        "block": block_path(adapter),
+        "count_keys": [key for key in adapter.expert_count_keys if key in present],
+        "top_k_keys": [key for key in adapter.top_k_keys if key in present],
+        "experts_per_layer": {str(layer): counts[layer] for layer in sorted(counts)},
+        "top_k_per_layer": {str(layer): min(top_k, counts[layer]) for layer in sorted(counts)},
+    }
+    # The model class extends transformers' own class, so it needs transformers' config class too: drop remote
+    # config/model entries a hub checkpoint may carry (other entries, e.g. tokenizers, stay).
+    auto_map = raw.get("auto_map") if isinstance(raw.get("auto_map"), dict) else {}
+    kept = {k: v for k, v in auto_map.items() if k != "AutoConfig" and not k.startswith("AutoModel")}
+    raw["auto_map"] = {**kept, AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
+    return raw, {MODEL_FILE: model_code()}
+
+
+def expert_count_config(
+    config: dict[str, Any], adapter: Adapter, counts: dict[int, int], top_k: int
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The one entry point: a stock config and no files when every layer has the same count, else ragged.
+
+    Uniform: every expert-count field is set to the count and top-k is clipped to it (stock loadable).
+    """
+    if len(set(counts.values())) > 1:
+        return ragged_config(config, adapter, counts, top_k)
+    model = ModelConfig.from_dict(config)
+    count = next(iter(counts.values()))
+    raw = copy.deepcopy(model.with_expert_count(count, min(top_k, count)).raw)
+    _strip_ragged(raw, raw[model.text_key] if model.text_key else raw)
+    return raw, {}
+
+
+def write_model_files(folder: Path, files: dict[str, str]) -> None:
+    """Write the extra files of an output checkpoint; drop a modelling file copied from a ragged input."""
+    if MODEL_FILE not in files and (folder / MODEL_FILE).exists():
+        (folder / MODEL_FILE).unlink()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def is_ragged_folder(folder: Path) -> bool:
+    """Whether config.json carries moe-prune's ragged block (read without the adapter table)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get(RAGGED_KEY), dict)
+
+
+def trusted_model_code(folder: Path) -> bool:
+    """Ragged checkpoint whose modelling file is byte-for-byte the one this moe-prune ships.
+
+    Only then does moe-prune load it with trust_remote_code on its own; any other code needs the user's say.
+    """
+    path = folder / MODEL_FILE
+    return is_ragged_folder(folder) and path.is_file() and path.read_text() == model_code()
