@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moe_prune.cli import eval as eval_cmd
+from moe_prune.cli import merge as merge_cmd
 from moe_prune.cli import prune as prune_cmd
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
+app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
 
 
 def main() -> None:

@@ -146,6 +146,7 @@ def run(
     if router not in ROUTER_RULES:
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
     max_bytes = parse_size(max_shard_size)
+    out = Path(out)
     check_writable(out, force)
     ckpt = Checkpoint.open(model)
     config, identity = ckpt.config, ckpt.identity
