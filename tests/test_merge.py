@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import re
 
 import numpy as np
@@ -21,6 +22,7 @@ from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.cli import app
+from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.alignment import align, match_neurons
 from moe_prune.merging.averaging import weighted_average
@@ -28,7 +30,10 @@ from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.registry import METHODS, get_method
 from moe_prune.merging.similarity import router_similarity
 from moe_prune.merging.tensors import find_layout
-from moe_prune.stages import merge, prune
+from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.runtime.routing import RoutingRecorder
+from moe_prune.stages import evaluate, merge, prune
 
 runner = CliRunner()
 FAMILIES = sorted(TINY)
@@ -452,3 +457,90 @@ def test_cli_table_json_and_plot(mixtral_stats, tmp_path):
     assert report["experts_after"] == {"0": 4, "1": 4, "2": 4}
     members = [m for layer in report["layers"][:1] for c in layer["clusters"] for m in c["members"]]
     assert sorted(members) == list(range(8))
+
+
+# --- the demo model: perplexity after shrinking, merge vs baselines ----------------------------------------------
+
+
+class GramRecorder(RoutingRecorder):
+    """Routing counts plus the router-logit Gram matrix, as `profile` computes them (streaming sums)."""
+
+    def __init__(self, model, config) -> None:
+        super().__init__(model, config)
+        self.grams = [torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64) for _ in self.layers]
+
+    def on_router_logits(self, slot: int, logits: torch.Tensor) -> None:
+        z = logits.reshape(-1, self.num_experts).double()
+        self.grams[slot] += z.T @ z
+
+
+DEMO_CALIBRATION_TOKENS = 8192
+DEMO_EVAL_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def demo_stats() -> Stats:
+    return profile_demo()
+
+
+def profile_demo() -> Stats:
+    """Selection counts and logit Gram of the demo model over the first tokens of its calibration data."""
+    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
+    model = load_model(DEMO_MODEL_DIR)
+    ids = token_stream(load_texts(str(DEMO_CALIBRATION)), load_tokenizer(DEMO_MODEL_DIR), DEMO_CALIBRATION_TOKENS)
+    chunks = fixed_chunks(ids, 256, DEMO_CALIBRATION_TOKENS)
+    with GramRecorder(model, ckpt.config) as recorder, torch.inference_mode():
+        for start in range(0, len(chunks), 16):
+            model(input_ids=chunks[start : start + 16], use_cache=False)
+    arrays = {
+        "tokens": recorder.tokens.numpy(),
+        "hard_counts": recorder.hard_counts.numpy(),
+        "logit_gram": torch.stack(recorder.grams).numpy(),
+    }
+    return Stats(ckpt.identity, arrays)
+
+
+def demo_perplexity(folder) -> float:
+    return evaluate.run(
+        folder, str(DEMO_HELDOUT), seq_len=256, batch_size=16, max_tokens=DEMO_EVAL_TOKENS
+    ).model.perplexity
+
+
+def test_demo_perplexity_table(demo_stats, tmp_path):
+    """Perplexity after shrinking the demo to 1/2 and 1/4 of its experts: merge methods vs pruning baselines.
+
+    Printed for the README. The issue expects uncurl and frequency merging to beat random pruning; on the
+    demo model (balanced, specialised experts, no router retraining) they do not, so that claim is an
+    xfail with the numbers rather than a silent pass; the facts that must hold are asserted.
+    """
+    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
+    layers = ckpt.identity.moe_layers
+    runs = {"uncurl": ("uncurl", "anchor"), "uncurl, --router average": ("uncurl", "average")}
+    runs |= {"frequency": ("frequency", "anchor"), "prune (most used)": ("prune", "anchor")}
+    rows: dict[str, dict[int, float]] = {}
+    for keep in (4, 2):
+        for label, (method, router) in runs.items():
+            out = tmp_path / f"{method}-{router}-{keep}"
+            result = merge.run(DEMO_MODEL_DIR, demo_stats, out, keep, method=method, router=router)
+            assert result.bytes_after < result.bytes_before * (keep + 1) / 8
+            rows.setdefault(label, {})[keep] = demo_perplexity(out)
+        random_ppl = []
+        for seed in range(5):
+            rng = random.Random(seed)
+            mask = DropMask.create(ckpt.identity, {layer: rng.sample(range(8), keep) for layer in layers}, "random")
+            prune.run(DEMO_MODEL_DIR, mask, tmp_path / f"random{keep}-{seed}")
+            random_ppl.append(demo_perplexity(tmp_path / f"random{keep}-{seed}"))
+        rows.setdefault("random masks (mean of 5)", {})[keep] = sum(random_ppl) / len(random_ppl)
+    full = demo_perplexity(DEMO_MODEL_DIR)
+    lines = [
+        "| method | 8 experts (original) | 4 experts (1/2) | 2 experts (1/4) |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {full:.3f} | {ppl[4]:.3f} | {ppl[2]:.3f} |" for name, ppl in rows.items()),
+    ]
+    print("\n" + "\n".join(lines))
+    assert all(full < ppl[keep] < 1e4 for ppl in rows.values() for keep in (4, 2))
+    assert all(ppl[4] < ppl[2] for ppl in rows.values())
+    random_mean = rows["random masks (mean of 5)"]
+    losing = [(m, k) for m in ("uncurl", "frequency") for k in (4, 2) if rows[m][k] >= random_mean[k]]
+    if losing:
+        pytest.xfail(f"merging without router retraining does not beat random pruning on the demo: {losing}")
