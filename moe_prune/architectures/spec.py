@@ -20,6 +20,36 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class ExpertTensor:
+    """Where the intermediate (hidden-neuron) axis lies in one expert's tensor, for permutation alignment.
+
+    `suffix` ends the tensor's key (after a dot); `axis` indexes ONE expert's tensor (the expert axis of
+    fused tensors removed, dbrx's [E*I, H] seen as E blocks of [I, H]); None for tensors without
+    that axis (e.g. gpt-oss down_proj_bias), which are only averaged. `parts` = 2 when gate and up
+    share the tensor: `interleaved` (gate = [::2], up = [1::2]) or concatenated (gate, then up).
+    """
+
+    suffix: str
+    axis: int | None
+    parts: int = 1
+    interleaved: bool = False
+
+
+# Legacy per-expert keys (Mixtral w1/w3/w2, Qwen gate/up/down_proj) and transformers 5's fused in-memory
+# layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]); families that differ override the field.
+STANDARD_EXPERT_TENSORS: tuple[ExpertTensor, ...] = (
+    ExpertTensor("w1.weight", 0),
+    ExpertTensor("w3.weight", 0),
+    ExpertTensor("w2.weight", 1),
+    ExpertTensor("gate_proj.weight", 0),
+    ExpertTensor("up_proj.weight", 0),
+    ExpertTensor("down_proj.weight", 1),
+    ExpertTensor("gate_up_proj", 0, parts=2),
+    ExpertTensor("down_proj", 1),
+)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """One row of the architecture table."""
 
@@ -46,6 +76,7 @@ class Adapter:
     runtime_attention: tuple[str, ...] = ("self_attn", "linear_attn")
     # Attributes holding top-k on the router, on its MoE block and on the CausalLM (read at every forward).
     runtime_top_k_attrs: tuple[str, ...] = ("top_k", "num_experts_per_tok")
+    expert_tensors: tuple[ExpertTensor, ...] = STANDARD_EXPERT_TENSORS  # intermediate axes, for `merge`
 
     def memory_layout(self) -> Adapter:
         """The same family with the key names of `save_pretrained(..., save_original_format=False)`.

@@ -6,13 +6,31 @@ Facts checked against transformers 5.x `save_pretrained` output of tiny random m
 
 from __future__ import annotations
 
-from moe_prune.architectures.spec import Adapter, Routing
+from moe_prune.architectures.spec import STANDARD_EXPERT_TENSORS, Adapter, ExpertTensor, Routing
 
 SOFTMAX = Routing(score="softmax", select_on="scores", renormalize=True)
 SOFTMAX_NORM_KEY = Routing(score="softmax", select_on="scores", renormalize="norm_topk_prob")
 SOFTMAX_NO_RENORM = Routing(score="softmax", select_on="scores", renormalize=False)
 TOPK_THEN_SOFTMAX = Routing(score="softmax", select_on="logits", renormalize=True)
 SIGMOID_BIAS_GROUPED = Routing(score="sigmoid", select_on="scores+bias", renormalize="norm_topk_prob", grouped=True)
+
+# Expert tensors whose layout differs from the standard one (where the intermediate axis lies, see spec.py).
+GRANITE_EXPERTS = (
+    ExpertTensor("input_linear.weight", 0, parts=2),  # [E, 2I, H], gate then up
+    ExpertTensor("output_linear.weight", 1),  # [E, H, I]
+    *STANDARD_EXPERT_TENSORS,
+)
+GPT_OSS_EXPERTS = (
+    ExpertTensor("gate_up_proj", 1, parts=2, interleaved=True),  # [E, H, 2I], gate = [..., ::2]
+    ExpertTensor("gate_up_proj_bias", 0, parts=2, interleaved=True),  # [E, 2I]
+    ExpertTensor("down_proj", 0),  # [E, I, H]
+    ExpertTensor("down_proj_bias", None),  # [E, H]
+)
+LLAMA4_EXPERTS = (
+    ExpertTensor("gate_up_proj", 1, parts=2),  # [E, H, 2I], gate then up
+    ExpertTensor("down_proj", 0),  # [E, I, H]
+)
+DBRX_EXPERTS = tuple(ExpertTensor(name, 0) for name in ("w1", "v1", "w2"))  # [E*I, H]: E blocks of [I, H]
 
 
 def _mixtral_like(model_type: str, **overrides) -> Adapter:
@@ -68,6 +86,7 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
         routing=TOPK_THEN_SOFTMAX,
         runtime_router="block_sparse_moe.router",
         runtime_experts="block_sparse_moe.experts",
+        expert_tensors=GRANITE_EXPERTS,
     )
     return Adapter(**{**fields, **overrides})
 
@@ -144,6 +163,7 @@ ROWS: tuple[Adapter, ...] = (
         router_bias="mlp.router.bias",
         routing=TOPK_THEN_SOFTMAX,
         runtime_router="mlp.router",
+        expert_tensors=GPT_OSS_EXPERTS,
     ),
     _qwen_like(
         "llama4_text",
@@ -157,6 +177,7 @@ ROWS: tuple[Adapter, ...] = (
         runtime_experts="feed_forward.experts",
         router_logits_output=1,
         selection_from="router_scores",
+        expert_tensors=LLAMA4_EXPERTS,
     ),
     Adapter(
         model_type="dbrx",
@@ -174,5 +195,6 @@ ROWS: tuple[Adapter, ...] = (
         router_logits_output=None,
         runtime_attention=("norm_attn_norm.attn",),
         memory_keys=(("router", "ffn.router.layer.weight"), ("experts", "ffn.experts.mlp.")),
+        expert_tensors=DBRX_EXPERTS,
     ),
 )

@@ -1,37 +1,83 @@
-"""moe_prune.json, written beside every output checkpoint: lineage in ORIGINAL expert ids."""
+"""moe_prune.json, written beside every output checkpoint: lineage in ORIGINAL expert ids.
+
+Version 1 lists, per MoE layer, the original expert each slot holds (`slots`). Version 2 adds an
+optional `members` list per layer for merged checkpoints: which original experts were averaged
+into each slot, with their weights; `slots` then names each slot's anchor, so identity checks
+and a later prune keep working. A manifest without merged layers is still written as version 1.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_prune import __version__
 from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.errors import MoePruneError
 
 MANIFEST_NAME = "moe_prune.json"
 MANIFEST_SCHEMA = "moe-prune/checkpoint"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+WEIGHT_TOLERANCE = 1e-6
+
+# members[L][j] = ((original id, weight), ...) of slot j; the weights of a slot sum to 1.
+Members = tuple[tuple[int, float], ...]
 
 
 @dataclass
 class Manifest:
-    """`slots[L][j]` is the original expert id held by slot j of layer L; `history` lists the edits."""
+    """`slots[L][j]` is the original expert id held by slot j of layer L; `history` lists the edits.
+
+    `merged[L][j]`, for merged layers only, lists the original experts averaged into slot j and their
+    weights; `slots[L][j]` is then that slot's anchor (the member the others were aligned to).
+    """
 
     slots: dict[int, tuple[int, ...]]
     history: list[dict[str, Any]] = field(default_factory=list)
+    merged: dict[int, tuple[Members, ...]] = field(default_factory=dict)
+
+    def members(self, layer: int) -> tuple[Members, ...]:
+        """Each slot's original experts and weights (a kept, unmerged expert is itself with weight 1)."""
+        if layer in self.merged:
+            return self.merged[layer]
+        return tuple(((orig, 1.0),) for orig in self.slots[layer])
 
     def to_dict(self) -> dict[str, Any]:
+        layers: dict[str, Any] = {}
+        for layer, ids in sorted(self.slots.items()):
+            entry: dict[str, Any] = {"slots": list(ids)}
+            if layer in self.merged:
+                entry["members"] = [[{"id": i, "weight": w} for i, w in slot] for slot in self.merged[layer]]
+            layers[str(layer)] = entry
         return {
             "schema": MANIFEST_SCHEMA,
-            "version": MANIFEST_VERSION,
+            "version": MANIFEST_VERSION if self.merged else 1,
             "tool_version": __version__,
-            "layers": {str(k): {"slots": list(v)} for k, v in sorted(self.slots.items())},
+            "layers": layers,
             "history": self.history,
         }
 
     def write(self, folder: Path) -> None:
+        self.validate(str(folder / MANIFEST_NAME))
         (folder / MANIFEST_NAME).write_text(dump_json(self.to_dict()))
+
+    def validate(self, name: str) -> None:
+        """Merged layers: one member list per slot, the anchor among them, ids used once, weights summing to 1."""
+        for layer, slots in self.merged.items():
+            ids = self.slots.get(layer)
+            if ids is None or len(slots) != len(ids):
+                raise MoePruneError(f"{name}: layer {layer} lists members for {len(slots)} slots, slots for {ids}")
+            seen: set[int] = set()
+            for anchor, members in zip(ids, slots, strict=True):
+                orig = [i for i, _ in members]
+                weights = [w for _, w in members]
+                if anchor not in orig or seen & set(orig) or len(set(orig)) != len(orig):
+                    raise MoePruneError(f"{name}: layer {layer} slot of expert {anchor} has inconsistent members")
+                if min(weights) < 0 or not math.isclose(sum(weights), 1.0, abs_tol=WEIGHT_TOLERANCE):
+                    raise MoePruneError(f"{name}: layer {layer} slot of expert {anchor} has weights not summing to 1")
+                seen |= set(orig)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest | None:
@@ -43,8 +89,13 @@ class Manifest:
         check_header(obj, MANIFEST_SCHEMA, MANIFEST_VERSION, name)
         try:
             slots = {int(k): tuple(int(i) for i in v["slots"]) for k, v in obj["layers"].items()}
+            merged = {
+                int(k): tuple(tuple((int(m["id"]), float(m["weight"])) for m in slot) for slot in v["members"])
+                for k, v in obj["layers"].items()
+                if "members" in v
+            }
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            from moe_prune.errors import MoePruneError
-
             raise MoePruneError(f"{name}: malformed layers block ({exc!r})") from None
-        return cls(slots, list(obj.get("history") or []))
+        manifest = cls(slots, list(obj.get("history") or []), merged)
+        manifest.validate(name)
+        return manifest

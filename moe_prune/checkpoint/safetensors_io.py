@@ -3,6 +3,8 @@
 Why not `safetensors.torch`: surgery only copies and slices along leading/last axes, which are
 contiguous byte ranges; working on bytes keeps peak memory at one copy buffer, never
 converts dtypes (FP8, MXFP4 blocks and scales pass through untouched) and runs at file-copy speed.
+Tensors that are computed (merged experts) are `ComputedTensor`s: their bytes are produced only
+when the writer reaches them, so at most the layer being merged is in memory.
 Format: 8-byte little-endian header length, JSON header, then the data buffer.
 """
 
@@ -110,12 +112,49 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, length: int) -> None:
         length -= done
 
 
+@dataclass(frozen=True)
+class ComputedTensor:
+    """A tensor to write whose bytes come from `produce()` when the writer reaches it (shape known up front)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    produce: Callable[[], bytes]
+    source: None = None
+
+
+AnyOutput = OutputTensor | ComputedTensor
 Progress = Callable[[int], None]
+# safetensors dtype name -> torch dtype, for the float tensors that can be read and computed on.
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def read_tensor(info: TensorInfo):  # -> torch.Tensor (torch imported lazily: plain surgery never needs it)
+    """One float tensor of a shard, read from its byte range into memory."""
+    import torch
+
+    if info.dtype not in FLOAT_DTYPES:
+        raise MoePruneError(f"{info.file}: {info.name} is {info.dtype}, not a float tensor")
+    with open(info.file, "rb") as handle:
+        data = bytearray(os.pread(handle.fileno(), info.nbytes, info.start))
+    if len(data) != info.nbytes:
+        raise MoePruneError(f"{info.file}: truncated while reading {info.name}")
+    dtype = getattr(torch, FLOAT_DTYPES[info.dtype])
+    return torch.frombuffer(data, dtype=dtype).reshape(info.shape) if data else torch.zeros(info.shape, dtype=dtype)
+
+
+def tensor_bytes(tensor) -> bytes:
+    """Little-endian raw bytes of a torch tensor, as safetensors stores them."""
+    import torch
+
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def write_file(
     path: Path,
-    tensors: Iterable[OutputTensor],
+    tensors: Iterable[AnyOutput],
     metadata: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> None:
@@ -140,6 +179,12 @@ def write_file(
         out.flush()
         dst = out.fileno()
         for src_path, group in _by_source(tensors):
+            if src_path is None:
+                for tensor in group:
+                    _write_computed(dst, tensor)
+                    if progress:
+                        progress(tensor.nbytes)
+                continue
             with open(src_path, "rb") as src:
                 for tensor in group:
                     for start, end in tensor.ranges:
@@ -148,7 +193,16 @@ def write_file(
                         progress(tensor.nbytes)
 
 
-def _by_source(tensors: list[OutputTensor]) -> Iterator[tuple[Path, list[OutputTensor]]]:
+def _write_computed(dst_fd: int, tensor: AnyOutput) -> None:
+    """Write a computed tensor's bytes at the file position (same fd the byte copies advance)."""
+    data = memoryview(tensor.produce())
+    if len(data) != tensor.nbytes:
+        raise AssertionError(f"{tensor.name}: produced {len(data)} bytes, planned {tensor.nbytes}")
+    while data:
+        data = data[os.write(dst_fd, data) :]
+
+
+def _by_source(tensors: list[AnyOutput]) -> Iterator[tuple[Path | None, list[AnyOutput]]]:
     """Consecutive runs of tensors from the same source file (keeps write order intact)."""
     run: list[OutputTensor] = []
     for tensor in tensors:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import MANIFEST_NAME, Manifest
-from moe_prune.checkpoint.safetensors_io import OutputTensor, Progress, write_file
+from moe_prune.checkpoint.safetensors_io import AnyOutput, Progress, write_file
 from moe_prune.checkpoint.source import INDEX_NAME
 from moe_prune.errors import MoePruneError
 
@@ -28,9 +28,9 @@ def parse_size(text: str | int) -> int:
     return int(float(m[1]) * _UNITS[m[2].upper()])
 
 
-def assign_shards(tensors: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
+def assign_shards(tensors: list[AnyOutput], max_bytes: int) -> list[list[AnyOutput]]:
     """Greedy in order: a new shard starts when the next tensor would pass `max_bytes`."""
-    shards: list[list[OutputTensor]] = [[]]
+    shards: list[list[AnyOutput]] = [[]]
     size = 0
     for tensor in tensors:
         if shards[-1] and size + tensor.nbytes > max_bytes:
@@ -42,7 +42,7 @@ def assign_shards(tensors: list[OutputTensor], max_bytes: int) -> list[list[Outp
 
 
 def write_weights(
-    folder: Path, tensors: list[OutputTensor], max_bytes: int, progress: Progress | None = None
+    folder: Path, tensors: list[AnyOutput], max_bytes: int, progress: Progress | None = None
 ) -> list[str]:
     """Write shards named like transformers does and the index; returns the shard file names."""
     shards = assign_shards(tensors, max_bytes)
@@ -66,7 +66,7 @@ def copy_side_files(source: Path, folder: Path) -> None:
 def write_checkpoint(
     folder: Path,
     source: Path,
-    tensors: list[OutputTensor],
+    tensors: list[AnyOutput],
     config: ModelConfig,
     manifest: Manifest,
     max_bytes: int,

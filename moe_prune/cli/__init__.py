@@ -6,6 +6,7 @@ import typer
 
 from moe_prune.cli import eval as eval_cmd
 from moe_prune.cli import finetune as finetune_cmd
+from moe_prune.cli import merge as merge_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
 from moe_prune.cli import score as score_cmd
@@ -22,6 +23,7 @@ app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
 app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
 app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
 app.command("score", help=score_cmd.__doc__)(score_cmd.score)
+app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
 
 
 def main() -> None:

@@ -1,0 +1,134 @@
+"""Merge experts (UNCURL clustering, frequency baseline) or keep the most used, writing a smaller checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import (
+    DEFAULT_MODEL,
+    ForceOpt,
+    JsonOpt,
+    ModelArg,
+    OutDirOpt,
+    byte_progress,
+    human_bytes,
+    out_console,
+    print_json,
+    user_errors,
+)
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.stages.merge import MergeResult
+
+
+def parse_keep(values: list[str]) -> tuple[int, dict[int, int]]:
+    """`--keep 4 --keep 0=6`: one default count and per-layer overrides `LAYER=COUNT`."""
+    default: int | None = None
+    overrides: dict[int, int] = {}
+    for value in values:
+        try:
+            if "=" in value:
+                layer, count = value.split("=", 1)
+                overrides[int(layer)] = int(count)
+            else:
+                default = int(value)
+        except ValueError:
+            raise MoePruneError(f"--keep {value!r}: expected a count (4) or LAYER=COUNT (0=6)") from None
+    if default is None:
+        raise MoePruneError("--keep needs a count for every layer, e.g. --keep 4 (plus optional LAYER=COUNT)")
+    if min([default, *overrides.values()]) < 1:
+        raise MoePruneError("--keep counts must be at least 1")
+    return default, overrides
+
+
+def parse_layers(values: list[str]) -> list[int]:
+    try:
+        return sorted({int(part) for value in values for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise MoePruneError(f"--skip-layers {values}: expected layer numbers such as 0 or 0,3") from None
+
+
+@user_errors
+def merge(
+    out: OutDirOpt,
+    stats: Annotated[Path, typer.Option("--stats", "-s", help="Statistics of this model (from `moe-prune profile`).")],
+    keep: Annotated[
+        list[str], typer.Option("--keep", "-k", help="Experts per MoE layer after merging; LAYER=COUNT overrides.")
+    ],
+    model: ModelArg = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="uncurl (clustering), frequency (baseline) or prune.")] = "uncurl",
+    router: Annotated[
+        str, typer.Option(help="Router rows of merged experts: anchor, average or reinit (then train the router).")
+    ] = "anchor",
+    skip_layers: Annotated[
+        list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of k-means and of --router reinit.")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG heatmap of the similarity by cluster.")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.artifacts.stats import Stats
+    from moe_prune.stages import merge as stage
+
+    default, overrides = parse_keep(keep)
+    skip = parse_layers(skip_layers or [])
+    loaded = Stats.load(stats)
+    with byte_progress("writing shards") as update:
+        result = stage.run(
+            model,
+            loaded,
+            out,
+            default,
+            method=method,
+            router=router,
+            keep_overrides=overrides,
+            skip_layers=skip,
+            seed=seed,
+            max_shard_size=max_shard_size,
+            force=force,
+            stats_name=str(stats),
+            progress=update,
+        )
+    if plot is not None:
+        from moe_prune.merging.plot import similarity_heatmaps
+
+        similarity_heatmaps(result.layers, plot)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    out_console.print(cluster_table(result))
+    after = sorted(set(result.experts_after.values()))
+    out_console.print(
+        f"experts per layer {result.experts_before} → {'/'.join(map(str, after))} ({result.method}, router "
+        f"{result.router}), top-k {result.top_k}, weights {human_bytes(result.bytes_before)} → "
+        f"{human_bytes(result.bytes_after)} in {len(result.shards)} shard(s)"
+    )
+    if plot is not None:
+        out_console.print(f"similarity heatmap: {plot}")
+
+
+def cluster_table(result: MergeResult) -> Table:
+    """One row per new expert slot: its members (original ids), anchor, frequencies, mean similarity."""
+    table = Table(title=f"{result.method} → {result.out}")
+    for name, justify in (("layer", "right"), ("slot", "right"), ("anchor", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("members (original id: selections, weight)")
+    table.add_column("mean S", justify="right")
+    for report in result.layers:
+        if report.skipped:
+            table.add_row(str(report.layer), "", "", f"skipped: all {report.experts_before} experts kept", "")
+            continue
+        for slot, cluster in enumerate(report.clusters):
+            members = ", ".join(
+                f"{m}: {f:.0f}, {w:.2f}"
+                for m, f, w in zip(cluster.members, cluster.frequencies, cluster.weights, strict=True)
+            )
+            table.add_row(str(report.layer), str(slot), str(cluster.anchor), members, f"{cluster.similarity:.3f}")
+    return table

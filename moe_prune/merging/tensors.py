@@ -1,0 +1,253 @@
+"""The output tensors of a merged checkpoint, planned from shard headers and computed one layer at a time.
+
+Untouched tensors (attention, norms, dense layers, skipped layers) are byte copies as in `prune`;
+so are experts and router rows that pass through unchanged (a cluster of one expert, `--router
+anchor`). Merged experts and averaged/re-initialised router rows are `ComputedTensor`s: a layer's
+experts are read, aligned and averaged (in float32, cast back to the checkpoint's dtype) when the
+writer reaches the first of that layer's computed tensors, and released after its last one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_prune.architectures.spec import Adapter, ExpertTensor
+from moe_prune.checkpoint.safetensors_io import (
+    FLOAT_DTYPES,
+    AnyOutput,
+    ComputedTensor,
+    TensorInfo,
+    read_tensor,
+    tensor_bytes,
+)
+from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher, slice_expert_axis, whole
+from moe_prune.errors import MoePruneError
+from moe_prune.merging.alignment import Expert, align
+from moe_prune.merging.averaging import weighted_average
+from moe_prune.merging.clustering import Cluster
+
+ROUTER_RULES = ("anchor", "average", "reinit")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What becomes of one MoE layer: its clusters (current slot ids), averaging weights and router rule."""
+
+    layer: int
+    clusters: list[Cluster]
+    weights: list[tuple[float, ...]]
+    router: str = "anchor"
+    seed: int = 0
+
+    @property
+    def anchors(self) -> list[int]:
+        return [c.anchor for c in self.clusters]
+
+    @property
+    def passthrough(self) -> bool:
+        """True when every cluster is a single expert: the experts are byte copies (pruning)."""
+        return all(len(c.members) == 1 for c in self.clusters)
+
+
+def find_layout(name: str, rows: tuple[ExpertTensor, ...]) -> ExpertTensor:
+    """The adapter row whose suffix ends `name` (at a dot boundary)."""
+    for row in rows:
+        if name == row.suffix or name.endswith("." + row.suffix):
+            return row
+    raise MoePruneError(
+        f"{name}: merge does not know where this expert tensor's intermediate axis is; "
+        "add it to `expert_tensors` of its row in moe_prune/architectures/table.py"
+    )
+
+
+def _require_float(info: TensorInfo) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        raise MoePruneError(
+            f"{info.file}: {info.name} is {info.dtype} (quantised?); merging averages weights and needs float "
+            "expert tensors (F32, F16, BF16): dequantise first, or use --method prune"
+        )
+
+
+@dataclass
+class _LayerExperts:
+    """One layer's expert tensors and the lazily computed merged experts."""
+
+    plan: LayerPlan
+    n_experts: int
+    per_expert: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)  # tail -> slot -> info
+    fused: dict[str, TensorInfo] = field(default_factory=dict)  # name -> [E, ...] tensor
+    layouts: dict[str, ExpertTensor] = field(default_factory=dict)
+    pending: int = 0
+    _merged: list[Expert] | None = None
+
+    def _load(self) -> dict[int, Expert]:
+        needed = sorted({m for c in self.plan.clusters for m in c.members})
+        experts: dict[int, Expert] = {slot: {} for slot in needed}
+        for tail, slots in self.per_expert.items():
+            for slot in needed:
+                if slot not in slots:
+                    raise MoePruneError(f"layer {self.plan.layer}: expert {slot} has no tensor {tail!r}")
+                experts[slot][tail] = read_tensor(slots[slot]).float()
+        for name, info in self.fused.items():
+            blocks = _expert_blocks(read_tensor(info).float(), self.n_experts, info)
+            for slot in needed:
+                experts[slot][name] = blocks[slot].clone()
+        return experts
+
+    def merged(self) -> list[Expert]:
+        """Merged expert of every cluster, in slot order (computed once, then reused until released)."""
+        if self._merged is None:
+            experts = self._load()
+            result = []
+            for cluster, weights in zip(self.plan.clusters, self.plan.weights, strict=True):
+                anchor = experts[cluster.anchor]
+                aligned = [
+                    anchor if m == cluster.anchor else align(experts[m], anchor, self.layouts) for m in cluster.members
+                ]
+                result.append(weighted_average(aligned, weights))
+            self._merged = result
+        return self._merged
+
+    def take(self, fn) -> bytes:
+        """Bytes of one output computed from the merged experts; frees them after the layer's last output."""
+        data = fn(self.merged())
+        self.pending -= 1
+        if self.pending <= 0:
+            self._merged = None
+        return data
+
+
+def _expert_blocks(tensor: torch.Tensor, n_experts: int, info: TensorInfo) -> torch.Tensor:
+    """[E, ...] view of a fused expert tensor ([E, ...] itself, or dbrx's [E*I, H] as [E, I, H])."""
+    if tensor.shape[0] == n_experts:
+        return tensor
+    if tensor.shape[0] % n_experts:
+        raise MoePruneError(f"{info.file}: {info.name} does not split into {n_experts} experts")
+    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
+
+
+def _torch_dtype(info: TensorInfo) -> torch.dtype:
+    return getattr(torch, FLOAT_DTYPES[info.dtype])
+
+
+def _computed(name: str, info: TensorInfo, shape: tuple[int, ...], layer: _LayerExperts | None, fn) -> ComputedTensor:
+    nbytes = math.prod(shape) * torch.finfo(_torch_dtype(info)).bits // 8
+    if layer is None:
+        return ComputedTensor(name, info.dtype, shape, nbytes, fn)
+    layer.pending += 1
+    return ComputedTensor(name, info.dtype, shape, nbytes, lambda: layer.take(fn))
+
+
+class MergePlanner:
+    """Turn shard headers plus per-layer plans into the output tensor list (see module docstring)."""
+
+    def __init__(self, adapter: Adapter, n_experts: int, plans: dict[int, LayerPlan]) -> None:
+        self.adapter = adapter
+        self.n_experts = n_experts
+        self.plans = plans
+        self.matcher = KeyMatcher(adapter)
+        self.layers = {layer: _LayerExperts(plan, n_experts) for layer, plan in plans.items()}
+
+    def plan(self, tensors: list[TensorInfo]) -> list[AnyOutput]:
+        routers = {layer for t in tensors if (layer := self.matcher.is_router(t.name)) is not None}
+        missing = sorted(set(self.plans) - routers)
+        if missing:
+            raise MoePruneError(f"the checkpoint has no router ({self.adapter.router}) in MoE layers {missing}")
+        classified = [(info, self.matcher.classify(info.name)) for info in tensors]
+        for info, key in classified:
+            if key is not None and key.layer in self.plans and self._is_expert(info, key):
+                self._collect(info, key)
+        out: list[AnyOutput] = []
+        for info, key in classified:
+            if key is None or key.layer not in self.plans:
+                out.append(whole(info))
+            elif self._is_expert(info, key):
+                out.extend(self._expert_outputs(info, key))
+            else:
+                out.append(self._router_output(info, key))
+        return out
+
+    def _is_expert(self, info: TensorInfo, key: ExpertKey) -> bool:
+        if key.kind == "per_expert":
+            return True
+        bias = self.adapter.router_bias
+        return (
+            key.kind == "rows" and self.matcher.is_router(info.name) is None and not (bias and info.name.endswith(bias))
+        )
+
+    def _collect(self, info: TensorInfo, key: ExpertKey) -> None:
+        layer = self.layers[key.layer]
+        if not layer.plan.passthrough:
+            _require_float(info)
+        if key.kind == "per_expert":
+            assert key.slot is not None
+            if key.slot >= self.n_experts:
+                raise MoePruneError(
+                    f"{info.file}: {info.name} names expert {key.slot} but the model has {self.n_experts}"
+                )
+            layer.per_expert.setdefault(key.tail, {})[key.slot] = info
+            layer.layouts[key.tail] = find_layout(key.tail, self.adapter.expert_tensors)
+        else:
+            layer.fused[info.name] = info
+            layer.layouts[info.name] = find_layout(info.name, self.adapter.expert_tensors)
+
+    def _expert_outputs(self, info: TensorInfo, key: ExpertKey) -> list[AnyOutput]:
+        layer = self.layers[key.layer]
+        plan = layer.plan
+        if key.kind == "per_expert":
+            if key.slot not in plan.anchors:
+                return []
+            index = plan.anchors.index(key.slot)
+            name = key.renumbered(index)
+            if len(plan.clusters[index].members) == 1:
+                return [whole(info, name)]
+            dtype = _torch_dtype(info)
+            return [_computed(name, info, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))]
+        if plan.passthrough:
+            return [slice_expert_axis(info, 0, self.n_experts, plan.anchors)]
+        count = len(plan.clusters)
+        shape = (info.shape[0] // self.n_experts * count, *info.shape[1:])
+        dtype = _torch_dtype(info)
+
+        def fused(merged: list[Expert]) -> bytes:
+            stacked = torch.stack([m[info.name] for m in merged]).reshape(shape)
+            return tensor_bytes(stacked.to(dtype))
+
+        return [_computed(info.name, info, shape, layer, fused)]
+
+    def _router_output(self, info: TensorInfo, key: ExpertKey) -> AnyOutput:
+        """Router weight rows, router bias and selection bias: anchor rows, weighted mean, or re-initialised."""
+        plan = self.plans[key.layer]
+        axis = 0 if key.kind == "rows" else -1
+        if plan.router == "anchor":
+            return slice_expert_axis(info, axis, self.n_experts, plan.anchors)
+        _require_float(info)
+        shape = list(info.shape)
+        shape[axis] = len(plan.clusters)
+        dtype = _torch_dtype(info)
+        is_weight = self.matcher.is_router(info.name) is not None
+
+        def rows() -> bytes:
+            original = read_tensor(info).float().movedim(axis, 0)
+            if plan.router == "average":
+                new = torch.stack(
+                    [
+                        sum(w * original[m] for m, w in zip(c.members, ws, strict=True))
+                        for c, ws in zip(plan.clusters, plan.weights, strict=True)
+                    ]
+                )
+            elif is_weight:
+                generator = torch.Generator().manual_seed(plan.seed * 100_003 + key.layer)
+                std = float(original.std()) if original.numel() > 1 else 0.02
+                new = torch.randn((len(plan.clusters), *original.shape[1:]), generator=generator) * std
+            else:
+                new = torch.zeros((len(plan.clusters), *original.shape[1:]))
+            return tensor_bytes(new.movedim(0, axis).to(dtype))
+
+        return _computed(info.name, info, tuple(shape), None, rows)
+
+
+__all__ = ["ROUTER_RULES", "LayerPlan", "MergePlanner", "find_layout"]

@@ -1,0 +1,258 @@
+"""`merge`: shrink every MoE layer to D experts by clustering and merging them (UNCURL), or a baseline.
+
+Per layer: similarity S of the experts' router logits (from `profile` statistics), D clusters from
+a merge method (`merging.registry`), each cluster's members permutation-aligned to its anchor and
+averaged with weights proportional to selection frequency, the router cut to D rows. The output
+really is smaller: D expert tensors and a D-row router per layer, loadable by stock transformers.
+Weights stream from the shards; only the layer being merged is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.artifacts.manifest import Manifest
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.output import atomic_folder, check_writable
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.checkpoint.writer import parse_size, write_checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.merging.clustering import Cluster, mean_similarity
+from moe_prune.merging.planning import cluster_layer, layer_counts
+from moe_prune.merging.registry import get_method
+from moe_prune.merging.similarity import router_similarity
+from moe_prune.merging.tensors import ROUTER_RULES, LayerPlan, MergePlanner
+
+
+@dataclass
+class ClusterReport:
+    """One merged slot, in original expert ids."""
+
+    anchor: int
+    members: list[int]
+    frequencies: list[float]
+    weights: list[float]
+    similarity: float  # mean pairwise S within the cluster
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    experts_before: int
+    experts_after: int
+    skipped: bool
+    clusters: list[ClusterReport]
+    similarity: np.ndarray | None = None  # S in current slot order (for the heatmap)
+    order: list[int] = field(default_factory=list)  # slots ordered by cluster
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    method: str
+    router: str
+    experts_before: int
+    experts_after: dict[int, int]
+    top_k: int
+    bytes_before: int
+    bytes_after: int
+    shards: list[str]
+    layers: list[LayerReport]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "method": self.method,
+            "router": self.router,
+            "experts_before": self.experts_before,
+            "experts_after": {str(k): v for k, v in self.experts_after.items()},
+            "top_k": self.top_k,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "shards": self.shards,
+            "layers": [
+                {
+                    "layer": r.layer,
+                    "skipped": r.skipped,
+                    "clusters": [vars(c) for c in r.clusters],
+                }
+                for r in self.layers
+            ],
+        }
+
+
+def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str) -> None:
+    """Statistics of this very model, with the router-logit Gram matrix the similarity needs."""
+    stats.identity.require_same(ckpt.identity, name, str(ckpt.folder))
+    if "hard_counts" not in stats.arrays:
+        raise MoePruneError(f"{name}: lacks expert selection counts (hard_counts); re-run `moe-prune profile`")
+    if method != "prune" and "logit_gram" not in stats.arrays:
+        raise MoePruneError(
+            f"{name}: lacks router-logit statistics (logit_gram), which --method {method} needs; "
+            "re-run `moe-prune profile` (or use --method prune)"
+        )
+
+
+def output_config(config: ModelConfig, counts: dict[int, int]) -> tuple[ModelConfig, dict[str, Any]]:
+    """The new config: every alias set to D when uniform; non-uniform counts need ragged support."""
+    values = set(counts.values())
+    if len(values) == 1:
+        return config.with_expert_count(values.pop(), config.top_k), {}
+    try:
+        from moe_prune.checkpoint.ragged import ragged_config
+    except ImportError:
+        raise MoePruneError(
+            f"per-layer expert counts {counts} are non-uniform; writing them needs ragged support "
+            "(moe_prune.checkpoint.ragged), which this installation lacks: use one --keep for every layer"
+        ) from None
+    raw, extra = ragged_config(config.raw, config.adapter, counts, config.top_k)
+    return ModelConfig(raw, config.adapter, config.text_key, config.source), dict(extra or {})
+
+
+def _compose(previous: tuple[tuple[int, float], ...], cluster: Cluster, weights: tuple[float, ...]) -> list:
+    """Members of a new slot in ORIGINAL ids: current slots expand into what they already merged."""
+    out: dict[int, float] = {}
+    for slot, weight in zip(cluster.members, weights, strict=True):
+        for orig, inner in previous[slot]:
+            out[orig] = out.get(orig, 0.0) + weight * inner
+    return [(orig, w) for orig, w in out.items()]
+
+
+def run(
+    model: str | Path,
+    stats: Stats,
+    out: Path,
+    keep: int,
+    *,
+    method: str = "uncurl",
+    router: str = "anchor",
+    keep_overrides: dict[int, int] | None = None,
+    skip_layers: list[int] | None = None,
+    seed: int = 0,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    stats_name: str = "stats",
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written."""
+    method_fn = get_method(method)
+    if router not in ROUTER_RULES:
+        raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
+    max_bytes = parse_size(max_shard_size)
+    out = Path(out)
+    check_writable(out, force)
+    ckpt = Checkpoint.open(model)
+    config, identity = ckpt.config, ckpt.identity
+    check_stats(stats, ckpt, method, stats_name)
+    current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
+    skip = sorted(set(skip_layers or []))
+    counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
+    new_config, extra_files = output_config(config, counts)
+
+    rows = {layer: i for i, layer in enumerate(identity.moe_layers)}
+    previous = ckpt.manifest
+    plans: dict[int, LayerPlan] = {}
+    reports: list[LayerReport] = []
+    slots: dict[int, tuple[int, ...]] = {}
+    merged: dict[int, tuple] = {}
+    for layer in identity.moe_layers:
+        ids = identity.original_ids[layer]
+        before = previous.members(layer) if previous and layer in previous.slots else tuple(((i, 1.0),) for i in ids)
+        if layer in skip:
+            slots[layer] = ids
+            if previous and layer in previous.merged:
+                merged[layer] = previous.merged[layer]
+            reports.append(LayerReport(layer, len(ids), len(ids), True, []))
+            continue
+        frequency = np.asarray(stats.arrays["hard_counts"][rows[layer]], dtype=np.float64)
+        gram = stats.arrays.get("logit_gram")
+        similarity = router_similarity(gram[rows[layer]]) if gram is not None else np.eye(len(ids))
+        clusters = cluster_layer(method_fn, similarity, frequency, counts[layer], seed, config.n_group)
+        weights = [c.weights(frequency) for c in clusters]
+        plans[layer] = LayerPlan(layer, clusters, weights, router, seed)
+        slots[layer] = tuple(ids[c.anchor] for c in clusters)
+        if any(len(c.members) > 1 for c in clusters) or (previous and layer in previous.merged):
+            merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, weights, strict=True))
+        reports.append(_report(layer, ids, clusters, weights, frequency, similarity))
+
+    tensors = MergePlanner(config.adapter, config.num_experts, plans).plan(ckpt.tensors)
+    history = [*(previous.history if previous else [])]
+    history.append(
+        {
+            "stage": "merge",
+            "source": str(model),
+            "method": method,
+            "router": router,
+            "keep": {str(k): v for k, v in counts.items()},
+            "skip_layers": skip,
+            "seed": seed,
+            "stats": stats_name,
+        }
+    )
+    manifest = Manifest(slots=slots, history=history, merged=merged)
+    total = sum(t.nbytes for t in tensors)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress:
+            progress(done, total)
+
+    with atomic_folder(Path(out), force, protect=(ckpt.folder,)) as tmp:
+        shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes, advance)
+        _write_extra(tmp, extra_files)
+        bytes_after = sum((tmp / s).stat().st_size for s in shards)
+    return MergeResult(
+        out=Path(out),
+        method=method,
+        router=router,
+        experts_before=config.num_experts,
+        experts_after=counts,
+        top_k=config.top_k,
+        bytes_before=ckpt.total_bytes(),
+        bytes_after=bytes_after,
+        shards=shards,
+        layers=reports,
+    )
+
+
+def _write_extra(folder: Path, files: dict[str, Any]) -> None:
+    """Side files a ragged config needs (e.g. modelling code): text, bytes, or JSON-able objects."""
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        elif isinstance(content, str):
+            (folder / name).write_text(content)
+        else:
+            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _report(
+    layer: int,
+    ids: tuple[int, ...],
+    clusters: list[Cluster],
+    weights: list[tuple[float, ...]],
+    frequency: np.ndarray,
+    similarity: np.ndarray,
+) -> LayerReport:
+    rows = [
+        ClusterReport(
+            anchor=ids[c.anchor],
+            members=[ids[m] for m in c.members],
+            frequencies=[float(frequency[m]) for m in c.members],
+            weights=list(w),
+            similarity=mean_similarity(c, similarity),
+        )
+        for c, w in zip(clusters, weights, strict=True)
+    ]
+    order = [m for c in clusters for m in c.members]
+    order += [slot for slot in range(len(ids)) if slot not in set(order)]  # dropped experts (prune) last
+    return LayerReport(layer, len(ids), len(clusters), False, rows, similarity, order)
