@@ -422,10 +422,27 @@ def test_unknown_method_router_and_non_uniform_are_refused(mixtral_stats, tmp_pa
     base = ["merge", str(folder), "--stats", str(path), "--keep", "4", "--out", str(out)]
     _refused([*base, "--method", "uncrul"], out, r"did you mean 'uncurl'")
     _refused([*base, "--router", "mean"], out, r"anchor, average, reinit")
-    try:
-        import moe_prune.checkpoint.ragged  # noqa: F401
-    except ImportError:
-        _refused([*base, "--skip-layers", "0"], out, r"non-uniform.*ragged support")
+
+
+def test_skip_layers_give_a_ragged_checkpoint_that_loads_with_its_model_code(tiny_factory, tmp_path):
+    folder, _ = tiny_factory("mixtral")
+    ckpt = Checkpoint.open(folder)
+    n, first = ckpt.config.num_experts, ckpt.config.moe_layers[0]
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "ragged", n // 2, skip_layers=[first])
+    merged = Checkpoint.open(tmp_path / "ragged")
+    counts = {layer: merged.config.experts_in_layer(layer) for layer in merged.config.moe_layers}
+    assert counts == {layer: n if layer == first else n // 2 for layer in ckpt.config.moe_layers}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ragged", trust_remote_code=True).eval()
+    original = load_stock(folder)
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    routers = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    assert [r.weight.shape[0] for r in routers] == [counts[layer] for layer in sorted(counts)]
+    # the skipped layer is carried over unchanged: its experts equal the original's
+    skipped, kept = original.model.layers[first].mlp.experts, model.model.layers[first].mlp.experts
+    assert torch.equal(skipped.gate_up_proj, kept.gate_up_proj) and torch.equal(skipped.down_proj, kept.down_proj)
 
 
 def test_quantised_experts_are_refused(tiny_factory, tmp_path):

@@ -18,12 +18,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
-app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
 app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
-app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
 app.command("score", help=score_cmd.__doc__)(score_cmd.score)
+app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
+app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
+app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
 
 
 def main() -> None:

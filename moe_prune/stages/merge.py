@@ -9,7 +9,6 @@ Weights stream from the shards; only the layer being merged is in memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.output import atomic_folder, check_writable
+from moe_prune.checkpoint.ragged import expert_count_config, write_model_files
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import parse_size, write_checkpoint
 from moe_prune.errors import MoePruneError
@@ -100,20 +100,10 @@ def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str) -> None:
         )
 
 
-def output_config(config: ModelConfig, counts: dict[int, int]) -> tuple[ModelConfig, dict[str, Any]]:
-    """The new config: every alias set to D when uniform; non-uniform counts need ragged support."""
-    values = set(counts.values())
-    if len(values) == 1:
-        return config.with_expert_count(values.pop(), config.top_k), {}
-    try:
-        from moe_prune.checkpoint.ragged import ragged_config
-    except ImportError:
-        raise MoePruneError(
-            f"per-layer expert counts {counts} are non-uniform; writing them needs ragged support "
-            "(moe_prune.checkpoint.ragged), which this installation lacks: use one --keep for every layer"
-        ) from None
-    raw, extra = ragged_config(config.raw, config.adapter, counts, config.top_k)
-    return ModelConfig(raw, config.adapter, config.text_key, config.source), dict(extra or {})
+def output_config(config: ModelConfig, counts: dict[int, int]) -> tuple[ModelConfig, dict[str, str]]:
+    """The new config (every alias set to D when uniform, else a per-layer list) and the files it needs."""
+    raw, files = expert_count_config(config.raw, config.adapter, counts, config.top_k)
+    return ModelConfig(raw, config.adapter, config.text_key, config.source), files
 
 
 def _compose(previous: tuple[tuple[int, float], ...], cluster: Cluster, weights: tuple[float, ...]) -> list:
@@ -208,7 +198,7 @@ def run(
 
     with atomic_folder(Path(out), force, protect=(ckpt.folder,)) as tmp:
         shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes, advance)
-        _write_extra(tmp, extra_files)
+        write_model_files(tmp, extra_files)
         bytes_after = sum((tmp / s).stat().st_size for s in shards)
     return MergeResult(
         out=Path(out),
@@ -222,17 +212,6 @@ def run(
         shards=shards,
         layers=reports,
     )
-
-
-def _write_extra(folder: Path, files: dict[str, Any]) -> None:
-    """Side files a ragged config needs (e.g. modelling code): text, bytes, or JSON-able objects."""
-    for name, content in files.items():
-        if isinstance(content, bytes):
-            (folder / name).write_bytes(content)
-        elif isinstance(content, str):
-            (folder / name).write_text(content)
-        else:
-            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def _report(
