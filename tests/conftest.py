@@ -28,3 +28,25 @@ def tiny_factory(tmp_path_factory):
         return _CACHE[model_type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_stats():
+    """`profile` statistics of the shipped demo model: 32 calibration windows of 256 tokens (seed 0)."""
+    from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
+    from moe_prune.stages import profile
+
+    settings = profile.Settings(samples=32, seq_len=256, seed=0, batch_size=8)
+    return profile.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), settings).stats
+
+
+@pytest.fixture(scope="session")
+def demo_perplexity():
+    """`demo_perplexity(folder)`: held-out perplexity on the demo's held-out split, first 8192 tokens, seq 256."""
+    from moe_prune.demo import DEMO_HELDOUT
+    from moe_prune.stages import evaluate
+
+    def run(folder) -> float:
+        return evaluate.run(folder, str(DEMO_HELDOUT), seq_len=256, batch_size=16, max_tokens=8192).model.perplexity
+
+    return run

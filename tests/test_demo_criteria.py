@@ -9,53 +9,34 @@ from __future__ import annotations
 
 import statistics
 
-import pytest
-
-from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
+from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.scoring.selection import Budget
-from moe_prune.stages import evaluate, profile, prune
+from moe_prune.stages import prune
 from moe_prune.stages.score import score
 
 CRITERIA = ("usage-frequency", "soft-counts", "activation-norm")
 RATIOS = (0.25, 0.5)
 RANDOM_SEEDS = range(5)
-EVAL_TOKENS = 16384
 
 
-def perplexity(folder) -> float:
-    return evaluate.run(folder, str(DEMO_HELDOUT), seq_len=256, batch_size=8, max_tokens=EVAL_TOKENS).model.perplexity
+def test_criteria_beat_random_masks_on_the_demo_model(demo_stats, demo_perplexity, tmp_path):
+    def pruned(criterion: str, ratio: float, seed: int = 0) -> float:
+        mask, _ = score(demo_stats, None, criterion, budget=Budget(ratio=ratio), seed=seed)
+        out = tmp_path / f"{criterion}-{ratio}-{seed}"
+        prune.run(DEMO_MODEL_DIR, mask, out)
+        return demo_perplexity(out)
 
+    base = demo_perplexity(DEMO_MODEL_DIR)
+    table = {criterion: {ratio: pruned(criterion, ratio) for ratio in RATIOS} for criterion in CRITERIA}
+    randoms = {ratio: [pruned("random", ratio, seed) for seed in RANDOM_SEEDS] for ratio in RATIOS}
 
-@pytest.fixture(scope="module")
-def demo_stats():
-    settings = profile.Settings(samples=64, seq_len=256, seed=0, batch_size=8)
-    return profile.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), settings).stats
-
-
-def pruned_perplexity(stats, criterion: str, ratio: float, seed: int, tmp_path) -> float:
-    mask, _ = score(stats, None, criterion, budget=Budget(ratio=ratio), seed=seed)
-    out = tmp_path / f"{criterion}-{ratio}-{seed}"
-    prune.run(DEMO_MODEL_DIR, mask, out)
-    return perplexity(out)
-
-
-def test_criteria_beat_random_masks_on_the_demo_model(demo_stats, tmp_path):
-    base = perplexity(DEMO_MODEL_DIR)
-    table = {
-        criterion: {ratio: pruned_perplexity(demo_stats, criterion, ratio, 0, tmp_path) for ratio in RATIOS}
-        for criterion in CRITERIA
-    }
-    randoms = {
-        ratio: [pruned_perplexity(demo_stats, "random", ratio, seed, tmp_path) for seed in RANDOM_SEEDS]
-        for ratio in RATIOS
-    }
-    header = "| criterion | " + " | ".join(f"drop {ratio:.0%}" for ratio in RATIOS) + " |"
-    lines = [header, "|---|" + "---:|" * len(RATIOS), f"| none (demo model) | {base:.3f} | {base:.3f} |"]
-    for criterion, row in table.items():
-        lines.append(f"| {criterion} (min) | " + " | ".join(f"{row[r]:.3f}" for r in RATIOS) + " |")
+    lines = ["| criterion | " + " | ".join(f"drop {ratio:.0%}" for ratio in RATIOS) + " |"]
+    lines += ["|---|" + "---:|" * len(RATIOS), f"| none (demo model) | {base:.3f} | {base:.3f} |"]
+    lines += [f"| {c} (min) | " + " | ".join(f"{row[r]:.3f}" for r in RATIOS) + " |" for c, row in table.items()]
     cells = [f"{statistics.mean(randoms[r]):.3f} ± {statistics.stdev(randoms[r]):.3f}" for r in RATIOS]
     lines.append("| random (mean ± sd of 5 seeds) | " + " | ".join(cells) + " |")
-    print(f"\nheld-out perplexity of the demo model, first {EVAL_TOKENS} tokens, seq 256:\n" + "\n".join(lines))
+    print("\nheld-out perplexity of the demo model, first 8192 tokens, seq 256:\n" + "\n".join(lines))
+
     for criterion, row in table.items():
         for ratio in RATIOS:
             assert base < row[ratio], f"dropping experts by {criterion} cannot beat the unpruned model"

@@ -22,7 +22,7 @@ from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.cli import app
-from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
+from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.alignment import align, match_neurons
 from moe_prune.merging.averaging import weighted_average
@@ -30,10 +30,7 @@ from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.registry import METHODS, get_method
 from moe_prune.merging.similarity import router_similarity
 from moe_prune.merging.tensors import find_layout
-from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
-from moe_prune.runtime.loading import load_model, load_tokenizer
-from moe_prune.runtime.routing import RoutingRecorder
-from moe_prune.stages import evaluate, merge, prune
+from moe_prune.stages import merge, prune
 
 runner = CliRunner()
 FAMILIES = sorted(TINY)
@@ -479,51 +476,7 @@ def test_cli_table_json_and_plot(mixtral_stats, tmp_path):
 # --- the demo model: perplexity after shrinking, merge vs baselines ----------------------------------------------
 
 
-class GramRecorder(RoutingRecorder):
-    """Routing counts plus the router-logit Gram matrix, as `profile` computes them (streaming sums)."""
-
-    def __init__(self, model, config) -> None:
-        super().__init__(model, config)
-        self.grams = [torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64) for _ in self.layers]
-
-    def on_router_logits(self, slot: int, logits: torch.Tensor) -> None:
-        z = logits.reshape(-1, self.num_experts).double()
-        self.grams[slot] += z.T @ z
-
-
-DEMO_CALIBRATION_TOKENS = 8192
-DEMO_EVAL_TOKENS = 4096
-
-
-@pytest.fixture(scope="module")
-def demo_stats() -> Stats:
-    return profile_demo()
-
-
-def profile_demo() -> Stats:
-    """Selection counts and logit Gram of the demo model over the first tokens of its calibration data."""
-    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
-    model = load_model(DEMO_MODEL_DIR)
-    ids = token_stream(load_texts(str(DEMO_CALIBRATION)), load_tokenizer(DEMO_MODEL_DIR), DEMO_CALIBRATION_TOKENS)
-    chunks = fixed_chunks(ids, 256, DEMO_CALIBRATION_TOKENS)
-    with GramRecorder(model, ckpt.config) as recorder, torch.inference_mode():
-        for start in range(0, len(chunks), 16):
-            model(input_ids=chunks[start : start + 16], use_cache=False)
-    arrays = {
-        "tokens": recorder.tokens.numpy(),
-        "hard_counts": recorder.hard_counts.numpy(),
-        "logit_gram": torch.stack(recorder.grams).numpy(),
-    }
-    return Stats(ckpt.identity, arrays)
-
-
-def demo_perplexity(folder) -> float:
-    return evaluate.run(
-        folder, str(DEMO_HELDOUT), seq_len=256, batch_size=16, max_tokens=DEMO_EVAL_TOKENS
-    ).model.perplexity
-
-
-def test_demo_perplexity_table(demo_stats, tmp_path):
+def test_demo_perplexity_table(demo_stats, demo_perplexity, tmp_path):
     """Perplexity after shrinking the demo to 1/2 and 1/4 of its experts: merge methods vs pruning baselines.
 
     Printed for the README. The issue expects uncurl and frequency merging to beat random pruning; on the
