@@ -12,9 +12,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tiny_models import build_tiny
+import torch
+from tiny_models import build_tiny, save_char_tokenizer
 
 _CACHE: dict[str, tuple[Path, object]] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and thread spin-waits crawl on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +60,16 @@ def demo_perplexity():
         return evaluate.run(folder, str(DEMO_HELDOUT), seq_len=256, batch_size=16, max_tokens=8192).model.perplexity
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_factory):
+    """`tiny(model_type)` -> folder of a tiny random model with a character tokenizer (shared, read-only)."""
+
+    def make(model_type: str):
+        folder, _ = tiny_factory(model_type)
+        if not (folder / "tokenizer.json").exists():
+            save_char_tokenizer(folder)
+        return folder
+
+    return make

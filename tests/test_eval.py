@@ -11,7 +11,6 @@ import string
 import pytest
 import torch
 from reference import router_weight
-from tiny_models import build_tiny
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.checkpoint.source import Checkpoint
@@ -21,44 +20,6 @@ from moe_prune.runtime.routing import RoutingRecorder, load_balance
 from moe_prune.stages import evaluate
 
 SEQ = 16
-
-
-def save_char_tokenizer(folder) -> None:
-    """A character-level tokenizer whose ids fit the tiny models' 128-token vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "</s>": 1}
-    for char in string.printable:
-        vocab.setdefault(char, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and thread spin-waits crawl on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """`tiny(model_type)` -> folder of a tiny random model with a tokenizer, built once per module."""
-    cache = {}
-
-    def make(model_type: str):
-        if model_type not in cache:
-            folder = tmp_path_factory.mktemp(model_type) / "model"
-            build_tiny(model_type, folder)
-            save_char_tokenizer(folder)
-            cache[model_type] = folder
-        return cache[model_type]
-
-    return make
 
 
 @pytest.fixture(scope="module")

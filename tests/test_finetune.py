@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import save_char_tokenizer
 from typer.testing import CliRunner
 
 from moe_prune.architectures.config import ModelConfig
@@ -31,14 +31,6 @@ DATA = str(DEMO_CALIBRATION)
 SMALL = dict(seq_len=64, batch_size=4, eval_tokens=0)  # 256 tokens per step on one process
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tensors(folder: Path) -> dict[str, bytes]:
     """Every tensor of a checkpoint folder as raw bytes, by name."""
     out = {}
@@ -47,19 +39,6 @@ def tensors(folder: Path) -> dict[str, bytes]:
             for name in f.keys():
                 out[name] = f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
     return out
-
-
-def save_char_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer whose ids fit the tiny models' 128-token vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "</s>": 1}
-    for char in string.printable:
-        vocab.setdefault(char, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ import string
 import numpy as np
 import pytest
 import torch
-from test_eval import save_char_tokenizer
-from tiny_models import build_tiny
 from typer.testing import CliRunner
 
 from moe_prune.architectures.config import ModelConfig
@@ -33,30 +31,6 @@ FAMILIES = {
     "llama4_text": ("llama4", "sigmoid"),
     "dbrx": ("dbrx", "softmax"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """`tiny(model_type)` -> folder of a tiny random model with a character tokenizer."""
-    cache = {}
-
-    def make(model_type: str):
-        if model_type not in cache:
-            folder = tmp_path_factory.mktemp(model_type) / "model"
-            build_tiny(model_type, folder)
-            save_char_tokenizer(folder)
-            cache[model_type] = folder
-        return cache[model_type]
-
-    return make
 
 
 def write_docs(path, count: int, seed: int) -> None:

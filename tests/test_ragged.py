@@ -18,8 +18,7 @@ import sys
 import pytest
 import torch
 from reference import masked_logits
-from test_eval import save_char_tokenizer
-from tiny_models import TINY
+from tiny_models import TINY, save_char_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 

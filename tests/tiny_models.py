@@ -182,3 +182,18 @@ def build_tiny(model_type: str, folder, seed: int = 0):
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def save_char_tokenizer(folder) -> None:
+    """A character-level tokenizer whose ids fit the tiny models' 128-token vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)

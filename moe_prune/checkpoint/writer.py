@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import MANIFEST_NAME, Manifest
+from moe_prune.checkpoint.output import atomic_folder
+from moe_prune.checkpoint.ragged import write_model_files
 from moe_prune.checkpoint.safetensors_io import AnyOutput, Progress, write_file
 from moe_prune.checkpoint.source import INDEX_NAME
 from moe_prune.errors import MoePruneError
@@ -78,3 +81,35 @@ def write_checkpoint(
     (folder / "config.json").write_text(json.dumps(config.raw, indent=2, sort_keys=True) + "\n")
     manifest.write(folder)
     return names
+
+
+def write_output(
+    out: Path,
+    source: Path,
+    tensors: list[AnyOutput],
+    config: ModelConfig,
+    manifest: Manifest,
+    max_bytes: int,
+    *,
+    force: bool = False,
+    model_files: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[str], int]:
+    """Write a whole output checkpoint atomically (temporary folder, then rename); (shard names, bytes written).
+
+    `progress(done_bytes, total_bytes)` follows the tensor bytes written, so callers can draw a bar.
+    """
+    total = sum(t.nbytes for t in tensors)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress:
+            progress(done, total)
+
+    with atomic_folder(Path(out), force, protect=(source,)) as tmp:
+        shards = write_checkpoint(tmp, source, tensors, config, manifest, max_bytes, advance)
+        write_model_files(tmp, model_files or {})
+        written = sum((tmp / name).stat().st_size for name in shards)
+    return shards, written

@@ -39,8 +39,8 @@ def _short(exc: BaseException) -> str:
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No per-tensor 'Loading weights' bar: the caller shows its own progress; restored afterwards."""
+def quiet_transformers_progress() -> Iterator[None]:
+    """No transformers progress bars (loading, writing shards): moe-prune draws its own; restored afterwards."""
     from transformers.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
@@ -65,7 +65,7 @@ def load_model(
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
-        with _quiet_loading():
+        with quiet_transformers_progress():
             model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
         if device != "auto":
             model = model.to(device)

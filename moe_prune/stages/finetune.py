@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from moe_prune.checkpoint.writer import copy_side_files, parse_size
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
-from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers_progress
 from moe_prune.training.batches import BatchPlan
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
@@ -372,26 +372,12 @@ def _write(
     manifest = Manifest(slots=dict(ckpt.identity.original_ids), history=[*previous, entry])
     new_config = config.with_expert_count(config.num_experts, top_k)
     with atomic_folder(out, options.force, protect=(ckpt.folder,)) as tmp:
-        with _quiet():
+        with quiet_transformers_progress():
             inner.save_pretrained(tmp, state_dict=state, max_shard_size=options.max_shard_size)
         copy_side_files(ckpt.folder, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config.raw, indent=2, sort_keys=True) + "\n")
         manifest.write(tmp)
     accelerator.wait_for_everyone()
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """No 'Writing model shards' bar from transformers: the CLI draws its own."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
 
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "Progress", "ProgressFn", "run"]

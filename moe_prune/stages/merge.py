@@ -19,10 +19,10 @@ import numpy as np
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.stats import Stats
-from moe_prune.checkpoint.output import atomic_folder, check_writable
-from moe_prune.checkpoint.ragged import expert_count_config, write_model_files
+from moe_prune.checkpoint.output import check_writable
+from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.writer import parse_size, write_checkpoint
+from moe_prune.checkpoint.writer import parse_size, write_output
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
@@ -187,19 +187,17 @@ def run(
         }
     )
     manifest = Manifest(slots=slots, history=history, merged=merged)
-    total = sum(t.nbytes for t in tensors)
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress:
-            progress(done, total)
-
-    with atomic_folder(Path(out), force, protect=(ckpt.folder,)) as tmp:
-        shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes, advance)
-        write_model_files(tmp, extra_files)
-        bytes_after = sum((tmp / s).stat().st_size for s in shards)
+    shards, bytes_after = write_output(
+        Path(out),
+        ckpt.folder,
+        tensors,
+        new_config,
+        manifest,
+        max_bytes,
+        force=force,
+        model_files=extra_files,
+        progress=progress,
+    )
     return MergeResult(
         out=Path(out),
         method=method,

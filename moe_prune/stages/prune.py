@@ -9,11 +9,11 @@ from pathlib import Path
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
-from moe_prune.checkpoint.output import atomic_folder, check_writable
-from moe_prune.checkpoint.ragged import expert_count_config, write_model_files
+from moe_prune.checkpoint.output import check_writable
+from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import plan_expert_selection
-from moe_prune.checkpoint.writer import parse_size, write_checkpoint
+from moe_prune.checkpoint.writer import parse_size, write_output
 
 
 @dataclass
@@ -108,19 +108,17 @@ def run(
         slots={layer: tuple(sorted(kept, key=identity.original_ids[layer].index)) for layer, kept in mask.keep.items()},
         history=[*previous, {"stage": "prune", "source": str(model), "mask": mask.to_dict()}],
     )
-    total = sum(t.nbytes for t in tensors)
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress:
-            progress(done, total)
-
-    with atomic_folder(Path(out), force, protect=(ckpt.folder,)) as tmp:
-        shards = write_checkpoint(tmp, ckpt.folder, tensors, new_config, manifest, max_bytes, advance)
-        write_model_files(tmp, model_files)
-        bytes_after = sum((tmp / s).stat().st_size for s in shards)
+    shards, bytes_after = write_output(
+        Path(out),
+        ckpt.folder,
+        tensors,
+        new_config,
+        manifest,
+        max_bytes,
+        force=force,
+        model_files=model_files,
+        progress=progress,
+    )
     return PruneResult(
         out=Path(out),
         experts_before=max(config.experts_per_layer.values()),
