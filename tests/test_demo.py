@@ -66,3 +66,12 @@ def test_pruning_half_of_every_layer_hurts_more(demo_eval, tmp_path):
     assert half.model.perplexity > demo_eval.model.perplexity * 1.05
     assert half.model.params.total < half.baseline.params.total
     assert half.model.bytes_on_disk < half.baseline.bytes_on_disk
+
+
+def test_demo_alias_names_the_shipped_model_unless_a_local_folder_is_called_demo(tmp_path, monkeypatch):
+    from moe_prune.checkpoint.source import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("demo") == DEMO_MODEL_DIR
+    (tmp_path / "demo").mkdir()
+    assert resolve_model("demo") == Path("demo")

@@ -11,19 +11,24 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
+from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
 
+DEMO_ALIAS = "demo"  # names the shipped demo model wherever a model is asked for
+
 
 def resolve_model(model: str | Path) -> Path:
-    """A local folder as is; anything else that looks like `org/name` is fetched from the hub."""
+    """A local folder as is; `demo` (when no such folder exists) the shipped demo model; `org/name` from the hub."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     text = str(model)
+    if text == DEMO_ALIAS:
+        return DEMO_MODEL_DIR
     if path.exists():
         raise MoePruneError(f"{text}: not a model folder")
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
