@@ -1,7 +1,7 @@
 """On the shipped demo model, MC-Suite/SEER criteria pick better experts to drop than chance.
 
 Runs the real pipeline (profile -> score -> prune -> eval) for usage frequency, soft counts and
-activation norm at 25% and 50% of the experts dropped per layer, against the mean of five seeded
+activation norm at 25% and 50% of the experts dropped per layer, against the mean of ten seeded
 random masks of the same size, and prints the perplexity table (copied into the README).
 """
 
@@ -16,7 +16,7 @@ from moe_prune.stages.score import score
 
 CRITERIA = ("usage-frequency", "soft-counts", "activation-norm")
 RATIOS = (0.25, 0.5)
-RANDOM_SEEDS = range(5)
+RANDOM_SEEDS = range(10)  # the issue asks for at least five; ten steady the mean (sd is large)
 
 
 def test_criteria_beat_random_masks_on_the_demo_model(demo_stats, demo_perplexity, tmp_path):
@@ -34,7 +34,7 @@ def test_criteria_beat_random_masks_on_the_demo_model(demo_stats, demo_perplexit
     lines += ["|---|" + "---:|" * len(RATIOS), f"| none (demo model) | {base:.3f} | {base:.3f} |"]
     lines += [f"| {c} (min) | " + " | ".join(f"{row[r]:.3f}" for r in RATIOS) + " |" for c, row in table.items()]
     cells = [f"{statistics.mean(randoms[r]):.3f} ± {statistics.stdev(randoms[r]):.3f}" for r in RATIOS]
-    lines.append("| random (mean ± sd of 5 seeds) | " + " | ".join(cells) + " |")
+    lines.append("| random (mean ± sd of 10 seeds) | " + " | ".join(cells) + " |")
     print("\nheld-out perplexity of the demo model, first 8192 tokens, seq 256:\n" + "\n".join(lines))
 
     for criterion, row in table.items():
