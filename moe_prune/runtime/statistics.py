@@ -85,16 +85,27 @@ class StatisticsRecorder(RoutingRecorder):
         self._last_logits: list[torch.Tensor | None] = [None] * len(self.layers)
         self._last_index: list[torch.Tensor | None] = [None] * len(self.layers)
         self._patched: list[tuple[torch.nn.Module, Any]] = []
+        self._only: set[int] | None = None
 
     def set_input_ids(self, input_ids: torch.Tensor) -> None:
         """The batch about to run; flattened in the same (batch, position) order as the MoE layers see tokens."""
         self._ids = input_ids.reshape(-1)
 
+    def watching(self, layers: set[int]) -> StatisticsRecorder:
+        """Hook only these decoder layers on the next `with` (the others may not be loaded: `--sequential`)."""
+        self._only = layers
+        return self
+
     def __enter__(self) -> StatisticsRecorder:
-        super().__enter__()
+        adapter = self.adapter
         for slot, layer in enumerate(self.layers):
-            experts = self.module(layer, self.adapter.runtime_experts)
-            if self.adapter.selection_from == "experts_args":
+            if self._only is not None and layer not in self._only:
+                continue
+            router = self.module(layer, adapter.runtime_router)
+            self._handles.append(router.register_forward_hook(partial(self._router_hook, slot)))
+            experts = self.module(layer, adapter.runtime_experts)
+            if adapter.selection_from == "experts_args":
+                self._handles.append(experts.register_forward_pre_hook(partial(self._experts_hook, slot)))
                 # An instance attribute shadows the class forward; keep any existing one (accelerate hooks).
                 self._patched.append((experts, experts.__dict__.get("forward")))
                 experts.forward = partial(self._experts_forward, slot, experts.forward)
@@ -109,6 +120,7 @@ class StatisticsRecorder(RoutingRecorder):
             else:
                 module.forward = previous
         self._patched.clear()
+        self._only = None
         super().__exit__(*exc)
 
     def _layer(self, slot: int, device: torch.device) -> _Layer:
@@ -220,6 +232,16 @@ class StatisticsRecorder(RoutingRecorder):
         sums.act_outliers[expert] += ((a - mean).abs() > OUTLIER_STDS * std).sum()
 
     # -- results ----------------------------------------------------------------------------
+
+    def restore(self, arrays: dict[str, np.ndarray], device: torch.device) -> None:
+        """Continue from sums that `arrays()` returned (a resumed profile): later batches add on top."""
+        self._tokens = [int(t) for t in arrays["tokens"]]
+        self._counts = [torch.from_numpy(np.array(c)).to(device) for c in arrays["hard_counts"]]
+        for slot in range(len(self.layers)):
+            sums = self._sums[slot] = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, device)
+            for name in ("soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS):
+                getattr(sums, name).copy_(torch.from_numpy(np.array(arrays[name][slot])))
+            sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot]).reshape(-1)))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every statistic recorded, as numpy arrays with a leading axis over `layers`."""
