@@ -27,7 +27,7 @@ from __future__ import annotations
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +200,8 @@ class LayerwiseModel:
 
     def layer_inputs(self, input_ids: torch.Tensor) -> dict[int, tuple[tuple, dict]]:
         """What the model's own forward passes each decoder layer for this batch (args[0]: hidden states)."""
-        with self.stubs() as calls, torch.inference_mode():
-            try:
-                self.model(input_ids=input_ids.to(self.device), use_cache=False)
-            except _Stop:
-                pass
+        with self.stubs() as calls, torch.inference_mode(), suppress(_Stop):
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
         if len(calls) != len(self.layers):
             raise MoePruneError(f"{self.folder}: the model did not call its decoder layers one after another")
         return calls
