@@ -24,24 +24,40 @@ class World:
 
     rank: int = 0
     size: int = 1
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """A bare `cuda` means this process's own GPU under a launcher."""
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.size > 1 else device
 
 
 def world() -> World:
     """The distributed world when launched by accelerate/torchrun (initialised here if needed), else one process."""
     import torch.distributed as dist
 
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
+        return World(dist.get_rank(), dist.get_world_size(), local)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World()
     from accelerate import PartialState
 
-    state = PartialState()  # reads the launcher's environment, initialises the process group
-    return World(state.process_index, state.num_processes)
+    # Reads the launcher's environment and initialises the process group (gloo without GPUs).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return World(state.process_index, state.num_processes, state.local_process_index)
+
+
+def finish() -> None:
+    """Tear the process group down (gloo aborts at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _device() -> torch.device:
@@ -54,7 +70,10 @@ def _device() -> torch.device:
 
 
 def reduce_arrays(arrays: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Statistics of the union of every process's data (rules of `artifacts.stats`)."""
+    """Statistics of the union of every process's data (rules of `artifacts.stats`).
+
+    `final` statistics are already computed from the all-reduced gradients, the same on every process.
+    """
     import torch.distributed as dist
 
     if size <= 1:
@@ -62,8 +81,12 @@ def reduce_arrays(arrays: dict[str, np.ndarray], size: int) -> dict[str, np.ndar
     device = _device()
     out = {}
     for name, array in arrays.items():
+        rule = STAT_FIELDS[name][0]
+        if rule == "final":
+            out[name] = array
+            continue
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-        if STAT_FIELDS[name][0] == "or":
+        if rule == "or":
             parts = [torch.empty_like(tensor) for _ in range(size)]
             dist.all_gather(parts, tensor)
             tensor = parts[0]

@@ -23,9 +23,9 @@ from moe_prune.errors import MoePruneError
 GRAD_PREFIX = "__grad__"
 
 
-def partial_path(out: Path) -> Path:
-    """Where the resumable state of a profile writing `out` lives."""
-    return out.with_name(out.name + ".partial.npz")
+def partial_path(out: Path, rank: int = 0) -> Path:
+    """Where the resumable state of a profile writing `out` lives (one file per process)."""
+    return out.with_name(out.name + (".partial.npz" if rank == 0 else f".partial-{rank}.npz"))
 
 
 @dataclass

@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,8 @@ def run(
     Under a distributed launch every process profiles its own slice and all get the combined result.
     """
     settings.check()
+    place = distributed.world()
+    settings = replace(settings, device=place.device(settings.device))
     ckpt = Checkpoint.open(model)
     identity = ckpt.identity  # config problems surface before any data is read
     config = ckpt.config
@@ -191,7 +193,6 @@ def run(
     windows = windows[shard_slice(total, settings.shard)]
     if len(windows) == 0:
         raise MoePruneError(f"shard {settings.shard[0]}/{settings.shard[1]} of {total} sequences is empty")
-    place = distributed.world()
     mine = windows[shard_slice(len(windows), (place.rank, place.size))]
     if settings.sequential:
         arrays, predictions = _collect_sequential(loaded, config, mine, settings, progress)
