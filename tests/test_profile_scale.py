@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,15 @@ def test_device_map_auto_equals_plain_load(tiny, tmp_path):
     assert_same_stats(Stats.load(out).arrays, plain, rtol=1e-9)
     bad = CliRunner().invoke(app, [*args, "--force", "--device-map", "balanced"])
     assert bad.exit_code == 1 and "only 'auto'" in bad.output
+
+
+def test_eval_device_map_auto_equals_plain_load(tiny, tmp_path):
+    folder = tiny("mixtral")
+    data = tmp_path / "held.jsonl"
+    write_docs(data, 4, seed=18)
+    args = ["eval", str(folder), "--data", str(data), "--seq-len", str(SEQ), "--json"]
+    plain, mapped = (CliRunner().invoke(app, [*args, *extra]) for extra in ([], ["--device-map", "auto"]))
+    assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
+    want, got = json.loads(plain.stdout), json.loads(mapped.stdout)
+    assert got["model"]["perplexity"] == pytest.approx(want["model"]["perplexity"], rel=1e-9)
+    assert got["model"]["tokens_scored"] == want["model"]["tokens_scored"] > 0
