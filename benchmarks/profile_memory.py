@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from benchmarks.common import build_random_moe, machine, python, run_measured
 from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.demo import DEMO_MODEL_DIR
 
 
 def write_data(path: Path, documents: int) -> None:
@@ -29,6 +31,14 @@ def write_data(path: Path, documents: int) -> None:
         for _ in range(documents):
             picks = torch.randint(0, len(letters), (2000,), generator=generator).tolist()
             handle.write(json.dumps({"text": "".join(letters[i] for i in picks)}) + "\n")
+
+
+def with_tokenizer(folder: Path) -> Path:
+    """The random model borrows the demo tokenizer (its ids fit any vocabulary of 2048 or more)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (folder / name).exists():
+            shutil.copy(DEMO_MODEL_DIR / name, folder / name)
+    return folder
 
 
 def profile(
@@ -48,7 +58,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-bench")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = args.model or build_random_moe(args.work_dir / "random-64e", 8, 1024, 512, 64, 8, dtype=torch.float32)
+    model = args.model or with_tokenizer(
+        build_random_moe(args.work_dir / "random-64e", 8, 1024, 512, 64, 8, dtype=torch.float32)
+    )
     data = args.work_dir / "profile-memory.jsonl"
     write_data(data, 20 * args.samples * args.seq_len // 1000 + 10)
     out = args.work_dir / "profile-memory.npz"
