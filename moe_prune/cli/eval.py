@@ -41,13 +41,18 @@ def evaluate(
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")] = "cpu",
+    device_map: Annotated[
+        str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
+    ] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code to run.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from moe_prune.cli.profile import parse_device_map
     from moe_prune.stages import evaluate as stage
 
+    device = parse_device_map(device_map, device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=err_console, transient=True)
     tasks: dict[str, Any] = {}

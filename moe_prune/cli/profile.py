@@ -59,10 +59,23 @@ def profile(
     ] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")] = "cpu",
+    device_map: Annotated[
+        str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
+    ] = None,
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="Load one decoder layer at a time: memory of one layer.")
+    ] = False,
+    buffer_memory: Annotated[
+        str | None, typer.Option(help="With --sequential: hidden states kept in memory, e.g. 8GB; more spill to disk.")
+    ] = None,
+    save_every: Annotated[int, typer.Option(help="Save resumable progress every N batches (0: never).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.npz.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code to run.")] = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
+    from moe_prune.runtime import distributed
+    from moe_prune.runtime.resume import partial_path
     from moe_prune.stages import profile as stage
 
     out = out.expanduser()
@@ -88,11 +101,25 @@ def profile(
         text_field=text_field,
         split=split,
         dtype=dtype,
-        device=device,
+        device=parse_device_map(device_map, device),
         trust_remote_code=trust_remote_code,
+        sequential=sequential,
+        buffer_memory=parse_size(buffer_memory) if buffer_memory else None,
+        save_every=save_every,
     )
-    result = _run_with_progress(model, data, settings)
-    result.stats.save(out)
+    place = distributed.world()
+    partial = partial_path(out, place.rank) if (save_every or resume) else None
+    try:
+        result = _run_with_progress(model, data, settings, partial, resume, place.is_main)
+        if place.is_main:  # rank 0 writes the file and reports
+            result.stats.save(out)
+    finally:
+        distributed.finish()
+    if not place.is_main:
+        return
+    for rank in range(place.size):
+        if partial is not None:
+            partial_path(out, rank).unlink(missing_ok=True)
     for message in result.warnings:
         warn(message)
     if json_output:
@@ -107,7 +134,31 @@ def profile(
     out_console.print("share = an expert's part of the layer's top-k selections; entropy 1.000 = even", style="dim")
 
 
-def _run_with_progress(model: str, data: str, settings: Settings) -> ProfileResult:
+def parse_device_map(device_map: str | None, device: str) -> str:
+    """--device-map auto is accelerate's big-model placement, the same as --device auto."""
+    if device_map is None:
+        return device
+    if device_map != "auto":
+        raise MoePruneError(f"--device-map {device_map!r}: only 'auto' is supported")
+    return "auto"
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '512MiB', '1e9' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    number = text.strip().upper().rstrip()
+    suffix = number.lstrip("0123456789.E+-")
+    try:
+        value = float(number[: len(number) - len(suffix)]) * units[suffix.strip()]
+    except (ValueError, KeyError):
+        raise MoePruneError(f"--buffer-memory {text!r}: expected a size such as 8GB or 512MiB") from None
+    return int(value)
+
+
+def _run_with_progress(
+    model: str, data: str, settings: Settings, partial: Path | None, resume: bool, show: bool
+) -> ProfileResult:
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from moe_prune.stages import profile as stage
@@ -124,6 +175,8 @@ def _run_with_progress(model: str, data: str, settings: Settings) -> ProfileResu
 
     def advance(done: int, total: int) -> None:
         """Start the bar with the first batch, so errors before any model runs print no bar at all."""
+        if not show:
+            return
         if "task" not in state:
             bar.start()
             state["task"] = bar.add_task("profiling", total=total, rate="")
@@ -132,7 +185,7 @@ def _run_with_progress(model: str, data: str, settings: Settings) -> ProfileResu
         bar.update(task, completed=done, rate=f"{speed:,.0f} tok/s" if speed else "")  # type: ignore[arg-type]
 
     try:
-        return stage.run(model, data, settings, progress=advance)
+        return stage.run(model, data, settings, progress=advance, partial=partial, resume=resume)
     finally:
         if state:
             bar.stop()

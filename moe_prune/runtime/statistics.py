@@ -14,12 +14,13 @@ Definitions (per MoE layer; T tokens, E experts, H hidden size; see `STAT_FIELDS
                     across a's own hidden dimension (MC-Suite 2.4), so one pass suffices.
 
 How per-expert outputs are seen: for families whose experts module is called as
-experts(hidden, top_k_index, top_k_weights) the module's forward is wrapped while recording. For
-each expert hit in the batch the wrapper calls the module's ORIGINAL forward on that expert's tokens
-with index = e and weight = 1, which returns the expert's unweighted output computed by the model's
-own code (activation, biases, clamps included); it records the statistics, multiplies by the routing
-weight and index-adds into the result, experts in ascending order as the eager code does. Each expert
-runs once on its tokens, as without the recorder, so the model's output is unchanged (tested).
+experts(hidden, top_k_index, top_k_weights) the module's forward is wrapped while recording. The
+wrapper calls the module's ORIGINAL forward once, on one row per (token, chosen expert) sorted by
+expert, with top-k = 1 and weight 1: it returns every expert's unweighted output computed by the
+model's own code (activation, biases, clamps included) in one batched call; the statistics are
+index-added per expert, then the outputs are weighted and index-added into the result per token.
+Each expert runs once on its tokens, as without the recorder, so the model's output is unchanged
+up to float summation order (tested).
 llama4 (`selection_from == "router_scores"`) scales the expert INPUT by sigmoid(router logit) and runs
 every expert on every token; its act_* statistics are of the experts-module output at each expert's
 selected tokens, i.e. the expert output of its score-scaled input, and the routing weight is that
@@ -44,6 +45,7 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import RoutingRecorder
 
 OUTLIER_STDS = 3.0
+ROWS_PER_CHUNK = 4096  # rows of expert output converted to float64 at once (bounds the extra memory)
 ACT_FIELDS = ("act_sum", "act_sumsq", "act_unit_sum", "act_norm_sum", "act_weighted_norm_sum", "act_outliers")
 
 
@@ -85,16 +87,27 @@ class StatisticsRecorder(RoutingRecorder):
         self._last_logits: list[torch.Tensor | None] = [None] * len(self.layers)
         self._last_index: list[torch.Tensor | None] = [None] * len(self.layers)
         self._patched: list[tuple[torch.nn.Module, Any]] = []
+        self._only: set[int] | None = None
 
     def set_input_ids(self, input_ids: torch.Tensor) -> None:
         """The batch about to run; flattened in the same (batch, position) order as the MoE layers see tokens."""
         self._ids = input_ids.reshape(-1)
 
+    def watching(self, layers: set[int]) -> StatisticsRecorder:
+        """Hook only these decoder layers on the next `with` (the others may not be loaded: `--sequential`)."""
+        self._only = layers
+        return self
+
     def __enter__(self) -> StatisticsRecorder:
-        super().__enter__()
+        adapter = self.adapter
         for slot, layer in enumerate(self.layers):
-            experts = self.module(layer, self.adapter.runtime_experts)
-            if self.adapter.selection_from == "experts_args":
+            if self._only is not None and layer not in self._only:
+                continue
+            router = self.module(layer, adapter.runtime_router)
+            self._handles.append(router.register_forward_hook(partial(self._router_hook, slot)))
+            experts = self.module(layer, adapter.runtime_experts)
+            if adapter.selection_from == "experts_args":
+                self._handles.append(experts.register_forward_pre_hook(partial(self._experts_hook, slot)))
                 # An instance attribute shadows the class forward; keep any existing one (accelerate hooks).
                 self._patched.append((experts, experts.__dict__.get("forward")))
                 experts.forward = partial(self._experts_forward, slot, experts.forward)
@@ -109,6 +122,7 @@ class StatisticsRecorder(RoutingRecorder):
             else:
                 module.forward = previous
         self._patched.clear()
+        self._only = None
         super().__exit__(*exc)
 
     def _layer(self, slot: int, device: torch.device) -> _Layer:
@@ -171,27 +185,27 @@ class StatisticsRecorder(RoutingRecorder):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """The experts module's forward, one expert at a time, seeing each expert's unweighted output."""
+        """The experts module's forward on one row per (token, chosen expert), seeing every unweighted output.
+
+        One call of the module's own forward with top-k = 1 and weight 1 over the rows sorted by
+        expert computes each expert once on its tokens, as the model does; the outputs are then
+        weighted and added per token in ascending expert order.
+        """
         flat = hidden.reshape(-1, hidden.shape[-1])
         index = top_k_index.reshape(flat.shape[0], -1)
         weights = top_k_weights.reshape(index.shape)
-        result = torch.zeros_like(flat)
         with torch.no_grad():
-            hit = torch.unique(index)
-        for expert in hit.tolist():
-            if not 0 <= expert < self.num_experts:
-                continue
-            with torch.no_grad():
-                position, token = torch.where((index == expert).T)  # the eager code's order
-            n = token.numel()
-            one = torch.full((n, 1), expert, dtype=index.dtype, device=index.device)
-            output = original(
-                flat[token], one, torch.ones((n, 1), dtype=weights.dtype, device=weights.device), *args, **kwargs
-            )
-            output = output.reshape(n, -1)
-            weight = weights[token, position, None]
-            self._add_activations(slot, expert, output.detach(), weight.detach().reshape(-1))
-            result.index_add_(0, token, (output * weight).to(result.dtype))
+            experts = index.reshape(-1)
+            order = torch.argsort(experts, stable=True)
+            order = order[(experts[order] >= 0) & (experts[order] < self.num_experts)]
+            token = order // index.shape[1]
+            chosen = experts[order]
+        n = token.numel()
+        ones = torch.ones((n, 1), dtype=weights.dtype, device=weights.device)
+        output = original(flat[token], chosen[:, None], ones, *args, **kwargs).reshape(n, -1)
+        weight = weights.reshape(-1)[order]
+        self._add_activations(slot, chosen, output.detach(), weight.detach())
+        result = torch.zeros_like(flat).index_add_(0, token, (output * weight[:, None]).to(flat.dtype))
         return result.reshape(hidden.shape[:-1] + result.shape[-1:])
 
     @torch.no_grad()
@@ -203,23 +217,37 @@ class StatisticsRecorder(RoutingRecorder):
         per_expert = output.detach().reshape(self.num_experts, index.shape[0], -1)
         for expert in torch.unique(index).tolist():
             token = (index == expert).any(dim=1).nonzero(as_tuple=True)[0]
-            self._add_activations(slot, expert, per_expert[expert, token], torch.sigmoid(logits[token, expert]))
+            chosen = torch.full_like(token, expert)
+            self._add_activations(slot, chosen, per_expert[expert, token], torch.sigmoid(logits[token, expert]))
 
     @torch.no_grad()
-    def _add_activations(self, slot: int, expert: int, output: torch.Tensor, weight: torch.Tensor) -> None:
-        a = output.double()
-        sums = self._layer(slot, a.device)
-        norms = a.norm(dim=1)
-        sums.act_sum[expert] += a.sum(0)
-        sums.act_sumsq[expert] += (a * a).sum(0)
-        sums.act_unit_sum[expert] += (a / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]).sum(0)
-        sums.act_norm_sum[expert] += norms.sum()
-        sums.act_weighted_norm_sum[expert] += (weight.double() * norms).sum()
-        mean = a.mean(dim=1, keepdim=True)
-        std = a.std(dim=1, correction=0, keepdim=True)
-        sums.act_outliers[expert] += ((a - mean).abs() > OUTLIER_STDS * std).sum()
+    def _add_activations(self, slot: int, expert: torch.Tensor, output: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add rows of expert outputs (row i belongs to `expert[i]`), in float64, a chunk of rows at a time."""
+        sums = self._layer(slot, output.device)
+        for start in range(0, output.shape[0], ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            a, e = output[rows].double(), expert[rows]
+            norms = a.norm(dim=1)
+            sums.act_sum.index_add_(0, e, a)
+            sums.act_sumsq.index_add_(0, e, a * a)
+            sums.act_unit_sum.index_add_(0, e, a / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None])
+            sums.act_norm_sum.index_add_(0, e, norms)
+            sums.act_weighted_norm_sum.index_add_(0, e, weight[rows].double() * norms)
+            mean = a.mean(dim=1, keepdim=True)
+            std = a.std(dim=1, correction=0, keepdim=True)
+            sums.act_outliers.index_add_(0, e, ((a - mean).abs() > OUTLIER_STDS * std).sum(1))
 
     # -- results ----------------------------------------------------------------------------
+
+    def restore(self, arrays: dict[str, np.ndarray], device: torch.device) -> None:
+        """Continue from sums that `arrays()` returned (a resumed profile): later batches add on top."""
+        self._tokens = [int(t) for t in arrays["tokens"]]
+        self._counts = [torch.from_numpy(np.array(c)).to(device) for c in arrays["hard_counts"]]
+        for slot in range(len(self.layers)):
+            sums = self._sums[slot] = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, device)
+            for name in ("soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS):
+                getattr(sums, name).copy_(torch.from_numpy(np.array(arrays[name][slot])))
+            sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot]).reshape(-1)))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every statistic recorded, as numpy arrays with a leading axis over `layers`."""

@@ -15,9 +15,11 @@ statistics are reduced once at the end (`runtime.gradients`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,13 @@ import moe_prune
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
 from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, parse_dtype
+from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.routing import load_balance
+from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.runtime.statistics import StatisticsRecorder
 
 # progress(tokens_done, tokens_total): called before the first batch and after each one.
@@ -55,6 +60,9 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    sequential: bool = False  # one decoder layer at a time from the safetensors files
+    buffer_memory: int | None = None  # bytes of hidden states kept in memory (sequential); more spill to disk
+    save_every: int = 0  # batches between resumable checkpoints (0: none)
 
     def check(self) -> None:
         if self.samples < 1:
@@ -67,6 +75,15 @@ class Settings:
         if count < 1 or not 0 <= index < count:
             raise MoePruneError(f"shard {index}/{count}: expected i/n with 0 <= i < n")
         parse_dtype(self.dtype)
+        if self.sequential and self.gradients:
+            raise MoePruneError(
+                "--sequential cannot collect --gradients (backpropagation needs every layer at once); "
+                "profile gradients without --sequential, with --device-map auto for large models"
+            )
+        if self.sequential and self.save_every:
+            raise MoePruneError("--save-every/--resume work without --sequential only")
+        if self.save_every < 0:
+            raise MoePruneError(f"--save-every must be at least 0 (got {self.save_every})")
 
 
 @dataclass
@@ -133,19 +150,36 @@ def summarize(stats: Stats, top_k: int) -> list[LayerSummary]:
 
 
 def run(
-    model: str | Path, data: str, settings: Settings = Settings(), progress: ProgressFn | None = None
+    model: str | Path,
+    data: str,
+    settings: Settings = Settings(),
+    progress: ProgressFn | None = None,
+    partial: Path | None = None,
+    resume: bool = False,
 ) -> ProfileResult:
-    """Profile `model` on `data`; nothing is written (see `Stats.save`)."""
+    """Profile `model` on `data`; nothing is written but the resumable `partial` file (see `Stats.save`).
+
+    Under a distributed launch every process profiles its own slice and all get the combined result.
+    """
     settings.check()
+    place = distributed.world()
+    settings = replace(settings, device=place.device(settings.device))
     ckpt = Checkpoint.open(model)
     identity = ckpt.identity  # config problems surface before any data is read
     config = ckpt.config
     max_chars = POOL_FACTOR * settings.samples * settings.seq_len * CHARS_PER_TOKEN_BOUND
     texts = load_texts(data, settings.text_field, settings.split, max_chars)
     tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
-    loaded = load_model(ckpt.folder, settings.dtype, settings.device, settings.trust_remote_code)
+    if settings.sequential:
+        loaded = LayerwiseModel(
+            ckpt.folder, config.adapter.runtime_layers, settings.dtype, settings.device, settings.trust_remote_code
+        )
+        hf_config = loaded.model.config
+    else:
+        loaded = load_model(ckpt.folder, settings.dtype, settings.device, settings.trust_remote_code)
+        hf_config = loaded.config
     warnings = []
-    seq_len = clip_seq_len(settings.seq_len, loaded.config)
+    seq_len = clip_seq_len(settings.seq_len, hf_config)
     if seq_len < settings.seq_len:
         warnings.append(f"sequence length {settings.seq_len} exceeds the model's context; using {seq_len}")
     ids = token_stream(texts, tokenizer, POOL_FACTOR * settings.samples * seq_len)
@@ -159,7 +193,13 @@ def run(
     windows = windows[shard_slice(total, settings.shard)]
     if len(windows) == 0:
         raise MoePruneError(f"shard {settings.shard[0]}/{settings.shard[1]} of {total} sequences is empty")
-    arrays, predictions = _collect(loaded, config, windows, settings, progress)
+    mine = windows[shard_slice(len(windows), (place.rank, place.size))]
+    if settings.sequential:
+        arrays, predictions = _collect_sequential(loaded, config, mine, settings, progress)
+    else:
+        resumable = Resumable(partial, _fingerprint(identity, windows, settings, place), settings.save_every)
+        arrays, predictions = _collect(loaded, config, mine, settings, progress, resumable if partial else None, resume)
+    arrays = distributed.reduce_arrays(arrays, place.size)
     provenance = {
         "tool": f"moe-prune {moe_prune.__version__}",
         "model": str(model),
@@ -176,26 +216,52 @@ def run(
         "dtype": settings.dtype,
         "gradients": settings.gradients,
         "predictions": predictions if settings.gradients else None,
+        "sequential": settings.sequential,
+        "processes": place.size,
     }
     stats = Stats(identity, arrays, provenance)
     tokens = int(windows.numel())
     return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
 
 
+def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place: distributed.World) -> str:
+    """What must not change between an interrupted run and its resumption: model, tokens, batching, dtype."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(identity.to_dict(), sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(windows.numpy()).tobytes())
+    options = (settings.batch_size, settings.dtype, settings.gradients, place.rank, place.size)
+    digest.update(repr(options).encode())
+    return digest.hexdigest()
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[slice]:
+    return [slice(start, start + batch_size) for start in range(0, len(windows), batch_size)]
+
+
 def _collect(
-    model: Any, config: Any, windows: torch.Tensor, settings: Settings, progress: ProgressFn | None
+    model: Any,
+    config: Any,
+    windows: torch.Tensor,
+    settings: Settings,
+    progress: ProgressFn | None,
+    resumable: Resumable | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Run every batch once under the recorder; returns the arrays and the number of next-token predictions."""
     report = progress or (lambda done, total: None)
     device = input_device(model)
     total_tokens = int(windows.numel())
-    report(0, total_tokens)
     predictions = 0
     recorder = StatisticsRecorder(model, config)
     grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
+    batches = _batches(windows, settings.batch_size)
     with recorder, grads as expert_params:
-        for start in range(0, len(windows), settings.batch_size):
-            batch = windows[start : start + settings.batch_size].to(device)
+        done = 0
+        if resume and resumable is not None:
+            done, predictions = resumable.restore(recorder, expert_params, device)
+        report(min(done * settings.batch_size, len(windows)) * windows.shape[1], total_tokens)
+        for number, rows in enumerate(batches[done:], start=done + 1):
+            batch = windows[rows].to(device)
             recorder.set_input_ids(batch)
             if settings.gradients:
                 logits = model(input_ids=batch, use_cache=False).logits
@@ -206,11 +272,68 @@ def _collect(
             else:
                 with torch.inference_mode():
                     model(input_ids=batch, use_cache=False)
-            report(min(start + settings.batch_size, len(windows)) * windows.shape[1], total_tokens)
+            if resumable is not None and resumable.due(number, len(batches)):
+                resumable.save(recorder, expert_params, number, predictions)
+            report(min(rows.stop, len(windows)) * windows.shape[1], total_tokens)
         arrays = recorder.arrays()
         if expert_params is not None:
+            size = distributed.world().size
+            predictions = distributed.reduce_gradients(expert_params, predictions, size)
             arrays.update(grad_stats.reduce(expert_params, config.num_experts, recorder.hidden_size, predictions))
     return arrays, predictions
+
+
+def _collect_sequential(
+    model: LayerwiseModel, config: Any, windows: torch.Tensor, settings: Settings, progress: ProgressFn | None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Every batch through one decoder layer at a time; the same statistics as `_collect`."""
+    report = progress or (lambda done, total: None)
+    layers = len(model.layers)
+    total_work = int(windows.numel()) * (layers + 1)
+    report(0, total_work)
+    batches = _batches(windows, settings.batch_size)
+    head = _output_head(model.model)
+    model.load_outside(skip=head)
+    buffer: HiddenBuffer | None = None
+    calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
+    recorder = StatisticsRecorder(model.model, config)
+    moe = set(config.moe_layers)
+    try:
+        for rows in batches:
+            batch = windows[rows]
+            inputs = model.layer_inputs(batch)
+            hidden = inputs[0][0][0]
+            if buffer is None:
+                buffer = HiddenBuffer((len(windows), *hidden.shape[1:]), hidden.dtype, settings.buffer_memory)
+            buffer.tensor[rows] = hidden.cpu()
+            calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
+            report(min(rows.stop, len(windows)) * windows.shape[1], total_work)
+        model.free_outside()
+        assert buffer is not None
+        for layer in range(layers):
+            block = model.load_layer(layer)
+            watch = recorder.watching({layer}) if layer in moe else nullcontext()
+            with watch, torch.inference_mode():
+                for rows in batches:
+                    batch = windows[rows]
+                    recorder.set_input_ids(batch.to(model.device))
+                    args, kwargs = calls[len(batch)][layer]
+                    out = block(buffer.tensor[rows].to(model.device), *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    buffer.tensor[rows] = out.cpu()
+                    done = (layer + 1) * windows.numel() + min(rows.stop, len(windows)) * windows.shape[1]
+                    report(int(done), total_work)
+            model.free_layer(layer)
+    finally:
+        if buffer is not None:
+            buffer.close()
+    return recorder.arrays(), 0
+
+
+def _output_head(model: Any) -> tuple[str, ...]:
+    """Module paths of the output head (never needed for forward statistics)."""
+    head = model.get_output_embeddings()
+    return tuple(name + "." for name, module in model.named_modules() if module is head and name)
 
 
 def combine(paths: list[Path]) -> Stats:

@@ -1,0 +1,93 @@
+"""`moe-prune profile` statistics vs a bare loop over the same tokens (targets: 1.15x, 1.3x with gradients).
+
+    python benchmarks/profile_overhead.py                   # demo model and a larger random MoE, CPU
+    python benchmarks/profile_overhead.py --device cuda --dtype bfloat16
+
+Forward: every forward statistic (router hooks, per-expert activation statistics, vocabulary
+bitsets) against a bare `torch.inference_mode` forward of the same batches. Gradients: the
+profile's forward+backward of the summed next-token loss with the recorder and the expert
+gradients only, against the same forward+backward with no recorder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import DEMO, best_of, build_random_moe, machine
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.demo import DEMO_MODEL_DIR
+from moe_prune.runtime import gradients as grad_stats
+from moe_prune.runtime.loading import load_model
+from moe_prune.stages.profile import Settings, _collect
+
+
+def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
+    model = load_model(folder, args.dtype, args.device)
+    config = ModelConfig.load(folder / "config.json")
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (args.sequences, args.seq_len), generator=generator)
+    batches = [windows[s : s + args.batch_size].to(model.device) for s in range(0, args.sequences, args.batch_size)]
+
+    @torch.inference_mode()
+    def bare() -> None:
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+
+    def bare_backward() -> None:
+        with grad_stats.expert_gradients(model, config):
+            for batch in batches:
+                logits = model(input_ids=batch, use_cache=False).logits
+                targets = batch[:, 1:].reshape(-1)
+                predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
+                torch.nn.functional.cross_entropy(predicted, targets, reduction="sum").backward()
+
+    forward = Settings(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    backward = Settings(batch_size=args.batch_size, device=args.device, dtype=args.dtype, gradients=True)
+    times = {}
+    for name, fn in (
+        ("bare", bare),
+        ("profile", lambda: _collect(model, config, windows, forward, None)),
+        ("bare_bwd", bare_backward),
+        ("profile_bwd", lambda: _collect(model, config, windows, backward, None)),
+    ):
+        fn()  # warm-up: allocator, kernels
+        times[name] = best_of(fn, args.repeats)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=[DEMO, "random"], help="demo, random, or checkpoint folders")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-bench")
+    args = parser.parse_args()
+    print(f"machine: {machine()}; device {args.device}, {args.dtype}")
+    print(f"{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, best of {args.repeats}")
+    header = f"{'model':<26} {'bare s':>7} {'stats s':>8} {'ratio':>6}  {'fwd+bwd s':>9} {'+stats s':>8} {'ratio':>6}"
+    print(header + "  (targets <= 1.15, <= 1.30)")
+    for name in args.models:
+        if name == DEMO:
+            folder = DEMO_MODEL_DIR
+        elif name == "random":
+            name = "random 8L h1024 64E top8"
+            folder = build_random_moe(args.work_dir / "random-64e", 8, 1024, 512, 64, 8, dtype=torch.float32)
+        else:
+            folder = Path(name)
+        t = measure(folder, args)
+        print(
+            f"{name:<26} {t['bare']:7.3f} {t['profile']:8.3f} {t['profile'] / t['bare']:6.3f}  "
+            f"{t['bare_bwd']:9.3f} {t['profile_bwd']:8.3f} {t['profile_bwd'] / t['bare_bwd']:6.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Resumable profiling: the running sums every N batches in a sidecar file, and continuing from it.
+
+The sidecar (`OUT.partial.npz`) holds the recorder's sums exactly as `StatisticsRecorder.arrays()`
+returns them, the accumulated expert gradients with `--gradients`, the number of batches done and
+a fingerprint of model, tokens and options. Resuming restores the sums and skips the batches done;
+the remaining batches add in the same order as in an uninterrupted run, so the result is the same
+file bit for bit. A sidecar of another model, data or options is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_prune.errors import MoePruneError
+
+GRAD_PREFIX = "__grad__"
+
+
+def partial_path(out: Path, rank: int = 0) -> Path:
+    """Where the resumable state of a profile writing `out` lives (one file per process)."""
+    return out.with_name(out.name + (".partial.npz" if rank == 0 else f".partial-{rank}.npz"))
+
+
+@dataclass
+class Resumable:
+    """Checkpointing of one profile run to `path` every `every` batches (0: never)."""
+
+    path: Path | None
+    fingerprint: str
+    every: int
+
+    def due(self, batches_done: int, batches_total: int) -> bool:
+        return bool(self.path) and self.every > 0 and batches_done % self.every == 0 and batches_done < batches_total
+
+    def save(self, recorder: Any, expert_params: list[list[torch.nn.Parameter]] | None, done: int, predictions: int):
+        """Write atomically: a crash while saving leaves the previous checkpoint intact."""
+        assert self.path is not None
+        arrays = dict(recorder.arrays())
+        for i, layer in enumerate(expert_params or []):
+            for j, param in enumerate(layer):
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                arrays[f"{GRAD_PREFIX}{i}_{j}"] = grad.detach().float().cpu().numpy()
+        meta = np.array([self.fingerprint, str(done), str(predictions)])
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.path.parent)
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, __resume__=meta, **arrays)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def restore(
+        self, recorder: Any, expert_params: list[list[torch.nn.Parameter]] | None, device: torch.device
+    ) -> tuple[int, int]:
+        """(batches done, predictions) after loading the sums; (0, 0) when there is nothing to resume."""
+        if self.path is None or not self.path.exists():
+            return 0, 0
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError) as exc:
+            raise MoePruneError(f"{self.path}: unreadable resume file ({exc})") from None
+        meta = arrays.pop("__resume__", None)
+        if meta is None or len(meta) != 3:
+            raise MoePruneError(f"{self.path}: not a moe-prune resume file")
+        fingerprint, done, predictions = str(meta[0]), int(meta[1]), int(meta[2])
+        if fingerprint != self.fingerprint:
+            raise MoePruneError(
+                f"{self.path}: was written for another model, data or options; delete it or run without --resume"
+            )
+        grads = {k: arrays.pop(k) for k in [k for k in arrays if k.startswith(GRAD_PREFIX)]}
+        recorder.restore(arrays, device)
+        for i, layer in enumerate(expert_params or []):
+            for j, param in enumerate(layer):
+                param.grad = torch.from_numpy(grads[f"{GRAD_PREFIX}{i}_{j}"]).to(param.device, param.dtype)
+        return done, predictions

@@ -1,0 +1,220 @@
+"""Run a model one decoder layer at a time, straight from its safetensors files (`profile --sequential`).
+
+Why: a model larger than memory still profiles in one layer's worth of memory plus the hidden
+states of the calibration set. How, reusing transformers for everything family-specific:
+
+  skeleton    the model is built on the meta device (parameters only; buffers such as rotary
+              frequencies are computed for real), so module paths match the whole-model load and
+              the statistics hooks find `{runtime_layers}.{L}.{router}` as usual;
+  weights     checkpoint keys are renamed/fused by transformers' own conversion mapping (the one
+              `from_pretrained` applies), grouped by the decoder layer they land in; one layer's
+              tensors are read with `safetensors.safe_open` and loaded by transformers'
+              `convert_and_load_state_dict_in_model`, then dropped back to meta after use;
+  layer calls every decoder layer is first replaced by a stub and the model's own forward is run
+              on the input embeddings: the stubs record the layer's input hidden states and
+              exactly the arguments the model passes to each layer (masks per layer type,
+              rotary embeddings, position ids), so no family's forward is re-implemented;
+  buffer      hidden states [sequences, seq_len, hidden] in the model's dtype, in memory or, above
+              `buffer_memory` bytes, in a memory-mapped temporary file; each layer overwrites
+              its input with its output batch by batch.
+
+The same batches run through the same layers as in the whole-model pass, so the statistics agree
+to float rounding (in practice bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime.loading import parse_dtype
+
+NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+class _Stop(Exception):
+    """Raised by the last stub: nothing after the decoder layers (final norm, head) is needed."""
+
+
+class _Stub(torch.nn.Module):
+    """Stands in for decoder layer `index`: records what the model passes it and returns its input."""
+
+    def __init__(self, index: int, record: Callable[[int, tuple, dict], None], last: bool) -> None:
+        super().__init__()
+        self.index, self.record, self.last = index, record, last
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.record(self.index, (hidden, *args), kwargs)
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+class HiddenBuffer:
+    """[N, S, H] hidden states in memory, or in a memory-mapped file when larger than `budget` bytes."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, budget: int | None, folder: Path | None = None):
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        self.spilled = budget is not None and nbytes > budget
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if not self.spilled:
+            self.tensor = torch.empty(shape, dtype=dtype)
+            return
+        if dtype not in NUMPY_STORAGE:
+            raise MoePruneError(f"cannot spill {dtype} hidden states to disk")
+        self._tmp = tempfile.TemporaryDirectory(prefix="moe-prune-hidden-", dir=folder)
+        array = np.memmap(Path(self._tmp.name) / "hidden.bin", dtype=NUMPY_STORAGE[dtype], mode="w+", shape=shape)
+        self.tensor = torch.from_numpy(array).view(dtype)
+        self._array = array
+
+    def close(self) -> None:
+        self.tensor = torch.empty(0)
+        if self._tmp is not None:
+            del self._array
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class LayerwiseModel:
+    """A meta-device skeleton of a checkpoint whose decoder layers are loaded one at a time."""
+
+    def __init__(self, folder: Path, layers_path: str, dtype: str, device: str, trust_remote_code: bool) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = folder
+        self.device = torch.device("cuda" if device == "auto" else device)
+        try:
+            hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # same variety as load_model
+            raise MoePruneError(f"{folder}: could not read the model config ({type(exc).__name__}: {exc})") from None
+        wanted = parse_dtype(dtype)
+        self.dtype = (getattr(hf_config, "dtype", None) or torch.float32) if wanted == "auto" else wanted
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        self.model = model.eval()
+        self.layers_path = layers_path
+        self.layers: torch.nn.ModuleList = model.get_submodule(layers_path)
+        self._keys = self._group_keys()
+        for name, buf in list(model.named_buffers()):
+            if not name.startswith(layers_path + ".") and buf.device != self.device:
+                module, _, attr = name.rpartition(".")
+                model.get_submodule(module)._buffers[attr] = buf.to(self.device)
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def _group_keys(self) -> dict[int | None, dict[str, Path]]:
+        """Checkpoint keys by the decoder layer their (converted) parameter belongs to; None: outside layers."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        from moe_prune.checkpoint.source import Checkpoint
+
+        mapping = get_model_conversion_mapping(self.model)
+        self._mapping = mapping
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        meta = self.model.state_dict()
+        prefix = self.layers_path + "."
+        groups: dict[int | None, dict[str, Path]] = defaultdict(dict)
+        for info in Checkpoint(self.folder).tensors:
+            target, _ = rename_source_key(info.name, renamings, converters, self.model.base_model_prefix, meta)
+            layer = int(target[len(prefix) :].split(".", 1)[0]) if target.startswith(prefix) else None
+            groups[layer][info.name] = info.file
+        return groups
+
+    def load(self, keys: dict[str, Path], expect: list[str]) -> None:
+        """Load checkpoint tensors `keys` through transformers' conversion; every name in `expect` must arrive."""
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key, file in keys.items():
+            by_file[file].append(key)
+        state: dict[str, torch.Tensor] = {}
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for name in names:
+                    state[name] = handle.get_tensor(name)
+        config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=[*self._mapping])
+        with _quiet():
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        missing = sorted(set(expect) & set(info.missing_keys))
+        mismatched = sorted(str(k[0]) for k in info.mismatched_keys)
+        if missing or mismatched:
+            what = f"missing weight {missing[0]}" if missing else f"mismatched weight {mismatched[0]}"
+            raise MoePruneError(f"{self.folder}: checkpoint does not match its config ({what})")
+
+    def load_outside(self, skip: tuple[str, ...]) -> None:
+        """Every parameter outside the decoder layers except those under `skip` (the output head)."""
+        keys = self._keys.get(None, {})
+        expect = [n for n, _ in self.model.named_parameters() if not n.startswith((self.layers_path + ".", *skip))]
+        self.load(keys, expect)
+
+    def free_outside(self) -> None:
+        """Parameters outside the decoder layers back to meta (the embeddings are needed only once)."""
+        prefix = self.layers_path + "."
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(prefix):
+                module, _, attr = name.rpartition(".")
+                meta = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                self.model.get_submodule(module)._parameters[attr] = meta
+
+    def load_layer(self, index: int) -> torch.nn.Module:
+        """Decoder layer `index` with its weights on the device."""
+        prefix = f"{self.layers_path}.{index}."
+        expect = [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
+        self.load(self._keys.get(index, {}), expect)
+        layer = self.layers[index].to(self.device)
+        return layer
+
+    def free_layer(self, index: int) -> None:
+        self.layers[index].to_empty(device="meta")
+
+    # -- layer inputs ---------------------------------------------------------------------------
+
+    @contextmanager
+    def stubs(self) -> Iterator[dict[int, tuple[tuple, dict]]]:
+        """Decoder layers replaced by recording stubs; yields {layer: (args, kwargs)} of the last call."""
+        calls: dict[int, tuple[tuple, dict]] = {}
+        originals = list(self.layers)
+        last = len(originals) - 1
+        for i in range(len(originals)):
+            self.layers[i] = _Stub(i, lambda j, args, kwargs: calls.__setitem__(j, (args, kwargs)), i == last)
+        try:
+            yield calls
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    def layer_inputs(self, input_ids: torch.Tensor) -> dict[int, tuple[tuple, dict]]:
+        """What the model's own forward passes each decoder layer for this batch (args[0]: hidden states)."""
+        with self.stubs() as calls, torch.inference_mode(), suppress(_Stop):
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        if len(calls) != len(self.layers):
+            raise MoePruneError(f"{self.folder}: the model did not call its decoder layers one after another")
+        return calls
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
