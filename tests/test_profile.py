@@ -373,3 +373,25 @@ def test_cli_bad_input(case, message, tiny, tmp_path):
     assert len(result.output.strip().splitlines()) == 1
     assert (out.read_bytes() == b"keep") if case == "exists" else not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cal.jsonl", *(["s.npz"] if case == "exists" else [])])
+
+
+def test_provenance_carries_what_score_needs_without_the_model(tiny, tmp_path):
+    """top-k, routing groups and vocabulary size travel in the file, so `score STATS` alone can check them."""
+    from moe_prune.scoring.selection import Budget
+    from moe_prune.stages.score import score
+
+    folder = tiny("deepseek_v3")
+    config = ModelConfig.load(folder / "config.json")
+    write_docs(tmp_path / "a.jsonl", DOCS, seed=0)
+    write_docs(tmp_path / "b.jsonl", DOCS, seed=1)
+    a = stage.run(folder, str(tmp_path / "a.jsonl"), settings()).stats
+    a.save(tmp_path / "a.npz")
+    stage.run(folder, str(tmp_path / "b.jsonl"), settings()).stats.save(tmp_path / "b.npz")
+    both = stage.combine([tmp_path / "a.npz", tmp_path / "b.npz"])
+    for stats in (a, both):
+        assert stats.provenance["top_k"] == config.top_k
+        assert stats.provenance["n_group"] == config.n_group > 1
+        assert stats.provenance["vocab_size"] == config.get("vocab_size")
+    mask, report = score(both, None, "usage-frequency", budget=Budget(drop=config.n_group))
+    assert report.warnings == [] or not any("top-k unknown" in w for w in report.warnings)
+    assert all(len(kept) == config.num_experts - config.n_group for kept in mask.keep.values())

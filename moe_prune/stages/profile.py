@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import moe_prune
+from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -149,6 +150,15 @@ def summarize(stats: Stats, top_k: int) -> list[LayerSummary]:
     return rows
 
 
+MODEL_FACTS = ("top_k", "n_group", "vocab_size")
+
+
+def model_facts(config: ModelConfig) -> dict[str, Any]:
+    """What `score` needs to know of the model when given statistics alone (no --model)."""
+    vocab = config.get("vocab_size")
+    return {"top_k": config.top_k, "n_group": config.n_group, "vocab_size": vocab if isinstance(vocab, int) else None}
+
+
 def run(
     model: str | Path,
     data: str,
@@ -218,6 +228,7 @@ def run(
         "predictions": predictions if settings.gradients else None,
         "sequential": settings.sequential,
         "processes": place.size,
+        **model_facts(config),
     }
     stats = Stats(identity, arrays, provenance)
     tokens = int(windows.numel())
@@ -345,5 +356,6 @@ def combine(paths: list[Path]) -> Stats:
     for path, stats in zip(paths[1:], loaded[1:], strict=True):
         merged = merged.combine(stats, str(path))
     sources = [{"file": str(path), **stats.provenance} for path, stats in zip(paths, loaded, strict=True)]
-    merged.provenance = {"tool": f"moe-prune {moe_prune.__version__}", "combined": sources}
+    facts = {key: loaded[0].provenance[key] for key in MODEL_FACTS if key in loaded[0].provenance}
+    merged.provenance = {"tool": f"moe-prune {moe_prune.__version__}", **facts, "combined": sources}
     return merged
