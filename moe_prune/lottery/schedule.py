@@ -8,6 +8,7 @@ appendix C: 0.2M tokens in round 1, then 0.4M, 0.8M, ...).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from moe_prune.errors import MoePruneError
@@ -47,7 +48,7 @@ def drop_schedule(experts: int, top_k: int, ratio: float, rounds: int | None) ->
             f"experts (each round drops at least one); use --rounds {drops} or fewer"
         )
     gone = [math.ceil(r * drops / rounds) for r in range(rounds + 1)]
-    return [after - before for before, after in zip(gone, gone[1:], strict=False)]
+    return [after - before for before, after in itertools.pairwise(gone)]
 
 
 def token_schedule(first: int, rounds: int) -> list[int]:

@@ -239,7 +239,8 @@ def _prepare(out: Path, recipe: Recipe, force: bool) -> bool:
     diff = first_difference(saved.fingerprint(), recipe.fingerprint())
     if diff:
         raise MoePruneError(
-            f"{out}: holds a lottery run with other settings ({diff}); pass --force to replace it or choose another --out"
+            f"{out}: holds a lottery run with other settings ({diff}); "
+            "pass --force to replace it or choose another --out"
         )
     if (out / REPORT_NAME).exists():
         raise MoePruneError(f"{out}: already holds this finished lottery run; pass --force to run it again")
