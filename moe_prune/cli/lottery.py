@@ -31,64 +31,64 @@ def lottery(
         str | None, typer.Option("--criterion", "-c", help="Criterion (see `moe-prune score --list`).")
     ] = None,
     target_ratio: Annotated[
-        float | None, typer.Option(help="Share of each layer's experts gone at the end [default: 0.5].")
+        float | None, typer.Option(help="Share of each layer's experts gone at the end (default: 0.5).")
     ] = None,
     rounds: Annotated[
-        int | None, typer.Option(help="Rounds k [default: one expert per layer per round].", rich_help_panel=PRUNING)
+        int | None, typer.Option(help="Rounds k (default: one expert per layer per round).", rich_help_panel=PRUNING)
     ] = None,
     data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Calibration and training text [default: demo calibration].")
+        str | None, typer.Option("--data", "-d", help="Calibration and training text (default: demo calibration).")
     ] = None,
     direction: Annotated[
-        str | None, typer.Option(help="min or max [default: the criterion's].", rich_help_panel=PRUNING)
+        str | None, typer.Option(help="min or max (default: the criterion's).", rich_help_panel=PRUNING)
     ] = None,
     no_finetune: Annotated[
-        bool | None, typer.Option("--no-finetune", help="Iterative pruning: no finetuning between rounds.")
-    ] = None,
+        bool, typer.Option("--no-finetune", help="Iterative pruning: no finetuning between rounds.")
+    ] = False,
     compare: Annotated[
-        bool | None, typer.Option("--compare", help="Also run one-shot and iterative pruning and compare the three.")
-    ] = None,
+        bool, typer.Option("--compare", help="Also run one-shot and iterative pruning and compare the three.")
+    ] = False,
     tokens_first: Annotated[
-        str | None, typer.Option(help="Round 1 tokens, doubling each round [default: 200k].", rich_help_panel=TRAIN)
+        str | None, typer.Option(help="Round 1 tokens, doubling each round (default: 200k).", rich_help_panel=TRAIN)
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak AdamW lr [default: 1e-5].", rich_help_panel=TRAIN)] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW lr (default: 1e-5).", rich_help_panel=TRAIN)] = None,
     seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per training/eval sequence [default: 256].", rich_help_panel=TRAIN)
+        int | None, typer.Option(help="Tokens per training/eval sequence (default: 256).", rich_help_panel=TRAIN)
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Sequences per micro-batch [default: 8].", rich_help_panel=TRAIN)
+        int | None, typer.Option(help="Sequences per micro-batch (default: 8).", rich_help_panel=TRAIN)
     ] = None,
     grad_accum: Annotated[
-        int | None, typer.Option(help="Micro-batches per step [default: 1].", rich_help_panel=TRAIN)
+        int | None, typer.Option(help="Micro-batches per step (default: 1).", rich_help_panel=TRAIN)
     ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay [default: 0.01].", rich_help_panel=TRAIN)
+        float | None, typer.Option(help="AdamW weight decay (default: 0.01).", rich_help_panel=TRAIN)
     ] = None,
     warmup_ratio: Annotated[
-        float | None, typer.Option(help="Warm-up share of steps [default: 0.05].", rich_help_panel=TRAIN)
+        float | None, typer.Option(help="Warm-up share of steps (default: 0.05).", rich_help_panel=TRAIN)
     ] = None,
     max_grad_norm: Annotated[
-        float | None, typer.Option(help="Gradient clipping, 0: off [default: 1.0].", rich_help_panel=TRAIN)
+        float | None, typer.Option(help="Gradient clipping, 0: off (default: 1.0).", rich_help_panel=TRAIN)
     ] = None,
     profile_samples: Annotated[
-        int | None, typer.Option(help="Calibration sequences [default: 256].", rich_help_panel=PROFILE)
+        int | None, typer.Option(help="Calibration sequences (default: 256).", rich_help_panel=PROFILE)
     ] = None,
     profile_seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per calibration sequence [default: 2048].", rich_help_panel=PROFILE)
+        int | None, typer.Option(help="Tokens per calibration sequence (default: 2048).", rich_help_panel=PROFILE)
     ] = None,
     profile_batch_size: Annotated[
-        int | None, typer.Option(help="Sequences per forward pass [default: 8].", rich_help_panel=PROFILE)
+        int | None, typer.Option(help="Sequences per forward pass (default: 8).", rich_help_panel=PROFILE)
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of calibration windows; round r trains with seed + r - 1 [default: 0].")
+        int | None, typer.Option(help="Seed of calibration windows; round r trains with seed + r - 1 (default: 0).")
     ] = None,
-    text_field: Annotated[str | None, typer.Option(help="Text field of structured data [default: text].")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Text field of structured data (default: text).")] = None,
     eval_data: Annotated[
-        str | None, typer.Option(help="Held-out text [default: demo held-out].", rich_help_panel=EVAL)
+        str | None, typer.Option(help="Held-out text (default: demo held-out).", rich_help_panel=EVAL)
     ] = None,
     eval_tokens: Annotated[
         int | None,
-        typer.Option(help="Held-out tokens scored per round, 0: skip [default: 16384].", rich_help_panel=EVAL),
+        typer.Option(help="Held-out tokens scored per round, 0: skip (default: 16384).", rich_help_panel=EVAL),
     ] = None,
     recipe: Annotated[
         str | None, typer.Option("--recipe", help="Run the experiment of a recipe.json again (no other parameters).")
@@ -109,8 +109,8 @@ def lottery(
         "rounds": rounds,
         "data": data,
         "direction": direction,
-        "finetune": None if no_finetune is None else not no_finetune,
-        "compare": compare,
+        "finetune": False if no_finetune else None,  # flags count as given only when passed
+        "compare": True if compare else None,
         "tokens_first": parse_tokens(tokens_first) if tokens_first is not None else None,
         "lr": lr,
         "seq_len": seq_len,

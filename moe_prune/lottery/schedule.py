@@ -1,14 +1,14 @@
 """How many experts each round drops, and how many tokens each round finetunes on.
 
 Target: after k rounds, S x E of the ORIGINAL E experts of every MoE layer are gone. The drops are
-spread as evenly as whole experts allow: after round r, ceil(r x D / k) are gone (D = S x E), so
-earlier rounds take the larger share. The token budget doubles every round from the first (paper
-appendix C: 0.2M tokens in round 1, then 0.4M, 0.8M, ...).
+spread as evenly as whole experts allow (D = S x E): every round drops floor(D / k) or one more, and
+the first D mod k rounds take the extra one (an undamaged model is the safest to cut deepest).
+The token budget doubles every round from the first (paper appendix C: 0.2M tokens in round 1,
+then 0.4M, 0.8M, ...).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 from moe_prune.errors import MoePruneError
@@ -47,8 +47,8 @@ def drop_schedule(experts: int, top_k: int, ratio: float, rounds: int | None) ->
             f"--target-ratio {ratio} drops {drops} experts per layer, which {rounds} rounds cannot share with whole "
             f"experts (each round drops at least one); use --rounds {drops} or fewer"
         )
-    gone = [math.ceil(r * drops / rounds) for r in range(rounds + 1)]
-    return [after - before for before, after in itertools.pairwise(gone)]
+    base, extra = divmod(drops, rounds)
+    return [base + 1] * extra + [base] * (rounds - extra)
 
 
 def token_schedule(first: int, rounds: int) -> list[int]:
