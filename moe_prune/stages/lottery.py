@@ -207,17 +207,22 @@ def run(
             raise MoePruneError(f"the recipe's inputs have changed since it was written: {diff}")
     _protect_inputs(out, recipe.params)
     resumed = _prepare(out, recipe, force)
+    warnings = []
+    if expected is not None and expected.tool_version != recipe.tool_version:
+        warnings.append(f"the recipe was written by moe-prune {expected.tool_version}; this is {recipe.tool_version}")
     report = progress or (lambda method, r, total, step: None)
     params = recipe.params
     experts = {layer: list(ids) for layer, ids in ckpt.identity.original_ids.items()}
     baseline = _perplexity(params, ckpt.folder) if params.eval_tokens else None
     results: dict[str, MethodResult] = {}
+    first_stats: Path | None = None  # every method's round 1 profiles the same original model: done once
     for method in methods:
         folder = out / method.name if params.compare else out
-        results[method.name] = _run_method(params, recipe.digest(), method, folder, ckpt.folder, report)
+        results[method.name] = _run_method(params, recipe.digest(), method, folder, ckpt.folder, report, first_stats)
+        first_stats = first_stats or folder / "round-01" / "stats.npz"
     dropped = {name: m.dropped for name, m in results.items()}
     result = LotteryResult(
-        out, recipe.to_dict(), experts, baseline, results, agreement.all_pairs(dropped, experts), resumed
+        out, recipe.to_dict(), experts, baseline, results, agreement.all_pairs(dropped, experts), resumed, warnings
     )
     _write_json(out / REPORT_NAME, {"schema": REPORT_SCHEMA, "version": VERSION, **result.to_dict()})
     return result
@@ -263,14 +268,21 @@ def _remove(out: Path) -> None:
 
 
 def _run_method(
-    params: LotteryParams, digest: str, method: Method, folder: Path, original: Path, report: ProgressFn
+    params: LotteryParams,
+    digest: str,
+    method: Method,
+    folder: Path,
+    original: Path,
+    report: ProgressFn,
+    first_stats: Path | None,
 ) -> MethodResult:
-    """All rounds of one method, each on the previous round's output."""
+    """All rounds of one method, each on the previous round's output; round 1 may copy `first_stats`."""
     folder.mkdir(parents=True, exist_ok=True)
     current = original
     rounds: list[RoundResult] = []
     for index, (drop, tokens) in enumerate(zip(method.drops, method.tokens, strict=True), 1):
-        step = _Round(params, digest, method.name, index, len(method.drops), folder, report)
+        shared = first_stats if index == 1 else None
+        step = _Round(params, digest, method.name, index, len(method.drops), folder, report, shared)
         result = step.run(current, drop, tokens)
         rounds.append(result)
         current = folder / result.checkpoint
@@ -288,6 +300,7 @@ class _Round:
     total: int
     folder: Path
     report: ProgressFn
+    shared_stats: Path | None = None  # statistics of the same input model made by another method
 
     @property
     def path(self) -> Path:
@@ -346,6 +359,8 @@ class _Round:
         if not crit.stats:
             return None
         path = self.path / "stats.npz"
+        if not path.exists() and self.shared_stats is not None and self.shared_stats.exists():
+            _copy(self.shared_stats, path)
         if path.exists():
             return Stats.load(path)
         self.report(self.method, self.index, self.total, "profile")
@@ -399,6 +414,18 @@ def _perplexity(params: LotteryParams, model: Path) -> float:
         model, params.eval_data, seq_len=params.seq_len, batch_size=params.batch_size, max_tokens=params.eval_tokens
     )
     return result.model.perplexity
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy atomically: a temporary file beside the target, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
