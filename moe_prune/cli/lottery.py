@@ -13,7 +13,7 @@ from moe_prune.cli.common import JsonOpt, err_console, out_console, print_json, 
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
-    from moe_prune.stages.lottery import LotteryResult
+    from moe_prune.lottery.results import LotteryResult
 
 PRUNING = "Pruning"
 TRAIN = "Finetuning (each round)"
