@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_eval import save_char_tokenizer
 from test_profile import SEQ, assert_same_stats, settings, write_docs
-from tiny_models import build_tiny
 from typer.testing import CliRunner
 
 from moe_prune.artifacts.stats import Stats
@@ -24,30 +22,6 @@ from moe_prune.runtime.sequential import HiddenBuffer
 from moe_prune.stages import profile as stage
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """`tiny(model_type)` -> folder of a tiny random model with a character tokenizer."""
-    cache = {}
-
-    def make(model_type: str):
-        if model_type not in cache:
-            folder = tmp_path_factory.mktemp(model_type) / "model"
-            build_tiny(model_type, folder)
-            save_char_tokenizer(folder)
-            cache[model_type] = folder
-        return cache[model_type]
-
-    return make
 
 
 # -- layer by layer -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import typer
 
 from moe_prune.cli import eval as eval_cmd
 from moe_prune.cli import finetune as finetune_cmd
+from moe_prune.cli import lottery as lottery_cmd
 from moe_prune.cli import merge as merge_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
@@ -23,6 +24,7 @@ app.command("score", help=score_cmd.__doc__)(score_cmd.score)
 app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
 app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
+app.command("lottery", help=lottery_cmd.__doc__)(lottery_cmd.lottery)
 app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
 
 

@@ -1,0 +1,251 @@
+"""MoE lottery subnetworks: k rounds of profile -> score -> prune -> finetune; resumable, reproducible by recipe."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import JsonOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.lottery.results import LotteryResult
+
+PRUNING = "Pruning"
+TRAIN = "Finetuning (each round)"
+PROFILE = "Profiling (each round)"
+EVAL = "Evaluation"
+
+
+@user_errors
+def lottery(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (round-NN/ per round, recipe.json, report).")],
+    model: Annotated[
+        str | None, typer.Argument(help="Model folder or hub id (default: the shipped demo model).", show_default=False)
+    ] = None,
+    criterion: Annotated[
+        str | None, typer.Option("--criterion", "-c", help="Criterion (see `moe-prune score --list`).")
+    ] = None,
+    target_ratio: Annotated[
+        float | None, typer.Option(help="Share of each layer's experts gone at the end (default: 0.5).")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Rounds k (default: one expert per layer per round).", rich_help_panel=PRUNING)
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Calibration and training text (default: demo calibration).")
+    ] = None,
+    direction: Annotated[
+        str | None, typer.Option(help="min or max (default: the criterion's).", rich_help_panel=PRUNING)
+    ] = None,
+    no_finetune: Annotated[
+        bool, typer.Option("--no-finetune", help="Iterative pruning: no finetuning between rounds.")
+    ] = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also run one-shot and iterative pruning and compare the three.")
+    ] = False,
+    tokens_first: Annotated[
+        str | None, typer.Option(help="Round 1 tokens, doubling each round (default: 200k).", rich_help_panel=TRAIN)
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW lr (default: 1e-5).", rich_help_panel=TRAIN)] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per training/eval sequence (default: 256).", rich_help_panel=TRAIN)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per micro-batch (default: 8).", rich_help_panel=TRAIN)
+    ] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Micro-batches per step (default: 1).", rich_help_panel=TRAIN)
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay (default: 0.01).", rich_help_panel=TRAIN)
+    ] = None,
+    warmup_ratio: Annotated[
+        float | None, typer.Option(help="Warm-up share of steps (default: 0.05).", rich_help_panel=TRAIN)
+    ] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Gradient clipping, 0: off (default: 1.0).", rich_help_panel=TRAIN)
+    ] = None,
+    profile_samples: Annotated[
+        int | None, typer.Option(help="Calibration sequences (default: 256).", rich_help_panel=PROFILE)
+    ] = None,
+    profile_seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per calibration sequence (default: 2048).", rich_help_panel=PROFILE)
+    ] = None,
+    profile_batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per forward pass (default: 8).", rich_help_panel=PROFILE)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of calibration windows; round r trains with seed + r - 1 (default: 0).")
+    ] = None,
+    text_field: Annotated[str | None, typer.Option(help="Text field of structured data (default: text).")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Held-out text (default: demo held-out).", rich_help_panel=EVAL)
+    ] = None,
+    eval_tokens: Annotated[
+        int | None,
+        typer.Option(help="Held-out tokens scored per round, 0: skip (default: 16384).", rich_help_panel=EVAL),
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", help="Run the experiment of a recipe.json again (no other parameters).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of the dropped experts (figure 5 with --compare).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.cli.finetune import parse_tokens
+    from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
+    from moe_prune.lottery.recipe import LotteryParams, Recipe
+    from moe_prune.stages import lottery as stage
+
+    given = {
+        "model": model,
+        "criterion": criterion,
+        "target_ratio": target_ratio,
+        "rounds": rounds,
+        "data": data,
+        "direction": direction,
+        "finetune": False if no_finetune else None,  # flags count as given only when passed
+        "compare": True if compare else None,
+        "tokens_first": parse_tokens(tokens_first) if tokens_first is not None else None,
+        "lr": lr,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "weight_decay": weight_decay,
+        "warmup_ratio": warmup_ratio,
+        "max_grad_norm": max_grad_norm,
+        "profile_samples": profile_samples,
+        "profile_seq_len": profile_seq_len,
+        "profile_batch_size": profile_batch_size,
+        "seed": seed,
+        "text_field": text_field,
+        "eval_data": eval_data,
+        "eval_tokens": eval_tokens,
+    }
+    set_fields = {k: v for k, v in given.items() if v is not None}
+    expected = None
+    if recipe is not None:
+        if set_fields:
+            names = ", ".join(sorted(set_fields))
+            raise MoePruneError(f"--recipe sets every parameter; do not also pass {names}")
+        expected = Recipe.read(recipe)
+        params = expected.params
+    else:
+        if criterion is None:
+            raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`) or --recipe FILE")
+        set_fields.setdefault("model", str(DEMO_MODEL_DIR))
+        set_fields.setdefault("data", str(DEMO_CALIBRATION))
+        params = LotteryParams(**set_fields)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise MoePruneError(f"--plot {plot}: give a .png file name")
+    with _RoundBar() as bar:
+        result = stage.run(params, out, force=force, progress=bar.update, expected=expected)
+    if plot is not None:
+        from moe_prune.lottery.agreement import plot as draw
+
+        draw({name: m.dropped for name, m in result.methods.items()}, result.experts, plot)
+    for message in result.warnings:
+        warn(message)
+    if json_output:
+        print_json({**result.to_dict(), "plot": str(plot) if plot else None})
+        return
+    _print(result)
+    if plot is not None:
+        out_console.print(f"plot written to {plot}", highlight=False)
+
+
+class _RoundBar:
+    """Rounds done over all methods, the current step in the description; started at the first report."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err_console, transient=True,
+        )  # fmt: skip
+        self.task: Any = None
+        self.seen: list[tuple[str, int]] = []
+
+    def __enter__(self) -> _RoundBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+    def update(self, method: str, round_: int, total: int, step: str) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=None)
+        if (method, round_) not in self.seen:
+            self.seen.append((method, round_))
+        description = f"{method} round {round_}/{total}: {step}"
+        self.bar.update(self.task, description=description, completed=len(self.seen) - 1)
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}" if math.isfinite(value) else "inf"
+
+
+def _print(result: LotteryResult) -> None:
+    schedule = result.recipe["schedule"]
+    params = result.recipe["params"]
+    out_console.print(
+        f"{params['criterion']} → {result.out}: {sum(schedule['drops_per_round'])} of "
+        f"{len(next(iter(result.experts.values())))} experts per layer dropped in "
+        f"{len(schedule['drops_per_round'])} round(s) {schedule['drops_per_round']}"
+        + (", resumed" if result.resumed else ""),
+        highlight=False,
+    )
+    rounds = Table(title="perplexity after each round (held-out)", title_justify="left")
+    for name in ("method", "round", "dropped per layer (original ids, layer:ids)", "tokens", "perplexity"):
+        rounds.add_column(name, justify="right" if name in ("round", "tokens", "perplexity") else "left")
+    rounds.add_row("original", "0", "-", "-", _ppl(result.baseline_perplexity))
+    for method in result.methods.values():
+        for r in method.rounds:
+            dropped = "  ".join(f"{layer}:{','.join(map(str, ids))}" for layer, ids in r.dropped.items())
+            reused = " (kept)" if r.reused else ""
+            rounds.add_row(method.name, f"{r.round}{reused}", dropped, f"{r.tokens:,}", _ppl(r.perplexity))
+    out_console.print(rounds)
+    if len(result.methods) > 1:
+        out_console.print(_comparison(result))
+        out_console.print(_agreement(result))
+
+
+def _comparison(result: LotteryResult) -> Table:
+    table = Table(title="one-shot vs iterative vs lottery (final perplexity, held-out)", title_justify="left")
+    for name in ("method", "rounds", "tokens trained", "perplexity"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    table.add_row("original", "-", "-", _ppl(result.baseline_perplexity))
+    for method in result.methods.values():
+        tokens = sum(r.tokens for r in method.rounds)
+        table.add_row(method.name, str(len(method.rounds)), f"{tokens:,}", _ppl(method.rounds[-1].perplexity))
+    return table
+
+
+def _agreement(result: LotteryResult) -> Table:
+    """Per layer: each method's dropped original experts, then each pair's both-drop / disagree / Jaccard."""
+    from moe_prune.lottery.agreement import PAIRS
+
+    pairs = [(x, y) for x, y in PAIRS if x in result.methods and y in result.methods]
+    table = Table(title="dropped experts (original ids); agreement: both drop/disagree/Jaccard", title_justify="left")
+    table.add_column("layer", justify="right")
+    for name in result.methods:
+        table.add_column(name)
+    for x, y in pairs:
+        table.add_column(f"{x} vs {y}", justify="right")
+    by_key = {(row.first, row.second, row.layer): row for row in result.agreement}
+    dropped = {name: m.dropped for name, m in result.methods.items()}
+    for layer in result.experts:
+        cells = [" ".join(map(str, dropped[name][layer])) for name in result.methods]
+        for x, y in pairs:
+            row = by_key[(x, y, layer)]
+            cells.append(f"{row.both_drop}/{row.disagree}/{row.jaccard:.2f}")
+        table.add_row(str(layer), *cells)
+    return table

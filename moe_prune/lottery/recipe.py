@@ -1,0 +1,176 @@
+"""The recipe of a lottery run: every parameter, the inputs' fingerprints, the seeds and the tool version.
+
+Written to `DIR/recipe.json` before the first round. It serves twice: `moe-prune lottery --recipe
+DIR/recipe.json --out NEW` runs the same experiment again (refused when the model or data changed
+since), and an interrupted run resumes only when its recipe matches the one in DIR, field by field.
+Weights are hashed only up to `WEIGHT_HASH_LIMIT` bytes (larger models: config and tensor headers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from moe_prune import __version__
+from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.demo import DEMO_HELDOUT
+from moe_prune.errors import MoePruneError
+
+RECIPE_SCHEMA = "moe-prune/lottery-recipe"
+RECIPE_VERSION = 1
+RECIPE_NAME = "recipe.json"
+WEIGHT_HASH_LIMIT = 1 << 30
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LotteryParams:
+    """Everything that decides a lottery run's result (see `moe-prune lottery --help` for each field)."""
+
+    model: str
+    criterion: str
+    data: str
+    target_ratio: float = 0.5
+    rounds: int | None = None  # None: one expert per layer per round (the paper)
+    direction: str | None = None  # None: the criterion's own
+    finetune: bool = True
+    compare: bool = False
+    tokens_first: int = 200_000
+    lr: float = 1e-5
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    profile_samples: int = 256
+    profile_seq_len: int = 2048
+    profile_batch_size: int = 8
+    seed: int = 0
+    text_field: str = "text"
+    eval_data: str = str(DEMO_HELDOUT)
+    eval_tokens: int = 16_384
+
+    def check(self) -> None:
+        """Cheap checks of the numbers alone (the rest needs the model)."""
+        for name in ("profile_samples", "profile_batch_size", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise MoePruneError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if min(self.seq_len, self.profile_seq_len) < 2:
+            raise MoePruneError("--seq-len and --profile-seq-len must be at least 2")
+        if self.eval_tokens < 0:
+            raise MoePruneError(f"--eval-tokens must not be negative (got {self.eval_tokens})")
+        if self.direction not in (None, "min", "max"):
+            raise MoePruneError(f"--direction must be min or max, not {self.direction!r}")
+        if self.compare and not self.finetune:
+            raise MoePruneError(
+                "--compare runs one-shot, iterative and the lottery (with finetuning); drop --no-finetune"
+            )
+
+    @classmethod
+    def from_dict(cls, obj: Any, name: str) -> LotteryParams:
+        known = {f.name for f in fields(cls)}
+        if not isinstance(obj, dict) or set(obj) - known or {"model", "criterion", "data"} - set(obj):
+            raise MoePruneError(f"{name}: malformed 'params' block (expected the fields {', '.join(sorted(known))})")
+        return cls(**obj)
+
+
+def local_path(source: str) -> str:
+    """An existing local path made absolute (so the recipe works from any folder); hub ids unchanged."""
+    path = Path(source).expanduser()
+    return str(path.absolute()) if path.exists() else source
+
+
+def data_fingerprint(source: str) -> dict[str, Any]:
+    """sha256 of a local file's bytes; hub datasets are named, not hashed."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return {"source": source, "sha256": None}
+    return {"source": source, "sha256": _hash_files([path])}
+
+
+def model_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
+    """Config fingerprint, tensor names/dtypes/shapes, and the weights' bytes when they are small enough."""
+    headers = json.dumps([[t.name, t.dtype, list(t.shape)] for t in ckpt.tensors]).encode()
+    size = sum(p.stat().st_size for p in ckpt.shard_files)
+    weights = _hash_files(ckpt.shard_files) if size <= WEIGHT_HASH_LIMIT else f"not hashed ({size} bytes)"
+    return {
+        "config": ckpt.config.fingerprint(),
+        "tensors": "sha256:" + hashlib.sha256(headers).hexdigest()[:16],
+        "weights": weights,
+    }
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(CHUNK):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+@dataclass
+class Recipe:
+    """Parameters plus what they were applied to; `fingerprint()` is what a resumed run must match."""
+
+    params: LotteryParams
+    inputs: dict[str, Any]
+    schedule: dict[str, Any]
+    tool_version: str = __version__
+
+    def fingerprint(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"params": asdict(self.params), "inputs": self.inputs}))
+
+    def digest(self) -> str:
+        blob = json.dumps(self.fingerprint(), sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": RECIPE_SCHEMA,
+            "version": RECIPE_VERSION,
+            "tool_version": self.tool_version,
+            "params": asdict(self.params),
+            "inputs": self.inputs,
+            "schedule": self.schedule,
+            "fingerprint": self.digest(),
+        }
+
+    def write(self, path: Path) -> None:
+        """Atomically (temporary file beside it, then rename)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(dump_json(self.to_dict()))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Recipe:
+        obj, name = read_json(path, "lottery recipe")
+        check_header(obj, RECIPE_SCHEMA, RECIPE_VERSION, name)
+        params = LotteryParams.from_dict(obj.get("params"), name)
+        inputs, schedule = obj.get("inputs"), obj.get("schedule")
+        if not isinstance(inputs, dict) or not isinstance(schedule, dict):
+            raise MoePruneError(f"{name}: malformed recipe (needs 'inputs' and 'schedule' objects)")
+        return cls(params, inputs, schedule, str(obj.get("tool_version")))
+
+
+def first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    """Dotted path of the first field that differs, with both values (None when equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{path} ({saved!r} there, {current!r} now)"

@@ -1,0 +1,356 @@
+"""`lottery`: MoE lottery subnetworks (MC-Suite section 3, figure 3) from the real stages, round by round.
+
+Each round runs, on the current model, `profile` -> `score` (drop this round's share of the ORIGINAL
+experts per layer, `lottery.schedule`) -> `prune` -> `finetune` (token budget doubling each round, a
+fresh optimizer each time: every round is its own `finetune.run`), then `eval` on held-out text.
+Without finetuning it is iterative pruning; one round without finetuning is one-shot pruning.
+
+Layout of DIR (each file written atomically, so a half-written round is visible as a missing file):
+    recipe.json                      every parameter and input fingerprint (`lottery.recipe`)
+    round-NN/stats.npz               profile of the round's input (criteria that read statistics)
+    round-NN/mask.json               the round's drops, in original expert ids
+    round-NN/pruned/  finetuned/     checkpoints (finetuned/ only with finetuning)
+    round-NN/round.json              written last: the round is finished
+    report.json                      written last: the run is finished
+With `compare`, one-shot, iterative and lottery runs live in DIR/one-shot, DIR/iterative, DIR/lottery.
+A rerun with the same recipe resumes: finished rounds are read back, an unfinished round reuses the
+artifacts it already wrote and makes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.lottery import agreement
+from moe_prune.lottery.recipe import (
+    RECIPE_NAME,
+    LotteryParams,
+    Recipe,
+    data_fingerprint,
+    first_difference,
+    local_path,
+    model_fingerprint,
+)
+from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
+from moe_prune.lottery.schedule import drop_schedule, token_schedule
+from moe_prune.runtime.data import load_texts
+from moe_prune.scoring import get_criterion
+from moe_prune.scoring.selection import Budget
+from moe_prune.stages import evaluate, finetune, profile, prune, score
+from moe_prune.training.options import FinetuneOptions
+
+ROUND_SCHEMA = "moe-prune/lottery-round"
+REPORT_SCHEMA = "moe-prune/lottery-report"
+VERSION = 1
+REPORT_NAME = "report.json"
+STEPS = ("profile", "score", "prune", "finetune", "eval")
+
+# progress(method, round, rounds, step): called before each step of each round.
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class Method:
+    """One way of reaching the target: how many rounds, with or without finetuning."""
+
+    name: str
+    drops: list[int]  # experts dropped per layer in each round
+    tokens: list[int]  # finetuning tokens per round (0: no finetuning)
+
+
+def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
+    """Validate everything that needs no compute and fix the schedule; nothing is written."""
+    params.check()
+    get_criterion(params.criterion)  # unknown names fail here, with "did you mean"
+    params = replace(
+        params, model=local_path(params.model), data=local_path(params.data), eval_data=local_path(params.eval_data)
+    )
+    ckpt = Checkpoint.open(params.model)
+    config = ckpt.config
+    counts = set(config.experts_per_layer.values())
+    if len(counts) != 1:
+        raise MoePruneError(
+            f"{params.model}: MoE layers hold different expert counts {sorted(counts)}; lottery needs one"
+        )
+    drops = drop_schedule(counts.pop(), config.top_k, params.target_ratio, params.rounds)
+    tokens = token_schedule(params.tokens_first, len(drops)) if params.finetune else [0] * len(drops)
+    FinetuneOptions(**_finetune_fields(params, tokens[0] or 1)).check()
+    for source in (params.data, *((params.eval_data,) if params.eval_tokens else ())):
+        load_texts(source, params.text_field, max_chars=1)  # a missing file is reported before any round
+    methods = [Method("lottery" if params.finetune else "iterative", drops, tokens)]
+    if params.compare:
+        total = sum(drops)
+        methods = [Method("one-shot", [total], [0]), Method("iterative", drops, [0] * len(drops)), methods[0]]
+    inputs = {
+        "model": model_fingerprint(ckpt),
+        "data": data_fingerprint(params.data),
+        "eval_data": data_fingerprint(params.eval_data) if params.eval_tokens else None,
+    }
+    schedule = {
+        "drops_per_round": drops,
+        "tokens_per_round": tokens,
+        "finetune_seeds": [params.seed + r for r in range(len(drops))] if params.finetune else [],
+        "profile_seed": params.seed,
+        "methods": [m.name for m in methods],
+    }
+    return Recipe(params, inputs, schedule), methods, ckpt
+
+
+def run(
+    params: LotteryParams,
+    out: str | Path,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    expected: Recipe | None = None,
+) -> LotteryResult:
+    """Run (or resume) the lottery into `out`; `expected` is a recipe being reproduced (its inputs must match)."""
+    out = Path(out).expanduser().absolute()
+    recipe, methods, ckpt = plan(params)
+    if expected is not None:
+        diff = first_difference(expected.inputs, recipe.inputs)
+        if diff:
+            raise MoePruneError(f"the recipe's inputs have changed since it was written: {diff}")
+    _protect_inputs(out, recipe.params)
+    resumed = _prepare(out, recipe, force)
+    warnings = []
+    if expected is not None and expected.tool_version != recipe.tool_version:
+        warnings.append(f"the recipe was written by moe-prune {expected.tool_version}; this is {recipe.tool_version}")
+    report = progress or (lambda method, r, total, step: None)
+    params = recipe.params
+    experts = {layer: list(ids) for layer, ids in ckpt.identity.original_ids.items()}
+    baseline = _perplexity(params, ckpt.folder) if params.eval_tokens else None
+    results: dict[str, MethodResult] = {}
+    first_stats: Path | None = None  # every method's round 1 profiles the same original model: done once
+    for method in methods:
+        folder = out / method.name if params.compare else out
+        results[method.name] = _run_method(params, recipe.digest(), method, folder, ckpt.folder, report, first_stats)
+        first_stats = first_stats or folder / "round-01" / "stats.npz"
+    dropped = {name: m.dropped for name, m in results.items()}
+    result = LotteryResult(
+        out, recipe.to_dict(), experts, baseline, results, agreement.all_pairs(dropped, experts), resumed, warnings
+    )
+    _write_json(out / REPORT_NAME, {"schema": REPORT_SCHEMA, "version": VERSION, **result.to_dict()})
+    return result
+
+
+def _prepare(out: Path, recipe: Recipe, force: bool) -> bool:
+    """Start a fresh run in `out`, or find the same unfinished run there to resume (True)."""
+    if out.exists() and not out.is_dir():
+        raise MoePruneError(f"{out}: exists and is not a folder")
+    if out.exists() and force:
+        _remove(out)
+    if not out.exists():
+        out.mkdir(parents=True)
+        recipe.write(out / RECIPE_NAME)
+        return False
+    if not (out / RECIPE_NAME).exists():
+        raise MoePruneError(f"{out}: already exists and holds no lottery run; pass --force to replace it")
+    saved = Recipe.read(out / RECIPE_NAME)
+    diff = first_difference(saved.fingerprint(), recipe.fingerprint())
+    if diff:
+        raise MoePruneError(
+            f"{out}: holds a lottery run with other settings ({diff}); "
+            "pass --force to replace it or choose another --out"
+        )
+    if (out / REPORT_NAME).exists():
+        raise MoePruneError(f"{out}: already holds this finished lottery run; pass --force to run it again")
+    return True
+
+
+def _protect_inputs(out: Path, params: LotteryParams) -> None:
+    """--force replaces DIR whole: refuse a DIR that is or holds the model or the data."""
+    for what, source in (("model", params.model), ("data", params.data), ("eval data", params.eval_data)):
+        path = Path(source).expanduser()
+        if path.exists() and (path.resolve() == out.resolve() or out.resolve() in path.resolve().parents):
+            raise MoePruneError(f"{out}: holds the input {what} {source}; choose another --out")
+
+
+def _remove(out: Path) -> None:
+    """Move the old run aside in one rename, then delete it."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(old / out.name)
+    shutil.rmtree(old)
+
+
+def _run_method(
+    params: LotteryParams,
+    digest: str,
+    method: Method,
+    folder: Path,
+    original: Path,
+    report: ProgressFn,
+    first_stats: Path | None,
+) -> MethodResult:
+    """All rounds of one method, each on the previous round's output; round 1 may copy `first_stats`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    current = original
+    rounds: list[RoundResult] = []
+    for index, (drop, tokens) in enumerate(zip(method.drops, method.tokens, strict=True), 1):
+        shared = first_stats if index == 1 else None
+        step = _Round(params, digest, method.name, index, len(method.drops), folder, report, shared)
+        result = step.run(current, drop, tokens)
+        rounds.append(result)
+        current = folder / result.checkpoint
+    return MethodResult(method.name, folder, rounds)
+
+
+@dataclass
+class _Round:
+    """One round of one method, reusing whatever it already wrote."""
+
+    params: LotteryParams
+    digest: str
+    method: str
+    index: int
+    total: int
+    folder: Path
+    report: ProgressFn
+    shared_stats: Path | None = None  # statistics of the same input model made by another method
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"round-{self.index:02d}"
+
+    def run(self, current: Path, drop: int, tokens: int) -> RoundResult:
+        marker = self.path / "round.json"
+        if marker.exists():
+            return self._finished(marker)
+        self.path.mkdir(parents=True, exist_ok=True)
+        stats = self._stats(current)
+        mask = self._mask(current, stats, drop)
+        pruned = self.path / "pruned"
+        if not pruned.exists():
+            self.report(self.method, self.index, self.total, "prune")
+            prune.run(current, mask, pruned, mask_name=str(self.path / "mask.json"))
+        final = pruned
+        if tokens:
+            final = self.path / "finetuned"
+            if not final.exists():
+                self.report(self.method, self.index, self.total, "finetune")
+                options = FinetuneOptions(
+                    **_finetune_fields(self.params, tokens), seed=self.params.seed + self.index - 1
+                )
+                finetune.run(pruned, self.params.data, final, options)
+        perplexity = None
+        if self.params.eval_tokens:
+            self.report(self.method, self.index, self.total, "eval")
+            perplexity = _perplexity(self.params, final)
+        layers = mask.model.moe_layers
+        result = RoundResult(
+            round=self.index,
+            dropped={layer: list(mask.drop(layer)) for layer in layers},
+            kept={layer: list(mask.keep[layer]) for layer in layers},
+            tokens=tokens,
+            checkpoint=str(final.relative_to(self.folder)),
+            perplexity=perplexity,
+        )
+        entry = {"schema": ROUND_SCHEMA, "version": VERSION, "recipe": self.digest, **result.to_dict()}
+        entry.pop("reused")
+        _write_json(marker, entry)
+        return result
+
+    def _finished(self, marker: Path) -> RoundResult:
+        obj, name = read_json(marker, "lottery round marker")
+        check_header(obj, ROUND_SCHEMA, VERSION, name)
+        if obj.get("recipe") != self.digest:
+            raise MoePruneError(f"{name}: belongs to another lottery run; pass --force to start over")
+        try:
+            return RoundResult.from_dict(obj)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MoePruneError(f"{name}: malformed round marker ({exc!r})") from None
+
+    def _stats(self, current: Path) -> Stats | None:
+        crit = get_criterion(self.params.criterion)
+        if not crit.stats:
+            return None
+        path = self.path / "stats.npz"
+        if not path.exists() and self.shared_stats is not None and self.shared_stats.exists():
+            _copy(self.shared_stats, path)
+        if path.exists():
+            return Stats.load(path)
+        self.report(self.method, self.index, self.total, "profile")
+        settings = profile.Settings(
+            samples=self.params.profile_samples,
+            seq_len=self.params.profile_seq_len,
+            seed=self.params.seed,
+            batch_size=self.params.profile_batch_size,
+            gradients=any(name.startswith("grad") for name in crit.stats),
+            text_field=self.params.text_field,
+        )
+        stats = profile.run(current, self.params.data, settings).stats
+        stats.save(path)
+        return stats
+
+    def _mask(self, current: Path, stats: Stats | None, drop: int) -> DropMask:
+        path = self.path / "mask.json"
+        if path.exists():
+            return DropMask.read(path)
+        self.report(self.method, self.index, self.total, "score")
+        mask, _ = score.score(
+            stats,
+            current,
+            self.params.criterion,
+            direction=self.params.direction,  # type: ignore[arg-type]
+            budget=Budget(drop=drop),
+            seed=self.params.seed + self.index - 1,
+            stats_name=str(self.path / "stats.npz"),
+        )
+        score.write_mask(mask, path)
+        return mask
+
+
+def _finetune_fields(params: LotteryParams, tokens: int) -> dict[str, Any]:
+    return {
+        "tokens": tokens,
+        "seq_len": params.seq_len,
+        "batch_size": params.batch_size,
+        "grad_accum": params.grad_accum,
+        "lr": params.lr,
+        "weight_decay": params.weight_decay,
+        "warmup_ratio": params.warmup_ratio,
+        "max_grad_norm": params.max_grad_norm,
+        "text_field": params.text_field,
+        "eval_tokens": 0,  # the round is evaluated once, by `eval`, after finetuning
+    }
+
+
+def _perplexity(params: LotteryParams, model: Path) -> float:
+    result = evaluate.run(
+        model, params.eval_data, seq_len=params.seq_len, batch_size=params.batch_size, max_tokens=params.eval_tokens
+    )
+    return result.model.perplexity
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy atomically: a temporary file beside the target, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(dump_json(json.loads(json.dumps(obj, default=str))))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
