@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
+from moe_prune.plotting import pyplot
 
 # The comparisons of figure 5: (a) one-shot vs lottery, (b) iterative vs lottery; plus one-shot vs iterative.
 PAIRS = (("one-shot", "lottery"), ("iterative", "lottery"), ("one-shot", "iterative"))
@@ -65,10 +66,7 @@ def cell(expert: int, a: list[int], b: list[int]) -> int:
 def plot(dropped: dict[str, Dropped], experts: dict[int, list[int]], path: Path) -> None:
     """One panel per compared pair, layers x original experts coloured as in figure 5; or, for a single
     method, which experts it dropped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 

@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
+from moe_prune.plotting import pyplot
 
 
 def similarity_heatmaps(layers: list[Any], path: Path) -> None:
     """One panel per merged layer (`LayerReport`s with similarity and order); cluster borders drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     shown = [r for r in layers if r.similarity is not None]
     if not shown:
