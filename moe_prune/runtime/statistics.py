@@ -26,9 +26,10 @@ every expert on every token; its act_* statistics are of the experts-module outp
 selected tokens, i.e. the expert output of its score-scaled input, and the routing weight is that
 sigmoid score.
 
-Accumulators: counts in int64, everything else in float64 on the model's device (the per-batch
-values are computed in float64 from the model's own dtype), so sums of disjoint data add exactly up
-to float64 rounding and memory does not grow with the number of tokens.
+Accumulators: counts in int64, everything else in float64 on the model's device. Per-row values
+(output norms, means, 3-sigma bounds) are computed in the outputs' own dtype and the column sums
+accumulate in float64 without a float64 copy of the outputs; sums of disjoint data add exactly up to
+float64 rounding and memory does not grow with the number of tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import RoutingRecorder
 
 OUTLIER_STDS = 3.0
-ROWS_PER_CHUNK = 4096  # rows of expert output converted to float64 at once (bounds the extra memory)
 ACT_FIELDS = ("act_sum", "act_sumsq", "act_unit_sum", "act_norm_sum", "act_weighted_norm_sum", "act_outliers")
 
 
@@ -222,20 +222,35 @@ class StatisticsRecorder(RoutingRecorder):
 
     @torch.no_grad()
     def _add_activations(self, slot: int, expert: torch.Tensor, output: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add rows of expert outputs (row i belongs to `expert[i]`), in float64, a chunk of rows at a time."""
+        """Add rows of expert outputs (row i belongs to `expert[i]`) to the layer's float64 sums.
+
+        Speed matters here (every routed row passes through): rows are grouped by expert so each
+        expert's sums are plain column sums accumulated in float64 (`sum(dtype=float64)`, no float64
+        copy of the outputs), and each row's mean and std come from its sum and norm (computed in the
+        outputs' dtype, then float64), so the outlier count is one pass against per-row bounds.
+        """
         sums = self._layer(slot, output.device)
-        for start in range(0, output.shape[0], ROWS_PER_CHUNK):
-            rows = slice(start, start + ROWS_PER_CHUNK)
-            a, e = output[rows].double(), expert[rows]
-            norms = a.norm(dim=1)
-            sums.act_sum.index_add_(0, e, a)
-            sums.act_sumsq.index_add_(0, e, a * a)
-            sums.act_unit_sum.index_add_(0, e, a / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None])
-            sums.act_norm_sum.index_add_(0, e, norms)
-            sums.act_weighted_norm_sum.index_add_(0, e, weight[rows].double() * norms)
-            mean = a.mean(dim=1, keepdim=True)
-            std = a.std(dim=1, correction=0, keepdim=True)
-            sums.act_outliers.index_add_(0, e, ((a - mean).abs() > OUTLIER_STDS * std).sum(1))
+        f64 = torch.float64
+        if expert.numel() > 1 and not bool((expert[1:] >= expert[:-1]).all()):
+            order = torch.argsort(expert, stable=True)
+            expert, output, weight = expert[order], output[order], weight[order]
+        a = output if output.is_floating_point() and output.dtype != torch.float16 else output.float()
+        hidden = a.shape[1]
+        norms = torch.linalg.vector_norm(a, dim=1).to(f64)  # in a's dtype: dtype=float64 would copy a
+        mean = a.sum(dim=1).to(f64) / hidden
+        std = (norms.square() / hidden - mean.square()).clamp_min(0).sqrt()
+        lower = (mean - OUTLIER_STDS * std).to(a.dtype)[:, None]
+        upper = (mean + OUTLIER_STDS * std).to(a.dtype)[:, None]
+        sums.act_outliers.index_add_(0, expert, ((a < lower) | (a > upper)).sum(1))
+        sums.act_norm_sum.index_add_(0, expert, norms)
+        sums.act_weighted_norm_sum.index_add_(0, expert, weight.to(f64) * norms)
+        unit = a / norms.clamp_min(torch.finfo(f64).tiny).to(a.dtype)[:, None]
+        ids, counts = torch.unique_consecutive(expert, return_counts=True)
+        sizes = counts.tolist()
+        for e, rows, unit_rows in zip(ids.tolist(), a.split(sizes), unit.split(sizes), strict=True):
+            sums.act_sum[e] += rows.sum(dim=0, dtype=f64)
+            sums.act_sumsq[e] += (rows * rows).sum(dim=0, dtype=f64)
+            sums.act_unit_sum[e] += unit_rows.sum(dim=0, dtype=f64)
 
     # -- results ----------------------------------------------------------------------------
 
