@@ -1,7 +1,7 @@
 """Perplexity loop of `moe-prune eval` vs a bare forward loop over the same tokens (target: at most 1.05x).
 
-    python benchmarks/eval_overhead.py                      # demo model and a larger random MoE, CPU
-    python benchmarks/eval_overhead.py --device cuda --dtype bfloat16
+    python -m benchmarks.eval_overhead                      # demo model and a larger random MoE, CPU
+    python -m benchmarks.eval_overhead --device cuda --dtype bfloat16
 
 Both loops run the same model on the same batches; the eval loop adds the routing recorder's hooks,
 the float32 cross-entropy and the host transfer of one scalar per batch.

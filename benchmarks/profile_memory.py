@@ -1,7 +1,7 @@
 """Peak memory of `moe-prune profile --sequential` vs whole-model profiling, and vs 10x the calibration tokens.
 
-    python benchmarks/profile_memory.py                     # random 8L h1024 64E top8 MoE (3.3 GB float32)
-    python benchmarks/profile_memory.py --model /path/to/checkpoint --samples 32 --seq-len 512
+    python -m benchmarks.profile_memory                     # random 8L h1024 64E top8 MoE (3.3 GB float32)
+    python -m benchmarks.profile_memory --model /path/to/checkpoint --samples 32 --seq-len 512
 
 Each profile runs as its own process under GNU time (peak resident memory of that process alone).
 Targets: sequential peak at most 0.3x the whole-model peak for a model of at least 2 GB, tokens/s

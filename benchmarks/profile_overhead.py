@@ -1,7 +1,7 @@
 """`moe-prune profile` statistics vs a bare loop over the same tokens (targets: 1.15x, 1.3x with gradients).
 
-    python benchmarks/profile_overhead.py                   # demo model and a larger random MoE, CPU
-    python benchmarks/profile_overhead.py --device cuda --dtype bfloat16
+    python -m benchmarks.profile_overhead                   # demo model and a larger random MoE, CPU
+    python -m benchmarks.profile_overhead --device cuda --dtype bfloat16
 
 Forward: every forward statistic (router hooks, per-expert activation statistics, vocabulary
 bitsets) against a bare `torch.inference_mode` forward of the same batches. Gradients: the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,13 +38,20 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
         for batch in batches:
             model(input_ids=batch, use_cache=False)
 
-    def bare_backward() -> None:
-        with grad_stats.expert_gradients(model, config):
+    def bare_backward(reduce: bool = False) -> float:
+        """Forward+backward over the batches; with `reduce`, the seconds of the once-per-run gradient reduction."""
+        with grad_stats.expert_gradients(model, config) as layers:
             for batch in batches:
                 logits = model(input_ids=batch, use_cache=False).logits
                 targets = batch[:, 1:].reshape(-1)
                 predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
                 torch.nn.functional.cross_entropy(predicted, targets, reduction="sum").backward()
+            if not reduce:
+                return 0.0
+            start = time.perf_counter()
+            hidden = model.config.get_text_config().hidden_size
+            grad_stats.reduce(layers, config.num_experts, hidden, windows[:, 1:].numel())
+            return time.perf_counter() - start
 
     forward = Settings(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     backward = Settings(batch_size=args.batch_size, device=args.device, dtype=args.dtype, gradients=True)
@@ -56,6 +64,7 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
     ):
         fn()  # warm-up: allocator, kernels
         times[name] = best_of(fn, args.repeats)
+    times["reduce"] = min(bare_backward(reduce=True) for _ in range(args.repeats))
     return times
 
 
@@ -73,7 +82,7 @@ def main() -> None:
     print(f"machine: {machine()}; device {args.device}, {args.dtype}")
     print(f"{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, best of {args.repeats}")
     header = f"{'model':<26} {'bare s':>7} {'stats s':>8} {'ratio':>6}  {'fwd+bwd s':>9} {'+stats s':>8} {'ratio':>6}"
-    print(header + "  (targets <= 1.15, <= 1.30)")
+    print(header + f"  {'reduce s':>8} {'ratio w/o':>9}  (targets <= 1.15, <= 1.30)")
     for name in args.models:
         if name == DEMO:
             folder = DEMO_MODEL_DIR
@@ -85,7 +94,8 @@ def main() -> None:
         t = measure(folder, args)
         print(
             f"{name:<26} {t['bare']:7.3f} {t['profile']:8.3f} {t['profile'] / t['bare']:6.3f}  "
-            f"{t['bare_bwd']:9.3f} {t['profile_bwd']:8.3f} {t['profile_bwd'] / t['bare_bwd']:6.3f}"
+            f"{t['bare_bwd']:9.3f} {t['profile_bwd']:8.3f} {t['profile_bwd'] / t['bare_bwd']:6.3f}  "
+            f"{t['reduce']:8.3f} {(t['profile_bwd'] - t['reduce']) / t['bare_bwd']:9.3f}"
         )
 
 

@@ -1,6 +1,6 @@
 """`moe-prune prune` at 50% drop vs a plain copy of the same checkpoint folder.
 
-    python benchmarks/prune_vs_copy.py            # builds a ~2.1 GB, 3-shard random MoE once
+    python -m benchmarks.prune_vs_copy            # builds a ~2.1 GB, 3-shard random MoE once
 
 Targets: wall time at most 1.0x the copy (prune writes half the expert bytes, copy writes all),
 peak resident memory at most 1.5x the largest input shard. Both run as child processes so their
