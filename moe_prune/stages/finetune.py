@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +33,10 @@ from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transfor
 from moe_prune.training.batches import BatchPlan
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
-from moe_prune.training.losses import RouterEntropy, token_cross_entropy
+from moe_prune.training.loop import TrainingLoop
 from moe_prune.training.options import FinetuneOptions
-from moe_prune.training.schedule import lr_at, warmup_steps
 from moe_prune.training.state import WorkFolder, fingerprint_json, work_folder
-from moe_prune.training.topk import check_top_k, set_top_k, top_k_at
+from moe_prune.training.topk import check_top_k
 
 CHARS_PER_TOKEN_BOUND = 16  # characters read per budgeted token (as `eval`): more than any tokenizer needs
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -240,59 +237,30 @@ def run(
     if start_step:
         accelerator.load_state(str(work.state_dir(start_step)))
 
+    loop = TrainingLoop(
+        accelerator=accelerator,
+        wrapped=wrapped,
+        inner=inner,
+        config=config,
+        optimizer=optimizer,
+        chunks=chunks,
+        batches=batches,
+        options=options,
+        steps=plan.steps,
+        top_k=(plan.top_k_start, plan.top_k_end),
+        trainable=names,
+        routers=routers,
+        selected=selected,
+    )
     params = dict(inner.named_parameters())
-    trainable = [params[n] for n in names]
-    warm = options.router_warmup_steps
-    warmup = warmup_steps(plan.steps, options.warmup_ratio)
-    want_aux = options.aux_loss_weight > 0
-    losses: list[float] = []
-    current_k = config.top_k
-    started = time.perf_counter()
-    wrapped.train()
+
+    def on_step(done: int, loss: float, elapsed: float) -> None:
+        report(Progress("train", done, plan.steps, loss, (done - start_step) * plan.tokens_per_step, elapsed))
+        if options.save_every and done % options.save_every == 0 and done < plan.steps:
+            _save_state(accelerator, work, done, fingerprint)
+
     report(Progress("train", start_step, plan.steps))
-    with ExitStack() as stack:
-        entropy = stack.enter_context(RouterEntropy(inner, config)) if options.entropy_weight > 0 else None
-        for step in range(start_step, plan.steps):
-            k = top_k_at(step, plan.steps, plan.top_k_start, plan.top_k_end)
-            if k != current_k:
-                set_top_k(inner, config, k)
-                current_k = k
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan.steps, warmup, options.lr)
-            step_loss = 0.0
-            for micro in range(options.grad_accum):
-                index = batches.indices(step, micro, accelerator.process_index)
-                batch = chunks[index].to(accelerator.device)
-                sync = nullcontext() if micro == options.grad_accum - 1 else accelerator.no_sync(wrapped)
-                with sync:
-                    with accelerator.autocast():
-                        kwargs = {"output_router_logits": True} if want_aux else {}
-                        outputs = wrapped(input_ids=batch, use_cache=False, **kwargs)
-                    ce = token_cross_entropy(outputs.logits, batch)
-                    loss = ce
-                    if entropy is not None:
-                        loss = loss + options.entropy_weight * entropy.mean()
-                        entropy.clear()
-                    if want_aux:
-                        if getattr(outputs, "aux_loss", None) is None:
-                            raise MoePruneError(f"{config.model_type}: the model computes no load-balancing loss")
-                        loss = loss + options.aux_loss_weight * outputs.aux_loss
-                    accelerator.backward(loss / options.grad_accum)
-                step_loss += float(ce.detach()) / options.grad_accum
-            frozen = (set(names) - routers) if step < warm else (set(names) - selected)
-            for name in frozen:
-                params[name].grad = None
-            if options.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
-            losses.append(mean_loss)
-            done = step + 1
-            elapsed = time.perf_counter() - started
-            report(Progress("train", done, plan.steps, mean_loss, (done - start_step) * plan.tokens_per_step, elapsed))
-            if options.save_every and done % options.save_every == 0 and done < plan.steps:
-                _save_state(accelerator, work, done, fingerprint)
+    losses, current_k = loop.run(start_step, on_step)
 
     after = None
     if eval_chunks is not None:
