@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,3 +95,27 @@ def build_random_moe(
 
 def python() -> str:
     return sys.executable
+
+
+def add_model_options(parser: Any, sequences: int) -> None:
+    """The options every forward-loop benchmark shares: which models, where, how many tokens."""
+    parser.add_argument("--models", nargs="+", default=[DEMO, "random"], help="demo, random, or checkpoint folders")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--sequences", type=int, default=sequences)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-bench")
+
+
+def resolve_model(name: str, work_dir: Path) -> tuple[str, Path]:
+    """(label, folder) of `demo`, `random` (built once: 8 layers, hidden 1024, 64 experts, top-8) or a folder."""
+    from moe_prune.demo import DEMO_MODEL_DIR
+
+    if name == DEMO:
+        return name, DEMO_MODEL_DIR
+    if name == "random":
+        return "random 8L h1024 64E top8", build_random_moe(
+            work_dir / "random-64e", 8, 1024, 512, 64, 8, dtype=torch.float32
+        )
+    return name, Path(name)

@@ -10,14 +10,12 @@ the float32 cross-entropy and the host transfer of one scalar per batch.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEMO, best_of, build_random_moe, machine
+from benchmarks.common import add_model_options, best_of, machine, resolve_model
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.runtime.loading import load_model
 from moe_prune.runtime.routing import RoutingRecorder
 from moe_prune.stages.evaluate import nll_sum
@@ -44,24 +42,12 @@ def measure(folder: Path, dtype: str, device: str, sequences: int, seq_len: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=[DEMO, "random"], help="demo, random, or checkpoint folders")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--sequences", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-bench")
+    add_model_options(parser, sequences=16)
     args = parser.parse_args()
     print(f"machine: {machine()}; device {args.device}, {args.dtype}")
     print(f"{'model':<28} {'bare s':>8} {'eval s':>8} {'ratio':>7}  (target <= 1.05)")
     for name in args.models:
-        if name == DEMO:
-            folder = DEMO_MODEL_DIR
-        elif name == "random":
-            name = "random 8L h1024 64E top8"
-            folder = build_random_moe(args.work_dir / "random-64e", 8, 1024, 512, 64, 8, dtype=torch.float32)
-        else:
-            folder = Path(name)
+        name, folder = resolve_model(name, args.work_dir)
         bare, evaluated = measure(folder, args.dtype, args.device, args.sequences, args.seq_len, args.batch_size)
         print(f"{name:<28} {bare:8.3f} {evaluated:8.3f} {evaluated / bare:7.3f}")
 

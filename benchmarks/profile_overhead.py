@@ -12,15 +12,13 @@ gradients only, against the same forward+backward with no recorder.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEMO, best_of, build_random_moe, machine
+from benchmarks.common import add_model_options, best_of, machine, resolve_model
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.loading import load_model
 from moe_prune.stages.profile import Settings, _collect
@@ -70,27 +68,15 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=[DEMO, "random"], help="demo, random, or checkpoint folders")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--sequences", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_model_options(parser, sequences=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-bench")
     args = parser.parse_args()
     print(f"machine: {machine()}; device {args.device}, {args.dtype}")
     print(f"{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, best of {args.repeats}")
     header = f"{'model':<26} {'bare s':>7} {'stats s':>8} {'ratio':>6}  {'fwd+bwd s':>9} {'+stats s':>8} {'ratio':>6}"
     print(header + f"  {'reduce s':>8} {'ratio w/o':>9}  (targets <= 1.15, <= 1.30)")
     for name in args.models:
-        if name == DEMO:
-            folder = DEMO_MODEL_DIR
-        elif name == "random":
-            name = "random 8L h1024 64E top8"
-            folder = build_random_moe(args.work_dir / "random-64e", 8, 1024, 512, 64, 8, dtype=torch.float32)
-        else:
-            folder = Path(name)
+        name, folder = resolve_model(name, args.work_dir)
         t = measure(folder, args)
         print(
             f"{name:<26} {t['bare']:7.3f} {t['profile']:8.3f} {t['profile'] / t['bare']:6.3f}  "

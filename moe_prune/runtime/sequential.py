@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.loading import parse_dtype
+from moe_prune.runtime.loading import parse_dtype, quiet_transformers_progress
 
 NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -148,7 +148,7 @@ class LayerwiseModel:
                 for name in names:
                     state[name] = handle.get_tensor(name)
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=[*self._mapping])
-        with _quiet():
+        with quiet_transformers_progress():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         missing = sorted(set(expect) & set(info.missing_keys))
         mismatched = sorted(str(k[0]) for k in info.mismatched_keys)
@@ -205,16 +205,3 @@ class LayerwiseModel:
         if len(calls) != len(self.layers):
             raise MoePruneError(f"{self.folder}: the model did not call its decoder layers one after another")
         return calls
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
