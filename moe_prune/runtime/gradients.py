@@ -18,7 +18,7 @@ does not depend on how the data was batched. Per MoE layer, for each expert e:
   grad_outliers  [E] elements of F_e beyond mean +- 3 std (population) of F_e's own elements.
 
 These are nonlinear in the whole run's gradient, so files do not combine (rule `final` in
-`artifacts.stats`). Reductions run in float64, one parameter at a time (two passes for outliers).
+`artifacts.stats`). Reductions run in float64, one parameter at a time (one pass for moments, one for outliers).
 """
 
 from __future__ import annotations
@@ -99,13 +99,14 @@ def reduce(
             part = log_std_sum(g, hidden_size)
             if part is not None:
                 entropy += part.cpu()
-        count = sum(g[0].numel() for g in grads)
-        mean = sum(g.reshape(experts, -1).sum(1) for g in grads) / count
-        spread = sum(((g.reshape(experts, -1) - mean[:, None]) ** 2).sum(1) for g in grads)
-        std = (spread / count).sqrt()
-        beyond = sum(
-            ((g.reshape(experts, -1) - mean[:, None]).abs() > OUTLIER_STDS * std[:, None]).sum(1) for g in grads
-        )
+        flats = [g.reshape(experts, -1) for g in grads]
+        count = sum(f.shape[1] for f in flats)
+        mean = sum(f.sum(1) for f in flats) / count
+        # Variance from the sum of squares (float64, mean ~ 0 next to the spread): no (g - mean) temporaries.
+        sumsq = sum(torch.linalg.vector_norm(f, dim=1).square() for f in flats)
+        std = (sumsq / count - mean.square()).clamp_min(0).sqrt()
+        lower, upper = (mean - OUTLIER_STDS * std)[:, None], (mean + OUTLIER_STDS * std)[:, None]
+        beyond = sum(((f < lower) | (f > upper)).sum(1) for f in flats)
         grams.append(gram.cpu())
         entropies.append(entropy)
         outliers.append(beyond.cpu())
