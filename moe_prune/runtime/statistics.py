@@ -222,7 +222,7 @@ class StatisticsRecorder(RoutingRecorder):
 
     @torch.no_grad()
     def _add_activations(self, slot: int, expert: torch.Tensor, output: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add rows of expert outputs (row i belongs to `expert[i]`) to the layer's float64 sums.
+        """Add rows of expert outputs (row i belongs to `expert[i]`, rows of one expert adjacent) to the sums.
 
         Speed matters here (every routed row passes through): rows are grouped by expert so each
         expert's sums are plain column sums accumulated in float64 (`sum(dtype=float64)`, no float64
@@ -231,9 +231,6 @@ class StatisticsRecorder(RoutingRecorder):
         """
         sums = self._layer(slot, output.device)
         f64 = torch.float64
-        if expert.numel() > 1 and not bool((expert[1:] >= expert[:-1]).all()):
-            order = torch.argsort(expert, stable=True)
-            expert, output, weight = expert[order], output[order], weight[order]
         a = output if output.is_floating_point() and output.dtype != torch.float16 else output.float()
         hidden = a.shape[1]
         norms = torch.linalg.vector_norm(a, dim=1).to(f64)  # in a's dtype: dtype=float64 would copy a
