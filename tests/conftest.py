@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Remote code that transformers imports is cached here, never in the user's ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="moe-prune-test-modules-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
