@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from hostile import hostile  # noqa: F401
-
 import numpy as np
-from hostile import STATS_READERS, Workspace
+from hostile import (
+    STATS_READERS,
+    Workspace,
+    hostile,
+)
 
 
 @hostile("stats-negative-counts", STATS_READERS, "stats.npz")

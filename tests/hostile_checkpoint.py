@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from hostile import hostile  # noqa: F401
-
-from hostile import LOADERS, MODEL_READERS, Workspace
+from hostile import (
+    LOADERS,
+    MODEL_READERS,
+    Workspace,
+    hostile,
+)
 
 
 @hostile("config-is-a-folder", MODEL_READERS, "config.json")

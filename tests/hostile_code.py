@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from hostile import hostile  # noqa: F401
-
-from hostile import LOADERS, Workspace
+from hostile import (
+    LOADERS,
+    Workspace,
+    hostile,
+)
 
 
 def evil_code(ws: Workspace) -> str:
