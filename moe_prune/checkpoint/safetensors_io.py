@@ -21,7 +21,32 @@ from pathlib import Path
 from moe_prune.errors import MoePruneError
 
 COPY_CHUNK = 64 << 20
-_MAX_HEADER = 100 << 20
+MAX_HEADER = 100 << 20  # safetensors refuses larger headers
+# Every dtype safetensors 0.8 knows -> bits per element (F4/F6 are packed: a tensor must fill whole bytes).
+DTYPE_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -44,39 +69,104 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def _corrupt(path: Path, problem: str, part: str = "header") -> MoePruneError:
+    """The error for a shard safetensors itself would refuse: the file, then what is wrong (and with which tensor)."""
+    return MoePruneError(f"{path}: corrupt safetensors {part}: {problem}")
+
+
+def _truncated(path: Path, problem: str) -> MoePruneError:
+    return MoePruneError(f"{path}: truncated safetensors file ({problem})")
+
+
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Tensors and metadata of one .safetensors file; a one-line error if it is corrupt or truncated."""
+    """Tensors and metadata of one .safetensors file, validated by safetensors' own rules.
+
+    Every entry needs a known dtype, a shape of non-negative ints and a byte range of exactly
+    prod(shape) x dtype size; the ranges must tile the data buffer from 0 to its last byte, with no
+    gap, overlap or trailing bytes. Checked once here, so nothing downstream copies or reads a range
+    that is not the tensor it names.
+    """
+    header_len, header, size = _read_raw_header(path)
+    data_len = size - 8 - header_len
+    metadata = _metadata(path, header.pop("__metadata__", None))
+    tensors = [_entry(path, name, entry, 8 + header_len) for name, entry in header.items()]
+    _check_tiling(path, tensors, 8 + header_len, data_len)
+    return tensors, metadata
+
+
+def _read_raw_header(path: Path) -> tuple[int, dict, int]:
+    """(header length, parsed header object, file size); refuses what is not a JSON object of sane length."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             raw_len = handle.read(8)
             if len(raw_len) < 8:
-                raise MoePruneError(f"{path}: truncated safetensors file (no header)")
+                raise _truncated(path, f"{size} bytes, no header")
             (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(size - 8, _MAX_HEADER):
-                raise MoePruneError(f"{path}: corrupt or truncated safetensors header")
-            header = json.loads(handle.read(header_len))
+            if header_len > MAX_HEADER:
+                raise _corrupt(path, f"length {header_len} is over the 100 MB safetensors allows")
+            if header_len > size - 8:
+                raise _truncated(path, f"header length {header_len} runs past the end of the file")
+            raw = handle.read(header_len)
     except OSError as exc:
         raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MoePruneError(f"{path}: corrupt safetensors header (not JSON)") from None
+    try:
+        # A repeated key keeps its last entry, as in safetensors; the dropped entry's bytes then fail the tiling check.
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise _corrupt(path, "not JSON") from None
     if not isinstance(header, dict):
-        raise MoePruneError(f"{path}: corrupt safetensors header")
-    base = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = []
-    for name, entry in header.items():
-        try:
-            begin, stop = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(
-                name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), path, base + begin, base + stop
-            )
-        except (KeyError, TypeError, ValueError):
-            raise MoePruneError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        if info.end > size or info.start > info.end:
-            raise MoePruneError(f"{path}: truncated safetensors file ({name!r} ends past the end of the file)")
-        tensors.append(info)
-    return tensors, metadata
+        raise _corrupt(path, "not a JSON object")
+    return header_len, header, size
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    """`__metadata__`: absent, null or a map of strings to strings."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    return metadata
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: Path, name: str, entry: object, base: int) -> TensorInfo:
+    """One header entry as a TensorInfo, its dtype, shape and size checked against each other."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _corrupt(path, f"tensor {name!r} needs dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise _corrupt(path, f"tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers")
+    begin, end = offsets
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise _corrupt(path, f"tensor {name!r} ({dtype} x {shape}) does not fill a whole number of bytes")
+    if end - begin != bits // 8:
+        raise _corrupt(
+            path, f"tensor {name!r} has {end - begin} bytes at {offsets}, but {dtype} x {shape} is {bits // 8} bytes"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, base + begin, base + end)
+
+
+def _check_tiling(path: Path, tensors: list[TensorInfo], base: int, data_len: int) -> None:
+    """The byte ranges, sorted, must cover the data buffer exactly: no gap, no overlap, nothing after."""
+    position = 0
+    for info in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if info.start - base != position:
+            problem = "overlaps the tensor before it" if info.start - base < position else "leaves a gap before it"
+            raise _corrupt(path, f"tensor {info.name!r} at data offset {info.start - base} {problem}")
+        position = info.end - base
+    if position > data_len:
+        raise _truncated(path, f"the tensors need {position} data bytes, the file holds {data_len}")
+    if position < data_len:
+        raise _corrupt(path, f"{data_len - position} bytes of trailing data after the last tensor", "file")
 
 
 @dataclass(frozen=True)
