@@ -200,10 +200,10 @@ def test_co_selection_greedy_pairs():
 
 def _counts_stats() -> tuple[Stats, np.ndarray]:
     rng = np.random.default_rng(5)
-    counts = rng.uniform(50, 100, size=(3, 8))
-    counts[0, :6] = rng.uniform(0, 1, size=6)  # layer 0 has six nearly unused experts
+    counts = rng.integers(500, 1000, size=(3, 8))
+    counts[0, :6] = rng.integers(0, 10, size=6)  # layer 0 has six nearly unused experts
     ident = ModelIdentity("mixtral", 3, {i: tuple(range(8)) for i in range(3)}, "sha256:synthetic")
-    tokens = counts.sum(axis=1) / 2
+    tokens = np.maximum(counts.sum(axis=1) // 2, counts.max(axis=1))  # top-2, and no expert above the tokens
     return make_stats({"hard_counts": counts, "tokens": tokens}, ident), counts / tokens[:, None]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune import __version__
-from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.common import check_header, dump_json, read_json, require_int, require_layer_key, require_type
 from moe_prune.errors import MoePruneError
 
 MANIFEST_NAME = "moe_prune.json"
@@ -87,15 +87,37 @@ class Manifest:
             return None
         obj, name = read_json(path, "checkpoint manifest")
         check_header(obj, MANIFEST_SCHEMA, MANIFEST_VERSION, name)
-        try:
-            slots = {int(k): tuple(int(i) for i in v["slots"]) for k, v in obj["layers"].items()}
-            merged = {
-                int(k): tuple(tuple((int(m["id"]), float(m["weight"])) for m in slot) for slot in v["members"])
-                for k, v in obj["layers"].items()
-                if "members" in v
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MoePruneError(f"{name}: malformed layers block ({exc!r})") from None
-        manifest = cls(slots, list(obj.get("history") or []), merged)
+        layers = require_type(obj.get("layers"), dict, name, "layers")
+        slots: dict[int, tuple[int, ...]] = {}
+        merged: dict[int, tuple[Members, ...]] = {}
+        for key, value in layers.items():
+            layer = require_layer_key(key, name, "layers")
+            entry = require_type(value, dict, name, f"layers[{key}]")
+            where = f"layers[{key}].slots"
+            ids = [require_int(i, name, where, minimum=0) for i in require_type(entry.get("slots"), list, name, where)]
+            if not ids or len(set(ids)) != len(ids):
+                raise MoePruneError(f"{name}: {where} must list distinct original expert ids")
+            slots[layer] = tuple(ids)
+            if "members" in entry:
+                merged[layer] = _members(entry["members"], name, f"layers[{key}].members")
+        history = obj.get("history")
+        manifest = cls(slots, require_type(history, list, name, "history") if history is not None else [], merged)
         manifest.validate(name)
         return manifest
+
+
+def _members(value: Any, name: str, where: str) -> tuple[Members, ...]:
+    """Per slot, the list of {id, weight} merged into it: integer ids, finite numeric weights."""
+    slots = []
+    for slot in require_type(value, list, name, where):
+        members = []
+        for member in require_type(slot, list, name, where):
+            member = require_type(member, dict, name, f"{where} entry")
+            weight = member.get("weight")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise MoePruneError(f"{name}: {where} weight must be a finite number, not {weight!r}")
+            members.append((require_int(member.get("id"), name, f"{where} id", minimum=0), float(weight)))
+        if not members:
+            raise MoePruneError(f"{name}: {where} has a slot without members")
+        slots.append(tuple(members))
+    return tuple(slots)

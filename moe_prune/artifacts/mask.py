@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune import __version__
-from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.common import check_header, dump_json, read_json, require_int, require_layer_key, require_type
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.errors import MoePruneError
 
@@ -109,19 +109,12 @@ class DropMask:
             raise MoePruneError(f"{name}: 'layers' must be an object of layer -> {{keep, drop}}")
         keep: dict[int, tuple[int, ...]] = {}
         for key, entry in layers.items():
-            try:
-                layer = int(key)
-                present = model.original_ids[layer]
-                kept = [int(i) for i in entry["keep"]] if "keep" in entry else None
-                dropped = [int(i) for i in entry.get("drop", [])]
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise MoePruneError(f"{name}: layer {key!r} is not an MoE layer of the model or is malformed") from None
-            if kept is None:
-                kept = [i for i in present if i not in set(dropped)]
-            elif set(kept) & set(dropped) or (set(kept) | set(dropped) != set(present) and dropped):
-                raise MoePruneError(f"{name}: layer {layer} keep and drop lists do not partition its experts")
-            keep[layer] = tuple(kept)
-        mask = cls(model, keep, obj.get("provenance") or {})
+            layer = require_layer_key(key, name, "layers")
+            if layer not in model.original_ids:
+                raise MoePruneError(f"{name}: layer {key!r} is not an MoE layer of the model")
+            keep[layer] = _kept(layer, require_type(entry, dict, name, f"layers[{key}]"), model, name)
+        provenance = obj.get("provenance")
+        mask = cls(model, keep, require_type(provenance, dict, name, "provenance") if provenance is not None else {})
         mask.validate(name)
         return mask
 
@@ -129,3 +122,32 @@ class DropMask:
     def read(cls, source: str | Path) -> DropMask:
         obj, name = read_json(source, "mask")
         return cls.from_dict(obj, name)
+
+
+def _ids(entry: dict[str, Any], field: str, layer: int, name: str) -> list[int] | None:
+    """The `keep` or `drop` list of a layer entry: integer ids, strictly (not 1.0, true or "1")."""
+    if field not in entry:
+        return None
+    where = f"layers[{layer}].{field}"
+    return [require_int(i, name, where) for i in require_type(entry[field], list, name, where)]
+
+
+def _kept(layer: int, entry: dict[str, Any], model: ModelIdentity, name: str) -> tuple[int, ...]:
+    """Kept ids of one layer entry, from `keep`, or from `drop` when `keep` is absent."""
+    unknown = sorted(set(entry) - {"keep", "drop"})
+    if unknown:
+        raise MoePruneError(f"{name}: layers[{layer}] has unknown field {unknown[0]!r} (expected keep and drop)")
+    kept, dropped = _ids(entry, "keep", layer, name), _ids(entry, "drop", layer, name)
+    if kept is None and dropped is None:
+        raise MoePruneError(f"{name}: layers[{layer}] has neither keep nor drop")
+    present = model.original_ids[layer]
+    if dropped is not None and len(set(dropped)) != len(dropped):
+        raise MoePruneError(f"{name}: layer {layer} drops an expert twice")
+    if kept is None:
+        unknown_ids = sorted(set(dropped or []) - set(present))
+        if unknown_ids:
+            raise MoePruneError(f"{name}: layer {layer} drops experts {unknown_ids} that the model does not have")
+        return tuple(i for i in present if i not in set(dropped or []))
+    if dropped is not None and (set(kept) & set(dropped) or (set(kept) | set(dropped) != set(present) and dropped)):
+        raise MoePruneError(f"{name}: layer {layer} keep and drop lists do not partition its experts")
+    return tuple(kept)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moe_prune.artifacts.common import check_header
+from moe_prune.artifacts.common import check_header, parse_json, require_type
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.errors import MoePruneError
 
@@ -86,26 +88,15 @@ class Stats:
 
     @classmethod
     def load(cls, path: Path) -> Stats:
+        """Read and validate every field (shape, dtype, range): a corrupt file fails here, in one line."""
         name = str(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["__meta__"]))
-                arrays = {k: data[k] for k in data.files if k != "__meta__"}
-        except FileNotFoundError:
-            raise MoePruneError(f"{name}: statistics file not found (produce it with `moe-prune profile`)") from None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise MoePruneError(f"{name}: not a moe-prune statistics file ({exc})") from None
+        meta, arrays = _read_npz(Path(path), name)
         check_header(meta, STATS_SCHEMA, STATS_VERSION, name)
         identity = ModelIdentity.from_dict(meta.get("model"), name)
-        unknown = sorted(set(arrays) - set(STAT_FIELDS))
-        if unknown:
-            raise MoePruneError(f"{name}: unknown statistics {unknown}")
-        for key, array in arrays.items():
-            if array.shape[:1] != (len(identity.moe_layers),):
-                raise MoePruneError(
-                    f"{name}: {key} has {array.shape[:1]} layers, identity has {len(identity.moe_layers)}"
-                )
-        return cls(identity, arrays, meta.get("provenance") or {})
+        provenance = meta.get("provenance")
+        provenance = require_type(provenance, dict, name, "provenance") if provenance is not None else {}
+        validate_arrays(arrays, identity, name)
+        return cls(identity, arrays, provenance)
 
     def combine(self, other: Stats, other_name: str = "stats") -> Stats:
         """Statistics of the union of two disjoint data sets (exact: sums add, bitsets OR)."""
@@ -126,3 +117,145 @@ class Stats:
             rule = STAT_FIELDS[key][0]
             merged[key] = np.bitwise_or(array, other.arrays[key]) if rule == "or" else array + other.arrays[key]
         return Stats(self.identity, merged, {"combined": [self.provenance, other.provenance]})
+
+
+# How each field is checked on read. Kinds: `count` non-negative integers, `bits` uint8 bitsets,
+# `nonneg` finite non-negative floats, `real` finite floats, `gram` finite floats with a
+# non-negative diagonal, `log` floats that may be -inf (log of a zero spread) but not NaN or +inf.
+# Axes: L MoE layers, E experts (the largest layer's count), H hidden size, V vocabulary bitset bytes.
+FIELD_CHECKS: dict[str, tuple[str, str]] = {
+    "tokens": ("count", "L"),
+    "hard_counts": ("count", "LE"),
+    "soft_counts": ("nonneg", "LE"),
+    "coselection": ("count", "LEE"),
+    "vocab_bits": ("bits", "LEV"),
+    "logit_gram": ("gram", "LEE"),
+    "logit_sum": ("real", "LE"),
+    "act_sum": ("real", "LEH"),
+    "act_sumsq": ("nonneg", "LEH"),
+    "act_unit_sum": ("real", "LEH"),
+    "act_norm_sum": ("nonneg", "LE"),
+    "act_weighted_norm_sum": ("nonneg", "LE"),
+    "act_outliers": ("count", "LE"),
+    "grad_gram": ("gram", "LEE"),
+    "grad_entropy": ("log", "LE"),
+    "grad_outliers": ("count", "LE"),
+}
+# Reading a damaged .npz raises any of these (zip, zlib and numpy's own format errors).
+_NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(`__meta__` object, arrays by name); a missing, truncated or foreign file is a one-line error."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise MoePruneError(f"{name}: statistics file not found (produce it with `moe-prune profile`)") from None
+    except IsADirectoryError:
+        raise MoePruneError(f"{name}: is a folder, not a statistics file") from None
+    except _NPZ_ERRORS as exc:
+        raise MoePruneError(f"{name}: not a moe-prune statistics file ({_reason(exc)})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise MoePruneError(f"{name}: not a moe-prune statistics file (a single .npy array, not an .npz archive)")
+    with data:
+        if "__meta__" not in data.files:
+            raise MoePruneError(f"{name}: not a moe-prune statistics file (no __meta__ entry)")
+        arrays = {key: _member(data, key, name) for key in data.files}
+    meta = arrays.pop("__meta__")
+    if meta.ndim != 0 or meta.dtype.kind != "U":
+        raise MoePruneError(f"{name}: __meta__ must be one JSON string, not a {meta.dtype} array of shape {meta.shape}")
+    obj = parse_json(str(meta), name, "__meta__")
+    if not isinstance(obj, dict):
+        raise MoePruneError(f"{name}: __meta__ must be a JSON object")
+    return obj, arrays
+
+
+def _member(data: Any, key: str, name: str) -> np.ndarray:
+    """One array of the archive; object arrays (pickles) and damaged members are refused, naming the field."""
+    try:
+        return data[key]
+    except _NPZ_ERRORS as exc:
+        raise MoePruneError(f"{name}: field {key} is unreadable ({_reason(exc)})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], identity: ModelIdentity, name: str) -> None:
+    """Every field known, of its dtype kind and full shape, finite and in range; fields agree with each other."""
+    unknown = sorted(set(arrays) - set(STAT_FIELDS))
+    if unknown:
+        raise MoePruneError(f"{name}: unknown statistics {unknown}")
+    sizes = {"L": len(identity.moe_layers), "E": max(identity.experts_in(layer) for layer in identity.moe_layers)}
+    for key in sorted(arrays, key=lambda k: (len(FIELD_CHECKS[k][1]), k)):
+        kind, axes = FIELD_CHECKS[key]
+        _check_shape(arrays[key], key, axes, sizes, name)
+        _check_values(arrays[key], key, kind, name)
+    _check_consistency(arrays, name)
+
+
+def _check_shape(array: np.ndarray, key: str, axes: str, sizes: dict[str, int], name: str) -> None:
+    """Shape = the field's axes; H and V are learnt from the first field that has them, then must agree."""
+    if array.ndim != len(axes):
+        raise MoePruneError(f"{name}: {key} has {array.ndim} axes {array.shape}, expected [{', '.join(axes)}]")
+    for axis, (letter, size) in enumerate(zip(axes, array.shape, strict=True)):
+        expected = sizes.setdefault(letter, size)
+        if size != expected or size < 1:
+            what = {"L": "MoE layers", "E": "experts", "H": "hidden size", "V": "vocabulary bitset bytes"}[letter]
+            raise MoePruneError(
+                f"{name}: {key} has shape {array.shape}: axis {axis} ({what}) is {size}, expected {expected}"
+            )
+
+
+def _check_values(array: np.ndarray, key: str, kind: str, name: str) -> None:
+    """dtype kind and range of one field."""
+    if kind == "bits":
+        if array.dtype != np.uint8:
+            raise MoePruneError(f"{name}: {key} must be uint8, not {array.dtype}")
+        return
+    if kind == "count":
+        if array.dtype.kind not in "iu":
+            raise MoePruneError(f"{name}: {key} must hold integer counts, not {array.dtype}")
+        if array.size and array.min() < 0:
+            raise MoePruneError(f"{name}: {key} holds a negative count ({array.min()})")
+        return
+    if array.dtype.kind != "f":
+        raise MoePruneError(f"{name}: {key} must be floating point, not {array.dtype}")
+    bad = np.isnan(array) | (np.isposinf(array) if kind == "log" else ~np.isfinite(array))
+    if bad.any():
+        raise MoePruneError(f"{name}: {key} holds {array[bad].flat[0]} (first at index {_first(bad)})")
+    if kind == "nonneg" and array.size and array.min() < 0:
+        raise MoePruneError(f"{name}: {key} holds a negative value ({array.min()}) where none can be")
+    if kind == "gram":
+        diagonal = np.diagonal(array, axis1=-2, axis2=-1)
+        if diagonal.size and diagonal.min() < 0:
+            raise MoePruneError(f"{name}: {key} has a negative diagonal entry ({diagonal.min()}); a Gram matrix cannot")
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _check_consistency(arrays: dict[str, np.ndarray], name: str) -> None:
+    """What the definitions imply: an expert is chosen at most once per token, the diagonal of
+    co-selection is the hard counts, probabilities sum to at most one per token and expert."""
+    tokens = arrays.get("tokens")
+    counts = arrays.get("hard_counts")
+    if tokens is not None and counts is not None:
+        above = counts > tokens[:, None]
+        if above.any():
+            layer, expert = _first(above)
+            raise MoePruneError(
+                f"{name}: hard_counts of expert slot {expert} in MoE layer index {layer} is {counts[layer, expert]}, "
+                f"more than the layer's {tokens[layer]} tokens"
+            )
+    if tokens is not None and "soft_counts" in arrays:
+        limit = tokens[:, None] * (1 + 1e-6) + 1e-6
+        if (arrays["soft_counts"] > limit).any():
+            raise MoePruneError(f"{name}: soft_counts exceed the layer's tokens (a probability sums to at most 1)")
+    diagonal = np.diagonal(arrays["coselection"], axis1=1, axis2=2) if "coselection" in arrays else None
+    if counts is not None and diagonal is not None and not np.array_equal(diagonal, counts):
+        raise MoePruneError(f"{name}: the diagonal of coselection disagrees with hard_counts")
