@@ -10,7 +10,6 @@ file copied into the checkpoint. `expert_count_config` is the one entry point fo
 from __future__ import annotations
 
 import copy
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -106,11 +105,9 @@ def ragged_config(
         "experts_per_layer": {str(layer): counts[layer] for layer in sorted(counts)},
         "top_k_per_layer": {str(layer): min(top_k, counts[layer]) for layer in sorted(counts)},
     }
-    # The model class extends transformers' own class, so it needs transformers' config class too: drop remote
-    # config/model entries a hub checkpoint may carry (other entries, e.g. tokenizers, stay).
-    auto_map = raw.get("auto_map") if isinstance(raw.get("auto_map"), dict) else {}
-    kept = {k: v for k, v in auto_map.items() if k != "AutoConfig" and not k.startswith("AutoModel")}
-    raw["auto_map"] = {**kept, AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
+    # The model class extends transformers' own class, so it needs transformers' config class too; auto_map names
+    # nothing else, since moe-prune loads such a folder without the user's --trust-remote-code only when it does.
+    raw["auto_map"] = {AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
     return raw, {MODEL_FILE: model_code()}
 
 
@@ -136,21 +133,3 @@ def write_model_files(folder: Path, files: dict[str, str]) -> None:
         (folder / MODEL_FILE).unlink()
     for name, text in files.items():
         (folder / name).write_text(text)
-
-
-def is_ragged_folder(folder: Path) -> bool:
-    """Whether config.json carries moe-prune's ragged block (read without the adapter table)."""
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and isinstance(raw.get(RAGGED_KEY), dict)
-
-
-def trusted_model_code(folder: Path) -> bool:
-    """Ragged checkpoint whose modelling file is byte-for-byte the one this moe-prune ships.
-
-    Only then does moe-prune load it with trust_remote_code on its own; any other code needs the user's say.
-    """
-    path = folder / MODEL_FILE
-    return is_ragged_folder(folder) and path.is_file() and path.read_text() == model_code()

@@ -1,8 +1,14 @@
-"""Open an input checkpoint (local folder or hub id): its config, tensors, manifest and identity."""
+"""Open an input checkpoint (local folder or hub id): its config, tensors, manifest and identity.
+
+No file outside the checkpoint folder is ever read because the checkpoint says so: every shard the
+index names and every file a loader reads must resolve (after symbolic links) inside the folder, or,
+for a hub cache snapshot whose files are links into `../../blobs`, inside that repository's cache.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +23,9 @@ from moe_prune.errors import MoePruneError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+
+# Files transformers or moe-prune read from a checkpoint folder (config, index, tokenizer, code, manifest, weights).
+READ_FILES = re.compile(r".*\.(json|safetensors|py|model|tiktoken|jinja)|tokenizer.*|vocab\..*|merges\.txt|spiece.*")
 
 DEMO_ALIAS = "demo"  # names the shipped demo model wherever a model is asked for
 
@@ -52,9 +61,45 @@ class Checkpoint:
     @classmethod
     def open(cls, model: str | Path) -> Checkpoint:
         ckpt = cls(resolve_model(model))
+        ckpt.check_files_inside()
         if not ckpt.tensors:  # reads every shard header: corrupt input fails before any work
             raise MoePruneError(f"{ckpt.folder}: the checkpoint holds no tensors")
         return ckpt
+
+    @cached_property
+    def root(self) -> Path:
+        """Where the checkpoint's files may live: the folder, or the hub cache repository of a snapshot."""
+        folder = self.folder.resolve()
+        if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+            return folder.parent.parent
+        return folder
+
+    def inside(self, path: Path) -> bool:
+        """Whether `path` resolves (symbolic links followed) inside the checkpoint."""
+        try:
+            return path.resolve().is_relative_to(self.root)
+        except (OSError, RuntimeError):  # a symlink loop, an unreadable path
+            return False
+
+    def check_files_inside(self) -> None:
+        """Refuse a file that a loader reads and that lies outside the checkpoint (a link pointing elsewhere)."""
+        try:
+            entries = sorted(self.folder.iterdir())
+        except OSError as exc:
+            raise MoePruneError(f"{self.folder}: cannot read ({exc.strerror})") from None
+        for path in entries:
+            if READ_FILES.fullmatch(path.name) and not self.inside(path):
+                raise MoePruneError(f"{path}: links outside the checkpoint folder; refusing to read it")
+
+    def side_files(self) -> tuple[list[Path], list[Path]]:
+        """(files of the folder to copy into an output, files skipped because they lie outside it)."""
+        kept, skipped = [], []
+        for path in sorted(self.folder.iterdir()):
+            if path.is_file():
+                (kept if self.inside(path) else skipped).append(path)
+            elif path.is_symlink():
+                skipped.append(path)
+        return kept, skipped
 
     @cached_property
     def config(self) -> ModelConfig:
@@ -66,17 +111,22 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 raise MoePruneError(f"{index}: corrupt index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MoePruneError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (self.folder / f).exists()]
-            if missing:
-                raise MoePruneError(f"{index}: lists missing shard {missing[0]}")
+            for name in files:
+                path = self.folder / name
+                if Path(name).is_absolute() or ".." in Path(name).parts or not self.inside(path):
+                    raise MoePruneError(f"{index}: shard {name!r} lies outside the checkpoint folder")
+                if not path.is_file():
+                    raise MoePruneError(f"{index}: lists missing shard {name}")
             return [self.folder / f for f in files]
-        if (self.folder / SINGLE_NAME).exists():
+        if (self.folder / SINGLE_NAME).is_file():
             return [self.folder / SINGLE_NAME]
         others = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if len(others) == 1:
+        if len(others) == 1 and (self.folder / others[0]).is_file():
             return [self.folder / others[0]]
         if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
             raise MoePruneError(f"{self.folder}: only safetensors checkpoints are supported (found .bin/.pt weights)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from moe_prune.artifacts.manifest import MANIFEST_NAME, Manifest
 from moe_prune.checkpoint.output import atomic_folder
 from moe_prune.checkpoint.ragged import write_model_files
 from moe_prune.checkpoint.safetensors_io import AnyOutput, Progress, write_file
-from moe_prune.checkpoint.source import INDEX_NAME
-from moe_prune.errors import MoePruneError
+from moe_prune.checkpoint.source import INDEX_NAME, Checkpoint
+from moe_prune.errors import MoePruneError, MoePruneWarning
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".ckpt")
 REWRITTEN = {"config.json", INDEX_NAME, MANIFEST_NAME, "pytorch_model.bin.index.json"}
@@ -60,10 +61,16 @@ def write_weights(
 
 
 def copy_side_files(source: Path, folder: Path) -> None:
-    """Tokenizer, generation config, chat template, remote code...: everything that is not weights."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in REWRITTEN and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(path, folder / path.name)
+    """Tokenizer, generation config, chat template, remote code...: everything that is not weights.
+
+    A side file that links outside the checkpoint is skipped with a warning: its bytes are not the checkpoint's.
+    """
+    kept, skipped = Checkpoint(source).side_files()
+    for path in kept:
+        if path.name not in REWRITTEN and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(path, folder / path.name)
+    for path in skipped:
+        warnings.warn(f"{path}: links outside the checkpoint folder; not copied", MoePruneWarning, stacklevel=2)
 
 
 def write_checkpoint(

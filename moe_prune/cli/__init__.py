@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Annotated
+
 import typer
 
 from moe_prune.cli import eval as eval_cmd
@@ -11,6 +14,7 @@ from moe_prune.cli import merge as merge_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
 from moe_prune.cli import score as score_cmd
+from moe_prune.cli.common import DEBUG_ENV
 
 app = typer.Typer(
     name="moe-prune",
@@ -19,6 +23,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of a failure (for bug reports).")
+    ] = False,
+) -> None:
+    """Options of every subcommand, given before it: `moe-prune --debug prune ...`."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
 app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
 app.command("score", help=score_cmd.__doc__)(score_cmd.score)
 app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)

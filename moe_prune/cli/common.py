@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
-from moe_prune.errors import MoePruneError
+from moe_prune.errors import MoePruneError, MoePruneWarning
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -29,26 +33,77 @@ DEFAULT_MODEL = str(DEMO_MODEL_DIR)
 DEFAULT_DATA = str(DEMO_HELDOUT)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code/--no-trust-remote-code",
+        help="Allow the checkpoint's own Python code to run (never without this flag).",
+    ),
+]
 OutDirOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist unless --force).")
 ]
 
 
+DEBUG_ENV = "MOE_PRUNE_DEBUG"
+
+
+def debugging() -> bool:
+    """Full tracebacks for bug reports: `moe-prune --debug ...` or MOE_PRUNE_DEBUG=1."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _fail(message: str) -> typer.Exit:
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    return typer.Exit(1)
+
+
 def user_errors(fn: F) -> F:
-    """Turn MoePruneError into one line on stderr and exit code 1; never a traceback for user errors."""
+    """One line on stderr and exit code 1 for every failure, never a traceback (unless debugging).
+
+    MoePruneError is the user's input; OSError is the machine (read-only folder, full disk), named by path;
+    anything else is a bug in moe-prune, reported in one line with the way to get the traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except MoePruneError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", MoePruneWarning)
+                result = fn(*args, **kwargs)
+            for message in dict.fromkeys(
+                str(w.message) if w.category is MoePruneWarning else f"{w.category.__name__}: {w.message}"
+                for w in caught
+                if w.category is MoePruneWarning or debugging()  # library warnings only when debugging
+            ):
+                warn(message)
+            return result
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]; outputs were not written")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if debugging():
+                raise
+            raise _fail(escape(describe(exc))) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def describe(exc: BaseException) -> str:
+    """The one line a failure is reported as."""
+    if isinstance(exc, MoePruneError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (
+        f"unexpected {type(exc).__name__}: {first} (a bug in moe-prune: rerun with --debug "
+        f"or {DEBUG_ENV}=1 for the traceback and report it)"
+    )
 
 
 def warn(message: str) -> None:

@@ -12,6 +12,7 @@ from moe_prune.cli.common import (
     DEFAULT_MODEL,
     JsonOpt,
     ModelArg,
+    TrustOpt,
     err_console,
     human_bytes,
     out_console,
@@ -44,7 +45,7 @@ def evaluate(
     device_map: Annotated[
         str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
     ] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code to run.")] = False,
+    trust_remote_code: TrustOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -13,6 +13,7 @@ from moe_prune.cli.common import (
     JsonOpt,
     ModelArg,
     OutDirOpt,
+    TrustOpt,
     err_console,
     out_console,
     print_json,
@@ -37,10 +38,9 @@ def parse_tokens(text: str) -> int:
     cleaned = text.strip().upper().replace("_", "")
     number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
     try:
-        value = float(number) * units[unit]
-    except ValueError:
+        return int(float(number) * units[unit])
+    except (ValueError, OverflowError):  # not a number, or nan / inf
         raise MoePruneError(f"--tokens {text!r}: expected a count such as 1M, 250k or 4096") from None
-    return int(value)
 
 
 @user_errors
@@ -96,6 +96,7 @@ def finetune(
     max_shard_size: Annotated[
         str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.", rich_help_panel=STATE)
     ] = "5GB",
+    trust_remote_code: TrustOpt = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -126,6 +127,7 @@ def finetune(
         max_shard_size=max_shard_size,
         force=force,
         resume=resume,
+        trust_remote_code=trust_remote_code,
     )
     with _TrainingBar() as bar:
         try:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from moe_prune.cli.common import ForceOpt, JsonOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.cli.common import ForceOpt, JsonOpt, TrustOpt, err_console, out_console, print_json, user_errors, warn
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 
@@ -20,14 +20,17 @@ if TYPE_CHECKING:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n)."""
+    """'i/n' -> (i, n), slice i of n with 0 <= i < n."""
     index, sep, count = text.partition("/")
     try:
         if not sep:
             raise ValueError
-        return int(index), int(count)
+        shard = int(index), int(count)
     except ValueError:
         raise MoePruneError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise MoePruneError(f"--shard {text!r}: slice i of n needs 0 <= i < n")
+    return shard
 
 
 @user_errors
@@ -70,7 +73,7 @@ def profile(
     ] = None,
     save_every: Annotated[int, typer.Option(help="Save resumable progress every N batches (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.npz.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code to run.")] = False,
+    trust_remote_code: TrustOpt = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:

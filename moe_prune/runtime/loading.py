@@ -1,26 +1,121 @@
-"""Load a checkpoint as a runnable transformers model and its tokenizer, with one-line errors.
+"""Load a checkpoint as a runnable transformers model, its config and its tokenizer, with one-line errors.
 
 Stock `AutoModelForCausalLM` on purpose: a pruned checkpoint must run in plain transformers, so
-evaluating it the same way is part of the check. Checkpoints with different expert counts per layer
-carry moe-prune's `modeling_moe_prune.py`; remote code is trusted for them only when that file is
-byte-identical to the one this moe-prune ships (anything else needs the user's --trust-remote-code).
+evaluating it the same way is part of the check.
+
+This is the one place that decides whether a checkpoint's own Python may run (`code_decision`):
+- with the user's --trust-remote-code, transformers is told to trust the folder (the user's consent);
+- a ragged checkpoint (different expert counts per layer) runs moe-prune's OWN copy of
+  `modeling_moe_prune.py`, imported from this package, never the file in the folder, and only when the
+  folder's file is byte-identical to it and `auto_map` names exactly that file and class: anything else
+  there is refused with a line naming the file;
+- every other checkpoint loads with transformers' own code (`trust_remote_code=False`): an `auto_map`
+  is ignored with a warning, and a checkpoint that needs its own code to load is refused.
+Every file the loaders read is first checked by `Checkpoint.open` (shards and side files inside the
+folder, complete headers, a sane config).
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moe_prune.checkpoint.ragged import MODEL_FILE, is_ragged_folder, trusted_model_code
-from moe_prune.checkpoint.source import resolve_model
-from moe_prune.errors import MoePruneError
+from moe_prune.architectures.config import RAGGED_KEY
+from moe_prune.checkpoint.ragged import (
+    AUTO_CLASS,
+    CLASS_PREFIX,
+    MODEL_FILE,
+    MODEL_MODULE,
+    causal_lm_class,
+    model_code,
+)
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError, MoePruneWarning
 
 TOKENIZER_FILES = ("tokenizer*", "vocab.*", "*.model", "*.tiktoken", "spiece*")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+TRUST_HINT = "pass --trust-remote-code to run it"
+
+
+@dataclass(frozen=True)
+class CodeDecision:
+    """What transformers is told about a folder's Python, and the model class moe-prune supplies itself."""
+
+    trust_remote_code: bool
+    model_class: type | None = None  # moe-prune's own Ragged<Base> class, for ragged checkpoints
+
+
+def _auto_map_targets(auto_map: Any, source: Path) -> dict[str, str]:
+    """auto_map as {auto class: 'module.Class'} (tokenizer entries are [slow, fast] pairs)."""
+    if auto_map is None:
+        return {}
+    if not isinstance(auto_map, dict):
+        raise MoePruneError(f"{source}: auto_map must be an object")
+    targets: dict[str, str] = {}
+    for key, value in auto_map.items():
+        for i, target in enumerate(value if isinstance(value, list | tuple) else [value]):
+            if target is not None:
+                targets[f"{key}[{i}]" if isinstance(value, list | tuple) else key] = str(target)
+    return targets
+
+
+def _code_file(target: str) -> str:
+    """'evil.Class' -> 'evil.py' (and 'org/repo--evil.Class' -> 'evil.py')."""
+    module = target.split("--")[-1].rpartition(".")[0]
+    return f"{module.replace('.', '/')}.py"
+
+
+def code_decision(ckpt: Checkpoint, trust_remote_code: bool) -> CodeDecision:
+    """Decide, once for every command and loading path, whether the checkpoint's own Python may run."""
+    if trust_remote_code:
+        return CodeDecision(True)
+    config_path = ckpt.folder / "config.json"
+    raw = ckpt.config.raw
+    targets = _auto_map_targets(raw.get("auto_map"), config_path)
+    if isinstance(raw.get(RAGGED_KEY), dict):
+        return CodeDecision(False, _shipped_ragged_class(ckpt, targets))
+    if targets:
+        key, target = next(iter(targets.items()))
+        warnings.warn(
+            f"{config_path}: auto_map ({key} -> {target}) ignored: transformers' own "
+            f"{ckpt.config.model_type} code is used; the checkpoint's Python runs only with --trust-remote-code",
+            MoePruneWarning,
+            stacklevel=2,
+        )
+    return CodeDecision(False)
+
+
+def _shipped_ragged_class(ckpt: Checkpoint, targets: dict[str, str]) -> type:
+    """moe-prune's own Ragged<Base> class, when the folder carries exactly the file and auto_map it writes."""
+    from moe_prune.checkpoint import modeling_moe_prune
+
+    spec = ckpt.config.raw[RAGGED_KEY]
+    base = spec.get("base_class")
+    expected = {AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
+    code = ckpt.folder / MODEL_FILE
+    if not code.is_file() or code.read_bytes() != model_code().encode():
+        raise MoePruneError(f"{code}: is not the {MODEL_FILE} this moe-prune ships; {TRUST_HINT}")
+    if targets != expected:
+        other = next(((k, v) for k, v in targets.items() if expected.get(k) != v), (AUTO_CLASS, "nothing"))
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: auto_map {other[0]} -> {other[1]} ({_code_file(other[1])}) is not "
+            f"moe-prune's ragged model class; {TRUST_HINT}"
+        )
+    if base != causal_lm_class(ckpt.config.model_type):
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: {RAGGED_KEY}.base_class {base!r} is not the causal-LM class of "
+            f"{ckpt.config.model_type}"
+        )
+    model_class = getattr(modeling_moe_prune, f"{CLASS_PREFIX}{base}")
+    model_class._auto_class = AUTO_CLASS  # save_pretrained writes the file and auto_map again, as transformers would
+    return model_class
 
 
 def parse_dtype(dtype: str) -> torch.dtype | str:
@@ -39,15 +134,18 @@ def _short(exc: BaseException) -> str:
 
 
 @contextmanager
-def quiet_transformers_progress() -> Iterator[None]:
-    """No transformers progress bars (loading, writing shards): moe-prune draws its own; restored afterwards."""
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars or load reports: moe-prune draws its own and says problems in one line."""
     from transformers.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if enabled:
             logging.enable_progress_bar()
 
@@ -58,56 +156,121 @@ def load_model(
     """The model in eval mode on `device` ('auto' spreads it over the available GPUs via accelerate)."""
     from transformers import AutoModelForCausalLM
 
-    folder = resolve_model(model_path)
-    if not (folder / "config.json").exists():
-        raise MoePruneError(f"{model_path}: no config.json; not a transformers model folder")
-    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": _trust_code(folder, trust_remote_code)}
+    ckpt = Checkpoint.open(model_path)
+    decision = code_decision(ckpt, trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": decision.trust_remote_code}
     if device == "auto":
         kwargs["device_map"] = "auto"
+    model_class = decision.model_class or AutoModelForCausalLM
     try:
-        with quiet_transformers_progress():
-            model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(ckpt.folder, output_loading_info=True, **kwargs)
         if device != "auto":
             model = model.to(device)
+    except MoePruneError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, RuntimeError... for bad folders
-        raise MoePruneError(f"{model_path}: could not load the model ({_short(exc)})") from None
-    _check_complete(model_path, info)
+        raise MoePruneError(f"{ckpt.folder}: could not load the model ({_short(exc)})") from None
+    _check_complete(ckpt.folder, info)
+    check_finite(model, ckpt.folder)
     return model.eval()
 
 
-def _trust_code(folder: Path, trust_remote_code: bool) -> bool:
-    """The user's choice, or True for a ragged checkpoint carrying exactly the modelling file moe-prune ships."""
-    if trust_remote_code or trusted_model_code(folder):
+def model_skeleton(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> tuple[Any, torch.dtype]:
+    """(model built from its config with no weights on the meta device, its dtype), under `load_model`'s code rule."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    decision = code_decision(ckpt, trust_remote_code)
+    try:
+        with quiet_transformers():
+            if decision.model_class is not None:
+                config = decision.model_class.config_class.from_pretrained(ckpt.folder)
+            else:
+                config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=decision.trust_remote_code)
+            wanted = parse_dtype(dtype)
+            torch_dtype = (getattr(config, "dtype", None) or torch.float32) if wanted == "auto" else wanted
+            if isinstance(torch_dtype, str):
+                torch_dtype = getattr(torch, torch_dtype)
+            with init_empty_weights(include_buffers=False):
+                if decision.model_class is not None:
+                    model = decision.model_class._from_config(config, dtype=torch_dtype)
+                else:
+                    model = AutoModelForCausalLM.from_config(
+                        config, dtype=torch_dtype, trust_remote_code=decision.trust_remote_code
+                    )
+    except MoePruneError:
+        raise
+    except Exception as exc:  # same variety as load_model
+        raise MoePruneError(f"{ckpt.folder / 'config.json'}: could not build the model ({_short(exc)})") from None
+    return model.eval(), torch_dtype
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf (tensors that are not floats, on the meta device or 1-byte floats count as finite)."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.element_size() < 2:
         return True
-    if is_ragged_folder(folder):
-        raise MoePruneError(
-            f"{folder}: has different expert counts per layer but its {MODEL_FILE} is not the one this moe-prune "
-            "ships; pass --trust-remote-code to run it anyway"
-        )
-    return False
+    return bool(torch.isfinite(tensor).all())
 
 
-def _check_complete(model_path: str | Path, info: dict[str, Any]) -> None:
+def check_finite(model: Any, folder: Path) -> None:
+    """Refuse weights holding NaN or Inf: every result computed from them would be meaningless."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if not finite(tensor):
+            raise MoePruneError(f"{folder}: weight {name} holds NaN or Inf values")
+
+
+def _check_complete(folder: Path, info: dict[str, Any]) -> None:
     """transformers fills missing or wrongly shaped weights with random values and only warns; we refuse."""
     for kind in ("missing_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:
             more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
             what = kind.replace("_keys", "")
-            raise MoePruneError(f"{model_path}: checkpoint does not match its config ({what} weight {keys[0]}{more})")
+            raise MoePruneError(f"{folder}: checkpoint does not match its config ({what} weight {keys[0]}{more})")
 
 
 def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved beside the model (pruning copies it unchanged)."""
+    """The tokenizer saved beside the model (pruning copies it unchanged); its own code runs only with consent."""
     from transformers import AutoTokenizer
 
-    folder = resolve_model(model_path)
+    ckpt = Checkpoint.open(model_path)
+    decision = code_decision(ckpt, trust_remote_code)
+    folder = ckpt.folder
     if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
-        raise MoePruneError(f"{model_path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        raise MoePruneError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    _check_tokenizer_code(folder, decision)
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=decision.trust_remote_code)
     except Exception as exc:  # same variety as for the model
-        raise MoePruneError(f"{model_path}: could not load a tokenizer ({_short(exc)})") from None
+        if "trust_remote_code" in str(exc):
+            raise MoePruneError(
+                f"{folder / 'tokenizer_config.json'}: the tokenizer needs its own Python; {TRUST_HINT}"
+            ) from None
+        raise MoePruneError(f"{folder}: could not load a tokenizer ({_short(exc)})") from None
+
+
+def _check_tokenizer_code(folder: Path, decision: CodeDecision) -> None:
+    """A tokenizer that names its own Python: transformers' own class is used without consent (said in a warning)."""
+    path = folder / "tokenizer_config.json"
+    if decision.trust_remote_code or not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MoePruneError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise MoePruneError(f"{path}: must be a JSON object")
+    targets = _auto_map_targets(raw.get("auto_map"), path)
+    if targets:
+        key, target = next(iter(targets.items()))
+        warnings.warn(
+            f"{path}: auto_map ({key} -> {target}) ignored: transformers' own tokenizer is used; "
+            "the checkpoint's Python runs only with --trust-remote-code",
+            MoePruneWarning,
+            stacklevel=2,
+        )
 
 
 def input_device(model: Any) -> torch.device:

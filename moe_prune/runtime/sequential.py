@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.loading import parse_dtype, quiet_transformers_progress
+from moe_prune.runtime.loading import finite, model_skeleton, quiet_transformers
 
 NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -87,21 +87,11 @@ class LayerwiseModel:
     """A meta-device skeleton of a checkpoint whose decoder layers are loaded one at a time."""
 
     def __init__(self, folder: Path, layers_path: str, dtype: str, device: str, trust_remote_code: bool) -> None:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from moe_prune.checkpoint.source import Checkpoint
 
         self.folder = folder
         self.device = torch.device("cuda" if device == "auto" else device)
-        try:
-            hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        except Exception as exc:  # same variety as load_model
-            raise MoePruneError(f"{folder}: could not read the model config ({type(exc).__name__}: {exc})") from None
-        wanted = parse_dtype(dtype)
-        self.dtype = (getattr(hf_config, "dtype", None) or torch.float32) if wanted == "auto" else wanted
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        model, self.dtype = model_skeleton(Checkpoint.open(folder), dtype, trust_remote_code)
         self.model = model.eval()
         self.layers_path = layers_path
         self.layers: torch.nn.ModuleList = model.get_submodule(layers_path)
@@ -147,8 +137,10 @@ class LayerwiseModel:
             with safe_open(file, framework="pt") as handle:
                 for name in names:
                     state[name] = handle.get_tensor(name)
+                    if not finite(state[name]):
+                        raise MoePruneError(f"{file}: tensor {name} holds NaN or Inf values")
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=[*self._mapping])
-        with quiet_transformers_progress():
+        with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         missing = sorted(set(expect) & set(info.missing_keys))
         mismatched = sorted(str(k[0]) for k in info.mismatched_keys)

@@ -29,7 +29,7 @@ from moe_prune.checkpoint.writer import copy_side_files, parse_size
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
-from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers_progress
+from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
 from moe_prune.training.batches import BatchPlan
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
@@ -198,7 +198,7 @@ def run(
             "or --force to discard it"
         )
 
-    tokenizer = load_tokenizer(ckpt.folder)
+    tokenizer = load_tokenizer(ckpt.folder, options.trust_remote_code)
     chunks = _chunks(data, tokenizer, options, plan.seq_len, options.tokens)
     eval_source = options.eval_data or str(DEMO_HELDOUT)
     eval_chunks = (
@@ -211,7 +211,7 @@ def run(
     accelerator.wait_for_everyone()
 
     set_seed(options.seed)
-    inner = load_model(ckpt.folder, "float32").to(accelerator.device)
+    inner = load_model(ckpt.folder, "float32", trust_remote_code=options.trust_remote_code).to(accelerator.device)
     warnings: list[str] = []
     batches = BatchPlan(len(chunks), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)
     epochs = batches.epochs(plan.steps)
@@ -340,7 +340,7 @@ def _write(
     manifest = Manifest(slots=dict(ckpt.identity.original_ids), history=[*previous, entry])
     new_config = config.with_expert_count(config.num_experts, top_k)
     with atomic_folder(out, options.force, protect=(ckpt.folder,)) as tmp:
-        with quiet_transformers_progress():
+        with quiet_transformers():
             inner.save_pretrained(tmp, state_dict=state, max_shard_size=options.max_shard_size)
         copy_side_files(ckpt.folder, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config.raw, indent=2, sort_keys=True) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,7 +11,15 @@ from moe_prune.errors import MoePruneError
 TRAIN_GROUPS = ("all", "router", "experts", "attention")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Fields that change how a run is saved or shown, not what it computes (left out of the fingerprint).
-NOT_IN_FINGERPRINT = {"save_every", "max_shard_size", "force", "resume", "eval_data", "eval_tokens"}
+NOT_IN_FINGERPRINT = {
+    "save_every",
+    "max_shard_size",
+    "force",
+    "resume",
+    "eval_data",
+    "eval_tokens",
+    "trust_remote_code",
+}
 
 
 @dataclass(frozen=True)
@@ -40,15 +49,19 @@ class FinetuneOptions:
     max_shard_size: str = "5GB"
     force: bool = False
     resume: bool = False
+    trust_remote_code: bool = False  # the checkpoint's own Python may run (runtime/loading.py decides)
 
     def check(self) -> None:
-        """Refuse impossible settings before any model is loaded."""
+        """Refuse impossible settings before any model is loaded; the line names the option."""
         positive = {"tokens": self.tokens, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         for name, value in positive.items():
             if value < 1:
                 raise MoePruneError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
         if self.seq_len < 2:
             raise MoePruneError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "entropy_weight", "aux_loss_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise MoePruneError(f"--{name.replace('_', '-')} must be a finite number (got {getattr(self, name)})")
         if self.lr <= 0:
             raise MoePruneError(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.warmup_ratio < 1:
@@ -56,15 +69,29 @@ class FinetuneOptions:
         for name in ("weight_decay", "max_grad_norm", "entropy_weight", "aux_loss_weight", "router_warmup_steps"):
             if getattr(self, name) < 0:
                 raise MoePruneError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
-        if self.save_every < 0 or self.eval_tokens < 0:
-            raise MoePruneError("--save-every and --eval-tokens must not be negative")
+        if self.save_every < 0:
+            raise MoePruneError(f"--save-every must not be negative (got {self.save_every})")
+        if self.eval_tokens < 0:
+            raise MoePruneError(f"--eval-tokens must not be negative (got {self.eval_tokens})")
         unknown = [g for g in self.train if g not in TRAIN_GROUPS]
         if unknown or not self.train:
             raise MoePruneError(f"--train {','.join(self.train)}: use one or more of {', '.join(TRAIN_GROUPS)}")
-        if self.top_k is not None and self.top_k_anneal is not None:
-            raise MoePruneError("--top-k and --top-k-anneal exclude each other")
+        self._check_top_k()
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise MoePruneError(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISION)}")
+
+    def _check_top_k(self) -> None:
+        """k >= 1, or an anneal that lowers k and never reaches 0 (the model's limit is checked after loading)."""
+        if self.top_k is not None and self.top_k_anneal is not None:
+            raise MoePruneError("--top-k and --top-k-anneal exclude each other")
+        if self.top_k is not None and self.top_k < 1:
+            raise MoePruneError(f"--top-k {self.top_k}: top-k must be at least 1")
+        if self.top_k_anneal is not None:
+            start, end = self.top_k_anneal
+            if min(start, end) < 1:
+                raise MoePruneError(f"--top-k-anneal {start}:{end}: top-k must be at least 1 at both ends")
+            if end > start:
+                raise MoePruneError(f"--top-k-anneal {start}:{end}: annealing lowers top-k, so FROM must be >= TO")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that decide the trained weights (JSON-ready)."""
