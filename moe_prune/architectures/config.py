@@ -18,6 +18,14 @@ _VOLATILE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "a
 TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
 # config.json block that marks a checkpoint with different expert counts per MoE layer (see checkpoint/ragged.py).
 RAGGED_KEY = "moe_prune_ragged"
+# Larger counts are no real model's: a config that claims them is corrupt (and would size huge buffers).
+MAX_EXPERTS = 1 << 16
+MAX_LAYERS = 1 << 16
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (true/false are not counts, though Python calls them ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -61,16 +69,33 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
-        """Read and parse config.json with a one-line error on failure."""
+        """Read, parse and check config.json: a one-line error naming it before any model is built from it."""
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise MoePruneError(f"{path}: config.json not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MoePruneError(f"{path}: not valid JSON ({exc})") from None
+        except IsADirectoryError:
+            raise MoePruneError(f"{path}: is a folder, not a config file") from None
+        except OSError as exc:
+            raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise MoePruneError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(raw, dict):
-            raise MoePruneError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, str(path))
+            raise MoePruneError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+        config = cls.from_dict(raw, str(path))
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Read every MoE field once, so a nonsensical value fails here with one line, not deep in a stage."""
+        _ = self.num_layers, self.top_k, self.experts_per_layer, self.n_group
+        if not self.moe_layers:
+            raise MoePruneError(f"{self.source}: describes no MoE layer; nothing to prune or merge")
+        if self.n_group > 1 and any(n % self.n_group for n in self.experts_per_layer.values()):
+            raise MoePruneError(
+                f"{self.source}: n_group {self.n_group} does not divide the routed experts "
+                f"{sorted(set(self.experts_per_layer.values()))}"
+            )
 
     @property
     def text(self) -> dict[str, Any]:
@@ -95,16 +120,20 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         value = self.get(self.adapter.layer_count_key)
-        if not isinstance(value, int) or value <= 0:
-            raise MoePruneError(f"{self.source}: missing or invalid {self.adapter.layer_count_key!r}")
+        if not _is_int(value) or not 1 <= value <= MAX_LAYERS:
+            raise MoePruneError(
+                f"{self.source}: {self.adapter.layer_count_key} is {value!r}; expected 1 to {MAX_LAYERS} layers"
+            )
         return value
 
     @property
     def num_experts(self) -> int:
         value = self.first(self.adapter.expert_count_keys)
-        if not isinstance(value, int) or value <= 0:
+        if not _is_int(value) or not 1 <= value <= MAX_EXPERTS:
             keys = " / ".join(self.adapter.expert_count_keys)
-            raise MoePruneError(f"{self.source}: missing or invalid routed-expert count ({keys})")
+            raise MoePruneError(
+                f"{self.source}: routed-expert count ({keys}) is {value!r}; expected 1 to {MAX_EXPERTS}"
+            )
         return value
 
     @property
@@ -123,9 +152,11 @@ class ModelConfig:
             return {layer: self.num_experts for layer in self.moe_layers}
         listed = self.ragged.get("experts_per_layer")
         try:
-            counts = {int(k): int(v) for k, v in listed.items()}
+            counts = {int(k): v for k, v in listed.items()}
         except (AttributeError, TypeError, ValueError):
-            raise MoePruneError(f"{self.source}: {RAGGED_KEY}.experts_per_layer must map layer -> count") from None
+            counts = {}
+        if not counts or not all(_is_int(v) for v in counts.values()):
+            raise MoePruneError(f"{self.source}: {RAGGED_KEY}.experts_per_layer must map layer -> count")
         if sorted(counts) != self.moe_layers:
             raise MoePruneError(
                 f"{self.source}: {RAGGED_KEY}.experts_per_layer lists layers {sorted(counts)} "
@@ -148,14 +179,28 @@ class ModelConfig:
 
     @property
     def top_k(self) -> int:
+        """Experts each token uses (in a ragged checkpoint, in its largest layers); from 1 to the expert count."""
         value = self.first(self.adapter.top_k_keys)
-        if not isinstance(value, int) or value <= 0:
-            raise MoePruneError(f"{self.source}: missing or invalid top-k ({' / '.join(self.adapter.top_k_keys)})")
+        keys = " / ".join(self.adapter.top_k_keys)
+        if not _is_int(value) or value < 1:
+            raise MoePruneError(f"{self.source}: top-k ({keys}) is {value!r}; expected at least 1")
+        if value > self.num_experts:
+            raise MoePruneError(
+                f"{self.source}: top-k ({keys}) is {value}, above the {self.num_experts} routed experts"
+            )
         return value
 
     @property
     def moe_layers(self) -> list[int]:
-        return LAYER_RULES[self.adapter.moe_layers](self.text, self.num_layers)
+        """Sorted indices of the MoE decoder layers, from the family's rule; one line if the config breaks it."""
+        n_layers = self.num_layers
+        try:
+            layers = LAYER_RULES[self.adapter.moe_layers](self.text, n_layers)
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError):
+            raise MoePruneError(f"{self.source}: cannot tell which layers are MoE layers (bad layer fields)") from None
+        if any(not 0 <= layer < n_layers for layer in layers) or len(set(layers)) != len(layers):
+            raise MoePruneError(f"{self.source}: MoE layers {layers} are not distinct layers of the {n_layers}")
+        return layers
 
     @property
     def n_group(self) -> int:
@@ -164,7 +209,10 @@ class ModelConfig:
             return 1
         if self.get("topk_method") == "greedy":
             return 1
-        return int(self.get("n_group") or 1)
+        value = self.get("n_group") or 1
+        if not _is_int(value) or value < 1:
+            raise MoePruneError(f"{self.source}: n_group is {value!r}; expected a positive integer")
+        return value
 
     @property
     def shared_experts(self) -> Any:
