@@ -148,12 +148,62 @@ def test_folder_is_refused(tmp_path):
         load_texts(str(tmp_path))
 
 
-def test_unreachable_hub_dataset_is_a_user_error(tmp_path, monkeypatch):
+def test_hub_dataset_in_offline_mode_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(MoePruneError, match="could not be loaded as a hub dataset"):
+    with pytest.raises(MoePruneError, match=r"^no-such-org/no-such-dataset: .*offline mode"):
         load_texts("no-such-org/no-such-dataset")
+
+
+def test_unreachable_hub_is_one_line_with_the_cause_kept(tmp_path, monkeypatch):
+    """No retries, no logging: one quick question to the hub; the network error stays chained for debugging."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cause = ConnectionError("Name or service not known")
+
+    def unreachable(self, *args, **kwargs):
+        raise cause
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
+    with pytest.raises(MoePruneError, match=r"could not be reached .*Name or service not known") as info:
+        load_texts("no-such-org/no-such-dataset")
+    assert "\n" not in str(info.value) and info.value.__cause__ is cause
+
+
+def test_unknown_hub_dataset_says_so(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def missing(self, *args, **kwargs):
+        raise RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", missing)
+    with pytest.raises(MoePruneError, match="no such dataset on the hub"):
+        load_texts("no-such-org/no-such-dataset")
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.jsonl", "a.csv"])
+def test_binary_file_with_nul_bytes_is_refused(tmp_path, name):
+    (tmp_path / name).write_bytes(b"text\x00\x00\x01\x02 more")
+    with pytest.raises(MoePruneError, match="NUL bytes at offset 4; a binary file") as info:
+        load_texts(str(tmp_path / name))
+    assert str(info.value).startswith(str(tmp_path / name))
+
+
+def test_bad_jsonl_line_names_line_number_and_cause(tmp_path):
+    source = write(tmp_path / "a.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n')
+    with pytest.raises(MoePruneError, match=r"a.jsonl: line 4 is not valid JSON \(JSONDecodeError: ") as info:
+        load_texts(source)
+    assert info.value.__cause__ is not None
 
 
 def test_token_stream_appends_eos_after_every_document():
@@ -187,8 +237,8 @@ def test_fixed_chunks_respect_max_tokens():
 
 
 def test_fixed_chunks_errors():
-    with pytest.raises(MoePruneError, match="data has 7 tokens, fewer than one sequence of 8"):
-        fixed_chunks(torch.arange(7), 8)
+    with pytest.raises(MoePruneError, match=r"^corpus.txt: has 7 tokens, fewer than one sequence of 8"):
+        fixed_chunks(torch.arange(7), 8, source="corpus.txt")
     with pytest.raises(MoePruneError, match="max tokens 5 is fewer than one sequence of 8"):
         fixed_chunks(torch.arange(50), 8, max_tokens=5)
     with pytest.raises(MoePruneError, match="at least 2"):

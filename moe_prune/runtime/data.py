@@ -15,12 +15,15 @@ Anything else that is not an existing path is tried as a hub dataset id (`org/na
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import json
+import logging
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".csv")
 # A streamed hub dataset has no end we want to reach; stop after this many characters unless told otherwise.
 HUB_DEFAULT_MAX_CHARS = 8_000_000
+HUB_TIMEOUT_S = 10
+HUB_LOGGERS = ("datasets", "huggingface_hub", "urllib3", "httpx", "httpx2", "fsspec", "filelock")
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
@@ -71,10 +76,12 @@ def _read_file(path: Path, text_field: str) -> Iterable[str]:
         return _read_parquet(path, text_field)
     try:
         raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise MoePruneError(f"{path}: not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise MoePruneError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}; a binary file?)") from exc
     except OSError as exc:
-        raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from None
+        raise MoePruneError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if "\x00" in raw:
+        raise MoePruneError(f"{path}: holds NUL bytes at offset {raw.index(chr(0))}; a binary file, not text")
     if suffix == ".jsonl":
         return _fields(_jsonl_records(raw, path), text_field, path)
     if suffix == ".json":
@@ -93,8 +100,8 @@ def _jsonl_records(raw: str, path: Path) -> list[Any]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise MoePruneError(f"{path}: line {number} is not valid JSON") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MoePruneError(f"{path}: line {number} is not valid JSON ({_reason(exc)})") from exc
     return records
 
 
@@ -102,7 +109,9 @@ def _json_records(raw: str, path: Path) -> list[Any]:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise MoePruneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise MoePruneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError:
+        raise MoePruneError(f"{path}: JSON nested too deeply") from None
     if isinstance(obj, dict) and "data" in obj:
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -146,28 +155,73 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
     except MoePruneError:
         raise
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise MoePruneError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+        raise MoePruneError(f"{path}: not a readable parquet file ({_reason(exc)})") from exc
     return [value if isinstance(value, str) else "" for value in column]
 
 
 def _read_hub(source: str, text_field: str, split: str, max_chars: int) -> list[str]:
-    """Stream `org/name[:config]` from the hub (not covered by tests: they run offline)."""
-    name, _, config = source.partition(":")
-    try:
-        from datasets import load_dataset
+    """Stream `org/name[:config]` from the hub (not covered by tests: they run offline).
 
-        stream = iter(load_dataset(name, config or None, split=split, streaming=True))
-        first = next(stream, None)
-    except Exception as exc:  # hub and dataset-script errors have many types; all mean the same to the user
-        raise MoePruneError(
-            f"{source}: not a local file and could not be loaded as a hub dataset ({type(exc).__name__})"
-        ) from None
+    The hub is asked once, quietly, whether the dataset exists before `datasets` streams it: offline,
+    `datasets` would retry for half a minute and log every retry.
+    """
+    name, _, config = source.partition(":")
+    with _quiet_hub_logs():
+        _probe_hub(source, name)
+        try:
+            from datasets import load_dataset
+
+            stream = iter(load_dataset(name, config or None, split=split, streaming=True))
+            first = next(stream, None)
+        except Exception as exc:  # hub and dataset-script errors have many types; all mean the same to the user
+            raise MoePruneError(f"{source}: could not be loaded as a hub dataset ({_reason(exc)})") from exc
     if first is None:
         return []
     if text_field not in first:
         raise MoePruneError(f"{source}: no field {text_field!r} (fields: {', '.join(first)}; use --text-field)")
     records = itertools.chain([first], stream)
     return _take((str(r.get(text_field) or "") for r in records), max_chars)
+
+
+def _probe_hub(source: str, name: str) -> None:
+    """One quick request: a clear line when offline, unreachable or unknown, instead of retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if is_offline_mode() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise MoePruneError(
+            f"{source}: not a local file, and hub datasets cannot be reached in offline mode "
+            "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
+        )
+    try:
+        HfApi().dataset_info(name, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError as exc:
+        raise MoePruneError(f"{source}: not a local file, and no such dataset on the hub (or it is private)") from exc
+    except Exception as exc:  # connection, TLS, proxy and HTTP errors of several libraries
+        raise MoePruneError(
+            f"{source}: not a local file, and the hub dataset could not be reached ({_reason(exc)})"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """Silence the retry and progress chatter of the hub libraries while a dataset is fetched."""
+    loggers = [logging.getLogger(name) for name in HUB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message, with its type (the full cause stays chained for debugging)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None, batch: int = 256) -> torch.Tensor:
@@ -189,8 +243,13 @@ def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None
     return torch.tensor(ids, dtype=torch.long)
 
 
-def fixed_chunks(ids: torch.Tensor | list[int], seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """[N, seq_len] consecutive windows of the first `max_tokens` tokens; the ragged tail is dropped."""
+def fixed_chunks(
+    ids: torch.Tensor | list[int], seq_len: int, max_tokens: int | None = None, source: str = "data"
+) -> torch.Tensor:
+    """[N, seq_len] consecutive windows of the first `max_tokens` tokens; the ragged tail is dropped.
+
+    `source` (the data file or dataset the tokens came from) is named when there are too few tokens.
+    """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if seq_len < 2:
         raise MoePruneError(f"sequence length must be at least 2 (got {seq_len})")
@@ -199,7 +258,7 @@ def fixed_chunks(ids: torch.Tensor | list[int], seq_len: int, max_tokens: int | 
     usable = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
     count = usable // seq_len
     if count == 0:
-        raise MoePruneError(f"data has {ids.numel()} tokens, fewer than one sequence of {seq_len}")
+        raise MoePruneError(f"{source}: has {ids.numel()} tokens, fewer than one sequence of {seq_len}")
     return ids[: count * seq_len].reshape(count, seq_len).clone()
 
 
