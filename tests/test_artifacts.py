@@ -91,3 +91,94 @@ def test_stats_refuse_garbage(tmp_path):
         Stats.load(tmp_path / "x.npz")
     with pytest.raises(MoePruneError, match="not found"):
         Stats.load(tmp_path / "missing.npz")
+
+
+# ---- resume files of `profile --save-every` -----------------------------------------------------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def partial_run(tiny, tmp_path_factory):
+    """(model, data, partial file bytes) of a profile interrupted after two of four saved batches."""
+    from moe_prune.runtime.resume import partial_path
+    from moe_prune.stages import profile
+
+    root = tmp_path_factory.mktemp("partial")
+    data = root / "cal.txt"
+    data.write_text("\n\n".join(f"document {i}: the {i % 7} crates sold at {i * 3} in the morning" for i in range(40)))
+    settings = profile.Settings(samples=8, seq_len=16, batch_size=2, save_every=1)
+
+    def stop(done: int, total: int) -> None:
+        if done >= 2 * 2 * 16:
+            raise _Interrupt
+
+    partial = partial_path(root / "s.npz")
+    with pytest.raises(_Interrupt):
+        profile.run(tiny("mixtral"), str(data), settings, stop, partial=partial)
+    return tiny("mixtral"), data, partial.read_bytes()
+
+
+def _rewrite(blob: bytes, edit) -> bytes:
+    """The partial file with `edit(arrays)` applied to its arrays."""
+    import io
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    edit(arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+PARTIAL_DAMAGE = {
+    "garbage": lambda blob: b"\x00garbage" * 10,
+    "empty-file": lambda blob: b"",
+    "truncated": lambda blob: blob[: len(blob) // 2],
+    "empty-npz": lambda blob: _rewrite(blob, lambda a: a.clear()),
+    "missing-sums": lambda blob: _rewrite(blob, lambda a: a.pop("act_sum")),
+    "wrong-shape": lambda blob: _rewrite(blob, lambda a: a.update(hard_counts=a["hard_counts"][:, :-1])),
+    "wrong-dtype": lambda blob: _rewrite(blob, lambda a: a.update(hard_counts=a["hard_counts"].astype(np.float32))),
+    "nan-sums": lambda blob: _rewrite(blob, lambda a: a["logit_gram"].__setitem__((0, 0, 0), np.nan)),
+    "bad-counter": lambda blob: _rewrite(
+        blob, lambda a: a.update(__resume__=np.array([str(a["__resume__"][0]), "two", "0"]))
+    ),
+    "pickled": lambda blob: _rewrite(blob, lambda a: a.update(__resume__=np.array([{}, "1", "0"], dtype=object))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PARTIAL_DAMAGE))
+def test_profile_resume_from_damaged_partial_file_is_one_line(partial_run, tmp_path, kind):
+    from typer.testing import CliRunner
+
+    from moe_prune.cli import app
+    from moe_prune.runtime.resume import partial_path
+
+    model, data, blob = partial_run
+    out = tmp_path / "s.npz"
+    partial = partial_path(out)
+    partial.write_bytes(PARTIAL_DAMAGE[kind](blob))
+    before = partial.read_bytes()
+    args = ["profile", str(model), "--data", str(data), "--samples", "8", "--seq-len", "16", "--batch-size", "2"]
+    result = CliRunner().invoke(app, [*args, "--save-every", "1", "--resume", "--out", str(out)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and partial.name in lines[0], (result.stderr, result.exception)
+    assert partial.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
+
+
+def test_profile_resume_from_good_partial_file_still_works(partial_run, tmp_path):
+    """The check of the damaged cases above does not refuse the file a real interruption leaves."""
+    from typer.testing import CliRunner
+
+    from moe_prune.cli import app
+    from moe_prune.runtime.resume import partial_path
+
+    model, data, blob = partial_run
+    out = tmp_path / "s.npz"
+    partial_path(out).write_bytes(blob)
+    args = ["profile", str(model), "--data", str(data), "--samples", "8", "--seq-len", "16", "--batch-size", "2"]
+    result = CliRunner().invoke(app, [*args, "--save-every", "1", "--resume", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert out.exists() and not partial_path(out).exists()

@@ -249,3 +249,51 @@ def test_bad_input_is_refused_with_one_line_and_nothing_lost(tmp_path):
     assert {p: p.read_bytes() for p in work_folder(out).rglob("*") if p.is_file()} == saved and not out.exists()
     with pytest.raises(MoePruneError, match="no interrupted run"):
         finetune.run(DEMO_MODEL_DIR, DATA, tmp_path / "other", FinetuneOptions(resume=True, tokens=512, **SMALL))
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """An interrupted run with saved state after step 2 (the work folder is copied by each test)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    options = FinetuneOptions(tokens=4 * 256, lr=1e-3, save_every=1, **SMALL)
+
+    def interrupt(p: finetune.Progress) -> None:
+        if p.phase == "train" and p.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(DEMO_MODEL_DIR, DATA, root / "ft", options, interrupt)
+    return work_folder(root / "ft")
+
+
+def _damage_state(work: Path, kind: str) -> str:
+    """Damage one file of the saved state; returns the name the error must give."""
+    state = next(work.glob("state-*"))
+    run = work / "run.json"
+    if kind == "run-garbage":
+        run.write_bytes(b"\x00\x01garbage")
+        return "run.json"
+    if kind == "run-step-string":
+        obj = json.loads(run.read_text())
+        run.write_text(json.dumps({**obj, "step": str(obj["step"])}))
+        return "run.json"
+    if kind == "run-duplicate-key":
+        run.write_text(run.read_text().replace('"step":', '"step": 1, "step":', 1))
+        return "run.json"
+    name = {"model": "model.safetensors", "optimizer": "optimizer.bin", "rng": "random_states_0.pkl"}[kind]
+    target = state / name
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    return name
+
+
+@pytest.mark.parametrize("kind", ["run-garbage", "run-step-string", "run-duplicate-key", "model", "optimizer", "rng"])
+def test_resume_from_damaged_state_is_one_line_naming_the_file(interrupted, tmp_path, kind):
+    out = tmp_path / "ft"
+    shutil.copytree(interrupted, work_folder(out))
+    blame = _damage_state(work_folder(out), kind)
+    saved = {p: p.read_bytes() for p in work_folder(out).rglob("*") if p.is_file()}
+    small = ["--seq-len", "64", "--batch-size", "4", "--eval-tokens", "0", "--lr", "1e-3", "--save-every", "1"]
+    result = _cli("--out", str(out), "--tokens", "1024", "--resume", *small)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and blame in lines[0], result.stderr
+    assert {p: p.read_bytes() for p in work_folder(out).rglob("*") if p.is_file()} == saved and not out.exists()

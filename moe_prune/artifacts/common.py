@@ -1,4 +1,4 @@
-"""Shared reading/writing helpers for JSON artifacts (files or `-` for stdin/stdout).
+"""Shared reading/writing helpers for artifacts: JSON (files or `-` for stdin/stdout) and .npz errors.
 
 Artifacts come from other people's checkpoints and pipes, so the one reader is strict: a key given
 twice (which plain `json` silently resolves to the last one) and the non-standard NaN/Infinity
@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
+
+# Reading a damaged .npz raises any of these (zip, zlib and numpy's own format errors).
+NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def describe(exc: BaseException) -> str:
+    """Type and first line of an exception's message, for one-line errors (chain the exception for the rest)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 class _DuplicateKeyError(ValueError):

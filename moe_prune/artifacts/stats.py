@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moe_prune.artifacts.common import check_header, parse_json, require_type
+from moe_prune.artifacts.common import NPZ_ERRORS, check_header, describe, parse_json, require_type
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.errors import MoePruneError
 
@@ -141,8 +139,6 @@ FIELD_CHECKS: dict[str, tuple[str, str]] = {
     "grad_entropy": ("log", "LE"),
     "grad_outliers": ("count", "LE"),
 }
-# Reading a damaged .npz raises any of these (zip, zlib and numpy's own format errors).
-_NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
 
 
 def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -153,8 +149,8 @@ def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], dict[str, np.ndarr
         raise MoePruneError(f"{name}: statistics file not found (produce it with `moe-prune profile`)") from None
     except IsADirectoryError:
         raise MoePruneError(f"{name}: is a folder, not a statistics file") from None
-    except _NPZ_ERRORS as exc:
-        raise MoePruneError(f"{name}: not a moe-prune statistics file ({_reason(exc)})") from exc
+    except NPZ_ERRORS as exc:
+        raise MoePruneError(f"{name}: not a moe-prune statistics file ({describe(exc)})") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise MoePruneError(f"{name}: not a moe-prune statistics file (a single .npy array, not an .npz archive)")
     with data:
@@ -174,14 +170,8 @@ def _member(data: Any, key: str, name: str) -> np.ndarray:
     """One array of the archive; object arrays (pickles) and damaged members are refused, naming the field."""
     try:
         return data[key]
-    except _NPZ_ERRORS as exc:
-        raise MoePruneError(f"{name}: field {key} is unreadable ({_reason(exc)})") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when the message is empty)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    except NPZ_ERRORS as exc:
+        raise MoePruneError(f"{name}: field {key} is unreadable ({describe(exc)})") from exc
 
 
 def validate_arrays(arrays: dict[str, np.ndarray], identity: ModelIdentity, name: str) -> None:

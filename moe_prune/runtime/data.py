@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from moe_prune.artifacts.common import describe
 from moe_prune.errors import MoePruneError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -101,7 +102,7 @@ def _jsonl_records(raw: str, path: Path) -> list[Any]:
         try:
             records.append(json.loads(line))
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise MoePruneError(f"{path}: line {number} is not valid JSON ({_reason(exc)})") from exc
+            raise MoePruneError(f"{path}: line {number} is not valid JSON ({describe(exc)})") from exc
     return records
 
 
@@ -155,7 +156,7 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
     except MoePruneError:
         raise
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise MoePruneError(f"{path}: not a readable parquet file ({_reason(exc)})") from exc
+        raise MoePruneError(f"{path}: not a readable parquet file ({describe(exc)})") from exc
     return [value if isinstance(value, str) else "" for value in column]
 
 
@@ -174,7 +175,7 @@ def _read_hub(source: str, text_field: str, split: str, max_chars: int) -> list[
             stream = iter(load_dataset(name, config or None, split=split, streaming=True))
             first = next(stream, None)
         except Exception as exc:  # hub and dataset-script errors have many types; all mean the same to the user
-            raise MoePruneError(f"{source}: could not be loaded as a hub dataset ({_reason(exc)})") from exc
+            raise MoePruneError(f"{source}: could not be loaded as a hub dataset ({describe(exc)})") from exc
     if first is None:
         return []
     if text_field not in first:
@@ -200,7 +201,7 @@ def _probe_hub(source: str, name: str) -> None:
         raise MoePruneError(f"{source}: not a local file, and no such dataset on the hub (or it is private)") from exc
     except Exception as exc:  # connection, TLS, proxy and HTTP errors of several libraries
         raise MoePruneError(
-            f"{source}: not a local file, and the hub dataset could not be reached ({_reason(exc)})"
+            f"{source}: not a local file, and the hub dataset could not be reached ({describe(exc)})"
         ) from exc
 
 
@@ -216,12 +217,6 @@ def _quiet_hub_logs() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message, with its type (the full cause stays chained for debugging)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None, batch: int = 256) -> torch.Tensor:

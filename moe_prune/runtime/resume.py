@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_prune.artifacts.common import NPZ_ERRORS, describe
 from moe_prune.errors import MoePruneError
 
 GRAD_PREFIX = "__grad__"
@@ -64,22 +65,60 @@ class Resumable:
         """(batches done, predictions) after loading the sums; (0, 0) when there is nothing to resume."""
         if self.path is None or not self.path.exists():
             return 0, 0
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError) as exc:
-            raise MoePruneError(f"{self.path}: unreadable resume file ({exc})") from None
-        meta = arrays.pop("__resume__", None)
-        if meta is None or len(meta) != 3:
-            raise MoePruneError(f"{self.path}: not a moe-prune resume file")
-        fingerprint, done, predictions = str(meta[0]), int(meta[1]), int(meta[2])
-        if fingerprint != self.fingerprint:
-            raise MoePruneError(
-                f"{self.path}: was written for another model, data or options; delete it or run without --resume"
-            )
+        arrays = _read(self.path)
+        done, predictions = _progress(arrays.pop("__resume__", None), self.fingerprint, self.path)
+        expected = dict(recorder.arrays())
+        for i, layer in enumerate(expert_params or []):
+            for j, param in enumerate(layer):
+                expected[f"{GRAD_PREFIX}{i}_{j}"] = np.empty(tuple(param.shape), dtype=np.float32)
+        _check_layout(arrays, expected, self.path)
         grads = {k: arrays.pop(k) for k in [k for k in arrays if k.startswith(GRAD_PREFIX)]}
         recorder.restore(arrays, device)
         for i, layer in enumerate(expert_params or []):
             for j, param in enumerate(layer):
                 param.grad = torch.from_numpy(grads[f"{GRAD_PREFIX}{i}_{j}"]).to(param.device, param.dtype)
         return done, predictions
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the resume file; a truncated, foreign or pickled file is a one-line error."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (*NPZ_ERRORS, AttributeError) as exc:  # AttributeError: a plain .npy array has no `files`
+        raise MoePruneError(f"{path}: unreadable resume file ({describe(exc)}); delete it to start over") from exc
+
+
+def _progress(meta: np.ndarray | None, fingerprint: str, path: Path) -> tuple[int, int]:
+    """(batches done, predictions) from the `__resume__` entry, after checking it belongs to this run."""
+    if meta is None or meta.shape != (3,) or meta.dtype.kind != "U":
+        raise MoePruneError(f"{path}: not a moe-prune resume file; delete it to start over")
+    if str(meta[0]) != fingerprint:
+        raise MoePruneError(
+            f"{path}: was written for another model, data or options; delete it or run without --resume"
+        )
+    try:
+        done, predictions = int(meta[1]), int(meta[2])
+    except ValueError:
+        raise MoePruneError(f"{path}: corrupt progress counters; delete it to start over") from None
+    if done < 0 or predictions < 0:
+        raise MoePruneError(f"{path}: corrupt progress counters; delete it to start over")
+    return done, predictions
+
+
+def _check_layout(arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray], path: Path) -> None:
+    """The same arrays, shapes and dtypes this run saves, and finite sums: nothing half-restored."""
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise MoePruneError(
+            f"{path}: corrupt resume file (missing {missing[:3]}, unexpected {extra[:3]}); delete it to start over"
+        )
+    for key, want in expected.items():
+        got = arrays[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise MoePruneError(
+                f"{path}: corrupt resume file ({key} is {got.dtype} {got.shape}, expected {want.dtype} {want.shape}); "
+                "delete it to start over"
+            )
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise MoePruneError(f"{path}: corrupt resume file ({key} holds NaN or Inf); delete it to start over")

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.common import check_header, describe, dump_json, read_json, require_int, require_type
 from moe_prune.errors import MoePruneError
 
 RUN_SCHEMA = "moe-prune/finetune-run"
 RUN_VERSION = 1
+STATE_SUFFIXES = (".safetensors", ".bin", ".pkl", ".pt")
 
 
 def work_folder(out: Path) -> Path:
@@ -68,16 +69,14 @@ class WorkFolder:
             raise MoePruneError(f"{self.path}: holds no saved state (run.json missing); start again with --force")
         obj, name = read_json(self.run_file, "finetune run state")
         check_header(obj, RUN_SCHEMA, RUN_VERSION, name)
-        try:
-            fingerprint, step = dict(obj["fingerprint"]), int(obj["step"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MoePruneError(f"{name}: malformed run state ({exc!r})") from None
+        fingerprint = require_type(obj.get("fingerprint"), dict, name, "fingerprint")
+        step = require_int(obj.get("step"), name, "step", minimum=1)
         if not self.state_dir(step).is_dir():
             raise MoePruneError(f"{self.path}: saved state of step {step} is missing; start again with --force")
         return fingerprint, step
 
     def check_resumable(self, fingerprint: dict[str, Any]) -> int:
-        """The step to continue from, or a one-line error when the saved run is another run."""
+        """The step to continue from, or a one-line error when the saved run is another run or damaged."""
         if not self.exists():
             raise MoePruneError(f"{self.path}: no interrupted run to resume (nothing was saved; see --save-every)")
         saved, step = self.read()
@@ -87,7 +86,19 @@ class WorkFolder:
                 f"{self.path}: was saved by another run ({field} was {_lookup(saved, field)!r}, "
                 f"now {_lookup(fingerprint, field)!r}); rerun it with the same settings, or start over with --force"
             )
+        self.check_state(step)
         return step
+
+    def check_state(self, step: int) -> None:
+        """Open every file `accelerate` will load from the saved state, so a damaged one fails here, in one line."""
+        folder = self.state_dir(step)
+        required = (("model*.safetensors", "pytorch_model*.bin"), ("optimizer*.bin",), ("random_states_*.pkl",))
+        for patterns in required:
+            if not any(any(folder.glob(pattern)) for pattern in patterns):
+                raise MoePruneError(f"{folder}: saved state lacks {patterns[0]}; start again with --force")
+        for path in sorted(folder.iterdir()):
+            if path.suffix in STATE_SUFFIXES:
+                _check_state_file(path)
 
     def commit(self, step: int, fingerprint: dict[str, Any]) -> None:
         """Point run.json at the state of `step` (already written), then drop older states."""
@@ -101,6 +112,22 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _check_state_file(path: Path) -> None:
+    """Read a saved-state file the way `accelerate` will (safetensors header, or its restricted torch.load)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        else:
+            from accelerate.utils import load
+
+            load(str(path), map_location="cpu", mmap=True)
+    except Exception as exc:  # torch.load and safetensors raise many types for a damaged file
+        raise MoePruneError(f"{path}: damaged saved state ({describe(exc)}); start again with --force") from exc
 
 
 def fingerprint_json(obj: dict[str, Any]) -> dict[str, Any]:
