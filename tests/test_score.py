@@ -462,3 +462,20 @@ def test_pipe_score_into_prune(edited_mixtral, tmp_path):
             for slot, orig in enumerate(sorted(expected[layer].tolist())):
                 got = handle.get_tensor(f"model.layers.{layer}.block_sparse_moe.experts.{slot}.w2.weight")
                 assert torch.equal(got, model.model.layers[layer].mlp.experts.down_proj[orig])
+
+
+def test_cli_out_creates_missing_parents_and_refuses_a_file_as_parent(tmp_path):
+    """Like prune and merge, a missing parent folder of --out is created; a file in its place is one line."""
+    stats, _ = _counts_stats()
+    path = _save(stats, tmp_path / "stats.npz")
+    args = ["score", path, "-c", "usage-frequency", "--drop", "2", "--out"]
+    deep = tmp_path / "masks" / "run-1" / "mask.json"
+    result = runner.invoke(app, [*args, str(deep)])
+    assert result.exit_code == 0, result.output
+    assert DropMask.read(deep).keep
+    (tmp_path / "plain").write_text("a file")
+    blocked = tmp_path / "plain" / "mask.json"
+    result = runner.invoke(app, [*args, str(blocked)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and str(blocked) in lines[0], result.stderr
+    assert (tmp_path / "plain").read_text() == "a file"

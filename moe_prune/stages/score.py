@@ -201,12 +201,17 @@ def write_mask(mask: DropMask, out: Path, force: bool = False) -> None:
         raise MoePruneError(f"{out}: already exists; pass --force to replace it")
     if out.is_dir():
         raise MoePruneError(f"{out}: is a folder; give a file name for the mask")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as prune and merge create their output's parents
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    except OSError as exc:
+        raise MoePruneError(f"{out}: cannot create the mask file ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(mask.dumps())
         os.replace(tmp, out)
+    except OSError as exc:
+        raise MoePruneError(f"{out}: cannot write the mask file ({exc.strerror or exc})") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
