@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.output import atomic_folder, check_writable
@@ -340,8 +341,11 @@ def _write(
     manifest = Manifest(slots=dict(ckpt.identity.original_ids), history=[*previous, entry])
     new_config = config.with_expert_count(config.num_experts, top_k)
     with atomic_folder(out, options.force, protect=(ckpt.folder,)) as tmp:
-        with quiet_transformers():
-            inner.save_pretrained(tmp, state_dict=state, max_shard_size=options.max_shard_size)
+        try:
+            with quiet_transformers():
+                inner.save_pretrained(tmp, state_dict=state, max_shard_size=options.max_shard_size)
+        except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
+            raise MoePruneError(f"{out}: cannot write ({str(exc).splitlines()[0]})") from exc
         copy_side_files(ckpt.folder, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config.raw, indent=2, sort_keys=True) + "\n")
         manifest.write(tmp)
