@@ -1,19 +1,48 @@
-"""Hostile cases: hostile_checkpoint (registered with @hostile)."""
+"""Hostile cases: hostile_checkpoint (registered with @hostile).
+
+Three classes of damage to the tiny Mixtral checkpoint (3 layers x 8 experts, top-2, vocabulary 128):
+- shard headers safetensors itself would refuse (offsets, dtype, shape, header length, truncation);
+- a config.json that is no config, or that disagrees with the weights (layers, experts, top-k, vocabulary);
+- weights that are incomplete (a missing expert tensor or router) or not finite (NaN, Inf).
+"""
 
 from __future__ import annotations
 
-from hostile import (
-    LOADERS,
-    MODEL_READERS,
-    Workspace,
-    hostile,
-)
+import json
+import struct
+
+import numpy as np
+from hostile import MODEL_READERS, Workspace, hostile
+from safetensors.numpy import load_file, save_file
+
+EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
+# Commands that compute with expert weights, and so must check them for NaN/Inf.
+WEIGHT_READERS = ("score-weights", "merge")
 
 
-@hostile("config-is-a-folder", MODEL_READERS, "config.json")
-def _(ws: Workspace) -> None:
-    (ws.model / "config.json").unlink()
-    (ws.model / "config.json").mkdir()
+def _tensors(ws: Workspace) -> dict[str, np.ndarray]:
+    return load_file(ws.shard())
+
+
+def _save(ws: Workspace, tensors: dict[str, np.ndarray]) -> None:
+    save_file(tensors, ws.shard(), metadata={"format": "pt"})
+
+
+def _edit_entry(ws: Workspace, name: str, **fields) -> None:
+    """Change one header entry's fields, leaving the data buffer as it is."""
+    header, data = ws.header()
+    header[name].update(fields)
+    ws.write_header(header, data)
+
+
+def _edit_config(ws: Workspace, **fields) -> None:
+    config = ws.config()
+    config.update(fields)
+    ws.write_config(config)
+
+
+# Shard headers ----------------------------------------------------------------------------------
 
 
 @hostile("shard-overlapping-offsets", MODEL_READERS, ".safetensors")
@@ -25,8 +54,230 @@ def _(ws: Workspace) -> None:
     ws.write_header(header, data)
 
 
-@hostile("top-k-above-expert-count", LOADERS, "config.json")
+@hostile("shard-offsets-disagree-with-shape", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    _edit_entry(ws, EXPERT.format(layer=1, expert=3, w="w2"), shape=[32, 47])
+
+
+@hostile("shard-offsets-disagree-with-dtype", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    _edit_entry(ws, ROUTER.format(layer=0), dtype="F16")
+
+
+@hostile("shard-unknown-dtype", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    _edit_entry(ws, EXPERT.format(layer=0, expert=0, w="w1"), dtype="Q32")
+
+
+@hostile("shard-negative-dimension", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    _edit_entry(ws, "model.norm.weight", shape=[-32])
+
+
+@hostile("shard-offsets-leave-a-gap", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    """Two tensors swap sizes' worth of place: each range is the right size, but one starts past a hole."""
+    header, data = ws.header()
+    entry = header["model.norm.weight"]
+    begin, end = entry["data_offsets"]
+    entry["data_offsets"] = [begin + 4, end + 4]
+    ws.write_header(header, data + b"\0" * 4)
+
+
+@hostile("shard-header-length-past-end", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    raw = ws.shard().read_bytes()
+    ws.shard().write_bytes(struct.pack("<Q", len(raw)) + raw[8:])
+
+
+@hostile("shard-header-length-absurd", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    raw = ws.shard().read_bytes()
+    ws.shard().write_bytes(struct.pack("<Q", 1 << 62) + raw[8:])
+
+
+@hostile("shard-header-not-json", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    raw = ws.shard().read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    ws.shard().write_bytes(raw[:8] + b"\xff" * n + raw[8 + n :])
+
+
+@hostile("shard-header-not-an-object", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    ws.shard().write_bytes(struct.pack("<Q", 8) + b"[1, 2]  ")
+
+
+@hostile("shard-metadata-not-strings", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    header, data = ws.header()
+    header["__metadata__"] = {"format": ["pt"]}
+    ws.write_header(header, data)
+
+
+@hostile("shard-truncated", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    ws.shard().write_bytes(ws.shard().read_bytes()[:-1000])
+
+
+@hostile("shard-trailing-garbage", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    with open(ws.shard(), "ab") as handle:
+        handle.write(b"garbage!")
+
+
+@hostile("shard-empty-file", MODEL_READERS, ".safetensors")
+def _(ws: Workspace) -> None:
+    ws.shard().write_bytes(b"")
+
+
+# config.json ------------------------------------------------------------------------------------
+
+
+@hostile("config-is-a-folder", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    (ws.model / "config.json").unlink()
+    (ws.model / "config.json").mkdir()
+
+
+@hostile("config-not-an-object", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    (ws.model / "config.json").write_text(json.dumps([ws.config()]))
+
+
+@hostile("config-not-json", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    (ws.model / "config.json").write_text(json.dumps(ws.config())[:-20])
+
+
+@hostile("config-more-layers-than-weights", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_hidden_layers=5)
+
+
+@hostile("config-fewer-layers-than-weights", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_hidden_layers=2)
+
+
+@hostile("config-layer-count-not-a-number", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_hidden_layers="3")
+
+
+@hostile("config-fewer-experts-than-weights", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_local_experts=6)
+
+
+@hostile("config-more-experts-than-weights", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_local_experts=12)
+
+
+@hostile("config-absurd-expert-count", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_local_experts=1 << 40)
+
+
+@hostile("config-zero-experts", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_local_experts=0)
+
+
+@hostile("config-expert-count-boolean", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_local_experts=True)
+
+
+@hostile("top-k-above-expert-count", MODEL_READERS, "config.json")
 def _(ws: Workspace) -> None:
     config = ws.config()
     config["num_experts_per_tok"] = config["num_local_experts"] + 1
     ws.write_config(config)
+
+
+@hostile("top-k-zero", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_experts_per_tok=0)
+
+
+@hostile("config-vocabulary-disagrees-with-embedding", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, vocab_size=96)
+
+
+# Weights: completeness --------------------------------------------------------------------------
+
+
+@hostile("missing-expert-tensor", MODEL_READERS, "model.safetensors")
+def _(ws: Workspace) -> None:
+    tensors = _tensors(ws)
+    del tensors[EXPERT.format(layer=1, expert=5, w="w3")]
+    _save(ws, tensors)
+
+
+@hostile("missing-expert-kind-in-one-layer", MODEL_READERS, "model.safetensors")
+def _(ws: Workspace) -> None:
+    """Every expert of layer 2 lacks w2: complete within the layer, yet not the model the config describes."""
+    tensors = _tensors(ws)
+    for expert in range(8):
+        del tensors[EXPERT.format(layer=2, expert=expert, w="w2")]
+    _save(ws, tensors)
+
+
+@hostile("missing-router", MODEL_READERS, "model.safetensors")
+def _(ws: Workspace) -> None:
+    tensors = _tensors(ws)
+    del tensors[ROUTER.format(layer=1)]
+    _save(ws, tensors)
+
+
+@hostile("expert-beyond-config-count", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    """Layer 0's expert 7 is stored as expert 9: slot 7 missing, slot 9 beyond the 8 of config.json."""
+    tensors = _tensors(ws)
+    for w in ("w1", "w2", "w3"):
+        tensors[EXPERT.format(layer=0, expert=9, w=w)] = tensors.pop(EXPERT.format(layer=0, expert=7, w=w))
+    _save(ws, tensors)
+
+
+@hostile("router-rows-disagree-with-experts", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    tensors = _tensors(ws)
+    name = ROUTER.format(layer=2)
+    tensors[name] = np.ascontiguousarray(tensors[name][:7])
+    _save(ws, tensors)
+
+
+# Weights: NaN and Inf ---------------------------------------------------------------------------
+
+
+def _poison(ws: Workspace, names: list[str], value: float) -> None:
+    tensors = _tensors(ws)
+    for name in names:
+        tensors[name] = tensors[name].copy()
+        tensors[name].flat[0] = value
+    _save(ws, tensors)
+
+
+@hostile("nan-in-experts", WEIGHT_READERS, "model.safetensors")
+def _(ws: Workspace) -> None:
+    """Every expert of layer 0 has one NaN weight, so every token meets one (eval cannot avoid it either)."""
+    _poison(ws, [EXPERT.format(layer=0, expert=e, w="w2") for e in range(8)], float("nan"))
+
+
+@hostile("inf-in-router", ("score-weights",), "model.safetensors")
+def _(ws: Workspace) -> None:
+    _poison(ws, [ROUTER.format(layer=1)], float("inf"))
+
+
+@hostile("nan-in-experts-eval", ("eval",), "/model")
+def _(ws: Workspace) -> None:
+    """eval names the model folder (its logits are NaN) or, when the loader scans weights, the shard in it."""
+    _poison(ws, [EXPERT.format(layer=0, expert=e, w="w2") for e in range(8)], float("nan"))
+
+
+@hostile("inf-in-router-eval", ("eval",), "/model")
+def _(ws: Workspace) -> None:
+    _poison(ws, [ROUTER.format(layer=0)], float("inf"))

@@ -122,7 +122,7 @@ def _split_fused(info: TensorInfo, tensor: torch.Tensor, n_experts: int) -> torc
 
 
 def _read_all(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """The named tensors as float32, opening each shard once; a one-line error for quantised dtypes."""
+    """The named tensors as float32, opening each shard once; a one-line error for quantised or non-finite ones."""
     for info in infos:
         if info.dtype not in FLOAT_DTYPES:
             raise MoePruneError(
@@ -137,4 +137,8 @@ def _read_all(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
             for name in names:
                 out[name] = handle.get_tensor(name).to(torch.float32)
+                if not torch.isfinite(out[name]).all():
+                    raise MoePruneError(
+                        f"{path}: {name} holds NaN or Inf values; its experts cannot be scored by their weights"
+                    )
     return out

@@ -63,6 +63,14 @@ def find_layout(name: str, rows: tuple[ExpertTensor, ...]) -> ExpertTensor:
     )
 
 
+def _read_finite(info: TensorInfo) -> torch.Tensor:
+    """A tensor as float32, refused with a line naming it if it holds NaN or Inf (an average would spread them)."""
+    tensor = read_tensor(info).float()
+    if not torch.isfinite(tensor).all():
+        raise MoePruneError(f"{info.file}: {info.name} holds NaN or Inf values; merging would spread them")
+    return tensor
+
+
 def _require_float(info: TensorInfo) -> None:
     if info.dtype not in FLOAT_DTYPES:
         raise MoePruneError(
@@ -89,10 +97,13 @@ class _LayerExperts:
         for tail, slots in self.per_expert.items():
             for slot in needed:
                 if slot not in slots:
-                    raise MoePruneError(f"layer {self.plan.layer}: expert {slot} has no tensor {tail!r}")
-                experts[slot][tail] = read_tensor(slots[slot]).float()
+                    sibling = next(iter(slots.values()))
+                    raise MoePruneError(
+                        f"{sibling.file}: MoE layer {self.plan.layer} has no {tail!r} tensor for expert {slot}"
+                    )
+                experts[slot][tail] = _read_finite(slots[slot])
         for name, info in self.fused.items():
-            blocks = _expert_blocks(read_tensor(info).float(), self.n_experts, info)
+            blocks = _expert_blocks(_read_finite(info), self.n_experts, info)
             for slot in needed:
                 experts[slot][name] = blocks[slot].clone()
         return experts
@@ -231,7 +242,7 @@ class MergePlanner:
         is_weight = self.matcher.is_router(info.name) is not None
 
         def rows() -> bytes:
-            original = read_tensor(info).float().movedim(axis, 0)
+            original = _read_finite(info).movedim(axis, 0)
             if plan.router == "average":
                 new = torch.stack(
                     [

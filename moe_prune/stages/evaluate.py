@@ -167,8 +167,14 @@ def count_params(ckpt: Checkpoint, model: Any) -> ParamCounts:
 
 
 @torch.inference_mode()
-def nll_sum(model: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callable[[int], None]) -> tuple[float, int]:
-    """(summed next-token NLL, number of predictions) over `chunks`, accumulated in float64."""
+def nll_sum(
+    model: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callable[[int], None], source: str | Path = "model"
+) -> tuple[float, int]:
+    """(summed next-token NLL, number of predictions) over `chunks`, accumulated in float64.
+
+    A batch whose loss is not finite (NaN/Inf logits) is refused, naming `source` (the model folder): a NaN
+    perplexity is not a result. The loss is checked, not every logit: a NaN anywhere reaches it.
+    """
     device = input_device(model)
     total, count = 0.0, 0
     for done, start in enumerate(range(0, len(chunks), batch_size), 1):
@@ -176,7 +182,13 @@ def nll_sum(model: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callabl
         logits = model(input_ids=batch, use_cache=False).logits
         targets = batch[:, 1:].reshape(-1)
         predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
-        total += float(torch.nn.functional.cross_entropy(predicted, targets, reduction="sum"))
+        loss = float(torch.nn.functional.cross_entropy(predicted, targets, reduction="sum"))
+        if not math.isfinite(loss):
+            raise MoePruneError(
+                f"{source}: the model produces non-finite logits (NaN or Inf) on the evaluation data, so its "
+                "perplexity is undefined (NaN/Inf in its weights, or overflow in this dtype)"
+            )
+        total += loss
         count += targets.numel()
         on_batch(done)
     return total, count
@@ -226,7 +238,9 @@ def evaluate_model(
     batches = math.ceil(len(chunks) / settings.batch_size)
     progress(label, 0, batches)
     with RoutingRecorder(model, config) as recorder:
-        nll, scored = nll_sum(model, chunks, settings.batch_size, lambda done: progress(label, done, batches))
+        nll, scored = nll_sum(
+            model, chunks, settings.batch_size, lambda done: progress(label, done, batches), ckpt.folder
+        )
     mean = nll / scored
     result = ModelEval(
         model=name,

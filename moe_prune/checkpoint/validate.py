@@ -1,0 +1,211 @@
+"""Does a checkpoint's config agree with its weights? Checked from headers alone, before any stage works.
+
+Shard headers are validated one by one in `safetensors_io.read_header`; this module checks what needs
+the config and every tensor together: the decoder layers present, the vocabulary, and that every MoE
+layer holds a router with one row per expert and the complete set of expert tensors the config
+implies. A checkpoint that fails here would prune into a broken model, or load with a page of
+transformers' mismatch report; refusing it first gives one line naming the file at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.checkpoint.safetensors_io import TensorInfo
+from moe_prune.checkpoint.surgery import KeyMatcher
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.checkpoint.source import Checkpoint
+
+# Tensors whose first axis is the vocabulary (input embeddings of every supported family, output head).
+VOCAB_TENSORS = re.compile(r"^(?:.*\.)?(?:embed_tokens|wte|lm_head)\.weight$")
+
+
+@dataclass
+class _MoeLayer:
+    """The expert-count-dependent tensors of one MoE layer, as found in the headers."""
+
+    routers: list[TensorInfo] = field(default_factory=list)  # weight [E, H]
+    router_biases: list[TensorInfo] = field(default_factory=list)  # [E]
+    fused: list[TensorInfo] = field(default_factory=list)  # all experts in one tensor: [E, ...] or blocked [E*I, H]
+    last_axis: list[TensorInfo] = field(default_factory=list)  # selection bias: expert axis last
+    per_expert: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)  # kind -> slot -> tensor
+
+
+def validate_checkpoint(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose weights disagree with its config.json (one line naming the file at fault)."""
+    validate_tensors(ckpt.config, ckpt.tensors, where=_where(ckpt))
+
+
+def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
+    """The checks of `validate_checkpoint`; `where` names the weights in messages (index or single shard)."""
+    _check_layers(config, tensors, where)
+    _check_vocabulary(config, tensors)
+    layers = _moe_tensors(config, tensors)
+    counts = config.experts_per_layer
+    for layer, found in sorted(layers.items()):
+        if layer not in counts and layer < config.num_layers and found.routers:
+            raise MoePruneError(
+                f"{config.source}: says the MoE layers are {_ids(sorted(counts))}, but {found.routers[0].file} "
+                f"holds a router for layer {layer} ({found.routers[0].name})"
+            )
+    for layer, n_experts in counts.items():
+        _check_moe_layer(config, layer, n_experts, layers.get(layer, _MoeLayer()), where)
+    _check_same_kinds(config, layers, where)
+
+
+def _where(ckpt: Checkpoint) -> Path:
+    """The file that lists the weights: the index of a sharded checkpoint, else its one shard."""
+    from moe_prune.checkpoint.source import INDEX_NAME
+
+    index = ckpt.folder / INDEX_NAME
+    return index if index.is_file() else ckpt.shard_files[0]
+
+
+def _layer_pattern(config: ModelConfig) -> re.Pattern[str]:
+    prefix = re.escape(config.adapter.layer_prefix).replace(r"\{L\}", r"(?P<layer>\d+)")
+    return re.compile(r"^(?P<wrapper>(?:.*\.)?)" + prefix)
+
+
+def _check_layers(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
+    """The decoder layers holding weights must be exactly 0..num_layers-1 (plus multi-token-prediction layers)."""
+    pattern = _layer_pattern(config)
+    matcher = KeyMatcher(config.adapter)
+    by_wrapper: dict[str, set[int]] = defaultdict(set)
+    router_wrappers = set()
+    for info in tensors:
+        if m := pattern.match(info.name):
+            by_wrapper[m["wrapper"]].add(int(m["layer"]))
+            if matcher.is_router(info.name) is not None:
+                router_wrappers.add(m["wrapper"])
+    # The decoder's layers; a vision tower under another wrapper has its own numbering.
+    present = set().union(*(by_wrapper[w] for w in router_wrappers or by_wrapper))
+    expected = config.num_layers
+    extra = config.get("num_nextn_predict_layers")
+    allowed = expected + (extra if isinstance(extra, int) and extra > 0 else 0)
+    key = config.adapter.layer_count_key
+    if missing := sorted(set(range(expected)) - present):
+        raise MoePruneError(
+            f"{config.source}: {key} is {expected}, but {where} holds no weights for layer"
+            f"{'s' if len(missing) > 1 else ''} {_ids(missing)}"
+        )
+    if beyond := sorted(layer for layer in present if layer >= allowed):
+        raise MoePruneError(
+            f"{config.source}: {key} is {expected}, but {where} holds weights for layer"
+            f"{'s' if len(beyond) > 1 else ''} {_ids(beyond)}"
+        )
+
+
+def _ids(values: list[int]) -> str:
+    shown = ", ".join(str(v) for v in values[:5])
+    return shown + (f" ... ({len(values)} in all)" if len(values) > 5 else "")
+
+
+def _check_vocabulary(config: ModelConfig, tensors: list[TensorInfo]) -> None:
+    """Embedding and output head rows must equal the config's vocab_size (transformers sizes them from it)."""
+    vocab = config.get("vocab_size")
+    if vocab is None:
+        return
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise MoePruneError(f"{config.source}: vocab_size is {vocab!r}; expected a positive integer")
+    for info in tensors:
+        if VOCAB_TENSORS.match(info.name) and (not info.shape or info.shape[0] != vocab):
+            raise MoePruneError(
+                f"{config.source}: vocab_size is {vocab}, but {info.name} in {info.file} has shape {list(info.shape)}"
+            )
+
+
+def _moe_tensors(config: ModelConfig, tensors: list[TensorInfo]) -> dict[int, _MoeLayer]:
+    """Every tensor that depends on the expert count, grouped by layer (any layer, MoE or not)."""
+    matcher = KeyMatcher(config.adapter)
+    bias = config.adapter.router_bias
+    layers: dict[int, _MoeLayer] = defaultdict(_MoeLayer)
+    for info in tensors:
+        key = matcher.classify(info.name)
+        if key is None:
+            continue
+        found = layers[key.layer]
+        if matcher.is_router(info.name) is not None:
+            found.routers.append(info)
+        elif key.kind == "per_expert":
+            assert key.slot is not None
+            kind = _kind(key.stem, key.layer, config) + "{E}." + key.tail
+            found.per_expert.setdefault(kind, {})[key.slot] = info
+        elif key.kind == "last_axis":
+            found.last_axis.append(info)
+        elif bias and info.name.endswith(bias):
+            found.router_biases.append(info)
+        else:
+            found.fused.append(info)
+    return layers
+
+
+def _kind(name: str, layer: int, config: ModelConfig) -> str:
+    """A tensor name with its layer index replaced by `{L}`: the same kind of tensor in every layer."""
+    prefix = config.adapter.layer_prefix
+    return name.replace(prefix.replace("{L}", str(layer)), prefix, 1)
+
+
+def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _MoeLayer, where: Path) -> None:
+    """One router with a row per expert, expert axes of the right length, every expert's every tensor."""
+    adapter = config.adapter
+    if not found.routers:
+        raise MoePruneError(
+            f"{where}: MoE layer {layer} has no router weight ({adapter.layer_prefix.format(L=layer)}{adapter.router})"
+        )
+    for info in found.routers + found.router_biases:
+        if not info.shape or info.shape[0] != n_experts:
+            raise MoePruneError(
+                f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but its router "
+                f"{info.name} in {info.file} has shape {list(info.shape)}"
+            )
+    for info in found.fused:
+        if not info.shape or info.shape[0] % n_experts:
+            raise MoePruneError(
+                f"{info.file}: {info.name} has shape {list(info.shape)}, which does not split into the "
+                f"{n_experts} experts {config.source} gives MoE layer {layer}"
+            )
+    for info in found.last_axis:
+        if not info.shape or info.shape[-1] != n_experts:
+            raise MoePruneError(
+                f"{info.file}: {info.name} has shape {list(info.shape)}, not one entry per each of the "
+                f"{n_experts} experts {config.source} gives MoE layer {layer}"
+            )
+    if not found.per_expert and not found.fused:
+        raise MoePruneError(f"{where}: MoE layer {layer} holds no routed-expert weights")
+    for kind, slots in sorted(found.per_expert.items()):
+        if extra := sorted(slot for slot in slots if slot >= n_experts):
+            info = slots[extra[0]]
+            raise MoePruneError(
+                f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but {info.file} "
+                f"holds {info.name}"
+            )
+        if missing := sorted(set(range(n_experts)) - set(slots)):
+            name = kind.replace("{L}", str(layer)).replace("{E}", str(missing[0]))
+            raise MoePruneError(
+                f"{where}: lacks {name} (expert {missing[0]} of the {n_experts} {config.source} gives MoE "
+                f"layer {layer}{f'; {len(missing)} experts miss it' if len(missing) > 1 else ''})"
+            )
+
+
+def _check_same_kinds(config: ModelConfig, layers: dict[int, _MoeLayer], where: Path) -> None:
+    """Every MoE layer holds the same kinds of expert weight (a layer cannot lack, say, every expert's w2)."""
+    suffixes = tuple(row.suffix for row in config.adapter.expert_tensors)
+
+    def weights(layer: int) -> set[str]:
+        found = layers.get(layer, _MoeLayer())
+        fused = {_kind(info.name, layer, config) for info in found.fused if info.name.endswith(suffixes)}
+        return fused | {kind for kind in found.per_expert if kind.endswith(suffixes)}
+
+    moe = config.moe_layers
+    union = set().union(*(weights(layer) for layer in moe))
+    for layer in moe:
+        if missing := sorted(union - weights(layer)):
+            name = missing[0].replace("{L}", str(layer)).replace("{E}", "*")
+            raise MoePruneError(f"{where}: MoE layer {layer} lacks {name}, which the other MoE layers hold")
