@@ -129,6 +129,7 @@ def finetune(
         resume=resume,
         trust_remote_code=trust_remote_code,
     )
+    options.check()  # before accelerate is set up: a bad option must not reach it
     with _TrainingBar() as bar:
         try:
             result = stage.run(model, data, out, options, progress=bar.update)
