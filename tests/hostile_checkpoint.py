@@ -281,3 +281,68 @@ def _(ws: Workspace) -> None:
 @hostile("inf-in-router-eval", ("eval",), "/model")
 def _(ws: Workspace) -> None:
     _poison(ws, [ROUTER.format(layer=0)], float("inf"))
+
+
+@hostile("expert-shape-differs-from-its-siblings", MODEL_READERS, "model.safetensors")
+def _(ws: Workspace) -> None:
+    tensors = _tensors(ws)
+    name = EXPERT.format(layer=1, expert=4, w="w1")
+    tensors[name] = np.ascontiguousarray(tensors[name][:40])
+    _save(ws, tensors)
+
+
+@hostile("router-hidden-size-disagrees", MODEL_READERS, "model.safetensors")
+def _(ws: Workspace) -> None:
+    tensors = _tensors(ws)
+    name = ROUTER.format(layer=0)
+    tensors[name] = np.ascontiguousarray(tensors[name][:, :24])
+    _save(ws, tensors)
+
+
+# Sharded checkpoints: the index must agree with the shards ----------------------------------------
+
+INDEX = "model.safetensors.index.json"
+
+
+def _shard(ws: Workspace, weight_map_edit=None) -> None:
+    """Split the checkpoint into two shards and an index; `weight_map_edit(weight_map)` then damages the index."""
+    tensors = _tensors(ws)
+    ws.shard().unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, ws.model / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    if weight_map_edit:
+        weight_map_edit(weight_map)
+    (ws.model / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@hostile("index-lists-a-tensor-no-shard-holds", MODEL_READERS, INDEX)
+def _(ws: Workspace) -> None:
+    _shard(ws, lambda m: m.update({"model.layers.9.mlp.extra.weight": "model-00001-of-00002.safetensors"}))
+
+
+@hostile("index-omits-a-tensor", MODEL_READERS, INDEX)
+def _(ws: Workspace) -> None:
+    _shard(ws, lambda m: m.pop(EXPERT.format(layer=2, expert=1, w="w2")))
+
+
+@hostile("index-puts-a-tensor-in-the-wrong-shard", MODEL_READERS, INDEX)
+def _(ws: Workspace) -> None:
+    def swap(weight_map: dict[str, str]) -> None:
+        name = ROUTER.format(layer=1)
+        first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+        weight_map[name] = second if weight_map[name] == first else first
+
+    _shard(ws, swap)
+
+
+@hostile("missing-expert-tensor-sharded", MODEL_READERS, INDEX)
+def _(ws: Workspace) -> None:
+    """A sharded checkpoint whose index and shards agree, but both lack one expert's tensor."""
+    tensors = _tensors(ws)
+    del tensors[EXPERT.format(layer=0, expert=6, w="w1")]
+    _save(ws, tensors)
+    _shard(ws)

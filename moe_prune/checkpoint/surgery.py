@@ -137,8 +137,9 @@ def plan_expert_selection(
     matcher = KeyMatcher(adapter)
     routers = {layer for t in tensors if (layer := matcher.is_router(t.name)) is not None}
     if routers != set(keep_slots):
+        where = tensors[0].file.parent if tensors else "the checkpoint"
         raise MoePruneError(
-            f"config.json says the MoE layers are {sorted(keep_slots)} but the checkpoint has routers "
+            f"{where}: config.json says the MoE layers are {sorted(keep_slots)} but the weights have routers "
             f"({adapter.router}) in layers {sorted(routers)}"
         )
     out: list[OutputTensor] = []

@@ -9,6 +9,7 @@ transformers' mismatch report; refusing it first gives one line naming the file 
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.errors import MoePruneError
+
+INDEX_NAME = "model.safetensors.index.json"  # as in checkpoint.source, which imports this module
 
 if TYPE_CHECKING:
     from moe_prune.checkpoint.source import Checkpoint
@@ -39,8 +42,11 @@ class _MoeLayer:
 
 
 def validate_checkpoint(ckpt: Checkpoint) -> None:
-    """Refuse a checkpoint whose weights disagree with its config.json (one line naming the file at fault)."""
-    validate_tensors(ckpt.config, ckpt.tensors, where=_where(ckpt))
+    """Refuse a checkpoint whose weights disagree with its config.json or its index (one line naming the file)."""
+    where = _where(ckpt)
+    if where.name == INDEX_NAME:
+        _check_index(where, ckpt.tensors)
+    validate_tensors(ckpt.config, ckpt.tensors, where)
 
 
 def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
@@ -62,10 +68,21 @@ def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path
 
 def _where(ckpt: Checkpoint) -> Path:
     """The file that lists the weights: the index of a sharded checkpoint, else its one shard."""
-    from moe_prune.checkpoint.source import INDEX_NAME
-
     index = ckpt.folder / INDEX_NAME
     return index if index.is_file() else ckpt.shard_files[0]
+
+
+def _check_index(index: Path, tensors: list[TensorInfo]) -> None:
+    """The index's weight_map must name exactly the tensors the shards hold, each in its shard (loaders trust it)."""
+    weight_map = json.loads(index.read_text())["weight_map"]  # its form was checked when the shards were listed
+    held = {info.name: info.file.name for info in tensors}
+    for name, shard in weight_map.items():
+        if name not in held:
+            raise MoePruneError(f"{index}: weight_map lists {name}, which no shard holds")
+        if Path(shard).name != held[name]:
+            raise MoePruneError(f"{index}: weight_map puts {name} in {shard}, but {held[name]} holds it")
+    if unlisted := sorted(held.keys() - weight_map.keys()):
+        raise MoePruneError(f"{index}: weight_map does not list {unlisted[0]} (in {held[unlisted[0]]})")
 
 
 def _layer_pattern(config: ModelConfig) -> re.Pattern[str]:
@@ -165,6 +182,13 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
                 f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but its router "
                 f"{info.name} in {info.file} has shape {list(info.shape)}"
             )
+    hidden = config.get("hidden_size")
+    for info in found.routers:
+        if isinstance(hidden, int) and (len(info.shape) != 2 or info.shape[1] != hidden):
+            raise MoePruneError(
+                f"{info.file}: router {info.name} has shape {list(info.shape)}, not [{n_experts}, {hidden}] "
+                f"as {config.source} implies"
+            )
     for info in found.fused:
         if not info.shape or info.shape[0] % n_experts:
             raise MoePruneError(
@@ -186,6 +210,13 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
                 f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but {info.file} "
                 f"holds {info.name}"
             )
+        first = slots[min(slots)]  # shapes must match (dtypes may differ: loaders cast, surgery copies bytes)
+        for info in slots.values():
+            if info.shape != first.shape:
+                raise MoePruneError(
+                    f"{info.file}: {info.name} has shape {list(info.shape)}, but {first.name} has "
+                    f"{list(first.shape)}; the experts of a layer must match"
+                )
         if missing := sorted(set(range(n_experts)) - set(slots)):
             name = kind.replace("{L}", str(layer)).replace("{E}", str(missing[0]))
             raise MoePruneError(

@@ -166,7 +166,8 @@ class MergePlanner:
         routers = {layer for t in tensors if (layer := self.matcher.is_router(t.name)) is not None}
         missing = sorted(set(self.plans) - routers)
         if missing:
-            raise MoePruneError(f"the checkpoint has no router ({self.adapter.router}) in MoE layers {missing}")
+            where = tensors[0].file.parent if tensors else "the checkpoint"
+            raise MoePruneError(f"{where}: no router ({self.adapter.router}) in MoE layers {missing}")
         classified = [(info, self.matcher.classify(info.name)) for info in tensors]
         for info, key in classified:
             if key is not None and key.layer in self.plans and self._is_expert(info, key):
