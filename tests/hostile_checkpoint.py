@@ -150,6 +150,22 @@ def _(ws: Workspace) -> None:
     (ws.model / "config.json").write_text(json.dumps(ws.config())[:-20])
 
 
+@hostile("config-unsupported-model-type", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, model_type="llama")
+
+
+@hostile("config-model-type-not-a-string", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, model_type=["mixtral"])
+
+
+@hostile("config-moe-layer-fields-nonsense", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    """A family whose MoE layers come from config fields, given fields that name no layers sensibly."""
+    _edit_config(ws, model_type="qwen3_moe", num_experts=8, decoder_sparse_step="every other", mlp_only_layers=7)
+
+
 @hostile("config-more-layers-than-weights", MODEL_READERS, "config.json")
 def _(ws: Workspace) -> None:
     _edit_config(ws, num_hidden_layers=5)

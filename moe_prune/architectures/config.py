@@ -56,15 +56,20 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Find the adapter for the top-level model_type or for a nested text config."""
         model_type = raw.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise MoePruneError(f"{source}: model_type is {model_type!r}, not a string")
         if model_type in ADAPTERS:
             return cls(raw, ADAPTERS[model_type], None, source)
         for key in TEXT_CONFIG_KEYS:
             sub = raw.get(key)
-            if isinstance(sub, dict) and sub.get("model_type") in ADAPTERS:
+            if isinstance(sub, dict) and isinstance(sub.get("model_type"), str) and sub["model_type"] in ADAPTERS:
                 return cls(raw, ADAPTERS[sub["model_type"]], key, source)
         if not model_type:
             raise MoePruneError(f"{source}: no model_type field; is this a transformers model folder?")
-        get_adapter(str(model_type))  # raises the 'unsupported' error with the list
+        try:
+            get_adapter(model_type)
+        except MoePruneError as exc:  # the 'unsupported' error with the list; say which file asked
+            raise MoePruneError(f"{source}: {exc}") from None
         raise AssertionError("unreachable")
 
     @classmethod
