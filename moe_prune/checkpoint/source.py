@@ -17,6 +17,7 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
+from moe_prune.checkpoint.validate import validate_checkpoint
 from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 
@@ -64,6 +65,7 @@ class Checkpoint:
         ckpt.check_files_inside()
         if not ckpt.tensors:  # reads every shard header: corrupt input fails before any work
             raise MoePruneError(f"{ckpt.folder}: the checkpoint holds no tensors")
+        validate_checkpoint(ckpt)  # config against weights, from the headers
         return ckpt
 
     @cached_property
