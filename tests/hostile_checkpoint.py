@@ -12,7 +12,7 @@ import json
 import struct
 
 import numpy as np
-from hostile import MODEL_READERS, Workspace, hostile
+from hostile import LOADERS, MODEL_READERS, Workspace, hostile
 from safetensors.numpy import load_file, save_file
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
@@ -288,13 +288,13 @@ def _(ws: Workspace) -> None:
     _poison(ws, [ROUTER.format(layer=1)], float("inf"))
 
 
-@hostile("nan-in-experts-eval", ("eval",), "/model")
+@hostile("nan-in-experts-when-run", LOADERS, "/model")
 def _(ws: Workspace) -> None:
-    """eval names the model folder (its logits are NaN) or, when the loader scans weights, the shard in it."""
+    """Commands that run the model refuse it: at load (naming the tensor), or eval's non-finite logits (the folder)."""
     _poison(ws, [EXPERT.format(layer=0, expert=e, w="w2") for e in range(8)], float("nan"))
 
 
-@hostile("inf-in-router-eval", ("eval",), "/model")
+@hostile("inf-in-router-when-run", LOADERS, "/model")
 def _(ws: Workspace) -> None:
     _poison(ws, [ROUTER.format(layer=0)], float("inf"))
 
