@@ -477,5 +477,5 @@ def test_cli_out_creates_missing_parents_and_refuses_a_file_as_parent(tmp_path):
     blocked = tmp_path / "plain" / "mask.json"
     result = runner.invoke(app, [*args, str(blocked)])
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and str(blocked) in lines[0], result.stderr
+    assert result.exit_code == 1 and len(lines) == 1 and str(blocked.parent) in lines[0], result.stderr
     assert (tmp_path / "plain").read_text() == "a file"

@@ -10,8 +10,6 @@ How each is measured: `runtime.statistics` (forward) and `runtime.gradients` (`-
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,26 +61,18 @@ class Stats:
             hint = " (run `moe-prune profile --gradients`)" if any(n.startswith("grad") for n in missing) else ""
             raise MoePruneError(f"{source}: lacks statistics {', '.join(missing)}{hint}")
 
-    def save(self, path: Path) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
+    def save(self, path: Path, force: bool = True) -> None:
+        """Write atomically through the one atomic writer; `force=False` refuses a file that appears meanwhile."""
+        from moe_prune.checkpoint.output import atomic_file
+
         meta = {
             "schema": STATS_SCHEMA,
             "version": STATS_VERSION,
             "model": self.identity.to_dict(),
             "provenance": self.provenance,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, __meta__=np.array(json.dumps(meta)), **self.arrays)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(Path(path), force) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, __meta__=np.array(json.dumps(meta)), **self.arrays)
 
     @classmethod
     def load(cls, path: Path) -> Stats:

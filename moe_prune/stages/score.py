@@ -6,8 +6,6 @@ checked (inputs present, same model, budget vs top-k and routing groups) is chec
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.expert_weights import ExpertWeights
+from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring import Criterion, Inputs, get_criterion
@@ -195,26 +194,12 @@ def _layerwise(
 
 
 def write_mask(mask: DropMask, out: Path, force: bool = False) -> None:
-    """Write the mask JSON atomically (temporary file beside it, then rename); refuse to overwrite without force."""
+    """Write the mask JSON atomically (parents created, as prune and merge do); refuse to overwrite without force."""
     out = Path(out)
-    if out.exists() and not force:
-        raise MoePruneError(f"{out}: already exists; pass --force to replace it")
     if out.is_dir():
         raise MoePruneError(f"{out}: is a folder; give a file name for the mask")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)  # as prune and merge create their output's parents
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    except OSError as exc:
-        raise MoePruneError(f"{out}: cannot create the mask file ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(mask.dumps())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise MoePruneError(f"{out}: cannot write the mask file ({exc.strerror or exc})") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out, force) as tmp:
+        tmp.write_text(mask.dumps())
 
 
 def _identity(crit: Criterion, stats: Stats | None, ckpt: Checkpoint | None, stats_name: str) -> ModelIdentity:
