@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from moe_prune import __version__
 from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
@@ -145,14 +144,8 @@ class Recipe:
 
     def write(self, path: Path) -> None:
         """Atomically (temporary file beside it, then rename)."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(dump_json(self.to_dict()))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path, force=True) as tmp:
+            tmp.write_text(dump_json(self.to_dict()))
 
     @classmethod
     def read(cls, path: str | Path) -> Recipe:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from moe_prune.artifacts.common import check_header, dump_json, read_json
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.lottery import agreement
@@ -179,8 +179,8 @@ def _protect_inputs(out: Path, params: LotteryParams) -> None:
 
 def _remove(out: Path) -> None:
     """Move the old run aside in one rename, then delete it."""
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    out.rename(old / out.name)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
     shutil.rmtree(old)
 
 
@@ -334,23 +334,11 @@ def _perplexity(params: LotteryParams, model: Path) -> float:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Copy atomically: a temporary file beside the target, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    try:
+    """Copy atomically (the run folder's own files: replaced when a round is redone)."""
+    with atomic_file(target, force=True) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(dump_json(json.loads(json.dumps(obj, default=str))))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(dump_json(json.loads(json.dumps(obj, default=str))))
