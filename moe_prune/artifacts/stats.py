@@ -86,9 +86,9 @@ class Stats:
         validate_arrays(arrays, identity, name)
         return cls(identity, arrays, provenance)
 
-    def combine(self, other: Stats, other_name: str = "stats") -> Stats:
+    def combine(self, other: Stats, other_name: str = "stats", first_name: str = "the first statistics file") -> Stats:
         """Statistics of the union of two disjoint data sets (exact: sums add, bitsets OR)."""
-        self.identity.require_same(other.identity, other_name, "the first statistics file")
+        self.identity.require_same(other.identity, other_name, first_name)
         if set(self.arrays) != set(other.arrays):
             raise MoePruneError(
                 f"{other_name}: holds statistics {sorted(other.arrays)}, expected {sorted(self.arrays)}"

@@ -89,7 +89,7 @@ def profile(
     if not out.parent.is_dir():
         raise MoePruneError(f"{out.parent}: output folder does not exist")
     if combine:
-        _combine([Path(p) for p in inputs or []], out, json_output)
+        _combine([Path(p) for p in inputs or []], out, force, json_output)
         return
     if inputs and len(inputs) > 1:
         raise MoePruneError(f"expected one model, got {len(inputs)} arguments (use --combine to add .npz files)")
@@ -115,7 +115,7 @@ def profile(
     try:
         result = _run_with_progress(model, data, settings, partial, resume, place.is_main)
         if place.is_main:  # rank 0 writes the file and reports
-            result.stats.save(out)
+            result.stats.save(out, force)
     finally:
         distributed.finish()
     if not place.is_main:
@@ -194,11 +194,11 @@ def _run_with_progress(
             bar.stop()
 
 
-def _combine(paths: list[Path], out: Path, json_output: bool) -> None:
+def _combine(paths: list[Path], out: Path, force: bool, json_output: bool) -> None:
     from moe_prune.stages import profile as stage
 
     merged = stage.combine(paths)
-    merged.save(out)
+    merged.save(out, force)
     tokens = int(merged.arrays["tokens"].max()) if merged.arrays["tokens"].size else 0
     if json_output:
         print_json({"out": str(out), "inputs": [str(p) for p in paths], "tokens": tokens})

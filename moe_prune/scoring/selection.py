@@ -38,16 +38,18 @@ class Budget:
     def drops(self, experts: int, scope: str) -> int:
         """How many of `experts` to drop; `ratio` rounds to the nearest count (halves up)."""
         if self.drop is not None:
-            n = self.drop
+            n, option = self.drop, f"--drop {self.drop}"
         elif self.keep is not None:
-            n = experts - self.keep
+            n, option = experts - self.keep, f"--keep {self.keep}"
             if n < 0:
                 raise MoePruneError(f"--keep {self.keep} is more than the {experts} experts {scope}")
         else:
             assert self.ratio is not None
-            n = math.floor(self.ratio * experts + 0.5)
+            n, option = math.floor(self.ratio * experts + 0.5), f"--ratio {self.ratio}"
         if n >= experts:
-            raise MoePruneError(f"dropping {n} of the {experts} experts {scope} leaves none; keep at least one")
+            raise MoePruneError(
+                f"{option}: dropping {n} of the {experts} experts {scope} leaves none; keep at least one"
+            )
         return n
 
     def to_dict(self) -> dict[str, float | int | None]:

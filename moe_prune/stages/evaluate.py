@@ -224,7 +224,13 @@ class Settings:
 
 
 def evaluate_model(
-    name: str, ckpt: Checkpoint, label: str, texts: list[str], settings: Settings, progress: ProgressFn
+    name: str,
+    ckpt: Checkpoint,
+    label: str,
+    texts: list[str],
+    settings: Settings,
+    progress: ProgressFn,
+    source: str = "data",
 ) -> tuple[ModelEval, torch.Tensor, list[str]]:
     """Load one model, score `texts`, count its routing; returns the evaluation, the chunks scored, warnings."""
     config = ckpt.config
@@ -234,7 +240,9 @@ def evaluate_model(
     warnings = []
     if used_len < settings.seq_len:
         warnings.append(f"{label}: sequence length {settings.seq_len} exceeds the model's context; using {used_len}")
-    chunks = fixed_chunks(token_stream(texts, tokenizer, settings.max_tokens), used_len, settings.max_tokens)
+    chunks = fixed_chunks(
+        token_stream(texts, tokenizer, settings.max_tokens), used_len, settings.max_tokens, source=source
+    )
     batches = math.ceil(len(chunks) / settings.batch_size)
     progress(label, 0, batches)
     with RoutingRecorder(model, config) as recorder:
@@ -294,7 +302,8 @@ def run(
     settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code)
     report = progress or (lambda label, done, total: None)
     evals = {
-        label: evaluate_model(name, ckpt, label, texts, settings, report) for label, (name, ckpt) in checkpoints.items()
+        label: evaluate_model(name, ckpt, label, texts, settings, report, data)
+        for label, (name, ckpt) in checkpoints.items()
     }
     result, chunks, warnings = evals["model"]
     base = None

@@ -141,7 +141,7 @@ def _accelerator(options: FinetuneOptions) -> Any:
 
 def _chunks(source: str, tokenizer: Any, options: FinetuneOptions, seq_len: int, budget: int) -> torch.Tensor:
     texts = load_texts(source, options.text_field, max_chars=budget * CHARS_PER_TOKEN_BOUND)
-    return fixed_chunks(token_stream(texts, tokenizer, budget), seq_len)
+    return fixed_chunks(token_stream(texts, tokenizer, budget), seq_len, source=source)
 
 
 def _digest(tensor: torch.Tensor) -> str:

@@ -67,11 +67,11 @@ class Settings:
 
     def check(self) -> None:
         if self.samples < 1:
-            raise MoePruneError(f"samples must be at least 1 (got {self.samples})")
+            raise MoePruneError(f"--samples must be at least 1 (got {self.samples})")
         if self.seq_len < 2:
-            raise MoePruneError(f"sequence length must be at least 2 (got {self.seq_len})")
+            raise MoePruneError(f"--seq-len must be at least 2 (got {self.seq_len})")
         if self.batch_size < 1:
-            raise MoePruneError(f"batch size must be at least 1 (got {self.batch_size})")
+            raise MoePruneError(f"--batch-size must be at least 1 (got {self.batch_size})")
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
             raise MoePruneError(f"shard {index}/{count}: expected i/n with 0 <= i < n")
@@ -354,7 +354,7 @@ def combine(paths: list[Path]) -> Stats:
     loaded = [Stats.load(path) for path in paths]
     merged = loaded[0]
     for path, stats in zip(paths[1:], loaded[1:], strict=True):
-        merged = merged.combine(stats, str(path))
+        merged = merged.combine(stats, str(path), first_name=str(paths[0]))
     sources = [{"file": str(path), **stats.provenance} for path, stats in zip(paths, loaded, strict=True)]
     facts = {key: loaded[0].provenance[key] for key in MODEL_FACTS if key in loaded[0].provenance}
     merged.provenance = {"tool": f"moe-prune {moe_prune.__version__}", **facts, "combined": sources}
