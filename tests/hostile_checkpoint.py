@@ -362,3 +362,13 @@ def _(ws: Workspace) -> None:
     del tensors[EXPERT.format(layer=0, expert=6, w="w1")]
     _save(ws, tensors)
     _shard(ws)
+
+
+@hostile("tokenizer-vocabulary-exceeds-the-embedding", LOADERS, "tokenizer")
+def _(ws: Workspace) -> None:
+    path = ws.model / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    for i in range(ws.config()["vocab_size"] + 8 - len(vocab)):
+        vocab[f"<extra_{i}>"] = len(vocab)
+    path.write_text(json.dumps(tokenizer))

@@ -242,13 +242,20 @@ def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False) -> A
     _check_tokenizer_code(folder, decision)
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(folder, trust_remote_code=decision.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=decision.trust_remote_code)
     except Exception as exc:  # same variety as for the model
         if "trust_remote_code" in str(exc):
             raise MoePruneError(
                 f"{folder / 'tokenizer_config.json'}: the tokenizer needs its own Python; {TRUST_HINT}"
             ) from None
         raise MoePruneError(f"{folder}: could not load a tokenizer ({_short(exc)})") from None
+    vocab = ckpt.config.get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:  # its ids past the embedding would crash the forward
+        raise MoePruneError(
+            f"{folder / 'tokenizer.json'}: the tokenizer has {len(tokenizer)} tokens, the model's embedding "
+            f"{vocab} (config.json vocab_size)"
+        )
+    return tokenizer
 
 
 def _check_tokenizer_code(folder: Path, decision: CodeDecision) -> None:

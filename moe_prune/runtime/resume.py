@@ -9,8 +9,6 @@ file bit for bit. A sidecar of another model, data or options is refused.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from moe_prune.artifacts.common import NPZ_ERRORS, describe
+from moe_prune.checkpoint.output import atomic_file
 from moe_prune.errors import MoePruneError
 
 GRAD_PREFIX = "__grad__"
@@ -49,15 +48,8 @@ class Resumable:
                 grad = param.grad if param.grad is not None else torch.zeros_like(param)
                 arrays[f"{GRAD_PREFIX}{i}_{j}"] = grad.detach().float().cpu().numpy()
         meta = np.array([self.fingerprint, str(done), str(predictions)])
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, __resume__=meta, **arrays)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path, force=True) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, __resume__=meta, **arrays)
 
     def restore(
         self, recorder: Any, expert_params: list[list[torch.nn.Parameter]] | None, device: torch.device
