@@ -56,6 +56,11 @@ class Workspace:
         """Written by the code cases' Python files if they ever run; outside the workspace."""
         return self.root.parent / f"{self.root.name}.ran"
 
+    def places(self) -> dict[str, str]:
+        """Placeholders a case's `extra` argv may use."""
+        names = ("root", "model", "stats", "stats2", "mask", "data", "out")
+        return {name: str(getattr(self, name)) for name in names}
+
     # Helpers for damaging inputs ----------------------------------------------------------------
 
     def config(self) -> dict:
@@ -184,7 +189,7 @@ class Case:
     build: Callable[[Workspace], None]
     commands: tuple[str, ...]
     blame: str  # a substring of the path at fault, e.g. "config.json" or "model.safetensors"
-    extra: tuple[str, ...] = ()  # extra argv appended to every command
+    extra: tuple[str, ...] = ()  # extra argv appended to every command; {model}, {stats}, {data}... name inputs
     exit_code: int = 1
     tags: frozenset[str] = field(default_factory=frozenset)
 
@@ -227,3 +232,22 @@ def fresh_workspace(good: Path, root: Path) -> Workspace:
     """A copy of the good inputs (symlinks copied as links)."""
     shutil.copytree(good, root, symlinks=True)
     return Workspace(root)
+
+
+# Outputs that would modify an input (with --force): the same class for every writing command. ------
+
+
+def _nothing(ws: Workspace) -> None:
+    """The inputs stay good; the damage is in the arguments."""
+
+
+WRITERS = ("prune", "merge", "score", "profile", "combine", "finetune")
+for _name, _target, _commands in (
+    ("out-is-the-model", "{model}", ("prune", "merge", "finetune", "profile")),
+    ("out-inside-the-model", "{model}/sub", ("prune", "merge", "finetune", "profile")),
+    ("out-holds-the-inputs", "{root}", ("prune", "merge", "finetune", "score", "profile", "combine")),
+    ("out-is-the-statistics", "{stats}", ("score", "combine", "merge")),
+    ("out-is-the-data", "{data}", ("profile", "finetune")),
+    ("out-is-the-mask", "{mask}", ("prune",)),
+):
+    hostile(_name, _commands, "input", extra=("--out", _target, "--force"))(_nothing)

@@ -75,7 +75,7 @@ def test_hostile_input_is_one_line_exit_1_and_nothing_lost(good, tmp_path, case_
     ws = fresh_workspace(good, tmp_path / "ws")
     case.build(ws)
     before = snapshot(ws.root)
-    result = run([*COMMANDS[command](ws), *case.extra])
+    result = run([*COMMANDS[command](ws), *(arg.format(**ws.places()) for arg in case.extra)])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     context = f"{case_name} / {command}: exit {result.exit_code}, stderr={result.stderr!r}"
     assert result.exception is None or isinstance(result.exception, SystemExit), (

@@ -216,7 +216,7 @@ def test_existing_output_needs_force(mixtral, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")], "temporary folders left behind"
     result = runner.invoke(app, ["prune", str(folder), "--mask", mask, "--out", str(folder), "--force"])
-    assert result.exit_code == 1 and "is the input" in result.stderr
+    assert result.exit_code == 1 and "lies inside the input" in result.stderr
 
 
 def test_wrapper_prefix_does_not_matter(mixtral, tmp_path):

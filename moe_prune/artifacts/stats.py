@@ -61,8 +61,11 @@ class Stats:
             hint = " (run `moe-prune profile --gradients`)" if any(n.startswith("grad") for n in missing) else ""
             raise MoePruneError(f"{source}: lacks statistics {', '.join(missing)}{hint}")
 
-    def save(self, path: Path, force: bool = True) -> None:
-        """Write atomically through the one atomic writer; `force=False` refuses a file that appears meanwhile."""
+    def save(self, path: Path, force: bool = True, inputs: tuple[str | Path, ...] = ()) -> None:
+        """Write atomically through the one atomic writer; `force=False` refuses a file that appears meanwhile.
+
+        `inputs` are never overwritten (the model, data or statistics the file was computed from).
+        """
         from moe_prune.checkpoint.output import atomic_file
 
         meta = {
@@ -71,7 +74,7 @@ class Stats:
             "model": self.identity.to_dict(),
             "provenance": self.provenance,
         }
-        with atomic_file(Path(path), force) as tmp, open(tmp, "wb") as handle:
+        with atomic_file(Path(path), force, protect=tuple(Path(p) for p in inputs)) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, __meta__=np.array(json.dumps(meta)), **self.arrays)
 
     @classmethod

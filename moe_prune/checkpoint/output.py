@@ -40,6 +40,18 @@ def check_writable(out: Path, force: bool) -> None:
         raise MoePruneError(f"{out}: already exists; pass --force to replace it")
 
 
+def check_not_input(out: Path, inputs: tuple[str | Path, ...]) -> None:
+    """Inputs are never modified: refuse an output that is an input, lies inside one, or holds one."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        path = Path(given).expanduser()
+        if not path.exists():
+            continue  # a hub id or stdin, not a local file
+        source = path.resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise MoePruneError(f"{out}: is, holds or lies inside the input {given}; choose another output")
+
+
 def _temp_prefix(out: Path) -> str:
     return f".{out.name}.tmp-"
 
@@ -105,9 +117,7 @@ def _os_error(path: Path, exc: OSError) -> MoePruneError:
 def _prepare(out: Path, force: bool, protect: tuple[Path, ...]) -> Path:
     out = Path(out).expanduser().absolute()
     check_writable(out, force)
-    for path in protect:
-        if out.resolve() == Path(path).resolve():
-            raise MoePruneError(f"{out}: is the input; choose another output")
+    check_not_input(out, protect)
     if not out.parent.is_dir():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)

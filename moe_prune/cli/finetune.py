@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     ForceOpt,
@@ -132,6 +133,7 @@ def finetune(
     options.check()  # before accelerate is set up: a bad option must not reach it
     with _TrainingBar() as bar:
         try:
+            check_not_input(out, (model, data, *([eval_data] if eval_data else [])))
             result = stage.run(model, data, out, options, progress=bar.update)
         except KeyboardInterrupt:
             bar.stop()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     ForceOpt,
@@ -79,6 +80,7 @@ def merge(
 
     default, overrides = parse_keep(keep)
     skip = parse_layers(skip_layers or [])
+    check_not_input(out, (model, stats))
     loaded = Stats.load(stats)
     with byte_progress("writing shards") as update:
         result = stage.run(

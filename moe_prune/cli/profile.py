@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import ForceOpt, JsonOpt, TrustOpt, err_console, out_console, print_json, user_errors, warn
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
@@ -82,8 +83,8 @@ def profile(
     from moe_prune.stages import profile as stage
 
     out = out.expanduser()
-    if out.exists() and not force:
-        raise MoePruneError(f"{out}: already exists; pass --force to replace it")
+    check_writable(out, force)
+    check_not_input(out, (*(inputs or [str(DEMO_MODEL_DIR)]), data))
     if out.is_dir():
         raise MoePruneError(f"{out}: is a folder; expected a .npz file path")
     if not out.parent.is_dir():
@@ -115,7 +116,7 @@ def profile(
     try:
         result = _run_with_progress(model, data, settings, partial, resume, place.is_main)
         if place.is_main:  # rank 0 writes the file and reports
-            result.stats.save(out, force)
+            result.stats.save(out, force, inputs=(model, data))
     finally:
         distributed.finish()
     if not place.is_main:
@@ -198,7 +199,7 @@ def _combine(paths: list[Path], out: Path, force: bool, json_output: bool) -> No
     from moe_prune.stages import profile as stage
 
     merged = stage.combine(paths)
-    merged.save(out, force)
+    merged.save(out, force, inputs=tuple(paths))
     tokens = int(merged.arrays["tokens"].max()) if merged.arrays["tokens"].size else 0
     if json_output:
         print_json({"out": str(out), "inputs": [str(p) for p in paths], "tokens": tokens})

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     ForceOpt,
@@ -40,6 +41,7 @@ def prune(
     from moe_prune.artifacts.mask import DropMask
     from moe_prune.stages import prune as stage
 
+    check_not_input(out, (model, mask))
     drop_mask = DropMask.read(mask)
     with byte_progress("writing shards") as update:
         result = stage.run(

@@ -83,7 +83,7 @@ def score(
     if out == "-":
         typer.echo(mask.dumps(), nl=False)
     elif out is not None:
-        stage.write_mask(mask, Path(out), force)
+        stage.write_mask(mask, Path(out), force, inputs=tuple(p for p in (stats, model) if p))
     if json_output:
         print_json({**result.to_dict(), "out": out})
         return

@@ -193,12 +193,12 @@ def _layerwise(
     return drops, pairs
 
 
-def write_mask(mask: DropMask, out: Path, force: bool = False) -> None:
+def write_mask(mask: DropMask, out: Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
     """Write the mask JSON atomically (parents created, as prune and merge do); refuse to overwrite without force."""
     out = Path(out)
     if out.is_dir():
         raise MoePruneError(f"{out}: is a folder; give a file name for the mask")
-    with atomic_file(out, force) as tmp:
+    with atomic_file(out, force, protect=tuple(Path(p) for p in inputs)) as tmp:
         tmp.write_text(mask.dumps())
 
 
