@@ -251,3 +251,9 @@ for _name, _target, _commands in (
     ("out-is-the-mask", "{mask}", ("prune",)),
 ):
     hostile(_name, _commands, "input", extra=("--out", _target, "--force"))(_nothing)
+for _name, _option, _value, _commands in (
+    ("max-shard-size-not-a-size", "--max-shard-size", "5XB", ("prune", "merge", "finetune")),
+    ("max-shard-size-zero", "--max-shard-size", "0", ("prune", "merge", "finetune")),
+    ("buffer-memory-negative", "--buffer-memory", "-1GB", ("sequential",)),
+):
+    hostile(_name, _commands, _option, extra=(_option, _value))(_nothing)

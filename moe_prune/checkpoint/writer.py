@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -15,21 +14,10 @@ from moe_prune.checkpoint.output import atomic_folder
 from moe_prune.checkpoint.ragged import write_model_files
 from moe_prune.checkpoint.safetensors_io import AnyOutput, Progress, write_file
 from moe_prune.checkpoint.source import INDEX_NAME, Checkpoint
-from moe_prune.errors import MoePruneError, MoePruneWarning
+from moe_prune.errors import MoePruneWarning
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".ckpt")
 REWRITTEN = {"config.json", INDEX_NAME, MANIFEST_NAME, "pytorch_model.bin.index.json"}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' (10^9), '500MiB' (2^20) or a byte count, as transformers' max_shard_size."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m[2].upper() not in _UNITS or float(m[1]) <= 0:
-        raise MoePruneError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
-    return int(float(m[1]) * _UNITS[m[2].upper()])
 
 
 def assign_shards(tensors: list[AnyOutput], max_bytes: int) -> list[list[AnyOutput]]:

@@ -15,6 +15,7 @@ from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import ForceOpt, JsonOpt, TrustOpt, err_console, out_console, print_json, user_errors, warn
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.sizes import parse_size
 
 if TYPE_CHECKING:
     from moe_prune.stages.profile import ProfileResult, Settings
@@ -108,7 +109,7 @@ def profile(
         device=parse_device_map(device_map, device),
         trust_remote_code=trust_remote_code,
         sequential=sequential,
-        buffer_memory=parse_size(buffer_memory) if buffer_memory else None,
+        buffer_memory=parse_size(buffer_memory, "--buffer-memory") if buffer_memory else None,
         save_every=save_every,
     )
     place = distributed.world()
@@ -145,19 +146,6 @@ def parse_device_map(device_map: str | None, device: str) -> str:
     if device_map != "auto":
         raise MoePruneError(f"--device-map {device_map!r}: only 'auto' is supported")
     return "auto"
-
-
-def parse_size(text: str) -> int:
-    """'8GB', '512MiB', '1e9' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    number = text.strip().upper().rstrip()
-    suffix = number.lstrip("0123456789.E+-")
-    try:
-        value = float(number[: len(number) - len(suffix)]) * units[suffix.strip()]
-    except (ValueError, KeyError):
-        raise MoePruneError(f"--buffer-memory {text!r}: expected a size such as 8GB or 512MiB") from None
-    return int(value)
 
 
 def _run_with_progress(

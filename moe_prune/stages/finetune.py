@@ -26,11 +26,12 @@ from safetensors import SafetensorError
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.output import atomic_folder, check_writable
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.writer import copy_side_files, parse_size
+from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
 from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
+from moe_prune.sizes import parse_size
 from moe_prune.training.batches import BatchPlan
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
@@ -110,7 +111,7 @@ def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int
     if out.resolve() == ckpt.folder.resolve():
         raise MoePruneError(f"{out}: is the input checkpoint; choose another output folder")
     check_writable(out, options.force)
-    parse_size(options.max_shard_size)
+    parse_size(options.max_shard_size, "--max-shard-size")
     start, end = options.top_k_anneal or (options.top_k or config.top_k,) * 2
     check_top_k(config, start, "--top-k-anneal" if options.top_k_anneal else "--top-k")
     check_top_k(config, end, "--top-k-anneal" if options.top_k_anneal else "--top-k")
@@ -343,7 +344,9 @@ def _write(
     with atomic_folder(out, options.force, protect=(ckpt.folder,)) as tmp:
         try:
             with quiet_transformers():
-                inner.save_pretrained(tmp, state_dict=state, max_shard_size=options.max_shard_size)
+                inner.save_pretrained(
+                    tmp, state_dict=state, max_shard_size=parse_size(options.max_shard_size, "--max-shard-size")
+                )
         except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
             raise MoePruneError(f"{out}: cannot write ({str(exc).splitlines()[0]})") from exc
         copy_side_files(ckpt.folder, tmp)

@@ -22,13 +22,14 @@ from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.writer import parse_size, write_output
+from moe_prune.checkpoint.writer import write_output
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.registry import get_method
 from moe_prune.merging.similarity import router_similarity
 from moe_prune.merging.tensors import ROUTER_RULES, LayerPlan, MergePlanner
+from moe_prune.sizes import parse_size
 
 
 @dataclass
@@ -135,7 +136,7 @@ def run(
     method_fn = get_method(method)
     if router not in ROUTER_RULES:
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size, "--max-shard-size")
     out = Path(out)
     check_writable(out, force)
     ckpt = Checkpoint.open(model)

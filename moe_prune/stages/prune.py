@@ -13,7 +13,8 @@ from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import plan_expert_selection
-from moe_prune.checkpoint.writer import parse_size, write_output
+from moe_prune.checkpoint.writer import write_output
+from moe_prune.sizes import parse_size
 
 
 @dataclass
@@ -85,7 +86,7 @@ def run(
     Different keep counts per layer give a checkpoint with `modeling_moe_prune.py` (see checkpoint/ragged.py).
     `progress(done_bytes, total_bytes)` reports copying; it lets the CLI draw a bar.
     """
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size, "--max-shard-size")
     check_writable(out, force)
     ckpt = Checkpoint.open(model)
     config = ckpt.config
