@@ -11,6 +11,7 @@ from typing import Any
 
 from moe_prune.architectures import ADAPTERS, Adapter, get_adapter
 from moe_prune.architectures.layer_rules import LAYER_RULES
+from moe_prune.artifacts.common import read_json
 from moe_prune.errors import MoePruneError
 
 # Fields that change without changing the model's weights or shapes.
@@ -75,18 +76,7 @@ class ModelConfig:
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
         """Read, parse and check config.json: a one-line error naming it before any model is built from it."""
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MoePruneError(f"{path}: config.json not found") from None
-        except IsADirectoryError:
-            raise MoePruneError(f"{path}: is a folder, not a config file") from None
-        except OSError as exc:
-            raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise MoePruneError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
-        if not isinstance(raw, dict):
-            raise MoePruneError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+        raw, _ = read_json(path, "config")  # the one strict JSON reader: object, no duplicate keys, no NaN
         config = cls.from_dict(raw, str(path))
         config.check()
         return config
