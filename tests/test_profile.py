@@ -107,8 +107,8 @@ def capture_routing(model, config: ModelConfig, input_ids: torch.Tensor):
 
 
 def brute_force(model, config: ModelConfig, kind: str, score: str, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
-    """Every forward statistic from stored activations, with numpy."""
-    n_experts, top_k = config.num_experts, config.top_k
+    """Every forward statistic from stored activations, with numpy (each layer with its own expert count)."""
+    top_k = config.top_k
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = input_ids.reshape(-1).numpy()
     out = {name: [] for name in STAT_FIELDS if not name.startswith("grad")}
@@ -118,6 +118,7 @@ def brute_force(model, config: ModelConfig, kind: str, score: str, input_ids: to
             k[len(prefix) :]: v.detach().double().numpy() for k, v in model.named_parameters() if k.startswith(prefix)
         }
         z = rec["z"]
+        n_experts = config.experts_per_layer[layer]
         if "idx" not in rec:  # llama4: top-k of the logits, weight sigmoid, input scaled by it
             rec["idx"] = np.argsort(-z, axis=1, kind="stable")[:, :top_k]
             rec["w"] = sigmoid(np.take_along_axis(z, rec["idx"], axis=1))
@@ -153,7 +154,16 @@ def brute_force(model, config: ModelConfig, kind: str, score: str, input_ids: to
         for key, value in act.items():
             out[key].append(value)
         out["act_outliers"].append(outliers)
-    return {k: np.stack(v) for k, v in out.items()}
+    return {k: np.stack([pad_experts(a, config.num_experts, k) for a in v]) for k, v in out.items()}
+
+
+def pad_experts(array: np.ndarray, experts: int, name: str) -> np.ndarray:
+    """Zero-pad a layer's statistic to `experts` slots (ragged models; both axes of [E, E] statistics)."""
+    if np.ndim(array) == 0:
+        return array
+    missing = experts - array.shape[0]
+    widths = [(0, missing)] + [(0, missing if name in ("coselection", "logit_gram") else 0)] * (array.ndim - 1)
+    return np.pad(array, widths)
 
 
 def assert_same_stats(got: dict, want: dict, rtol: float = 1e-6) -> None:
@@ -395,3 +405,29 @@ def test_provenance_carries_what_score_needs_without_the_model(tiny, tmp_path):
     mask, report = score(both, None, "usage-frequency", budget=Budget(drop=config.n_group))
     assert report.warnings == [] or not any("top-k unknown" in w for w in report.warnings)
     assert all(len(kept) == config.num_experts - config.n_group for kept in mask.keep.values())
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_ragged_checkpoint_statistics_match_brute_force(model_type, tiny, tmp_path):
+    """A checkpoint with different expert counts per layer profiles (whole and --sequential) layer by its own count."""
+    from moe_prune.artifacts.mask import DropMask
+    from moe_prune.checkpoint.source import Checkpoint
+    from moe_prune.stages import prune
+
+    ckpt = Checkpoint.open(tiny(model_type))
+    groups = ckpt.config.n_group
+    keep = {}
+    for i, (layer, ids) in enumerate(ckpt.identity.original_ids.items()):
+        size = len(ids) // groups
+        keep[layer] = [x for g in range(groups) for x in ids[g * size : (g + 1) * size][: 2 + i % 2 * 2]]
+    folder = tmp_path / "ragged"
+    prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), folder)
+    config = ModelConfig.load(folder / "config.json")
+    assert len(set(config.experts_per_layer.values())) > 1
+    data = tmp_path / "cal.jsonl"
+    write_docs(data, DOCS, seed=2)
+    whole = stage.run(folder, str(data), settings()).stats.arrays
+    layered = stage.run(folder, str(data), settings(sequential=True)).stats.arrays
+    want = brute_force(load_model(folder), config, *FAMILIES[model_type], windows_of(data, folder))
+    assert_same_stats(whole, want)
+    assert_same_stats(layered, whole, rtol=1e-9)

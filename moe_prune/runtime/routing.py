@@ -40,7 +40,8 @@ class RoutingRecorder:
         self.config = config
         self.adapter = config.adapter
         self.layers: list[int] = config.moe_layers
-        self.num_experts = config.num_experts
+        self.num_experts = config.num_experts  # the largest count: statistics arrays are padded to it
+        self.counts = [config.experts_per_layer[layer] for layer in self.layers]  # each layer's own (ragged)
         self.top_k = config.top_k
         self._tokens = [0] * len(self.layers)
         self._counts: list[torch.Tensor | None] = [None] * len(self.layers)

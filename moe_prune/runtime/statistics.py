@@ -128,7 +128,7 @@ class StatisticsRecorder(RoutingRecorder):
     def _layer(self, slot: int, device: torch.device) -> _Layer:
         sums = self._sums[slot]
         if sums is None:
-            sums = self._sums[slot] = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, device)
+            sums = self._sums[slot] = _Layer(self.counts[slot], self.hidden_size, self.vocab_bytes, device)
         return sums
 
     # -- router and selection -------------------------------------------------------------------
@@ -148,7 +148,7 @@ class StatisticsRecorder(RoutingRecorder):
         index = top_k_index.detach().reshape(-1, top_k_index.shape[-1])
         super().on_selection(slot, index)
         sums = self._layer(slot, index.device)
-        experts = self.num_experts
+        experts = self.counts[slot]
         onehot = torch.zeros(index.shape[0], experts + 1, dtype=torch.float32, device=index.device)
         onehot.scatter_(1, index.clamp(max=experts).long(), 1.0)
         onehot = onehot[:, :experts]  # an index equal to E (a family's "no expert" slot) selects nothing
@@ -197,7 +197,7 @@ class StatisticsRecorder(RoutingRecorder):
         with torch.no_grad():
             experts = index.reshape(-1)
             order = torch.argsort(experts, stable=True)
-            order = order[(experts[order] >= 0) & (experts[order] < self.num_experts)]
+            order = order[(experts[order] >= 0) & (experts[order] < self.counts[slot])]
             token = order // index.shape[1]
             chosen = experts[order]
         n = token.numel()
@@ -214,7 +214,7 @@ class StatisticsRecorder(RoutingRecorder):
         index, logits = self._last_index[slot], self._last_logits[slot]
         if index is None or logits is None:
             raise RuntimeError("statistics recorder: experts ran before their router")
-        per_expert = output.detach().reshape(self.num_experts, index.shape[0], -1)
+        per_expert = output.detach().reshape(self.counts[slot], index.shape[0], -1)
         for expert in torch.unique(index).tolist():
             token = (index == expert).any(dim=1).nonzero(as_tuple=True)[0]
             chosen = torch.full_like(token, expert)
@@ -255,20 +255,46 @@ class StatisticsRecorder(RoutingRecorder):
         """Continue from sums that `arrays()` returned (a resumed profile): later batches add on top."""
         self._tokens = [int(t) for t in arrays["tokens"]]
         self._counts = [torch.from_numpy(np.array(c)).to(device) for c in arrays["hard_counts"]]
-        for slot in range(len(self.layers)):
-            sums = self._sums[slot] = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, device)
+        for slot, n in enumerate(self.counts):
+            sums = self._sums[slot] = _Layer(n, self.hidden_size, self.vocab_bytes, device)
             for name in ("soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS):
-                getattr(sums, name).copy_(torch.from_numpy(np.array(arrays[name][slot])))
-            sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot]).reshape(-1)))
+                stored = np.array(arrays[name][slot])
+                getattr(sums, name).copy_(
+                    torch.from_numpy(stored[:n, :n] if stored.ndim == 2 and name in _SQUARE else stored[:n])
+                )
+            sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot][:n]).reshape(-1)))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Every statistic recorded, as numpy arrays with a leading axis over `layers`."""
-        empty = _Layer(self.num_experts, self.hidden_size, self.vocab_bytes, torch.device("cpu"))
-        layers = [empty if s is None else s for s in self._sums]
+        """Every statistic recorded, as numpy arrays with a leading axis over `layers`.
+
+        A ragged model's layers with fewer experts are zero-padded to the largest count (`artifacts.stats`
+        layout); the statistics file's identity says how many slots of each layer are real experts.
+        """
+        cpu = torch.device("cpu")
+        layers = [
+            _Layer(n, self.hidden_size, self.vocab_bytes, cpu) if s is None else s
+            for s, n in zip(self._sums, self.counts, strict=True)
+        ]
         names = ["soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS]
         out = {"tokens": self.tokens.numpy(), "hard_counts": self.hard_counts.numpy()}
         for name in names:
-            out[name] = torch.stack([getattr(s, name).cpu() for s in layers]).numpy()
-        bits = torch.stack([s.vocab_bits.cpu() for s in layers]).numpy()
-        out["vocab_bits"] = bits.reshape(len(layers), self.num_experts, self.vocab_bytes)
+            out[name] = torch.stack(
+                [_pad(getattr(s, name).cpu(), self.num_experts, name in _SQUARE) for s in layers]
+            ).numpy()
+        bits = [s.vocab_bits.cpu().reshape(-1, self.vocab_bytes) for s in layers]
+        out["vocab_bits"] = torch.stack([_pad(b, self.num_experts, False) for b in bits]).numpy()
         return out
+
+
+_SQUARE = {"coselection", "logit_gram"}  # [E, E]: both axes are experts
+
+
+def _pad(tensor: torch.Tensor, experts: int, square: bool) -> torch.Tensor:
+    """Zero-pad the expert axis (both axes of an [E, E] statistic) to `experts` slots."""
+    missing = experts - tensor.shape[0]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1) + [0, missing]
+    if square:
+        pad = [0, missing, 0, missing]
+    return torch.nn.functional.pad(tensor, pad)
