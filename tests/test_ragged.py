@@ -304,3 +304,49 @@ def test_ragged_model_saved_by_transformers_prunes_again(tiny_factory, tmp_path)
     prune.run(resaved.folder, DropMask.create(resaved.identity, second, "test"), tmp_path / "twice")
     in_original_ids = {layer: sorted(slots[layer][s] for s in kept) for layer, kept in second.items()}
     assert_matches(tmp_path / "twice", original, ckpt, in_original_ids)
+
+
+def test_second_round_on_a_ragged_model_profiles_scores_and_prunes(tiny_factory, tmp_path):
+    """profile -> score -> prune on a checkpoint with different expert counts per layer (issue: a second round)."""
+
+    from moe_prune.artifacts.stats import Stats
+    from moe_prune.stages import profile, score
+    from moe_prune.stages.score import Budget
+
+    folder, _ = tiny_factory("mixtral")
+    ckpt = Checkpoint.open(folder)
+    mask, _ = ragged_mask(ckpt, seed=3)
+    prune.run(folder, mask, tmp_path / "once")
+    save_char_tokenizer(tmp_path / "once")
+    once = Checkpoint.open(tmp_path / "once")
+    counts = [once.identity.experts_in(layer) for layer in once.identity.moe_layers]
+    data = tmp_path / "cal.txt"
+    data.write_text("".join(chr(32 + (i * 7919) % 90) for i in range(4000)))
+    stats = profile.run(once.folder, str(data), profile.Settings(samples=8, seq_len=32, seed=0, batch_size=4)).stats
+    stats.save(tmp_path / "s.npz")
+    stats = Stats.load(tmp_path / "s.npz")
+    hard = stats.arrays["hard_counts"]
+    for row, n in zip(hard, counts, strict=True):
+        assert row[n:].sum() == 0 and row[:n].sum() > 0, "padding slots are empty, real ones used"
+    second, _ = score.score(stats, None, "usage-frequency", budget=Budget(drop=1))
+    for i, layer in enumerate(once.identity.moe_layers):
+        n = counts[i]
+        ids = once.identity.original_ids[layer]
+        least = min(range(n), key=lambda s: (hard[i][s], s))  # independent: the least used real slot
+        assert second.drop(layer) == (ids[least],)
+    glob, _ = score.score(stats, None, "usage-frequency", budget=Budget(drop=3), global_=True, min_keep=2)
+    flat = sorted((hard[i][s], i, s) for i, n in enumerate(counts) for s in range(n))
+    want = {}
+    for _, i, s in flat:
+        if sum(len(v) for v in want.values()) == 3:
+            break
+        if counts[i] - len(want.get(i, [])) > 2:
+            want.setdefault(i, []).append(s)
+    for i, layer in enumerate(once.identity.moe_layers):
+        ids = once.identity.original_ids[layer]
+        assert sorted(glob.drop(layer)) == sorted(ids[s] for s in want.get(i, []))
+    prune.run(once.folder, second, tmp_path / "twice")
+    reloaded = Checkpoint.open(tmp_path / "twice")
+    assert [reloaded.identity.experts_in(layer) for layer in reloaded.identity.moe_layers] == [n - 1 for n in counts]
+    with torch.no_grad():
+        assert torch.isfinite(load_model(tmp_path / "twice")(torch.tensor([[3, 4, 5]])).logits).all()

@@ -40,12 +40,19 @@ class Inputs:
         return np.asarray(self.stats.arrays[name], dtype=np.float64)
 
     @property
+    def counts(self) -> list[int]:
+        """Experts of each MoE layer (they differ in a ragged model)."""
+        return [len(self.identity.original_ids[layer]) for layer in self.identity.moe_layers]
+
+    @property
     def shape(self) -> tuple[int, int]:
-        """(MoE layers, experts) of the scored model."""
-        counts = {len(ids) for ids in self.identity.original_ids.values()}
-        if len(counts) != 1:
-            raise MoePruneError("scoring needs the same expert count in every MoE layer")
-        return len(self.identity.moe_layers), counts.pop()
+        """(MoE layers, slots): the largest count; a ragged model's smaller layers are padded (see `real`)."""
+        return len(self.identity.moe_layers), max(self.counts)
+
+    def real(self) -> np.ndarray:
+        """[L, E] bool: the slots that hold an expert (False on the padding of smaller layers)."""
+        experts = self.shape[1]
+        return np.arange(experts)[None, :] < np.array(self.counts)[:, None]
 
 
 @dataclass(frozen=True)

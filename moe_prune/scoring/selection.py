@@ -124,10 +124,16 @@ def group_quota(experts: int, n_group: int, n_drop: int, layer: int) -> Callable
     return lambda slot, dropped: sum(1 for d in dropped if d // size == slot // size) < quota
 
 
-def global_drops(scores: np.ndarray, direction: Direction, total: int, floor: int) -> list[list[int]]:
-    """Drop `total` experts over all layers in score order, never leaving a layer with fewer than `floor`."""
+def global_drops(
+    scores: np.ndarray, direction: Direction, total: int, floor: int, counts: list[int] | None = None
+) -> list[list[int]]:
+    """Drop `total` experts over all layers in score order, never leaving a layer with fewer than `floor`.
+
+    `counts[l]` is layer l's number of experts (default: every slot); slots beyond it are never dropped.
+    """
     layers, experts = scores.shape
-    room = layers * max(experts - floor, 0)
+    counts = counts or [experts] * layers
+    room = sum(max(n - floor, 0) for n in counts)
     if total > room:
         raise MoePruneError(
             f"cannot drop {total} experts globally while keeping at least {floor} per layer (at most {room} can go)"
@@ -141,7 +147,7 @@ def global_drops(scores: np.ndarray, direction: Direction, total: int, floor: in
         if done == total:
             break
         layer, slot = divmod(int(index), experts)
-        if experts - len(dropped[layer]) > floor:
+        if slot < counts[layer] and counts[layer] - len(dropped[layer]) > floor:
             dropped[layer].append(slot)
             done += 1
     return dropped

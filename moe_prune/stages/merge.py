@@ -20,6 +20,7 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.output import check_writable
+from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import write_output
@@ -162,9 +163,10 @@ def run(
                 merged[layer] = previous.merged[layer]
             reports.append(LayerReport(layer, len(ids), len(ids), True, []))
             continue
-        frequency = np.asarray(stats.arrays["hard_counts"][rows[layer]], dtype=np.float64)
+        n = len(ids)  # a ragged model's statistics are padded to its largest layer
+        frequency = np.asarray(stats.arrays["hard_counts"][rows[layer]][:n], dtype=np.float64)
         gram = stats.arrays.get("logit_gram")
-        similarity = router_similarity(gram[rows[layer]]) if gram is not None else np.eye(len(ids))
+        similarity = router_similarity(gram[rows[layer]][:n, :n]) if gram is not None else np.eye(n)
         clusters = cluster_layer(method_fn, similarity, frequency, counts[layer], seed, config.n_group)
         weights = [c.weights(frequency) for c in clusters]
         plans[layer] = LayerPlan(layer, clusters, weights, router, seed)
@@ -173,7 +175,8 @@ def run(
             merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, weights, strict=True))
         reports.append(_report(layer, ids, clusters, weights, frequency, similarity))
 
-    tensors = MergePlanner(config.adapter, config.num_experts, plans).plan(ckpt.tensors)
+    quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
+    tensors = MergePlanner(config.adapter, config.num_experts, plans, quant).plan(ckpt.tensors)
     history = [*(previous.history if previous else [])]
     history.append(
         {

@@ -111,30 +111,38 @@ def score(
     top_k = _top_k(stats, ckpt, warnings)
     n_group = _n_group(stats, ckpt, identity)
 
-    n_layers, n_experts = len(identity.moe_layers), identity.experts_in(identity.moe_layers[0])
+    counts = [identity.experts_in(layer) for layer in identity.moe_layers]  # differ in a ragged model
     if global_:
         if n_group > 1:
             raise MoePruneError(f"--global is not supported with grouped routing ({n_group} groups per layer)")
         floor = _floor(min_keep, top_k)
-        total = budget.drops(n_layers * n_experts, "in all MoE layers together")
+        total = budget.drops(sum(counts), "in all MoE layers together")
     else:
         if min_keep is not None:
             raise MoePruneError("--min-keep only applies with --global")
-        n_drop = budget.drops(n_experts, "per layer")
-        if top_k is not None and n_experts - n_drop < top_k:
-            raise MoePruneError(
-                f"dropping {n_drop} of {n_experts} experts per layer keeps {n_experts - n_drop}, "
-                f"fewer than top-k {top_k}"
-            )
-        quotas = [group_quota(n_experts, n_group, n_drop, layer) for layer in identity.moe_layers]
+        n_drops = [budget.drops(n, "per layer") for n in counts]
+        for layer, n, n_drop in zip(identity.moe_layers, counts, n_drops, strict=True):
+            if top_k is not None and n - n_drop < top_k:
+                raise MoePruneError(
+                    f"dropping {n_drop} of {n} experts in layer {layer} keeps {n - n_drop}, fewer than top-k {top_k}"
+                )
+        quotas = [
+            group_quota(n, n_group, n_drop, layer)
+            for layer, n, n_drop in zip(identity.moe_layers, counts, n_drops, strict=True)
+        ]
 
+    if crit.weights and len(set(counts)) > 1:
+        raise MoePruneError(
+            f"criterion {crit.name!r} reads expert weights, which is not supported yet for checkpoints with "
+            "different expert counts per layer; use a statistics criterion"
+        )
     weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
     inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
-    scores, usage, values = _run(crit, inputs, (n_layers, n_experts))
+    scores, usage, values = _run(crit, inputs, inputs.shape, inputs.real())
     if global_:
-        drops, pairs = global_drops(scores, direction, total, floor), {}
+        drops, pairs = global_drops(scores, direction, total, floor, counts), {}
     else:
-        drops, pairs = _layerwise(identity, scores, usage, values, direction, n_drop, quotas)
+        drops, pairs = _layerwise(identity, scores, usage, values, direction, n_drops, quotas)
 
     dropped = {
         layer: [identity.original_ids[layer][slot] for slot in drops[i]] for i, layer in enumerate(identity.moe_layers)
@@ -174,20 +182,26 @@ def _layerwise(
     usage: np.ndarray | None,
     values: np.ndarray | None,
     direction: Direction,
-    n_drop: int,
+    n_drops: list[int],
     quotas: list[Callable[[int, list[int]], bool]],
 ) -> tuple[list[list[int]], dict[int, list[tuple[int, int, float]]]]:
-    """Slots to drop per layer (in choice order), and for pair criteria the pairs chosen (original ids)."""
+    """Slots to drop per layer (in choice order), and for pair criteria the pairs chosen (original ids).
+
+    Each layer is scored over its own experts only (a ragged model's padding slots are never candidates).
+    """
     drops: list[list[int]] = []
     pairs: dict[int, list[tuple[int, int, float]]] = {}
     for index, layer in enumerate(identity.moe_layers):
+        n, n_drop = identity.experts_in(layer), n_drops[index]
         if values is not None:
             assert usage is not None
-            chosen, chosen_pairs = pick_by_pairs(values[index], usage[index], direction, n_drop, quotas[index])
+            chosen, chosen_pairs = pick_by_pairs(
+                values[index][:n, :n], usage[index][:n], direction, n_drop, quotas[index]
+            )
             ids = identity.original_ids[layer]
             pairs[layer] = [(ids[p], ids[q], v) for p, q, v in chosen_pairs]
         else:
-            chosen = pick_by_order(expert_order(scores[index], direction), n_drop, quotas[index])
+            chosen = pick_by_order(expert_order(scores[index][:n], direction), n_drop, quotas[index])
         assert len(chosen) == n_drop, "selection could not meet a validated budget"
         drops.append(chosen)
     return drops, pairs
@@ -264,9 +278,12 @@ def _vocab(stats: Stats | None, ckpt: Checkpoint | None) -> int | None:
 
 
 def _run(
-    crit: Criterion, inputs: Inputs, shape: tuple[int, int]
+    crit: Criterion, inputs: Inputs, shape: tuple[int, int], real: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(scores [L, E], usage, pair values): run the criterion and check what it returned."""
+    """(scores [L, E], usage, pair values): run the criterion and check what it returned.
+
+    `real` marks the slots that hold experts; a ragged model's padding may score anything and is ignored.
+    """
     if crit.kind == "pair":
         values, usage = crit.fn(inputs)
         values, usage = np.asarray(values, dtype=np.float64), np.asarray(usage, dtype=np.float64)
@@ -276,7 +293,8 @@ def _run(
         usage = values = None
         checked = np.asarray(crit.fn(inputs), dtype=np.float64)
         assert checked.shape == shape, (crit.name, checked.shape, shape)
-    bad = np.argwhere(np.isnan(checked))
+    real_pairs = real[:, :, None] & real[:, None, :] if checked.ndim == 3 else real
+    bad = np.argwhere(np.isnan(checked) & real_pairs)
     if bad.size:
         raise MoePruneError(
             f"criterion {crit.name!r} gave NaN scores (first at MoE layer index {bad[0][0]}); "
