@@ -1,11 +1,11 @@
 """Read routed-expert weights and router rows layer by layer, for criteria that score weights.
 
-Only one MoE layer's expert tensors are in memory at a time (as float32 `[E, ...]` stacks), read
-through safetensors `safe_open`, so a model far larger than memory can be scored. Both on-disk
+Only one MoE layer's expert tensors are in memory at a time (as float32 `[E, ...]` stacks), read from
+the shards byte range by byte range, so a model far larger than memory can be scored. Both on-disk
 layouts are accepted: one tensor per expert (`...experts.{e}.w1.weight`, stacked here) and fused
 tensors with a leading expert axis (`[E, 2I, H]`, or dbrx's blocked `[E*I, H]`, reshaped to
-`[E, I, H]`). Quantised tensors (FP8, MXFP4 blocks, int) are refused: their raw values are not the
-weights, and dequantising is family-specific.
+`[E, I, H]`). FP8 block-quantized and MXFP4 tensors are dequantized one tensor at a time by
+`checkpoint.quantized.read_float` (the one dequantizing function); other non-float tensors are refused.
 """
 
 from __future__ import annotations
@@ -13,17 +13,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from moe_prune.checkpoint.safetensors_io import TensorInfo
+from moe_prune.checkpoint.quantized import Quantization, Stored, group, read_float
+from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
 from moe_prune.errors import MoePruneError
-
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -57,9 +54,9 @@ class ExpertWeights:
         self.layers = config.moe_layers
         matcher = KeyMatcher(config.adapter)
         router_bias = config.adapter.router_bias
-        self._experts: dict[int, list[tuple[TensorInfo, ExpertKey]]] = defaultdict(list)
-        self._routers: dict[int, TensorInfo] = {}
-        for info in ckpt.tensors:
+        self._experts: dict[int, list[tuple[Stored, ExpertKey]]] = defaultdict(list)
+        self._routers: dict[int, Stored] = {}
+        for info in group(ckpt.tensors, Quantization.from_config(config.raw)):
             if (layer := matcher.is_router(info.name)) is not None:
                 self._routers[layer] = info
                 continue
@@ -83,8 +80,8 @@ class ExpertWeights:
 
     def load(self, layer: int) -> LayerWeights:
         """Read one layer's expert stacks and router rows as float32 (each shard opened once)."""
-        per_expert: dict[str, dict[int, TensorInfo]] = defaultdict(dict)
-        fused: list[TensorInfo] = []
+        per_expert: dict[str, dict[int, Stored]] = defaultdict(dict)
+        fused: list[Stored] = []
         for info, key in self._experts[layer]:
             if key.kind != "per_expert":
                 fused.append(info)
@@ -110,35 +107,31 @@ class ExpertWeights:
         return LayerWeights(layer, tensors, router)
 
 
-def _split_fused(info: TensorInfo, tensor: torch.Tensor, n_experts: int) -> torch.Tensor:
+def _split_fused(info: Stored, tensor: torch.Tensor, n_experts: int) -> torch.Tensor:
     """`[E, ...]` from a fused tensor whose leading axis holds E equal blocks (dbrx: `[E*I, H]`)."""
     if tensor.dim() == 0 or tensor.shape[0] % n_experts:
         raise MoePruneError(
-            f"{info.file}: {info.name} has shape {tuple(info.shape)}, which does not split into {n_experts} experts"
+            f"{info.file}: {info.name} has shape {tuple(tensor.shape)}, which does not split into {n_experts} experts"
         )
     if tensor.shape[0] == n_experts:
         return tensor
     return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
 
 
-def _read_all(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
-    """The named tensors as float32, opening each shard once; a one-line error for quantised or non-finite ones."""
+def _read_all(infos: list[Stored]) -> dict[str, torch.Tensor]:
+    """The named tensors as float32 (dequantized one at a time); a one-line error for non-finite ones."""
     for info in infos:
-        if info.dtype not in FLOAT_DTYPES:
+        if not info.quantized and info.data.dtype not in FLOAT_DTYPES:
             raise MoePruneError(
-                f"{info.file}: {info.name} is {info.dtype} (quantised); weight criteria need float weights "
-                "(dequantise the checkpoint first, or use a statistics-based criterion)"
+                f"{info.file}: {info.name} is {info.data.dtype} (quantised); weight criteria need float weights "
+                "(FP8 with weight_scale_inv and MXFP4 are read when config.json's quantization_config says so; "
+                "otherwise dequantise first, or use a statistics-based criterion)"
             )
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for info in infos:
-        by_file[info.file].append(info.name)
     out: dict[str, torch.Tensor] = {}
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as handle:
-            for name in names:
-                out[name] = handle.get_tensor(name).to(torch.float32)
-                if not torch.isfinite(out[name]).all():
-                    raise MoePruneError(
-                        f"{path}: {name} holds NaN or Inf values; its experts cannot be scored by their weights"
-                    )
+    for info in infos:
+        out[info.name] = read_float(info)
+        if not torch.isfinite(out[info.name]).all():
+            raise MoePruneError(
+                f"{info.file}: {info.name} holds NaN or Inf values; its experts cannot be scored by their weights"
+            )
     return out

@@ -218,19 +218,26 @@ AnyOutput = OutputTensor | ComputedTensor
 Progress = Callable[[int], None]
 # safetensors dtype name -> torch dtype, for the float tensors that can be read and computed on.
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# The stored parts of quantized tensors, read as they are (dequantized in checkpoint.quantized).
+RAW_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U8": "uint8", "I8": "int8"}
 
 
 def read_tensor(info: TensorInfo):  # -> torch.Tensor (torch imported lazily: plain surgery never needs it)
-    """One float tensor of a shard, read from its byte range into memory."""
+    """One tensor of a shard, read from its byte range into memory in its stored dtype.
+
+    Float tensors and the raw parts of quantized ones (FP8 weights, MXFP4 U8 blocks and scales);
+    turning those into float32 is `checkpoint.quantized.read_float`'s job.
+    """
     import torch
 
-    if info.dtype not in FLOAT_DTYPES:
-        raise MoePruneError(f"{info.file}: {info.name} is {info.dtype}, not a float tensor")
+    name = FLOAT_DTYPES.get(info.dtype) or RAW_DTYPES.get(info.dtype)
+    if name is None:
+        raise MoePruneError(f"{info.file}: {info.name} is {info.dtype}, which moe-prune cannot read as a tensor")
     with open(info.file, "rb") as handle:
         data = bytearray(os.pread(handle.fileno(), info.nbytes, info.start))
     if len(data) != info.nbytes:
         raise MoePruneError(f"{info.file}: truncated while reading {info.name}")
-    dtype = getattr(torch, FLOAT_DTYPES[info.dtype])
+    dtype = getattr(torch, name)
     return torch.frombuffer(data, dtype=dtype).reshape(info.shape) if data else torch.zeros(info.shape, dtype=dtype)
 
 

@@ -5,6 +5,11 @@ so are experts and router rows that pass through unchanged (a cluster of one exp
 anchor`). Merged experts and averaged/re-initialised router rows are `ComputedTensor`s: a layer's
 experts are read, aligned and averaged (in float32, cast back to the checkpoint's dtype) when the
 writer reaches the first of that layer's computed tensors, and released after its last one.
+
+Quantized checkpoints (FP8 with block scales, MXFP4): experts are read dequantized through
+`checkpoint.quantized.read_float`, merged in float32 and written back in the checkpoint's format
+with fresh scales (`quantized.quantize`), so the output keeps its quantization_config. Experts
+that pass through unchanged keep their original bytes, in fused tensors too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_prune.architectures.spec import Adapter, ExpertTensor
+from moe_prune.checkpoint.quantized import Quantization, Stored, check_requantizable, group, quantize, read_float
 from moe_prune.checkpoint.safetensors_io import (
+    DTYPE_BITS,
     FLOAT_DTYPES,
     AnyOutput,
     ComputedTensor,
@@ -63,19 +70,23 @@ def find_layout(name: str, rows: tuple[ExpertTensor, ...]) -> ExpertTensor:
     )
 
 
-def _read_finite(info: TensorInfo) -> torch.Tensor:
-    """A tensor as float32, refused with a line naming it if it holds NaN or Inf (an average would spread them)."""
-    tensor = read_tensor(info).float()
+def _read_finite(info: Stored) -> torch.Tensor:
+    """A tensor as float32 (dequantized), refused with a line naming it if it holds NaN or Inf."""
+    tensor = read_float(info)
     if not torch.isfinite(tensor).all():
         raise MoePruneError(f"{info.file}: {info.name} holds NaN or Inf values; merging would spread them")
     return tensor
 
 
-def _require_float(info: TensorInfo) -> None:
-    if info.dtype not in FLOAT_DTYPES:
+def _require_float(info: Stored) -> None:
+    """Quantized tensors merge in their own format; other non-float tensors cannot be averaged."""
+    if info.quantized:
+        check_requantizable(info)
+    elif info.data.dtype not in FLOAT_DTYPES:
         raise MoePruneError(
-            f"{info.file}: {info.name} is {info.dtype} (quantised?); merging averages weights and needs float "
-            "expert tensors (F32, F16, BF16): dequantise first, or use --method prune"
+            f"{info.file}: {info.name} is {info.data.dtype} (quantised?); merging averages weights and needs float "
+            "expert tensors (F32, F16, BF16), or FP8 / MXFP4 with their scales and quantization_config: "
+            "dequantise first, or use --method prune"
         )
 
 
@@ -85,8 +96,8 @@ class _LayerExperts:
 
     plan: LayerPlan
     n_experts: int
-    per_expert: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)  # tail -> slot -> info
-    fused: dict[str, TensorInfo] = field(default_factory=dict)  # name -> [E, ...] tensor
+    per_expert: dict[str, dict[int, Stored]] = field(default_factory=dict)  # tail -> slot -> info
+    fused: dict[str, Stored] = field(default_factory=dict)  # name -> [E, ...] tensor
     layouts: dict[str, ExpertTensor] = field(default_factory=dict)
     pending: int = 0
     _merged: list[Expert] | None = None
@@ -131,7 +142,7 @@ class _LayerExperts:
         return data
 
 
-def _expert_blocks(tensor: torch.Tensor, n_experts: int, info: TensorInfo) -> torch.Tensor:
+def _expert_blocks(tensor: torch.Tensor, n_experts: int, info: Stored) -> torch.Tensor:
     """[E, ...] view of a fused expert tensor ([E, ...] itself, or dbrx's [E*I, H] as [E, I, H])."""
     if tensor.shape[0] == n_experts:
         return tensor
@@ -145,20 +156,58 @@ def _torch_dtype(info: TensorInfo) -> torch.dtype:
 
 
 def _computed(name: str, info: TensorInfo, shape: tuple[int, ...], layer: _LayerExperts | None, fn) -> ComputedTensor:
-    nbytes = math.prod(shape) * torch.finfo(_torch_dtype(info)).bits // 8
+    nbytes = math.prod(shape) * DTYPE_BITS[info.dtype] // 8
     if layer is None:
         return ComputedTensor(name, info.dtype, shape, nbytes, fn)
     layer.pending += 1
     return ComputedTensor(name, info.dtype, shape, nbytes, lambda: layer.take(fn))
 
 
+def _requantized(stored: Stored, names: tuple[str, ...], float_shape: tuple[int, ...], layer: _LayerExperts, fn):
+    """Data and scale outputs of a merged quantized tensor; `fn(merged)` gives (data, scale) tensors, made once."""
+    shapes = _quantized_shapes(stored, float_shape)
+    made: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def part(index: int):
+        def produce(merged: list[Expert]) -> bytes:
+            if "parts" not in made:
+                made["parts"] = fn(merged)
+            data = tensor_bytes(made["parts"][index])
+            if index == len(names) - 1:
+                made.clear()
+            return data
+
+        return produce
+
+    parts = zip(names, stored.infos, shapes, strict=True)
+    return [_computed(name, info, shape, layer, part(i)) for i, (name, info, shape) in enumerate(parts)]
+
+
+def _quantized_shapes(stored: Stored, float_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(data shape, scale shape) of `float_shape` quantized like `stored`, without computing it."""
+    assert stored.scale is not None
+    if stored.method == "mxfp4":
+        *lead, width, out = float_shape
+        return (*lead, out, width // 32, 16), (*lead, out, width // 32)
+    if stored.scale.numel == 1:
+        return float_shape, stored.scale.shape
+    block = stored.block
+    assert block is not None
+    rows, cols = float_shape[-2:]
+    grid = (*float_shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+    return float_shape, grid
+
+
 class MergePlanner:
     """Turn shard headers plus per-layer plans into the output tensor list (see module docstring)."""
 
-    def __init__(self, adapter: Adapter, n_experts: int, plans: dict[int, LayerPlan]) -> None:
+    def __init__(
+        self, adapter: Adapter, n_experts: int, plans: dict[int, LayerPlan], quant: Quantization | None = None
+    ) -> None:
         self.adapter = adapter
         self.n_experts = n_experts
         self.plans = plans
+        self.quant = quant
         self.matcher = KeyMatcher(adapter)
         self.layers = {layer: _LayerExperts(plan, n_experts) for layer, plan in plans.items()}
 
@@ -168,21 +217,21 @@ class MergePlanner:
         if missing:
             where = tensors[0].file.parent if tensors else "the checkpoint"
             raise MoePruneError(f"{where}: no router ({self.adapter.router}) in MoE layers {missing}")
-        classified = [(info, self.matcher.classify(info.name)) for info in tensors]
+        classified = [(info, self.matcher.classify(info.name)) for info in group(tensors, self.quant)]
         for info, key in classified:
             if key is not None and key.layer in self.plans and self._is_expert(info, key):
                 self._collect(info, key)
         out: list[AnyOutput] = []
         for info, key in classified:
             if key is None or key.layer not in self.plans:
-                out.append(whole(info))
+                out.extend(whole(part) for part in info.infos)
             elif self._is_expert(info, key):
                 out.extend(self._expert_outputs(info, key))
             else:
                 out.append(self._router_output(info, key))
         return out
 
-    def _is_expert(self, info: TensorInfo, key: ExpertKey) -> bool:
+    def _is_expert(self, info: Stored, key: ExpertKey) -> bool:
         if key.kind == "per_expert":
             return True
         bias = self.adapter.router_bias
@@ -190,7 +239,7 @@ class MergePlanner:
             key.kind == "rows" and self.matcher.is_router(info.name) is None and not (bias and info.name.endswith(bias))
         )
 
-    def _collect(self, info: TensorInfo, key: ExpertKey) -> None:
+    def _collect(self, info: Stored, key: ExpertKey) -> None:
         layer = self.layers[key.layer]
         if not layer.plan.passthrough:
             _require_float(info)
@@ -203,10 +252,15 @@ class MergePlanner:
             layer.per_expert.setdefault(key.tail, {})[key.slot] = info
             layer.layouts[key.tail] = find_layout(key.tail, self.adapter.expert_tensors)
         else:
+            if info.quantized and not layer.plan.passthrough and info.data.shape[0] != self.n_experts:
+                raise MoePruneError(
+                    f"{info.file}: {info.name} is quantized with experts blocked along rows ({info.data.shape}); "
+                    "merge cannot write it back quantized: use --method prune"
+                )
             layer.fused[info.name] = info
             layer.layouts[info.name] = find_layout(info.name, self.adapter.expert_tensors)
 
-    def _expert_outputs(self, info: TensorInfo, key: ExpertKey) -> list[AnyOutput]:
+    def _expert_outputs(self, info: Stored, key: ExpertKey) -> list[AnyOutput]:
         layer = self.layers[key.layer]
         plan = layer.plan
         if key.kind == "per_expert":
@@ -214,36 +268,62 @@ class MergePlanner:
                 return []
             index = plan.anchors.index(key.slot)
             name = key.renumbered(index)
+            names = info.names(name)
             if len(plan.clusters[index].members) == 1:
-                return [whole(info, name)]
-            dtype = _torch_dtype(info)
-            return [_computed(name, info, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))]
+                return [whole(part, new) for part, new in zip(info.infos, names, strict=True)]
+            if info.quantized:
+                return _requantized(info, names, info.shape, layer, lambda m: quantize(info, m[index][key.tail]))
+            dtype = _torch_dtype(info.data)
+            return [_computed(name, info.data, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))]
         if plan.passthrough:
-            return [slice_expert_axis(info, 0, self.n_experts, plan.anchors)]
+            return [slice_expert_axis(part, 0, self.n_experts, plan.anchors) for part in info.infos]
         count = len(plan.clusters)
         shape = (info.shape[0] // self.n_experts * count, *info.shape[1:])
-        dtype = _torch_dtype(info)
+        if info.quantized:
+            return _requantized(info, info.names(info.name), shape, layer, self._fused_quantized(info, plan))
+        dtype = _torch_dtype(info.data)
 
         def fused(merged: list[Expert]) -> bytes:
             stacked = torch.stack([m[info.name] for m in merged]).reshape(shape)
             return tensor_bytes(stacked.to(dtype))
 
-        return [_computed(info.name, info, shape, layer, fused)]
+        return [_computed(info.name, info.data, shape, layer, fused)]
 
-    def _router_output(self, info: TensorInfo, key: ExpertKey) -> AnyOutput:
+    def _fused_quantized(self, info: Stored, plan: LayerPlan):
+        """(data, scale) of a fused quantized tensor: single experts keep their stored bytes, merged are quantized."""
+
+        def make(merged: list[Expert]) -> tuple[torch.Tensor, torch.Tensor]:
+            raw = [read_tensor(part) for part in info.infos]
+            parts: list[list[torch.Tensor]] = [[], []]
+            for cluster, expert in zip(plan.clusters, merged, strict=True):
+                if len(cluster.members) == 1:
+                    new = [r[cluster.anchor] for r in raw]
+                else:
+                    new = list(quantize(info, expert[info.name][None]))
+                    new = [t[0] for t in new]
+                for store, tensor in zip(parts, new, strict=True):
+                    store.append(tensor)
+            return torch.stack(parts[0]), torch.stack(parts[1])
+
+        return make
+
+    def _router_output(self, stored: Stored, key: ExpertKey) -> AnyOutput:
         """Router weight rows, router bias and selection bias: anchor rows, weighted mean, or re-initialised."""
+        if stored.quantized:
+            raise MoePruneError(f"{stored.file}: {stored.name} is a quantized router; moe-prune expects float routers")
+        info = stored.data
         plan = self.plans[key.layer]
         axis = 0 if key.kind == "rows" else -1
         if plan.router == "anchor":
             return slice_expert_axis(info, axis, self.n_experts, plan.anchors)
-        _require_float(info)
+        _require_float(stored)
         shape = list(info.shape)
         shape[axis] = len(plan.clusters)
         dtype = _torch_dtype(info)
         is_weight = self.matcher.is_router(info.name) is not None
 
         def rows() -> bytes:
-            original = _read_finite(info).movedim(axis, 0)
+            original = _read_finite(stored).movedim(axis, 0)
             if plan.router == "average":
                 new = torch.stack(
                     [

@@ -13,6 +13,12 @@ This is the one place that decides whether a checkpoint's own Python may run (`c
   is ignored with a warning, and a checkpoint that needs its own code to load is refused.
 Every file the loaders read is first checked by `Checkpoint.open` (shards and side files inside the
 folder, complete headers, a sane config).
+
+Quantized checkpoints (FP8 block-quantized, MXFP4) load dequantized, one tensor at a time: through
+transformers' own `Mxfp4Config(dequantize=True)` / `FineGrainedFP8Config(dequantize=True)` where
+that is exact on CPU, otherwise (FP8 tensors whose shape is not a multiple of the block, which
+transformers' loader dequantizes wrongly) into a meta-device skeleton layer by layer through
+`checkpoint.quantized.read_float` (see `quantization_kwargs`).
 """
 
 from __future__ import annotations
@@ -162,6 +168,10 @@ def load_model(
     if device == "auto":
         kwargs["device_map"] = "auto"
     model_class = decision.model_class or AutoModelForCausalLM
+    quantization = quantization_kwargs(ckpt)
+    if quantization is None:
+        return _load_dequantized_layerwise(ckpt, dtype, device, trust_remote_code)
+    kwargs.update(quantization)
     try:
         with quiet_transformers():
             model, info = model_class.from_pretrained(ckpt.folder, output_loading_info=True, **kwargs)
@@ -174,6 +184,52 @@ def load_model(
     _check_complete(ckpt.folder, info)
     check_finite(model, ckpt.folder)
     return model.eval()
+
+
+def quantization_kwargs(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """from_pretrained arguments that load a quantized checkpoint dequantized; None: transformers cannot do it exactly.
+
+    Float checkpoints and quantization methods moe-prune does not read get no arguments (transformers
+    decides, as before).
+    """
+    from moe_prune.checkpoint.quantized import FP8, MXFP4, Quantization, fp8_tiles_exactly, group
+
+    quant = Quantization.from_config(ckpt.config.raw)
+    if quant is None:
+        return {}
+    if quant.method == MXFP4:
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    assert quant.method == FP8
+    if not fp8_tiles_exactly(group(ckpt.tensors, quant)):
+        return None
+    from transformers import FineGrainedFP8Config
+
+    block = list(quant.block) if quant.block else None
+    return {"quantization_config": FineGrainedFP8Config(dequantize=True, weight_block_size=block)}
+
+
+def _load_dequantized_layerwise(ckpt: Checkpoint, dtype: str, device: str, trust_remote_code: bool) -> Any:
+    """The whole model built on meta and filled one decoder layer at a time with dequantized tensors."""
+    from moe_prune.runtime.sequential import LayerwiseModel
+
+    runtime = LayerwiseModel(ckpt.folder, _layers_path(ckpt), dtype, device, trust_remote_code)
+    runtime.load_outside(())
+    for index in range(len(runtime.layers)):
+        runtime.load_layer(index)
+    model = runtime.model
+    model.tie_weights()
+    meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if meta:
+        raise MoePruneError(f"{ckpt.folder}: checkpoint does not match its config (missing weight {meta[0]})")
+    check_finite(model, ckpt.folder)
+    return model.eval()
+
+
+def _layers_path(ckpt: Checkpoint) -> str:
+    """Module path of the decoder layers (`model.layers`), as `profile --sequential` finds it."""
+    return ckpt.config.adapter.runtime_layers
 
 
 def model_skeleton(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> tuple[Any, torch.dtype]:

@@ -10,6 +10,8 @@ states of the calibration set. How, reusing transformers for everything family-s
               `from_pretrained` applies), grouped by the decoder layer they land in; one layer's
               tensors are read with `safetensors.safe_open` and loaded by transformers'
               `convert_and_load_state_dict_in_model`, then dropped back to meta after use;
+              quantized tensors (FP8 with block scales, MXFP4) are dequantized here, tensor by
+              tensor, by `checkpoint.quantized.read_float` and loaded as the float tensors;
   layer calls every decoder layer is first replaced by a stub and the model's own forward is run
               on the input embeddings: the stubs record the layer's input hidden states and
               exactly the arguments the model passes to each layer (masks per layer type,
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_prune.checkpoint.quantized import Quantization, group, read_float
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import finite, model_skeleton, quiet_transformers
 
@@ -117,7 +120,10 @@ class LayerwiseModel:
         meta = self.model.state_dict()
         prefix = self.layers_path + "."
         groups: dict[int | None, dict[str, Path]] = defaultdict(dict)
-        for info in Checkpoint(self.folder).tensors:
+        ckpt = Checkpoint(self.folder)
+        self._infos = {info.name: info for info in ckpt.tensors}
+        self._quant = Quantization.from_config(ckpt.config.raw)
+        for info in ckpt.tensors:
             target, _ = rename_source_key(info.name, renamings, converters, self.model.base_model_prefix, meta)
             layer = int(target[len(prefix) :].split(".", 1)[0]) if target.startswith(prefix) else None
             groups[layer][info.name] = info.file
@@ -130,9 +136,14 @@ class LayerwiseModel:
         from transformers.modeling_utils import LoadStateDictConfig
 
         by_file: dict[Path, list[str]] = defaultdict(list)
-        for key, file in keys.items():
-            by_file[file].append(key)
         state: dict[str, torch.Tensor] = {}
+        for stored in group((self._infos[key] for key in keys), self._quant):
+            if stored.quantized:  # dequantized on its own: one float tensor more in memory, never the layer twice
+                state[stored.name] = read_float(stored)
+                if not finite(state[stored.name]):
+                    raise MoePruneError(f"{stored.file}: tensor {stored.name} holds NaN or Inf values once dequantized")
+            else:
+                by_file[stored.file].append(stored.name)
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as handle:
                 for name in names:

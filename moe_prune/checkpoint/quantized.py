@@ -1,0 +1,292 @@
+"""Stored tensors of a checkpoint as float32, and float32 written back in the checkpoint's own format.
+
+The one place a stored (possibly quantized) tensor becomes float32 is `read_float`; score's weight
+criteria, merge, `profile --sequential` and `load_model`'s fallback all call it, one tensor at a
+time, so dequantizing never needs the whole model in memory. `group` pairs a quantized tensor with
+its scales into one logical `Stored` tensor named as the float tensor would be.
+
+Formats (from `quantization_config.quant_method` in config.json):
+  fp8    DeepSeek-V3 / Qwen3-FP8: `F8_E4M3` `X.weight` with a float `X.weight_scale_inv` holding one
+         scale per `weight_block_size` block (edge blocks may be partial), w = fp8 * scale_inv.
+         Fused expert tensors are `X` + `X_scale_inv`, as transformers names them.
+  mxfp4  gpt-oss experts: `X_blocks` (U8, two FP4 E2M1 codes a byte, low nibble first, 32 values a
+         block) and `X_scales` (U8 E8M0 exponents, bias 127); the float tensor is `[E, in, out]`,
+         the blocks `[E, out, in / 32, 16]`.
+
+What comes from transformers, what is our own, and why:
+- FP8 dequantizing: transformers' `_dequantize_fp8_weight` (finegrained_fp8), which handles partial
+  edge blocks. The loader's `Fp8Dequantize` (what `FineGrainedFP8Config(dequantize=True)` runs)
+  infers the block from the scale grid, which is wrong (silently) or raises when a dimension is not
+  a multiple of the block, so `load_model` uses it only when every FP8 tensor tiles exactly.
+- MXFP4 dequantizing: transformers' `convert_moe_packed_tensors` (mxfp4), as `Mxfp4Config(dequantize=True)`.
+- FP8 quantizing (merge writes merged experts back): our own, same rule as transformers'
+  `Fp8Quantize` (scale_inv = block amax / 448, round-to-nearest cast) because that op needs a
+  quantizer object and leaves tensors whose shape is not a multiple of the block unquantized.
+- MXFP4 quantizing: our own; transformers quantizes MXFP4 only through triton kernels (GPU). The
+  shared exponent is the smallest that fits the block's amax under 6 (no clipping), nearest code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES, TensorInfo, read_tensor
+from moe_prune.errors import MoePruneError
+
+FP8 = "fp8"
+MXFP4 = "mxfp4"
+FP8_DTYPES = {"F8_E4M3"}
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+FP8_SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+MXFP4_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A checkpoint's `quantization_config`, as far as moe-prune reads it."""
+
+    method: str
+    block: tuple[int, int] | None = None  # fp8 weight_block_size; None: one scale per tensor
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> Quantization | None:
+        """None for float checkpoints and for methods moe-prune cannot dequantize (their tensors stay refused)."""
+        config = raw.get("quantization_config")
+        if not isinstance(config, dict):
+            text = raw.get("text_config")
+            config = text.get("quantization_config") if isinstance(text, dict) else None
+        if not isinstance(config, dict):
+            return None
+        method = config.get("quant_method")
+        if method == MXFP4:
+            return cls(MXFP4)
+        if method != FP8:
+            return None
+        block = config.get("weight_block_size")
+        if block is None:
+            return cls(FP8)
+        valid = isinstance(block, list | tuple) and len(block) == 2
+        if not (valid and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise MoePruneError(f"config.json: quantization_config.weight_block_size {block!r}: need two positive ints")
+        return cls(FP8, (block[0], block[1]))
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One logical tensor: a plain tensor, or quantized data with its scales (`name` is the float tensor's)."""
+
+    name: str
+    data: TensorInfo
+    scale: TensorInfo | None = None
+    method: str | None = None
+    block: tuple[int, int] | None = None
+
+    @property
+    def file(self):
+        return self.data.file
+
+    @property
+    def quantized(self) -> bool:
+        return self.method is not None
+
+    @property
+    def infos(self) -> tuple[TensorInfo, ...]:
+        return (self.data,) if self.scale is None else (self.data, self.scale)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the float tensor."""
+        if self.method == MXFP4:
+            *lead, out, groups, half = self.data.shape
+            return (*lead, groups * half * 2, out)
+        return self.data.shape
+
+    def names(self, name: str) -> tuple[str, ...]:
+        """On-disk names of the tensors that store logical tensor `name` in this format (data first)."""
+        if self.method == FP8:
+            return (name, fp8_scale_name(name))
+        if self.method == MXFP4:
+            return (name + "_blocks", name + "_scales")
+        return (name,)
+
+
+def fp8_scale_name(name: str) -> str:
+    """`X.weight` -> `X.weight_scale_inv`; fused `X` -> `X_scale_inv` (transformers' names)."""
+    return name + "_scale_inv"
+
+
+def group(tensors: Iterable[TensorInfo], quant: Quantization | None) -> list[Stored]:
+    """The tensors as logical tensors, in order of their data tensor; scale companions are folded in."""
+    tensors = list(tensors)
+    index = {info.name: info for info in tensors}
+    companions: set[str] = set()
+    out: list[Stored] = []
+    for info in tensors:
+        if quant is not None and quant.method == FP8 and info.dtype in FP8_DTYPES:
+            scale = index.get(fp8_scale_name(info.name))
+            if scale is not None:
+                companions.add(scale.name)
+                out.append(Stored(info.name, info, scale, FP8, quant.block))
+                continue
+        if quant is not None and quant.method == MXFP4 and info.name.endswith("_blocks"):
+            base = info.name.removesuffix("_blocks")
+            scale = index.get(base + "_scales")
+            if scale is not None:
+                companions.add(scale.name)
+                out.append(Stored(base, info, scale, MXFP4))
+                continue
+        out.append(Stored(info.name, info))
+    return [s for s in out if s.name not in companions]
+
+
+def _read_raw(info: TensorInfo) -> torch.Tensor:
+    return read_tensor(info)
+
+
+def read_float(stored: Stored) -> torch.Tensor:
+    """The logical tensor as float32 (dequantized when stored quantized); refuses other non-float dtypes."""
+    if stored.method is None:
+        if stored.data.dtype not in FLOAT_DTYPES:
+            raise MoePruneError(
+                f"{stored.file}: {stored.name} is {stored.data.dtype}, and moe-prune dequantizes only FP8 "
+                "(quant_method fp8, with weight_scale_inv) and MXFP4 (_blocks/_scales) checkpoints"
+            )
+        return read_tensor(stored.data).to(torch.float32)
+    assert stored.scale is not None
+    data, scale = _read_raw(stored.data), _read_raw(stored.scale)
+    try:
+        if stored.method == FP8:
+            return dequantize_fp8(data, scale, stored.block)
+        return dequantize_mxfp4(data, scale)
+    except ValueError as exc:
+        raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from None
+
+
+def dequantize(stored: Stored, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """In-memory quantized tensors (read by the caller, e.g. with safe_open) as float32."""
+    try:
+        if stored.method == FP8:
+            return dequantize_fp8(data, scale, stored.block)
+        return dequantize_mxfp4(data, scale)
+    except ValueError as exc:
+        raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from None
+
+
+def _fp8_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """FP8 `[..., rows, cols]` times its per-block scale_inv, as float32 (transformers' own routine)."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    if block is None or scale_inv.numel() == 1:
+        return weight.to(torch.float32) * scale_inv.to(torch.float32).reshape(())
+    if weight.dim() < 2 or tuple(scale_inv.shape) != _fp8_grid(tuple(weight.shape), block):
+        raise ValueError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}, but {tuple(weight.shape)} in {list(block)} blocks "
+            f"needs {_fp8_grid(tuple(weight.shape), block) if weight.dim() >= 2 else 'a 2-D weight'}"
+        )
+    return _dequantize_fp8_weight(weight, scale_inv.to(torch.float32), list(block), torch.float32)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 `[E, out, in/32, 16]` blocks and `[E, out, in/32]` exponents as float32 `[E, in, out]` (transformers)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} are not [..., out, in/32, 16] "
+            "and [..., out, in/32]"
+        )
+    if blocks.dim() == 3:  # one expert: transformers wants a leading axis
+        return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0]
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+
+
+def quantize(stored: Stored, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float tensor in `stored`'s format: (data, scale) with the stored dtypes and fresh scales."""
+    if stored.method == FP8:
+        assert stored.scale is not None
+        return quantize_fp8(tensor, stored.block, FP8_SCALE_DTYPES[stored.scale.dtype])
+    if stored.method == MXFP4:
+        return quantize_mxfp4(tensor)
+    raise AssertionError(f"{stored.name} is not quantized")
+
+
+def check_requantizable(stored: Stored) -> None:
+    """Merge writes this tensor back quantized: refuse, before writing, what cannot be."""
+    if stored.method == FP8 and (stored.scale is None or stored.scale.dtype not in FP8_SCALE_DTYPES):
+        dtype = stored.scale.dtype if stored.scale is not None else "none"
+        raise MoePruneError(
+            f"{stored.file}: {stored.name}: FP8 scales of dtype {dtype} (e.g. ue8m0) cannot be written back by "
+            "merge; use --method prune"
+        )
+
+
+def quantize_fp8(
+    weight: torch.Tensor, block: tuple[int, int] | None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, scale_inv per block): scale_inv = block amax / 448, round to nearest, clamped."""
+    weight = weight.to(torch.float32)
+    if block is None:
+        amax = weight.abs().amax()
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
+        quantized = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return quantized, scale.to(scale_dtype)
+    rows, cols = weight.shape[-2:]
+    grid = _fp8_grid(tuple(weight.shape), block)
+    pad_r, pad_c = grid[-2] * block[0] - rows, grid[-1] * block[1] - cols
+    padded = torch.nn.functional.pad(weight, (0, pad_c, 0, pad_r))
+    tiles = padded.reshape(*grid[:-2], grid[-2], block[0], grid[-1], block[1])
+    amax = tiles.abs().amax(dim=(-3, -1))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
+    scaled = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    quantized = scaled.reshape(padded.shape)[..., :rows, :cols].to(torch.float8_e4m3fn)
+    return quantized.contiguous(), scale.to(scale_dtype)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float `[..., in, out]` as MXFP4 (blocks `[..., out, in/32, 16]` U8, scales `[..., out, in/32]` U8 E8M0)."""
+    weight = weight.to(torch.float32).transpose(-1, -2)
+    *lead, out, width = weight.shape
+    if width % MXFP4_BLOCK:
+        raise MoePruneError(f"MXFP4 needs the input dimension to be a multiple of 32, not {width}")
+    groups = weight.reshape(*lead, out, width // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax = groups.abs().amax(-1)
+    exponent = torch.ceil(torch.log2(amax.clamp(min=2.0**-127) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    magnitude = (scaled.abs()[..., None] - FP4_VALUES).abs().argmin(-1)
+    code = (magnitude + 8 * (scaled < 0)).to(torch.uint8)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)
+    return packed.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def fp8_tiles_exactly(stored: Iterable[Stored]) -> bool:
+    """True when every FP8 tensor's last two dims are multiples of its block (transformers' loader is exact then)."""
+    for s in stored:
+        if s.method == FP8 and s.block is not None and s.scale is not None and s.scale.numel > 1:
+            rows, cols = s.data.shape[-2:]
+            if rows % s.block[0] or cols % s.block[1]:
+                return False
+    return True
+
+
+__all__ = [
+    "FP8",
+    "MXFP4",
+    "Quantization",
+    "Stored",
+    "check_requantizable",
+    "dequantize",
+    "fp8_tiles_exactly",
+    "group",
+    "quantize",
+    "read_float",
+]
