@@ -8,11 +8,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeVar
 
+from moe_prune.architectures.mtp import MtpLayer, MtpLayout, mtp_layout
 from moe_prune.architectures.spec import Adapter
-from moe_prune.checkpoint.safetensors_io import OutputTensor, TensorInfo
+from moe_prune.artifacts.manifest import Members, MtpRecord
+from moe_prune.checkpoint.safetensors_io import ComputedTensor, OutputTensor, TensorInfo
 from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.checkpoint.source import Checkpoint
+
+Named = TypeVar("Named", TensorInfo, OutputTensor, ComputedTensor)
 
 
 @dataclass(frozen=True)
@@ -160,3 +168,117 @@ def plan_expert_selection(
         else:
             out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, layer_experts, slots))
     return out
+
+
+@dataclass
+class MtpTensors:
+    """A checkpoint's tensors split into the decoder's and its multi-token-prediction layers'.
+
+    MTP layer tensors are renamed to their virtual decoder layer (`num_hidden_layers + i`), so the
+    decoder's key matcher and planners classify them; `restore` gives outputs their on-disk names back.
+    """
+
+    layout: MtpLayout
+    decoder: list[TensorInfo] = field(default_factory=list)  # everything that is not MTP
+    virtual: list[TensorInfo] = field(default_factory=list)  # MTP layer tensors, virtual names
+    extras: list[TensorInfo] = field(default_factory=list)  # MTP tensors outside the layers
+    layers: dict[int, MtpLayer] = field(default_factory=dict)  # index -> layer, for layers holding tensors
+    moe: list[int] = field(default_factory=list)  # virtual layer numbers holding a router
+    _renames: dict[str, str] = field(default_factory=dict)  # wrapper + virtual prefix -> wrapper + disk prefix
+
+    @classmethod
+    def split(cls, tensors: list[TensorInfo], layout: MtpLayout) -> MtpTensors:
+        out = cls(layout)
+        matcher = KeyMatcher(layout.adapter)
+        for info in tensors:
+            found = layout.locate(info.name)
+            if found is None:
+                (out.extras if layout.is_extra(info.name) else out.decoder).append(info)
+                continue
+            layer, wrapper = found
+            out.layers[layer.index] = layer
+            virtual, disk = wrapper + layer.virtual, wrapper + layer.prefix
+            out._renames[virtual] = disk
+            named = replace(info, name=virtual + info.name[len(disk) :])
+            out.virtual.append(named)
+            if matcher.is_router(named.name) is not None and layer.layer not in out.moe:
+                out.moe.append(layer.layer)
+        out.moe.sort()
+        return out
+
+    @property
+    def present(self) -> bool:
+        return bool(self.virtual or self.extras)
+
+    def disk_name(self, name: str) -> str:
+        """The on-disk name of a (virtual) MTP tensor name."""
+        for virtual, disk in self._renames.items():
+            if name.startswith(virtual):
+                return disk + name[len(virtual) :]
+        return name
+
+    def restore(self, outputs: list[Named]) -> list[Named]:
+        """Outputs planned under virtual names, renamed to the MTP layers' on-disk keys."""
+        return [replace(t, name=self.disk_name(t.name)) for t in outputs]
+
+    def prefixes(self) -> dict[int, str]:
+        """On-disk prefix of each MTP layer holding an MoE block, keyed by MTP index."""
+        return {layer.index: layer.prefix for layer in self.layers.values() if layer.layer in self.moe}
+
+    def notes(self, follow: int, dropped: bool, verb: str) -> list[str]:
+        """One line per MTP MoE block (one in all when dropped), for the CLI, its JSON and the manifest history."""
+        if dropped:
+            return [
+                f"--drop-mtp: removed {len(self.layers)} multi-token-prediction layer(s), "
+                f"{self.layout.family.count_key} set to 0"
+            ]
+        return [
+            f"multi-token-prediction layer {prefix}: experts of layer {follow} {verb}"
+            for prefix in self.prefixes().values()
+        ]
+
+    def plan_selection(self, n_experts: int, slots: list[int]) -> list[OutputTensor]:
+        """Keep `slots` (current slot numbers) in every MTP MoE block; the rest of the MTP tensors whole."""
+        keep = dict.fromkeys(self.moe, slots)
+        planned = plan_expert_selection(self.virtual, self.layout.adapter, dict.fromkeys(self.moe, n_experts), keep)
+        return self.restore(planned) + [whole(info) for info in self.extras]
+
+
+def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTensors:
+    """A stage's MTP tensors, checked: each MTP MoE block will get the last MoE layer's selection or plan.
+
+    Masks and statistics cannot describe MTP layers (transformers never runs them, so `profile` cannot
+    measure them), so the last decoder MoE layer, the one whose output the MTP layer continues, decides.
+    Refused: per-layer expert counts (vLLM and SGLang size the MTP MoE from the config's one count) and
+    MTP layers whose experts are not known to be those of that layer.
+    """
+    config = ckpt.config
+    split = MtpTensors.split(ckpt.tensors, mtp_layout(config.adapter, config.text, config.num_layers))
+    if drop or not split.moe:
+        return split
+    prefixes = ", ".join(split.prefixes().values())
+    if len(set(counts.values())) > 1:
+        raise MoePruneError(
+            f"{ckpt.folder}: the result would keep different expert counts per layer, but its multi-token-prediction "
+            f"layers ({prefixes}) hold MoE blocks that vLLM and SGLang size from the one expert count in config.json; "
+            "keep one count in every layer, or pass --drop-mtp"
+        )
+    follow = config.moe_layers[-1]
+    manifest = ckpt.manifest
+    ids = ckpt.identity.original_ids[follow]
+    members = manifest.merged.get(follow) if manifest else None
+    for index, prefix in split.prefixes().items():
+        record = manifest.mtp.get(index) if manifest else MtpRecord(prefix, follow, ids)
+        if record is None or (record.follows, record.slots, record.members) != (follow, ids, members):
+            raise MoePruneError(
+                f"{ckpt.folder}: moe_prune.json does not say that multi-token-prediction layer {prefix} holds the "
+                f"experts of layer {follow}; pass --drop-mtp to remove it"
+            )
+    return split
+
+
+def mtp_records(
+    split: MtpTensors, follow: int, slots: tuple[int, ...], members: tuple[Members, ...] | None
+) -> dict[int, MtpRecord]:
+    """Manifest entries of the MTP MoE blocks after they got layer `follow`'s edit."""
+    return {index: MtpRecord(prefix, follow, slots, members) for index, prefix in split.prefixes().items()}

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.architectures.mtp import set_mtp_count
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import plan_expert_selection
+from moe_prune.checkpoint.surgery import mtp_records, plan_expert_selection, stage_mtp
 from moe_prune.checkpoint.writer import write_output
 from moe_prune.sizes import parse_size
 
@@ -37,6 +38,7 @@ class PruneResult:
     experts_before_per_layer: dict[int, int] = field(default_factory=dict)
     experts_after_per_layer: dict[int, int] = field(default_factory=dict)
     model_code: list[str] = field(default_factory=list)
+    mtp: list[str] = field(default_factory=list)  # what became of the multi-token-prediction layers, one line each
 
     @property
     def ragged(self) -> bool:
@@ -57,6 +59,7 @@ class PruneResult:
             "shards": self.shards,
             "kept": {str(k): v for k, v in self.kept.items()},
             "warnings": self.warnings,
+            "mtp": self.mtp,
         }
 
 
@@ -80,10 +83,12 @@ def run(
     force: bool = False,
     mask_name: str = "mask",
     progress: Callable[[int, int], None] | None = None,
+    drop_mtp: bool = False,
 ) -> PruneResult:
     """Drop the mask's experts, slice routers and per-expert biases, fix the config, reshard.
 
     Different keep counts per layer give a checkpoint with `modeling_moe_prune.py` (see checkpoint/ragged.py).
+    Multi-token-prediction layers get the last MoE layer's selection, or are removed with `drop_mtp`.
     `progress(done_bytes, total_bytes)` reports copying; it lets the CLI draw a bar.
     """
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -99,15 +104,27 @@ def run(
         for layer, kept in mask.keep.items()
     }
     counts = {layer: len(slots) for layer, slots in keep_slots.items()}
+    mtp = stage_mtp(ckpt, counts, drop_mtp)
     new_raw, model_files = expert_count_config(config.raw, config.adapter, counts, config.top_k)
+    if drop_mtp:
+        set_mtp_count(new_raw, config.text_key, mtp.layout.family, 0)
     new_config = ModelConfig.from_dict(new_raw, config.source)
     warnings = top_k_warnings(counts, config.top_k)
-    tensors = plan_expert_selection(ckpt.tensors, config.adapter, config.experts_per_layer, keep_slots)
+    tensors = plan_expert_selection(mtp.decoder, config.adapter, config.experts_per_layer, keep_slots)
 
+    slots = {layer: tuple(sorted(kept, key=identity.original_ids[layer].index)) for layer, kept in mask.keep.items()}
+    follow = config.moe_layers[-1]
+    records = {} if drop_mtp else mtp_records(mtp, follow, slots[follow], None)
+    if not drop_mtp:
+        tensors += mtp.plan_selection(identity.experts_in(follow), keep_slots[follow])
+    notes = mtp.notes(follow, drop_mtp, "kept")
     previous = ckpt.manifest.history if ckpt.manifest else []
+    step = {"stage": "prune", "source": str(model), "mask": mask.to_dict()}
     manifest = Manifest(
-        slots={layer: tuple(sorted(kept, key=identity.original_ids[layer].index)) for layer, kept in mask.keep.items()},
-        history=[*previous, {"stage": "prune", "source": str(model), "mask": mask.to_dict()}],
+        slots=slots,
+        history=[*previous, {**step, "mtp": notes} if notes else step],
+        mtp=records,
+        mtp_dropped=len(mtp.layers) if drop_mtp else 0,
     )
     shards, bytes_after = write_output(
         Path(out),
@@ -133,4 +150,5 @@ def run(
         experts_before_per_layer=config.experts_per_layer,
         experts_after_per_layer=counts,
         model_code=sorted(model_files),
+        mtp=notes,
     )
