@@ -350,3 +350,38 @@ def test_second_round_on_a_ragged_model_profiles_scores_and_prunes(tiny_factory,
     assert [reloaded.identity.experts_in(layer) for layer in reloaded.identity.moe_layers] == [n - 1 for n in counts]
     with torch.no_grad():
         assert torch.isfinite(load_model(tmp_path / "twice")(torch.tensor([[3, 4, 5]])).logits).all()
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_ragged_forward_with_labels_and_router_logits(model_type, tiny_factory, tmp_path):
+    """Training with the family's load-balancing loss works on a ragged checkpoint (it concatenated widths before)."""
+    import sys
+
+    from moe_prune.checkpoint import modeling_moe_prune
+
+    folder, _ = tiny_factory(model_type)
+    ckpt = Checkpoint.open(folder)
+    mask, _ = ragged_mask(ckpt, seed=5)
+    prune.run(folder, mask, tmp_path / "out")
+    model = load_model(tmp_path / "out")
+    if not hasattr(model.config, "output_router_logits"):
+        pytest.skip(f"{model_type} computes no load-balancing loss")
+    ids = torch.randint(2, 100, (2, 12))
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert torch.isfinite(out.loss)
+    family = sys.modules[type(model).__mro__[2].__module__]
+    if not hasattr(family, "load_balancing_loss_func") or out.aux_loss is None:
+        return
+    original = family.load_balancing_loss_func.__wrapped__
+    logits = out.router_logits
+    widths = {g.shape[-1] for g in logits}
+    assert len(widths) > 1
+    top_k = model.config.get_text_config().num_experts_per_tok if hasattr(model.config, "num_experts_per_tok") else 2
+    want = sum(
+        len(group) * original(tuple(group), w, min(top_k, w), None)
+        for w in widths
+        for group in [[g for g in logits if g.shape[-1] == w]]
+    ) / len(logits)
+    assert torch.allclose(modeling_moe_prune.per_width(original)(logits, 99, top_k, None), want)
+    same = tuple(g[:, :2] for g in logits)  # equal widths: exactly the stock call
+    assert torch.equal(modeling_moe_prune.per_width(original)(same, 2, 1, None), original(same, 2, 1, None))

@@ -215,3 +215,20 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path)
         path.mkdir()
     assert remove_stale_temporaries(out) == [stale]
     assert live.exists() and foreign.exists() and not stale.exists()
+
+
+def test_a_ragged_checkpoint_of_an_earlier_release_loads_with_moe_prunes_own_code(good, tmp_path):  # noqa: F811
+    """0.1.0 wrote an older modeling_moe_prune.py: byte-exact copies still load (moe-prune runs its own copy)."""
+    ws = fresh_workspace(good, tmp_path / "ws")
+    make_ragged(ws)
+    earlier = subprocess.run(
+        ["git", "show", "8618eae:moe_prune/checkpoint/modeling_moe_prune.py"],
+        capture_output=True,
+        cwd=Path(__file__).parent,
+    )
+    if earlier.returncode != 0:
+        pytest.skip("no git history here")
+    (ws.model / "modeling_moe_prune.py").write_bytes(earlier.stdout)
+    assert _run(COMMANDS["eval"](ws)).exit_code == 0
+    (ws.model / "modeling_moe_prune.py").write_bytes(earlier.stdout + b"\n")
+    assert _run(COMMANDS["eval"](ws)).exit_code == 1

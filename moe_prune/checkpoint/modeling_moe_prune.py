@@ -16,12 +16,20 @@ Everything family-specific is data in config.json, under `moe_prune_ragged`:
 The stock model is built first; then each MoE layer's block is built again from a copy of the
 config that gives that layer's counts, so every weight loads under its usual name.
 `auto_map` names the class as "Ragged" + base_class; this module creates it on first access.
+
+The family's load-balancing loss (`output_router_logits`) concatenates every layer's router logits,
+which fails when layers have different widths; creating a class wraps the family module's
+`load_balancing_loss_func` so it is computed per group of layers of equal width and averaged over the
+layers (each group with its own width and top-k). With equal widths it is the stock call, unchanged.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import transformers
@@ -71,11 +79,36 @@ class RaggedMixin:
         self.post_init()
 
 
+def per_width(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`loss_fn(gate_logits, num_experts, top_k, attention_mask)` over groups of layers of equal width."""
+    if getattr(loss_fn, "_moe_prune_per_width", False):
+        return loss_fn
+
+    @functools.wraps(loss_fn)
+    def wrapped(gate_logits: Any, num_experts: Any = None, top_k: Any = 2, attention_mask: Any = None) -> Any:
+        if not isinstance(gate_logits, (tuple, list)) or len({g.shape[-1] for g in gate_logits}) <= 1:
+            return loss_fn(gate_logits, num_experts, top_k, attention_mask)
+        groups: dict[int, list[Any]] = {}
+        for logits in gate_logits:
+            groups.setdefault(logits.shape[-1], []).append(logits)
+        total = sum(
+            len(group) * loss_fn(tuple(group), width, min(top_k, width), attention_mask)
+            for width, group in groups.items()
+        )
+        return total / len(gate_logits)
+
+    wrapped._moe_prune_per_width = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def __getattr__(name: str) -> type:
     """`Ragged<BaseClass>`: a subclass of transformers' `<BaseClass>` with per-layer expert counts."""
     if not name.startswith(CLASS_PREFIX) or name.startswith("__"):
         raise AttributeError(name)
     base = getattr(transformers, name[len(CLASS_PREFIX) :])
+    family = sys.modules[base.__module__]
+    if hasattr(family, "load_balancing_loss_func"):
+        family.load_balancing_loss_func = per_width(family.load_balancing_loss_func)
     # GenerationMixin listed directly: transformers then keeps this class as is instead of wrapping it.
     bases = (RaggedMixin, base, GenerationMixin)
     cls = type(name, bases, {"__module__": __name__, "__doc__": RaggedMixin.__doc__})

@@ -10,6 +10,7 @@ file copied into the checkpoint. `expert_count_config` is the one entry point fo
 from __future__ import annotations
 
 import copy
+import hashlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,19 @@ MODEL_MODULE = MODEL_FILE.removesuffix(".py")
 AUTO_CLASS = "AutoModelForCausalLM"
 CLASS_PREFIX = "Ragged"
 RAGGED_FORMAT = 1
+# sha256 of the modelling file earlier releases wrote. moe-prune never runs a folder's copy (it imports its own,
+# a superset), so a checkpoint carrying exactly one of these still loads without --trust-remote-code.
+EARLIER_MODEL_CODE = {"de925ffd46e64ae762ef7be32804bf46d5f54be2171b0b6034f7f4032d95d79b"}  # 0.1.0
 
 
 def model_code() -> str:
     """The modelling file shipped with moe-prune (it lives in this package)."""
     return resources.files("moe_prune.checkpoint").joinpath(MODEL_FILE).read_text()
+
+
+def is_shipped_model_code(data: bytes) -> bool:
+    """Whether `data` is the modelling file this moe-prune ships, or exactly one an earlier release wrote."""
+    return data == model_code().encode() or hashlib.sha256(data).hexdigest() in EARLIER_MODEL_CODE
 
 
 def causal_lm_class(model_type: str) -> str:

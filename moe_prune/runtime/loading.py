@@ -40,7 +40,7 @@ from moe_prune.checkpoint.ragged import (
     MODEL_FILE,
     MODEL_MODULE,
     causal_lm_class,
-    model_code,
+    is_shipped_model_code,
 )
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError, MoePruneWarning
@@ -106,7 +106,7 @@ def _shipped_ragged_class(ckpt: Checkpoint, targets: dict[str, str]) -> type:
     base = spec.get("base_class")
     expected = {AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
     code = ckpt.folder / MODEL_FILE
-    if not code.is_file() or code.read_bytes() != model_code().encode():
+    if not code.is_file() or not is_shipped_model_code(code.read_bytes()):
         raise MoePruneError(f"{code}: is not the {MODEL_FILE} this moe-prune ships; {TRUST_HINT}")
     if targets != expected:
         other = next(((k, v) for k, v in targets.items() if expected.get(k) != v), (AUTO_CLASS, "nothing"))
