@@ -17,12 +17,15 @@ from typing import Any
 import numpy as np
 
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.architectures.mtp import set_mtp_count
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
+from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.checkpoint.surgery import MtpTensors, mtp_records, stage_mtp
 from moe_prune.checkpoint.writer import write_output
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, mean_similarity
@@ -67,6 +70,7 @@ class MergeResult:
     bytes_after: int
     shards: list[str]
     layers: list[LayerReport]
+    mtp: list[str] = field(default_factory=list)  # what became of the multi-token-prediction layers, one line each
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,7 @@ class MergeResult:
                 }
                 for r in self.layers
             ],
+            "mtp": self.mtp,
         }
 
 
@@ -132,8 +137,13 @@ def run(
     force: bool = False,
     stats_name: str = "stats",
     progress: Callable[[int, int], None] | None = None,
+    drop_mtp: bool = False,
 ) -> MergeResult:
-    """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written."""
+    """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
+
+    Multi-token-prediction MoE blocks get the last MoE layer's plan (clusters and weights), or are removed
+    with `drop_mtp`.
+    """
     method_fn = get_method(method)
     if router not in ROUTER_RULES:
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
@@ -147,6 +157,9 @@ def run(
     skip = sorted(set(skip_layers or []))
     counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
     new_config, extra_files = output_config(config, counts)
+    mtp = stage_mtp(ckpt, counts, drop_mtp)
+    if drop_mtp:
+        set_mtp_count(new_config.raw, config.text_key, mtp.layout.family, 0)
 
     rows = {layer: i for i, layer in enumerate(identity.moe_layers)}
     previous = ckpt.manifest
@@ -176,7 +189,8 @@ def run(
         reports.append(_report(layer, ids, clusters, weights, frequency, similarity))
 
     quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
-    tensors = MergePlanner(config.adapter, config.num_experts, plans, quant).plan(ckpt.tensors)
+    inputs = _mtp_inputs(mtp, plans, identity.moe_layers[-1], drop_mtp)  # before the planner reads `plans`
+    tensors = mtp.restore(MergePlanner(config.adapter, config.num_experts, plans, quant).plan(inputs))
     history = [*(previous.history if previous else [])]
     history.append(
         {
@@ -190,7 +204,17 @@ def run(
             "stats": stats_name,
         }
     )
-    manifest = Manifest(slots=slots, history=history, merged=merged)
+    follow = identity.moe_layers[-1]
+    notes = mtp.notes(follow, drop_mtp, "merged alike" if follow in plans else "kept (layer skipped)")
+    if notes:
+        history[-1]["mtp"] = notes
+    manifest = Manifest(
+        slots=slots,
+        history=history,
+        merged=merged,
+        mtp={} if drop_mtp else mtp_records(mtp, follow, slots[follow], merged.get(follow)),
+        mtp_dropped=len(mtp.layers) if drop_mtp else 0,
+    )
     shards, bytes_after = write_output(
         Path(out),
         ckpt.folder,
@@ -213,6 +237,7 @@ def run(
         bytes_after=bytes_after,
         shards=shards,
         layers=reports,
+        mtp=notes,
     )
 
 
@@ -237,3 +262,17 @@ def _report(
     order = [m for c in clusters for m in c.members]
     order += [slot for slot in range(len(ids)) if slot not in set(order)]  # dropped experts (prune) last
     return LayerReport(layer, len(ids), len(clusters), False, rows, similarity, order)
+
+
+def _mtp_inputs(mtp: MtpTensors, plans: dict[int, LayerPlan], follow: int, drop: bool) -> list[TensorInfo]:
+    """The tensors to plan: the decoder's, plus (unless dropped) the MTP layers' under virtual names.
+
+    Each MTP MoE block gets a copy of layer `follow`'s plan, added to `plans` in place (none when that
+    layer is skipped: the block is then copied as it is, like the layer).
+    """
+    if drop:
+        return mtp.decoder
+    if (last := plans.get(follow)) is not None:
+        for virtual in mtp.moe:
+            plans[virtual] = LayerPlan(virtual, last.clusters, last.weights, last.router, last.seed)
+    return mtp.decoder + mtp.virtual + mtp.extras
