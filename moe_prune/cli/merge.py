@@ -72,6 +72,13 @@ def merge(
     seed: Annotated[int, typer.Option(help="Seed of k-means and of --router reinit.")] = 0,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG heatmap of the similarity by cluster.")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    drop_mtp: Annotated[
+        bool,
+        typer.Option(
+            "--drop-mtp",
+            help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
+        ),
+    ] = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -97,6 +104,7 @@ def merge(
             force=force,
             stats_name=str(stats),
             progress=update,
+            drop_mtp=drop_mtp,
         )
     if plot is not None:
         from moe_prune.merging.plot import similarity_heatmaps
@@ -112,6 +120,8 @@ def merge(
         f"{result.router}), top-k {result.top_k}, weights {human_bytes(result.bytes_before)} → "
         f"{human_bytes(result.bytes_after)} in {len(result.shards)} shard(s)"
     )
+    for line in result.mtp:
+        out_console.print(line)
     if plot is not None:
         out_console.print(f"similarity heatmap: {plot}")
 

@@ -35,6 +35,13 @@ def prune(
     mask: Annotated[str, typer.Option("--mask", "-m", help="Drop mask JSON (from `moe-prune score`); - reads stdin.")],
     model: ModelArg = DEFAULT_MODEL,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    drop_mtp: Annotated[
+        bool,
+        typer.Option(
+            "--drop-mtp",
+            help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
+        ),
+    ] = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -52,6 +59,7 @@ def prune(
             force=force,
             mask_name="<stdin>" if mask == "-" else mask,
             progress=update,
+            drop_mtp=drop_mtp,
         )
     for message in result.warnings:
         warn(message)
@@ -71,6 +79,8 @@ def prune(
         f"weights {human_bytes(result.bytes_before)} → {human_bytes(result.bytes_after)} "
         f"in {len(result.shards)} shard(s)"
     )
+    for line in result.mtp:
+        out_console.print(line)
     if result.ragged:
         out_console.print(
             f"different expert counts per layer: load with trust_remote_code=True ({', '.join(result.model_code)})"
