@@ -30,6 +30,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free right now on the loopback interface (for torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """`tiny_factory(model_type)` -> (folder, model in eval mode), saved once per session."""

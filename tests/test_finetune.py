@@ -186,7 +186,7 @@ def test_batches_cover_each_epoch_once_and_processes_take_disjoint_slices():
     assert lr_at(0, 10, 2, 1.0) < lr_at(2, 10, 2, 1.0) == 1.0 > lr_at(9, 10, 2, 1.0) > 0
 
 
-def test_two_process_accelerate_run_writes_a_loadable_checkpoint(tmp_path):
+def test_two_process_accelerate_run_writes_a_loadable_checkpoint(tmp_path, free_port):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ft"
@@ -199,7 +199,7 @@ def test_two_process_accelerate_run_writes_a_loadable_checkpoint(tmp_path):
         "ACCELERATE_USE_CPU": "1",
     }
     command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port)]
     command += ["-m", "moe_prune", "finetune", "--out", str(out), "--tokens", "1024", "--seq-len", "64"]
     command += ["--batch-size", "2", "--eval-tokens", "512", "--lr", "1e-3", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -210,14 +210,6 @@ def test_two_process_accelerate_run_writes_a_loadable_checkpoint(tmp_path):
     assert tensors(out).keys() == tensors(DEMO_MODEL_DIR).keys()
     assert tensors(out) != tensors(DEMO_MODEL_DIR)
     assert model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cli(*args: str) -> object:

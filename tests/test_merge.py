@@ -511,6 +511,23 @@ def _print_table(title: str, full: float, rows: dict[str, dict[int, float]]) -> 
     print(f"\n{title}\n" + "\n".join(lines))
 
 
+def test_uncurl_beats_random_masks_at_half_on_the_demo(demo_stats, demo_perplexity, tmp_path):
+    """The fast check of the table below (first MoE layer kept, 4 of 8 experts): uncurl beats random masks."""
+    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
+    first = ckpt.identity.moe_layers[0]
+    merge.run(DEMO_MODEL_DIR, demo_stats, tmp_path / "uncurl", 4, skip_layers=[first])
+    random_ppl = []
+    for seed in range(5):
+        rng = random.Random(seed)
+        keeps = {
+            layer: list(range(8)) if layer == first else rng.sample(range(8), 4) for layer in ckpt.identity.moe_layers
+        }
+        prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keeps, "random"), tmp_path / f"random{seed}")
+        random_ppl.append(demo_perplexity(tmp_path / f"random{seed}"))
+    assert demo_perplexity(DEMO_MODEL_DIR) < demo_perplexity(tmp_path / "uncurl") < sum(random_ppl) / len(random_ppl)
+
+
+@pytest.mark.slow
 def test_demo_perplexity_table(demo_stats, demo_perplexity, tmp_path):
     """Perplexity after shrinking the demo to 1/2 and 1/4 of its experts: merge methods vs pruning baselines.
 

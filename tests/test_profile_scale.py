@@ -135,13 +135,13 @@ def test_cli_resume_cleans_up(tiny, tmp_path):
 # -- several processes, device map ----------------------------------------------------------------
 
 
-def test_two_processes_equal_one(tiny, tmp_path):
+def test_two_processes_equal_one(tiny, tmp_path, free_port):
     """`accelerate launch` with two CPU processes (gloo): each profiles half, sums all-reduced, rank 0 writes."""
     folder = tiny("mixtral")
     data = tmp_path / "cal.jsonl"
     write_docs(data, 7, seed=16)
     out = tmp_path / "two.npz"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port)}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     profile = ["-m", "moe_prune", "profile", str(folder), "--data", str(data), "--out", str(out)]
     options = ["--seq-len", str(SEQ), "--batch-size", "1", "--gradients"]

@@ -126,7 +126,14 @@ TINY: dict[str, dict[str, Any]] = {
     },
     "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "granitemoeshared": {"num_local_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 24},
-    "gpt_oss": {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 8, "layer_types": None},
+    # A sliding window shorter than the test sequences, so sliding and full attention layers differ.
+    "gpt_oss": {
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "head_dim": 8,
+        "layer_types": None,
+        "sliding_window": 4,
+    },
     "llama4_text": {
         "num_local_experts": 8,
         "num_experts_per_tok": 1,
