@@ -1,4 +1,8 @@
-"""Architecture registry: `get_adapter(model_type)` answers everything family-specific."""
+"""Architecture registry: `get_adapter(model_type)` answers everything family-specific.
+
+A row of the hand-written table wins; any other MoE causal LM of the installed transformers gets
+an adapter derived from its own modules (`derive.py`), cached per model_type.
+"""
 
 from __future__ import annotations
 
@@ -17,23 +21,57 @@ for _row in ROWS:
         raise ValueError(f"architecture {_row.model_type!r} names unknown layer rule {_row.moe_layers!r}")
     ADAPTERS[_row.model_type] = _row
 
+# model_type -> derived adapter, or the one-line reason the derivation failed.
+_DERIVED: dict[str, Adapter | str] = {}
+
 
 def supported_model_types() -> list[str]:
-    """Model types with an adapter, sorted."""
+    """Model types with a table row, sorted (derived ones are found on demand)."""
     return sorted(ADAPTERS)
 
 
-def get_adapter(model_type: str) -> Adapter:
-    """The adapter for `model_type`, or a one-line error that lists what is supported."""
-    try:
+def derived_adapter(model_type: str) -> Adapter | str:
+    """The adapter derived from transformers' modules, or why there is none (cached)."""
+    if model_type not in _DERIVED:
+        from moe_prune.architectures.derive import DerivationError, derive  # imports torch/transformers
+
+        try:
+            _DERIVED[model_type] = derive(model_type).adapter
+        except DerivationError as exc:
+            _DERIVED[model_type] = str(exc)
+    return _DERIVED[model_type]
+
+
+def find_adapter(model_type: str) -> Adapter | None:
+    """The table row, else the derived adapter, else None (no error: callers try nested configs next)."""
+    if model_type in ADAPTERS:
         return ADAPTERS[model_type]
-    except KeyError:
-        close = difflib.get_close_matches(model_type, ADAPTERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MoePruneError(
-            f"unsupported model_type {model_type!r}{hint}; supported: {', '.join(supported_model_types())}. "
-            "Add a row to moe_prune/architectures/table.py to support it."
-        ) from None
+    found = derived_adapter(model_type)
+    return found if isinstance(found, Adapter) else None
 
 
-__all__ = ["ADAPTERS", "LAYER_RULES", "Adapter", "Routing", "get_adapter", "supported_model_types"]
+def get_adapter(model_type: str) -> Adapter:
+    """The adapter for `model_type`, or a one-line error saying what the derivation could not find."""
+    found = find_adapter(model_type)
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(model_type, ADAPTERS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    reason = " ".join(str(_DERIVED.get(model_type, "")).split())
+    raise MoePruneError(
+        f"unsupported model_type {model_type!r}{hint}: deriving it from transformers failed: {reason}; "
+        f"supported: {', '.join(supported_model_types())} and the MoE families derived from transformers. "
+        "Add a row to moe_prune/architectures/table.py to support it."
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "LAYER_RULES",
+    "Adapter",
+    "Routing",
+    "derived_adapter",
+    "find_adapter",
+    "get_adapter",
+    "supported_model_types",
+]

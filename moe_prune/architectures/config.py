@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_prune.architectures import ADAPTERS, Adapter, get_adapter
+from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.artifacts.common import read_json
 from moe_prune.errors import MoePruneError
@@ -65,6 +65,14 @@ class ModelConfig:
             sub = raw.get(key)
             if isinstance(sub, dict) and isinstance(sub.get("model_type"), str) and sub["model_type"] in ADAPTERS:
                 return cls(raw, ADAPTERS[sub["model_type"]], key, source)
+        for key, sub in [(None, raw)] + [(k, raw.get(k)) for k in TEXT_CONFIG_KEYS]:  # no table row: derive
+            derived = (
+                find_adapter(sub["model_type"])
+                if isinstance(sub, dict) and isinstance(sub.get("model_type"), str)
+                else None
+            )
+            if derived is not None:
+                return cls(raw, derived, key, source)
         if not model_type:
             raise MoePruneError(f"{source}: no model_type field; is this a transformers model folder?")
         try:

@@ -77,3 +77,11 @@ def moe_layers_list(config: dict[str, Any], n_layers: int) -> list[int]:
         return sorted(int(i) for i in config["moe_layers"])
     step = int(config.get("interleave_moe_layer_step", 1))
     return list(range(step - 1, n_layers, step))
+
+
+@rule("derived")
+def derived(config: dict[str, Any], n_layers: int) -> list[int]:
+    """Families without a row: the layers that get an experts module when transformers builds the config."""
+    from moe_prune.architectures.derive import moe_layers_of  # builds models: import only when needed
+
+    return moe_layers_of(config)
