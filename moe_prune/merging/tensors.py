@@ -218,9 +218,12 @@ class MergePlanner:
             where = tensors[0].file.parent if tensors else "the checkpoint"
             raise MoePruneError(f"{where}: no router ({self.adapter.router}) in MoE layers {missing}")
         classified = [(info, self.matcher.classify(info.name)) for info in group(tensors, self.quant)]
-        for info, key in classified:
-            if key is not None and key.layer in self.plans and self._is_expert(info, key):
-                self._collect(info, key)
+        experts = [(i, k) for i, k in classified if k is not None and k.layer in self.plans and self._is_expert(i, k)]
+        for info, key in experts:  # dtypes first: a stray scale tensor is explained by its unread weight
+            if not self.plans[key.layer].passthrough:
+                _require_float(info)
+        for info, key in experts:
+            self._collect(info, key)
         out: list[AnyOutput] = []
         for info, key in classified:
             if key is None or key.layer not in self.plans:
@@ -241,8 +244,6 @@ class MergePlanner:
 
     def _collect(self, info: Stored, key: ExpertKey) -> None:
         layer = self.layers[key.layer]
-        if not layer.plan.passthrough:
-            _require_float(info)
         if key.kind == "per_expert":
             assert key.slot is not None
             if key.slot >= self.n_experts:

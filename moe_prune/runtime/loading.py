@@ -183,7 +183,24 @@ def load_model(
         raise MoePruneError(f"{ckpt.folder}: could not load the model ({_short(exc)})") from None
     _check_complete(ckpt.folder, info)
     check_finite(model, ckpt.folder)
+    if quantization:
+        _forget_quantization(model)
     return model.eval()
+
+
+def _forget_quantization(model: Any) -> None:
+    """A model loaded dequantized is a float model: save_pretrained must write floats, not re-quantize.
+
+    transformers keeps the quantizer and its (quantizer-augmented) weight conversions on the model, and
+    its FP8 save path then fails on fused experts; dropping both makes saving use the plain mapping.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "_weight_conversions"):
+        del model._weight_conversions
 
 
 def quantization_kwargs(ckpt: Checkpoint) -> dict[str, Any] | None:
@@ -224,6 +241,7 @@ def _load_dequantized_layerwise(ckpt: Checkpoint, dtype: str, device: str, trust
     if meta:
         raise MoePruneError(f"{ckpt.folder}: checkpoint does not match its config (missing weight {meta[0]})")
     check_finite(model, ckpt.folder)
+    _forget_quantization(model)
     return model.eval()
 
 

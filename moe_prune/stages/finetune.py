@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.output import atomic_folder, check_writable
+from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
@@ -223,6 +224,11 @@ def run(
         warnings.append(
             f"--router-warmup-steps {options.router_warmup_steps} covers the whole run of {plan.steps} steps"
         )
+    if (quant := Quantization.from_config(config.raw)) is not None:
+        warnings.append(
+            f"the input is {quant.method.upper()}-quantized; it is trained dequantized and written dequantized "
+            f"({str(_save_dtype(ckpt)).removeprefix('torch.')}, no quantization_config): re-quantize it to ship it"
+        )
 
     before = None
     if eval_chunks is not None:
@@ -350,7 +356,8 @@ def _write(
         except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
             raise MoePruneError(f"{out}: cannot write ({str(exc).splitlines()[0]})") from exc
         copy_side_files(ckpt.folder, tmp)
-        (tmp / "config.json").write_text(json.dumps(new_config.raw, indent=2, sort_keys=True) + "\n")
+        raw = {k: v for k, v in new_config.raw.items() if k != "quantization_config"}  # written dequantized
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         manifest.write(tmp)
     accelerator.wait_for_everyone()
 
