@@ -153,6 +153,58 @@ def test_merging_permuted_copies_keeps_the_logits(model_type, tiny_factory, tmp_
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
 
+def _assert_functional_copies(model, config) -> None:
+    """Every expert computes what expert 0 computes, run by the model's own experts module.
+
+    This checks the table's layout facts independently: copies made with a wrong intermediate axis or a
+    wrong gate/up split are not the same function.
+    """
+    adapter, n = config.adapter, config.num_experts
+    layer = config.moe_layers[0]
+    experts = model.get_submodule(f"{adapter.runtime_layers}.{layer}.{adapter.runtime_experts}")
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else None
+    x = torch.randn(
+        5, hidden or model.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        if adapter.selection_from == "experts_args":
+            ones = torch.ones(x.shape[0], 1)
+            outs = [experts(x, torch.full((x.shape[0], 1), e), ones) for e in range(n)]
+        else:  # llama4: every expert runs on its own copy of the tokens, [E * T, H] in and out
+            outs = list(experts(x.repeat(n, 1)).reshape(n, x.shape[0], -1))
+    for e, out in enumerate(outs[1:], start=1):
+        assert torch.allclose(out, outs[0], atol=1e-5), f"expert {e} is not a copy of expert 0"
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_merging_permuted_copies_equals_pruning_to_the_anchors(model_type, tiny_factory, tmp_path):
+    """Every family: merged permuted copies (anchor router rows) are the model pruned to the cluster anchors.
+
+    Each merged expert is the average of copies aligned back onto its anchor, i.e. the anchor itself, so the
+    logits equal those of a plain prune keeping the anchors, whatever the family's routing rule. A wrong
+    layout fact (an intermediate axis, gate/up interleaving, llama4's transposed fusing) breaks the alignment.
+    """
+    _, tiny = tiny_factory(model_type)
+    model = copy.deepcopy(tiny)
+    config = Checkpoint.open(tiny_factory(model_type)[0]).config
+    _copies_of_one_expert(model, config.adapter, config.num_experts, seed=2)
+    _assert_functional_copies(model, config)
+    folder = tmp_path / "copies"
+    model.save_pretrained(folder)
+    ckpt = Checkpoint.open(folder)
+    keep = 2 * config.n_group
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "merged", keep, router="anchor")
+    anchors = Manifest.read(tmp_path / "merged").slots
+    prune.run(
+        folder, DropMask.create(ckpt.identity, {k: list(v) for k, v in anchors.items()}, "anchors"), tmp_path / "p"
+    )
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
 # --- clustering ---------------------------------------------------------------------------------------------------
 
 
