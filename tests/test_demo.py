@@ -16,7 +16,6 @@ from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
 from moe_prune.runtime.loading import load_model, load_tokenizer
 from moe_prune.stages import evaluate, prune
-from moe_prune.stages.evaluate import nll_sum
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -34,13 +33,18 @@ def demo_eval():
 
 def test_demo_loads_and_matches_readme(demo_eval):
     assert demo_eval.model.model_type == "mixtral" and demo_eval.model.experts_per_layer == 8
-    assert demo_eval.model.perplexity <= stated_perplexity() * 1.001
+    assert round(demo_eval.model.perplexity, 3) == stated_perplexity(), "README and the demo model disagree"
     assert demo_eval.model.tokens_scored > 20_000
 
 
 def _perplexity(model, chunks) -> float:
-    total, count = nll_sum(model, chunks, 16, lambda done: None)
-    return float(torch.exp(torch.tensor(total / count)))
+    """Independent of moe-prune's NLL loop: transformers' own shifted loss per chunk, weighted by its targets."""
+    total = 0.0
+    with torch.no_grad():
+        for chunk in chunks:
+            ids = chunk[None]
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+    return float(torch.exp(torch.tensor(total / (len(chunks) * (chunks.shape[1] - 1)))))
 
 
 def test_dropping_half_the_experts_of_one_layer_hurts(demo_eval):
@@ -53,7 +57,7 @@ def test_dropping_half_the_experts_of_one_layer_hurts(demo_eval):
     dropped = sorted(random.Random(0).sample(range(8), 4))
     with MaskRouterLogits({id(router_weight(router, 8)): dropped}):
         masked = _perplexity(model, chunks)
-    assert masked > intact * 1.005, (intact, masked)
+    assert masked > intact * 1.02, (intact, masked)  # about +5% on the shipped demo
 
 
 def test_pruning_half_of_every_layer_hurts_more(demo_eval, tmp_path):
