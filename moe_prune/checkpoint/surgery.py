@@ -217,6 +217,12 @@ class MtpTensors:
                 return disk + name[len(virtual) :]
         return name
 
+    def disk_name_in(self, text: str) -> str:
+        """`text` (a message) with every virtual MTP tensor name replaced by its on-disk name."""
+        for virtual, disk in self._renames.items():
+            text = text.replace(virtual, disk)
+        return text
+
     def restore(self, outputs: list[Named]) -> list[Named]:
         """Outputs planned under virtual names, renamed to the MTP layers' on-disk keys."""
         return [replace(t, name=self.disk_name(t.name)) for t in outputs]

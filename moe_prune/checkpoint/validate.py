@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.architectures.mtp import DECODER_NUMBERING, mtp_layout
 from moe_prune.checkpoint.safetensors_io import TensorInfo
-from moe_prune.checkpoint.surgery import KeyMatcher
+from moe_prune.checkpoint.surgery import KeyMatcher, MtpTensors
 from moe_prune.errors import MoePruneError
 
 INDEX_NAME = "model.safetensors.index.json"  # as in checkpoint.source, which imports this module
@@ -64,6 +65,7 @@ def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path
     for layer, n_experts in counts.items():
         _check_moe_layer(config, layer, n_experts, layers.get(layer, _MoeLayer()), where)
     _check_same_kinds(config, layers, where)
+    _check_mtp(config, tensors, where)
 
 
 def _where(ckpt: Checkpoint) -> Path:
@@ -104,8 +106,9 @@ def _check_layers(config: ModelConfig, tensors: list[TensorInfo], where: Path) -
     # The decoder's layers; a vision tower under another wrapper has its own numbering.
     present = set().union(*(by_wrapper[w] for w in router_wrappers or by_wrapper))
     expected = config.num_layers
-    extra = config.get("num_nextn_predict_layers")
-    allowed = expected + (extra if isinstance(extra, int) and extra > 0 else 0)
+    layout = mtp_layout(config.adapter, config.text, expected)
+    numbered_on = layout.family.layer_prefix == DECODER_NUMBERING  # MTP layers numbered after the decoder's
+    allowed = expected + ((layout.declared or 0) if numbered_on else 0)
     key = config.adapter.layer_count_key
     if missing := sorted(set(range(expected)) - present):
         raise MoePruneError(
@@ -240,3 +243,29 @@ def _check_same_kinds(config: ModelConfig, layers: dict[int, _MoeLayer], where: 
         if missing := sorted(union - weights(layer)):
             name = missing[0].replace("{L}", str(layer)).replace("{E}", "*")
             raise MoePruneError(f"{where}: MoE layer {layer} lacks {name}, which the other MoE layers hold")
+
+
+def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
+    """Multi-token-prediction layers: no more than the config declares, and each MoE block holding the
+    config's expert count (vLLM and SGLang size it from that one field) with every expert's tensors.
+
+    They are checked as the virtual decoder layer `num_hidden_layers + i`, never as one of the decoder's
+    MoE layers; messages name their on-disk keys.
+    """
+    layout = mtp_layout(config.adapter, config.text, config.num_layers)
+    split = MtpTensors.split(tensors, layout)
+    declared = layout.declared
+    if declared is not None and (beyond := sorted(i for i in split.layers if i >= declared)):
+        prefix = split.layers[beyond[0]].prefix
+        raise MoePruneError(
+            f"{config.source}: {layout.family.count_key} is {declared}, but {where} holds weights for "
+            f"multi-token-prediction layer {beyond[0]} ({prefix}*)"
+        )
+    found = _moe_tensors(config, split.virtual)
+    for virtual in split.moe:
+        try:
+            _check_moe_layer(config, virtual, config.num_experts, found[virtual], where)
+        except MoePruneError as exc:
+            layer = next(m for m in split.layers.values() if m.layer == virtual)
+            message = str(exc).replace(f"MoE layer {virtual}", f"multi-token-prediction layer {layer.prefix}")
+            raise MoePruneError(split.disk_name_in(message)) from None
