@@ -31,6 +31,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
 from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, memory_bytes, parse_dtype
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
+from moe_prune.training.losses import token_cross_entropy
 
 # progress(label, batches_done, batches_total): called before the first batch and after each one.
 ProgressFn = Callable[[str, int, int], None]
@@ -179,17 +180,14 @@ def nll_sum(
     total, count = 0.0, 0
     for done, start in enumerate(range(0, len(chunks), batch_size), 1):
         batch = chunks[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        targets = batch[:, 1:].reshape(-1)
-        predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
-        loss = float(torch.nn.functional.cross_entropy(predicted, targets, reduction="sum"))
+        loss = float(token_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch, "sum"))
         if not math.isfinite(loss):
             raise MoePruneError(
                 f"{source}: the model produces non-finite logits (NaN or Inf) on the evaluation data, so its "
                 "perplexity is undefined (NaN/Inf in its weights, or overflow in this dtype)"
             )
         total += loss
-        count += targets.numel()
+        count += batch[:, 1:].numel()
         on_batch(done)
     return total, count
 

@@ -39,6 +39,7 @@ from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.training.losses import token_cross_entropy
 
 # progress(tokens_done, tokens_total): called before the first batch and after each one.
 ProgressFn = Callable[[int, int], None]
@@ -275,11 +276,8 @@ def _collect(
             batch = windows[rows].to(device)
             recorder.set_input_ids(batch)
             if settings.gradients:
-                logits = model(input_ids=batch, use_cache=False).logits
-                targets = batch[:, 1:].reshape(-1)
-                predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
-                torch.nn.functional.cross_entropy(predicted, targets, reduction="sum").backward()
-                predictions += targets.numel()
+                token_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch, "sum").backward()
+                predictions += batch[:, 1:].numel()
             else:
                 with torch.inference_mode():
                     model(input_ids=batch, use_cache=False)

@@ -17,11 +17,12 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import router_logits
 
 
-def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of a [B, T] batch: position t predicts token t + 1."""
+def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token NLL of a [B, T] batch (position t predicts token t + 1), in float32: the one definition
+    that eval, profile --gradients, finetune and its held-out measure all use; `reduction` "mean" or "sum"."""
     targets = ids[:, 1:].reshape(-1)
     predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
-    return torch.nn.functional.cross_entropy(predicted, targets)
+    return torch.nn.functional.cross_entropy(predicted, targets, reduction=reduction)
 
 
 def routing_entropy(logits: torch.Tensor, score: str) -> torch.Tensor:
