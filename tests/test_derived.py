@@ -18,7 +18,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from test_adapters import _compare, random_keep
-from tiny_models import COMMON, DBRX, TINY
+from tiny_models import COMMON, DBRX, TINY, build_tiny
 
 from moe_prune.architectures import ADAPTERS, LAYER_RULES, get_adapter
 from moe_prune.architectures.derive import DerivationError, derive, shrink_config, text_model_type
@@ -33,7 +33,20 @@ from moe_prune.stages import prune
 DERIVED_TINY: dict[str, dict] = {}
 
 # Model types of the installed transformers that are MoE causal LMs but that moe-prune does not support.
-UNSUPPORTED: dict[str, str] = {}
+UNSUPPORTED: dict[str, str] = {
+    "bailing_hybrid": "selection bias (expert_bias) lives under another name in memory than on disk; not verified",
+    "dots3_note_text": "the generic shrinker leaves it too large to number every value (>16M); needs an override",
+    "gemma4_text": "no *Experts module with fused 3-D parameters next to an [E, H] router (different MoE layout)",
+    "granitemoehybrid": "table row; the generic shrinker fails its Mamba validation, so this test cannot build it",
+    "inkling_text": "router weight is not an [E, H] matrix next to the experts; needs a table row",
+    "jetmoe": "attention experts share the expert count (mixture of attention heads); needs a table row",
+    "kimi_linear": "tiny forward fails on its linear-attention cache; prune not verified",
+    "kolibri1": "selection bias lives under another name in memory than on disk; not verified",
+    "longcat_flash": "'zero experts' (identity router slots) and no fused *Experts module found; needs a table row",
+    "nemotron_h": "the generic tiny config does not build its Mamba mixer; needs a shrink override",
+    "qwen4_exp_text": "the generic shrinker leaves head sizes unset (None); needs a shrink override",
+    "zaya": "router is not an [E, H] matrix next to the experts (router MLP); needs a table row",
+}
 
 
 def tiny_overrides(model_type: str) -> dict:
@@ -61,7 +74,7 @@ def moe_causal_lms() -> tuple[str, ...]:
     return tuple(found)
 
 
-def tested_type(model_type: str) -> str:
+def _text_type(model_type: str) -> str:
     """Wrappers (multimodal, with a text_config) are tested through their text model type."""
     try:
         return text_model_type(model_type)
@@ -175,7 +188,8 @@ def _build(model_type: str, folder: Path, overrides: dict):
 
 def _prune_and_compare(model_type: str, tmp_path: Path, overrides: dict) -> None:
     folder = tmp_path / "model"
-    original = _build(model_type, folder, overrides)
+    # Table families: the same tiny model tests/test_adapters.py checks.
+    original = build_tiny(model_type, folder) if model_type in TINY else _build(model_type, folder, overrides)
     ckpt = Checkpoint.open(folder)
     n = ckpt.config.num_experts
     for n_drop in sorted({ckpt.config.n_group, n // 2}):
@@ -209,13 +223,13 @@ def test_every_moe_type_passes_or_is_listed():
     types = moe_causal_lms()
     assert len(types) >= 50, types
     for model_type in types:
-        target = tested_type(model_type)
+        target = _text_type(model_type)
         assert target in ADAPTERS or target in types or model_type in UNSUPPORTED, model_type
-    assert set(UNSUPPORTED) <= set(types) | {tested_type(t) for t in types}
+    assert set(UNSUPPORTED) <= set(types) | {_text_type(t) for t in types}
 
 
 def _params():
-    for model_type in sorted({tested_type(t) for t in moe_causal_lms()}):
+    for model_type in sorted({_text_type(t) for t in moe_causal_lms()}):
         reason = UNSUPPORTED.get(model_type)
         yield pytest.param(model_type, marks=pytest.mark.xfail(reason=reason, strict=True)) if reason else model_type
 

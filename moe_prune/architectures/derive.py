@@ -563,9 +563,11 @@ def _logits_index(output: Any, logits: torch.Tensor) -> int | str | None:
     flat = logits.reshape(-1, logits.shape[-1])
     items = [output] if isinstance(output, torch.Tensor) else list(output)
     for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor) and item.shape[-1] == flat.shape[-1] and item.numel() == flat.numel():
-            if torch.allclose(item.reshape(flat.shape).double(), flat.double(), atol=1e-5):
-                return None if isinstance(output, torch.Tensor) else i
+        same_shape = (
+            isinstance(item, torch.Tensor) and item.shape[-1] == flat.shape[-1] and item.numel() == flat.numel()
+        )
+        if same_shape and torch.allclose(item.reshape(flat.shape).double(), flat.double(), atol=1e-5):
+            return None if isinstance(output, torch.Tensor) else i
     return "none"
 
 
@@ -625,6 +627,11 @@ def _scores_selection(output: Any, position: int | None) -> tuple[torch.Tensor, 
 
 def _buffer(layer: torch.nn.Module, path: str) -> torch.Tensor:
     named = dict(layer.named_buffers()) | dict(layer.named_parameters())
+    if path not in named:  # saved under another name than in memory: the one [E] bias with the same last name
+        last = path.rsplit(".", 1)[-1]
+        path = next((n for n in named if n.rsplit(".", 1)[-1] == last), None)
+        if path is None:
+            raise DerivationError(f"selection bias {last!r} not found in memory")
     return named[path].detach()
 
 
@@ -705,8 +712,12 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         raise DerivationError(f"cannot map saved keys ({type(exc).__name__}: {_first_line(exc)})") from None
     grouped = "n_group" in config.to_dict()
     selection_memory = dict(disk.memory_keys).get("selection_bias", disk.selection_bias)
-    rule, position, selection = routing(config, structure, selection_memory, grouped)
-    notes = () if rule is not None else ("routing rule not recognised; statistics assume softmax",)
+    try:
+        rule, position, selection = routing(config, structure, selection_memory, grouped)
+        notes = () if rule is not None else ("routing rule not recognised; statistics assume softmax",)
+    except Exception as exc:
+        rule, position, selection = None, 0, "experts_args"
+        notes = (f"routing not read ({type(exc).__name__}: {_first_line(exc)})",)
     experts_module = model.get_submodule(f"{structure.layers}.{structure.moe_layers[0]}.{structure.experts}")
     adapter = Adapter(
         model_type=model_type,
