@@ -43,10 +43,10 @@ def describe(model_type: str, unsupported: dict[str, str]) -> tuple[str, str]:
         text = model_type
     if text != model_type:
         return "wrapper", f"its `text_config` ({text}) is what moe-prune edits"
-    if model_type in unsupported:
-        return "unsupported", unsupported[model_type]
     if model_type in ADAPTERS:
         return "table", _summary(ADAPTERS[model_type])
+    if model_type in unsupported:
+        return "unsupported", unsupported[model_type]
     found = derived_adapter(model_type)
     if isinstance(found, str):
         return "unsupported", found
