@@ -43,8 +43,9 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_prune.demo.corpus import DOMAINS, Document, generate_corpus  # noqa: E402
+from demo_corpus import DOMAINS, Document, generate_corpus  # noqa: E402
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 

@@ -49,3 +49,22 @@ def test_machine_errors_name_the_path(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["prune", "demo", "--mask", "m.json", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: {tmp_path / 'm.json'}: Permission denied"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "someorg/somemodel"],
+        ["profile", "someorg/somemodel", "--out", "{tmp}/s.npz"],
+        ["score", "--model", "someorg/somemodel", "--criterion", "weight-norm", "--drop", "1"],
+        ["eval", "demo", "--data", "someorg/somedataset"],
+    ],
+)
+def test_hub_ids_without_network_are_one_line(argv, tmp_path):
+    """Tests run with HF_HUB_OFFLINE=1 (conftest): a hub id is one line naming it, no retries, no traceback."""
+    (tmp_path / "m.json").write_text("{}")
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in argv])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert "someorg/some" in lines[0] and "offline" in lines[0]
+    assert not list(tmp_path.glob("[so]*")), "nothing written"

@@ -14,12 +14,14 @@ from functools import cached_property
 from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.artifacts.common import describe
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
 from moe_prune.checkpoint.validate import validate_checkpoint
 from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.hub import offline, quiet_hub_logs
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,14 +45,19 @@ def resolve_model(model: str | Path) -> Path:
         raise MoePruneError(f"{text}: not a model folder")
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise MoePruneError(f"{text}: model folder not found")
+    if offline():
+        raise MoePruneError(
+            f"{text}: not a local folder, and the hub cannot be reached in offline mode (HF_HUB_OFFLINE)"
+        )
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # hub errors have many types; all mean the same to the user
+        with quiet_hub_logs():
+            return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # hub errors have many types; all mean the same to the user (--debug shows the cause)
         raise MoePruneError(
-            f"{text}: not a local folder and could not be fetched from the hub ({type(exc).__name__})"
-        ) from None
+            f"{text}: not a local folder and could not be fetched from the hub ({describe(exc)})"
+        ) from exc
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Tiny trained Mixtral-style demo MoE shipped with moe-prune, plus its data.
 
 Lets users and tests try pruning/merging offline: a 4-layer, 8-expert, top-2
-model trained on a synthetic six-domain corpus (see :mod:`moe_prune.demo.corpus`),
+model trained on a synthetic six-domain corpus (see `scripts/demo_corpus.py`),
 rebuilt reproducibly by ``scripts/build_demo.py``.
 """
 

@@ -7,7 +7,6 @@ both drop = |A ∩ B|, disagree = |A △ B|, both keep = E - |A ∪ B|, Jaccard 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +100,3 @@ def plot(dropped: dict[str, Dropped], experts: dict[int, list[int]], path: Path)
         raise MoePruneError(f"{path}: cannot write the plot ({exc.strerror})") from None
     finally:
         plt.close(fig)
-
-
-def mean_jaccard(rows: list[LayerAgreement], first: str, second: str) -> float:
-    """Mean over layers of one pair's Jaccard index (nan when the pair was not compared)."""
-    values = [r.jaccard for r in rows if (r.first, r.second) == (first, second)]
-    return sum(values) / len(values) if values else math.nan

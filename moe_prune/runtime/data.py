@@ -15,15 +15,12 @@ Anything else that is not an existing path is tried as a hub dataset id (`org/na
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import itertools
 import json
-import logging
-import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +28,12 @@ import torch
 
 from moe_prune.artifacts.common import describe
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.hub import HUB_TIMEOUT_S, offline, quiet_hub_logs
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".csv")
 # A streamed hub dataset has no end we want to reach; stop after this many characters unless told otherwise.
 HUB_DEFAULT_MAX_CHARS = 8_000_000
-HUB_TIMEOUT_S = 10
-HUB_LOGGERS = ("datasets", "huggingface_hub", "urllib3", "httpx", "httpx2", "fsspec", "filelock")
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
@@ -167,7 +163,7 @@ def _read_hub(source: str, text_field: str, split: str, max_chars: int) -> list[
     `datasets` would retry for half a minute and log every retry.
     """
     name, _, config = source.partition(":")
-    with _quiet_hub_logs():
+    with quiet_hub_logs():
         _probe_hub(source, name)
         try:
             from datasets import load_dataset
@@ -187,10 +183,9 @@ def _read_hub(source: str, text_field: str, split: str, max_chars: int) -> list[
 def _probe_hub(source: str, name: str) -> None:
     """One quick request: a clear line when offline, unreachable or unknown, instead of retries."""
     from huggingface_hub import HfApi
-    from huggingface_hub.constants import is_offline_mode
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    if is_offline_mode() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if offline():
         raise MoePruneError(
             f"{source}: not a local file, and hub datasets cannot be reached in offline mode "
             "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
@@ -203,20 +198,6 @@ def _probe_hub(source: str, name: str) -> None:
         raise MoePruneError(
             f"{source}: not a local file, and the hub dataset could not be reached ({describe(exc)})"
         ) from exc
-
-
-@contextlib.contextmanager
-def _quiet_hub_logs() -> Iterator[None]:
-    """Silence the retry and progress chatter of the hub libraries while a dataset is fetched."""
-    loggers = [logging.getLogger(name) for name in HUB_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None, batch: int = 256) -> torch.Tensor:
