@@ -235,7 +235,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_lost(tmp_path):
         finetune.run(DEMO_MODEL_DIR, DATA, out, options, interrupt)
     saved = {p: p.read_bytes() for p in work_folder(out).rglob("*") if p.is_file()}
     result = _cli("--out", str(out), "--tokens", "1024", "--lr", "2e-3", "--save-every", "1", "--resume", *small)
-    assert result.exit_code == 1 and "another run (options.lr was 0.001, now 0.002)" in result.output
+    assert result.exit_code == 1 and "another run (options.lr (0.001 there, 0.002 now))" in result.output
     result = _cli("--out", str(out), "--tokens", "1024", "--lr", "1e-3", *small)
     assert result.exit_code == 1 and "pass --resume" in result.output
     assert {p: p.read_bytes() for p in work_folder(out).rglob("*") if p.is_file()} == saved and not out.exists()

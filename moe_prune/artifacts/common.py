@@ -124,3 +124,14 @@ def require_type(value: Any, kind: type, name: str, where: str) -> Any:
 
 def dump_json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    """Dotted path of the first field that differs, with both values (None when equal): fingerprints of runs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{path} ({saved!r} there, {current!r} now)"

@@ -156,14 +156,3 @@ class Recipe:
         if not isinstance(inputs, dict) or not isinstance(schedule, dict):
             raise MoePruneError(f"{name}: malformed recipe (needs 'inputs' and 'schedule' objects)")
         return cls(params, inputs, schedule, str(obj.get("tool_version")))
-
-
-def first_difference(saved: Any, current: Any, path: str = "") -> str | None:
-    """Dotted path of the first field that differs, with both values (None when equal)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current)):
-            found = first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    return None if saved == current else f"{path} ({saved!r} there, {current!r} now)"

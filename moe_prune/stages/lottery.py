@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.common import check_header, dump_json, first_difference, read_json
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.output import atomic_file
@@ -39,7 +39,6 @@ from moe_prune.lottery.recipe import (
     LotteryParams,
     Recipe,
     data_fingerprint,
-    first_difference,
     local_path,
     model_fingerprint,
 )

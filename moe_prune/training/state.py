@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_prune.artifacts.common import check_header, describe, dump_json, read_json, require_int, require_type
+from moe_prune.artifacts.common import (
+    check_header,
+    describe,
+    dump_json,
+    first_difference,
+    read_json,
+    require_int,
+    require_type,
+)
 from moe_prune.errors import MoePruneError
 
 RUN_SCHEMA = "moe-prune/finetune-run"
@@ -28,23 +36,6 @@ STATE_SUFFIXES = (".safetensors", ".bin", ".pkl", ".pt")
 def work_folder(out: Path) -> Path:
     """Where the resumable state of a run writing `out` lives."""
     return out.parent / f".{out.name}.resume"
-
-
-def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
-    """Dotted path of the first field that differs (None when equal)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current)):
-            found = _first_difference(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    return None if saved == current else path
-
-
-def _lookup(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = obj.get(part) if isinstance(obj, dict) else None
-    return obj
 
 
 @dataclass
@@ -80,11 +71,11 @@ class WorkFolder:
         if not self.exists():
             raise MoePruneError(f"{self.path}: no interrupted run to resume (nothing was saved; see --save-every)")
         saved, step = self.read()
-        field = _first_difference(saved, fingerprint)
-        if field is not None:
+        diff = first_difference(saved, fingerprint)
+        if diff is not None:
             raise MoePruneError(
-                f"{self.path}: was saved by another run ({field} was {_lookup(saved, field)!r}, "
-                f"now {_lookup(fingerprint, field)!r}); rerun it with the same settings, or start over with --force"
+                f"{self.path}: was saved by another run ({diff}); rerun it with the same settings, "
+                "or start over with --force"
             )
         self.check_state(step)
         return step
