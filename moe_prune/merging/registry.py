@@ -5,38 +5,17 @@ Add a method by decorating one function with `@merge_method("name")`; the CLI li
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import numpy as np
 
-from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, clusters_from_labels, spectral_labels
+from moe_prune.registry import Registry
 
 MergeMethod = Callable[[np.ndarray, np.ndarray, int, int], list[Cluster]]
-METHODS: dict[str, MergeMethod] = {}
-
-
-def merge_method(name: str) -> Callable[[MergeMethod], MergeMethod]:
-    """Register a merge method under `name`."""
-
-    def register(fn: MergeMethod) -> MergeMethod:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = fn
-        return fn
-
-    return register
-
-
-def get_method(name: str) -> MergeMethod:
-    """The method called `name`, or a one-line error with a suggestion and the list."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MoePruneError(f"unknown merge method {name!r}{hint}; available: {', '.join(sorted(METHODS))}") from None
+METHODS: Registry[MergeMethod] = Registry("merge method")
+merge_method = METHODS.decorator  # `@merge_method("name")` registers a method
+get_method = METHODS.get_or_fail  # the method called `name`, or one line with a suggestion and the list
 
 
 def most_used(frequency: np.ndarray, count: int) -> list[int]:

@@ -8,14 +8,13 @@ A criterion turns its inputs (statistics and/or checkpoint weights) into scores:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from moe_prune.errors import MoePruneError
+from moe_prune.registry import Registry
 
 if TYPE_CHECKING:
     from moe_prune.artifacts.identity import ModelIdentity
@@ -74,16 +73,14 @@ class Criterion:
         return ", ".join(parts) or "-"
 
 
-CRITERIA: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
 def criterion(name: str, description: str, **fields: Any) -> Callable[[Callable[[Inputs], Any]], Callable]:
     """Register `fn` under `name`; the decorated function's docstring holds the formula."""
 
     def register(fn: Callable[[Inputs], Any]) -> Callable[[Inputs], Any]:
-        if name in CRITERIA:
-            raise ValueError(f"criterion {name!r} registered twice")
-        CRITERIA[name] = Criterion(name, fn, description, **fields)
+        CRITERIA.add(name, Criterion(name, fn, description, **fields))
         return fn
 
     return register
@@ -92,11 +89,7 @@ def criterion(name: str, description: str, **fields: Any) -> Callable[[Callable[
 def get_criterion(name: str) -> Criterion:
     """The named criterion, or a one-line error with a suggestion and the list."""
     _load()
-    if name in CRITERIA:
-        return CRITERIA[name]
-    close = difflib.get_close_matches(name, CRITERIA, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise MoePruneError(f"unknown criterion {name!r}{hint}; available: {', '.join(sorted(CRITERIA))}")
+    return CRITERIA.get_or_fail(name)
 
 
 def all_criteria() -> list[Criterion]:
