@@ -132,7 +132,7 @@ TINY: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2,
         "head_dim": 8,
         "layer_types": None,
-        "sliding_window": 4,
+        "sliding_window": 8,
     },
     "llama4_text": {
         "num_local_experts": 8,
