@@ -376,9 +376,14 @@ def test_pruned_quantized_checkpoint_runs_as_pruned_copy(family, quantized, tmp_
     for source, name in ((folder, "q"), (plain, "f")):
         identity = Checkpoint.open(source).identity
         keep = {layer: (0, 2, 3, 5, 6, 7) for layer in identity.moe_layers}
-        prune.run(source, DropMask(identity, keep), tmp_path / name)
+        prune.run(source, DropMask(identity, keep), tmp_path / name, max_shard_size="40KB")  # weights, scales apart
         outputs.append(tmp_path / name)
-    assert Checkpoint.open(outputs[0]).config.raw["quantization_config"]
+    pruned = Checkpoint.open(outputs[0])
+    assert pruned.config.raw["quantization_config"] and len(pruned.shard_files) > 1
+    _, got_scores = score(None, outputs[0], "weight-norm", budget=Budget(drop=2))
+    _, want_scores = score(None, outputs[1], "weight-norm", budget=Budget(drop=2))
+    for layer, values in want_scores.scores.items():
+        np.testing.assert_allclose(got_scores.scores[layer], values, rtol=1e-5)
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         got, want = load_model(outputs[0])(ids).logits, load_model(outputs[1])(ids).logits
@@ -403,6 +408,20 @@ def test_finetune_writes_dequantized_checkpoint(quantized, calibration, tmp_path
     assert "quantization_config" not in config
     assert all(v.dtype != torch.float8_e4m3fn for v in _tensors(tmp_path / "ft").values())
     load_model(tmp_path / "ft")
+
+
+def test_fp8_scales_moe_prune_cannot_read_are_refused(quantized, tmp_path):
+    """ue8m0 scales stored as bytes are not multiplied in as if they were float scales."""
+    folder, _ = quantized("qwen3_moe")
+    copy = tmp_path / "m"
+    shutil.copytree(folder, copy)
+    state = {
+        k: (v.log2().round() + 127).to(torch.uint8) if k.endswith("_scale_inv") else v
+        for k, v in _tensors(copy).items()
+    }
+    save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoePruneError, match="FP8 scales of dtype U8"):
+        score(None, copy, "weight-norm", budget=Budget(drop=1))
 
 
 def test_fp8_without_quantization_config_is_still_refused(quantized, tmp_path):

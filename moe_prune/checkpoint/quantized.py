@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,7 +89,7 @@ class Stored:
     block: tuple[int, int] | None = None
 
     @property
-    def file(self):
+    def file(self) -> Path:
         return self.data.file
 
     @property
@@ -145,10 +146,6 @@ def group(tensors: Iterable[TensorInfo], quant: Quantization | None) -> list[Sto
     return [s for s in out if s.name not in companions]
 
 
-def _read_raw(info: TensorInfo) -> torch.Tensor:
-    return read_tensor(info)
-
-
 def read_float(stored: Stored) -> torch.Tensor:
     """The logical tensor as float32 (dequantized when stored quantized); refuses other non-float dtypes."""
     if stored.method is None:
@@ -159,17 +156,12 @@ def read_float(stored: Stored) -> torch.Tensor:
             )
         return read_tensor(stored.data).to(torch.float32)
     assert stored.scale is not None
-    data, scale = _read_raw(stored.data), _read_raw(stored.scale)
-    try:
-        if stored.method == FP8:
-            return dequantize_fp8(data, scale, stored.block)
-        return dequantize_mxfp4(data, scale)
-    except ValueError as exc:
-        raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from None
-
-
-def dequantize(stored: Stored, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """In-memory quantized tensors (read by the caller, e.g. with safe_open) as float32."""
+    if stored.method == FP8 and stored.scale.dtype not in FP8_SCALE_DTYPES:
+        raise MoePruneError(
+            f"{stored.file}: {stored.name} has FP8 scales of dtype {stored.scale.dtype} (e.g. ue8m0); moe-prune reads "
+            f"float scales ({', '.join(FP8_SCALE_DTYPES)})"
+        )
+    data, scale = read_tensor(stored.data), read_tensor(stored.scale)
     try:
         if stored.method == FP8:
             return dequantize_fp8(data, scale, stored.block)
@@ -284,7 +276,6 @@ __all__ = [
     "Quantization",
     "Stored",
     "check_requantizable",
-    "dequantize",
     "fp8_tiles_exactly",
     "group",
     "quantize",
