@@ -10,7 +10,7 @@ import difflib
 
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.architectures.spec import Adapter, Routing
-from moe_prune.architectures.table import ROWS
+from moe_prune.architectures.table import REFUSED, ROWS
 from moe_prune.errors import MoePruneError
 
 ADAPTERS: dict[str, Adapter] = {}
@@ -32,13 +32,15 @@ def supported_model_types() -> list[str]:
 
 def derived_adapter(model_type: str) -> Adapter | str:
     """The adapter derived from transformers' modules, or why there is none (cached)."""
+    if model_type in REFUSED:
+        return REFUSED[model_type]
     if model_type not in _DERIVED:
-        from moe_prune.architectures.derive import DerivationError, derive  # imports torch/transformers
+        from moe_prune.architectures.derive import derive  # imports torch/transformers
 
         try:
             _DERIVED[model_type] = derive(model_type).adapter
-        except DerivationError as exc:
-            _DERIVED[model_type] = str(exc)
+        except Exception as exc:  # DerivationError, or a config class that cannot even be built: not supported
+            _DERIVED[model_type] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return _DERIVED[model_type]
 
 
@@ -57,7 +59,7 @@ def get_adapter(model_type: str) -> Adapter:
         return found
     close = difflib.get_close_matches(model_type, ADAPTERS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    reason = " ".join(str(_DERIVED.get(model_type, "")).split())
+    reason = " ".join(str(REFUSED.get(model_type) or _DERIVED.get(model_type, "")).split())
     raise MoePruneError(
         f"unsupported model_type {model_type!r}{hint}: deriving it from transformers failed: {reason}; "
         f"supported: {', '.join(supported_model_types())} and the MoE families derived from transformers. "

@@ -91,6 +91,24 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
     return Adapter(**{**fields, **overrides})
 
 
+# MoE families of transformers that moe-prune refuses (the derivation fails or was not verified by the tests
+# on a tiny model), each with the one-line reason the user sees. A table row above supersedes an entry.
+REFUSED: dict[str, str] = {
+    "deepseek_v4": "its first layers route by a frozen token-id -> expert table (hash_moe), which dropping or "
+    "merging experts would leave pointing at experts that are gone",
+    "bailing_hybrid": "its selection bias (expert_bias) is named differently in memory and on disk; not verified",
+    "kolibri1": "its selection bias is named differently in memory and on disk; not verified",
+    "dots3_note_text": "no tiny model of it could be built to verify the derived adapter",
+    "gemma4_text": "no *Experts module with fused 3-D parameters next to an [E, H] router (a different MoE layout)",
+    "inkling_text": "its router weight is not an [E, H] matrix next to the experts; needs a table row",
+    "jetmoe": "its attention experts share the expert count (mixture of attention heads); needs a table row",
+    "kimi_linear": "no tiny model of it runs on CPU to verify the derived adapter (linear-attention cache)",
+    "longcat_flash": "its router has identity 'zero experts' past the real ones and no fused *Experts module",
+    "nemotron_h": "no tiny model of it could be built to verify the derived adapter (Mamba mixer)",
+    "qwen4_exp_text": "no tiny model of it could be built to verify the derived adapter (head sizes unset)",
+    "zaya": "its router is an MLP, not an [E, H] matrix next to the experts; needs a table row",
+}
+
 ROWS: tuple[Adapter, ...] = (
     _mixtral_like("mixtral"),
     _mixtral_like("minimax"),
