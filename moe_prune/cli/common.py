@@ -40,6 +40,11 @@ TrustOpt = Annotated[
         help="Allow the checkpoint's own Python code to run (never without this flag).",
     ),
 ]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
+]
 OutDirOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist unless --force).")
 ]
@@ -133,3 +138,23 @@ def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def parse_device_map(device_map: str | None, device: str) -> str:
+    """--device-map auto is accelerate's big-model placement, the same as --device auto."""
+    if device_map is None:
+        return device
+    if device_map != "auto":
+        raise MoePruneError(f"--device-map {device_map!r}: only 'auto' is supported")
+    return "auto"
+
+
+def parse_tokens(text: str, option: str = "--tokens") -> int:
+    """'1M' -> 1_000_000, '250k' -> 250_000, '4096' -> 4096 (a count of tokens, not bytes)."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    cleaned = text.strip().upper().replace("_", "")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, OverflowError):  # not a number, or nan / inf
+        raise MoePruneError(f"{option} {text!r}: expected a count such as 1M, 250k or 4096") from None

@@ -10,12 +10,16 @@ from rich.table import Table
 from moe_prune.cli.common import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     TrustOpt,
     err_console,
     human_bytes,
     out_console,
+    parse_device_map,
     print_json,
     user_errors,
     warn,
@@ -40,17 +44,14 @@ def evaluate(
     baseline: Annotated[
         str | None, typer.Option(help="Also evaluate this model (e.g. the unpruned original) and compare.")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")] = "cpu",
-    device_map: Annotated[
-        str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
-    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from moe_prune.cli.profile import parse_device_map
     from moe_prune.stages import evaluate as stage
 
     device = parse_device_map(device_map, device)

@@ -17,6 +17,7 @@ from moe_prune.cli.common import (
     TrustOpt,
     err_console,
     out_console,
+    parse_tokens,
     print_json,
     user_errors,
     warn,
@@ -29,19 +30,6 @@ if TYPE_CHECKING:
 TRAIN = "Training"
 ROUTING = "Routing"
 STATE = "Checkpoints"
-
-
-def parse_tokens(text: str) -> int:
-    """'1M' -> 1_000_000, '250k' -> 250_000, '4096' -> 4096."""
-    from moe_prune.errors import MoePruneError
-
-    units = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-    cleaned = text.strip().upper().replace("_", "")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, OverflowError):  # not a number, or nan / inf
-        raise MoePruneError(f"--tokens {text!r}: expected a count such as 1M, 250k or 4096") from None
 
 
 @user_errors

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moe_prune.cli.common import JsonOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.cli.common import JsonOpt, err_console, out_console, parse_tokens, print_json, user_errors, warn
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
@@ -97,7 +97,6 @@ def lottery(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.cli.finetune import parse_tokens
     from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
     from moe_prune.lottery.recipe import LotteryParams, Recipe
     from moe_prune.stages import lottery as stage

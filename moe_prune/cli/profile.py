@@ -12,7 +12,20 @@ import typer
 from rich.table import Table
 
 from moe_prune.checkpoint.output import check_not_input, check_writable
-from moe_prune.cli.common import ForceOpt, JsonOpt, TrustOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.cli.common import (
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    TrustOpt,
+    err_console,
+    out_console,
+    parse_device_map,
+    print_json,
+    user_errors,
+    warn,
+)
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.sizes import parse_size
@@ -62,11 +75,9 @@ def profile(
     combine: Annotated[
         bool, typer.Option("--combine", help="Add the statistics files given as arguments (disjoint data).")
     ] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")] = "cpu",
-    device_map: Annotated[
-        str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
-    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
     sequential: Annotated[
         bool, typer.Option("--sequential", help="Load one decoder layer at a time: memory of one layer.")
     ] = False,
@@ -137,15 +148,6 @@ def profile(
     )
     out_console.print(usage_table(result))
     out_console.print("share = an expert's part of the layer's top-k selections; entropy 1.000 = even", style="dim")
-
-
-def parse_device_map(device_map: str | None, device: str) -> str:
-    """--device-map auto is accelerate's big-model placement, the same as --device auto."""
-    if device_map is None:
-        return device
-    if device_map != "auto":
-        raise MoePruneError(f"--device-map {device_map!r}: only 'auto' is supported")
-    return "auto"
 
 
 def _run_with_progress(
