@@ -127,17 +127,50 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+class LazyBar:
+    """The one way commands draw progress: a transient Rich bar on stderr, started at the first update.
+
+    Started late so a command that fails before any work prints its one error line and no bar (Rich's
+    stop prints a newline even for a bar never shown); `update(key, ...)` adds a task per key.
+    """
+
+    def __init__(self, *columns: Any) -> None:
+        self.bar = Progress(*columns, console=err_console, transient=True)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> LazyBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.tasks:
+            self.bar.stop()
+            self.tasks.clear()
+
+    def update(self, key: str = "", description: str | None = None, **fields: Any) -> None:
+        """Advance task `key` (`completed=`, `total=`, and the columns' own fields), creating it first."""
+        if not self.tasks:
+            self.bar.start()
+        if key not in self.tasks:
+            extra = {k: v for k, v in fields.items() if k not in ("completed", "total")}
+            self.tasks[key] = self.bar.add_task(description or key, total=fields.get("total"), **extra)
+        if description is not None:
+            fields["description"] = description
+        self.bar.update(self.tasks[key], **fields)
+
+    def speed(self, key: str = "") -> float | None:
+        task = self.tasks.get(key)
+        return None if task is None else self.bar.tasks[self.bar.task_ids.index(task)].speed
+
+
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A Rich bar on stderr fed by `update(done_bytes, total_bytes)` (hidden when stderr is not a terminal)."""
+    """A bar fed by `update(done_bytes, total_bytes)`."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+    with LazyBar(*columns, TimeRemainingColumn()) as bar:
+        yield lambda done, total: bar.update(description, completed=done, total=total)
 
 
 def parse_device_map(device_map: str | None, device: str) -> str:

@@ -14,9 +14,9 @@ from moe_prune.cli.common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    LazyBar,
     ModelArg,
     TrustOpt,
-    err_console,
     human_bytes,
     out_console,
     parse_device_map,
@@ -50,21 +50,16 @@ def evaluate(
     trust_remote_code: TrustOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from moe_prune.stages import evaluate as stage
 
     device = parse_device_map(device_map, device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=err_console, transient=True)
-    tasks: dict[str, Any] = {}
+    bar = LazyBar(*columns)
 
     def advance(label: str, done: int, total: int) -> None:
-        """Start the bar with the first batch, so errors before any model runs print no bar at all."""
-        if label not in tasks:
-            bar.start()
-            tasks[label] = bar.add_task(f"evaluating {label} (batches)", total=total)
-        bar.update(tasks[label], completed=done)
+        bar.update(label, f"evaluating {label} (batches)", completed=done, total=total)
 
     try:
         result = stage.run(
@@ -81,8 +76,7 @@ def evaluate(
             trust_remote_code=trust_remote_code,
         )
     finally:
-        if tasks:  # Progress.stop prints a newline on non-terminals even when never started
-            bar.stop()
+        bar.stop()
     for message in result.warnings:
         warn(message)
     if json_output:

@@ -12,6 +12,7 @@ from moe_prune.cli.common import (
     DEFAULT_MODEL,
     ForceOpt,
     JsonOpt,
+    LazyBar,
     ModelArg,
     OutDirOpt,
     TrustOpt,
@@ -119,10 +120,10 @@ def finetune(
         trust_remote_code=trust_remote_code,
     )
     options.check()  # before accelerate is set up: a bad option must not reach it
-    with _TrainingBar() as bar:
+    with _training_bar() as bar:
         try:
             check_not_input(out, (model, data, *([eval_data] if eval_data else [])))
-            result = stage.run(model, data, out, options, progress=bar.update)
+            result = stage.run(model, data, out, options, progress=lambda p: _report(bar, p))
         except KeyboardInterrupt:
             bar.stop()
             err_console.print("[bold red]interrupted[/]; continue from the last saved state with --resume")
@@ -137,43 +138,26 @@ def finetune(
     _print(result)
 
 
-class _TrainingBar:
-    """Rich bar on stderr with loss, tokens/s and ETA; started at the first report, so errors show no bar."""
+def _training_bar() -> LazyBar:
+    """Loss, tokens/s and ETA over optimizer steps (held-out scoring and saving shown as phases)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    return LazyBar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+    )
 
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
-        )
-        self.bar = Progress(*columns, console=err_console, transient=True)
-        self.task: Any = None
 
-    def __enter__(self) -> _TrainingBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.task is not None:
-            self.bar.stop()
-            self.task = None
-
-    def update(self, p: Any) -> None:
-        labels = {"before": "scoring held-out", "after": "scoring held-out", "saving": "saving"}
-        if self.task is None:
-            self.bar.start()
-            self.task = self.bar.add_task("", total=None, loss="-", speed="-")
-        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
-        speed = f"{p.tokens / p.seconds:,.0f}" if p.seconds > 0 else "-"
-        description = labels.get(p.phase, "training (steps)")
-        self.bar.update(self.task, description=description, completed=p.step, total=p.total, loss=loss, speed=speed)
+def _report(bar: LazyBar, p: Any) -> None:
+    labels = {"before": "scoring held-out", "after": "scoring held-out", "saving": "saving"}
+    loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+    speed = f"{p.tokens / p.seconds:,.0f}" if p.seconds > 0 else "-"
+    description = labels.get(p.phase, "training (steps)")
+    bar.update("run", description, completed=p.step, total=p.total, loss=loss, speed=speed)
 
 
 def _print(r: FinetuneResult) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from moe_prune.cli.common import JsonOpt, err_console, out_console, parse_tokens, print_json, user_errors, warn
+from moe_prune.cli.common import JsonOpt, LazyBar, out_console, parse_tokens, print_json, user_errors, warn
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def lottery(
     if plot is not None and plot.suffix.lower() != ".png":
         raise MoePruneError(f"--plot {plot}: give a .png file name")
     with _RoundBar() as bar:
-        result = stage.run(params, out, force=force, progress=bar.update, expected=expected)
+        result = stage.run(params, out, force=force, progress=bar.round, expected=expected)
     if plot is not None:
         from moe_prune.lottery.agreement import plot as draw
 
@@ -158,34 +158,19 @@ def lottery(
         out_console.print(f"plot written to {plot}", highlight=False)
 
 
-class _RoundBar:
-    """Rounds done over all methods, the current step in the description; started at the first report."""
+class _RoundBar(LazyBar):
+    """Rounds done over all methods, the current step in the description."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err_console, transient=True,
-        )  # fmt: skip
-        self.task: Any = None
+        super().__init__(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.seen: list[tuple[str, int]] = []
 
-    def __enter__(self) -> _RoundBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.task is not None:
-            self.bar.stop()
-
-    def update(self, method: str, round_: int, total: int, step: str) -> None:
-        if self.task is None:
-            self.bar.start()
-            self.task = self.bar.add_task("", total=None)
+    def round(self, method: str, round_: int, total: int, step: str) -> None:
         if (method, round_) not in self.seen:
             self.seen.append((method, round_))
-        description = f"{method} round {round_}/{total}: {step}"
-        self.bar.update(self.task, description=description, completed=len(self.seen) - 1)
+        self.update("rounds", f"{method} round {round_}/{total}: {step}", completed=len(self.seen) - 1)
 
 
 def _ppl(value: float | None) -> str:

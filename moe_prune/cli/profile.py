@@ -18,8 +18,8 @@ from moe_prune.cli.common import (
     DtypeOpt,
     ForceOpt,
     JsonOpt,
+    LazyBar,
     TrustOpt,
-    err_console,
     out_console,
     parse_device_map,
     print_json,
@@ -153,7 +153,7 @@ def profile(
 def _run_with_progress(
     model: str, data: str, settings: Settings, partial: Path | None, resume: bool, show: bool
 ) -> ProfileResult:
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from moe_prune.stages import profile as stage
 
@@ -164,25 +164,17 @@ def _run_with_progress(
         TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens · {task.fields[rate]}"),
         TimeRemainingColumn(),
     )
-    bar = Progress(*columns, console=err_console, transient=True)
-    state: dict[str, object] = {}
+    bar = LazyBar(*columns)
 
     def advance(done: int, total: int) -> None:
-        """Start the bar with the first batch, so errors before any model runs print no bar at all."""
-        if not show:
-            return
-        if "task" not in state:
-            bar.start()
-            state["task"] = bar.add_task("profiling", total=total, rate="")
-        task = state["task"]
-        speed = bar.tasks[0].speed if bar.tasks else None
-        bar.update(task, completed=done, rate=f"{speed:,.0f} tok/s" if speed else "")  # type: ignore[arg-type]
+        if show:
+            speed = bar.speed("profiling")
+            bar.update("profiling", completed=done, total=total, rate=f"{speed:,.0f} tok/s" if speed else "")
 
     try:
         return stage.run(model, data, settings, progress=advance, partial=partial, resume=resume)
     finally:
-        if state:
-            bar.stop()
+        bar.stop()
 
 
 def _combine(paths: list[Path], out: Path, force: bool, json_output: bool) -> None:

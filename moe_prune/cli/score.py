@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moe_prune.cli.common import ForceOpt, JsonOpt, err_console, out_console, print_json, user_errors, warn
+from moe_prune.cli.common import ForceOpt, JsonOpt, LazyBar, err_console, out_console, print_json, user_errors, warn
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
@@ -162,21 +162,7 @@ def _scores(ids: tuple[int, ...], scores: list[float], dropped: set[int], pairs:
 @contextmanager
 def _layer_progress() -> Iterator[Callable[[int, int], None]]:
     """A bar of MoE layers read (weight criteria), started on the first update so quick runs print nothing."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    bar = Progress(
-        TextColumn("reading expert weights"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True
-    )
-    tasks: list[Any] = []
-
-    def update(done: int, total: int) -> None:
-        if not tasks:
-            bar.start()
-            tasks.append(bar.add_task("layers", total=total))
-        bar.update(tasks[0], completed=done)
-
-    try:
-        yield update
-    finally:
-        if tasks:  # Progress.stop prints a newline on non-terminals even when never started
-            bar.stop()
+    with LazyBar(TextColumn("reading expert weights"), BarColumn(), MofNCompleteColumn()) as bar:
+        yield lambda done, total: bar.update("layers", completed=done, total=total)
