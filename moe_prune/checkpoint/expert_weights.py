@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_prune.checkpoint.quantized import Quantization, Stored, group, read_float
+from moe_prune.checkpoint.quantized import Quantization, Stored, group, read_expert_tensor, split_experts
 from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
@@ -100,22 +100,11 @@ class ExpertWeights:
                 )
         wanted = [self._routers[layer], *fused, *(info for slots in per_expert.values() for info in slots.values())]
         loaded = _read_all(wanted)
-        tensors = {info.name: _split_fused(info, loaded[info.name], self.n_experts) for info in fused}
+        tensors = {info.name: split_experts(loaded[info.name], self.n_experts, info) for info in fused}
         for tail, slots in per_expert.items():
             tensors[tail] = torch.stack([loaded[slots[e].name] for e in range(self.n_experts)])
         router = loaded[self._routers[layer].name].reshape(self.n_experts, -1)
         return LayerWeights(layer, tensors, router)
-
-
-def _split_fused(info: Stored, tensor: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """`[E, ...]` from a fused tensor whose leading axis holds E equal blocks (dbrx: `[E*I, H]`)."""
-    if tensor.dim() == 0 or tensor.shape[0] % n_experts:
-        raise MoePruneError(
-            f"{info.file}: {info.name} has shape {tuple(tensor.shape)}, which does not split into {n_experts} experts"
-        )
-    if tensor.shape[0] == n_experts:
-        return tensor
-    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
 
 
 def _read_all(infos: list[Stored]) -> dict[str, torch.Tensor]:
@@ -127,11 +116,4 @@ def _read_all(infos: list[Stored]) -> dict[str, torch.Tensor]:
                 "(FP8 with weight_scale_inv and MXFP4 are read when config.json's quantization_config says so; "
                 "otherwise dequantise first, or use a statistics-based criterion)"
             )
-    out: dict[str, torch.Tensor] = {}
-    for info in infos:
-        out[info.name] = read_float(info)
-        if not torch.isfinite(out[info.name]).all():
-            raise MoePruneError(
-                f"{info.file}: {info.name} holds NaN or Inf values; its experts cannot be scored by their weights"
-            )
-    return out
+    return {info.name: read_expert_tensor(info, "its experts cannot be scored by their weights") for info in infos}

@@ -170,6 +170,29 @@ def read_float(stored: Stored) -> torch.Tensor:
         raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from None
 
 
+def read_expert_tensor(stored: Stored, purpose: str) -> torch.Tensor:
+    """The one reader of expert and router tensors for scoring and merging: float32, dequantized, finite.
+
+    `purpose` ends the NaN/Inf refusal ("its experts cannot be scored by their weights").
+    """
+    tensor = read_float(stored)
+    if not torch.isfinite(tensor).all():
+        raise MoePruneError(f"{stored.file}: {stored.name} holds NaN or Inf values; {purpose}")
+    return tensor
+
+
+def split_experts(tensor: torch.Tensor, n_experts: int, stored: Stored) -> torch.Tensor:
+    """`[E, ...]` view of a fused expert tensor: `[E, ...]` itself, or E equal row blocks (dbrx's `[E*I, H]`)."""
+    if tensor.dim() == 0 or tensor.shape[0] % n_experts:
+        raise MoePruneError(
+            f"{stored.file}: {stored.name} has shape {tuple(tensor.shape)}, which does not split into "
+            f"{n_experts} experts"
+        )
+    if tensor.shape[0] == n_experts:
+        return tensor
+    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
+
+
 def _fp8_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 

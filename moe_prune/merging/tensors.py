@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_prune.architectures.spec import Adapter, ExpertTensor
-from moe_prune.checkpoint.quantized import Quantization, Stored, check_requantizable, group, quantize, read_float
+from moe_prune.checkpoint.quantized import (
+    Quantization,
+    Stored,
+    check_requantizable,
+    group,
+    quantize,
+    read_expert_tensor,
+    split_experts,
+)
 from moe_prune.checkpoint.safetensors_io import (
     DTYPE_BITS,
     FLOAT_DTYPES,
@@ -70,12 +78,8 @@ def find_layout(name: str, rows: tuple[ExpertTensor, ...]) -> ExpertTensor:
     )
 
 
-def _read_finite(info: Stored) -> torch.Tensor:
-    """A tensor as float32 (dequantized), refused with a line naming it if it holds NaN or Inf."""
-    tensor = read_float(info)
-    if not torch.isfinite(tensor).all():
-        raise MoePruneError(f"{info.file}: {info.name} holds NaN or Inf values; merging would spread them")
-    return tensor
+def _read(info: Stored) -> torch.Tensor:
+    return read_expert_tensor(info, "merging would spread them")
 
 
 def _require_float(info: Stored) -> None:
@@ -112,9 +116,9 @@ class _LayerExperts:
                     raise MoePruneError(
                         f"{sibling.file}: MoE layer {self.plan.layer} has no {tail!r} tensor for expert {slot}"
                     )
-                experts[slot][tail] = _read_finite(slots[slot])
+                experts[slot][tail] = _read(slots[slot])
         for name, info in self.fused.items():
-            blocks = _expert_blocks(_read_finite(info), self.n_experts, info)
+            blocks = split_experts(_read(info), self.n_experts, info)
             for slot in needed:
                 experts[slot][name] = blocks[slot].clone()
         return experts
@@ -140,15 +144,6 @@ class _LayerExperts:
         if self.pending <= 0:
             self._merged = None
         return data
-
-
-def _expert_blocks(tensor: torch.Tensor, n_experts: int, info: Stored) -> torch.Tensor:
-    """[E, ...] view of a fused expert tensor ([E, ...] itself, or dbrx's [E*I, H] as [E, I, H])."""
-    if tensor.shape[0] == n_experts:
-        return tensor
-    if tensor.shape[0] % n_experts:
-        raise MoePruneError(f"{info.file}: {info.name} does not split into {n_experts} experts")
-    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
 
 
 def _torch_dtype(info: TensorInfo) -> torch.dtype:
@@ -324,7 +319,7 @@ class MergePlanner:
         is_weight = self.matcher.is_router(info.name) is not None
 
         def rows() -> bytes:
-            original = _read_finite(stored).movedim(axis, 0)
+            original = _read(stored).movedim(axis, 0)
             if plan.router == "average":
                 new = torch.stack(
                     [
