@@ -97,35 +97,17 @@ def lottery(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
+    options = dict(locals())  # the parameters, by name: those named like LotteryParams fields are its fields
+    from dataclasses import fields
+
     from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
     from moe_prune.lottery.recipe import LotteryParams, Recipe
     from moe_prune.stages import lottery as stage
 
-    given = {
-        "model": model,
-        "criterion": criterion,
-        "target_ratio": target_ratio,
-        "rounds": rounds,
-        "data": data,
-        "direction": direction,
-        "finetune": False if no_finetune else None,  # flags count as given only when passed
-        "compare": True if compare else None,
-        "tokens_first": parse_tokens(tokens_first) if tokens_first is not None else None,
-        "lr": lr,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "weight_decay": weight_decay,
-        "warmup_ratio": warmup_ratio,
-        "max_grad_norm": max_grad_norm,
-        "profile_samples": profile_samples,
-        "profile_seq_len": profile_seq_len,
-        "profile_batch_size": profile_batch_size,
-        "seed": seed,
-        "text_field": text_field,
-        "eval_data": eval_data,
-        "eval_tokens": eval_tokens,
-    }
+    given = {f.name: options[f.name] for f in fields(LotteryParams) if f.name in options}
+    given["finetune"] = False if no_finetune else None  # flags count as given only when passed
+    given["compare"] = True if compare else None
+    given["tokens_first"] = parse_tokens(tokens_first, "--tokens-first") if tokens_first is not None else None
     set_fields = {k: v for k, v in given.items() if v is not None}
     expected = None
     if recipe is not None:
