@@ -223,6 +223,8 @@ def snapshot(root: Path) -> dict[str, str]:
             found[rel] = f"link:{path.readlink()}"
         elif path.is_dir():
             found[rel] = "dir"
+        elif not path.is_file():
+            found[rel] = "special"  # a pipe or socket: reading it would block
         else:
             found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found

@@ -372,3 +372,19 @@ def _(ws: Workspace) -> None:
     for i in range(ws.config()["vocab_size"] + 8 - len(vocab)):
         vocab[f"<extra_{i}>"] = len(vocab)
     path.write_text(json.dumps(tokenizer))
+
+
+@hostile("config-is-a-fifo", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    import os
+
+    (ws.model / "config.json").unlink()
+    os.mkfifo(ws.model / "config.json")
+
+
+@hostile("tokenizer-is-a-fifo", LOADERS, "tokenizer.json")
+def _(ws: Workspace) -> None:
+    import os
+
+    (ws.model / "tokenizer.json").unlink()
+    os.mkfifo(ws.model / "tokenizer.json")

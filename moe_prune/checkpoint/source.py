@@ -97,8 +97,12 @@ class Checkpoint:
         except OSError as exc:
             raise MoePruneError(f"{self.folder}: cannot read ({exc.strerror})") from None
         for path in entries:
-            if READ_FILES.fullmatch(path.name) and not self.inside(path):
+            if not READ_FILES.fullmatch(path.name):
+                continue
+            if not self.inside(path):
                 raise MoePruneError(f"{path}: links outside the checkpoint folder; refusing to read it")
+            if path.exists() and not path.is_dir() and not path.is_file():  # reading would block or never end
+                raise MoePruneError(f"{path}: is not a regular file (a pipe, socket or device); refusing to read it")
 
     def side_files(self) -> tuple[list[Path], list[Path]]:
         """(files of the folder to copy into an output, files skipped because they lie outside it)."""
