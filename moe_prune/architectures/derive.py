@@ -99,7 +99,8 @@ def _shrunk_value(key: str, value: Any, n_layers: int | None) -> Any:
         return value
     per_layer = isinstance(value, list) or (isinstance(value, str) and "pattern" in key)
     if per_layer and n_layers and len(value) == n_layers and n_layers > TINY_LAYERS:
-        return value[:TINY_LAYERS]
+        # the first layer and the last ones: leading dense layers and periodic full-attention layers both stay
+        return value[:1] + value[1 - TINY_LAYERS :]
     if not isinstance(value, int):
         return value
     k = key.lower()
@@ -392,6 +393,7 @@ class DiskKeys:
     fused_experts: tuple[str, ...]
     memory_keys: tuple[tuple[str, str], ...]
     expert_shapes: tuple[tuple[str, tuple[int, ...]], ...]  # key suffix -> one expert's shape
+    reordered: frozenset[str] = frozenset()  # suffixes whose saved rows are a permutation of memory's (Interleave)
 
 
 def _layer_prefix(key: str, layer: int) -> tuple[str, str]:
@@ -419,9 +421,9 @@ def disk_keys(model: torch.nn.Module, structure: Structure) -> DiskKeys:
     rel = {name: [(k[len(head) :], t, off) for k, t, off in items] for name, items in by_source.items()}
     router_bias = _bias_key(rel, structure, "router")
     selection_bias = _bias_key(rel, structure, "selection")
-    experts, fused, shapes = _expert_keys(rel, structure)
+    experts, fused, shapes, reordered = _expert_keys(rel, structure)
     memory = _memory_keys(structure, router_bias, selection_bias, model, base)
-    return DiskKeys(prefix, router, router_bias, selection_bias, experts, fused, memory, shapes)
+    return DiskKeys(prefix, router, router_bias, selection_bias, experts, fused, memory, shapes, reordered)
 
 
 def _bias_vectors(structure: Structure) -> tuple[str, ...]:
@@ -444,12 +446,13 @@ def _bias_key(rel, structure: Structure, kind: str) -> str | None:
     return None
 
 
-def _expert_keys(rel, structure: Structure) -> tuple[str, tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]:
-    """Container prefix of per-expert keys (or of fused ones), the other fused prefixes, and shapes."""
+def _expert_keys(rel, structure: Structure):
+    """Container prefix of per-expert keys (or of fused ones), the other fused prefixes, shapes, reordered suffixes."""
     n = structure.n_experts
     stems: set[str] = set()
     fused: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
+    reordered: set[str] = set()
     for name, items in rel.items():
         if not name.startswith(structure.experts + "."):
             continue
@@ -458,17 +461,33 @@ def _expert_keys(rel, structure: Structure) -> tuple[str, tuple[str, ...], tuple
             if per_expert and len(items) % n == 0 and len(items) >= n:
                 stems.add(per_expert[1])
                 shapes[_suffix(key)] = tuple(tensor.shape)
+                one = tensor
             else:
                 parent = key.rsplit(".", 1)[0] + "."
                 if parent not in fused:
                     fused.append(parent)
                 shapes[_suffix(key)] = tuple(tensor.shape[1:])
+                one = tensor[0]
+            if _reordered(one):
+                reordered.add(_suffix(key))
     if len(stems) > 1:
         raise DerivationError(f"per-expert keys under several containers {sorted(stems)}")
     if not stems and not fused:
         raise DerivationError("no saved expert tensors")
     experts = stems.pop() if stems else fused.pop(0)
-    return experts, tuple(f for f in fused if f != experts), tuple(sorted(shapes.items()))
+    return experts, tuple(f for f in fused if f != experts), tuple(sorted(shapes.items())), frozenset(reordered)
+
+
+def _reordered(numbered: torch.Tensor) -> bool:
+    """True when the saved values of one expert step unevenly along an axis: rows permuted (e.g. interleaved)
+    by the weight conversion, not a plain copy or transpose of the numbered parameter."""
+    for axis in range(numbered.dim()):
+        if numbered.shape[axis] > 2:
+            line = numbered.movedim(axis, 0).reshape(numbered.shape[axis], -1)[:, 0].double()
+            steps = line.diff()
+            if not torch.equal(steps, steps[:1].expand_as(steps)):
+                return True
+    return False
 
 
 def _suffix(key: str) -> str:
@@ -495,8 +514,17 @@ def _memory_keys(structure, router_bias, selection_bias, model, base) -> tuple[t
     return tuple(keys)
 
 
-def expert_tensors(shapes: tuple[tuple[str, tuple[int, ...]], ...], hidden: int, interleaved: bool):
-    """Where the intermediate axis lies in each expert tensor, read from the shapes (H != I)."""
+def expert_tensors(
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    hidden: int,
+    interleaved: bool,
+    reordered: frozenset[str] = frozenset(),
+):
+    """Where the intermediate axis lies in each expert tensor, read from the shapes (H != I).
+
+    `interleaved`: the experts' forward splits gate/up by alternate rows; a tensor in `reordered` is saved
+    with its rows permuted against memory (transformers' Interleave conversion), which flips that.
+    """
     non_hidden = [d for _, shape in shapes for d in shape if d != hidden]
     if not non_hidden:
         return STANDARD_EXPERT_TENSORS
@@ -506,8 +534,19 @@ def expert_tensors(shapes: tuple[tuple[str, tuple[int, ...]], ...], hidden: int,
         axes = [i for i, d in enumerate(shape) if d != hidden]
         axis = axes[0] if axes else None
         parts = shape[axis] // inner if axis is not None else 1
-        out.append(ExpertTensor(suffix, axis, parts=parts, interleaved=interleaved and parts == 2))
+        flipped = interleaved != (suffix in reordered)
+        out.append(ExpertTensor(suffix, axis, parts=parts, interleaved=flipped and parts == 2))
     return (*out, *STANDARD_EXPERT_TENSORS)
+
+
+def _with_memory_names(listed: tuple[ExpertTensor, ...], experts: torch.nn.Module, hidden: int):
+    """The on-disk rows, then rows for the in-memory names where they differ (the fused layout
+    `save_pretrained(..., save_original_format=False)` writes, e.g. aria's gate_up_proj is [E, H, 2I])."""
+    known = {t.suffix for t in listed[: len(listed) - len(STANDARD_EXPERT_TENSORS)]}
+    memory = tuple((n, tuple(p.shape[1:])) for n, p in experts.named_parameters() if p.dim() >= 2)
+    extra = [t for t in expert_tensors(memory, hidden, _interleaved(experts)) if t.suffix not in known]
+    derived = listed[: len(listed) - len(STANDARD_EXPERT_TENSORS)]
+    return (*derived, *[t for t in extra if t not in STANDARD_EXPERT_TENSORS], *STANDARD_EXPERT_TENSORS)
 
 
 def _interleaved(experts: torch.nn.Module) -> bool:
@@ -740,7 +779,11 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         selection_from=selection,
         memory_keys=disk.memory_keys,
         runtime_attention=token_mixers(model, structure),
-        expert_tensors=expert_tensors(disk.expert_shapes, hidden, _interleaved(experts_module)),
+        expert_tensors=_with_memory_names(
+            expert_tensors(disk.expert_shapes, hidden, _interleaved(experts_module), disk.reordered),
+            experts_module,
+            hidden,
+        ),
     )
     return Derived(adapter, notes)
 
