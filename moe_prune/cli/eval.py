@@ -1,7 +1,8 @@
-"""Perplexity, size, expert load balance and FLOPs per token of a model (optionally against a baseline)."""
+"""Perplexity, sizes, expert load, FLOPs per token and task accuracy (--tasks) of a model, optionally vs a baseline."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -24,9 +25,11 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
+from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
     from moe_prune.stages.evaluate import EvalResult, LayerLoad, ModelEval
+    from moe_prune.stages.tasks import TasksResult
 
 COMPACT_EXPERTS = 16  # wider layers show min / median / max instead of every expert's count
 
@@ -49,6 +52,27 @@ def evaluate(
     device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
     json_output: JsonOpt = False,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="Comma-separated lm-eval tasks/groups to score (e.g. demo: the demo model's offline suite). "
+            "Needs moe-prune[tasks].",
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Few-shot demonstrations per task question (default: each task's own).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most this many documents per task.")] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="Folder of your own lm-eval task YAMLs, usable by name in --tasks.")
+    ] = None,
+    log_samples: Annotated[
+        Path | None, typer.Option(help="Write lm-eval's per-sample records (JSONL) to this file.")
+    ] = None,
+    perplexity: Annotated[
+        bool, typer.Option("--perplexity/--no-perplexity", help="Also measure perplexity, sizes and expert load.")
+    ] = True,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -56,6 +80,30 @@ def evaluate(
 
     device = parse_device_map(device_map, device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    task_result = None
+    if tasks is None:
+        if not perplexity:
+            raise MoePruneError("--no-perplexity leaves nothing to evaluate without --tasks")
+        if any(v is not None for v in (num_fewshot, limit, include_path, log_samples)):
+            raise MoePruneError("--num-fewshot, --limit, --include-path and --log-samples apply to --tasks only")
+    else:
+        task_result = _run_tasks(
+            model,
+            tasks,
+            baseline,
+            num_fewshot,
+            limit,
+            include_path,
+            log_samples,
+            batch_size,
+            dtype,
+            device,
+            trust_remote_code,
+            columns,
+        )
+        if not perplexity:
+            _report_tasks(task_result, json_output, None, log_samples)
+            return
     bar = LazyBar(*columns)
 
     def advance(label: str, done: int, total: int) -> None:
@@ -79,9 +127,16 @@ def evaluate(
         bar.stop()
     for message in result.warnings:
         warn(message)
+    if task_result is not None:
+        _report_tasks(task_result, json_output, result, log_samples)
+        return
     if json_output:
         print_json(result.to_dict())
         return
+    _print_perplexity(result)
+
+
+def _print_perplexity(result: EvalResult) -> None:
     m, b = result.model, result.baseline
     out_console.print(
         f"[bold]{m.model}[/] on {result.data}: {m.sequences} sequences × {m.seq_len} tokens", highlight=False
@@ -94,6 +149,93 @@ def evaluate(
     )
     out_console.print(load_table(m))
     out_console.print("max/mean 1.00 and entropy (H/log E) 1.000 mean a perfectly even load", style="dim")
+
+
+def _run_tasks(
+    model: str,
+    spec: str,
+    baseline: str | None,
+    num_fewshot: int | None,
+    limit: int | None,
+    include_path: Path | None,
+    log_samples: Path | None,
+    batch_size: int,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    columns: tuple[Any, ...],
+) -> TasksResult:
+    """Task accuracy first: a wrong task name or task file fails before any perplexity work."""
+    from moe_prune.stages import tasks as stage
+
+    stage.require_lm_eval()
+    settings = stage.TaskSettings(
+        stage.parse_tasks(spec), num_fewshot, limit, include_path, batch_size, dtype, device, trust_remote_code
+    )
+    stage.validate(settings)
+    if log_samples is not None and not log_samples.parent.is_dir():
+        raise MoePruneError(f"--log-samples {log_samples}: folder {log_samples.parent} does not exist")
+    with LazyBar(*columns) as bar:
+
+        def advance(label: str, done: int, total: int, kind: str) -> None:
+            bar.update(label, f"{label}: {kind} requests", completed=done, total=total)
+
+        return stage.run(model, settings, baseline, advance)
+
+
+def _report_tasks(tasks: TasksResult, json_output: bool, result: EvalResult | None, log_samples: Path | None) -> None:
+    """Writes --log-samples, then the JSON document or the tables (perplexity ones first when measured)."""
+    from moe_prune.stages.tasks import write_samples
+
+    if log_samples is not None:
+        written = write_samples(tasks, log_samples)
+        if not json_output:
+            out_console.print(f"{written} per-sample records written to {log_samples}", style="dim", highlight=False)
+    if json_output:
+        print_json({**(result.to_dict() if result is not None else {}), "tasks": tasks.to_dict()})
+        return
+    if result is not None:
+        _print_perplexity(result)
+    for table in task_tables(tasks):
+        out_console.print(table)
+    config = tasks.model.config
+    out_console.print(
+        f"lm-eval {config.get('lm_eval_version')} · limit {config.get('limit')} · "
+        f"few-shot {config.get('num_fewshot') if config.get('num_fewshot') is not None else 'task default'} · "
+        f"seed {config['seeds']['random_seed']}",
+        style="dim",
+        highlight=False,
+    )
+
+
+def task_tables(result: TasksResult) -> list[Table]:
+    """One table per task: metric, value, stderr; baseline and change columns with a baseline."""
+    m, b = result.model, result.baseline
+    tables = []
+    for task in m.results:
+        rows = m.metrics(task)
+        if not rows:
+            continue
+        shots = m.n_shot.get(task)
+        title = f"{task}" + (
+            f" ({shots}-shot, {m.n_samples.get(task, {}).get('effective', '?')} docs)" if shots is not None else ""
+        )
+        table = Table(title=title, title_justify="left")
+        for name in ("metric", "filter", "value", "stderr", *(("baseline", "stderr", "change") if b else ())):
+            table.add_column(name, justify="left" if name in ("metric", "filter") else "right")
+        base = {(metric, filt): (v, e) for metric, filt, v, e in b.metrics(task)} if b else {}
+        for metric, filt, value, stderr in rows:
+            cells = [metric, filt, f"{value:.4f}", "" if stderr is None else f"±{stderr:.4f}"]
+            if b:
+                bv, be = base.get((metric, filt), (None, None))
+                cells += [
+                    "" if bv is None else f"{bv:.4f}",
+                    "" if be is None else f"±{be:.4f}",
+                    "" if bv is None else f"{value - bv:+.4f}",
+                ]
+            table.add_row(*cells)
+        tables.append(table)
+    return tables
 
 
 def human_count(n: float) -> str:

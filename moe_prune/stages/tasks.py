@@ -1,0 +1,368 @@
+"""`eval --tasks`: downstream-task accuracy through lm-evaluation-harness (an optional dependency).
+
+The model is loaded by `runtime.loading` (same trust rule, dtype, device and device map as perplexity) and
+wrapped in lm-eval's `HFLM`; lm-eval does the scoring, few-shot sampling and metrics. Task names resolve
+against the shipped demo suite (`moe_prune/demo/tasks`, group `demo`), `--include-path` and, only when a
+name is not found there, lm-eval's own registry (indexing it takes seconds). lm-eval's logging, warnings and
+tqdm bars are silenced: errors surface as one `MoePruneError` line, progress through `progress`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_prune.demo import DEMO_DIR
+from moe_prune.errors import MoePruneError
+
+DEMO_TASKS_DIR: Path = DEMO_DIR / "tasks"
+INSTALL_HINT = "task evaluation needs lm-evaluation-harness: pip install 'moe-prune[tasks]' (or lm-eval==0.4.13)"
+# progress(label, requests_done, requests_total, kind): kind is lm-eval's request type.
+TaskProgressFn = Callable[[str, int, int, str], None]
+_OFFLINE_ERRORS = ("ConnectionError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "DatasetNotFoundError")
+
+
+def require_lm_eval() -> None:
+    """Fail with the install command (one line) when the optional dependency is missing."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise MoePruneError(INSTALL_HINT)
+
+
+@dataclass
+class TaskSettings:
+    """What `--tasks` evaluates and how; shared by the model and its baseline."""
+
+    tasks: list[str]
+    num_fewshot: int | None = None
+    limit: int | None = None
+    include_path: Path | None = None
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelTasks:
+    """lm-eval's results for one model: per-task metrics, per-task configuration, per-sample records."""
+
+    model: str
+    results: dict[str, dict[str, Any]]
+    groups: dict[str, list[str]]
+    n_shot: dict[str, Any]
+    versions: dict[str, Any]
+    n_samples: dict[str, Any]
+    higher_is_better: dict[str, dict[str, bool]]
+    config: dict[str, Any]
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "results": self.results,
+            "groups": self.groups,
+            "n_shot": self.n_shot,
+            "versions": self.versions,
+            "n_samples": self.n_samples,
+            "higher_is_better": self.higher_is_better,
+            "config": self.config,
+        }
+
+    def metrics(self, task: str) -> list[tuple[str, str, float, float | None]]:
+        """(metric, filter, value, stderr) rows of one task, in lm-eval's order."""
+        rows = []
+        for key, value in self.results.get(task, {}).items():
+            metric, comma, filt = key.partition(",")
+            if not comma or metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+                continue
+            stderr = self.results[task].get(f"{metric}_stderr,{filt}")
+            rows.append((metric, filt, float(value), stderr if isinstance(stderr, (int, float)) else None))
+        return rows
+
+
+def plain(value: Any) -> Any:
+    """lm-eval results as JSON-able Python (numpy scalars to floats, NaN to None, unknown objects to str)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Silence lm-eval's loggers, Python warnings, datasets' and lm-eval's tqdm bars for the duration."""
+    import datasets
+    from tqdm import tqdm
+
+    silent = functools.partial(tqdm, disable=True)
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets", "evaluate")]
+    levels = [lg.level for lg in loggers]
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        datasets.disable_progress_bars()
+        for name, module in list(sys.modules.items()):
+            if name.startswith("lm_eval") and getattr(module, "tqdm", None) is tqdm:
+                stack.enter_context(_patched(module, "tqdm", silent))
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+            if bars:
+                datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _import_lm_eval() -> None:
+    """Import lm-eval's modules once, quietly (importing them logs and warns)."""
+    require_lm_eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("lm_eval").setLevel(logging.CRITICAL)
+        import lm_eval.api.task
+        import lm_eval.evaluator
+        import lm_eval.models.huggingface  # noqa: F401
+
+
+def check_task_yamls(folder: Path) -> None:
+    """Refuse a malformed task YAML under --include-path (lm-eval's index skips them without a word)."""
+    import yaml
+
+    class AnyTag(yaml.SafeLoader):
+        """Accepts lm-eval's `!function` (and any other) tags: only the structure is checked here."""
+
+    AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        try:
+            config = yaml.load(path.read_text(encoding="utf-8"), Loader=AnyTag)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise MoePruneError(f"{path}: malformed task YAML{line}") from None
+        if not isinstance(config, dict) or not {"task", "group", "tag", "include"} & set(config):
+            raise MoePruneError(f"{path}: not an lm-eval task YAML (no task, group, tag or include key)")
+
+
+def task_manager(names: list[str], include_path: Path | None) -> Any:
+    """A TaskManager knowing every name: demo and user tasks first, lm-eval's registry only when needed."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(DEMO_TASKS_DIR), *([str(include_path)] if include_path else [])]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if all(name in manager.all_tasks for name in names):
+        return manager
+    manager = TaskManager(include_path=paths)
+    for name in names:
+        if name not in manager.all_tasks:
+            where = " or under --include-path" if include_path else ""
+            raise MoePruneError(f"unknown task {name!r}: not an lm-eval task, group or tag{where}")
+    return manager
+
+
+def check_tasks(manager: Any, names: list[str]) -> None:
+    """Build each task once (this reads its data) so a failure names the task, offline data in particular."""
+    for name in names:
+        try:
+            manager.load([name])
+        except MoePruneError:
+            raise
+        except Exception as exc:
+            chain = [exc, exc.__cause__, exc.__context__]
+            if any(type(e).__name__ in _OFFLINE_ERRORS for e in chain if e is not None):
+                raise MoePruneError(
+                    f"task {name!r}: its data is not available offline (it must be downloaded from the hub)"
+                ) from None
+            raise MoePruneError(f"task {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from None
+
+
+def _reporting_lm(model: Any, tokenizer: Any, batch_size: int, label: str, progress: TaskProgressFn) -> Any:
+    """HFLM over moe-prune's loaded model that reports each finished request to `progress`."""
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM
+
+    state = {"done": 0, "total": 0, "kind": ""}
+
+    class Hook(CacheHook):
+        """lm-eval calls `add_partial` once per answered request: a free request counter."""
+
+        def __init__(self) -> None:
+            super().__init__(None)
+
+        def add_partial(self, attr: str, req: Any, res: Any) -> None:
+            state["done"] = min(state["done"] + 1, state["total"])
+            progress(label, state["done"], state["total"], state["kind"])
+
+    class ReportingHFLM(HFLM):
+        def _start(self, kind: str, total: int) -> None:
+            state.update(done=0, total=total, kind=kind)
+            progress(label, 0, total, kind)
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            self._start("loglikelihood", len(requests))
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+            self._start("generate_until", len(requests))
+            return super().generate_until(requests, disable_tqdm=True)
+
+    lm = ReportingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm.set_cache_hook(Hook())
+    return lm
+
+
+def evaluate_tasks(
+    name: str, folder: Path, label: str, manager: Any, settings: TaskSettings, progress: TaskProgressFn
+) -> ModelTasks:
+    """Load one model the moe-prune way and run lm-eval's `simple_evaluate` on the built tasks."""
+    from lm_eval import simple_evaluate
+
+    from moe_prune.runtime.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(folder, settings.trust_remote_code)
+    model = load_model(folder, settings.dtype, settings.device, settings.trust_remote_code)
+    lm = _reporting_lm(model, tokenizer, settings.batch_size, label, progress)
+    seeds = {"random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed}
+    out = simple_evaluate(
+        lm,
+        tasks=list(settings.tasks),
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=1000,
+        fewshot_random_seed=settings.seed,
+        **seeds,
+    )
+    config = plain(out.get("config", {}))
+    config.update(
+        model=name,
+        limit=settings.limit,
+        num_fewshot=settings.num_fewshot,
+        seeds={**seeds, "fewshot_random_seed": settings.seed},
+        lm_eval_version=_lm_eval_version(),
+        dtype=settings.dtype,
+        device=settings.device,
+    )
+    config.pop("model_args", None)
+    return ModelTasks(
+        model=name,
+        results=plain(out["results"]),
+        groups=plain(out.get("group_subtasks", {})),
+        n_shot=plain(out.get("n-shot", {})),
+        versions=plain(out.get("versions", {})),
+        n_samples=plain(out.get("n-samples", {})),
+        higher_is_better=plain(out.get("higher_is_better", {})),
+        config=config,
+        samples=out.get("samples", {}),
+    )
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+@dataclass
+class TasksResult:
+    """Task results of the model and, when asked, of its baseline."""
+
+    model: ModelTasks
+    baseline: ModelTasks | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "baseline": self.baseline.to_dict() if self.baseline else None}
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """'a, b,a' -> ['a', 'b'] (order kept, duplicates dropped); an empty list is refused."""
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    if not names:
+        raise MoePruneError("--tasks needs at least one task name (e.g. --tasks demo)")
+    return names
+
+
+def validate(settings: TaskSettings) -> None:
+    """Every argument check that needs neither lm-eval's registry nor a model."""
+    if settings.limit is not None and settings.limit < 1:
+        raise MoePruneError(f"--limit must be at least 1 (got {settings.limit})")
+    if settings.num_fewshot is not None and settings.num_fewshot < 0:
+        raise MoePruneError(f"--num-fewshot must be at least 0 (got {settings.num_fewshot})")
+    if settings.batch_size < 1:
+        raise MoePruneError(f"batch size must be at least 1 (got {settings.batch_size})")
+    if settings.include_path is not None and not settings.include_path.is_dir():
+        raise MoePruneError(f"--include-path {settings.include_path}: not a folder")
+
+
+def run(
+    model: str | Path,
+    settings: TaskSettings,
+    baseline: str | Path | None = None,
+    progress: TaskProgressFn | None = None,
+) -> TasksResult:
+    """Evaluate `model` (then `baseline`, one in memory at a time) on `settings.tasks` through lm-eval."""
+    from moe_prune.checkpoint.source import Checkpoint
+    from moe_prune.runtime.loading import parse_dtype
+
+    validate(settings)
+    parse_dtype(settings.dtype)
+    _import_lm_eval()
+    checkpoints = {"model": (str(model), Checkpoint.open(model))}
+    if baseline is not None:
+        checkpoints["baseline"] = (str(baseline), Checkpoint.open(baseline))
+    for _, ckpt in checkpoints.values():
+        _ = ckpt.identity  # config.json checked before lm-eval indexes anything
+    report = progress or (lambda label, done, total, kind: None)
+    with quiet_lm_eval():
+        if settings.include_path is not None:
+            check_task_yamls(settings.include_path)
+        manager = task_manager(settings.tasks, settings.include_path)
+        check_tasks(manager, settings.tasks)
+        results = {
+            label: evaluate_tasks(name, ckpt.folder, label, manager, settings, report)
+            for label, (name, ckpt) in checkpoints.items()
+        }
+    return TasksResult(results["model"], results.get("baseline"))
+
+
+def write_samples(result: TasksResult, path: Path) -> int:
+    """Per-sample records as JSONL (one line per model, task and document); returns the number written."""
+    lines = []
+    for label, tasks in (("model", result.model), ("baseline", result.baseline)):
+        if tasks is None:
+            continue
+        for task, records in tasks.samples.items():
+            for record in records:
+                lines.append(json.dumps({"model": label, "task": task, **plain(record)}, ensure_ascii=False))
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
