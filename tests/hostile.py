@@ -259,3 +259,8 @@ for _name, _option, _value, _commands in (
     ("buffer-memory-negative", "--buffer-memory", "-1GB", ("sequential",)),
 ):
     hostile(_name, _commands, _option, extra=(_option, _value))(_nothing)
+# Usage errors (click's own parsing) are one line and exit 1 like every other failure.
+hostile("unknown-option", tuple(COMMANDS), "--no-such-option", extra=("--no-such-option",))(_nothing)
+hostile("option-not-a-number", ("profile", "sequential", "eval", "finetune"), "--seq-len", extra=("--seq-len", "x"))(
+    _nothing
+)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from moe_prune.cli import eval as eval_cmd
 from moe_prune.cli import finetune as finetune_cmd
@@ -14,10 +17,38 @@ from moe_prune.cli import merge as merge_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
 from moe_prune.cli import score as score_cmd
-from moe_prune.cli.common import DEBUG_ENV
+from moe_prune.cli.common import DEBUG_ENV, click_exceptions, err_console
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type) are one line and exit 1, like every failure.
+
+    click prints a usage box over several lines and exits 2; scripts and CI read the one line instead.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_exceptions.UsageError as exc:
+            where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            err_console.print(
+                f"[bold red]error:[/] {escape(where + exc.format_message())}", highlight=False, soft_wrap=True
+            )
+            sys.exit(1)
+        except typer.Abort:
+            err_console.print("[bold red]aborted[/]")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
     name="moe-prune",
+    cls=_OneLineUsageErrors,
     help="Make Mixture-of-Experts language models smaller by dropping or merging whole experts.",
     no_args_is_help=True,
     add_completion=False,

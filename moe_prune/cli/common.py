@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -20,6 +19,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError, MoePruneWarning
+
+try:  # typer vendors its own click (its exceptions are not click's)
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer: plain click
+    from click import exceptions as click_exceptions
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -84,7 +88,7 @@ def user_errors(fn: F) -> F:
             ):
                 warn(message)
             return result
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, click_exceptions.ClickException):
             raise
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]; outputs were not written")
