@@ -378,3 +378,15 @@ SCORE_OPTIONS = {
 }
 for _name, _extra in SCORE_OPTIONS.items():
     hostile(f"score-{_name}", ("score",), _extra[0], extra=_extra)(_nothing)
+
+
+@hostile("combine-the-same-file-twice", ("combine",), "stats.npz", extra=("{stats}",))
+def _(ws: Workspace) -> None:
+    """`--combine a b a`: the sums of a would count twice."""
+
+
+@hostile("combine-the-same-windows", ("combine",), "stats2.npz")
+def _(ws: Workspace) -> None:
+    import shutil
+
+    shutil.copyfile(ws.stats, ws.stats2)  # a copy under another name: the same data, seed and shard

@@ -328,8 +328,8 @@ def test_gradient_statistics_refuse_combine(tiny, tmp_path):
     folder = tiny("mixtral")
     data = tmp_path / "cal.jsonl"
     write_docs(data, 4, seed=6)
-    for name in ("a", "b"):
-        stage.run(folder, str(data), settings(gradients=True)).stats.save(tmp_path / f"{name}.npz")
+    for index, name in enumerate(("a", "b")):  # disjoint halves, so only the gradient rule can refuse
+        stage.run(folder, str(data), settings(gradients=True, shard=(index, 2))).stats.save(tmp_path / f"{name}.npz")
     result = CliRunner().invoke(
         app,
         ["profile", "--combine", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", str(tmp_path / "c.npz")],
