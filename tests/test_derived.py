@@ -346,7 +346,6 @@ def test_derived_profile_counts_top_k_per_token(model_type, family_factory, tmp_
     assert (hard.sum(axis=1) == result.tokens * config.top_k).all()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_type", battery("sequential"))
 def test_derived_sequential_profile_equals_whole_model(model_type, family_factory, tmp_path):
     test_profile_scale.test_sequential_equals_whole_model(model_type, True, lambda t: family_factory(t)[0], tmp_path)
