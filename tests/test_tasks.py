@@ -1,0 +1,184 @@
+"""`eval --tasks`: lm-eval on moe-prune's loaded model, the offline demo suite, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+pytest.importorskip("lm_eval")
+
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.cli import app
+from moe_prune.demo import DEMO_MODEL_DIR
+from moe_prune.stages import merge, prune
+from moe_prune.stages import tasks as stage
+
+runner = CliRunner()
+DATA = stage.DEMO_TASKS_DIR / "data"
+# Demo task -> (metric key in lm-eval's results, chance level).
+DEMO = {
+    "demo_arithmetic": ("acc,none", 0.25),
+    "demo_translation": ("acc,none", 0.25),
+    "demo_records": ("acc,none", 0.25),
+    "demo_narrative": ("acc,none", 1 / 3),
+    "demo_arithmetic_gen": ("exact_match,strip", 0.0),
+}
+
+
+def eval_json(args: list[str]) -> dict:
+    result = runner.invoke(app, ["eval", *args, "--no-perplexity", "--json"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+def refused(args: list[str], pattern: str, written=None) -> None:
+    """Exit 1, exactly one stderr line containing `pattern`, nothing on stdout, `written` not created."""
+    result = runner.invoke(app, ["eval", *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, (result.stderr, result.exception)
+    assert pattern in lines[0], lines[0]
+    assert result.stdout == ""
+    assert written is None or not written.exists()
+
+
+def docs(task: str, limit: int) -> list[dict]:
+    lines = (DATA / f"{task.removeprefix('demo_')}_test.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:limit]]
+
+
+@torch.inference_mode()
+def independent_predictions(task: str, delimiter: str, limit: int) -> list[int]:
+    """argmax over choices of Σ log p(continuation token | context, earlier continuation tokens), stock transformers."""
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+    predictions = []
+    for doc in docs(task, limit):
+        context = tokenizer(doc["context"]).input_ids
+        scores = []
+        for choice in doc["choices"]:
+            continuation = tokenizer(delimiter + choice).input_ids
+            ids = torch.tensor([context + continuation])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            positions = torch.arange(len(context) - 1, ids.shape[1] - 1)
+            scores.append(float(logprobs[positions, ids[0, len(context) :]].sum()))
+        predictions.append(max(range(len(scores)), key=scores.__getitem__))
+    return predictions
+
+
+def test_multiple_choice_accuracy_equals_independent_loglikelihood(tmp_path):
+    limit = 30
+    samples = tmp_path / "samples.jsonl"
+    out = eval_json(
+        ["--tasks", "demo_arithmetic,demo_translation", "--limit", str(limit), "--log-samples", str(samples)]
+    )
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    for task, delimiter in (("demo_arithmetic", " "), ("demo_translation", " ")):
+        predicted = independent_predictions(task, delimiter, limit)
+        gold = [d["gold"] for d in docs(task, limit)]
+        expected = sum(p == g for p, g in zip(predicted, gold, strict=True)) / limit
+        assert out["tasks"]["model"]["results"][task]["acc,none"] == pytest.approx(expected)
+        logged = sorted((r for r in records if r["task"] == task), key=lambda r: r["doc_id"])
+        assert [r["acc"] for r in logged] == [float(p == g) for p, g in zip(predicted, gold, strict=True)]
+    config = out["tasks"]["model"]["config"]
+    assert config["limit"] == limit and config["seeds"]["random_seed"] == 0 and config["lm_eval_version"] == "0.4.13"
+    assert out["tasks"]["model"]["n_shot"]["demo_arithmetic"] == 0
+
+
+def test_ragged_and_merged_checkpoints_evaluate(tmp_path, demo_stats):
+    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
+    rng = random.Random(0)
+    keep = {
+        layer: sorted(rng.sample(list(ckpt.identity.original_ids[layer]), 8 - 2 * (i % 2) - i // 2))
+        for i, layer in enumerate(ckpt.identity.moe_layers)
+    }
+    assert len({len(k) for k in keep.values()}) > 1
+    prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "ragged")
+    merge.run(DEMO_MODEL_DIR, demo_stats, tmp_path / "merged", 4)
+    for folder in ("ragged", "merged"):
+        out = eval_json([str(tmp_path / folder), "--tasks", "demo_records", "--limit", "8", "--baseline", "demo"])
+        results = out["tasks"]["model"]["results"]["demo_records"]
+        assert 0 <= results["acc,none"] <= 1
+        assert out["tasks"]["baseline"]["model"] == "demo"
+
+
+def test_baseline_table_and_perplexity_together():
+    result = runner.invoke(app, ["eval", "--tasks", "demo_records", "--limit", "4", "--max-tokens", "512"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "perplexity" in result.stdout and "demo_records" in result.stdout and "acc" in result.stdout
+    assert result.stderr.strip() == ""  # transient bars leave only newlines
+
+
+def test_unknown_task(tmp_path):
+    refused(
+        ["--tasks", "demo_records,no_such_task_xyz", "--log-samples", str(tmp_path / "s.jsonl")],
+        "unknown task 'no_such_task_xyz'",
+        tmp_path / "s.jsonl",
+    )
+
+
+def test_limit_zero(tmp_path):
+    refused(
+        ["--tasks", "demo", "--limit", "0", "--log-samples", str(tmp_path / "s.jsonl")], "--limit", tmp_path / "s.jsonl"
+    )
+
+
+def test_malformed_task_yaml(tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\ndoc_to_text: [unclosed\n")
+    refused(["--tasks", "mine", "--include-path", str(tasks)], "mine.yaml: malformed task YAML")
+
+
+def test_hub_task_offline_names_the_task(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hubby.yaml").write_text(
+        "task: hubby\ndataset_path: moe-prune-tests/not-cached-anywhere\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n"
+    )
+    out = tmp_path / "s.jsonl"
+    refused(
+        ["--tasks", "hubby", "--include-path", str(tasks), "--log-samples", str(out)],
+        "task 'hubby': its data is not available offline",
+        out,
+    )
+
+
+def test_without_lm_eval_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    refused(["--tasks", "demo"], "pip install 'moe-prune[tasks]'")
+
+
+def demo_accuracies(folder, limit: int) -> dict[str, float]:
+    settings = stage.TaskSettings(list(DEMO), limit=limit, batch_size=32)
+    results = stage.run(folder, settings).model.results
+    return {task: results[task][key] for task, (key, _) in DEMO.items()}
+
+
+def test_demo_original_above_chance_and_random_half_masks_below(tmp_path):
+    original = demo_accuracies(DEMO_MODEL_DIR, 60)
+    for task, (_, chance) in DEMO.items():
+        assert original[task] >= chance + 0.25, (task, original[task], chance)
+    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
+    masked = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        keep = {
+            layer: sorted(rng.sample(list(ids), len(ids) // 2)) for layer, ids in ckpt.identity.original_ids.items()
+        }
+        prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keep, "random"), tmp_path / f"r{seed}")
+        masked.append(demo_accuracies(tmp_path / f"r{seed}", 60))
+    mean_masked = sum(sum(m.values()) for m in masked) / (len(masked) * len(DEMO))
+    assert mean_masked < sum(original.values()) / len(DEMO) - 0.05, (original, masked)
