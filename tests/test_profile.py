@@ -129,7 +129,9 @@ def brute_force(model, config: ModelConfig, kind: str, score: str, input_ids: to
         chosen[np.arange(tokens)[:, None], idx] = True
         seen = np.zeros((n_experts, vocab), dtype=bool)
         act = {k: np.zeros((n_experts, hidden)) for k in ("act_sum", "act_sumsq", "act_unit_sum")}
-        act |= {k: np.zeros(n_experts) for k in ("act_norm_sum", "act_weighted_norm_sum")}
+        act |= {
+            k: np.zeros(n_experts) for k in ("act_norm_sum", "act_weighted_norm_sum", "act_gate_norm_sum", "act_max")
+        }
         outliers = np.zeros(n_experts, dtype=np.int64)
         for t in range(tokens):
             for j in range(idx.shape[1]):
@@ -143,6 +145,8 @@ def brute_force(model, config: ModelConfig, kind: str, score: str, input_ids: to
                 act["act_unit_sum"][e] += a / norm
                 act["act_norm_sum"][e] += norm
                 act["act_weighted_norm_sum"][e] += w[t, j] * norm
+                act["act_gate_norm_sum"][e] += w[t, j] / w[t].sum() * norm  # REAP: gate renormalised over top-k
+                act["act_max"][e] = max(act["act_max"][e], np.abs(a).max())
                 outliers[e] += np.sum(np.abs(a - a.mean()) > 3 * a.std())
         out["tokens"].append(tokens)
         out["hard_counts"].append(np.bincount(idx.reshape(-1), minlength=n_experts))

@@ -3,7 +3,8 @@
 Layout: one array per statistic, named `<stat>` with a leading axis over the model's MoE layers
 (in `identity.moe_layers` order), plus `__meta__`, a JSON string with schema, version, identity
 and provenance. Every statistic declares how two files of disjoint data combine: `sum` (counts,
-sums, Gram matrices) or `or` (bitsets), so `combine` is exact; `final` (gradient reductions) refuses.
+sums, Gram matrices), `or` (bitsets) or `max` (largest values), so `combine` is exact; `final` (gradient
+reductions) refuses.
 How each is measured: `runtime.statistics` (forward) and `runtime.gradients` (`--gradients`).
 """
 
@@ -40,6 +41,8 @@ STAT_FIELDS: dict[str, tuple[str, str]] = {
     "act_norm_sum": ("sum", "[L, E] sum of expert output L2 norms"),
     "act_weighted_norm_sum": ("sum", "[L, E] sum of routing weight x output L2 norm"),
     "act_outliers": ("sum", "[L, E] output elements beyond mean +- 3 std of their own output vector"),
+    "act_gate_norm_sum": ("sum", "[L, E] sum of the gate renormalised over the token's top-k x output L2 norm (REAP)"),
+    "act_max": ("max", "[L, E] largest |output element| of the expert over its routed tokens (REAP super experts)"),
     "grad_gram": ("final", "[L, E, E] Gram matrix of the experts' flattened accumulated weight gradients"),
     "grad_entropy": ("final", "[L, E] sum over hidden dims of log std of the accumulated weight gradient"),
     "grad_outliers": ("final", "[L, E] accumulated-gradient elements beyond mean +- 3 std of the expert's gradient"),
@@ -106,7 +109,8 @@ class Stats:
         merged = {}
         for key, array in self.arrays.items():
             rule = STAT_FIELDS[key][0]
-            merged[key] = np.bitwise_or(array, other.arrays[key]) if rule == "or" else array + other.arrays[key]
+            combine_rule = {"or": np.bitwise_or, "max": np.maximum}.get(rule, np.add)
+            merged[key] = combine_rule(array, other.arrays[key])
         return Stats(self.identity, merged, {"combined": [self.provenance, other.provenance]})
 
 
@@ -128,6 +132,8 @@ FIELD_CHECKS: dict[str, tuple[str, str]] = {
     "act_norm_sum": ("nonneg", "LE"),
     "act_weighted_norm_sum": ("nonneg", "LE"),
     "act_outliers": ("count", "LE"),
+    "act_gate_norm_sum": ("nonneg", "LE"),
+    "act_max": ("nonneg", "LE"),
     "grad_gram": ("gram", "LEE"),
     "grad_entropy": ("log", "LE"),
     "grad_outliers": ("count", "LE"),

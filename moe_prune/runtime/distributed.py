@@ -93,7 +93,7 @@ def reduce_arrays(arrays: dict[str, np.ndarray], size: int) -> dict[str, np.ndar
             for part in parts[1:]:
                 tensor = tensor | part
         else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if rule == "max" else dist.ReduceOp.SUM)
         out[name] = tensor.cpu().numpy()
     return out
 

@@ -46,7 +46,16 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import RoutingRecorder
 
 OUTLIER_STDS = 3.0
-ACT_FIELDS = ("act_sum", "act_sumsq", "act_unit_sum", "act_norm_sum", "act_weighted_norm_sum", "act_outliers")
+ACT_FIELDS = (
+    "act_sum",
+    "act_sumsq",
+    "act_unit_sum",
+    "act_norm_sum",
+    "act_weighted_norm_sum",
+    "act_outliers",
+    "act_gate_norm_sum",
+    "act_max",
+)
 
 
 class _Layer:
@@ -66,6 +75,8 @@ class _Layer:
         self.act_norm_sum = torch.zeros(experts, **f64)
         self.act_weighted_norm_sum = torch.zeros(experts, **f64)
         self.act_outliers = torch.zeros(experts, **i64)
+        self.act_gate_norm_sum = torch.zeros(experts, **f64)
+        self.act_max = torch.zeros(experts, **f64)
 
 
 class StatisticsRecorder(RoutingRecorder):
@@ -204,7 +215,8 @@ class StatisticsRecorder(RoutingRecorder):
         ones = torch.ones((n, 1), dtype=weights.dtype, device=weights.device)
         output = original(flat[token], chosen[:, None], ones, *args, **kwargs).reshape(n, -1)
         weight = weights.reshape(-1)[order]
-        self._add_activations(slot, chosen, output.detach(), weight.detach())
+        gate = (weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).reshape(-1)
+        self._add_activations(slot, chosen, output.detach(), weight.detach(), gate[order].detach())
         result = torch.zeros_like(flat).index_add_(0, token, (output * weight[:, None]).to(flat.dtype))
         return result.reshape(hidden.shape[:-1] + result.shape[-1:])
 
@@ -215,14 +227,21 @@ class StatisticsRecorder(RoutingRecorder):
         if index is None or logits is None:
             raise RuntimeError("statistics recorder: experts ran before their router")
         per_expert = output.detach().reshape(self.counts[slot], index.shape[0], -1)
+        top_k_sum = torch.sigmoid(logits.gather(1, index)).sum(dim=1)  # the gates of each token's chosen experts
         for expert in torch.unique(index).tolist():
             token = (index == expert).any(dim=1).nonzero(as_tuple=True)[0]
             chosen = torch.full_like(token, expert)
-            self._add_activations(slot, chosen, per_expert[expert, token], torch.sigmoid(logits[token, expert]))
+            score = torch.sigmoid(logits[token, expert])
+            self._add_activations(slot, chosen, per_expert[expert, token], score, score / top_k_sum[token])
 
     @torch.no_grad()
-    def _add_activations(self, slot: int, expert: torch.Tensor, output: torch.Tensor, weight: torch.Tensor) -> None:
+    def _add_activations(
+        self, slot: int, expert: torch.Tensor, output: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor
+    ) -> None:
         """Add rows of expert outputs (row i belongs to `expert[i]`, rows of one expert adjacent) to the sums.
+
+        `weight` is the routing weight the model applied, `gate` the same gate renormalised over the token's
+        top-k (REAP's g_j(x); equal to `weight` for families that renormalise).
 
         Speed matters here (every routed row passes through): rows are grouped by expert so each
         expert's sums are plain column sums accumulated in float64 (`sum(dtype=float64)`, no float64
@@ -241,6 +260,8 @@ class StatisticsRecorder(RoutingRecorder):
         sums.act_outliers.index_add_(0, expert, ((a < lower) | (a > upper)).sum(1))
         sums.act_norm_sum.index_add_(0, expert, norms)
         sums.act_weighted_norm_sum.index_add_(0, expert, weight.to(f64) * norms)
+        sums.act_gate_norm_sum.index_add_(0, expert, gate.to(f64) * norms)
+        sums.act_max.scatter_reduce_(0, expert, a.abs().amax(dim=1).to(f64), reduce="amax")
         unit = a / norms.clamp_min(torch.finfo(f64).tiny).to(a.dtype)[:, None]
         ids, counts = torch.unique_consecutive(expert, return_counts=True)
         sizes = counts.tolist()
