@@ -30,7 +30,7 @@ from tiny_models import COMMON, DBRX, TINY, build_tiny, save_char_tokenizer
 from moe_prune.architectures import ADAPTERS, LAYER_RULES, get_adapter
 from moe_prune.architectures.derive import DerivationError, derive, shrink_config, text_model_type
 from moe_prune.architectures.spec import STANDARD_EXPERT_TENSORS
-from moe_prune.architectures.table import REFUSED
+from moe_prune.architectures.table import NO_SEQUENTIAL, REFUSED
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
@@ -276,19 +276,8 @@ def derived_families() -> list[str]:
 DERIVED = derived_families()
 
 # Checks a derived family fails through a bug or limit outside the derivation (strict: a fix shows up here).
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **dict.fromkeys(
-        [("ragged", "hy_v4"), ("ragged", "inkling2_text")],
-        "modeling_moe_prune's Ragged class is custom code, so transformers skips the family's root weight "
-        "conversion (hy_v4: `.hc_pre.hc_` renames, inkling2: `model.llm.`) and the reload misses weights",
-    ),
-    **dict.fromkeys(
-        [("sequential", "glm_moe_dsa"), ("sequential", "hy_v4")],
-        "--sequential stubs return hidden states only; these decoder layers return (hidden, topk_indices) "
-        "and pass the indexer's choice to the next layer",
-    ),
-    ("sequential", "inkling2_text"): "--sequential stubs lack the decoder layer's `attention_type` the model reads",
-}
+# --sequential is refused for these (one line, reason in the table); the strict xfail notices if that changes.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {("sequential", t): reason for t, reason in NO_SEQUENTIAL.items()}
 
 
 def battery(check: str) -> list:

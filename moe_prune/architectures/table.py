@@ -109,6 +109,14 @@ REFUSED: dict[str, str] = {
     "zaya": "its router is an MLP, not an [E, H] matrix next to the experts; needs a table row",
 }
 
+# Families whose decoder layers hand state to the next layer beyond the hidden states, so `profile --sequential`
+# (one layer at a time from recorded inputs) cannot reproduce their forward: refused with the reason.
+NO_SEQUENTIAL: dict[str, str] = {
+    "glm_moe_dsa": "its decoder layers pass the sparse-attention indexer's choice (topk_indices) to the next layer",
+    "hy_v4": "its decoder layers pass the sparse-attention indexer's choice (topk_indices) to the next layer",
+    "inkling2_text": "its decoder layers share state that per-layer replay does not reproduce (statistics differ)",
+}
+
 ROWS: tuple[Adapter, ...] = (
     _mixtral_like("mixtral"),
     _mixtral_like("minimax"),

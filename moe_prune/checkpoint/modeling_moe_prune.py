@@ -78,6 +78,11 @@ class RaggedMixin:
         rebuild_moe_blocks(self, config)
         self.post_init()
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """The family's own transformers class underneath: its checkpoint key conversion must apply."""
+        return False
+
 
 def per_width(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
     """`loss_fn(gate_logits, num_experts, top_k, attention_mask)` over groups of layers of equal width."""

@@ -50,9 +50,17 @@ class _Stop(Exception):
 class _Stub(torch.nn.Module):
     """Stands in for decoder layer `index`: records what the model passes it and returns its input."""
 
-    def __init__(self, index: int, record: Callable[[int, tuple, dict], None], last: bool) -> None:
+    def __init__(
+        self, index: int, record: Callable[[int, tuple, dict], None], last: bool, layer: torch.nn.Module
+    ) -> None:
         super().__init__()
         self.index, self.record, self.last = index, record, last
+        # Plain facts the model reads off its layers (e.g. an `attention_type` class attribute), not modules.
+        classes = [c for c in type(layer).__mro__ if c not in torch.nn.Module.__mro__]
+        for scope in (*reversed(classes), layer):
+            for name, value in vars(scope).items():
+                if not name.startswith("_") and name != "training" and isinstance(value, str | int | float | bool):
+                    setattr(self, name, value)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.record(self.index, (hidden, *args), kwargs)
@@ -194,7 +202,8 @@ class LayerwiseModel:
         originals = list(self.layers)
         last = len(originals) - 1
         for i in range(len(originals)):
-            self.layers[i] = _Stub(i, lambda j, args, kwargs: calls.__setitem__(j, (args, kwargs)), i == last)
+            record = lambda j, args, kwargs: calls.__setitem__(j, (args, kwargs))  # noqa: E731
+            self.layers[i] = _Stub(i, record, i == last, originals[i])
         try:
             yield calls
         finally:
@@ -203,8 +212,14 @@ class LayerwiseModel:
 
     def layer_inputs(self, input_ids: torch.Tensor) -> dict[int, tuple[tuple, dict]]:
         """What the model's own forward passes each decoder layer for this batch (args[0]: hidden states)."""
-        with self.stubs() as calls, torch.inference_mode(), suppress(_Stop):
-            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        try:
+            with self.stubs() as calls, torch.inference_mode(), suppress(_Stop):
+                self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except (ValueError, TypeError, AttributeError, IndexError) as exc:  # a layer output the next one needs
+            raise MoePruneError(
+                f"{self.folder}: its decoder layers pass state to each other ({type(exc).__name__}: {exc}), so "
+                "--sequential cannot run them one at a time; profile the whole model instead"
+            ) from exc
         if len(calls) != len(self.layers):
             raise MoePruneError(f"{self.folder}: the model did not call its decoder layers one after another")
         return calls

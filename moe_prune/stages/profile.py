@@ -28,6 +28,7 @@ import torch
 
 import moe_prune
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -181,6 +182,11 @@ def run(
     max_chars = POOL_FACTOR * settings.samples * settings.seq_len * CHARS_PER_TOKEN_BOUND
     texts = load_texts(data, settings.text_field, settings.split, max_chars)
     tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
+    if settings.sequential and config.model_type in NO_SEQUENTIAL:
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
+            f"({NO_SEQUENTIAL[config.model_type]}); profile the whole model (--device-map auto for large ones)"
+        )
     if settings.sequential:
         loaded = LayerwiseModel(
             ckpt.folder, config.adapter.runtime_layers, settings.dtype, settings.device, settings.trust_remote_code
