@@ -278,7 +278,7 @@ def test_random_needs_only_the_model(tiny_factory):
 
 def test_every_criterion_is_registered_with_a_description():
     names = {c.name for c in all_criteria()}
-    assert len(names) == 19  # 16 MC-Suite + soft counts + router-weighted activation norm + random
+    assert len(names) == 20  # 16 MC-Suite + soft counts + router-weighted activation norm + REAP + random
     assert all(c.description and c.fn.__doc__ for c in all_criteria())
 
 

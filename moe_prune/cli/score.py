@@ -41,6 +41,14 @@ def score(
         int | None, typer.Option(help="With --global: fewest experts a layer keeps (default and minimum: top-k).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the `random` criterion.")] = 0,
+    protect_super_experts: Annotated[
+        bool,
+        typer.Option(
+            "--protect-super-experts",
+            help="Never drop REAP's super experts: largest |output| above the 99.5th percentile of all experts and "
+            "a tenth of the largest, in the first 75% of MoE layers.",
+        ),
+    ] = False,
     out: Annotated[
         str | None,
         typer.Option("--out", "-o", help="Mask JSON to write; - writes it to stdout (pipe into `prune --mask -`)."),
@@ -75,6 +83,7 @@ def score(
             budget=budget,
             global_=global_,
             min_keep=min_keep,
+            protect_super_experts=protect_super_experts,
             seed=seed,
             progress=progress,
         )

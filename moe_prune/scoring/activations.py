@@ -79,3 +79,21 @@ def activation_norm(inputs: Inputs) -> np.ndarray:
 def router_weighted_activation_norm(inputs: Inputs) -> np.ndarray:
     """score_p = sum over tokens routed to p of g_p(x) * ||E_p(x)||_2 (g = the routing weight actually applied)."""
     return inputs.array("act_weighted_norm_sum")
+
+
+@criterion(
+    "reap",
+    "REAP saliency: mean over the tokens routed to the expert of its top-k-renormalised gate x output L2 norm",
+    stats=("act_gate_norm_sum", "hard_counts"),
+    source="REAP (Lasby et al. 2025, eq. 9); CerebrasResearch/reap src/reap/observer.py, "
+    "MoETransformerObserver._hook_factory (`reap`)",
+)
+def reap(inputs: Inputs) -> np.ndarray:
+    """score_j = (1/|X_j|) sum over x in X_j of g_j(x) * ||f_j(x)||_2, X_j = the tokens whose top-k holds j.
+
+    g_j is the gate the model applied, renormalised over the token's top-k (REAP's observer renormalises
+    a softmax of the router logits; with the model's own gate the rule also holds for sigmoid routers).
+    An expert no token chose scores 0: min drops it first.
+    """
+    counts = inputs.array("hard_counts")
+    return np.divide(inputs.array("act_gate_norm_sum"), counts, out=np.zeros_like(counts), where=counts > 0)

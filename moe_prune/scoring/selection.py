@@ -125,15 +125,21 @@ def group_quota(experts: int, n_group: int, n_drop: int, layer: int) -> Callable
 
 
 def global_drops(
-    scores: np.ndarray, direction: Direction, total: int, floor: int, counts: list[int] | None = None
+    scores: np.ndarray,
+    direction: Direction,
+    total: int,
+    floor: int,
+    counts: list[int] | None = None,
+    protected: set[tuple[int, int]] | frozenset[tuple[int, int]] = frozenset(),
 ) -> list[list[int]]:
     """Drop `total` experts over all layers in score order, never leaving a layer with fewer than `floor`.
 
-    `counts[l]` is layer l's number of experts (default: every slot); slots beyond it are never dropped.
+    `counts[l]` is layer l's number of experts (default: every slot); slots beyond it and `protected`
+    (layer, slot) pairs are never dropped.
     """
     layers, experts = scores.shape
     counts = counts or [experts] * layers
-    room = sum(max(n - floor, 0) for n in counts)
+    room = sum(max(n - max(floor, sum(1 for p in protected if p[0] == i)), 0) for i, n in enumerate(counts))
     if total > room:
         raise MoePruneError(
             f"cannot drop {total} experts globally while keeping at least {floor} per layer (at most {room} can go)"
@@ -147,7 +153,7 @@ def global_drops(
         if done == total:
             break
         layer, slot = divmod(int(index), experts)
-        if slot < counts[layer] and counts[layer] - len(dropped[layer]) > floor:
+        if slot < counts[layer] and (layer, slot) not in protected and counts[layer] - len(dropped[layer]) > floor:
             dropped[layer].append(slot)
             done += 1
     return dropped

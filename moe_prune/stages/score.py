@@ -83,6 +83,7 @@ def score(
     seed: int = 0,
     stats_name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    protect_super_experts: bool = False,
 ) -> tuple[DropMask, ScoreReport]:
     """Score experts with `criterion` and drop per `budget` (per layer, or over all layers with `global_`).
 
@@ -139,9 +140,11 @@ def score(
     weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
     inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
     scores, usage, values = _run(crit, inputs, inputs.shape, inputs.real())
+    protected = _super_experts(stats, stats_name, counts) if protect_super_experts else set()
     if global_:
-        drops, pairs = global_drops(scores, direction, total, floor, counts), {}
+        drops, pairs = global_drops(scores, direction, total, floor, counts, protected), {}
     else:
+        quotas = [_unprotected(quota, index, protected) for index, quota in enumerate(quotas)]
         drops, pairs = _layerwise(identity, scores, usage, values, direction, n_drops, quotas)
 
     dropped = {
@@ -154,6 +157,9 @@ def score(
         "global": global_,
         "min_keep": floor if global_ else None,
         "seed": seed if crit.name == "random" else None,
+        "protected_super_experts": sorted(identity.original_ids[identity.moe_layers[i]][s] for i, s in protected)
+        if protect_super_experts
+        else None,
         "top_k": top_k,
         "stats": stats_name if stats is not None else None,
         "model": str(model) if model is not None else None,
@@ -202,7 +208,11 @@ def _layerwise(
             pairs[layer] = [(ids[p], ids[q], v) for p, q, v in chosen_pairs]
         else:
             chosen = pick_by_order(expert_order(scores[index][:n], direction), n_drop, quotas[index])
-        assert len(chosen) == n_drop, "selection could not meet a validated budget"
+        if len(chosen) < n_drop:
+            raise MoePruneError(
+                f"layer {layer}: only {len(chosen)} of the {n_drop} experts to drop may go (the others are protected "
+                "super experts or routing-group quotas); drop fewer or leave out --protect-super-experts"
+            )
         drops.append(chosen)
     return drops, pairs
 
@@ -301,6 +311,33 @@ def _run(
             "the statistics may be corrupt"
         )
     return (checked if values is None else usage), usage, values
+
+
+SUPER_EXPERT_PERCENTILE = 99.5  # REAP's thresholds (CerebrasResearch/reap, get_super_expert_indices)
+SUPER_EXPERT_FRACTION_OF_MAX = 10.0
+SUPER_EXPERT_LAYER_SHARE = 0.75
+
+
+def _super_experts(stats: Stats | None, stats_name: str, counts: list[int]) -> set[tuple[int, int]]:
+    """(MoE layer index, slot) of REAP's super experts: an expert's largest |output| above both the 99.5th
+    percentile over every expert of every MoE layer and a tenth of the largest, in the first 75% of MoE layers
+    (massive activations; dropping one breaks the model, REAP section 4)."""
+    if stats is None:
+        raise MoePruneError("--protect-super-experts needs a statistics file (the experts' largest outputs)")
+    stats.require("act_max", source=stats_name)
+    act_max = np.asarray(stats.arrays["act_max"], dtype=np.float64)
+    real = [act_max[i, :n] for i, n in enumerate(counts)]
+    values = np.concatenate(real)
+    threshold = max(np.percentile(values, SUPER_EXPERT_PERCENTILE), values.max() / SUPER_EXPERT_FRACTION_OF_MAX)
+    layers = int(len(counts) * SUPER_EXPERT_LAYER_SHARE)
+    return {(i, int(s)) for i in range(layers) for s in np.flatnonzero(real[i] > threshold)}
+
+
+def _unprotected(
+    quota: Callable[[int, list[int]], bool], index: int, protected: set[tuple[int, int]]
+) -> Callable[[int, list[int]], bool]:
+    """The layer's quota, and never a protected slot."""
+    return lambda slot, dropped: (index, slot) not in protected and quota(slot, dropped)
 
 
 def _global_criteria() -> list[Criterion]:
