@@ -8,28 +8,11 @@ Run: python scripts/architectures_table.py
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-
-def moe_causal_lms() -> list[str]:
-    """The list transformers provides, filtered to modeling files that define an experts module."""
-    import transformers
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    root = Path(transformers.__file__).parent / "models"
-    found = []
-    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        module = model_type_to_module_name(model_type)
-        source = root / module / f"modeling_{module}.py"
-        if source.exists() and re.search(r"^class \w+Experts\(", source.read_text(), re.MULTILINE):
-            found.append(model_type)
-    return found
 
 
 def describe(model_type: str, unsupported: dict[str, str]) -> tuple[str, str]:
@@ -69,7 +52,9 @@ def known_failures(model_type: str, failures: dict[tuple[str, str], str]) -> str
 def main() -> None:
     from test_derived import KNOWN_FAILURES, UNSUPPORTED
 
-    rows = [(t, *describe(t, UNSUPPORTED)) for t in moe_causal_lms()]
+    from moe_prune.architectures.derive import moe_causal_lm_types
+
+    rows = [(t, *describe(t, UNSUPPORTED)) for t in moe_causal_lm_types()]
     rows = [(t, kind, detail + known_failures(t, KNOWN_FAILURES)) for t, kind, detail in rows]
     counts = {kind: sum(1 for _, k, _ in rows if k == kind) for kind in ("table", "derived", "wrapper", "unsupported")}
     print(

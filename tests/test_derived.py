@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from test_adapters import _compare, random_keep
 from tiny_models import COMMON, DBRX, TINY, build_tiny, save_char_tokenizer
 
 from moe_prune.architectures import ADAPTERS, LAYER_RULES, get_adapter
-from moe_prune.architectures.derive import DerivationError, derive, shrink_config, text_model_type
+from moe_prune.architectures.derive import DerivationError, derive, moe_causal_lm_types, shrink_config, text_model_type
 from moe_prune.architectures.spec import STANDARD_EXPERT_TENSORS
 from moe_prune.architectures.table import NO_SEQUENTIAL, REFUSED
 from moe_prune.artifacts.mask import DropMask
@@ -58,22 +56,6 @@ def tiny_overrides(model_type: str) -> dict:
     if model_type in TINY:
         return {k: v for k, v in {**COMMON, **TINY[model_type]}.items() if v is not None}
     return DERIVED_TINY.get(model_type, {})
-
-
-@functools.cache
-def moe_causal_lms() -> tuple[str, ...]:
-    """MODEL_FOR_CAUSAL_LM_MAPPING_NAMES types whose modeling file defines an `*Experts` module."""
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    root = Path(transformers.__file__).parent / "models"
-    found = []
-    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        module = model_type_to_module_name(model_type)
-        source = root / module / f"modeling_{module}.py"
-        if source.exists() and re.search(r"^class \w+Experts\(", source.read_text(), re.MULTILINE):
-            found.append(model_type)
-    return tuple(found)
 
 
 def _text_type(model_type: str) -> str:
@@ -221,7 +203,7 @@ def test_non_moe_type_is_one_line_error():
 
 
 def test_every_moe_type_passes_or_is_listed():
-    types = moe_causal_lms()
+    types = moe_causal_lm_types()
     assert len(types) >= 50, types
     for model_type in types:
         target = _text_type(model_type)
@@ -230,7 +212,7 @@ def test_every_moe_type_passes_or_is_listed():
 
 
 def _params():
-    for model_type in sorted({_text_type(t) for t in moe_causal_lms()}):
+    for model_type in sorted({_text_type(t) for t in moe_causal_lm_types()}):
         reason = UNSUPPORTED.get(model_type)
         yield pytest.param(model_type, marks=pytest.mark.xfail(reason=reason, strict=True)) if reason else model_type
 
@@ -269,7 +251,7 @@ def test_prune_matches_masked_original(model_type, family_factory, tmp_path):
 
 def derived_families() -> list[str]:
     """Tested types without a tiny model in tests/tiny_models.py: derived adapters (and table rows built here)."""
-    types = {_text_type(t) for t in moe_causal_lms()}
+    types = {_text_type(t) for t in moe_causal_lm_types()}
     return sorted(t for t in types if t not in TINY and t not in UNSUPPORTED)
 
 

@@ -51,6 +51,27 @@ class Derived:
 # -- transformers classes -----------------------------------------------------------------------
 
 
+@functools.cache
+def moe_causal_lm_types() -> tuple[str, ...]:
+    """The MoE causal LMs of the installed transformers: MODEL_FOR_CAUSAL_LM_MAPPING_NAMES types whose modeling
+    file defines an experts or MoE-block class (transformers' own list, filtered; not a hand-kept one)."""
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = Path(transformers.__file__).parent / "models"
+    pattern = re.compile(r"^class \w+(Experts|MoE|Moe|SparseMoeBlock)\w*\(", re.MULTILINE)
+    found = []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        module = model_type_to_module_name(model_type)
+        source = root / module / f"modeling_{module}.py"
+        if source.exists() and pattern.search(source.read_text()):
+            found.append(model_type)
+    return tuple(found)
+
+
 def config_class(model_type: str) -> type:
     """The config class transformers registers for `model_type` (registered ones included)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -107,6 +107,8 @@ REFUSED: dict[str, str] = {
     "nemotron_h": "no tiny model of it could be built to verify the derived adapter (Mamba mixer)",
     "qwen4_exp_text": "no tiny model of it could be built to verify the derived adapter (head sizes unset)",
     "zaya": "its router is an MLP, not an [E, H] matrix next to the experts; needs a table row",
+    "doge": "its CDMoE block retrieves experts through a grid of num_keys x num_keys product keys (embedding "
+    "rows, not expert modules); dropping one expert would break the key grid",
 }
 
 # Families whose decoder layers hand state to the next layer beyond the hidden states, so `profile --sequential`
