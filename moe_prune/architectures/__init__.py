@@ -12,14 +12,13 @@ from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.architectures.spec import Adapter, Routing
 from moe_prune.architectures.table import REFUSED, ROWS
 from moe_prune.errors import MoePruneError
+from moe_prune.registry import Registry
 
-ADAPTERS: dict[str, Adapter] = {}
+ADAPTERS: Registry[Adapter] = Registry("architecture")
 for _row in ROWS:
-    if _row.model_type in ADAPTERS:
-        raise ValueError(f"architecture {_row.model_type!r} listed twice")
     if _row.moe_layers not in LAYER_RULES:
         raise ValueError(f"architecture {_row.model_type!r} names unknown layer rule {_row.moe_layers!r}")
-    ADAPTERS[_row.model_type] = _row
+    ADAPTERS.add(_row.model_type, _row)
 
 # model_type -> derived adapter, or the one-line reason the derivation failed.
 _DERIVED: dict[str, Adapter | str] = {}

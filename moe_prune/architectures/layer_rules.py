@@ -9,20 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from moe_prune.registry import Registry
+
 LayerRule = Callable[[dict[str, Any], int], list[int]]
-LAYER_RULES: dict[str, LayerRule] = {}
-
-
-def rule(name: str) -> Callable[[LayerRule], LayerRule]:
-    """Register a layer rule under `name` (referenced by `Adapter.moe_layers`)."""
-
-    def register(fn: LayerRule) -> LayerRule:
-        if name in LAYER_RULES:
-            raise ValueError(f"layer rule {name!r} registered twice")
-        LAYER_RULES[name] = fn
-        return fn
-
-    return register
+LAYER_RULES: Registry[LayerRule] = Registry("layer rule")
+rule = LAYER_RULES.decorator  # `@rule("name")` registers a rule, referenced by `Adapter.moe_layers`
 
 
 @rule("all")
