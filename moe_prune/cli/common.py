@@ -49,6 +49,14 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (sp
 DeviceMapOpt = Annotated[
     str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
 ]
+MaxShardSizeOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
+DropMtpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drop-mtp",
+        help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
+    ),
+]
 OutDirOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist unless --force).")
 ]

@@ -10,8 +10,10 @@ from rich.table import Table
 from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
+    DropMtpOpt,
     ForceOpt,
     JsonOpt,
+    MaxShardSizeOpt,
     ModelArg,
     OutDirOpt,
     byte_progress,
@@ -34,14 +36,8 @@ def prune(
     out: OutDirOpt,
     mask: Annotated[str, typer.Option("--mask", "-m", help="Drop mask JSON (from `moe-prune score`); - reads stdin.")],
     model: ModelArg = DEFAULT_MODEL,
-    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
-    drop_mtp: Annotated[
-        bool,
-        typer.Option(
-            "--drop-mtp",
-            help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
-        ),
-    ] = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    drop_mtp: DropMtpOpt = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
