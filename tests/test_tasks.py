@@ -182,3 +182,43 @@ def test_demo_original_above_chance_and_random_half_masks_below(tmp_path):
         masked.append(demo_accuracies(tmp_path / f"r{seed}", 60))
     mean_masked = sum(sum(m.values()) for m in masked) / (len(masked) * len(DEMO))
     assert mean_masked < sum(original.values()) / len(DEMO) - 0.05, (original, masked)
+
+
+# -- task-aware profiling (UNCURL / SEER: statistics of the task's own data) ------------------------------------
+
+
+def test_profile_on_a_task_uses_its_training_documents(tmp_path):
+    from moe_prune.artifacts.stats import Stats
+    from moe_prune.demo import DEMO_DIR
+    from moe_prune.runtime.data import fixed_chunks, token_stream
+
+    out = tmp_path / "task.npz"
+    result = CliRunner().invoke(
+        app, ["profile", "--task", "demo_arithmetic", "--samples", "1000", "--seq-len", "64", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.stderr
+    provenance = Stats.load(out).provenance
+    assert provenance["data"] == "task:demo_arithmetic" and provenance["split"] == "train"
+    rows = [json.loads(line) for line in (DEMO_DIR / "tasks/data/arithmetic_train.jsonl").read_text().splitlines()]
+    texts = [f"{r['context']} {r['choices'][r['gold']]}" for r in rows]  # independent rendering of the docs
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    assert provenance["sequences_available"] == len(fixed_chunks(token_stream(texts, tokenizer), 64))
+
+
+def test_profile_refuses_to_calibrate_on_the_evaluated_split(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "only_test.yaml").write_text(
+        (stage.DEMO_TASKS_DIR / "demo_arithmetic.yaml")
+        .read_text()
+        .replace("task: demo_arithmetic", "task: only_test")
+        .replace("training_split: train\n", "")
+        .replace("fewshot_split: train\n", "")
+        .replace("!function utils.load", f"!function {stage.DEMO_TASKS_DIR}/utils.load")
+    )
+    out = tmp_path / "s.npz"
+    argv = ["profile", "--task", "only_test", "--include-path", str(folder), "--seq-len", "64", "--out", str(out)]
+    result = CliRunner().invoke(app, argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "only_test" in lines[0] and "evaluates" in lines[0]
+    assert not out.exists()

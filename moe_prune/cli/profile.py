@@ -29,6 +29,7 @@ from moe_prune.cli.common import (
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.sizes import parse_size
+from moe_prune.stages.tasks import TASK_PREFIX
 
 if TYPE_CHECKING:
     from moe_prune.stages.profile import ProfileResult, Settings
@@ -59,9 +60,20 @@ def profile(
         ),
     ] = None,
     data: Annotated[
-        str,
-        typer.Option("--data", "-d", help="Calibration text (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id."),
-    ] = str(DEMO_CALIBRATION),
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Calibration text (.txt/.jsonl/.json/.parquet/.csv), hub dataset id, or task:NAME (default: demo).",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibrate on an lm-eval task's own documents (training/few-shot split, never the evaluated one)."
+        ),
+    ] = None,
+    include_path: Annotated[Path | None, typer.Option(help="Folder of your own lm-eval task YAMLs (--task).")] = None,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
     split: Annotated[str, typer.Option(help="Split of a hub dataset (streamed).")] = "train",
     samples: Annotated[int, typer.Option(help="Calibration sequences (drawn with --seed when more exist).")] = 256,
@@ -94,6 +106,9 @@ def profile(
     from moe_prune.runtime.resume import partial_path
     from moe_prune.stages import profile as stage
 
+    if task is not None and data is not None:
+        raise MoePruneError("give --data or --task, not both")
+    data = f"{TASK_PREFIX}{task}" if task is not None else data or str(DEMO_CALIBRATION)
     out = out.expanduser()
     check_writable(out, force)
     check_not_input(out, (*(inputs or [str(DEMO_MODEL_DIR)]), data))
@@ -122,6 +137,7 @@ def profile(
         sequential=sequential,
         buffer_memory=parse_size(buffer_memory, "--buffer-memory") if buffer_memory else None,
         save_every=save_every,
+        include_path=include_path,
     )
     place = distributed.world()
     partial = partial_path(out, place.rank) if (save_every or resume) else None

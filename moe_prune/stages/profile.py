@@ -40,6 +40,7 @@ from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.stages.tasks import TASK_PREFIX, calibration_texts
 from moe_prune.training.losses import token_cross_entropy
 
 # progress(tokens_done, tokens_total): called before the first batch and after each one.
@@ -63,6 +64,7 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    include_path: Path | None = None  # task YAMLs of the user's, for `data="task:NAME"`
     sequential: bool = False  # one decoder layer at a time from the safetensors files
     buffer_memory: int | None = None  # bytes of hidden states kept in memory (sequential); more spill to disk
     save_every: int = 0  # batches between resumable checkpoints (0: none)
@@ -180,7 +182,11 @@ def run(
     identity = ckpt.identity  # config problems surface before any data is read
     config = ckpt.config
     max_chars = POOL_FACTOR * settings.samples * settings.seq_len * CHARS_PER_TOKEN_BOUND
-    texts = load_texts(data, settings.text_field, settings.split, max_chars)
+    task_split = None
+    if str(data).startswith(TASK_PREFIX):
+        texts, task_split = calibration_texts(str(data)[len(TASK_PREFIX) :], settings.include_path)
+    else:
+        texts = load_texts(data, settings.text_field, settings.split, max_chars)
     tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
     if settings.sequential and config.model_type in NO_SEQUENTIAL:
         raise MoePruneError(
@@ -222,7 +228,7 @@ def run(
         "model": str(model),
         "data": str(data),
         "text_field": settings.text_field,
-        "split": settings.split,
+        "split": task_split or settings.split,
         "samples": settings.samples,
         "sequences_available": total,
         "sequences": len(windows),

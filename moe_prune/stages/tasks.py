@@ -366,3 +366,56 @@ def write_samples(result: TasksResult, path: Path) -> int:
                 lines.append(json.dumps({"model": label, "task": task, **plain(record)}, ensure_ascii=False))
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return len(lines)
+
+
+TASK_PREFIX = "task:"  # `--data task:NAME` (or `profile --task NAME`): a task's own documents as calibration text
+
+
+def calibration_texts(name: str, include_path: Path | None = None) -> tuple[list[str], str]:
+    """(documents of task `name` as lm-eval renders them, the split they come from), for task-aware profiling.
+
+    UNCURL and SEER-MoE prune for a task with statistics of that task's data. Each document is its prompt,
+    the target delimiter and the gold answer. The split is the task's training split, else its few-shot
+    split, else its validation split when it evaluates on test: never the split it evaluates (that would
+    tune the model to its own test set).
+    """
+    require_lm_eval()
+    with quiet_lm_eval():
+        task = _load_one(task_manager([name], include_path), name)
+        config = task.config
+        evaluated = config.test_split or config.validation_split
+        candidates = [config.training_split, config.fewshot_split]
+        if config.test_split:
+            candidates.append(config.validation_split)
+        split = next((s for s in candidates if s and s != evaluated), None)
+        if split is None:
+            raise MoePruneError(
+                f"task {name!r}: has no split besides {evaluated!r}, the one it evaluates; calibrating on it "
+                "would fit the model to its own test set"
+            )
+        docs = {config.training_split: task.training_docs, config.validation_split: task.validation_docs}.get(
+            split, lambda: task.fewshot_docs()
+        )()
+        texts = [_rendered(task, doc) for doc in docs]
+    if not texts:
+        raise MoePruneError(f"task {name!r}: its {split!r} split holds no documents")
+    return texts, split
+
+
+def _load_one(manager: Any, name: str) -> Any:
+    check_tasks(manager, [name])
+    loaded = manager.load([name])["tasks"]
+    if name not in loaded:
+        raise MoePruneError(f"task {name!r}: is a group of tasks; profile on one task")
+    return loaded[name]
+
+
+def _rendered(task: Any, doc: Any) -> str:
+    """Prompt + delimiter + gold answer (the chosen option of a multiple-choice task)."""
+    text, target = task.doc_to_text(doc), task.doc_to_target(doc)
+    if task.config.output_type == "multiple_choice":
+        choices = task.doc_to_choice(doc)
+        target = choices[target] if isinstance(target, int) else target
+    if isinstance(target, list):
+        target = target[0]
+    return f"{text}{task.config.target_delimiter}{target}"
