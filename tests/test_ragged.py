@@ -385,3 +385,30 @@ def test_ragged_forward_with_labels_and_router_logits(model_type, tiny_factory, 
     assert torch.allclose(modeling_moe_prune.per_width(original)(logits, 99, top_k, None), want)
     same = tuple(g[:, :2] for g in logits)  # equal widths: exactly the stock call
     assert torch.equal(modeling_moe_prune.per_width(original)(same, 2, 1, None), original(same, 2, 1, None))
+
+
+def test_merging_a_ragged_checkpoint_equals_pruning_it_to_the_anchors(tiny_factory, tmp_path):
+    """merge --method prune on a ragged model (each layer its own count) keeps exactly the anchors' experts."""
+    from test_merge import synthetic_stats
+
+    from moe_prune.artifacts.manifest import Manifest
+    from moe_prune.stages import merge
+
+    folder, _ = tiny_factory("mixtral")
+    ckpt = Checkpoint.open(folder)
+    mask, _ = ragged_mask(ckpt, seed=4)
+    prune.run(folder, mask, tmp_path / "ragged")
+    ragged_ckpt = Checkpoint.open(tmp_path / "ragged")
+    stats = synthetic_stats(ragged_ckpt)
+    merge.run(ragged_ckpt.folder, stats, tmp_path / "merged", 2, method="prune")
+    anchors = Manifest.read(tmp_path / "merged").slots
+    keep = {layer: list(ids) for layer, ids in anchors.items()}
+    prune.run(ragged_ckpt.folder, DropMask.create(ragged_ckpt.identity, keep, "anchors"), tmp_path / "pruned")
+    ids = token_ids(3)
+    with torch.no_grad():
+        got = load_model(tmp_path / "merged")(ids).logits
+        want = load_model(tmp_path / "pruned")(ids).logits
+    assert torch.equal(got, want)
+    merge.run(ragged_ckpt.folder, stats, tmp_path / "uncurl", 2)  # real merges of a ragged layer load and run
+    with torch.no_grad():
+        assert torch.isfinite(load_model(tmp_path / "uncurl")(ids).logits).all()

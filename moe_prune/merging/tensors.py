@@ -197,14 +197,20 @@ class MergePlanner:
     """Turn shard headers plus per-layer plans into the output tensor list (see module docstring)."""
 
     def __init__(
-        self, adapter: Adapter, n_experts: int, plans: dict[int, LayerPlan], quant: Quantization | None = None
+        self,
+        adapter: Adapter,
+        n_experts: int,
+        plans: dict[int, LayerPlan],
+        quant: Quantization | None = None,
+        per_layer: dict[int, int] | None = None,
     ) -> None:
+        """`n_experts` sizes every layer unless `per_layer` gives a layer its own count (a ragged checkpoint)."""
         self.adapter = adapter
-        self.n_experts = n_experts
+        self.counts = {layer: (per_layer or {}).get(layer, n_experts) for layer in plans}
         self.plans = plans
         self.quant = quant
         self.matcher = KeyMatcher(adapter)
-        self.layers = {layer: _LayerExperts(plan, n_experts) for layer, plan in plans.items()}
+        self.layers = {layer: _LayerExperts(plan, self.counts[layer]) for layer, plan in plans.items()}
 
     def plan(self, tensors: list[TensorInfo]) -> list[AnyOutput]:
         routers = {layer for t in tensors if (layer := self.matcher.is_router(t.name)) is not None}
@@ -241,14 +247,14 @@ class MergePlanner:
         layer = self.layers[key.layer]
         if key.kind == "per_expert":
             assert key.slot is not None
-            if key.slot >= self.n_experts:
+            if key.slot >= self.counts[key.layer]:
                 raise MoePruneError(
-                    f"{info.file}: {info.name} names expert {key.slot} but the model has {self.n_experts}"
+                    f"{info.file}: {info.name} names expert {key.slot} but the layer has {self.counts[key.layer]}"
                 )
             layer.per_expert.setdefault(key.tail, {})[key.slot] = info
             layer.layouts[key.tail] = find_layout(key.tail, self.adapter.expert_tensors)
         else:
-            if info.quantized and not layer.plan.passthrough and info.data.shape[0] != self.n_experts:
+            if info.quantized and not layer.plan.passthrough and info.data.shape[0] != self.counts[key.layer]:
                 raise MoePruneError(
                     f"{info.file}: {info.name} is quantized with experts blocked along rows ({info.data.shape}); "
                     "merge cannot write it back quantized: use --method prune"
@@ -272,9 +278,9 @@ class MergePlanner:
             dtype = _torch_dtype(info.data)
             return [_computed(name, info.data, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))]
         if plan.passthrough:
-            return [slice_expert_axis(part, 0, self.n_experts, plan.anchors) for part in info.infos]
+            return [slice_expert_axis(part, 0, self.counts[key.layer], plan.anchors) for part in info.infos]
         count = len(plan.clusters)
-        shape = (info.shape[0] // self.n_experts * count, *info.shape[1:])
+        shape = (info.shape[0] // self.counts[key.layer] * count, *info.shape[1:])
         if info.quantized:
             return _requantized(info, info.names(info.name), shape, layer, self._fused_quantized(info, plan))
         dtype = _torch_dtype(info.data)
@@ -311,7 +317,7 @@ class MergePlanner:
         plan = self.plans[key.layer]
         axis = 0 if key.kind == "rows" else -1
         if plan.router == "anchor":
-            return slice_expert_axis(info, axis, self.n_experts, plan.anchors)
+            return slice_expert_axis(info, axis, self.counts[key.layer], plan.anchors)
         _require_float(stored)
         shape = list(info.shape)
         shape[axis] = len(plan.clusters)

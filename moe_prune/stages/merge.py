@@ -190,7 +190,9 @@ def run(
 
     quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
     inputs = _mtp_inputs(mtp, plans, identity.moe_layers[-1], drop_mtp)  # before the planner reads `plans`
-    tensors = mtp.restore(MergePlanner(config.adapter, config.num_experts, plans, quant).plan(inputs))
+    tensors = mtp.restore(
+        MergePlanner(config.adapter, config.num_experts, plans, quant, config.experts_per_layer).plan(inputs)
+    )
     history = [*(previous.history if previous else [])]
     history.append(
         {
