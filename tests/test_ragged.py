@@ -412,3 +412,21 @@ def test_merging_a_ragged_checkpoint_equals_pruning_it_to_the_anchors(tiny_facto
     merge.run(ragged_ckpt.folder, stats, tmp_path / "uncurl", 2)  # real merges of a ragged layer load and run
     with torch.no_grad():
         assert torch.isfinite(load_model(tmp_path / "uncurl")(ids).logits).all()
+
+
+@pytest.mark.parametrize("criterion", ["weight-norm", "weight-similarity", "router-weight-norm", "stable-rank"])
+def test_weight_criteria_on_a_ragged_checkpoint_score_each_expert_as_before(criterion, tiny_factory, tmp_path):
+    """Pruning copies weights, so a kept expert's weight norm, stable rank and router norm are unchanged."""
+    from moe_prune.stages.score import Budget, score
+
+    folder, _ = tiny_factory("mixtral")
+    ckpt = Checkpoint.open(folder)
+    mask, keep = ragged_mask(ckpt, seed=6)
+    prune.run(folder, mask, tmp_path / "ragged")
+    _, before = score(None, folder, criterion, budget=Budget(drop=1))
+    mask_after, after = score(None, tmp_path / "ragged", criterion, budget=Budget(drop=1))
+    for layer, kept in keep.items():
+        scores = after.scores[layer]
+        assert len(scores) == len(kept) and len(mask_after.drop(layer)) == 1
+        if criterion != "weight-similarity":  # similarity depends on which other experts remain
+            assert scores == pytest.approx([before.scores[layer][e] for e in kept], rel=1e-6)

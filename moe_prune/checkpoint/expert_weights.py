@@ -50,7 +50,8 @@ class ExpertWeights:
         self.ckpt = ckpt
         self.progress = progress  # progress(layers done, layers) after each layer is read
         config = ckpt.config
-        self.n_experts = config.num_experts
+        self.n_experts = config.num_experts  # the largest count; a ragged model's layers have their own
+        self.counts = config.experts_per_layer
         self.layers = config.moe_layers
         matcher = KeyMatcher(config.adapter)
         router_bias = config.adapter.router_bias
@@ -80,6 +81,7 @@ class ExpertWeights:
 
     def load(self, layer: int) -> LayerWeights:
         """Read one layer's expert stacks and router rows as float32 (each shard opened once)."""
+        n = self.counts[layer]
         per_expert: dict[str, dict[int, Stored]] = defaultdict(dict)
         fused: list[Stored] = []
         for info, key in self._experts[layer]:
@@ -87,23 +89,21 @@ class ExpertWeights:
                 fused.append(info)
                 continue
             assert key.slot is not None
-            if key.slot >= self.n_experts:
-                raise MoePruneError(
-                    f"{info.file}: {info.name} names expert {key.slot} but the model has {self.n_experts}"
-                )
+            if key.slot >= n:
+                raise MoePruneError(f"{info.file}: {info.name} names expert {key.slot} but layer {layer} has {n}")
             per_expert[key.tail][key.slot] = info
         for tail, slots in per_expert.items():
-            missing = sorted(set(range(self.n_experts)) - set(slots))
+            missing = sorted(set(range(n)) - set(slots))
             if missing:
                 raise MoePruneError(
                     f"{self.ckpt.folder}: layer {layer} has no {tail!r} tensor for experts {missing[:5]}"
                 )
         wanted = [self._routers[layer], *fused, *(info for slots in per_expert.values() for info in slots.values())]
         loaded = _read_all(wanted)
-        tensors = {info.name: split_experts(loaded[info.name], self.n_experts, info) for info in fused}
+        tensors = {info.name: split_experts(loaded[info.name], n, info) for info in fused}
         for tail, slots in per_expert.items():
-            tensors[tail] = torch.stack([loaded[slots[e].name] for e in range(self.n_experts)])
-        router = loaded[self._routers[layer].name].reshape(self.n_experts, -1)
+            tensors[tail] = torch.stack([loaded[slots[e].name] for e in range(n)])
+        router = loaded[self._routers[layer].name].reshape(n, -1)
         return LayerWeights(layer, tensors, router)
 
 

@@ -54,6 +54,16 @@ class Inputs:
         return np.arange(experts)[None, :] < np.array(self.counts)[:, None]
 
 
+def stack_layers(rows: list[np.ndarray], experts: int) -> np.ndarray:
+    """Per-layer `[E_l]` or `[E_l, E_l]` arrays as one `[L, E, ...]` array, zero-padded to `experts` slots
+    (a ragged model's smaller layers; `Inputs.real()` says which slots are experts)."""
+    padded = []
+    for row in rows:
+        missing = experts - row.shape[0]
+        padded.append(np.pad(row, [(0, missing)] * row.ndim) if missing else row)
+    return np.stack(padded)
+
+
 @dataclass(frozen=True)
 class Criterion:
     """One registered criterion: its function and what it needs."""

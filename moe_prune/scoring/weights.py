@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from moe_prune.scoring.linalg import cosine_from_gram, row_sum_minus_diagonal
-from moe_prune.scoring.registry import Inputs, criterion
+from moe_prune.scoring.registry import Inputs, criterion, stack_layers
 
 
 def _gram(inputs: Inputs) -> np.ndarray:
@@ -17,11 +17,11 @@ def _gram(inputs: Inputs) -> np.ndarray:
     assert inputs.weights is not None
     grams = []
     for layer in inputs.weights:
-        gram = np.zeros((inputs.weights.n_experts,) * 2)
+        gram = np.zeros((layer.router.shape[0],) * 2)
         for flat in layer.flat():
             gram += (flat @ flat.T).double().numpy()
         grams.append(gram)
-    return np.stack(grams)
+    return stack_layers(grams, inputs.shape[1])
 
 
 @criterion(
@@ -58,7 +58,7 @@ def weight_norm(inputs: Inputs) -> np.ndarray:
 def router_weight_norm(inputs: Inputs) -> np.ndarray:
     """score_p = ||W_G[p, :]||_2, the router weight row of expert p (router bias not included)."""
     assert inputs.weights is not None
-    return np.stack([layer.router.norm(dim=1).double().numpy() for layer in inputs.weights])
+    return stack_layers([layer.router.norm(dim=1).double().numpy() for layer in inputs.weights], inputs.shape[1])
 
 
 @criterion(
@@ -84,5 +84,5 @@ def stable_rank(inputs: Inputs) -> np.ndarray:
             top = sigma[:, 0] ** 2
             total = (sigma**2).sum(dim=1)
             ranks.append(torch.where(top > 0, total / top.clamp_min(1e-30), torch.zeros_like(top)).double().numpy())
-        layers.append(np.mean(ranks, axis=0) if ranks else np.zeros(inputs.weights.n_experts))
-    return np.stack(layers)
+        layers.append(np.mean(ranks, axis=0) if ranks else np.zeros(layer.router.shape[0]))
+    return stack_layers(layers, inputs.shape[1])

@@ -132,11 +132,6 @@ def score(
             for layer, n, n_drop in zip(identity.moe_layers, counts, n_drops, strict=True)
         ]
 
-    if crit.weights and len(set(counts)) > 1:
-        raise MoePruneError(
-            f"criterion {crit.name!r} reads expert weights, which is not supported yet for checkpoints with "
-            "different expert counts per layer; use a statistics criterion"
-        )
     weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
     inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
     scores, usage, values = _run(crit, inputs, inputs.shape, inputs.real())
@@ -173,7 +168,7 @@ def score(
         kind=crit.kind,
         source=crit.source,
         original_ids=dict(sorted(identity.original_ids.items())),
-        scores={layer: [float(s) for s in shown[i]] for i, layer in enumerate(identity.moe_layers)},
+        scores={layer: [float(s) for s in shown[i][: counts[i]]] for i, layer in enumerate(identity.moe_layers)},
         dropped=dropped,
         pairs=pairs,
         params=params,
