@@ -156,13 +156,18 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def opened(model: str | Path | Checkpoint) -> Checkpoint:
+    """The checkpoint a stage already opened (its headers read and validated once), or open it now."""
+    return model if isinstance(model, Checkpoint) else Checkpoint.open(model)
+
+
 def load_model(
-    model_path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+    model_path: str | Path | Checkpoint, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
 ) -> Any:
     """The model in eval mode on `device` ('auto' spreads it over the available GPUs via accelerate)."""
     from transformers import AutoModelForCausalLM
 
-    ckpt = Checkpoint.open(model_path)
+    ckpt = opened(model_path)
     decision = code_decision(ckpt, trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": decision.trust_remote_code}
     if device == "auto":
@@ -304,11 +309,11 @@ def _check_complete(folder: Path, info: dict[str, Any]) -> None:
             raise MoePruneError(f"{folder}: checkpoint does not match its config ({what} weight {keys[0]}{more})")
 
 
-def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(model_path: str | Path | Checkpoint, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved beside the model (pruning copies it unchanged); its own code runs only with consent."""
     from transformers import AutoTokenizer
 
-    ckpt = Checkpoint.open(model_path)
+    ckpt = opened(model_path)
     decision = code_decision(ckpt, trust_remote_code)
     folder = ckpt.folder
     if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):

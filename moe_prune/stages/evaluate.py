@@ -232,8 +232,8 @@ def evaluate_model(
 ) -> tuple[ModelEval, torch.Tensor, list[str]]:
     """Load one model, score `texts`, count its routing; returns the evaluation, the chunks scored, warnings."""
     config = ckpt.config
-    tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
-    model = load_model(ckpt.folder, settings.dtype, settings.device, settings.trust_remote_code)
+    tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
+    model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
     used_len = clip_seq_len(settings.seq_len, model.config)
     warnings = []
     if used_len < settings.seq_len:

@@ -201,7 +201,7 @@ def run(
             "or --force to discard it"
         )
 
-    tokenizer = load_tokenizer(ckpt.folder, options.trust_remote_code)
+    tokenizer = load_tokenizer(ckpt, options.trust_remote_code)
     chunks = _chunks(data, tokenizer, options, plan.seq_len, options.tokens)
     eval_source = options.eval_data or str(DEMO_HELDOUT)
     eval_chunks = (
@@ -214,7 +214,7 @@ def run(
     accelerator.wait_for_everyone()
 
     set_seed(options.seed)
-    inner = load_model(ckpt.folder, "float32", trust_remote_code=options.trust_remote_code).to(accelerator.device)
+    inner = load_model(ckpt, "float32", trust_remote_code=options.trust_remote_code).to(accelerator.device)
     warnings: list[str] = []
     batches = BatchPlan(len(chunks), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)
     epochs = batches.epochs(plan.steps)

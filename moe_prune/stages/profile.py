@@ -187,7 +187,7 @@ def run(
         texts, task_split = calibration_texts(str(data)[len(TASK_PREFIX) :], settings.include_path)
     else:
         texts = load_texts(data, settings.text_field, settings.split, max_chars)
-    tokenizer = load_tokenizer(ckpt.folder, settings.trust_remote_code)
+    tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     if settings.sequential and config.model_type in NO_SEQUENTIAL:
         raise MoePruneError(
             f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
@@ -199,7 +199,7 @@ def run(
         )
         hf_config = loaded.model.config
     else:
-        loaded = load_model(ckpt.folder, settings.dtype, settings.device, settings.trust_remote_code)
+        loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
         hf_config = loaded.config
     warnings = []
     seq_len = clip_seq_len(settings.seq_len, hf_config)

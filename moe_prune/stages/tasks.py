@@ -246,10 +246,11 @@ def evaluate_tasks(
     """Load one model the moe-prune way and run lm-eval's `simple_evaluate` on the built tasks."""
     from lm_eval import simple_evaluate
 
-    from moe_prune.runtime.loading import load_model, load_tokenizer
+    from moe_prune.runtime.loading import load_model, load_tokenizer, opened
 
-    tokenizer = load_tokenizer(folder, settings.trust_remote_code)
-    model = load_model(folder, settings.dtype, settings.device, settings.trust_remote_code)
+    ckpt = opened(folder)  # headers read and validated once for the tokenizer and the model
+    tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
+    model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
     lm = _reporting_lm(model, tokenizer, settings.batch_size, label, progress)
     seeds = {"random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed}
     out = simple_evaluate(
