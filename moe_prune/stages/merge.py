@@ -18,15 +18,14 @@ import numpy as np
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import set_mtp_count
-from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.edit import Edit, Written, write_edit
 from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, mtp_records, stage_mtp
-from moe_prune.checkpoint.writer import write_output
+from moe_prune.checkpoint.surgery import MtpTensors, stage_mtp
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
@@ -59,30 +58,22 @@ class LayerReport:
 
 
 @dataclass
-class MergeResult:
-    out: Path
+class MergeResult(Written):
     method: str
     router: str
     experts_before: int
     experts_after: dict[int, int]
     top_k: int
-    bytes_before: int
-    bytes_after: int
-    shards: list[str]
     layers: list[LayerReport]
-    mtp: list[str] = field(default_factory=list)  # what became of the multi-token-prediction layers, one line each
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out),
+            **super().to_dict(),
             "method": self.method,
             "router": self.router,
             "experts_before": self.experts_before,
             "experts_after": {str(k): v for k, v in self.experts_after.items()},
             "top_k": self.top_k,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "shards": self.shards,
             "layers": [
                 {
                     "layer": r.layer,
@@ -91,7 +82,6 @@ class MergeResult:
                 }
                 for r in self.layers
             ],
-            "mtp": self.mtp,
         }
 
 
@@ -193,53 +183,27 @@ def run(
     tensors = mtp.restore(
         MergePlanner(config.adapter, config.num_experts, plans, quant, config.experts_per_layer).plan(inputs)
     )
-    history = [*(previous.history if previous else [])]
-    history.append(
-        {
-            "stage": "merge",
-            "source": str(model),
-            "method": method,
-            "router": router,
-            "keep": {str(k): v for k, v in counts.items()},
-            "skip_layers": skip,
-            "seed": seed,
-            "stats": stats_name,
-        }
-    )
-    follow = identity.moe_layers[-1]
-    notes = mtp.notes(follow, drop_mtp, "merged alike" if follow in plans else "kept (layer skipped)")
-    if notes:
-        history[-1]["mtp"] = notes
-    manifest = Manifest(
-        slots=slots,
-        history=history,
-        merged=merged,
-        mtp={} if drop_mtp else mtp_records(mtp, follow, slots[follow], merged.get(follow)),
-        mtp_dropped=len(mtp.layers) if drop_mtp else 0,
-    )
-    shards, bytes_after = write_output(
-        Path(out),
-        ckpt.folder,
-        tensors,
-        new_config,
-        manifest,
-        max_bytes,
-        force=force,
-        model_files=extra_files,
-        progress=progress,
-    )
+    step = {
+        "stage": "merge",
+        "source": str(model),
+        "method": method,
+        "router": router,
+        "keep": {str(k): v for k, v in counts.items()},
+        "skip_layers": skip,
+        "seed": seed,
+        "stats": stats_name,
+    }
+    verb = "merged alike" if identity.moe_layers[-1] in plans else "kept (layer skipped)"
+    edit = Edit(ckpt, new_config, tensors, step, slots, mtp, verb, drop_mtp, merged, extra_files)
+    written = write_edit(edit, out, max_bytes, force=force, progress=progress)
     return MergeResult(
-        out=Path(out),
+        **vars(written),
         method=method,
         router=router,
         experts_before=config.num_experts,
         experts_after=counts,
         top_k=config.top_k,
-        bytes_before=ckpt.total_bytes(),
-        bytes_after=bytes_after,
-        shards=shards,
         layers=reports,
-        mtp=notes,
     )
 
 

@@ -8,37 +8,31 @@ from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import set_mtp_count
-from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
+from moe_prune.checkpoint.edit import Edit, Written, write_edit
 from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import mtp_records, plan_expert_selection, stage_mtp
-from moe_prune.checkpoint.writer import write_output
+from moe_prune.checkpoint.surgery import plan_expert_selection, stage_mtp
 from moe_prune.sizes import parse_size
 
 
 @dataclass
-class PruneResult:
+class PruneResult(Written):
     """What `prune` wrote, for the CLI's table and JSON.
 
     `experts_before` / `experts_after` are the largest per-layer counts; the per-layer dicts hold all of them
     (they differ between layers after a non-uniform mask, whose checkpoint then needs `trust_remote_code`).
     """
 
-    out: Path
     experts_before: int
     experts_after: int
     top_k: int
-    bytes_before: int
-    bytes_after: int
-    shards: list[str]
     kept: dict[int, list[int]]
     warnings: list[str] = field(default_factory=list)
     experts_before_per_layer: dict[int, int] = field(default_factory=dict)
     experts_after_per_layer: dict[int, int] = field(default_factory=dict)
     model_code: list[str] = field(default_factory=list)
-    mtp: list[str] = field(default_factory=list)  # what became of the multi-token-prediction layers, one line each
 
     @property
     def ragged(self) -> bool:
@@ -46,7 +40,7 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         return {
-            "out": str(self.out),
+            **super().to_dict(),
             "experts_before": self.experts_before,
             "experts_after": self.experts_after,
             "experts_before_per_layer": {str(k): v for k, v in self.experts_before_per_layer.items()},
@@ -54,12 +48,8 @@ class PruneResult:
             "ragged": self.ragged,
             "model_code": self.model_code,
             "top_k": self.top_k,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "shards": self.shards,
             "kept": {str(k): v for k, v in self.kept.items()},
             "warnings": self.warnings,
-            "mtp": self.mtp,
         }
 
 
@@ -114,41 +104,19 @@ def run(
 
     slots = {layer: tuple(sorted(kept, key=identity.original_ids[layer].index)) for layer, kept in mask.keep.items()}
     follow = config.moe_layers[-1]
-    records = {} if drop_mtp else mtp_records(mtp, follow, slots[follow], None)
     if not drop_mtp:
         tensors += mtp.plan_selection(identity.experts_in(follow), keep_slots[follow])
-    notes = mtp.notes(follow, drop_mtp, "kept")
-    previous = ckpt.manifest.history if ckpt.manifest else []
     step = {"stage": "prune", "source": str(model), "mask": mask.to_dict()}
-    manifest = Manifest(
-        slots=slots,
-        history=[*previous, {**step, "mtp": notes} if notes else step],
-        mtp=records,
-        mtp_dropped=len(mtp.layers) if drop_mtp else 0,
-    )
-    shards, bytes_after = write_output(
-        Path(out),
-        ckpt.folder,
-        tensors,
-        new_config,
-        manifest,
-        max_bytes,
-        force=force,
-        model_files=model_files,
-        progress=progress,
-    )
+    edit = Edit(ckpt, new_config, tensors, step, slots, mtp, "kept", drop_mtp, model_files=model_files)
+    written = write_edit(edit, Path(out), max_bytes, force=force, progress=progress)
     return PruneResult(
-        out=Path(out),
+        **vars(written),
         experts_before=max(config.experts_per_layer.values()),
         experts_after=max(counts.values()),
         top_k=new_config.top_k,
-        bytes_before=ckpt.total_bytes(),
-        bytes_after=bytes_after,
-        shards=shards,
         kept={layer: list(kept) for layer, kept in mask.keep.items()},
         warnings=warnings,
         experts_before_per_layer=config.experts_per_layer,
         experts_after_per_layer=counts,
         model_code=sorted(model_files),
-        mtp=notes,
     )
