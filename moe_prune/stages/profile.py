@@ -361,7 +361,7 @@ def _output_head(model: Any) -> tuple[str, ...]:
 WINDOW_FIELDS = ("data", "text_field", "split", "samples", "seq_len", "seed", "shard")
 
 
-def _refuse_overlap(paths: list[Path], loaded: list[Stats]) -> None:
+def refuse_overlap(paths: list[Path], loaded: list[Stats]) -> None:
     """Sums of the same data added twice would count it twice: refuse a file given twice or the same windows."""
     seen: dict[object, Path] = {}
     for path, stats in zip(paths, loaded, strict=True):
@@ -383,7 +383,7 @@ def combine(paths: list[Path]) -> Stats:
     if len(paths) < 2:
         raise MoePruneError("combine needs at least two statistics files")
     loaded = [Stats.load(path) for path in paths]
-    _refuse_overlap(paths, loaded)
+    refuse_overlap(paths, loaded)
     merged = loaded[0]
     for path, stats in zip(paths[1:], loaded[1:], strict=True):
         merged = merged.combine(stats, str(path), first_name=str(paths[0]))
