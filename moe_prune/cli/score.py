@@ -14,6 +14,7 @@ from moe_prune.cli.common import ForceOpt, JsonOpt, LazyBar, err_console, out_co
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
+    from moe_prune.scoring.stability import LayerStability
     from moe_prune.stages.score import ScoreReport
 
 COMPACT_EXPERTS = 16  # wider layers list only the dropped experts' scores and the range
@@ -40,7 +41,7 @@ def score(
     min_keep: Annotated[
         int | None, typer.Option(help="With --global: fewest experts a layer keeps (default and minimum: top-k).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the `random` criterion.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the `random` criterion and of the --stability bootstrap.")] = 0,
     protect_super_experts: Annotated[
         bool,
         typer.Option(
@@ -55,6 +56,15 @@ def score(
     ] = None,
     force: ForceOpt = False,
     report: Annotated[bool, typer.Option("--report", help="Print every expert's score and what is dropped.")] = False,
+    stability: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stability",
+            help="A partial statistics file of disjoint data (repeat: the files `profile --combine` adds, e.g. "
+            "`--shard 0/4` ... `3/4`); each layer's selection is recomputed on bootstrap resamples of them.",
+        ),
+    ] = None,
+    draws: Annotated[int, typer.Option(help="Bootstrap resamples of the --stability files.")] = 200,
     list_: Annotated[bool, typer.Option("--list", help="List the criteria and exit.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -74,7 +84,7 @@ def score(
     if budget is None and out is not None:
         raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
     console = err_console if out == "-" else out_console
-    with _layer_progress() as progress:
+    with _progress() as (progress, draw_progress):
         mask, result = stage.score(
             stats,
             model,
@@ -86,13 +96,16 @@ def score(
             protect_super_experts=protect_super_experts,
             seed=seed,
             progress=progress,
+            stability=stability or (),
+            draws=draws,
+            draw_progress=draw_progress,
         )
-    for message in result.warnings:
-        warn(message)
     if out == "-":
         typer.echo(mask.dumps(), nl=False)
     elif out is not None:
-        stage.write_mask(mask, Path(out), force, inputs=tuple(p for p in (stats, model) if p))
+        stage.write_mask(mask, Path(out), force, inputs=tuple(p for p in (stats, model, *(stability or ())) if p))
+    for message in result.warnings:  # after the write, so a refused output is the one line printed
+        warn(message)
     if json_output:
         print_json({**result.to_dict(), "out": out})
         return
@@ -131,23 +144,51 @@ def _list(json_output: bool) -> None:
 
 
 def score_table(result: ScoreReport, full: bool) -> Table:
-    """Per layer: what is dropped and (full) every expert's score, dropped ones in red."""
+    """Per layer: what is dropped, how stable that is, and (full) every expert's score, dropped ones in red."""
     what = "usage (hard counts)" if result.kind == "pair" else "score"
+    stable = result.stability
     table = Table(
-        title=f"{result.criterion} ({result.direction}): {result.source}", title_justify="left", highlight=False
+        title=f"{result.criterion} ({result.direction}): {result.source}",
+        title_justify="left",
+        highlight=False,
+        caption=f"margin: (first kept - last dropped) / score spread; {stable.note}" if stable else None,
+        caption_justify="left",
     )
     table.add_column("layer", justify="right")
     table.add_column("dropped (original ids, in order)")
     table.add_column("kept", justify="right")
+    if stable:
+        table.add_column("margin", justify="right")
+    if stable and stable.parts:
+        table.add_column("agreement (jaccard)", justify="right")
     if full:
         table.add_column(f"{what} per expert (original id: value)")
     for layer, ids in result.original_ids.items():
         dropped = result.dropped[layer]
         row = [str(layer), " ".join(map(str, dropped)) or "-", str(len(ids) - len(dropped))]
+        if stable:
+            row.append(_margin(stable.layers[layer]))
+        if stable and stable.parts:
+            row.append(_agreement(stable.layers[layer]))
         if full:
             row.append(_scores(ids, result.scores[layer], set(dropped), result.pairs.get(layer)))
         table.add_row(*row)
     return table
+
+
+def _margin(layer: LayerStability) -> str:
+    if layer.constant:
+        return "[yellow]constant[/]"
+    if layer.tie:
+        return "[yellow]tie[/]"
+    return "-" if layer.margin is None else f"{layer.margin:.3f}"
+
+
+def _agreement(layer: LayerStability) -> str:
+    if layer.agreement is None or layer.jaccard is None:
+        return "-"
+    text = f"{layer.agreement:.0%} ({layer.jaccard:.2f})"
+    return f"[yellow]{text}[/]" if layer.unstable else text
 
 
 def _fmt(value: float) -> str:
@@ -169,9 +210,13 @@ def _scores(ids: tuple[int, ...], scores: list[float], dropped: set[int], pairs:
 
 
 @contextmanager
-def _layer_progress() -> Iterator[Callable[[int, int], None]]:
-    """A bar of MoE layers read (weight criteria), started on the first update so quick runs print nothing."""
+def _progress() -> Iterator[tuple[Callable[[int, int], None], Callable[[int, int], None]]]:
+    """Bars of MoE layers read (weight criteria) and bootstrap draws, started on the first update so quick
+    runs print nothing."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    with LazyBar(TextColumn("reading expert weights"), BarColumn(), MofNCompleteColumn()) as bar:
-        yield lambda done, total: bar.update("layers", completed=done, total=total)
+    with LazyBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
+        yield (
+            lambda done, total: bar.update("reading expert weights", completed=done, total=total),
+            lambda done, total: bar.update("bootstrap draws", completed=done, total=total),
+        )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from moe_prune.errors import MoePruneError
 from moe_prune.registry import Registry
 
 if TYPE_CHECKING:
@@ -84,6 +85,31 @@ class Criterion:
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def evaluate(crit: Criterion, inputs: Inputs) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(scores [L, E], usage, pair values): run the criterion and check what it returned.
+
+    Only the slots that hold experts are checked; a ragged model's padding may score anything and is ignored.
+    """
+    shape, real = inputs.shape, inputs.real()
+    if crit.kind == "pair":
+        values, usage = crit.fn(inputs)
+        values, usage = np.asarray(values, dtype=np.float64), np.asarray(usage, dtype=np.float64)
+        assert values.shape == (*shape, shape[1]) and usage.shape == shape, (values.shape, usage.shape)
+        checked = values
+    else:
+        usage = values = None
+        checked = np.asarray(crit.fn(inputs), dtype=np.float64)
+        assert checked.shape == shape, (crit.name, checked.shape, shape)
+    real_pairs = real[:, :, None] & real[:, None, :] if checked.ndim == 3 else real
+    bad = np.argwhere(np.isnan(checked) & real_pairs)
+    if bad.size:
+        raise MoePruneError(
+            f"criterion {crit.name!r} gave NaN scores (first at MoE layer index {bad[0][0]}); "
+            "the statistics may be corrupt"
+        )
+    return (checked if values is None else usage), usage, values
 
 
 def criterion(name: str, description: str, **fields: Any) -> Callable[[Callable[[Inputs], Any]], Callable]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -157,3 +157,56 @@ def global_drops(
             dropped[layer].append(slot)
             done += 1
     return dropped
+
+
+Quota = Callable[[int, list[int]], bool]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One run's rule from scores to drops, kept whole so resampled statistics are judged by the same rule.
+
+    Per layer (`n_drops`, routing-group `quotas`) or, when `n_drops` is None, global (`total`, `floor`);
+    `protected` (MoE layer index, slot) pairs are never dropped.
+    """
+
+    direction: Direction
+    layers: tuple[int, ...]  # MoE layer numbers, for messages
+    counts: tuple[int, ...]  # experts per layer (a ragged model's differ)
+    n_drops: tuple[int, ...] | None = None
+    quotas: tuple[Quota, ...] = ()
+    total: int = 0
+    floor: int = 1
+    protected: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+    def drops(
+        self, scores: np.ndarray, usage: np.ndarray | None, values: np.ndarray | None
+    ) -> tuple[list[list[int]], list[list[tuple[int, int, float]]]]:
+        """Slots to drop per layer (in choice order) and, for pair criteria, the (p, q, value) slot pairs chosen."""
+        if self.n_drops is None:
+            chosen = global_drops(scores, self.direction, self.total, self.floor, list(self.counts), self.protected)
+            return chosen, [[] for _ in self.layers]
+        drops: list[list[int]] = []
+        pairs: list[list[tuple[int, int, float]]] = []
+        for index, (layer, n, n_drop) in enumerate(zip(self.layers, self.counts, self.n_drops, strict=True)):
+            allowed = self.allowed(index)
+            chosen_pairs: list[tuple[int, int, float]] = []
+            if values is not None:
+                assert usage is not None
+                layer_values, layer_usage = values[index][:n, :n], usage[index][:n]
+                chosen, chosen_pairs = pick_by_pairs(layer_values, layer_usage, self.direction, n_drop, allowed)
+            else:
+                chosen = pick_by_order(expert_order(scores[index][:n], self.direction), n_drop, allowed)
+            if len(chosen) < n_drop:
+                raise MoePruneError(
+                    f"layer {layer}: only {len(chosen)} of the {n_drop} experts to drop may go (the others are "
+                    "protected super experts or routing-group quotas); drop fewer or leave out --protect-super-experts"
+                )
+            drops.append(chosen)
+            pairs.append(chosen_pairs)
+        return drops, pairs
+
+    def allowed(self, index: int) -> Quota:
+        """Layer `index`'s routing-group quota, and never a protected slot."""
+        quota = self.quotas[index]
+        return lambda slot, dropped: (index, slot) not in self.protected and quota(slot, dropped)

@@ -6,7 +6,7 @@ checked (inputs present, same model, budget vs top-k and routing groups) is chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,20 +16,21 @@ import numpy as np
 from moe_prune.architectures import get_adapter
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.mask import DropMask
-from moe_prune.artifacts.stats import Stats
+from moe_prune.artifacts.stats import STAT_FIELDS, Stats
 from moe_prune.checkpoint.expert_weights import ExpertWeights
 from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring import Criterion, Inputs, get_criterion
-from moe_prune.scoring.registry import Direction
-from moe_prune.scoring.selection import (
-    Budget,
-    expert_order,
-    global_drops,
-    group_quota,
-    pick_by_order,
-    pick_by_pairs,
+from moe_prune.scoring.registry import Direction, evaluate
+from moe_prune.scoring.selection import Budget, Selection, group_quota
+from moe_prune.scoring.stability import (
+    DEFAULT_DRAWS,
+    Stability,
+    agreement,
+    expert_stability,
+    pair_stability,
+    stability_note,
 )
 
 
@@ -47,6 +48,7 @@ class ScoreReport:
     pairs: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)  # pair criteria: (p, q, value)
     params: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stability: Stability | None = None
 
     def to_dict(self) -> dict[str, Any]:
         def number(x: float) -> float | str:
@@ -65,9 +67,11 @@ class ScoreReport:
                     "dropped": self.dropped[layer],
                     "kept": [i for i in ids if i not in set(self.dropped[layer])],
                     **({"pairs": [list(p) for p in self.pairs[layer]]} if layer in self.pairs else {}),
+                    **(self.stability.layer_dict(layer) if self.stability else {}),
                 }
                 for layer, ids in self.original_ids.items()
             },
+            "stability": self.stability.to_dict() if self.stability else None,
             "warnings": self.warnings,
         }
 
@@ -84,18 +88,21 @@ def score(
     stats_name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     protect_super_experts: bool = False,
+    stability: Sequence[str | Path] = (),
+    draws: int = DEFAULT_DRAWS,
+    draw_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[DropMask, ScoreReport]:
     """Score experts with `criterion` and drop per `budget` (per layer, or over all layers with `global_`).
 
     `stats` is a Stats object or a path (or None for weight criteria); `model` a checkpoint folder or hub id
     (needed by weight criteria; with statistics it must be the same model). `progress(done, total)` reports
-    MoE layers read by weight criteria.
+    MoE layers read by weight criteria. `stability` names disjoint partial statistics files (the parts
+    `profile --combine` adds): `draws` bootstrap resamples of them (seeded by `seed`) give each layer's agreement.
     """
     crit = get_criterion(criterion)
     direction = direction or crit.direction
     if direction not in ("min", "max"):
         raise MoePruneError(f"--direction must be min or max, not {direction!r}")
-    budget = budget or Budget(drop=0)
     if global_ and not crit.global_ok:
         comparable = ", ".join(c.name for c in _global_criteria())
         raise MoePruneError(
@@ -110,49 +117,36 @@ def score(
     identity = _identity(crit, stats, ckpt, stats_name)
     warnings: list[str] = []
     top_k = _top_k(stats, ckpt, warnings)
-    n_group = _n_group(stats, ckpt, identity)
-
     counts = [identity.experts_in(layer) for layer in identity.moe_layers]  # differ in a ragged model
-    if global_:
-        if n_group > 1:
-            raise MoePruneError(f"--global is not supported with grouped routing ({n_group} groups per layer)")
-        floor = _floor(min_keep, top_k)
-        total = budget.drops(sum(counts), "in all MoE layers together")
-    else:
-        if min_keep is not None:
-            raise MoePruneError("--min-keep only applies with --global")
-        n_drops = [budget.drops(n, "per layer") for n in counts]
-        for layer, n, n_drop in zip(identity.moe_layers, counts, n_drops, strict=True):
-            if top_k is not None and n - n_drop < top_k:
-                raise MoePruneError(
-                    f"dropping {n_drop} of {n} experts in layer {layer} keeps {n - n_drop}, fewer than top-k {top_k}"
-                )
-        quotas = [
-            group_quota(n, n_group, n_drop, layer)
-            for layer, n, n_drop in zip(identity.moe_layers, counts, n_drops, strict=True)
-        ]
+    protected = _super_experts(stats, stats_name, counts) if protect_super_experts else set()
+    n_group = _n_group(stats, ckpt, identity)
+    rule = _selection(identity, direction, budget or Budget(drop=0), global_, min_keep, top_k, n_group, protected)
+    parts = _load_parts(crit, stats, stats_name, stability, draws, warnings)
 
     weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
     inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
-    scores, usage, values = _run(crit, inputs, inputs.shape, inputs.real())
-    protected = _super_experts(stats, stats_name, counts) if protect_super_experts else set()
-    if global_:
-        drops, pairs = global_drops(scores, direction, total, floor, counts, protected), {}
-    else:
-        quotas = [_unprotected(quota, index, protected) for index, quota in enumerate(quotas)]
-        drops, pairs = _layerwise(identity, scores, usage, values, direction, n_drops, quotas)
+    scores, usage, values = evaluate(crit, inputs)
+    drops, slot_pairs = rule.drops(scores, usage, values)
+    stable = _stability(crit, inputs, rule, (scores, usage, values), (drops, slot_pairs), parts, draws, draw_progress)
+    if parts:
+        stable.parts, stable.draws, stable.seed = [str(p) for p in stability], draws, seed
+    warnings += stable.warnings(crit.name)
 
-    dropped = {
-        layer: [identity.original_ids[layer][slot] for slot in drops[i]] for i, layer in enumerate(identity.moe_layers)
+    ids = identity.original_ids
+    dropped = {layer: [ids[layer][slot] for slot in drops[i]] for i, layer in enumerate(identity.moe_layers)}
+    pairs = {
+        layer: [(ids[layer][p], ids[layer][q], v) for p, q, v in slot_pairs[i]]
+        for i, layer in enumerate(identity.moe_layers)
+        if values is not None
     }
-    keep = {layer: [i for i in identity.original_ids[layer] if i not in set(d)] for layer, d in dropped.items()}
+    keep = {layer: [i for i in ids[layer] if i not in set(d)] for layer, d in dropped.items()}
     params: dict[str, Any] = {
         "direction": direction,
-        **budget.to_dict(),
+        **(budget or Budget(drop=0)).to_dict(),
         "global": global_,
-        "min_keep": floor if global_ else None,
+        "min_keep": rule.floor if global_ else None,
         "seed": seed if crit.name == "random" else None,
-        "protected_super_experts": sorted(identity.original_ids[identity.moe_layers[i]][s] for i, s in protected)
+        "protected_super_experts": sorted(ids[identity.moe_layers[i]][s] for i, s in protected)
         if protect_super_experts
         else None,
         "top_k": top_k,
@@ -167,49 +161,112 @@ def score(
         direction=direction,
         kind=crit.kind,
         source=crit.source,
-        original_ids=dict(sorted(identity.original_ids.items())),
+        original_ids=dict(sorted(ids.items())),
         scores={layer: [float(s) for s in shown[i][: counts[i]]] for i, layer in enumerate(identity.moe_layers)},
         dropped=dropped,
         pairs=pairs,
         params=params,
         warnings=warnings,
+        stability=stable,
     )
     return mask, report
 
 
-def _layerwise(
+def _selection(
     identity: ModelIdentity,
-    scores: np.ndarray,
-    usage: np.ndarray | None,
-    values: np.ndarray | None,
     direction: Direction,
-    n_drops: list[int],
-    quotas: list[Callable[[int, list[int]], bool]],
-) -> tuple[list[list[int]], dict[int, list[tuple[int, int, float]]]]:
-    """Slots to drop per layer (in choice order), and for pair criteria the pairs chosen (original ids).
-
-    Each layer is scored over its own experts only (a ragged model's padding slots are never candidates).
-    """
-    drops: list[list[int]] = []
-    pairs: dict[int, list[tuple[int, int, float]]] = {}
-    for index, layer in enumerate(identity.moe_layers):
-        n, n_drop = identity.experts_in(layer), n_drops[index]
-        if values is not None:
-            assert usage is not None
-            chosen, chosen_pairs = pick_by_pairs(
-                values[index][:n, :n], usage[index][:n], direction, n_drop, quotas[index]
-            )
-            ids = identity.original_ids[layer]
-            pairs[layer] = [(ids[p], ids[q], v) for p, q, v in chosen_pairs]
-        else:
-            chosen = pick_by_order(expert_order(scores[index][:n], direction), n_drop, quotas[index])
-        if len(chosen) < n_drop:
+    budget: Budget,
+    global_: bool,
+    min_keep: int | None,
+    top_k: int | None,
+    n_group: int,
+    protected: set[tuple[int, int]],
+) -> Selection:
+    """The drop rule, checked against top-k and routing groups before any score is computed."""
+    layers = tuple(identity.moe_layers)
+    counts = tuple(identity.experts_in(layer) for layer in layers)
+    if global_:
+        if n_group > 1:
+            raise MoePruneError(f"--global is not supported with grouped routing ({n_group} groups per layer)")
+        floor = _floor(min_keep, top_k)
+        total = budget.drops(sum(counts), "in all MoE layers together")
+        return Selection(direction, layers, counts, total=total, floor=floor, protected=frozenset(protected))
+    if min_keep is not None:
+        raise MoePruneError("--min-keep only applies with --global")
+    n_drops = tuple(budget.drops(n, "per layer") for n in counts)
+    for layer, n, n_drop in zip(layers, counts, n_drops, strict=True):
+        if top_k is not None and n - n_drop < top_k:
             raise MoePruneError(
-                f"layer {layer}: only {len(chosen)} of the {n_drop} experts to drop may go (the others are protected "
-                "super experts or routing-group quotas); drop fewer or leave out --protect-super-experts"
+                f"dropping {n_drop} of {n} experts in layer {layer} keeps {n - n_drop}, fewer than top-k {top_k}"
             )
-        drops.append(chosen)
-    return drops, pairs
+    quotas = tuple(group_quota(n, n_group, d, layer) for layer, n, d in zip(layers, counts, n_drops, strict=True))
+    return Selection(direction, layers, counts, n_drops, quotas, protected=frozenset(protected))
+
+
+def _stability(
+    crit: Criterion,
+    inputs: Inputs,
+    rule: Selection,
+    evaluated: tuple[np.ndarray, np.ndarray | None, np.ndarray | None],
+    chosen: tuple[list[list[int]], list[list[tuple[int, int, float]]]],
+    parts: list[Stats],
+    draws: int,
+    progress: Callable[[int, int], None] | None,
+) -> Stability:
+    """Per layer: ties and the margin at the cut; with `parts`, agreement under the bootstrap (seeded by `inputs`)."""
+    (scores, usage, values), (drops, pairs) = evaluated, chosen
+    if values is not None:
+        assert usage is not None
+        layers = pair_stability(values, usage, rule, pairs)
+    else:
+        real = [row[:n] for row, n in zip(scores, rule.counts, strict=True)]
+        layers = expert_stability(real, drops, rule.direction, rule.n_drops is None)
+    result = Stability(dict(zip(rule.layers, layers, strict=True)), note=stability_note(crit, parts))
+    if parts:
+        agreement(result, crit, inputs, rule, drops, parts, draws, inputs.seed, progress)
+    return result
+
+
+def _load_parts(
+    crit: Criterion,
+    stats: Stats | None,
+    stats_name: str,
+    paths: Sequence[str | Path],
+    draws: int,
+    warnings: list[str],
+) -> list[Stats]:
+    """The `--stability` parts: disjoint profiles of the same model holding what the criterion reads."""
+    if draws < 1:
+        raise MoePruneError(f"--draws must be at least 1 (got {draws})")
+    if not paths or not crit.stats:
+        return []  # a criterion of weights or a seed alone does not depend on the calibration data
+    from moe_prune.stages.profile import refuse_overlap  # loads torch/transformers: only when asked
+
+    assert stats is not None
+    final = [name for name in crit.stats if STAT_FIELDS[name][0] == "final"]
+    if final:
+        raise MoePruneError(
+            f"--stability: criterion {crit.name!r} reads {', '.join(final)}, reductions of one run's whole "
+            "gradient that do not add across parts; only criteria of forward statistics can be resampled"
+        )
+    if len(paths) < 2:
+        raise MoePruneError(
+            "--stability needs at least two partial statistics files of disjoint data "
+            "(e.g. `moe-prune profile --shard 0/4` ... `--shard 3/4`)"
+        )
+    loaded = [Stats.load(Path(p)) for p in paths]
+    for path, part in zip(paths, loaded, strict=True):
+        part.identity.require_same(stats.identity, str(path), stats_name)
+        part.require(*crit.stats, source=str(path))
+    refuse_overlap([Path(p) for p in paths], loaded)
+    if "tokens" in stats.arrays and all("tokens" in part.arrays for part in loaded):
+        parts_tokens = int(sum(part.arrays["tokens"] for part in loaded).max())
+        if parts_tokens != int(stats.arrays["tokens"].max()):
+            warnings.append(
+                f"--stability: the parts hold {parts_tokens:,} tokens per MoE layer, {stats_name} "
+                f"{int(stats.arrays['tokens'].max()):,}; the agreement is that of a selection from the parts' data"
+            )
+    return loaded
 
 
 def write_mask(mask: DropMask, out: Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
@@ -282,32 +339,6 @@ def _vocab(stats: Stats | None, ckpt: Checkpoint | None) -> int | None:
     return stats.provenance.get("vocab_size") if stats is not None else None
 
 
-def _run(
-    crit: Criterion, inputs: Inputs, shape: tuple[int, int], real: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(scores [L, E], usage, pair values): run the criterion and check what it returned.
-
-    `real` marks the slots that hold experts; a ragged model's padding may score anything and is ignored.
-    """
-    if crit.kind == "pair":
-        values, usage = crit.fn(inputs)
-        values, usage = np.asarray(values, dtype=np.float64), np.asarray(usage, dtype=np.float64)
-        assert values.shape == (*shape, shape[1]) and usage.shape == shape, (values.shape, usage.shape)
-        checked = values
-    else:
-        usage = values = None
-        checked = np.asarray(crit.fn(inputs), dtype=np.float64)
-        assert checked.shape == shape, (crit.name, checked.shape, shape)
-    real_pairs = real[:, :, None] & real[:, None, :] if checked.ndim == 3 else real
-    bad = np.argwhere(np.isnan(checked) & real_pairs)
-    if bad.size:
-        raise MoePruneError(
-            f"criterion {crit.name!r} gave NaN scores (first at MoE layer index {bad[0][0]}); "
-            "the statistics may be corrupt"
-        )
-    return (checked if values is None else usage), usage, values
-
-
 SUPER_EXPERT_PERCENTILE = 99.5  # REAP's thresholds (CerebrasResearch/reap, get_super_expert_indices)
 SUPER_EXPERT_FRACTION_OF_MAX = 10.0
 SUPER_EXPERT_LAYER_SHARE = 0.75
@@ -326,13 +357,6 @@ def _super_experts(stats: Stats | None, stats_name: str, counts: list[int]) -> s
     threshold = max(np.percentile(values, SUPER_EXPERT_PERCENTILE), values.max() / SUPER_EXPERT_FRACTION_OF_MAX)
     layers = int(len(counts) * SUPER_EXPERT_LAYER_SHARE)
     return {(i, int(s)) for i in range(layers) for s in np.flatnonzero(real[i] > threshold)}
-
-
-def _unprotected(
-    quota: Callable[[int, list[int]], bool], index: int, protected: set[tuple[int, int]]
-) -> Callable[[int, list[int]], bool]:
-    """The layer's quota, and never a protected slot."""
-    return lambda slot, dropped: (index, slot) not in protected and quota(slot, dropped)
 
 
 def _global_criteria() -> list[Criterion]:
