@@ -1,4 +1,4 @@
-"""The one parser of byte sizes the user types (`--max-shard-size`, `--buffer-memory`).
+"""The one parser of byte sizes the user types (`--max-shard-size`, `--buffer-memory`), and of token counts.
 
 Agrees with transformers' `convert_file_size_to_int` wherever both accept a size (so a size handed on
 to `save_pretrained` means the same there): KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2,
@@ -36,3 +36,14 @@ def parse_size(text: str | int, option: str = "size") -> int:
     if value <= 0:
         raise MoePruneError(f"{option} {text!r}: must be a positive size")
     return value
+
+
+def parse_tokens(text: str, option: str = "--tokens") -> int:
+    """'1M' -> 1_000_000, '250k' -> 250_000, '4096' -> 4096 (a count of tokens, not bytes)."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    cleaned = text.strip().upper().replace("_", "")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, OverflowError):  # not a number, or nan / inf
+        raise MoePruneError(f"{option} {text!r}: expected a count such as 1M, 250k or 4096") from None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from moe_prune.errors import MoePruneError
-from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
+from moe_prune.errors import MoePruneError, MoePruneWarning
+from moe_prune.runtime.data import Truncated, clip_seq_len, fixed_chunks, load_texts, token_stream
 
 DOCS = ["first document\nwith two lines", "second, with a comma", "third"]
 
@@ -34,13 +35,34 @@ def write(path, content: str):
     return str(path)
 
 
-def test_txt_splits_on_blank_lines(tmp_path):
+def test_txt_is_one_document_exactly_as_written(tmp_path):
+    """Running text read as running text: blank lines, indentation and the final newline all kept."""
+    raw = "\n\n" + "\n \t\n".join(DOCS) + "\n\n\n  indented\n"
+    for suffix in (".txt", ".md", ".text"):
+        assert load_texts(write(tmp_path / f"a{suffix}", raw)) == [raw]
+
+
+def test_txt_split_on_blank_lines(tmp_path):
     source = write(tmp_path / "a.txt", "\n\n" + "\n \t\n".join(DOCS) + "\n\n\n")
-    assert load_texts(source) == DOCS
+    assert load_texts(source, split_on="blank-lines") == DOCS
 
 
-def test_txt_without_blank_lines_is_one_document(tmp_path):
-    assert load_texts(write(tmp_path / "a.txt", "line one\nline two\n")) == ["line one\nline two"]
+def test_txt_split_on_blank_lines_keeps_inner_newlines_and_indentation(tmp_path):
+    paragraphs = ["def f():\n    return 1", "    indented first line\nsecond", "last"]
+    source = write(tmp_path / "a.txt", "\r\n\r\n".join(p.replace("\n", "\r\n") for p in paragraphs) + "\n")
+    got = load_texts(source, split_on="blank-lines")
+    assert [g.replace("\r\n", "\n") for g in got] == paragraphs
+
+
+def test_txt_without_blank_lines_is_one_document_either_way(tmp_path):
+    source = write(tmp_path / "a.txt", "line one\nline two\n")
+    assert load_texts(source, split_on="blank-lines") == ["line one\nline two"]
+    assert load_texts(source) == ["line one\nline two\n"]
+
+
+def test_unknown_split_on_is_refused(tmp_path):
+    with pytest.raises(MoePruneError, match="--split-on 'lines': expected none or blank-lines"):
+        load_texts(write(tmp_path / "a.txt", "x"), split_on="lines")
 
 
 def test_jsonl_reads_text_field_and_skips_blank_lines(tmp_path):
@@ -75,10 +97,20 @@ def test_parquet_column(tmp_path):
     assert load_texts(str(tmp_path / "a.parquet")) == DOCS
 
 
-def test_max_chars_stops_after_the_document_that_reaches_it(tmp_path):
+def test_max_chars_cuts_the_document_that_crosses_it(tmp_path):
     source = write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": d}) for d in DOCS))
-    assert load_texts(source, max_chars=len(DOCS[0]) + 1) == DOCS[:2]
+    got = load_texts(source, max_chars=len(DOCS[0]) + 3)
+    assert got == [DOCS[0], DOCS[1][:3]]
+    assert not isinstance(got[0], Truncated) and isinstance(got[1], Truncated)
     assert load_texts(source, max_chars=len(DOCS[0])) == DOCS[:1]
+
+
+def test_max_chars_cuts_a_one_document_text_file(tmp_path):
+    """A huge .txt is one document: it is cut, not tokenized whole, and the cut gets no EOS."""
+    source = write(tmp_path / "a.txt", "abcdefghij" * 100)
+    got = load_texts(source, max_chars=25)
+    assert got == ["abcdefghij" * 2 + "abcde"] and isinstance(got[0], Truncated)
+    assert token_stream(got, OrdTokenizer()).tolist() == [ord(c) for c in got[0]]
 
 
 @pytest.mark.parametrize(
@@ -211,10 +243,19 @@ def test_token_stream_appends_eos_after_every_document():
     assert token_stream(DOCS, OrdTokenizer()).tolist() == expected
 
 
-def test_token_stream_without_eos_joins_documents():
+def test_token_stream_without_eos_joins_documents_and_warns():
     tokenizer = OrdTokenizer()
     tokenizer.eos_token_id = None
-    assert token_stream(DOCS, tokenizer).tolist() == [ord(c) for c in "".join(DOCS)]
+    with pytest.warns(MoePruneWarning, match="no EOS token: documents are joined with nothing between them"):
+        assert token_stream(DOCS, tokenizer).tolist() == [ord(c) for c in "".join(DOCS)]
+
+
+def test_one_document_needs_no_separator_and_no_warning():
+    tokenizer = OrdTokenizer()
+    tokenizer.eos_token_id = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert token_stream(DOCS[:1], tokenizer).tolist() == [ord(c) for c in DOCS[0]]
 
 
 def test_token_stream_stops_tokenizing_once_max_tokens_exist():

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError, MoePruneWarning
+from moe_prune.sizes import parse_tokens  # noqa: F401  (the CLI's token-count parser, re-exported)
 
 try:  # typer vendors its own click (its exceptions are not click's)
     from typer._click import exceptions as click_exceptions
@@ -57,6 +58,21 @@ DropMtpOpt = Annotated[
         help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
     ),
 ]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Data file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records go through the model's chat "
+        "template), hub dataset id or task:NAME. Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k).",
+        show_default=False,
+    ),
+]
+SPLIT_ON_HELP = (
+    "How .txt/.text/.md files become documents: none (the whole file is one document) or blank-lines "
+    "(each paragraph one document; documents are joined by EOS)."
+)
+SplitOnOpt = Annotated[str, typer.Option(help=SPLIT_ON_HELP)]
 OutDirOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist unless --force).")
 ]
@@ -192,14 +208,3 @@ def parse_device_map(device_map: str | None, device: str) -> str:
     if device_map != "auto":
         raise MoePruneError(f"--device-map {device_map!r}: only 'auto' is supported")
     return "auto"
-
-
-def parse_tokens(text: str, option: str = "--tokens") -> int:
-    """'1M' -> 1_000_000, '250k' -> 250_000, '4096' -> 4096 (a count of tokens, not bytes)."""
-    units = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-    cleaned = text.strip().upper().replace("_", "")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, OverflowError):  # not a number, or nan / inf
-        raise MoePruneError(f"{option} {text!r}: expected a count such as 1M, 250k or 4096") from None
