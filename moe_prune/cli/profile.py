@@ -6,19 +6,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import (
+    DataOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
     LazyBar,
+    SplitOnOpt,
     TrustOpt,
     out_console,
     parse_device_map,
@@ -59,14 +61,7 @@ def profile(
             show_default=False,
         ),
     ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            "-d",
-            help="Calibration text (.txt/.jsonl/.json/.parquet/.csv), hub dataset id, or task:NAME (default: demo).",
-        ),
-    ] = None,
+    data: DataOpt = None,
     task: Annotated[
         str | None,
         typer.Option(
@@ -76,6 +71,7 @@ def profile(
     include_path: Annotated[Path | None, typer.Option(help="Folder of your own lm-eval task YAMLs (--task).")] = None,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
     split: Annotated[str, typer.Option(help="Split of a hub dataset (streamed).")] = "train",
+    split_on: SplitOnOpt = "none",
     samples: Annotated[int, typer.Option(help="Calibration sequences (drawn with --seed when more exist).")] = 256,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (capped at the model's context).")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the choice of sequences.")] = 0,
@@ -104,14 +100,17 @@ def profile(
 ) -> None:
     from moe_prune.runtime import distributed
     from moe_prune.runtime.resume import partial_path
+    from moe_prune.runtime.sources import parse_sources
     from moe_prune.stages import profile as stage
 
-    if task is not None and data is not None:
+    if task is not None and data:
         raise MoePruneError("give --data or --task, not both")
-    data = f"{TASK_PREFIX}{task}" if task is not None else data or str(DEMO_CALIBRATION)
+    given = [f"{TASK_PREFIX}{task}"] if task is not None else data or [str(DEMO_CALIBRATION)]
+    specs = parse_sources(given)
+    sources = tuple(spec.source for spec in specs)
     out = out.expanduser()
     check_writable(out, force)
-    check_not_input(out, (*(inputs or [str(DEMO_MODEL_DIR)]), data))
+    check_not_input(out, (*(inputs or [str(DEMO_MODEL_DIR)]), *sources))
     if out.is_dir():
         raise MoePruneError(f"{out}: is a folder; expected a .npz file path")
     if not out.parent.is_dir():
@@ -131,6 +130,7 @@ def profile(
         gradients=gradients,
         text_field=text_field,
         split=split,
+        split_on=split_on,
         dtype=dtype,
         device=parse_device_map(device_map, device),
         trust_remote_code=trust_remote_code,
@@ -142,9 +142,9 @@ def profile(
     place = distributed.world()
     partial = partial_path(out, place.rank) if (save_every or resume) else None
     try:
-        result = _run_with_progress(model, data, settings, partial, resume, place.is_main)
+        result = _run_with_progress(model, given, settings, partial, resume, place.is_main)
         if place.is_main:  # rank 0 writes the file and reports
-            result.stats.save(out, force, inputs=(model, data))
+            result.stats.save(out, force, inputs=(model, *sources))
     finally:
         distributed.finish()
     if not place.is_main:
@@ -158,16 +158,18 @@ def profile(
         print_json({"out": str(out), **result.to_dict()})
         return
     out_console.print(
-        f"[bold]{model}[/] on {data}: {result.sequences} sequences × {result.seq_len} tokens "
+        f"[bold]{model}[/] on {' + '.join(given)}: {result.sequences} sequences × {result.seq_len} tokens "
         f"= {result.tokens:,} tokens → {out}",
         highlight=False,
     )
+    if len(given) > 1:
+        out_console.print(sources_table(result.stats.provenance["sources"]))
     out_console.print(usage_table(result))
     out_console.print("share = an expert's part of the layer's top-k selections; entropy 1.000 = even", style="dim")
 
 
 def _run_with_progress(
-    model: str, data: str, settings: Settings, partial: Path | None, resume: bool, show: bool
+    model: str, data: list[str], settings: Settings, partial: Path | None, resume: bool, show: bool
 ) -> ProfileResult:
     from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -203,6 +205,19 @@ def _combine(paths: list[Path], out: Path, force: bool, json_output: bool) -> No
         print_json({"out": str(out), "inputs": [str(p) for p in paths], "tokens": tokens})
         return
     out_console.print(f"combined {len(paths)} files ({tokens:,} tokens per MoE layer) → {out}", highlight=False)
+
+
+def sources_table(sources: list[dict[str, Any]]) -> Table:
+    """One row per data source of a mix: what it was asked for and what it gave."""
+    table = Table(title="data sources", title_justify="left")
+    for name in ("source", "format", "asked", "tokens", "share of tokens"):
+        table.add_column(name, justify="left" if name in ("source", "format") else "right")
+    for row in sources:
+        asked = "the rest" if row["share"] is None else f"{row['share']:g}"
+        if row["count"] is not None:
+            asked = f"{row['count']:,} tokens"
+        table.add_row(row["source"], row["format"], asked, f"{row['tokens']:,}", f"{row['share_of_tokens']:.3f}")
+    return table
 
 
 def usage_table(result: ProfileResult) -> Table:

@@ -1,12 +1,14 @@
 """`profile`: routing, logit, activation (and optionally gradient) statistics of a model on calibration data.
 
-Data: documents tokenized into one stream (documents joined by EOS, see `runtime.data`), cut into
-windows of `seq_len` tokens (clipped to the model's context). When the data holds more windows than
-`samples`, a seeded random choice of `samples` windows is taken (kept in stream order); otherwise all
-windows are used, with a warning when fewer than asked. At most `POOL_FACTOR` x samples x seq_len
-tokens are read, so a huge corpus is never tokenized whole. `shard=(i, n)` keeps the i-th of n
-contiguous slices of the chosen windows, so several machines profile disjoint parts and `combine`
-adds their files.
+Data: one source or a mix (`data` a list of `SOURCE[:SHARE]`, see `runtime.sources`), each source's
+documents tokenized into one stream (joined by EOS, see `runtime.data`). The budget is samples x
+seq_len tokens (seq_len clipped to the model's context); each source gives its share of it as windows
+of `seq_len` tokens drawn with `seed` from at most `POOL_FACTOR` times its share (kept in stream
+order), so a huge corpus is never tokenized whole; the sources follow each other and the stream is cut
+into windows. Fewer windows than `samples` are used with a warning when the data runs out. `shard=(i,
+n)` keeps the i-th of n contiguous slices of those windows, so several machines profile disjoint parts
+of the same mixed stream and `combine` adds their files. Provenance lists every source with its share
+and the tokens it gave to this file's windows.
 
 One forward pass per batch collects every forward statistic (`runtime.statistics`); with
 `gradients=True` the same pass also runs backward on the summed next-token loss and the gradient
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,11 +36,12 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
-from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.data import check_split_on, clip_seq_len, fixed_chunks
 from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, parse_dtype
 from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.runtime.sources import Mix, SourceData, SourceSpec, mix, parse_sources, read_source, read_sources, take
 from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.stages.tasks import TASK_PREFIX, calibration_texts
 from moe_prune.training.losses import token_cross_entropy
@@ -46,7 +49,7 @@ from moe_prune.training.losses import token_cross_entropy
 # progress(tokens_done, tokens_total): called before the first batch and after each one.
 ProgressFn = Callable[[int, int], None]
 POOL_FACTOR = 4  # windows are drawn from at most this many times the tokens needed
-CHARS_PER_TOKEN_BOUND = 16  # characters read per wanted token: more than any tokenizer needs
+BUDGET = "--samples x --seq-len"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Settings:
     gradients: bool = False
     text_field: str = "text"
     split: str = "train"
+    split_on: str = "none"  # how .txt files are cut into documents (runtime.data.SPLIT_ON)
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
@@ -80,6 +84,7 @@ class Settings:
         if count < 1 or not 0 <= index < count:
             raise MoePruneError(f"shard {index}/{count}: expected i/n with 0 <= i < n")
         parse_dtype(self.dtype)
+        check_split_on(self.split_on)
         if self.sequential and self.gradients:
             raise MoePruneError(
                 "--sequential cannot collect --gradients (backpropagation needs every layer at once); "
@@ -127,13 +132,11 @@ class ProfileResult:
 
 
 def choose_windows(ids: torch.Tensor, seq_len: int, samples: int, seed: int) -> torch.Tensor:
-    """[N, seq_len]: `samples` windows drawn with `seed` (stream order kept), or all when fewer exist."""
-    chunks = fixed_chunks(ids, seq_len)
-    if len(chunks) <= samples:
-        return chunks
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(chunks), generator=generator)[:samples].sort().values
-    return chunks[chosen]
+    """[N, seq_len]: `samples` windows drawn with `seed` (stream order kept), or all when fewer exist.
+
+    What one source without a share gives `run` (`runtime.sources.take`).
+    """
+    return fixed_chunks(take(ids, samples * seq_len, seq_len, seed), seq_len)
 
 
 def shard_slice(count: int, shard: tuple[int, int]) -> slice:
@@ -165,13 +168,13 @@ def model_facts(config: ModelConfig) -> dict[str, Any]:
 
 def run(
     model: str | Path,
-    data: str,
+    data: str | Sequence[str],
     settings: Settings = Settings(),
     progress: ProgressFn | None = None,
     partial: Path | None = None,
     resume: bool = False,
 ) -> ProfileResult:
-    """Profile `model` on `data`; nothing is written but the resumable `partial` file (see `Stats.save`).
+    """Profile `model` on `data` (one source or several `SOURCE[:SHARE]`); nothing is written but `partial`.
 
     Under a distributed launch every process profiles its own slice and all get the combined result.
     """
@@ -181,12 +184,10 @@ def run(
     ckpt = Checkpoint.open(model)
     identity = ckpt.identity  # config problems surface before any data is read
     config = ckpt.config
-    max_chars = POOL_FACTOR * settings.samples * settings.seq_len * CHARS_PER_TOKEN_BOUND
-    task_split = None
-    if str(data).startswith(TASK_PREFIX):
-        texts, task_split = calibration_texts(str(data)[len(TASK_PREFIX) :], settings.include_path)
-    else:
-        texts = load_texts(data, settings.text_field, settings.split, max_chars)
+    specs = parse_sources([data] if isinstance(data, str) else list(data))
+    sources = read_sources(
+        specs, settings.samples * settings.seq_len, pool=POOL_FACTOR, what=BUDGET, read=_reader(settings)
+    )
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     if settings.sequential and config.model_type in NO_SEQUENTIAL:
         raise MoePruneError(
@@ -201,19 +202,11 @@ def run(
     else:
         loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
         hf_config = loaded.config
-    warnings = []
     seq_len = clip_seq_len(settings.seq_len, hf_config)
-    if seq_len < settings.seq_len:
-        warnings.append(f"sequence length {settings.seq_len} exceeds the model's context; using {seq_len}")
-    ids = token_stream(texts, tokenizer, POOL_FACTOR * settings.samples * seq_len)
-    try:
-        windows = choose_windows(ids, seq_len, settings.samples, settings.seed)
-    except MoePruneError as exc:
-        raise MoePruneError(f"{data}: {exc}") from None
-    if len(windows) < settings.samples:
-        warnings.append(f"{data}: holds only {len(windows)} sequences of {seq_len} tokens ({settings.samples} asked)")
+    mixed, windows, warnings = _windows(sources, tokenizer, seq_len, settings)
     total = len(windows)
-    windows = windows[shard_slice(total, settings.shard)]
+    part = shard_slice(total, settings.shard)
+    windows = windows[part]
     if len(windows) == 0:
         raise MoePruneError(f"shard {settings.shard[0]}/{settings.shard[1]} of {total} sequences is empty")
     mine = windows[shard_slice(len(windows), (place.rank, place.size))]
@@ -226,9 +219,11 @@ def run(
     provenance = {
         "tool": f"moe-prune {moe_prune.__version__}",
         "model": str(model),
-        "data": str(data),
+        "data": specs[0].given if len(specs) == 1 else [s.given for s in specs],
+        "sources": mixed.provenance(part.start * seq_len, part.stop * seq_len),
         "text_field": settings.text_field,
-        "split": task_split or settings.split,
+        "split": (sources[0].split if len(sources) == 1 else None) or settings.split,
+        "split_on": settings.split_on,
         "samples": settings.samples,
         "sequences_available": total,
         "sequences": len(windows),
@@ -246,6 +241,36 @@ def run(
     stats = Stats(identity, arrays, provenance)
     tokens = int(windows.numel())
     return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
+
+
+def _reader(settings: Settings) -> Callable[[SourceSpec, int], SourceData]:
+    """Reads `task:NAME` sources through lm-eval (the task's own documents), the rest as files or hub datasets."""
+
+    def read(spec: SourceSpec, max_chars: int) -> SourceData:
+        if spec.source.startswith(TASK_PREFIX):
+            texts, split = calibration_texts(spec.source[len(TASK_PREFIX) :], settings.include_path)
+            return SourceData(spec, list(texts), split)
+        return read_source(spec, max_chars, settings.text_field, settings.split, settings.split_on)
+
+    return read
+
+
+def _windows(
+    sources: list[SourceData], tokenizer: Any, seq_len: int, settings: Settings
+) -> tuple[Mix, torch.Tensor, list[str]]:
+    """The mixed stream of samples x seq_len tokens cut into windows, and the warnings about it."""
+    warnings = []
+    if seq_len < settings.seq_len:
+        warnings.append(f"sequence length {settings.seq_len} exceeds the model's context; using {seq_len}")
+    budget = settings.samples * seq_len
+    mixed = mix(sources, tokenizer, budget, unit=seq_len, seed=settings.seed, pool=POOL_FACTOR, what=BUDGET)
+    warnings += mixed.warnings
+    windows = fixed_chunks(mixed.ids, seq_len, source=mixed.label)
+    if len(windows) < settings.samples:
+        warnings.append(
+            f"{mixed.label}: holds only {len(windows)} sequences of {seq_len} tokens ({settings.samples} asked)"
+        )
+    return mixed, windows, warnings
 
 
 def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place: distributed.World) -> str:
@@ -358,7 +383,7 @@ def _output_head(model: Any) -> tuple[str, ...]:
 
 
 # Provenance fields that fix which calibration windows a file counted: equal in two files = the same tokens.
-WINDOW_FIELDS = ("data", "text_field", "split", "samples", "seq_len", "seed", "shard")
+WINDOW_FIELDS = ("data", "text_field", "split", "split_on", "samples", "seq_len", "seed", "shard")
 
 
 def refuse_overlap(paths: list[Path], loaded: list[Stats]) -> None:
