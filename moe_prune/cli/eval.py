@@ -17,6 +17,7 @@ from moe_prune.cli.common import (
     JsonOpt,
     LazyBar,
     ModelArg,
+    SplitOnOpt,
     TrustOpt,
     human_bytes,
     out_console,
@@ -38,9 +39,16 @@ COMPACT_EXPERTS = 16  # wider layers show min / median / max instead of every ex
 def evaluate(
     model: ModelArg = DEFAULT_MODEL,
     data: Annotated[
-        str, typer.Option("--data", "-d", help="Text file (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id.")
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Text file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records through the model's chat "
+            "template) or hub dataset id.",
+        ),
     ] = DEFAULT_DATA,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    split_on: SplitOnOpt = "none",
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence (capped at the model's context).")] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_tokens: Annotated[int | None, typer.Option(help="Evaluate at most this many tokens of the data.")] = None,
@@ -119,6 +127,7 @@ def evaluate(
             baseline=baseline,
             progress=advance,
             text_field=text_field,
+            split_on=split_on,
             dtype=dtype,
             device=device,
             trust_remote_code=trust_remote_code,

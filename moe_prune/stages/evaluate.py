@@ -1,7 +1,8 @@
 """`eval`: perplexity, size, FLOPs per token and expert load balance of a model, optionally vs a baseline.
 
 Perplexity is exp of the token-weighted mean next-token NLL over fixed-length chunks of one token
-stream (documents joined by EOS, see `runtime.data`): every chunk of `seq_len` tokens scores
+stream (documents joined by EOS; a .txt file is one document unless `split_on` says otherwise; chat
+records rendered with each model's own chat template; see `runtime.data`): every chunk of `seq_len` tokens scores
 `seq_len - 1` predictions, each from the tokens before it in its chunk. Chunks depend only on the data
 and the tokenizer, so a pruned model and its baseline are compared on identical inputs.
 
@@ -28,9 +29,11 @@ import torch
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.data import clip_seq_len, fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.chat import render
+from moe_prune.runtime.data import Document, clip_seq_len, fixed_chunks, load_documents, token_stream
 from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, memory_bytes, parse_dtype
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
+from moe_prune.runtime.sources import parse_source
 from moe_prune.training.losses import token_cross_entropy
 
 # progress(label, batches_done, batches_total): called before the first batch and after each one.
@@ -225,7 +228,7 @@ def evaluate_model(
     name: str,
     ckpt: Checkpoint,
     label: str,
-    texts: list[str],
+    texts: list[Document],
     settings: Settings,
     progress: ProgressFn,
     source: str = "data",
@@ -238,9 +241,8 @@ def evaluate_model(
     warnings = []
     if used_len < settings.seq_len:
         warnings.append(f"{label}: sequence length {settings.seq_len} exceeds the model's context; using {used_len}")
-    chunks = fixed_chunks(
-        token_stream(texts, tokenizer, settings.max_tokens), used_len, settings.max_tokens, source=source
-    )
+    stream = token_stream(render(texts, tokenizer, source), tokenizer, settings.max_tokens)
+    chunks = fixed_chunks(stream, used_len, settings.max_tokens, source=source)
     batches = math.ceil(len(chunks) / settings.batch_size)
     progress(label, 0, batches)
     with RoutingRecorder(model, config) as recorder:
@@ -279,6 +281,7 @@ def run(
     *,
     text_field: str = "text",
     split: str = "train",
+    split_on: str = "none",
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
@@ -296,7 +299,9 @@ def run(
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), _open(baseline))
     max_chars = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN_BOUND
-    texts = load_texts(data, text_field, split, max_chars)
+    if parse_source(data).suffix:
+        raise MoePruneError(f"--data {data}: eval scores one source, without a share (cap it with --max-tokens)")
+    texts = load_documents(data, text_field, split, max_chars, split_on)
     settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code)
     report = progress or (lambda label, done, total: None)
     evals = {
