@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from moe_prune.cli.common import JsonOpt, LazyBar, out_console, parse_tokens, print_json, user_errors, warn
+from moe_prune.cli.common import (
+    SPLIT_ON_HELP,
+    DataOpt,
+    JsonOpt,
+    LazyBar,
+    out_console,
+    parse_tokens,
+    print_json,
+    user_errors,
+    warn,
+)
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
@@ -36,9 +46,7 @@ def lottery(
     rounds: Annotated[
         int | None, typer.Option(help="Rounds k (default: one expert per layer per round).", rich_help_panel=PRUNING)
     ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Calibration and training text (default: demo calibration).")
-    ] = None,
+    data: DataOpt = None,
     direction: Annotated[
         str | None, typer.Option(help="min or max (default: the criterion's).", rich_help_panel=PRUNING)
     ] = None,
@@ -83,6 +91,7 @@ def lottery(
         int | None, typer.Option(help="Seed of calibration windows; round r trains with seed + r - 1 (default: 0).")
     ] = None,
     text_field: Annotated[str | None, typer.Option(help="Text field of structured data (default: text).")] = None,
+    split_on: Annotated[str | None, typer.Option(help=SPLIT_ON_HELP + " Default: none.")] = None,
     eval_data: Annotated[
         str | None, typer.Option(help="Held-out text (default: demo held-out).", rich_help_panel=EVAL)
     ] = None,
@@ -107,6 +116,7 @@ def lottery(
     given = {f.name: options[f.name] for f in fields(LotteryParams) if f.name in options}
     given["finetune"] = False if no_finetune else None  # flags count as given only when passed
     given["compare"] = True if compare else None
+    given["data"] = None if not data else data[0] if len(data) == 1 else data
     given["tokens_first"] = parse_tokens(tokens_first, "--tokens-first") if tokens_first is not None else None
     set_fields = {k: v for k, v in given.items() if v is not None}
     expected = None

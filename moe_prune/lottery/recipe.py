@@ -20,6 +20,7 @@ from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data import check_split_on
 
 RECIPE_SCHEMA = "moe-prune/lottery-recipe"
 RECIPE_VERSION = 1
@@ -34,7 +35,7 @@ class LotteryParams:
 
     model: str
     criterion: str
-    data: str
+    data: str | list[str]  # one `--data` value, or several SOURCE:SHARE values mixed (runtime.sources)
     target_ratio: float = 0.5
     rounds: int | None = None  # None: one expert per layer per round (the paper)
     direction: str | None = None  # None: the criterion's own
@@ -53,6 +54,7 @@ class LotteryParams:
     profile_batch_size: int = 8
     seed: int = 0
     text_field: str = "text"
+    split_on: str = "none"  # how .txt files become documents (runtime.data.SPLIT_ON)
     eval_data: str = str(DEMO_HELDOUT)
     eval_tokens: int = 16_384
 
@@ -67,6 +69,7 @@ class LotteryParams:
             raise MoePruneError(f"--eval-tokens must not be negative (got {self.eval_tokens})")
         if self.direction not in (None, "min", "max"):
             raise MoePruneError(f"--direction must be min or max, not {self.direction!r}")
+        check_split_on(self.split_on)
         if self.compare and not self.finetune:
             raise MoePruneError(
                 "--compare runs one-shot, iterative and the lottery (with finetuning); drop --no-finetune"

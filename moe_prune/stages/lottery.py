@@ -44,7 +44,8 @@ from moe_prune.lottery.recipe import (
 )
 from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
 from moe_prune.lottery.schedule import drop_schedule, token_schedule
-from moe_prune.runtime.data import load_texts
+from moe_prune.runtime.data import load_documents
+from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, finetune, profile, prune, score
@@ -73,9 +74,9 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     """Validate everything that needs no compute and fix the schedule; nothing is written."""
     params.check()
     get_criterion(params.criterion)  # unknown names fail here, with "did you mean"
-    params = replace(
-        params, model=local_path(params.model), data=local_path(params.data), eval_data=local_path(params.eval_data)
-    )
+    specs = [s.relocated(local_path(s.source)) for s in parse_sources(_data(params))]
+    data = specs[0].given if len(specs) == 1 else [s.given for s in specs]
+    params = replace(params, model=local_path(params.model), data=data, eval_data=local_path(params.eval_data))
     ckpt = Checkpoint.open(params.model)
     config = ckpt.config
     counts = set(config.experts_per_layer.values())
@@ -86,15 +87,21 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     drops = drop_schedule(counts.pop(), config.top_k, params.target_ratio, params.rounds)
     tokens = token_schedule(params.tokens_first, len(drops)) if params.finetune else [0] * len(drops)
     FinetuneOptions(**_finetune_fields(params, tokens[0] or 1)).check()
-    for source in (params.data, *((params.eval_data,) if params.eval_tokens else ())):
-        load_texts(source, params.text_field, max_chars=1)  # a missing file is reported before any round
+    if params.finetune and (len(specs) > 1 or specs[0].suffix):
+        raise MoePruneError(
+            "lottery: finetuning on a mix of --data sources (or a share) is not wired yet; "
+            "give one --data without a share, or pass --no-finetune"
+        )
+    for source in (*(s.source for s in specs), *((params.eval_data,) if params.eval_tokens else ())):
+        # a missing or unreadable file is reported before any round
+        load_documents(source, params.text_field, max_chars=1, split_on=params.split_on)
     methods = [Method("lottery" if params.finetune else "iterative", drops, tokens)]
     if params.compare:
         total = sum(drops)
         methods = [Method("one-shot", [total], [0]), Method("iterative", drops, [0] * len(drops)), methods[0]]
     inputs = {
         "model": model_fingerprint(ckpt),
-        "data": data_fingerprint(params.data),
+        "data": _fingerprints(specs),
         "eval_data": data_fingerprint(params.eval_data) if params.eval_tokens else None,
     }
     schedule = {
@@ -168,9 +175,20 @@ def _prepare(out: Path, recipe: Recipe, force: bool) -> bool:
     return True
 
 
+def _data(params: LotteryParams) -> list[str]:
+    return [params.data] if isinstance(params.data, str) else list(params.data)
+
+
+def _fingerprints(specs: list[SourceSpec]) -> dict[str, Any] | list[dict[str, Any]]:
+    """One source: its fingerprint (as recipes always had); a mix: each source's, with its share as given."""
+    prints = [{**data_fingerprint(s.source), **({"spec": s.given} if s.suffix else {})} for s in specs]
+    return prints[0] if len(prints) == 1 else prints
+
+
 def _protect_inputs(out: Path, params: LotteryParams) -> None:
     """--force replaces DIR whole: refuse a DIR that is or holds the model or the data."""
-    for what, source in (("model", params.model), ("data", params.data), ("eval data", params.eval_data)):
+    data = [("data", spec.source) for spec in parse_sources(_data(params))]
+    for what, source in (("model", params.model), *data, ("eval data", params.eval_data)):
         path = Path(source).expanduser()
         if path.exists() and (path.resolve() == out.resolve() or out.resolve() in path.resolve().parents):
             raise MoePruneError(f"{out}: holds the input {what} {source}; choose another --out")
@@ -241,7 +259,7 @@ class _Round:
                 options = FinetuneOptions(
                     **_finetune_fields(self.params, tokens), seed=self.params.seed + self.index - 1
                 )
-                finetune.run(pruned, self.params.data, final, options)
+                finetune.run(pruned, str(self.params.data), final, options)  # one plain source (see `plan`)
         perplexity = None
         if self.params.eval_tokens:
             self.report(self.method, self.index, self.total, "eval")
@@ -287,6 +305,7 @@ class _Round:
             batch_size=self.params.profile_batch_size,
             gradients=any(name.startswith("grad") for name in crit.stats),
             text_field=self.params.text_field,
+            split_on=self.params.split_on,
         )
         stats = profile.run(current, self.params.data, settings).stats
         stats.save(path)
@@ -327,7 +346,12 @@ def _finetune_fields(params: LotteryParams, tokens: int) -> dict[str, Any]:
 
 def _perplexity(params: LotteryParams, model: Path) -> float:
     result = evaluate.run(
-        model, params.eval_data, seq_len=params.seq_len, batch_size=params.batch_size, max_tokens=params.eval_tokens
+        model,
+        params.eval_data,
+        seq_len=params.seq_len,
+        batch_size=params.batch_size,
+        max_tokens=params.eval_tokens,
+        split_on=params.split_on,
     )
     return result.model.perplexity
 
