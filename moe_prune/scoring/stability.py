@@ -76,7 +76,7 @@ class Stability:
                 f"layer{'s' if len(ties) > 1 else ''} {', '.join(map(str, ties))}; that cut is decided by expert index"
             )
         for layer, s in self.layers.items():
-            if s.agreement is not None and s.agreement < UNSTABLE_BELOW:
+            if s.unstable:
                 messages.append(f"layer {layer}: selection unstable (agreement {s.agreement:.0%}); profile more data")
         return messages
 
