@@ -17,6 +17,7 @@ from moe_prune.cli import merge as merge_cmd
 from moe_prune.cli import profile as profile_cmd
 from moe_prune.cli import prune as prune_cmd
 from moe_prune.cli import score as score_cmd
+from moe_prune.cli import sweep as sweep_cmd
 from moe_prune.cli.common import DEBUG_ENV, click_exceptions, err_console
 
 
@@ -74,6 +75,7 @@ app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
 app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
 app.command("lottery", help=lottery_cmd.__doc__)(lottery_cmd.lottery)
 app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
+app.command("sweep", help=sweep_cmd.__doc__)(sweep_cmd.sweep)
 
 
 def main() -> None:

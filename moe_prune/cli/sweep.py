@@ -1,0 +1,306 @@
+"""Prune or merge to every combination of criteria, directions, scopes and ratios; rank them against random masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LazyBar,
+    ModelArg,
+    TrustOpt,
+    out_console,
+    parse_device_map,
+    print_json,
+    user_errors,
+    warn,
+)
+from moe_prune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moe_prune.sweep.results import Floor, Row, SweepResult
+
+
+@user_errors
+def sweep(
+    stats: Annotated[Path, typer.Option("--stats", "-s", help="Statistics of this model (from `moe-prune profile`).")],
+    model: ModelArg = DEFAULT_MODEL,
+    criteria: Annotated[
+        str, typer.Option("--criteria", "-c", help="Comma-separated criteria, or all (see `moe-prune score --list`).")
+    ] = "all",
+    ratios: Annotated[
+        str, typer.Option(help="Comma-separated fractions of experts to drop, each in (0, 1).")
+    ] = "0.25,0.5",
+    directions: Annotated[
+        str, typer.Option(help="default (the papers'), opposite, or both (the sweep says which one holds).")
+    ] = "default",
+    global_: Annotated[
+        str,
+        typer.Option("--global", help="layer (each layer drops the ratio), global, or both (global where comparable)."),
+    ] = "layer",
+    merge_methods: Annotated[
+        str | None, typer.Option(help="Comma-separated merge methods (see `moe-prune merge --help`), or all.")
+    ] = None,
+    random_seeds: Annotated[int, typer.Option(help="Random masks per ratio; their mean perplexity is the floor.")] = 3,
+    prune_hopeless: Annotated[
+        bool,
+        typer.Option(
+            "--prune-hopeless", help="Stop a line at larger ratios once it is worse than random at a smaller one."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the merge methods (k-means).")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Work folder: results.jsonl and table.json; rerun to resume (default: a temporary one)."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG of perplexity against experts kept, one line per method.")
+    ] = None,
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Held-out text to evaluate on (file or hub dataset).")
+    ] = DEFAULT_DATA,
+    text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_tokens: Annotated[int | None, typer.Option(help="Evaluate at most this many tokens of the data.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="Also score these lm-eval tasks (e.g. demo); needs moe-prune[tasks].")
+    ] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="With --tasks: few-shot demonstrations.")] = None,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: at most this many documents per task.")] = None,
+    include_path: Annotated[Path | None, typer.Option(help="With --tasks: folder of your own task YAMLs.")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: TrustOpt = False,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from moe_prune.stages import sweep as stage
+    from moe_prune.stages import tasks as task_stage
+    from moe_prune.sweep.plan import parse_names, parse_ratios
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise MoePruneError(f"--plot {plot}: give a .png file name")
+    device = parse_device_map(device_map, device)
+    task_settings = None
+    if tasks is not None:
+        task_settings = task_stage.TaskSettings(
+            task_stage.parse_tasks(tasks),
+            num_fewshot,
+            limit,
+            include_path,
+            batch_size,
+            dtype,
+            device,
+            trust_remote_code,
+        )
+    elif any(v is not None for v in (num_fewshot, limit, include_path)):
+        raise MoePruneError("--num-fewshot, --limit and --include-path apply to --tasks only")
+    settings = stage.SweepSettings(
+        criteria=() if criteria.strip() == "all" else tuple(parse_names(criteria, "--criteria")),
+        ratios=parse_ratios(ratios),
+        directions=directions,
+        scopes=global_,
+        merge_methods=_methods(merge_methods),
+        random_seeds=random_seeds,
+        prune_hopeless=prune_hopeless,
+        data=data,
+        text_field=text_field,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        merge_seed=seed,
+        tasks=task_settings,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with LazyBar(*columns) as bar:
+
+        def advance(done: int, total: int, combo: object) -> None:
+            label = getattr(combo, "line", "done")
+            ratio = getattr(combo, "ratio", None)
+            bar.update("sweep", f"sweep: {label}" + (f" @ {ratio:g}" if ratio else ""), completed=done, total=total)
+
+        result = stage.run(model, stats, settings, out, force, advance)
+    for message in result.warnings:
+        warn(message)
+    if plot is not None:
+        from moe_prune.sweep.plot import perplexity_plot
+
+        perplexity_plot(result, plot)
+    if json_output:
+        print_json({**result.to_dict(), "plot": str(plot) if plot else None})
+        return
+    _report(result, plot)
+
+
+def _methods(spec: str | None) -> tuple[str, ...]:
+    from moe_prune.merging.registry import METHODS
+    from moe_prune.sweep.plan import parse_names
+
+    if spec is None:
+        return ()
+    return tuple(METHODS.names()) if spec.strip() == "all" else tuple(parse_names(spec, "--merge-methods"))
+
+
+def _report(result: SweepResult, plot: Path | None) -> None:
+    from moe_prune.sweep.results import verdicts
+
+    original = next((r for r in result.rows if r.combo.kind == "original"), None)
+    out_console.print(
+        f"[bold]{result.model}[/] · statistics {result.stats} · held-out {result.data}"
+        + (f" · {original.tokens_scored:,} tokens" if original and original.tokens_scored else "")
+        + (f" · {result.reused} reused from {result.out}" if result.reused else ""),
+        highlight=False,
+    )
+    out_console.print(sweep_table(result))
+    for line in _not_measured(result.rows):
+        out_console.print(line, style="dim", highlight=False)
+    found = verdicts(result.rows, result.defaults, result.floors)
+    if found:
+        out_console.print("[bold]direction[/] (lower perplexity wins):")
+        for verdict in found:
+            out_console.print(f"  {verdict.text()}", highlight=False)
+    _recommend(result)
+    if result.out is not None:
+        out_console.print(f"results in {result.out}", style="dim", highlight=False)
+    if plot is not None:
+        out_console.print(f"plot written to {plot}", highlight=False)
+
+
+def sweep_table(result: SweepResult) -> Table:
+    """Per ratio, best first: measured rows with the random floor placed among them; failed rows last."""
+    from moe_prune.sweep.results import ranked
+
+    task_columns = list(dict.fromkeys((t, v["metric"].split(",")[0]) for r in result.rows for t, v in r.tasks.items()))
+    table = Table(title="sweep: held-out perplexity, best first within each ratio", title_justify="left")
+    headers = ("ratio", "kept", "combination", "perplexity", "vs original", "vs random")
+    for name in (*headers, *(f"{task}\n{metric}" for task, metric in task_columns), "note"):
+        table.add_column(name, justify="left" if name in ("combination", "note") else "right")
+    base = next((r.perplexity for r in result.rows if r.combo.kind == "original" and r.status == "done"), None)
+    floors = result.floors
+    by_ratio: dict[float, list[Row]] = {}
+    for row in ranked(result.rows):
+        if row.status in ("done", "failed") and row.combo.kind != "random":
+            by_ratio.setdefault(row.combo.ratio, []).append(row)
+    tasks = [task for task, _ in task_columns]
+    for ratio in sorted(set(by_ratio) | set(floors)):
+        if table.row_count:
+            table.add_section()
+        floor = floors.get(ratio)
+        pending = floor is not None
+        for row in by_ratio.get(ratio, []):
+            if pending and floor is not None and row.quality > floor.mean:
+                table.add_row(*_floor_cells(floor, base, result.rows, tasks))
+                pending = False
+            table.add_row(*_cells(row, base, floor, tasks))
+        if pending and floor is not None:
+            table.add_row(*_floor_cells(floor, base, result.rows, tasks))
+    return table
+
+
+def _kept(kept: dict[int, int]) -> str:
+    """'6' when every layer keeps 6 experts, else the mean and each layer's count."""
+    values = list(kept.values())
+    if len(set(values)) <= 1:
+        return str(values[0]) if values else ""
+    return f"{sum(values) / len(values):.3g} ({'/'.join(map(str, values))})"
+
+
+def _versus(value: float | None, base: float | None) -> str:
+    return "" if value is None or not base else f"{(value / base - 1) * 100:+.1f}%"
+
+
+def _cells(row: Row, base: float | None, floor: Floor | None, tasks: list[str]) -> list[str]:
+    ratio = f"{row.combo.ratio:g}" if row.combo.kind != "original" else "-"
+    if row.status != "done" or row.perplexity is None:
+        return [ratio, _kept(row.kept), row.combo.line, "-", "", "", *([""] * len(tasks)), f"failed: {row.reason}"]
+    against = ""
+    if floor is not None:
+        times = row.perplexity / floor.mean
+        against = f"[{'red' if times > 1 else 'green'}]{times:.2f}x[/]"
+    values = [f"{row.tasks[t]['value']:.3f}" if row.tasks.get(t, {}).get("value") is not None else "" for t in tasks]
+    return [
+        ratio,
+        _kept(row.kept),
+        row.combo.line,
+        f"{row.perplexity:.3f}",
+        _versus(row.perplexity, base),
+        against,
+        *values,
+        "",
+    ]
+
+
+def _floor_cells(floor: Floor, base: float | None, rows: list[Row], tasks: list[str]) -> list[str]:
+    """The random masks of one ratio as one row: mean perplexity, its spread, the mean of each task metric."""
+    seeds = [r for r in rows if r.combo.kind == "random" and r.combo.ratio == floor.ratio and r.status == "done"]
+    values = []
+    for task in tasks:
+        got = [r.tasks[task]["value"] for r in seeds if r.tasks.get(task, {}).get("value") is not None]
+        values.append(f"{sum(got) / len(got):.3f}" if got else "")
+    return [
+        f"[dim]{floor.ratio:g}[/]",
+        f"[dim]{_kept(seeds[0].kept) if seeds else ''}[/]",
+        f"[dim italic]random ({floor.seeds} seed{'s' if floor.seeds > 1 else ''}: the floor)[/]",
+        f"[dim]{floor.mean:.3f} ± {floor.std:.3f}[/]",
+        f"[dim]{_versus(floor.mean, base)}[/]",
+        "[dim]1.00x[/]",
+        *(f"[dim]{v}[/]" for v in values),
+        f"[dim]range {floor.low:.3f} .. {floor.high:.3f}[/]",
+    ]
+
+
+def _not_measured(rows: list[Row]) -> list[str]:
+    """Skipped and hopeless combinations, one line per reason (and line): which ones, at which ratios."""
+    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for row in rows:
+        if row.status in ("skipped", "hopeless"):
+            lines = groups.setdefault((row.status, row.reason), {})
+            lines.setdefault(row.combo.line, []).append(f"{row.combo.ratio:g}")
+    out = []
+    for (status, reason), lines in groups.items():
+        what = "; ".join(f"{line} at {', '.join(ratios)}" for line, ratios in lines.items())
+        label = "skipped" if status == "skipped" else "not evaluated (--prune-hopeless)"
+        out.append(f"{label}: {what}: {reason}")
+    return out
+
+
+def _recommend(result: SweepResult) -> None:
+    """The best combination of each ratio with the commands that build it, then the one line to use."""
+    floors = result.floors
+    best = result.best()
+    if not best:
+        out_console.print("no pruned or merged model was measured: nothing to recommend", style="yellow")
+        return
+    out_console.print("[bold]best per ratio[/] (commands to build it without the sweep):")
+    for ratio, row in best.items():
+        floor = floors.get(ratio)
+        against = f", {row.quality / floor.mean:.2f}x the random floor" if floor else ""
+        out_console.print(f"  {ratio:g}: {row.combo.line}, perplexity {row.quality:.3f}{against}", highlight=False)
+        out_console.print(f"    {row.command}", markup=False, highlight=False, soft_wrap=True)
+    chosen = result.recommended()
+    if chosen is not None:
+        at = ", ".join(f"{r:g}" for r in chosen["best_at"]) or "none"
+        out_console.print(
+            f"[bold]recommended:[/] {chosen['line']}: lowest geometric-mean perplexity over all ratios "
+            f"({chosen['geometric_mean_perplexity']:.3f}); best at ratio(s) {at}",
+            highlight=False,
+        )

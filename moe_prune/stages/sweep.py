@@ -1,0 +1,301 @@
+"""`sweep`: prune or merge to every combination from one profile, evaluate each, and rank them against random masks.
+
+Combinations (`sweep.plan`): each criterion x direction x scope x ratio, each merge method x ratio, `random_seeds`
+random masks per ratio (the floor) and the original. Each is built by the real stages (`score` -> `prune`, or
+`merge`) into the work folder, evaluated by `eval`'s own `evaluate_model` (and `tasks.evaluate_tasks`), then
+deleted; only its result line is kept (`sweep.folder`). The statistics are read once and never recomputed.
+Combinations the statistics or the model cannot support (missing gradients, global selection of incomparable
+scores) are rows marked skipped with the stage's reason; they are fatal only when nothing else is left.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.demo import DEMO_HELDOUT
+from moe_prune.errors import MoePruneError
+from moe_prune.merging.registry import get_method
+from moe_prune.runtime.data import load_texts
+from moe_prune.runtime.loading import parse_dtype
+from moe_prune.scoring import Criterion, all_criteria, get_criterion
+from moe_prune.scoring.selection import Budget
+from moe_prune.stages import evaluate, merge, prune, score, tasks
+from moe_prune.sweep.folder import SweepFolder, fingerprint
+from moe_prune.sweep.plan import DIRECTIONS, SCOPES, Combo, choice, combinations, command
+from moe_prune.sweep.results import Row, SweepResult, floors, hopeless
+
+# progress(combinations done, total, the combination starting now or None at the end)
+ProgressFn = Callable[[int, int, Combo | None], None]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What to sweep and how each model is evaluated (see `moe-prune sweep --help` for each field)."""
+
+    criteria: tuple[str, ...] = ()  # empty: every registered criterion but `random` (the floor)
+    ratios: tuple[float, ...] = (0.25, 0.5)
+    directions: str = "default"  # default | opposite | both
+    scopes: str = "layer"  # layer | global | both
+    merge_methods: tuple[str, ...] = ()
+    random_seeds: int = 3
+    prune_hopeless: bool = False
+    data: str = str(DEMO_HELDOUT)
+    text_field: str = "text"
+    seq_len: int = 256
+    batch_size: int = 8
+    max_tokens: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    merge_seed: int = 0
+    tasks: tasks.TaskSettings | None = None
+
+    def check(self) -> None:
+        """Checks of the settings alone, before any file is read."""
+        choice(self.directions, "--directions", DIRECTIONS)
+        choice(self.scopes, "--global", SCOPES)
+        if not self.ratios or not all(0.0 < r < 1.0 for r in self.ratios):
+            raise MoePruneError(f"--ratios {list(self.ratios)}: each ratio must be above 0 and below 1")
+        if self.random_seeds < 1:
+            raise MoePruneError(f"--random-seeds must be at least 1 (got {self.random_seeds}): they are the floor")
+        if self.seq_len < 2 or self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
+            raise MoePruneError("--seq-len must be at least 2, --batch-size and --max-tokens at least 1")
+        parse_dtype(self.dtype)
+        if self.tasks is not None:
+            tasks.validate(self.tasks)
+
+
+@dataclass
+class Plan:
+    """Everything validated before the first combination runs."""
+
+    model: str
+    ckpt: Checkpoint
+    stats: Stats
+    stats_name: str
+    settings: SweepSettings
+    combos: list[Combo]
+    texts: list[str]
+    fingerprint: dict[str, Any]
+    defaults: dict[str, str]
+    manager: Any = None  # lm-eval's task manager with --tasks
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def experts(self) -> dict[int, int]:
+        identity = self.ckpt.identity
+        return {layer: identity.experts_in(layer) for layer in identity.moe_layers}
+
+
+def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Plan:
+    """Validate options, model, statistics, data and tasks; list the combinations. Nothing is written."""
+    settings.check()
+    criteria = _criteria(settings.criteria)
+    methods = [m for m in settings.merge_methods if get_method(m)]
+    ckpt = Checkpoint.open(model)
+    loaded = Stats.load(Path(stats))
+    loaded.identity.require_same(ckpt.identity, str(stats), str(ckpt.folder))
+    _check_ratios(ckpt, settings.ratios)
+    _check_usable(criteria, methods, loaded, ckpt, str(stats))
+    max_chars = None if settings.max_tokens is None else settings.max_tokens * evaluate.CHARS_PER_TOKEN_BOUND
+    texts = load_texts(settings.data, settings.text_field, max_chars=max_chars)
+    manager = _task_manager(settings.tasks) if settings.tasks is not None else None
+    s = settings
+    combos = combinations(criteria, methods, s.ratios, s.directions, s.scopes, s.random_seeds, s.merge_seed)
+    defaults = {c.name: c.direction for c in criteria}
+    return Plan(str(model), ckpt, loaded, str(stats), s, combos, texts, _fingerprint(ckpt, stats, s), defaults, manager)
+
+
+def run(
+    model: str | Path,
+    stats: str | Path,
+    settings: SweepSettings | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> SweepResult:
+    """Run (or resume, from `out`) the sweep; without `out` it works in a temporary folder removed at the end."""
+    settings = settings or SweepSettings()
+    plan = prepare(model, stats, settings)
+    folder = SweepFolder.open(out, plan.fingerprint, force, (model, stats, settings.data))
+    report = progress or (lambda done, total, combo: None)
+    try:
+        finished = folder.load()
+        reused = sum(1 for c in plan.combos if c.key in finished)
+        rows: list[Row] = []
+        for index, combo in enumerate(plan.combos):
+            report(index, len(plan.combos), combo)
+            row = finished.get(combo.key)
+            if row is None:
+                row = _hopeless(plan, combo, rows) or _execute(plan, combo, folder.scratch)
+                if row.status != "hopeless":  # depends on the other rows: decided again on every run
+                    finished[combo.key] = row
+                    folder.save(list(finished.values()))
+            rows.append(row)
+        report(len(plan.combos), len(plan.combos), None)
+        result = SweepResult(
+            out=folder.path if not folder.temporary else None,
+            model=plan.model,
+            stats=plan.stats_name,
+            data=settings.data,
+            fingerprint=plan.fingerprint,
+            experts=plan.experts,
+            top_k=plan.ckpt.config.top_k,
+            ratios=settings.ratios,
+            rows=rows,
+            defaults=plan.defaults,
+            tasks=list(settings.tasks.tasks) if settings.tasks else [],
+            reused=reused,
+            warnings=list(dict.fromkeys(plan.warnings)),
+        )
+        folder.write_table(result.to_dict())
+        return result
+    finally:
+        folder.cleanup()
+
+
+def _hopeless(plan: Plan, combo: Combo, rows: list[Row]) -> Row | None:
+    if not plan.settings.prune_hopeless or combo.kind not in ("prune", "merge"):
+        return None
+    reason = hopeless(combo, rows, floors(rows))
+    return Row(combo, "hopeless", reason) if reason else None
+
+
+def _execute(plan: Plan, combo: Combo, scratch: Path) -> Row:
+    """Build the combination's checkpoint, evaluate it, delete it: its row."""
+    target = scratch / "model"
+    try:
+        kept, folder = _build(plan, combo, target)
+    except MoePruneError as exc:  # refused by score, prune or merge before anything was evaluated
+        return Row(combo, "skipped", str(exc))
+    row = Row(combo, "failed", kept=kept, command=command(combo, plan.model, plan.stats_name, kept))
+    try:
+        _measure(plan, row, folder)
+    except MoePruneError as exc:  # e.g. non-finite logits: no perplexity, the worst row of its ratio
+        row.reason = str(exc)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    return row
+
+
+def _build(plan: Plan, combo: Combo, target: Path) -> tuple[dict[int, int], Path]:
+    """(experts per MoE layer, checkpoint folder) of the combination, through the stages' own functions."""
+    source = plan.ckpt.folder
+    if combo.kind == "original":
+        return plan.experts, source
+    if combo.kind == "merge":
+        counts = {layer: n - Budget(ratio=combo.ratio).drops(n, "per layer") for layer, n in plan.experts.items()}
+        keep = Counter(counts.values()).most_common(1)[0][0]
+        overrides = {layer: n for layer, n in counts.items() if n != keep}
+        merge.run(
+            source,
+            plan.stats,
+            target,
+            keep,
+            method=combo.name,
+            keep_overrides=overrides,
+            seed=combo.seed or 0,
+            force=True,
+            stats_name=plan.stats_name,
+        )
+        return counts, target
+    mask, _ = score.score(
+        plan.stats,
+        source,
+        combo.name,
+        direction=combo.direction,  # type: ignore[arg-type]
+        budget=Budget(ratio=combo.ratio),
+        global_=combo.scope == "global",
+        seed=combo.seed or 0,
+        stats_name=plan.stats_name,
+    )
+    prune.run(source, mask, target, force=True, mask_name=combo.line)
+    return {layer: len(kept) for layer, kept in mask.keep.items()}, target
+
+
+def _measure(plan: Plan, row: Row, folder: Path) -> None:
+    """Perplexity (and task metrics) of the checkpoint in `folder`, written into `row`."""
+    s = plan.settings
+    eval_settings = evaluate.Settings(s.seq_len, s.batch_size, s.max_tokens, s.dtype, s.device, s.trust_remote_code)
+    measured, _, warnings = evaluate.evaluate_model(
+        str(folder), Checkpoint.open(folder), row.combo.line, plan.texts, eval_settings, lambda *a: None, s.data
+    )
+    plan.warnings += warnings
+    if plan.manager is not None:
+        assert s.tasks is not None
+        with tasks.quiet_lm_eval():
+            result = tasks.evaluate_tasks(str(folder), folder, row.combo.line, plan.manager, s.tasks, lambda *a: None)
+        row.tasks = {
+            task: {"metric": f"{m},{f}", "value": value, "stderr": stderr}
+            for task in result.results
+            for m, f, value, stderr in result.metrics(task)[:1]
+        }
+    row.status, row.perplexity, row.nll = "done", measured.perplexity, measured.nll
+    row.tokens_scored, row.active_params, row.bytes_on_disk = (
+        measured.tokens_scored,
+        measured.params.active,
+        measured.bytes_on_disk,
+    )
+
+
+def _criteria(names: tuple[str, ...]) -> list[Criterion]:
+    """The named criteria (unknown names fail with "did you mean"); `random` is the floor, never a line."""
+    chosen = [get_criterion(n) for n in names] if names else all_criteria()
+    return [c for c in chosen if c.name != "random"]
+
+
+def _check_ratios(ckpt: Checkpoint, ratios: tuple[float, ...]) -> None:
+    """Every ratio must leave each layer at least top-k experts (the count score and merge would keep)."""
+    top_k = ckpt.config.top_k
+    for ratio in ratios:
+        for layer in ckpt.identity.moe_layers:
+            n = ckpt.identity.experts_in(layer)
+            kept = n - Budget(ratio=ratio).drops(n, f"in layer {layer}")
+            if kept < top_k:
+                raise MoePruneError(
+                    f"--ratios {ratio:g} keeps {kept} of the {n} experts of layer {layer}, fewer than top-k {top_k}"
+                )
+
+
+def _check_usable(criteria: list[Criterion], methods: list[str], stats: Stats, ckpt: Checkpoint, name: str) -> None:
+    """Refuse a sweep whose every criterion and merge method the statistics cannot serve (others: skipped rows)."""
+    reasons = []
+    for crit in criteria:
+        missing = [s for s in crit.stats if s not in stats.arrays]
+        if missing:
+            reasons.append(f"{crit.name} needs {', '.join(missing)}")
+    for method in methods:
+        try:
+            merge.check_stats(stats, ckpt, method, name)
+        except MoePruneError as exc:
+            reasons.append(str(exc))
+    if reasons and len(reasons) == len(criteria) + len(methods):
+        raise MoePruneError(f"{name}: serves none of the criteria and merge methods asked for ({'; '.join(reasons)})")
+
+
+def _task_manager(settings: tasks.TaskSettings) -> Any:
+    """lm-eval's task manager, with every task built once: a wrong name fails before any combination."""
+    tasks.require_lm_eval()
+    tasks._import_lm_eval()
+    with tasks.quiet_lm_eval():
+        if settings.include_path is not None:
+            tasks.check_task_yamls(settings.include_path)
+        manager = tasks.task_manager(settings.tasks, settings.include_path)
+        tasks.check_tasks(manager, settings.tasks)
+    return manager
+
+
+def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSettings) -> dict[str, Any]:
+    """What every result depends on; the combinations are not in it (a rerun may add criteria or ratios)."""
+    names = ("text_field", "seq_len", "batch_size", "max_tokens", "dtype", "device", "merge_seed")
+    evaluation: dict[str, Any] = {name: getattr(settings, name) for name in names}
+    if settings.tasks is not None:
+        evaluation["tasks"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings.tasks).items()}
+    return fingerprint(ckpt, stats, settings.data, evaluation)

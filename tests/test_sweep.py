@@ -1,0 +1,269 @@
+"""`sweep`: rows equal the stages run by hand, random floor, --prune-hopeless, resume, fingerprint, bad options."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import statistics
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_prune.cli import app
+from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
+from moe_prune.errors import MoePruneError
+from moe_prune.stages import evaluate
+from moe_prune.stages import sweep as stage
+
+MODEL = str(DEMO_MODEL_DIR)
+EVAL = dict(seq_len=128, batch_size=16, max_tokens=2048)  # 2048 held-out tokens: a fraction of a second per model
+# usage-frequency compares across layers (global), router-weight-norm reads weights, gradient-norm needs
+# gradients the statistics lack (skipped), frequency merges.
+FULL = stage.SweepSettings(
+    criteria=("usage-frequency", "router-weight-norm", "gradient-norm"),
+    ratios=(0.25, 0.5, 0.75),
+    directions="both",
+    scopes="both",
+    merge_methods=("frequency",),
+    random_seeds=2,
+    **EVAL,
+)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def stats_file(demo_stats, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sweep") / "demo.npz"
+    demo_stats.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def full(stats_file, tmp_path_factory):
+    """One uninterrupted sweep: 3 ratios, both directions, both scopes, a merge method, 2 random seeds."""
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    return out, stage.run(MODEL, stats_file, FULL, out)
+
+
+def perplexity(folder: str | Path) -> float:
+    return evaluate.run(folder, str(DEMO_HELDOUT), **EVAL).model.perplexity
+
+
+def rows(result) -> dict[str, dict]:
+    return {r["key"]: r for r in result.to_dict()["rows"]}
+
+
+def test_every_combination_is_a_row_and_the_floor_is_the_random_mean(full):
+    out, result = full
+    by_kind = {
+        kind: [r for r in result.rows if r.combo.kind == kind] for kind in ("original", "random", "prune", "merge")
+    }
+    assert len(by_kind["original"]) == 1 and len(by_kind["random"]) == 3 * 2 and len(by_kind["merge"]) == 3
+    # per ratio: usage-frequency 2 directions x 2 scopes, router-weight-norm 2 (no global), gradient-norm 2
+    assert len(by_kind["prune"]) == 3 * (4 + 2 + 2)
+    skipped = [r for r in result.rows if r.status == "skipped"]
+    assert {r.combo.name for r in skipped} == {"gradient-norm"} and all("grad_gram" in r.reason for r in skipped)
+    assert all(r.status == "done" for r in result.rows if r.combo.name != "gradient-norm")
+    for ratio, floor in result.floors.items():
+        values = [r.perplexity for r in by_kind["random"] if r.combo.ratio == ratio]
+        assert floor.mean == statistics.fmean(values) and (floor.low, floor.high) == (min(values), max(values))
+    for r in result.rows:
+        if r.status == "done" and r.combo.kind != "original" and r.combo.scope == "layer":
+            assert set(r.kept.values()) == {8 - round(8 * r.combo.ratio)}
+    assert not (out / "checkpoints").exists() and not list(out.rglob("*.safetensors"))  # built, measured, deleted
+    saved = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["key"] for r in saved} == {r.combo.key for r in result.rows}
+    assert json.loads((out / "table.json").read_text())["rows"] == result.to_dict()["rows"]
+
+
+def test_rows_equal_their_own_commands_run_by_hand(full, tmp_path, monkeypatch):
+    """The best row of each ratio, a global mask, a merge and a random mask: rebuilt with the row's own
+    `moe-prune score && prune` / `merge` command line, evaluated by `eval`: the same perplexity."""
+    _, result = full
+    monkeypatch.chdir(tmp_path)
+    done = [r for r in result.rows if r.status == "done"]
+    picked = {r.combo.key: r for r in result.best().values()}
+    for wanted in ("global", "merge", "random"):
+        row = next(r for r in done if wanted in (r.combo.scope, r.combo.kind) and r.combo.ratio == 0.5)
+        picked[row.combo.key] = row
+    assert len(picked) >= 4
+    for row in picked.values():
+        for part in row.command.split(" && "):
+            words = shlex.split(part)
+            assert words[0] == "moe-prune"
+            built = invoke(*words[1:])
+            assert built.exit_code == 0, built.output
+        assert perplexity(tmp_path / words[words.index("--out") + 1]) == row.perplexity, row.combo.line
+    original = next(r for r in result.rows if r.combo.kind == "original")
+    assert original.perplexity == perplexity(MODEL)
+
+
+def test_direction_verdicts_and_recommendation_follow_the_rows(full):
+    _, result = full
+    report = result.to_dict()
+    measured = {(r.combo.name, r.combo.scope, r.combo.direction, r.combo.ratio): r.perplexity for r in result.rows}
+    verdicts = {(v["criterion"], v["scope"]): v for v in report["directions"]}
+    assert set(verdicts) == {
+        ("usage-frequency", "layer"),
+        ("usage-frequency", "global"),
+        ("router-weight-norm", "layer"),
+    }
+    for (name, scope), verdict in verdicts.items():
+        wins = sum(measured[(name, scope, "min", r)] < measured[(name, scope, "max", r)] for r in FULL.ratios)
+        assert verdict["wins"]["min"] == wins and verdict["wins"]["max"] == 3 - wins
+        assert verdict["default"] == {"usage-frequency": "min", "router-weight-norm": "max"}[name]
+    for ratio, best in report["best"].items():
+        candidates = [r for r in result.rows if r.combo.ratio == float(ratio) and r.combo.kind in ("prune", "merge")]
+        assert best["perplexity"] == min(r.perplexity for r in candidates if r.status == "done")
+    lines: dict[str, list[float]] = {}
+    for r in result.rows:
+        if r.status == "done" and r.combo.kind in ("prune", "merge"):
+            lines.setdefault(r.combo.line, []).append(math.log(r.perplexity))
+    assert report["recommended"]["line"] == min(lines, key=lambda line: sum(lines[line]))
+
+
+def test_prune_hopeless_skips_exactly_the_lines_worse_than_random_earlier(full, stats_file, tmp_path, monkeypatch):
+    _, result = full
+    floors = result.floors
+    expected = set()
+    for r in result.rows:
+        if r.status == "done" and r.combo.kind in ("prune", "merge") and r.perplexity > floors[r.combo.ratio].mean:
+            expected |= {
+                o.combo.key for o in result.rows if o.combo.line == r.combo.line and o.combo.ratio > r.combo.ratio
+            }
+    expected -= {r.combo.key for r in result.rows if r.status == "skipped"}
+    assert expected  # the demo has lines worse than random (the wrong direction of usage-frequency)
+    evaluated: list[str] = []
+    real = stage._measure
+    monkeypatch.setattr(
+        stage, "_measure", lambda plan, row, folder: (evaluated.append(row.combo.key), real(plan, row, folder))[1]
+    )
+    pruned = stage.run(MODEL, stats_file, stage.SweepSettings(**{**vars(FULL), "prune_hopeless": True}))
+    hopeless = {r.combo.key for r in pruned.rows if r.status == "hopeless"}
+    assert hopeless == expected and not hopeless & set(evaluated)
+    full_rows = rows(result)
+    for key, row in rows(pruned).items():
+        if key not in hopeless:
+            assert row == full_rows[key]
+
+
+def test_interrupted_sweep_resumes_and_ends_with_the_same_rows(full, stats_file, tmp_path, monkeypatch):
+    """A part of the full sweep (its rows depend on nothing else), interrupted after 5 models, then resumed."""
+    _, uninterrupted = full
+    part = stage.SweepSettings(
+        **{**vars(FULL), "criteria": ("usage-frequency",), "ratios": (0.25, 0.5), "merge_methods": ()}
+    )
+    out = tmp_path / "run"
+    evaluated: list[str] = []
+    real = stage._measure
+
+    def interrupted(plan, row, folder):
+        if len(evaluated) == 5:
+            raise KeyboardInterrupt
+        evaluated.append(row.combo.key)
+        real(plan, row, folder)
+
+    monkeypatch.setattr(stage, "_measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(MODEL, stats_file, part, out)
+    first = list(evaluated)
+    assert not (out / "checkpoints").exists() and not (out / "table.json").exists()
+    saved = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert saved == first  # every finished model, and only those
+
+    evaluated.clear()
+    monkeypatch.setattr(
+        stage, "_measure", lambda plan, row, folder: (evaluated.append(row.combo.key), real(plan, row, folder))[1]
+    )
+    resumed = stage.run(MODEL, stats_file, part, out)
+    assert resumed.reused == 5 and not set(evaluated) & set(first)  # nothing measured twice
+    assert len(evaluated) + 5 == len(resumed.rows) == 1 + 2 * (2 + 4)
+    full_rows = rows(uninterrupted)
+    assert all(row == full_rows[key] for key, row in rows(resumed).items())
+    assert resumed.floors == {r: uninterrupted.floors[r] for r in part.ratios}
+    evaluated.clear()
+    again = stage.run(MODEL, stats_file, part, out)  # finished: everything read back
+    assert evaluated == [] and again.reused == len(again.rows) and rows(again) == rows(resumed)
+
+
+def test_another_fingerprint_is_refused_without_force(full, stats_file, tmp_path):
+    out, _ = full
+    before = (out / "results.jsonl").read_bytes()
+    other = stage.SweepSettings(**{**vars(FULL), "max_tokens": 1024})
+    with pytest.raises(MoePruneError, match=r"holds a sweep of another .*max_tokens \(2048 there, 1024 now\)"):
+        stage.run(MODEL, stats_file, other, out)
+    result = invoke(
+        "sweep", "--stats", str(stats_file), "-c", "usage-frequency", "--max-tokens", "1024", "-o", str(out)
+    )
+    assert result.exit_code == 1 and result.output.startswith("error:") and len(result.output.splitlines()) == 1
+    assert (out / "results.jsonl").read_bytes() == before
+    small = tmp_path / "small"
+    args = ["sweep", "--stats", str(stats_file), "-c", "usage-frequency", "--ratios", "0.5", "--random-seeds", "1",
+            "--seq-len", "128", "--max-tokens", "512"]  # fmt: skip
+    assert invoke(*args, "-o", str(small)).exit_code == 0
+    changed = invoke(*args[:-1], "256", "-o", str(small))
+    assert changed.exit_code == 1 and "max_tokens (512 there, 256 now)" in changed.output
+    forced = invoke(*args[:-1], "256", "-o", str(small), "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert (
+        json.loads(forced.stdout)["reused"] == 0
+        and json.loads((small / "sweep.json").read_text())["fingerprint"]["max_tokens"] == 256
+    )
+
+
+def test_cli_table_plot_json_and_no_leftovers(stats_file, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    png = tmp_path / "sweep.png"
+    args = ["sweep", "--stats", str(stats_file), "-c", "usage-frequency", "--ratios", "0.5", "--directions", "both",
+            "--merge-methods", "prune", "--random-seeds", "1", "--seq-len", "128", "--max-tokens", "512"]  # fmt: skip
+    result = invoke(*args, "--plot", str(png), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["out"] is None and report["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(scratch.iterdir()) == []  # the temporary work folder is gone
+    # `merge --method prune` keeps the most used experts: the same model as usage-frequency (min)
+    by_line = {(r["line"], r["combo"]["ratio"]): r["perplexity"] for r in report["rows"]}
+    assert by_line[("merge prune", 0.5)] == by_line[("usage-frequency (min)", 0.5)]
+    table = invoke(*args)
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert "random" in text and "usage-frequency: " in text and "recommended:" in text
+
+
+BAD = [
+    (["-c", "usage-frequncy"], "unknown criterion 'usage-frequncy' (did you mean 'usage-frequency'?)"),
+    (["-c", "usage-frequency", "--ratios", "1.5"], "--ratios 1.5: each ratio must be above 0 and below 1"),
+    (["-c", "usage-frequency", "--ratios", "0,0.5"], "--ratios 0: each ratio must be above 0 and below 1"),
+    (["-c", "usage-frequency", "--ratios", "half"], "--ratios 'half': expected a fraction"),
+    (
+        ["-c", "usage-frequency", "--ratios", "0.9"],
+        "--ratios 0.9 keeps 1 of the 8 experts of layer 0, fewer than top-k 2",
+    ),
+    (["-c", "usage-frequency", "--merge-methods", "uncrul"], "unknown merge method 'uncrul' (did you mean 'uncurl'?)"),
+    (
+        ["-c", "usage-frequency", "--directions", "sideways"],
+        "--directions 'sideways': use one of default, opposite, both",
+    ),
+    (["-c", "usage-frequency", "--global", "everywhere"], "--global 'everywhere': use one of layer, global, both"),
+    (["-c", "usage-frequency", "--random-seeds", "0"], "--random-seeds must be at least 1"),
+    (["-c", "gradient-norm,gradient-entropy"], "serves none of the criteria and merge methods asked for"),
+    (["-c", "usage-frequency", "--plot", "x.pdf"], "--plot x.pdf: give a .png file name"),
+    (["-c", "usage-frequency", "--data", "missing.jsonl"], "missing.jsonl: data file not found"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_bad_options_are_one_line_and_write_nothing(args, message, stats_file, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("sweep", "--stats", str(stats_file), *args, "-o", str(out))
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output and not out.exists()
