@@ -24,6 +24,7 @@ from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, lottery, profile, score
 
 CRITERION = "activation-norm"
+CONTROL = lottery.EQUAL_BUDGET  # one-shot + one finetune of the lottery's tokens
 # Lean settings: 16 x 128 calibration tokens, 4096 then 8192 training tokens, 2048 held-out tokens.
 SMALL = dict(tokens_first=4096, lr=1e-3, seq_len=128, profile_samples=16, profile_seq_len=128, eval_tokens=2048)
 CLI_SMALL = [
@@ -66,7 +67,7 @@ def dropped_by_manifest(checkpoint: Path) -> dict[int, set[int]]:
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> tuple[Path, dict, Path]:
-    """One-shot, iterative and lottery, 2 rounds to 50%, through the CLI with --json and --plot."""
+    """One-shot, iterative, lottery and one-shot + finetune, 2 rounds to 50%, through the CLI (--json, --plot)."""
     root = tmp_path_factory.mktemp("lottery")
     out, png = root / "run", root / "agreement.png"
     args = ["-c", CRITERION, "--target-ratio", "0.5", "--rounds", "2", "--compare", *CLI_SMALL]
@@ -114,7 +115,7 @@ def test_rounds_match_the_stages_run_by_hand(compared):
         first, second = (set(r["dropped"][str(layer)]) for r in lottery_rounds)
         assert not first & second and first | second == gone and len(first) == len(second) == 2
     # Perplexity after each round is what `eval` measures on that round's checkpoint.
-    for method in ("one-shot", "iterative", "lottery"):
+    for method in ("one-shot", "iterative", "lottery", CONTROL):
         for r in report["methods"][method]["rounds"]:
             ckpt = out / method / r["checkpoint"]
             measured = evaluate.run(ckpt, str(DEMO_HELDOUT), seq_len=128, max_tokens=2048).model.perplexity
@@ -141,6 +142,55 @@ def test_table_output_and_finished_run_is_not_redone(compared, tmp_path):
     )
     assert other.exit_code == 1 and "params.eval_tokens (2048 there, 1024 now)" in other.output
     assert json.loads((out / "report.json").read_text())["methods"] == report["methods"]  # nothing lost
+
+
+def test_one_shot_finetuned_has_one_shots_mask_and_the_lotterys_tokens(compared):
+    """The control arm: one-shot's mask, then one finetune of exactly the tokens the lottery's rounds trained."""
+    from transformers import AutoModelForCausalLM
+
+    out, report, _ = compared
+    assert list(report["methods"]) == ["one-shot", "iterative", "lottery", CONTROL]
+    lottery_final = out / "lottery" / "round-02" / "finetuned"
+    history = json.loads((lottery_final / "moe_prune.json").read_text())["history"]
+    lottery_tokens = sum(h["tokens"] for h in history if h["stage"] == "finetune")  # from the checkpoint itself
+    assert lottery_tokens == sum(r["tokens"] for r in report["methods"]["lottery"]["rounds"]) == 4096 + 8192
+    arm = report["methods"][CONTROL]
+    assert [r["tokens"] for r in arm["rounds"]] == [lottery_tokens] == [arm["trained"]]
+    final = Path(arm["final"])
+    assert final == out / CONTROL / "round-01" / "finetuned"
+    own = json.loads((final / "moe_prune.json").read_text())["history"]
+    assert [h["stage"] for h in own] == ["prune", "finetune"] and own[-1]["tokens"] == lottery_tokens
+    assert masks(out / CONTROL) == masks(out / "one-shot")
+    assert dropped_by_manifest(final) == dropped_by_manifest(out / "one-shot" / "round-01" / "pruned")
+    assert tensors(final) != tensors(out / "one-shot" / "round-01" / "pruned")  # it did train
+    model = AutoModelForCausalLM.from_pretrained(final)  # stock transformers
+    assert model.config.num_local_experts == 4
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits).all()
+
+
+def test_one_shot_finetuned_resumes_and_retrains_the_same_weights(compared, tmp_path, monkeypatch):
+    """Its folder removed from a finished run: the rerun makes only that arm again (statistics and the mask
+    shared with one-shot), with the same weights."""
+    compare_out, report, _ = compared
+    out = tmp_path / "run"
+    shutil.copytree(compare_out, out)
+    shutil.rmtree(out / CONTROL)
+    (out / "report.json").unlink()
+    calls: list[str] = []
+    real_finetune = lottery.finetune.run
+    monkeypatch.setattr(lottery.profile, "run", lambda *a, **k: calls.append("profile"))
+    monkeypatch.setattr(lottery.score, "score", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(
+        lottery.finetune,
+        "run",
+        lambda model, data, o, options: (calls.append(options.tokens), real_finetune(model, data, o, options))[1],
+    )
+    params = LotteryParams(str(DEMO_MODEL_DIR), CRITERION, str(DEMO_CALIBRATION), rounds=2, compare=True, **SMALL)
+    result = lottery.run(params, out)
+    assert calls == [4096 + 8192] and result.resumed
+    assert [m.rounds[0].reused for m in result.methods.values()] == [True, True, True, False]
+    final = out / CONTROL / "round-01" / "finetuned"
+    assert tensors(final) == tensors(Path(report["methods"][CONTROL]["final"]))  # CPU, one thread
 
 
 BAD = [

@@ -54,7 +54,12 @@ def lottery(
         bool, typer.Option("--no-finetune", help="Iterative pruning: no finetuning between rounds.")
     ] = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="Also run one-shot and iterative pruning and compare the three.")
+        bool,
+        typer.Option(
+            "--compare",
+            help="Also run one-shot, iterative, and one-shot + ONE finetune of the lottery's total tokens; "
+            "compare the four.",
+        ),
     ] = False,
     tokens_first: Annotated[
         str | None, typer.Option(help="Round 1 tokens, doubling each round (default: 200k).", rich_help_panel=TRAIN)
@@ -180,14 +185,14 @@ def _print(result: LotteryResult) -> None:
         highlight=False,
     )
     rounds = Table(title="perplexity after each round (held-out)", title_justify="left")
-    for name in ("method", "round", "dropped per layer (original ids, layer:ids)", "tokens", "perplexity"):
-        rounds.add_column(name, justify="right" if name in ("round", "tokens", "perplexity") else "left")
+    for name in ("method", "round", "dropped per layer (original ids, layer:ids)", "tokens trained", "perplexity"):
+        rounds.add_column(name, justify="left" if name.startswith(("method", "dropped")) else "right")
     rounds.add_row("original", "0", "-", "-", _ppl(result.baseline_perplexity))
     for method in result.methods.values():
         for r in method.rounds:
             dropped = "  ".join(f"{layer}:{','.join(map(str, ids))}" for layer, ids in r.dropped.items())
             reused = " (kept)" if r.reused else ""
-            rounds.add_row(method.name, f"{r.round}{reused}", dropped, f"{r.tokens:,}", _ppl(r.perplexity))
+            rounds.add_row(method.name, f"{r.round}{reused}", dropped, f"{r.trained or 0:,}", _ppl(r.perplexity))
     out_console.print(rounds)
     if len(result.methods) > 1:
         out_console.print(_comparison(result))
@@ -195,13 +200,13 @@ def _print(result: LotteryResult) -> None:
 
 
 def _comparison(result: LotteryResult) -> Table:
-    table = Table(title="one-shot vs iterative vs lottery (final perplexity, held-out)", title_justify="left")
+    title = f"{' vs '.join(result.methods)} (final perplexity, held-out)"
+    table = Table(title=title, title_justify="left")
     for name in ("method", "rounds", "tokens trained", "perplexity"):
         table.add_column(name, justify="left" if name == "method" else "right")
     table.add_row("original", "-", "-", _ppl(result.baseline_perplexity))
     for method in result.methods.values():
-        tokens = sum(r.tokens for r in method.rounds)
-        table.add_row(method.name, str(len(method.rounds)), f"{tokens:,}", _ppl(method.rounds[-1].perplexity))
+        table.add_row(method.name, str(len(method.rounds)), f"{method.trained:,}", _ppl(method.rounds[-1].perplexity))
     return table
 
 

@@ -72,7 +72,8 @@ class LotteryParams:
         check_split_on(self.split_on)
         if self.compare and not self.finetune:
             raise MoePruneError(
-                "--compare runs one-shot, iterative and the lottery (with finetuning); drop --no-finetune"
+                "--compare runs one-shot, iterative, the lottery and one-shot + finetune (finetuning); "
+                "drop --no-finetune"
             )
 
     @classmethod

@@ -16,10 +16,11 @@ class RoundResult:
     round: int
     dropped: dict[int, list[int]]
     kept: dict[int, list[int]]
-    tokens: int
+    tokens: int  # the finetuning budget
     checkpoint: str
     perplexity: float | None
     reused: bool = False
+    trained: int | None = None  # tokens the finetune trained: the budget rounded down to whole steps
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -37,6 +38,7 @@ class RoundResult:
             checkpoint=str(obj["checkpoint"]),
             perplexity=obj["perplexity"],
             reused=True,
+            trained=None if obj.get("trained") is None else int(obj["trained"]),
         )
 
 
@@ -53,6 +55,11 @@ class MethodResult:
         return self.folder / self.rounds[-1].checkpoint
 
     @property
+    def trained(self) -> int:
+        """Tokens trained over all rounds."""
+        return sum(r.trained or 0 for r in self.rounds)
+
+    @property
     def dropped(self) -> dict[int, list[int]]:
         layers = self.rounds[0].dropped
         return {layer: sorted(i for r in self.rounds for i in r.dropped[layer]) for layer in layers}
@@ -63,6 +70,7 @@ class MethodResult:
             "folder": str(self.folder),
             "final": str(self.final),
             "dropped": {str(k): v for k, v in self.dropped.items()},
+            "trained": self.trained,
             "rounds": [r.to_dict() for r in self.rounds],
         }
 

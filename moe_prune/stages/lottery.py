@@ -12,7 +12,9 @@ Layout of DIR (each file written atomically, so a half-written round is visible 
     round-NN/pruned/  finetuned/     checkpoints (finetuned/ only with finetuning)
     round-NN/round.json              written last: the round is finished
     report.json                      written last: the run is finished
-With `compare`, one-shot, iterative and lottery runs live in DIR/one-shot, DIR/iterative, DIR/lottery.
+With `compare`, one-shot, iterative and lottery runs live in DIR/one-shot, DIR/iterative, DIR/lottery, and
+the control that decides between them in DIR/one-shot-finetuned: one-shot's mask, then ONE finetune of as
+many tokens as the lottery's rounds trained together (read from their checkpoints, so the budgets are equal).
 A rerun with the same recipe resumes: finished rounds are read back, an unfinished round reuses the
 artifacts it already wrote and makes the rest.
 """
@@ -56,6 +58,7 @@ REPORT_SCHEMA = "moe-prune/lottery-report"
 VERSION = 1
 REPORT_NAME = "report.json"
 STEPS = ("profile", "score", "prune", "finetune", "eval")
+EQUAL_BUDGET = "one-shot-finetuned"  # one-shot + one finetune of the lottery's total trained tokens
 
 # progress(method, round, rounds, step): called before each step of each round.
 ProgressFn = Callable[[str, int, int, str], None]
@@ -98,7 +101,12 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     methods = [Method("lottery" if params.finetune else "iterative", drops, tokens)]
     if params.compare:
         total = sum(drops)
-        methods = [Method("one-shot", [total], [0]), Method("iterative", drops, [0] * len(drops)), methods[0]]
+        methods = [
+            Method("one-shot", [total], [0]),
+            Method("iterative", drops, [0] * len(drops)),
+            methods[0],
+            Method(EQUAL_BUDGET, [total], [sum(tokens)]),  # run after the lottery: its trained tokens, see `run`
+        ]
     inputs = {
         "model": model_fingerprint(ckpt),
         "data": _fingerprints(specs),
@@ -138,11 +146,13 @@ def run(
     experts = {layer: list(ids) for layer, ids in ckpt.identity.original_ids.items()}
     baseline = _perplexity(params, ckpt.folder) if params.eval_tokens else None
     results: dict[str, MethodResult] = {}
-    first_stats: Path | None = None  # every method's round 1 profiles the same original model: done once
+    first_round: Path | None = None  # every method's round 1 profiles the same original model: done once
     for method in methods:
         folder = out / method.name if params.compare else out
-        results[method.name] = _run_method(params, recipe.digest(), method, folder, ckpt.folder, report, first_stats)
-        first_stats = first_stats or folder / "round-01" / "stats.npz"
+        if method.name == EQUAL_BUDGET:  # exactly the tokens the lottery trained (its budgets round down to steps)
+            method = replace(method, tokens=[results["lottery"].trained])
+        results[method.name] = _run_method(params, recipe.digest(), method, folder, ckpt.folder, report, first_round)
+        first_round = first_round or folder / "round-01"
     dropped = {name: m.dropped for name, m in results.items()}
     result = LotteryResult(
         out, recipe.to_dict(), experts, baseline, results, agreement.all_pairs(dropped, experts), resumed, warnings
@@ -208,14 +218,14 @@ def _run_method(
     folder: Path,
     original: Path,
     report: ProgressFn,
-    first_stats: Path | None,
+    first_round: Path | None,
 ) -> MethodResult:
-    """All rounds of one method, each on the previous round's output; round 1 may copy `first_stats`."""
+    """All rounds of one method, each on the previous round's output; round 1 may copy from `first_round`."""
     folder.mkdir(parents=True, exist_ok=True)
     current = original
     rounds: list[RoundResult] = []
     for index, (drop, tokens) in enumerate(zip(method.drops, method.tokens, strict=True), 1):
-        shared = first_stats if index == 1 else None
+        shared = first_round if index == 1 else None
         step = _Round(params, digest, method.name, index, len(method.drops), folder, report, shared)
         result = step.run(current, drop, tokens)
         rounds.append(result)
@@ -234,7 +244,7 @@ class _Round:
     total: int
     folder: Path
     report: ProgressFn
-    shared_stats: Path | None = None  # statistics of the same input model made by another method
+    shared: Path | None = None  # another method's round on the same input model: its statistics (and mask)
 
     @property
     def path(self) -> Path:
@@ -260,6 +270,7 @@ class _Round:
                     **_finetune_fields(self.params, tokens), seed=self.params.seed + self.index - 1
                 )
                 finetune.run(pruned, str(self.params.data), final, options)  # one plain source (see `plan`)
+        trained = _trained(final) if tokens else 0
         perplexity = None
         if self.params.eval_tokens:
             self.report(self.method, self.index, self.total, "eval")
@@ -270,6 +281,7 @@ class _Round:
             dropped={layer: list(mask.drop(layer)) for layer in layers},
             kept={layer: list(mask.keep[layer]) for layer in layers},
             tokens=tokens,
+            trained=trained,
             checkpoint=str(final.relative_to(self.folder)),
             perplexity=perplexity,
         )
@@ -284,17 +296,20 @@ class _Round:
         if obj.get("recipe") != self.digest:
             raise MoePruneError(f"{name}: belongs to another lottery run; pass --force to start over")
         try:
-            return RoundResult.from_dict(obj)
+            result = RoundResult.from_dict(obj)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MoePruneError(f"{name}: malformed round marker ({exc!r})") from None
+        if result.trained is None:  # a marker written before rounds recorded it
+            result.trained = _trained(self.folder / result.checkpoint) if result.tokens else 0
+        return result
 
     def _stats(self, current: Path) -> Stats | None:
         crit = get_criterion(self.params.criterion)
         if not crit.stats:
             return None
         path = self.path / "stats.npz"
-        if not path.exists() and self.shared_stats is not None and self.shared_stats.exists():
-            _copy(self.shared_stats, path)
+        if not path.exists() and self.shared is not None and (self.shared / "stats.npz").exists():
+            _copy(self.shared / "stats.npz", path)
         if path.exists():
             return Stats.load(path)
         self.report(self.method, self.index, self.total, "profile")
@@ -313,6 +328,11 @@ class _Round:
 
     def _mask(self, current: Path, stats: Stats | None, drop: int) -> DropMask:
         path = self.path / "mask.json"
+        twin = self.shared / "mask.json" if self.shared is not None else None
+        if not path.exists() and twin is not None and twin.exists():
+            shared = DropMask.read(twin)  # same input, statistics and seed: the same drop count is the same mask
+            if all(len(shared.drop(layer)) == drop for layer in shared.model.moe_layers):
+                _copy(twin, path)
         if path.exists():
             return DropMask.read(path)
         self.report(self.method, self.index, self.total, "score")
@@ -354,6 +374,15 @@ def _perplexity(params: LotteryParams, model: Path) -> float:
         split_on=params.split_on,
     )
     return result.model.perplexity
+
+
+def _trained(checkpoint: Path) -> int:
+    """Tokens the finetune that wrote `checkpoint` trained (whole steps), from its manifest's last entry."""
+    manifest = Checkpoint.open(checkpoint).manifest
+    entry = manifest.history[-1] if manifest and manifest.history else {}
+    if entry.get("stage") != "finetune":
+        raise MoePruneError(f"{checkpoint}: its manifest does not end with a finetune; pass --force to start over")
+    return int(entry["tokens"])
 
 
 def _copy(source: Path, target: Path) -> None:
