@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from moe_prune.stages.score import ScoreReport
 
 COMPACT_EXPERTS = 16  # wider layers list only the dropped experts' scores and the range
+MARGIN = {
+    "expert": "(first kept - last dropped score) / the layer's score spread",
+    "pair": "(last pair taken - the pair the rule would take next) / the layer's spread of pair values",
+}
 
 
 @user_errors
@@ -151,7 +155,7 @@ def score_table(result: ScoreReport, full: bool) -> Table:
         title=f"{result.criterion} ({result.direction}): {result.source}",
         title_justify="left",
         highlight=False,
-        caption=f"margin: (first kept - last dropped) / score spread; {stable.note}" if stable else None,
+        caption=f"margin: {MARGIN[result.kind]}; {stable.note}" if stable else None,
         caption_justify="left",
     )
     table.add_column("layer", justify="right")
