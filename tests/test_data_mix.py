@@ -346,6 +346,8 @@ def test_lottery_profiles_a_mix_and_records_every_source(tiny, files, tmp_path):
     data = [f"{files / 'prose.txt'}:0.5", f"{files / 'code.jsonl'}:0.5"]
     with pytest.raises(MoePruneError, match="finetuning on a mix of --data sources"):
         lottery.plan(LotteryParams(str(folder), "activation-norm", data))
+    with pytest.raises(MoePruneError, match="task:NAME: lottery reads files and hub datasets"):
+        lottery.plan(LotteryParams(str(folder), "activation-norm", "task:arc_easy", finetune=False))
     out = tmp_path / "run"
     args = ["lottery", str(folder), "-c", "activation-norm", "--target-ratio", "0.25", "--rounds", "1"]
     args += ["--no-finetune", "--eval-tokens", "0", "--profile-samples", "4", "--profile-seq-len", str(SEQ)]

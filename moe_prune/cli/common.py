@@ -65,6 +65,7 @@ DataOpt = Annotated[
         "-d",
         help="Data file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records go through the model's chat "
         "template), hub dataset id or task:NAME. Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k).",
+        metavar="SOURCE[:SHARE]",
         show_default=False,
     ),
 ]

@@ -51,6 +51,7 @@ from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, finetune, profile, prune, score
+from moe_prune.stages.tasks import TASK_PREFIX
 from moe_prune.training.options import FinetuneOptions
 
 ROUND_SCHEMA = "moe-prune/lottery-round"
@@ -90,6 +91,8 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     drops = drop_schedule(counts.pop(), config.top_k, params.target_ratio, params.rounds)
     tokens = token_schedule(params.tokens_first, len(drops)) if params.finetune else [0] * len(drops)
     FinetuneOptions(**_finetune_fields(params, tokens[0] or 1)).check()
+    if any(s.source.startswith(TASK_PREFIX) for s in specs):
+        raise MoePruneError(f"--data {TASK_PREFIX}NAME: lottery reads files and hub datasets (profile reads tasks)")
     if params.finetune and (len(specs) > 1 or specs[0].suffix):
         raise MoePruneError(
             "lottery: finetuning on a mix of --data sources (or a share) is not wired yet; "
