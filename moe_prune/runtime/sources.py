@@ -6,10 +6,10 @@ REAP found that the calibration domain decides the result (C4 vs code); a mix ma
 SHARE is what follows the LAST ':' when it reads as one:
   fraction  a decimal with a point, or a percentage: 0.5, .25, 1.0, 50%   (0 < x <= 1)
   count     a whole number of tokens, optionally with k/M/B: 20000, 20k, 1.5M
-Anything else after a ':' belongs to the source (`org/name:config` hub ids, `task:NAME`, `C:\\corpus.txt`).
-Any other suffix of a local-looking file name (`a.jsonl:20q`, `a.jsonl:half`) is refused; hub ids keep
-their configs (`cnn_dailymail:3.0.0`). A source whose own name ends in ':<number>'
-needs an explicit share (`odd:5:1.0`).
+Anything else after a ':' belongs to the source (`org/name:config` hub ids, `task:NAME`, `C:\\corpus.txt`),
+except after a local-looking file name (`a.jsonl:20q`, `a.jsonl:half`: refused, unless that whole name is
+a file); hub ids keep configs such as `cnn_dailymail:3.0.0`. A source whose own name ends in
+':<number>' needs an explicit share (`odd:5:1.0`).
 
 Budget B (profile: --samples x --seq-len; finetune: --tokens): counts are taken as given (more than B in
 all is refused); the rest R = B - counts goes to the other sources, fractions being fractions of R that
