@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
+from moe_prune.cli import sweep as sweep_cmd
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
-from moe_prune.stages import evaluate
+from moe_prune.stages import evaluate, tasks
 from moe_prune.stages import sweep as stage
 
 MODEL = str(DEMO_MODEL_DIR)
@@ -117,6 +119,7 @@ def test_direction_verdicts_and_recommendation_follow_the_rows(full):
     for (name, scope), verdict in verdicts.items():
         wins = sum(measured[(name, scope, "min", r)] < measured[(name, scope, "max", r)] for r in FULL.ratios)
         assert verdict["wins"]["min"] == wins and verdict["wins"]["max"] == 3 - wins
+        assert verdict["winner"] == ("min" if wins >= 2 else "max") and verdict["text"].startswith(f"{name}")
         assert verdict["default"] == {"usage-frequency": "min", "router-weight-norm": "max"}[name]
     for ratio, best in report["best"].items():
         candidates = [r for r in result.rows if r.combo.ratio == float(ratio) and r.combo.kind in ("prune", "merge")]
@@ -140,10 +143,20 @@ def test_prune_hopeless_skips_exactly_the_lines_worse_than_random_earlier(full, 
     expected -= {r.combo.key for r in result.rows if r.status == "skipped"}
     assert expected  # the demo has lines worse than random (the wrong direction of usage-frequency)
     evaluated: list[str] = []
-    real = stage._measure
-    monkeypatch.setattr(
-        stage, "_measure", lambda plan, row, folder: (evaluated.append(row.combo.key), real(plan, row, folder))[1]
-    )
+    measured = {r.combo.key: r for r in result.rows}
+
+    def replay(plan, row, folder):
+        """The full sweep's measurement of the same model (built for real; measuring is tested elsewhere)."""
+        evaluated.append(row.combo.key)
+        done = measured[row.combo.key]
+        row.status, row.perplexity, row.nll = done.status, done.perplexity, done.nll
+        row.tokens_scored, row.active_params, row.bytes_on_disk = (
+            done.tokens_scored,
+            done.active_params,
+            done.bytes_on_disk,
+        )
+
+    monkeypatch.setattr(stage, "_measure", replay)
     pruned = stage.run(MODEL, stats_file, stage.SweepSettings(**{**vars(FULL), "prune_hopeless": True}))
     hopeless = {r.combo.key for r in pruned.rows if r.status == "hopeless"}
     assert hopeless == expected and not hopeless & set(evaluated)
@@ -151,6 +164,31 @@ def test_prune_hopeless_skips_exactly_the_lines_worse_than_random_earlier(full, 
     for key, row in rows(pruned).items():
         if key not in hopeless:
             assert row == full_rows[key]
+
+
+def test_hopeless_rule_covers_merges_failures_and_later_ratios():
+    """On made-up rows: a line (merge lines too) worse than the random mean, or failed, stops at larger ratios."""
+    from moe_prune.sweep.plan import Combo
+    from moe_prune.sweep.results import Row, floors, hopeless
+
+    def row(kind, ratio, perplexity, name="x", seed=None, status="done"):
+        return Row(
+            Combo(kind, ratio, name, "min" if kind != "merge" else None, "layer", seed), status, perplexity=perplexity
+        )
+
+    rows = [row("random", 0.25, 10.0, "random", 0), row("random", 0.25, 12.0, "random", 1)]
+    rows += [row("random", 0.5, 20.0, "random", 0), row("random", 0.5, 22.0, "random", 1)]
+    rows += [row("merge", 0.25, 11.5, "uncurl"), row("prune", 0.25, 10.5, "a"), row("prune", 0.5, 21.5, "a")]
+    rows += [row("prune", 0.25, None, "b", status="failed")]
+    floor = floors(rows)
+    assert floor[0.25].mean == 11.0 and floor[0.5].mean == 21.0
+    assert "at ratio 0.25" in hopeless(Combo("merge", 0.5, "uncurl", None, "layer"), rows, floor)
+    assert "at ratio 0.25" in hopeless(Combo("merge", 0.75, "uncurl", None, "layer"), rows, floor)
+    assert hopeless(Combo("prune", 0.5, "a", "min"), rows, floor) is None  # better than random at 0.25
+    assert "at ratio 0.5" in hopeless(Combo("prune", 0.75, "a", "min"), rows, floor)  # worse at 0.5
+    assert hopeless(Combo("prune", 0.75, "a", "max"), rows, floor) is None  # another line
+    assert "inf" in hopeless(Combo("prune", 0.5, "b", "min"), rows, floor)  # a model that failed is worst
+    assert hopeless(Combo("random", 0.5, "random", "min", "layer", 0), rows, floor) is None  # the floor itself
 
 
 def test_interrupted_sweep_resumes_and_ends_with_the_same_rows(full, stats_file, tmp_path, monkeypatch):
@@ -236,6 +274,64 @@ def test_cli_table_plot_json_and_no_leftovers(stats_file, tmp_path, monkeypatch)
     assert table.exit_code == 0, table.output
     text = " ".join(table.stdout.split())
     assert "random" in text and "usage-frequency: " in text and "recommended:" in text
+
+
+def fake_tasks(name, folder, label, manager, settings, progress):
+    """lm-eval stand-in: a metric that reveals which model it scored (its experts in layer 0)."""
+    kept = Checkpoint.open(folder).config.experts_per_layer[0]
+    results = {"fake": {"acc,none": kept / 8, "acc_stderr,none": 0.0, "other,none": -1.0}, "group": {"alias": "g"}}
+    return tasks.ModelTasks(name, results, {}, {}, {}, {}, {}, {})
+
+
+def test_tasks_are_columns_measured_on_each_model(stats_file, monkeypatch):
+    monkeypatch.setattr(stage, "_task_manager", lambda settings: "manager")
+    monkeypatch.setattr(tasks, "evaluate_tasks", fake_tasks)
+    settings = stage.SweepSettings(
+        criteria=("usage-frequency",), ratios=(0.25, 0.5), random_seeds=1, tasks=tasks.TaskSettings(["fake"]), **EVAL
+    )
+    result = stage.run(MODEL, stats_file, settings)
+    assert result.tasks == ["fake"]
+    for row in result.rows:
+        assert row.tasks == {"fake": {"metric": "acc,none", "value": row.kept[0] / 8, "stderr": 0.0}}
+    table = " ".join(
+        str(c) for column in sweep_cmd.sweep_table(result).columns for c in [column.header, *column._cells]
+    )
+    assert "fake\nacc" in table and "0.750" in table and "0.500" in table
+
+
+@pytest.mark.slow
+def test_task_accuracy_equals_eval_tasks_on_the_rebuilt_model(stats_file, tmp_path, monkeypatch):
+    """Real lm-eval: the best row's accuracy is what `tasks.run` measures on the model its command builds."""
+    settings = stage.SweepSettings(
+        criteria=("usage-frequency",),
+        ratios=(0.5,),
+        random_seeds=1,
+        tasks=tasks.TaskSettings(["demo_records"], limit=8),
+        **EVAL,
+    )
+    result = stage.run(MODEL, stats_file, settings)
+    best = result.best()[0.5]
+    monkeypatch.chdir(tmp_path)
+    for part in best.command.split(" && "):
+        assert invoke(*shlex.split(part)[1:]).exit_code == 0
+    folder = tmp_path / shlex.split(best.command)[-1]
+    measured = tasks.run(folder, tasks.TaskSettings(["demo_records"], limit=8)).model
+    assert best.tasks["demo_records"]["value"] == measured.results["demo_records"]["acc,none"]
+
+
+def test_work_folder_never_holds_the_inputs_nor_takes_a_foreign_folder(stats_file, tmp_path):
+    before = stats_file.read_bytes()
+    holder = invoke(
+        "sweep", "--stats", str(stats_file), "-c", "usage-frequency", "-o", str(stats_file.parent), "--force"
+    )
+    assert holder.exit_code == 1 and "is, holds or lies inside the input" in holder.output
+    assert stats_file.read_bytes() == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    taken = invoke("sweep", "--stats", str(stats_file), "-c", "usage-frequency", "-o", str(foreign))
+    assert taken.exit_code == 1 and "already exists and holds no sweep; pass --force" in taken.output
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 BAD = [

@@ -18,6 +18,7 @@ from moe_prune.cli.common import (
     JsonOpt,
     LazyBar,
     ModelArg,
+    SplitOnOpt,
     TrustOpt,
     out_console,
     parse_device_map,
@@ -72,6 +73,7 @@ def sweep(
         str, typer.Option("--data", "-d", help="Held-out text to evaluate on (file or hub dataset).")
     ] = DEFAULT_DATA,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    split_on: SplitOnOpt = "none",
     seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_tokens: Annotated[int | None, typer.Option(help="Evaluate at most this many tokens of the data.")] = None,
@@ -121,6 +123,7 @@ def sweep(
         prune_hopeless=prune_hopeless,
         data=data,
         text_field=text_field,
+        split_on=split_on,
         seq_len=seq_len,
         batch_size=batch_size,
         max_tokens=max_tokens,

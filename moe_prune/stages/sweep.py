@@ -22,7 +22,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.registry import get_method
-from moe_prune.runtime.data import load_texts
+from moe_prune.runtime.data import Document, check_split_on, load_documents
 from moe_prune.runtime.loading import parse_dtype
 from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
@@ -48,6 +48,7 @@ class SweepSettings:
     prune_hopeless: bool = False
     data: str = str(DEMO_HELDOUT)
     text_field: str = "text"
+    split_on: str = "none"
     seq_len: int = 256
     batch_size: int = 8
     max_tokens: int | None = None
@@ -68,6 +69,7 @@ class SweepSettings:
         if self.seq_len < 2 or self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
             raise MoePruneError("--seq-len must be at least 2, --batch-size and --max-tokens at least 1")
         parse_dtype(self.dtype)
+        check_split_on(self.split_on)
         if self.tasks is not None:
             tasks.validate(self.tasks)
 
@@ -82,7 +84,7 @@ class Plan:
     stats_name: str
     settings: SweepSettings
     combos: list[Combo]
-    texts: list[str]
+    texts: list[Document]
     fingerprint: dict[str, Any]
     defaults: dict[str, str]
     manager: Any = None  # lm-eval's task manager with --tasks
@@ -105,7 +107,7 @@ def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Pl
     _check_ratios(ckpt, settings.ratios)
     _check_usable(criteria, methods, loaded, ckpt, str(stats))
     max_chars = None if settings.max_tokens is None else settings.max_tokens * evaluate.CHARS_PER_TOKEN_BOUND
-    texts = load_texts(settings.data, settings.text_field, max_chars=max_chars)
+    texts = load_documents(settings.data, settings.text_field, "train", max_chars, settings.split_on)
     manager = _task_manager(settings.tasks) if settings.tasks is not None else None
     s = settings
     combos = combinations(criteria, methods, s.ratios, s.directions, s.scopes, s.random_seeds, s.merge_seed)
@@ -162,7 +164,7 @@ def run(
 
 
 def _hopeless(plan: Plan, combo: Combo, rows: list[Row]) -> Row | None:
-    if not plan.settings.prune_hopeless or combo.kind not in ("prune", "merge"):
+    if not plan.settings.prune_hopeless:
         return None
     reason = hopeless(combo, rows, floors(rows))
     return Row(combo, "hopeless", reason) if reason else None
@@ -294,7 +296,7 @@ def _task_manager(settings: tasks.TaskSettings) -> Any:
 
 def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSettings) -> dict[str, Any]:
     """What every result depends on; the combinations are not in it (a rerun may add criteria or ratios)."""
-    names = ("text_field", "seq_len", "batch_size", "max_tokens", "dtype", "device", "merge_seed")
+    names = ("text_field", "split_on", "seq_len", "batch_size", "max_tokens", "dtype", "device", "merge_seed")
     evaluation: dict[str, Any] = {name: getattr(settings, name) for name in names}
     if settings.tasks is not None:
         evaluation["tasks"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings.tasks).items()}

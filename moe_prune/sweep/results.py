@@ -124,11 +124,11 @@ def floors(rows: list[Row]) -> dict[float, Floor]:
 
 def hopeless(combo: Combo, rows: list[Row], floor: dict[float, Floor]) -> str | None:
     """Why `combo` need not run: its line was already worse than random at a smaller ratio (None: run it)."""
+    if combo.kind not in ("prune", "merge"):
+        return None  # the original and the random masks are what the others are judged by
     for row in sorted(rows, key=lambda r: r.combo.ratio):
-        if row.combo.line != combo.line or row.combo.ratio >= combo.ratio or row.combo.kind == "random":
+        if row.combo.line != combo.line or row.combo.ratio >= combo.ratio:
             continue
-        if row.status == "hopeless":
-            return row.reason
         base = floor.get(row.combo.ratio)
         if row.status in ("done", "failed") and base is not None and row.quality > base.mean:
             return (
