@@ -29,6 +29,9 @@ from moe_prune.cli.common import (
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
+    from moe_prune.stages.sweep import SweepSettings
+    from moe_prune.stages.tasks import TaskSettings
+    from moe_prune.sweep.plan import Combo
     from moe_prune.sweep.results import Floor, Row, SweepResult
 
 
@@ -90,29 +93,12 @@ def sweep(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
     from moe_prune.stages import sweep as stage
-    from moe_prune.stages import tasks as task_stage
     from moe_prune.sweep.plan import parse_names, parse_ratios
 
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise MoePruneError(f"--plot {plot}: give a .png file name")
+    if plot is not None and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
+        raise MoePruneError(f"--plot {plot}: give a .png file name in an existing folder")
     device = parse_device_map(device_map, device)
-    task_settings = None
-    if tasks is not None:
-        task_settings = task_stage.TaskSettings(
-            task_stage.parse_tasks(tasks),
-            num_fewshot,
-            limit,
-            include_path,
-            batch_size,
-            dtype,
-            device,
-            trust_remote_code,
-        )
-    elif any(v is not None for v in (num_fewshot, limit, include_path)):
-        raise MoePruneError("--num-fewshot, --limit and --include-path apply to --tasks only")
     settings = stage.SweepSettings(
         criteria=() if criteria.strip() == "all" else tuple(parse_names(criteria, "--criteria")),
         ratios=parse_ratios(ratios),
@@ -131,17 +117,9 @@ def sweep(
         device=device,
         trust_remote_code=trust_remote_code,
         merge_seed=seed,
-        tasks=task_settings,
+        tasks=_task_settings(tasks, num_fewshot, limit, include_path, batch_size, dtype, device, trust_remote_code),
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with LazyBar(*columns) as bar:
-
-        def advance(done: int, total: int, combo: object) -> None:
-            label = getattr(combo, "line", "done")
-            ratio = getattr(combo, "ratio", None)
-            bar.update("sweep", f"sweep: {label}" + (f" @ {ratio:g}" if ratio else ""), completed=done, total=total)
-
-        result = stage.run(model, stats, settings, out, force, advance)
+    result = _run(model, stats, settings, out, force)
     for message in result.warnings:
         warn(message)
     if plot is not None:
@@ -154,6 +132,43 @@ def sweep(
     _report(result, plot)
 
 
+def _task_settings(
+    spec: str | None,
+    num_fewshot: int | None,
+    limit: int | None,
+    include_path: Path | None,
+    batch_size: int,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+) -> TaskSettings | None:
+    """--tasks and its options (the model is loaded like for perplexity); the options alone are refused."""
+    from moe_prune.stages.tasks import TaskSettings, parse_tasks
+
+    if spec is None:
+        if any(v is not None for v in (num_fewshot, limit, include_path)):
+            raise MoePruneError("--num-fewshot, --limit and --include-path apply to --tasks only")
+        return None
+    names = parse_tasks(spec)
+    return TaskSettings(names, num_fewshot, limit, include_path, batch_size, dtype, device, trust_remote_code)
+
+
+def _run(model: str, stats: Path, settings: SweepSettings, out: Path | None, force: bool) -> SweepResult:
+    """The stage under one progress bar over the combinations."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from moe_prune.stages import sweep as stage
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with LazyBar(*columns) as bar:
+
+        def advance(done: int, total: int, combo: Combo | None) -> None:
+            label = f"sweep: {combo.line} @ {combo.ratio:g}" if combo is not None else "sweep: done"
+            bar.update("sweep", label, completed=done, total=total)
+
+        return stage.run(model, stats, settings, out, force, advance)
+
+
 def _methods(spec: str | None) -> tuple[str, ...]:
     from moe_prune.merging.registry import METHODS
     from moe_prune.sweep.plan import parse_names
@@ -164,7 +179,7 @@ def _methods(spec: str | None) -> tuple[str, ...]:
 
 
 def _report(result: SweepResult, plot: Path | None) -> None:
-    from moe_prune.sweep.results import verdicts
+    from moe_prune.sweep.results import not_measured, verdicts
 
     original = next((r for r in result.rows if r.combo.kind == "original"), None)
     out_console.print(
@@ -174,7 +189,7 @@ def _report(result: SweepResult, plot: Path | None) -> None:
         highlight=False,
     )
     out_console.print(sweep_table(result))
-    for line in _not_measured(result.rows):
+    for line in not_measured(result.rows):
         out_console.print(line, style="dim", highlight=False)
     found = verdicts(result.rows, result.defaults, result.floors)
     if found:
@@ -269,21 +284,6 @@ def _floor_cells(floor: Floor, base: float | None, rows: list[Row], tasks: list[
         *(f"[dim]{v}[/]" for v in values),
         f"[dim]range {floor.low:.3f} .. {floor.high:.3f}[/]",
     ]
-
-
-def _not_measured(rows: list[Row]) -> list[str]:
-    """Skipped and hopeless combinations, one line per reason (and line): which ones, at which ratios."""
-    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
-    for row in rows:
-        if row.status in ("skipped", "hopeless"):
-            lines = groups.setdefault((row.status, row.reason), {})
-            lines.setdefault(row.combo.line, []).append(f"{row.combo.ratio:g}")
-    out = []
-    for (status, reason), lines in groups.items():
-        what = "; ".join(f"{line} at {', '.join(ratios)}" for line, ratios in lines.items())
-        label = "skipped" if status == "skipped" else "not evaluated (--prune-hopeless)"
-        out.append(f"{label}: {what}: {reason}")
-    return out
 
 
 def _recommend(result: SweepResult) -> None:

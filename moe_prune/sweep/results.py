@@ -143,6 +143,21 @@ def ranked(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: (r.combo.ratio, STATUS_ORDER[r.status], r.quality, r.combo.key))
 
 
+def not_measured(rows: list[Row]) -> list[str]:
+    """Skipped and hopeless combinations, one line per reason (and line): which ones, at which ratios."""
+    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for row in rows:
+        if row.status in ("skipped", "hopeless"):
+            lines = groups.setdefault((row.status, row.reason), {})
+            lines.setdefault(row.combo.line, []).append(f"{row.combo.ratio:g}")
+    out = []
+    for (status, reason), lines in groups.items():
+        what = "; ".join(f"{line} at {', '.join(ratios)}" for line, ratios in lines.items())
+        label = "skipped" if status == "skipped" else "not evaluated (--prune-hopeless)"
+        out.append(f"{label}: {what}: {reason}")
+    return out
+
+
 @dataclass
 class DirectionVerdict:
     """For a criterion tried both ways: which direction gave the lower perplexity at how many ratios."""
@@ -258,6 +273,7 @@ class SweepResult:
             "directions": [v.to_dict() for v in verdicts(self.rows, self.defaults, floor)],
             "best": {str(ratio): row.to_dict() for ratio, row in self.best().items()},
             "recommended": self.recommended(),
+            "not_measured": not_measured(self.rows),
             "reused": self.reused,
             "warnings": self.warnings,
         }
