@@ -17,6 +17,7 @@ from moe_prune.cli import app
 from moe_prune.cli import sweep as sweep_cmd
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.plotting import pyplot
 from moe_prune.stages import evaluate, tasks
 from moe_prune.stages import sweep as stage
 
@@ -262,10 +263,18 @@ def test_cli_table_plot_json_and_no_leftovers(stats_file, tmp_path, monkeypatch)
     png = tmp_path / "sweep.png"
     args = ["sweep", "--stats", str(stats_file), "-c", "usage-frequency", "--ratios", "0.5", "--directions", "both",
             "--merge-methods", "prune", "--random-seeds", "1", "--seq-len", "128", "--max-tokens", "512"]  # fmt: skip
+    plt = pyplot()
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
     result = invoke(*args, "--plot", str(png), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["out"] is None and report["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = {line.get_label(): line.get_xydata().tolist() for line in figures[0].axes[0].get_lines()}
+    original = next(r for r in report["rows"] if r["line"] == "original")["perplexity"]
+    for row in report["rows"]:
+        if row["combo"]["kind"] in ("prune", "merge"):  # each line runs from its ratio's point to the original
+            assert drawn[row["line"]] == [[4.0, row["perplexity"]], [8.0, original]]
     assert list(scratch.iterdir()) == []  # the temporary work folder is gone
     # `merge --method prune` keeps the most used experts: the same model as usage-frequency (min)
     by_line = {(r["line"], r["combo"]["ratio"]): r["perplexity"] for r in report["rows"]}
