@@ -81,7 +81,8 @@ def sweep(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     max_tokens: Annotated[int | None, typer.Option(help="Evaluate at most this many tokens of the data.")] = None,
     tasks: Annotated[
-        str | None, typer.Option("--tasks", help="Also score these lm-eval tasks (e.g. demo); needs moe-prune[tasks].")
+        str | None,
+        typer.Option("--tasks", help="Also score these lm-eval tasks (e.g. demo); needs moe-prune\\[tasks]."),
     ] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="With --tasks: few-shot demonstrations.")] = None,
     limit: Annotated[int | None, typer.Option(help="With --tasks: at most this many documents per task.")] = None,
