@@ -111,7 +111,8 @@ def brute_force(model, config: ModelConfig, kind: str, score: str, input_ids: to
     top_k = config.top_k
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = input_ids.reshape(-1).numpy()
-    out = {name: [] for name in STAT_FIELDS if not name.startswith("grad")}
+    opt_in = ("grad", "out_all", "refit")  # gradients, and the expert-pass statistics (tests/test_merge_refit.py)
+    out = {name: [] for name in STAT_FIELDS if not name.startswith(opt_in)}
     for layer, rec in capture_routing(model, config, input_ids).items():
         prefix = f"{config.adapter.runtime_layers}.{layer}.{config.adapter.runtime_experts}."
         weights = {

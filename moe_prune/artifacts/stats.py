@@ -43,6 +43,9 @@ STAT_FIELDS: dict[str, tuple[str, str]] = {
     "act_outliers": ("sum", "[L, E] output elements beyond mean +- 3 std of their own output vector"),
     "act_gate_norm_sum": ("sum", "[L, E] sum of the gate renormalised over the token's top-k x output L2 norm (REAP)"),
     "act_max": ("max", "[L, E] largest |output element| of the expert over its routed tokens (REAP super experts)"),
+    "out_all_sum": ("sum", "[L, E, H] sum over ALL tokens of each expert's output (HC-SMoE; profile --expert-outputs)"),
+    "refit_hh": ("sum", "[L, E, I, I] sum over all tokens of p_e h_e h_e^T, h_e the down projection's input"),
+    "refit_hy": ("sum", "[L, E, I, H] sum over all tokens of p_e h_e y^T, y the layer's routed output (--refit-stats)"),
     "grad_gram": ("final", "[L, E, E] Gram matrix of the experts' flattened accumulated weight gradients"),
     "grad_entropy": ("final", "[L, E] sum over hidden dims of log std of the accumulated weight gradient"),
     "grad_outliers": ("final", "[L, E] accumulated-gradient elements beyond mean +- 3 std of the expert's gradient"),
@@ -117,7 +120,8 @@ class Stats:
 # How each field is checked on read. Kinds: `count` non-negative integers, `bits` uint8 bitsets,
 # `nonneg` finite non-negative floats, `real` finite floats, `gram` finite floats with a
 # non-negative diagonal, `log` floats that may be -inf (log of a zero spread) but not NaN or +inf.
-# Axes: L MoE layers, E experts (the largest layer's count), H hidden size, V vocabulary bitset bytes.
+# Axes: L MoE layers, E experts (the largest layer's count), H hidden size, V vocabulary bitset bytes,
+# I the experts' intermediate size.
 FIELD_CHECKS: dict[str, tuple[str, str]] = {
     "tokens": ("count", "L"),
     "hard_counts": ("count", "LE"),
@@ -134,6 +138,9 @@ FIELD_CHECKS: dict[str, tuple[str, str]] = {
     "act_outliers": ("count", "LE"),
     "act_gate_norm_sum": ("nonneg", "LE"),
     "act_max": ("nonneg", "LE"),
+    "out_all_sum": ("real", "LEH"),
+    "refit_hh": ("gram", "LEII"),
+    "refit_hy": ("real", "LEIH"),
     "grad_gram": ("gram", "LEE"),
     "grad_entropy": ("log", "LE"),
     "grad_outliers": ("count", "LE"),
@@ -193,7 +200,9 @@ def _check_shape(array: np.ndarray, key: str, axes: str, sizes: dict[str, int], 
     for axis, (letter, size) in enumerate(zip(axes, array.shape, strict=True)):
         expected = sizes.setdefault(letter, size)
         if size != expected or size < 1:
-            what = {"L": "MoE layers", "E": "experts", "H": "hidden size", "V": "vocabulary bitset bytes"}[letter]
+            what = {"L": "MoE layers", "E": "experts", "H": "hidden size", "V": "vocabulary bitset bytes"}.get(
+                letter, "intermediate size"
+            )
             raise MoePruneError(
                 f"{name}: {key} has shape {array.shape}: axis {axis} ({what}) is {size}, expected {expected}"
             )

@@ -80,6 +80,12 @@ def profile(
     gradients: Annotated[
         bool, typer.Option("--gradients", help="Also backpropagate the next-token loss: gradient statistics.")
     ] = False,
+    expert_outputs: Annotated[
+        bool, typer.Option("--expert-outputs", help="Also run every expert on every token: HC-SMoE's output statistic.")
+    ] = False,
+    refit_stats: Annotated[
+        bool, typer.Option("--refit-stats", help="Also record what `merge --refit` needs (every expert, every token).")
+    ] = False,
     combine: Annotated[
         bool, typer.Option("--combine", help="Add the statistics files given as arguments (disjoint data).")
     ] = False,
@@ -138,6 +144,8 @@ def profile(
         buffer_memory=parse_size(buffer_memory, "--buffer-memory") if buffer_memory else None,
         save_every=save_every,
         include_path=include_path,
+        expert_outputs=expert_outputs,
+        refit_stats=refit_stats,
     )
     place = distributed.world()
     partial = partial_path(out, place.rank) if (save_every or resume) else None

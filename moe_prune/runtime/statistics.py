@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.runtime.expert_outputs import ExpertPass
 from moe_prune.runtime.routing import RoutingRecorder
 
 OUTLIER_STDS = 3.0
@@ -83,10 +84,11 @@ class StatisticsRecorder(RoutingRecorder):
     """Context manager: while active, accumulate every forward statistic of every MoE layer.
 
     Call `set_input_ids(ids)` before each forward pass (the vocabulary bitsets need them).
-    `arrays()` returns the `artifacts.stats` layout (leading axis over `layers`).
+    `arrays()` returns the `artifacts.stats` layout (leading axis over `layers`). `expert_outputs` and
+    `refit` add the opt-in statistics of `runtime.expert_outputs` (every expert on every token).
     """
 
-    def __init__(self, model: Any, config: ModelConfig) -> None:
+    def __init__(self, model: Any, config: ModelConfig, expert_outputs: bool = False, refit: bool = False) -> None:
         super().__init__(model, config)
         embeddings = model.get_input_embeddings().weight
         self.vocab_size = int(embeddings.shape[0])
@@ -99,6 +101,10 @@ class StatisticsRecorder(RoutingRecorder):
         self._last_index: list[torch.Tensor | None] = [None] * len(self.layers)
         self._patched: list[tuple[torch.nn.Module, Any]] = []
         self._only: set[int] | None = None
+        wanted = expert_outputs or refit
+        self._pass = ExpertPass(self.counts, self.hidden_size, expert_outputs, refit) if wanted else None
+        self._modules: list[torch.nn.Module | None] = [None] * len(self.layers)
+        self._last_probs: list[torch.Tensor | None] = [None] * len(self.layers)
 
     def set_input_ids(self, input_ids: torch.Tensor) -> None:
         """The batch about to run; flattened in the same (batch, position) order as the MoE layers see tokens."""
@@ -117,6 +123,9 @@ class StatisticsRecorder(RoutingRecorder):
             router = self.module(layer, adapter.runtime_router)
             self._handles.append(router.register_forward_hook(partial(self._router_hook, slot)))
             experts = self.module(layer, adapter.runtime_experts)
+            if self._pass is not None:
+                self._pass.check(experts, self.config.model_type, adapter.selection_from)
+                self._modules[slot] = experts
             if adapter.selection_from == "experts_args":
                 self._handles.append(experts.register_forward_pre_hook(partial(self._experts_hook, slot)))
                 # An instance attribute shadows the class forward; keep any existing one (accelerate hooks).
@@ -153,6 +162,7 @@ class StatisticsRecorder(RoutingRecorder):
         sums.logit_sum += z.sum(0)
         sums.logit_gram += z.T @ z
         self._last_logits[slot] = z
+        self._last_probs[slot] = probs
 
     @torch.no_grad()
     def on_selection(self, slot: int, top_k_index: torch.Tensor) -> None:
@@ -218,6 +228,8 @@ class StatisticsRecorder(RoutingRecorder):
         gate = (weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).reshape(-1)
         self._add_activations(slot, chosen, output.detach(), weight.detach(), gate[order].detach())
         result = torch.zeros_like(flat).index_add_(0, token, (output * weight[:, None]).to(flat.dtype))
+        if self._pass is not None:
+            self._pass.add(slot, self._modules[slot], original, flat.detach(), result.detach(), self._last_probs[slot])
         return result.reshape(hidden.shape[:-1] + result.shape[-1:])
 
     @torch.no_grad()
@@ -284,6 +296,9 @@ class StatisticsRecorder(RoutingRecorder):
                     torch.from_numpy(stored[:n, :n] if stored.ndim == 2 and name in _SQUARE else stored[:n])
                 )
             sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot][:n]).reshape(-1)))
+            if self._pass is not None:
+                for name, tensor in self._pass.layer(slot, device).items():
+                    tensor.copy_(torch.from_numpy(np.array(arrays[name][slot][:n])))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every statistic recorded, as numpy arrays with a leading axis over `layers`.
@@ -304,6 +319,10 @@ class StatisticsRecorder(RoutingRecorder):
             ).numpy()
         bits = [s.vocab_bits.cpu().reshape(-1, self.vocab_bytes) for s in layers]
         out["vocab_bits"] = torch.stack([_pad(b, self.num_experts, False) for b in bits]).numpy()
+        if self._pass is not None:
+            extra = [self._pass.zeros(slot, cpu) if s is None else s for slot, s in enumerate(self._pass.sums)]
+            for name in self._pass.fields:
+                out[name] = torch.stack([_pad(e[name].cpu(), self.num_experts, False) for e in extra]).numpy()
         return out
 
 

@@ -72,6 +72,8 @@ class Settings:
     sequential: bool = False  # one decoder layer at a time from the safetensors files
     buffer_memory: int | None = None  # bytes of hidden states kept in memory (sequential); more spill to disk
     save_every: int = 0  # batches between resumable checkpoints (0: none)
+    expert_outputs: bool = False  # out_all_sum: every expert on every token (runtime.expert_outputs)
+    refit_stats: bool = False  # refit_hh / refit_hy: the normal equations of `merge --refit`
 
     def check(self) -> None:
         if self.samples < 1:
@@ -233,6 +235,8 @@ def run(
         "batch_size": settings.batch_size,
         "dtype": settings.dtype,
         "gradients": settings.gradients,
+        "expert_outputs": settings.expert_outputs,
+        "refit_stats": settings.refit_stats,
         "predictions": predictions if settings.gradients else None,
         "sequential": settings.sequential,
         "processes": place.size,
@@ -279,6 +283,8 @@ def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place
     digest.update(json.dumps(identity.to_dict(), sort_keys=True).encode())
     digest.update(np.ascontiguousarray(windows.numpy()).tobytes())
     options = (settings.batch_size, settings.dtype, settings.gradients, place.rank, place.size)
+    if settings.expert_outputs or settings.refit_stats:  # fingerprints of runs without them stay as they were
+        options += (settings.expert_outputs, settings.refit_stats)
     digest.update(repr(options).encode())
     return digest.hexdigest()
 
@@ -301,7 +307,7 @@ def _collect(
     device = input_device(model)
     total_tokens = int(windows.numel())
     predictions = 0
-    recorder = StatisticsRecorder(model, config)
+    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats)
     grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
     batches = _batches(windows, settings.batch_size)
     with recorder, grads as expert_params:
@@ -342,7 +348,7 @@ def _collect_sequential(
     model.load_outside(skip=head)
     buffer: HiddenBuffer | None = None
     calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
-    recorder = StatisticsRecorder(model.model, config)
+    recorder = StatisticsRecorder(model.model, config, settings.expert_outputs, settings.refit_stats)
     moe = set(config.moe_layers)
     try:
         for rows in batches:
