@@ -1,4 +1,5 @@
-"""Next-token finetuning on a token budget: recover a pruned or merged model, optionally at a lower top-k."""
+"""Next-token finetuning on a token budget: recover a pruned or merged model, optionally at a lower top-k;
+on text, or on prompt/response records with the loss on the responses (`--format chat|completion`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.demo import DEMO_CALIBRATION
+from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
     from moe_prune.stages.finetune import FinetuneResult
@@ -38,8 +40,23 @@ def finetune(
     out: OutDirOpt,
     model: ModelArg = DEFAULT_MODEL,
     data: Annotated[
-        str, typer.Option("--data", "-d", help="Training text (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id.")
-    ] = str(DEMO_CALIBRATION),
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Training text (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id; with --format chat|completion "
+            "a JSONL file (default: the demo calibration text).",
+        ),
+    ] = None,
+    data_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="text: every token of --data trains; completion: JSONL prompt/completion, loss on the completion; "
+            "chat: JSONL messages, loss on assistant turns (chat template if the tokenizer has one).",
+            rich_help_panel=TRAIN,
+        ),
+    ] = "text",
     tokens: Annotated[str, typer.Option(help="Token budget, e.g. 1M, 250k.", rich_help_panel=TRAIN)] = "1M",
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel=TRAIN)] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.", rich_help_panel=TRAIN)] = 8,
@@ -111,6 +128,7 @@ def finetune(
         aux_loss_weight=aux_loss_weight,
         mixed_precision=mixed_precision,
         text_field=text_field,
+        format=data_format,
         eval_data=eval_data,
         eval_tokens=eval_tokens,
         save_every=save_every,
@@ -120,6 +138,9 @@ def finetune(
         trust_remote_code=trust_remote_code,
     )
     options.check()  # before accelerate is set up: a bad option must not reach it
+    if data is None and data_format != "text":
+        raise MoePruneError(f"--format {data_format} needs --data FILE (JSONL records; the demo data is plain text)")
+    data = data if data is not None else str(DEMO_CALIBRATION)
     with _training_bar() as bar:
         try:
             check_not_input(out, (model, data, *([eval_data] if eval_data else [])))
@@ -163,13 +184,15 @@ def _report(bar: LazyBar, p: Any) -> None:
 def _print(r: FinetuneResult) -> None:
     out_console.print(
         f"finetuned [bold]{r.model}[/] → {r.out}: {r.steps} steps × {r.tokens_per_step:,} tokens "
-        f"= {r.tokens_trained:,} tokens ({r.epochs:.2f} epochs), {r.trainable_params:,} of {r.total_params:,} "
-        f"parameters trained" + (f", resumed at step {r.resumed_from}" if r.resumed_from else ""),
+        f"= {r.tokens_trained:,} tokens ({r.epochs:.2f} epochs), {r.loss_tokens:,} {_loss_tokens(r.format)}, "
+        f"{r.trainable_params:,} of {r.total_params:,} parameters trained"
+        + (f", resumed at step {r.resumed_from}" if r.resumed_from else ""),
         highlight=False,
     )
     if r.before is None or r.after is None:
         return
-    table = Table(title=f"held-out ({r.eval_data})", title_justify="left")
+    scored = "" if r.eval_format == "text" else ", loss on response tokens"
+    table = Table(title=f"held-out ({r.eval_data}{scored})", title_justify="left")
     for name in ("", "before", "after"):
         table.add_column(name, justify="left" if not name else "right")
     table.add_row("loss", f"{r.before.loss:.4f}", f"{r.after.loss:.4f}")
@@ -185,6 +208,10 @@ def _print(r: FinetuneResult) -> None:
             str(b.layer), f"{b.max_over_mean:.2f}", f"{a.max_over_mean:.2f}", f"{b.entropy:.3f}", f"{a.entropy:.3f}"
         )
     out_console.print(load)
+
+
+def _loss_tokens(data_format: str) -> str:
+    return "tokens with loss" if data_format == "text" else "response tokens with loss (padding and prompts excluded)"
 
 
 def _ppl(loss: float) -> str:

@@ -1,5 +1,8 @@
 """`finetune`: next-token training of a (pruned or merged) MoE on a token budget, built on `accelerate`.
 
+Data: chunks of a text corpus (`--format text`), or prompt/response records with the loss on response
+tokens only (`--format chat|completion`, supervised instruction recovery; see `training.sft`).
+
 The same code runs on CPU, one GPU, or many processes under `accelerate launch` (DDP, FSDP or DeepSpeed
 from an accelerate config): each process trains on its own slice of every step's batch (see
 `training.batches`), gradients are averaged by the wrapper. Loss = next-token cross-entropy
@@ -30,18 +33,17 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
 from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
 from moe_prune.sizes import parse_size
-from moe_prune.training.batches import BatchPlan
+from moe_prune.training.batches import BatchPlan, Sequences
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
 from moe_prune.training.loop import TrainingLoop
 from moe_prune.training.options import FinetuneOptions
+from moe_prune.training.sft import load_rows
 from moe_prune.training.state import WorkFolder, fingerprint_json, work_folder
 from moe_prune.training.topk import check_top_k
 
-CHARS_PER_TOKEN_BOUND = 16  # characters read per budgeted token (as `eval`): more than any tokenizer needs
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -68,11 +70,14 @@ class FinetuneResult:
     model: str
     data: str
     eval_data: str
+    format: str  # text, chat or completion
+    eval_format: str  # the training format for --eval-data, text for the default held-out set
     steps: int
     resumed_from: int
     seq_len: int
     tokens_per_step: int
-    tokens_trained: int
+    tokens_trained: int  # sequence slots (batch × seq-len per row, padding included)
+    loss_tokens: int  # tokens that carried loss in this invocation (response tokens for chat/completion)
     epochs: float
     processes: int
     trainable_params: int
@@ -141,21 +146,12 @@ def _accelerator(options: FinetuneOptions) -> Any:
         raise MoePruneError(f"cannot set up training ({str(exc).strip().splitlines()[0]})") from None
 
 
-def _chunks(source: str, tokenizer: Any, options: FinetuneOptions, seq_len: int, budget: int) -> torch.Tensor:
-    texts = load_texts(source, options.text_field, max_chars=budget * CHARS_PER_TOKEN_BOUND)
-    return fixed_chunks(token_stream(texts, tokenizer, budget), seq_len, source=source)
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    return "sha256:" + hashlib.sha256(tensor.numpy().tobytes()).hexdigest()[:16]
-
-
-def _fingerprint(plan: _Plan, chunks: torch.Tensor, options: FinetuneOptions, processes: int) -> dict[str, Any]:
+def _fingerprint(plan: _Plan, data: Sequences, options: FinetuneOptions, processes: int) -> dict[str, Any]:
     """What makes two runs the same run: input model, training tokens, settings, process count."""
     headers = json.dumps([[t.name, t.dtype, list(t.shape)] for t in plan.ckpt.tensors]).encode()
     model = {"config": plan.ckpt.config.fingerprint(), "tensors": "sha256:" + hashlib.sha256(headers).hexdigest()[:16]}
     return fingerprint_json(
-        {"model": model, "data": _digest(chunks), "options": options.fingerprint_fields(), "processes": processes}
+        {"model": model, "data": data.digest(), "options": options.fingerprint_fields(), "processes": processes}
     )
 
 
@@ -202,12 +198,16 @@ def run(
         )
 
     tokenizer = load_tokenizer(ckpt, options.trust_remote_code)
-    chunks = _chunks(data, tokenizer, options, plan.seq_len, options.tokens)
+    rows, warnings = load_rows(data, options.format, tokenizer, plan.seq_len, options.tokens, options.text_field)
     eval_source = options.eval_data or str(DEMO_HELDOUT)
-    eval_chunks = (
-        _chunks(eval_source, tokenizer, options, plan.seq_len, options.eval_tokens) if options.eval_tokens else None
-    )
-    fingerprint = _fingerprint(plan, chunks, options, accelerator.num_processes)
+    eval_rows = None
+    eval_format = options.format if options.eval_data else "text"  # the default held-out set is plain text
+    if options.eval_tokens:
+        eval_rows, eval_warnings = load_rows(
+            eval_source, eval_format, tokenizer, plan.seq_len, options.eval_tokens, options.text_field
+        )
+        warnings += eval_warnings
+    fingerprint = _fingerprint(plan, rows, options, accelerator.num_processes)
     start_step = work.check_resumable(fingerprint) if options.resume else 0
     if main and work.exists() and not options.resume:
         work.remove()  # --force: the old interrupted run is discarded
@@ -215,11 +215,11 @@ def run(
 
     set_seed(options.seed)
     inner = load_model(ckpt, "float32", trust_remote_code=options.trust_remote_code).to(accelerator.device)
-    warnings: list[str] = []
-    batches = BatchPlan(len(chunks), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)
+    batches = BatchPlan(len(rows), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)
     epochs = batches.epochs(plan.steps)
     if epochs > 1:
-        warnings.append(f"the data holds {len(chunks) * plan.seq_len} tokens; the budget repeats it {epochs:.1f} times")
+        held = f"{len(rows)} examples" if options.format != "text" else f"{len(rows) * plan.seq_len} tokens"
+        warnings.append(f"the data holds {held}; the budget repeats it {epochs:.1f} times")
     if options.router_warmup_steps >= plan.steps:
         warnings.append(
             f"--router-warmup-steps {options.router_warmup_steps} covers the whole run of {plan.steps} steps"
@@ -231,9 +231,9 @@ def run(
         )
 
     before = None
-    if eval_chunks is not None:
+    if eval_rows is not None:
         report(Progress("before", 0, 1))
-        before = measure(inner, inner, config, eval_chunks, options.batch_size, config.top_k, accelerator.device)
+        before = measure(inner, inner, config, eval_rows, options.batch_size, config.top_k, accelerator.device)
 
     groups = options.train + (("router",) if options.router_warmup_steps and "router" not in options.train else ())
     names = select_trainable(inner, config, groups)
@@ -251,7 +251,7 @@ def run(
         inner=inner,
         config=config,
         optimizer=optimizer,
-        chunks=chunks,
+        data=rows,
         batches=batches,
         options=options,
         steps=plan.steps,
@@ -268,12 +268,12 @@ def run(
             _save_state(accelerator, work, done, fingerprint)
 
     report(Progress("train", start_step, plan.steps))
-    losses, current_k = loop.run(start_step, on_step)
+    losses, current_k, loss_tokens = loop.run(start_step, on_step)
 
     after = None
-    if eval_chunks is not None:
+    if eval_rows is not None:
         report(Progress("after", 0, 1))
-        after = measure(wrapped, inner, config, eval_chunks, options.batch_size, current_k, accelerator.device)
+        after = measure(wrapped, inner, config, eval_rows, options.batch_size, current_k, accelerator.device)
     report(Progress("saving", 0, 1))
     _write(accelerator, wrapped, inner, ckpt, model, data, out, options, plan, current_k)
     if main:
@@ -285,11 +285,14 @@ def run(
         model=str(model),
         data=str(data),
         eval_data=eval_source,
+        format=options.format,
+        eval_format=eval_format,
         steps=plan.steps,
         resumed_from=start_step,
         seq_len=plan.seq_len,
         tokens_per_step=plan.tokens_per_step,
         tokens_trained=plan.steps * plan.tokens_per_step,
+        loss_tokens=loss_tokens,
         epochs=epochs,
         processes=accelerator.num_processes,
         trainable_params=sum(params[n].numel() for n in names),

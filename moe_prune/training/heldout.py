@@ -2,6 +2,8 @@
 
 Every process scores the whole held-out set (it is small), so all processes agree without talking;
 the model may be wrapped (DDP/FSDP): forwards go through the wrapper, hooks sit on the inner modules.
+The loss is the mean NLL over the tokens that carry loss in training too: every next token of text chunks,
+the response tokens of prompt/response examples (scored one example per forward, without padding).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
+from moe_prune.training.batches import Sequences
 from moe_prune.training.losses import RouterEntropy, token_cross_entropy
 
 
@@ -29,7 +32,7 @@ class LayerBalance:
 class HeldOut:
     """What the held-out set says about the model at one point of the run."""
 
-    loss: float  # mean next-token NLL
+    loss: float  # mean next-token NLL (response tokens only for prompt/response data)
     router_entropy: float  # mean entropy (nats) of the routing distribution, see training.losses
     top_k: int
     load: list[LayerBalance]
@@ -40,9 +43,9 @@ class HeldOut:
 
 @torch.no_grad()
 def measure(
-    model: Any, inner: Any, config: ModelConfig, chunks: torch.Tensor, batch_size: int, top_k: int, device: Any
+    model: Any, inner: Any, config: ModelConfig, data: Sequences, batch_size: int, top_k: int, device: Any
 ) -> HeldOut:
-    """Score `chunks` with `model` (possibly wrapped; `inner` is the unwrapped model the hooks go on)."""
+    """Score `data` with `model` (possibly wrapped; `inner` is the unwrapped model the hooks go on)."""
     was_training = inner.training
     inner.eval()
     total, count = 0.0, 0
@@ -50,12 +53,11 @@ def measure(
     recorder.top_k = top_k
     entropies = []
     with recorder, RouterEntropy(inner, config) as entropy:
-        for start in range(0, len(chunks), batch_size):
-            batch = chunks[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            predictions = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(token_cross_entropy(logits, batch)) * predictions
-            count += predictions
+        for index in data.eval_batches(batch_size):
+            ids, targets, _ = data.batch(index)  # one unpadded example, or full chunks: no mask needed
+            logits = model(input_ids=ids.to(device), use_cache=False).logits
+            total += float(token_cross_entropy(logits, targets.to(device), reduction="sum"))
+            count += data.loss_tokens(index)
             entropies.append(float(entropy.mean()))
             entropy.clear()
     inner.train(was_training)

@@ -5,6 +5,7 @@ p = softmax(logits) for softmax routers and p = sigmoid(logits) / sum(sigmoid(lo
 routers (their scores are independent gates, not a distribution, so they are normalised to one to
 measure how decisive the routing is). The penalty is the mean of H over tokens and MoE layers.
 Router logits are captured by forward hooks on `Adapter.runtime_router`, keeping the autograd graph.
+With padded batches (`finetune --format chat|completion`) `RouterEntropy.mask` leaves padding tokens out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from moe_prune.runtime.routing import router_logits
 
 def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token NLL of a [B, T] batch (position t predicts token t + 1), in float32: the one definition
-    that eval, profile --gradients, finetune and its held-out measure all use; `reduction` "mean" or "sum"."""
+    that eval, profile --gradients, finetune and its held-out measure all use; `reduction` "mean" or "sum".
+
+    `ids` may be labels: a target of -100 (`training.batches.IGNORE`) carries no loss and is not counted
+    by "mean" (prompt and padding tokens of `finetune --format chat|completion`)."""
     targets = ids[:, 1:].reshape(-1)
     predicted = logits[:, :-1].reshape(targets.numel(), -1).float()
     return torch.nn.functional.cross_entropy(predicted, targets, reduction=reduction)
@@ -50,6 +54,9 @@ class RouterEntropy:
         self.config = config
         self._entropies: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        # [B * T] bool of the next forward's real tokens (None: all are real). A router that sees another
+        # number of rows than the batch has tokens (none known) is measured over all its rows.
+        self.mask: torch.Tensor | None = None
 
     def __enter__(self) -> RouterEntropy:
         adapter = self.config.adapter
@@ -68,6 +75,8 @@ class RouterEntropy:
         adapter = self.config.adapter
         logits = router_logits(output, adapter.router_logits_output)
         logits = logits.reshape(-1, logits.shape[-1])
+        if self.mask is not None and self.mask.numel() == logits.shape[0]:
+            logits = logits[self.mask.to(logits.device)]
         self._entropies.append(routing_entropy(logits, adapter.routing.score).mean())
 
     def mean(self) -> torch.Tensor:

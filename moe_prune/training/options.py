@@ -10,6 +10,9 @@ from moe_prune.errors import MoePruneError
 
 TRAIN_GROUPS = ("all", "router", "experts", "attention")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# text: chunks of a token stream, every token carries loss; chat/completion: prompt/response JSONL records,
+# loss on the response tokens only (`training.sft`).
+FORMATS = ("text", "chat", "completion")
 # Fields that change how a run is saved or shown, not what it computes (left out of the fingerprint).
 NOT_IN_FINGERPRINT = {
     "save_every",
@@ -43,6 +46,7 @@ class FinetuneOptions:
     aux_loss_weight: float = 0.0
     mixed_precision: str | None = None  # None: whatever `accelerate launch` / its config says
     text_field: str = "text"
+    format: str = "text"  # one of FORMATS
     eval_data: str | None = None  # held-out text for the before/after table (default: the demo held-out set)
     eval_tokens: int = 16_384
     save_every: int = 0  # 0: no intermediate checkpoints
@@ -76,6 +80,8 @@ class FinetuneOptions:
         unknown = [g for g in self.train if g not in TRAIN_GROUPS]
         if unknown or not self.train:
             raise MoePruneError(f"--train {','.join(self.train)}: use one or more of {', '.join(TRAIN_GROUPS)}")
+        if self.format not in FORMATS:
+            raise MoePruneError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
         self._check_top_k()
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise MoePruneError(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISION)}")
@@ -119,4 +125,4 @@ def parse_train(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-__all__ = ["MIXED_PRECISION", "TRAIN_GROUPS", "FinetuneOptions", "parse_anneal", "parse_train"]
+__all__ = ["FORMATS", "MIXED_PRECISION", "TRAIN_GROUPS", "FinetuneOptions", "parse_anneal", "parse_train"]
