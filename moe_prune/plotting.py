@@ -1,9 +1,15 @@
-"""matplotlib, loaded only when a command is asked for a `--plot`: an optional dependency."""
+"""matplotlib, loaded only when a command is asked for a `--plot`: an optional dependency.
+
+A picture is an output like any other: checked before the work (a .png name, not an existing file
+without --force, never an input) and written through the one atomic file writer.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from moe_prune.checkpoint.output import atomic_file, check_not_input, check_writable
 from moe_prune.errors import MoePruneError
 
 
@@ -17,3 +23,22 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def check_plot(path: Path | None, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Refuse a bad `--plot` before any work: not .png, existing without --force, or an input."""
+    if path is None:
+        return
+    if Path(path).suffix.lower() != ".png":
+        raise MoePruneError(f"--plot {path}: give a .png file name")
+    check_writable(Path(path), force)
+    check_not_input(Path(path), inputs)
+
+
+def save_figure(fig: Any, path: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Write `fig` as PNG to `path` atomically (temporary file, then rename) and close it."""
+    try:
+        with atomic_file(Path(path), force, protect=tuple(Path(p) for p in inputs)) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        pyplot().close(fig)

@@ -600,3 +600,12 @@ def test_demo_perplexity_table(demo_stats, demo_perplexity, tmp_path):
     for method in ("uncurl", "frequency"):
         for keep in (4, 2):
             assert skipped[method][keep] < random_mean[keep], (method, keep, skipped[method][keep], random_mean[keep])
+
+
+def test_existing_plot_is_refused_before_the_merge(mixtral_stats, tmp_path):
+    folder, _, path = mixtral_stats
+    out, png = tmp_path / "out", tmp_path / "s.png"
+    png.write_bytes(b"an earlier picture")
+    result = runner.invoke(app, ["merge", str(folder), "-s", str(path), "-k", "4", "-o", str(out), "--plot", str(png)])
+    assert result.exit_code == 1 and "s.png: already exists; pass --force" in result.output
+    assert not out.exists() and png.read_bytes() == b"an earlier picture"

@@ -21,6 +21,7 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
+from moe_prune.plotting import check_plot
 
 if TYPE_CHECKING:
     from moe_prune.lottery.results import LotteryResult
@@ -137,14 +138,13 @@ def lottery(
         set_fields.setdefault("model", str(DEMO_MODEL_DIR))
         set_fields.setdefault("data", str(DEMO_CALIBRATION))
         params = LotteryParams(**set_fields)
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise MoePruneError(f"--plot {plot}: give a .png file name")
+    check_plot(plot, force, (params.model,))
     with _RoundBar() as bar:
         result = stage.run(params, out, force=force, progress=bar.round, expected=expected)
     if plot is not None:
         from moe_prune.lottery.agreement import plot as draw
 
-        draw({name: m.dropped for name, m in result.methods.items()}, result.experts, plot)
+        draw({name: m.dropped for name, m in result.methods.items()}, result.experts, plot, force, (params.model,))
     for message in result.warnings:
         warn(message)
     if json_output:

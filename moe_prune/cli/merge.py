@@ -24,6 +24,7 @@ from moe_prune.cli.common import (
     user_errors,
 )
 from moe_prune.errors import MoePruneError
+from moe_prune.plotting import check_plot
 
 if TYPE_CHECKING:
     from moe_prune.stages.merge import MergeResult
@@ -84,6 +85,7 @@ def merge(
     default, overrides = parse_keep(keep)
     skip = parse_layers(skip_layers or [])
     check_not_input(out, (model, stats))
+    check_plot(plot, force, (model, stats))
     loaded = Stats.load(stats)
     with byte_progress("writing shards") as update:
         result = stage.run(
@@ -105,7 +107,7 @@ def merge(
     if plot is not None:
         from moe_prune.merging.plot import similarity_heatmaps
 
-        similarity_heatmaps(result.layers, plot)
+        similarity_heatmaps(result.layers, plot, force, (model, stats))
     if json_output:
         print_json(result.to_dict())
         return

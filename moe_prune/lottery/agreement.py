@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
-from moe_prune.plotting import pyplot
+from moe_prune.plotting import pyplot, save_figure
 
 # The comparisons of figure 5: (a) one-shot vs lottery, (b) iterative vs lottery; plus one-shot vs iterative.
 PAIRS = (("one-shot", "lottery"), ("iterative", "lottery"), ("one-shot", "iterative"))
@@ -62,7 +62,13 @@ def cell(expert: int, a: list[int], b: list[int]) -> int:
     return BOTH_DROP if expert in a and expert in b else DISAGREE if (expert in a) != (expert in b) else BOTH_KEEP
 
 
-def plot(dropped: dict[str, Dropped], experts: dict[int, list[int]], path: Path) -> None:
+def plot(
+    dropped: dict[str, Dropped],
+    experts: dict[int, list[int]],
+    path: Path,
+    force: bool = False,
+    inputs: tuple[str | Path, ...] = (),
+) -> None:
     """One panel per compared pair, layers x original experts coloured as in figure 5; or, for a single
     method, which experts it dropped."""
     plt = pyplot()
@@ -94,9 +100,4 @@ def plot(dropped: dict[str, Dropped], experts: dict[int, list[int]], path: Path)
     handles = [Patch(facecolor=COLORS[k], edgecolor="grey", label=names[k]) for k in shown]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise MoePruneError(f"{path}: cannot write the plot ({exc.strerror})") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, force, inputs)

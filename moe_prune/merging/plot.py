@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
-from moe_prune.plotting import pyplot
+from moe_prune.plotting import pyplot, save_figure
 
 
-def similarity_heatmaps(layers: list[Any], path: Path) -> None:
+def similarity_heatmaps(
+    layers: list[Any], path: Path, force: bool = False, inputs: tuple[str | Path, ...] = ()
+) -> None:
     """One panel per merged layer (`LayerReport`s with similarity and order); cluster borders drawn."""
     plt = pyplot()
 
@@ -35,9 +37,4 @@ def similarity_heatmaps(layers: list[Any], path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="S = (1 + cos) / 2")
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise MoePruneError(f"{path}: cannot write the plot ({exc.strerror})") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, force, inputs)
