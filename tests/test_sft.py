@@ -211,6 +211,15 @@ def test_router_entropy_penalty_leaves_padding_out(tokenizer, tmp_path):
         assert float(entropy.mean()) == pytest.approx(expected / tokens, rel=1e-5)
 
 
+def test_no_eos_ends_plain_examples_with_their_response(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    rows, _ = load_examples(str(data), "completion", tokenizer, seq_len=128, eos=False)
+    for n, pair in enumerate(PAIRS):
+        expected, start = expected_example(tokenizer, *pair)
+        assert rows.ids[n, : rows.lengths[n]].tolist() == expected[:-1]  # all but the EOS
+        assert rows.labels[n, start : rows.lengths[n]].tolist() == expected[start:-1]
+
+
 def test_chat_without_a_template_is_the_documented_plain_rendering(tokenizer, tmp_path):
     messages = [
         {"role": "system", "content": "Answer briefly."},

@@ -57,6 +57,15 @@ def finetune(
             rich_help_panel=TRAIN,
         ),
     ] = "text",
+    eos: Annotated[
+        bool,
+        typer.Option(
+            "--eos/--no-eos",
+            help="chat/completion: end each example with EOS, which carries loss (the model learns to stop); "
+            "--no-eos for continuation data (a chat template ends turns its own way).",
+            rich_help_panel=TRAIN,
+        ),
+    ] = True,
     tokens: Annotated[str, typer.Option(help="Token budget, e.g. 1M, 250k.", rich_help_panel=TRAIN)] = "1M",
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel=TRAIN)] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.", rich_help_panel=TRAIN)] = 8,
@@ -129,6 +138,7 @@ def finetune(
         mixed_precision=mixed_precision,
         text_field=text_field,
         format=data_format,
+        eos=eos,
         eval_data=eval_data,
         eval_tokens=eval_tokens,
         save_every=save_every,

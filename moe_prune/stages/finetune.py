@@ -198,13 +198,15 @@ def run(
         )
 
     tokenizer = load_tokenizer(ckpt, options.trust_remote_code)
-    rows, warnings = load_rows(data, options.format, tokenizer, plan.seq_len, options.tokens, options.text_field)
+    rows, warnings = load_rows(
+        data, options.format, tokenizer, plan.seq_len, options.tokens, options.text_field, options.eos
+    )
     eval_source = options.eval_data or str(DEMO_HELDOUT)
     eval_rows = None
     eval_format = options.format if options.eval_data else "text"  # the default held-out set is plain text
     if options.eval_tokens:
         eval_rows, eval_warnings = load_rows(
-            eval_source, eval_format, tokenizer, plan.seq_len, options.eval_tokens, options.text_field
+            eval_source, eval_format, tokenizer, plan.seq_len, options.eval_tokens, options.text_field, options.eos
         )
         warnings += eval_warnings
     fingerprint = _fingerprint(plan, rows, options, accelerator.num_processes)

@@ -47,6 +47,7 @@ class FinetuneOptions:
     mixed_precision: str | None = None  # None: whatever `accelerate launch` / its config says
     text_field: str = "text"
     format: str = "text"  # one of FORMATS
+    eos: bool = True  # chat/completion: plain renderings end with EOS (with loss); see training.sft
     eval_data: str | None = None  # held-out text for the before/after table (default: the demo held-out set)
     eval_tokens: int = 16_384
     save_every: int = 0  # 0: no intermediate checkpoints

@@ -13,7 +13,8 @@ Records are JSONL, one JSON object per line (blank lines skipped, other fields i
 Prompt and response parts are tokenized separately, as at inference, where the prompt is tokenized
 alone and the response follows it. A plain rendering starts with the tokenizer's default leading
 special tokens (a BOS where the tokenizer adds one); template text is tokenized as rendered (templates
-write their own). EOS and end-of-turn markers carry loss, so the model learns to stop.
+write their own). EOS and end-of-turn markers carry loss, so the model learns to stop; `--no-eos`
+leaves the EOS of plain renderings out, for continuation data whose text goes on after the response.
 
 Length: an example longer than --seq-len keeps its first --seq-len tokens (a response cut short still
 trains on what is left); one with no response token left to predict (position 0 predicts nothing) is
@@ -153,15 +154,16 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_p
     return text
 
 
-def tokenize(segments: Segments, plain: bool, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(ids, labels) of rendered segments: labels are the ids on response tokens, IGNORE elsewhere."""
+def tokenize(segments: Segments, plain: bool, tokenizer: Any, eos: bool = True) -> tuple[list[int], list[int]]:
+    """(ids, labels) of rendered segments: labels are the ids on response tokens, IGNORE elsewhere; a plain
+    rendering ends with EOS when `eos`."""
     ids: list[int] = _leading_special_tokens(tokenizer) if plain else []
     labels: list[int] = [IGNORE] * len(ids)
     for text, loss in _merged(segments):
         part = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += part
         labels += part if loss else [IGNORE] * len(part)
-    if plain and tokenizer.eos_token_id is not None:
+    if plain and eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return ids, labels
@@ -185,7 +187,7 @@ def _merged(segments: Segments) -> Segments:
 
 
 def load_examples(
-    source: str, fmt: str, tokenizer: Any, seq_len: int, max_examples: int | None = None
+    source: str, fmt: str, tokenizer: Any, seq_len: int, max_examples: int | None = None, eos: bool = True
 ) -> tuple[Sequences, list[str]]:
     """The first `max_examples` usable examples of `source` as padded rows, and warnings (truncation, skips)."""
     records = read_records(Path(source).expanduser(), fmt)
@@ -194,7 +196,7 @@ def load_examples(
     for record in records:
         if max_examples is not None and len(rows) >= max_examples:
             break
-        ids, labels = tokenize(*render(record, fmt, tokenizer), tokenizer)
+        ids, labels = tokenize(*render(record, fmt, tokenizer), tokenizer, eos)
         cut += len(ids) > seq_len
         ids, labels = ids[:seq_len], labels[:seq_len]
         if all(label == IGNORE for label in labels[1:]):
@@ -228,14 +230,14 @@ def _pad(rows: list[tuple[list[int], list[int]]], tokenizer: Any) -> Sequences:
 
 
 def load_rows(
-    source: str, fmt: str, tokenizer: Any, seq_len: int, budget: int, text_field: str = "text"
+    source: str, fmt: str, tokenizer: Any, seq_len: int, budget: int, text_field: str = "text", eos: bool = True
 ) -> tuple[Sequences, list[str]]:
     """`finetune`'s rows of `source` for a budget of `budget` tokens (counted at `seq_len` per row):
     fixed chunks of its token stream for "text", prompt/response examples otherwise; and warnings."""
     if fmt == "text":
         texts = load_texts(source, text_field, max_chars=budget * CHARS_PER_TOKEN_BOUND)
         return Sequences(fixed_chunks(token_stream(texts, tokenizer, budget), seq_len, source=source)), []
-    return load_examples(source, fmt, tokenizer, seq_len, max(1, budget // seq_len))
+    return load_examples(source, fmt, tokenizer, seq_len, max(1, budget // seq_len), eos)
 
 
 __all__ = ["Record", "load_examples", "load_rows", "read_records", "render", "tokenize"]
