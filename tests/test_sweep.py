@@ -260,29 +260,39 @@ def test_cli_table_plot_json_and_no_leftovers(stats_file, tmp_path, monkeypatch)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    png = tmp_path / "sweep.png"
     args = ["sweep", "--stats", str(stats_file), "-c", "usage-frequency", "--ratios", "0.5", "--directions", "both",
             "--merge-methods", "prune", "--random-seeds", "1", "--seq-len", "128", "--max-tokens", "512"]  # fmt: skip
-    plt = pyplot()
-    figures, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
-    result = invoke(*args, "--plot", str(png), "--json")
+    result = invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["out"] is None and report["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    drawn = {line.get_label(): line.get_xydata().tolist() for line in figures[0].axes[0].get_lines()}
-    original = next(r for r in report["rows"] if r["line"] == "original")["perplexity"]
-    for row in report["rows"]:
-        if row["combo"]["kind"] in ("prune", "merge"):  # each line runs from its ratio's point to the original
-            assert drawn[row["line"]] == [[4.0, row["perplexity"]], [8.0, original]]
+    assert report["out"] is None and report["plot"] is None
     assert list(scratch.iterdir()) == []  # the temporary work folder is gone
     # `merge --method prune` keeps the most used experts: the same model as usage-frequency (min)
     by_line = {(r["line"], r["combo"]["ratio"]): r["perplexity"] for r in report["rows"]}
     assert by_line[("merge prune", 0.5)] == by_line[("usage-frequency (min)", 0.5)]
-    table = invoke(*args)
+
+    no_folder = invoke(*args, "--plot")
+    assert (
+        no_folder.exit_code == 1 and "--plot draws DIR/sweep.png in the work folder; pass --out DIR" in no_folder.output
+    )
+    plt = pyplot()
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    out = tmp_path / "run"
+    drawn = invoke(*args, "-o", str(out), "--plot", "--json")
+    assert drawn.exit_code == 0, drawn.output
+    report = json.loads(drawn.stdout)
+    assert report["plot"] == str(out / "sweep.png") and (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = {line.get_label(): line.get_xydata().tolist() for line in figures[0].axes[0].get_lines()}
+    original = next(r for r in report["rows"] if r["line"] == "original")["perplexity"]
+    for row in report["rows"]:
+        if row["combo"]["kind"] in ("prune", "merge"):  # each line runs from its ratio's point to the original
+            assert lines[row["line"]] == [[4.0, row["perplexity"]], [8.0, original]]
+    table = invoke(*args, "-o", str(out), "--plot")  # every row read back; the plot redrawn
     assert table.exit_code == 0, table.output
     text = " ".join(table.stdout.split())
-    assert "random" in text and "usage-frequency: " in text and "recommended:" in text
+    assert "random" in text and "usage-frequency: " in text and "recommended:" in text and "5 reused" in text
+    assert len(figures) == 2
 
 
 def fake_tasks(name, folder, label, manager, settings, progress):
@@ -360,7 +370,6 @@ BAD = [
     (["-c", "usage-frequency", "--global", "everywhere"], "--global 'everywhere': use one of layer, global, both"),
     (["-c", "usage-frequency", "--random-seeds", "0"], "--random-seeds must be at least 1"),
     (["-c", "gradient-norm,gradient-entropy"], "serves none of the criteria and merge methods asked for"),
-    (["-c", "usage-frequency", "--plot", "x.pdf"], "--plot x.pdf: give a .png file name"),
     (["-c", "usage-frequency", "--data", "missing.jsonl"], "missing.jsonl: data file not found"),
 ]
 

@@ -70,8 +70,8 @@ def sweep(
         ),
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option(help="PNG of perplexity against experts kept, one line per method.")
-    ] = None,
+        bool, typer.Option("--plot", help="Also draw DIR/sweep.png: perplexity against experts kept, one line each.")
+    ] = False,
     data: Annotated[
         str, typer.Option("--data", "-d", help="Held-out text to evaluate on (file or hub dataset).")
     ] = DEFAULT_DATA,
@@ -97,8 +97,8 @@ def sweep(
     from moe_prune.stages import sweep as stage
     from moe_prune.sweep.plan import parse_names, parse_ratios
 
-    if plot is not None and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
-        raise MoePruneError(f"--plot {plot}: give a .png file name in an existing folder")
+    if plot:
+        _check_plot(out)
     device = parse_device_map(device_map, device)
     settings = stage.SweepSettings(
         criteria=() if criteria.strip() == "all" else tuple(parse_names(criteria, "--criteria")),
@@ -123,14 +123,16 @@ def sweep(
     result = _run(model, stats, settings, out, force)
     for message in result.warnings:
         warn(message)
-    if plot is not None:
-        from moe_prune.sweep.plot import perplexity_plot
+    drawn = None
+    if plot and result.out is not None:
+        from moe_prune.sweep.plot import PLOT_NAME, perplexity_plot
 
-        perplexity_plot(result, plot)
+        drawn = result.out / PLOT_NAME
+        perplexity_plot(result, drawn)
     if json_output:
-        print_json({**result.to_dict(), "plot": str(plot) if plot else None})
+        print_json({**result.to_dict(), "plot": str(drawn) if drawn else None})
         return
-    _report(result, plot)
+    _report(result, drawn)
 
 
 def _task_settings(
@@ -168,6 +170,15 @@ def _run(model: str, stats: Path, settings: SweepSettings, out: Path | None, for
             bar.update("sweep", label, completed=done, total=total)
 
         return stage.run(model, stats, settings, out, force, advance)
+
+
+def _check_plot(out: Path | None) -> None:
+    """The plot is one of the work folder's files (redrawn from every row on each run); matplotlib is there."""
+    from moe_prune.plotting import pyplot
+
+    if out is None:
+        raise MoePruneError("--plot draws DIR/sweep.png in the work folder; pass --out DIR")
+    pyplot()
 
 
 def _methods(spec: str | None) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
     sweep.json      schema header and the fingerprint: model, statistics, evaluation data and settings
     results.jsonl   one finished combination per line, the whole file rewritten atomically after each
     table.json      the final report (the `--json` document), written when the sweep ends
+    sweep.png       with --plot: perplexity against experts kept (`sweep.plot`), redrawn on each run
     checkpoints/    the one combination being evaluated (deleted after it, and at the end)
 
 A rerun with the same fingerprint skips the combinations in results.jsonl (and may add criteria or ratios);
@@ -28,7 +29,7 @@ from moe_prune.training.state import fingerprint_json
 
 RUN_SCHEMA = "moe-prune/sweep-run"
 RUN_VERSION = 1
-OWN_FILES = ("sweep.json", "results.jsonl", "table.json")
+OWN_FILES = ("sweep.json", "results.jsonl", "table.json", "sweep.png")
 
 
 @dataclass

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from moe_prune.errors import MoePruneError
-from moe_prune.plotting import pyplot
+from moe_prune.plotting import pyplot, save_figure
 from moe_prune.sweep.results import Row, SweepResult
+
+PLOT_NAME = "sweep.png"
 
 
 def perplexity_plot(result: SweepResult, path: Path) -> None:
-    """Each line starts at the original (all experts); the random floor is drawn as mean with its spread."""
+    """Each line starts at the original (all experts); the random floor is drawn as mean with its range.
+
+    One colour per criterion or merge method; the papers' direction solid, the opposite dotted, merges dashed,
+    global selection with square markers.
+    """
     plt = pyplot()
     lines: dict[str, list[Row]] = {}
     for row in result.rows:
@@ -21,11 +28,36 @@ def perplexity_plot(result: SweepResult, path: Path) -> None:
     original = [
         (r.experts_kept, r.perplexity) for r in result.rows if r.combo.kind == "original" and r.status == "done"
     ]
-    fig, ax = plt.subplots(figsize=(10, 6))
+    names = sorted({rows[0].combo.name for rows in lines.values()})
+    colours = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(11, max(6.0, 0.17 * len(lines))))
     for line, rows in sorted(lines.items()):
         points = sorted([*original, *((r.experts_kept, r.perplexity) for r in rows)])
-        style = "--" if rows[0].combo.kind == "merge" else "-"
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=line)
+        ax.plot(*zip(*points, strict=True), label=line, **_style(rows[0], result.defaults, colours, names))
+    _floor(ax, result)
+    ax.set_yscale("log")
+    ax.set_xlabel("experts kept per MoE layer (mean over layers)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(f"{'/'.join(Path(result.model).parts[-2:])}: {len(lines)} lines", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    save_figure(fig, path, force=True)  # the sweep's own file, replaced like table.json
+
+
+def _style(row: Row, defaults: dict[str, str], colours: Any, names: list[str]) -> dict[str, Any]:
+    combo = row.combo
+    dotted = combo.kind == "prune" and combo.direction != defaults.get(combo.name)
+    return {
+        "color": colours(names.index(combo.name) % 20),
+        "linestyle": "--" if combo.kind == "merge" else ":" if dotted else "-",
+        "marker": "s" if combo.scope == "global" else "o",
+        "markersize": 3,
+    }
+
+
+def _floor(ax: Any, result: SweepResult) -> None:
+    """The random masks: mean perplexity per ratio, with the range over the seeds."""
     kept = {r.combo.ratio: r.experts_kept for r in result.rows if r.combo.kind == "random" and r.status == "done"}
     floor = [f for f in result.floors.values() if f.ratio in kept]
     if floor:
@@ -38,16 +70,3 @@ def perplexity_plot(result: SweepResult, path: Path) -> None:
             capsize=4,
             label=f"random masks (mean, range of {floor[0].seeds})",
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("experts kept per MoE layer (mean over layers)")
-    ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title(f"{Path(result.model).name}: sweep of {len(lines)} lines", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise MoePruneError(f"{path}: cannot write the plot ({exc.strerror})") from None
-    finally:
-        plt.close(fig)
