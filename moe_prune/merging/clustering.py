@@ -1,4 +1,4 @@
-"""Spectral clustering of an expert-similarity matrix, and the clusters merge methods return."""
+"""Spectral and hierarchical clustering of experts, and the clusters merge methods return."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ class Cluster:
     anchor: int
     members: tuple[int, ...]  # sorted, includes the anchor
 
-    def weights(self, frequency: np.ndarray) -> tuple[float, ...]:
-        """Averaging weights proportional to selection frequency (equal if no member was ever selected)."""
-        freq = np.asarray([max(float(frequency[m]), 0.0) for m in self.members])
+    def weights(self, basis: np.ndarray) -> tuple[float, ...]:
+        """Averaging weights proportional to `basis` (selection counts, output shares; equal if all are 0)."""
+        freq = np.asarray([max(float(basis[m]), 0.0) for m in self.members])
         if freq.sum() <= 0:
             return tuple(1.0 / len(self.members) for _ in self.members)
         return tuple(float(f) for f in freq / freq.sum())
@@ -48,6 +48,20 @@ def spectral_labels(similarity: np.ndarray, count: int, seed: int) -> np.ndarray
     embedding = spectral_embedding(similarity, count)
     labels = KMeans(n_clusters=count, n_init=10, random_state=seed).fit_predict(embedding)
     return _fill_empty(np.asarray(labels), count, similarity)
+
+
+def hierarchical_labels(features: np.ndarray, count: int) -> np.ndarray:
+    """Labels 0..count-1: average-linkage agglomerative clustering of feature rows (Euclidean), cut at `count`.
+
+    scipy's linkage and cut_tree are deterministic; cut_tree gives exactly `count` clusters (ties included).
+    """
+    from scipy.cluster.hierarchy import cut_tree, linkage
+
+    n = len(features)
+    if count >= n:
+        return np.arange(n)
+    tree = linkage(np.asarray(features, dtype=np.float64).reshape(n, -1), method="average", metric="euclidean")
+    return cut_tree(tree, n_clusters=count).reshape(-1)
 
 
 def _fill_empty(labels: np.ndarray, count: int, similarity: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster
-from moe_prune.merging.registry import MergeMethod
+from moe_prune.merging.registry import LayerStats, MergeMethod
 
 
 def layer_counts(
@@ -35,9 +35,15 @@ def layer_counts(
 
 
 def cluster_layer(
-    method: MergeMethod, similarity: np.ndarray, frequency: np.ndarray, count: int, seed: int, n_group: int = 1
+    method: MergeMethod,
+    similarity: np.ndarray,
+    frequency: np.ndarray,
+    count: int,
+    seed: int,
+    n_group: int = 1,
+    context: LayerStats | None = None,
 ) -> list[Cluster]:
-    """`count` clusters of one layer's experts, sorted by anchor slot.
+    """`count` clusters of one layer's experts, sorted by anchor slot; `context` holds the other statistics.
 
     Grouped routing (n_group > 1): experts are clustered within their own routing group, count / n_group
     clusters per group, so merged slot j still belongs to group j // (count / n_group). The count must
@@ -53,7 +59,8 @@ def cluster_layer(
     clusters: list[Cluster] = []
     for group in range(n_group):
         ids = np.arange(group * size, (group + 1) * size)
-        local = method(similarity[np.ix_(ids, ids)], frequency[ids], per_group, seed)
+        rows = (context or LayerStats()).subset(ids)
+        local = method(similarity[np.ix_(ids, ids)], frequency[ids], per_group, seed, rows)
         clusters += [Cluster(int(ids[c.anchor]), tuple(int(ids[m]) for m in c.members)) for c in local]
     _check(clusters, count, n)
     return sorted(clusters, key=lambda c: c.anchor)

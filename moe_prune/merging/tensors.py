@@ -10,6 +10,9 @@ Quantized checkpoints (FP8 with block scales, MXFP4): experts are read dequantiz
 `checkpoint.quantized.read_float`, merged in float32 and written back in the checkpoint's format
 with fresh scales (`quantized.quantize`), so the output keeps its quantization_config. Experts
 that pass through unchanged keep their original bytes, in fused tensors too.
+
+With a refit (`merging.refit`) every slot keeps its anchor's tensors byte for byte except the down
+projection, which is the least-squares solution carried by the plan (nothing is read to compute it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from moe_prune.architectures.spec import Adapter, ExpertTensor
@@ -43,6 +47,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.merging.alignment import Expert, align
 from moe_prune.merging.averaging import weighted_average
 from moe_prune.merging.clustering import Cluster
+from moe_prune.merging.refit import check_layouts, check_shape, down_tensor, is_down
 
 ROUTER_RULES = ("anchor", "average", "reinit")
 
@@ -56,6 +61,7 @@ class LayerPlan:
     weights: list[tuple[float, ...]]
     router: str = "anchor"
     seed: int = 0
+    refit: tuple[np.ndarray, ...] | None = None  # per cluster, the refit down projection D^T [I, H]
 
     @property
     def anchors(self) -> list[int]:
@@ -63,8 +69,14 @@ class LayerPlan:
 
     @property
     def passthrough(self) -> bool:
-        """True when every cluster is a single expert: the experts are byte copies (pruning)."""
-        return all(len(c.members) == 1 for c in self.clusters)
+        """True when every cluster is a single expert and nothing is refit: the experts are byte copies (pruning)."""
+        return self.refit is None and all(len(c.members) == 1 for c in self.clusters)
+
+    def computes(self, index: int, layout: ExpertTensor) -> bool:
+        """Whether slot `index`'s tensor of this layout is computed (else it is its anchor's, byte for byte)."""
+        if self.refit is not None:
+            return is_down(layout)
+        return len(self.clusters[index].members) > 1
 
 
 def find_layout(name: str, rows: tuple[ExpertTensor, ...]) -> ExpertTensor:
@@ -125,6 +137,9 @@ class _LayerExperts:
 
     def merged(self) -> list[Expert]:
         """Merged expert of every cluster, in slot order (computed once, then reused until released)."""
+        if self._merged is None and self.plan.refit is not None:
+            downs = [key for key, layout in self.layouts.items() if is_down(layout)]
+            self._merged = [{key: down_tensor(d, self.layouts[key]) for key in downs} for d in self.plan.refit]
         if self._merged is None:
             experts = self._load()
             result = []
@@ -225,6 +240,9 @@ class MergePlanner:
                 _require_float(info)
         for info, key in experts:
             self._collect(info, key)
+        for layer in self.layers.values():
+            if layer.plan.refit is not None:
+                self._check_refit(layer, tensors[0].file.parent if tensors else "the checkpoint")
         out: list[AnyOutput] = []
         for info, key in classified:
             if key is None or key.layer not in self.plans:
@@ -262,6 +280,17 @@ class MergePlanner:
             layer.fused[info.name] = info
             layer.layouts[info.name] = find_layout(info.name, self.adapter.expert_tensors)
 
+    def _check_refit(self, layer: _LayerExperts, where: object) -> None:
+        """Biases and unknown down projections refused, and the statistics' D^T shape equal to the stored one."""
+        place = f"{where}: MoE layer {layer.plan.layer}"
+        check_layouts(layer.layouts, place)
+        assert layer.plan.refit is not None
+        for key, layout in layer.layouts.items():
+            if is_down(layout):
+                info = next(iter(layer.per_expert[key].values())) if key in layer.per_expert else layer.fused[key]
+                shape = info.shape if key in layer.per_expert else info.shape[1:]
+                check_shape(layer.plan.refit[0], layout, shape, place)
+
     def _expert_outputs(self, info: Stored, key: ExpertKey) -> list[AnyOutput]:
         layer = self.layers[key.layer]
         plan = layer.plan
@@ -271,18 +300,19 @@ class MergePlanner:
             index = plan.anchors.index(key.slot)
             name = key.renumbered(index)
             names = info.names(name)
-            if len(plan.clusters[index].members) == 1:
+            if not plan.computes(index, layer.layouts[key.tail]):
                 return [whole(part, new) for part, new in zip(info.infos, names, strict=True)]
             if info.quantized:
                 return _requantized(info, names, info.shape, layer, lambda m: quantize(info, m[index][key.tail]))
             dtype = _torch_dtype(info.data)
             return [_computed(name, info.data, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))]
-        if plan.passthrough:
+        layout = layer.layouts[info.name]
+        if plan.passthrough or (plan.refit is not None and not is_down(layout)):
             return [slice_expert_axis(part, 0, self.counts[key.layer], plan.anchors) for part in info.infos]
         count = len(plan.clusters)
         shape = (info.shape[0] // self.counts[key.layer] * count, *info.shape[1:])
         if info.quantized:
-            return _requantized(info, info.names(info.name), shape, layer, self._fused_quantized(info, plan))
+            return _requantized(info, info.names(info.name), shape, layer, self._fused_quantized(info, plan, layout))
         dtype = _torch_dtype(info.data)
 
         def fused(merged: list[Expert]) -> bytes:
@@ -291,14 +321,14 @@ class MergePlanner:
 
         return [_computed(info.name, info.data, shape, layer, fused)]
 
-    def _fused_quantized(self, info: Stored, plan: LayerPlan):
-        """(data, scale) of a fused quantized tensor: single experts keep their stored bytes, merged are quantized."""
+    def _fused_quantized(self, info: Stored, plan: LayerPlan, layout: ExpertTensor):
+        """(data, scale) of a fused quantized tensor: unchanged experts keep their bytes, the rest is quantized."""
 
         def make(merged: list[Expert]) -> tuple[torch.Tensor, torch.Tensor]:
             raw = [read_tensor(part) for part in info.infos]
             parts: list[list[torch.Tensor]] = [[], []]
-            for cluster, expert in zip(plan.clusters, merged, strict=True):
-                if len(cluster.members) == 1:
+            for index, (cluster, expert) in enumerate(zip(plan.clusters, merged, strict=True)):
+                if not plan.computes(index, layout):
                     new = [r[cluster.anchor] for r in raw]
                 else:
                     new = list(quantize(info, expert[info.name][None]))

@@ -1,10 +1,12 @@
-"""`merge`: shrink every MoE layer to D experts by clustering and merging them (UNCURL), or a baseline.
+"""`merge`: shrink every MoE layer to D experts by clustering and merging them (UNCURL, HC-SMoE), or a baseline.
 
 Per layer: similarity S of the experts' router logits (from `profile` statistics), D clusters from
 a merge method (`merging.registry`), each cluster's members permutation-aligned to its anchor and
-averaged with weights proportional to selection frequency, the router cut to D rows. The output
-really is smaller: D expert tensors and a D-row router per layer, loadable by stock transformers.
-Weights stream from the shards; only the layer being merged is in memory.
+averaged with weights proportional to selection frequency or to their share of the layer's output
+(`--weights`), the router cut to D rows. With `refit`, each slot is instead its anchor with a down
+projection fitted by least squares to the whole layer's output (`merging.refit`). The output really
+is smaller: D expert tensors and a D-row router per layer, loadable by stock transformers. Weights
+stream from the shards; only the layer being merged is in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from moe_prune.checkpoint.surgery import MtpTensors, stage_mtp
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
-from moe_prune.merging.registry import get_method
+from moe_prune.merging.refit import least_squares_down
+from moe_prune.merging.registry import NEEDS, PRODUCED_BY, LayerStats, get_method, weight_statistic
 from moe_prune.merging.similarity import router_similarity
 from moe_prune.merging.tensors import ROUTER_RULES, LayerPlan, MergePlanner
 from moe_prune.sizes import parse_size
@@ -61,6 +64,8 @@ class LayerReport:
 class MergeResult(Written):
     method: str
     router: str
+    weights: str
+    refit: bool
     experts_before: int
     experts_after: dict[int, int]
     top_k: int
@@ -71,6 +76,8 @@ class MergeResult(Written):
             **super().to_dict(),
             "method": self.method,
             "router": self.router,
+            "weights": self.weights,
+            "refit": self.refit,
             "experts_before": self.experts_before,
             "experts_after": {str(k): v for k, v in self.experts_after.items()},
             "top_k": self.top_k,
@@ -85,16 +92,19 @@ class MergeResult(Written):
         }
 
 
-def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str) -> None:
-    """Statistics of this very model, with the router-logit Gram matrix the similarity needs."""
+def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str, weights: str = "", refit: bool = False) -> None:
+    """Statistics of this very model, holding everything the method, the weights and the refit read."""
     stats.identity.require_same(ckpt.identity, name, str(ckpt.folder))
     if "hard_counts" not in stats.arrays:
         raise MoePruneError(f"{name}: lacks expert selection counts (hard_counts); re-run `moe-prune profile`")
-    if method != "prune" and "logit_gram" not in stats.arrays:
-        raise MoePruneError(
-            f"{name}: lacks router-logit statistics (logit_gram), which --method {method} needs; "
-            "re-run `moe-prune profile` (or use --method prune)"
-        )
+    wanted = [(stat, f"--method {method}") for stat in NEEDS.get(method, ())]
+    if weights and method != "prune":
+        wanted.append((weight_statistic(weights), f"--weights {weights}"))
+    wanted += [(stat, "--refit") for stat in ("refit_hh", "refit_hy") if refit]
+    for stat, option in wanted:
+        if stat not in stats.arrays:
+            hint = " (or use --method prune)" if stat == "logit_gram" else ""
+            raise MoePruneError(f"{name}: lacks {stat}, which {option} needs; re-run `{PRODUCED_BY[stat]}`{hint}")
 
 
 def output_config(config: ModelConfig, counts: dict[int, int]) -> tuple[ModelConfig, dict[str, str]]:
@@ -120,6 +130,8 @@ def run(
     *,
     method: str = "uncurl",
     router: str = "anchor",
+    weights: str = "frequency",
+    refit: bool = False,
     keep_overrides: dict[int, int] | None = None,
     skip_layers: list[int] | None = None,
     seed: int = 0,
@@ -131,10 +143,13 @@ def run(
 ) -> MergeResult:
     """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
 
-    Multi-token-prediction MoE blocks get the last MoE layer's plan (clusters and weights), or are removed
-    with `drop_mtp`.
+    `weights` (`merging.registry.WEIGHTS`) sets what members are averaged in proportion to; `refit` fits
+    each slot's down projection to the layer's output instead (`merging.refit`). Multi-token-prediction
+    MoE blocks get the last MoE layer's plan (clusters and weights, never a refit: the statistics are the
+    decoder layer's), or are removed with `drop_mtp`.
     """
     method_fn = get_method(method)
+    basis = weight_statistic(weights)
     if router not in ROUTER_RULES:
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -142,7 +157,7 @@ def run(
     check_writable(out, force)
     ckpt = Checkpoint.open(model)
     config, identity = ckpt.config, ckpt.identity
-    check_stats(stats, ckpt, method, stats_name)
+    check_stats(stats, ckpt, method, stats_name, weights, refit)
     current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
     skip = sorted(set(skip_layers or []))
     counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
@@ -167,12 +182,16 @@ def run(
             reports.append(LayerReport(layer, len(ids), len(ids), True, []))
             continue
         n = len(ids)  # a ragged model's statistics are padded to its largest layer
-        frequency = np.asarray(stats.arrays["hard_counts"][rows[layer]][:n], dtype=np.float64)
+        row = rows[layer]
+        frequency = np.asarray(stats.arrays["hard_counts"][row][:n], dtype=np.float64)
         gram = stats.arrays.get("logit_gram")
-        similarity = router_similarity(gram[rows[layer]][:n, :n]) if gram is not None else np.eye(n)
-        clusters = cluster_layer(method_fn, similarity, frequency, counts[layer], seed, config.n_group)
-        weights = [c.weights(frequency) for c in clusters]
-        plans[layer] = LayerPlan(layer, clusters, weights, router, seed)
+        similarity = router_similarity(gram[row][:n, :n]) if gram is not None else np.eye(n)
+        context = LayerStats({k: stats.arrays[k][row][:n] for k in NEEDS[method] if k != "logit_gram"})
+        clusters = cluster_layer(method_fn, similarity, frequency, counts[layer], seed, config.n_group, context)
+        share = np.asarray(stats.arrays[basis][row][:n], dtype=np.float64) if method != "prune" else frequency
+        weights = [c.weights(share) for c in clusters]
+        downs = _refit(stats, row, clusters) if refit else None
+        plans[layer] = LayerPlan(layer, clusters, weights, router, seed, downs)
         slots[layer] = tuple(ids[c.anchor] for c in clusters)
         if any(len(c.members) > 1 for c in clusters) or (previous and layer in previous.merged):
             merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, weights, strict=True))
@@ -188,6 +207,8 @@ def run(
         "source": str(model),
         "method": method,
         "router": router,
+        "weights": weights,
+        "refit": refit,
         "keep": {str(k): v for k, v in counts.items()},
         "skip_layers": skip,
         "seed": seed,
@@ -200,11 +221,19 @@ def run(
         **vars(written),
         method=method,
         router=router,
+        weights=weights,
+        refit=refit,
         experts_before=config.num_experts,
         experts_after=counts,
         top_k=config.top_k,
         layers=reports,
     )
+
+
+def _refit(stats: Stats, row: int, clusters: list[Cluster]) -> tuple[np.ndarray, ...]:
+    """Each slot's least-squares down projection D^T [I, H], from its anchor's refit sums."""
+    hh, hy = stats.arrays["refit_hh"][row], stats.arrays["refit_hy"][row]
+    return tuple(least_squares_down(hh[c.anchor], hy[c.anchor]) for c in clusters)
 
 
 def _report(

@@ -1,0 +1,71 @@
+"""`merge --refit`: each kept slot's down projection fitted by least squares to the WHOLE layer's output.
+
+Weight averaging needs experts that are close in weight space; independently trained experts are not
+(on the demo it loses to plain pruning at a quarter of the experts). Output merging instead keeps each
+slot's anchor as it is up to its down projection D (gate/up and router row unchanged) and chooses D so
+the slot alone reproduces what the original layer outputs, weighted by how likely the original router
+was to send each token to the anchor:
+
+    D_a = argmin_D  sum_x p_a(x) || D h_a(x) - y(x) ||^2,   i.e.   D_a^T = (sum p h h^T)^-1 sum p h y^T
+
+with h_a the anchor's intermediate activation, y the original layer's routed output and p_a the router
+probability. The top-k gates of the smaller layer sum to one (renormalising routers), so if every slot
+reproduces y the layer does too, whichever slots a token picks; the dropped experts' function is merged
+into the kept ones in output space. The sums come from `profile --refit-stats` (`runtime.expert_outputs`);
+no gradient step and no labels are involved (closed form, like the layer-wise reconstruction of GPTQ or
+the output merging of MergeMoE, Miao et al. 2025). A relative ridge of 1e-6 keeps the solve defined
+when an intermediate neuron never fired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from moe_prune.architectures.spec import ExpertTensor
+from moe_prune.errors import MoePruneError
+
+RIDGE = 1e-6  # times the mean diagonal of sum p h h^T
+DOWN_SUFFIXES = ("down_proj", "down_proj.weight", "w2.weight", "output_linear.weight")
+
+
+def least_squares_down(hh: np.ndarray, hy: np.ndarray) -> np.ndarray:
+    """[I, H] D^T solving (hh + ridge) D^T = hy in float64; hh = sum p h h^T [I, I], hy = sum p h y^T [I, H]."""
+    gram = np.asarray(hh, dtype=np.float64)
+    gram = (gram + gram.T) / 2
+    scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
+    if not np.isfinite(scale) or scale <= 0:
+        raise MoePruneError("--refit: the expert never produced an activation on the calibration data")
+    return np.linalg.solve(gram + RIDGE * scale * np.eye(len(gram)), np.asarray(hy, dtype=np.float64))
+
+
+def is_down(layout: ExpertTensor) -> bool:
+    return layout.suffix in DOWN_SUFFIXES
+
+
+def check_layouts(layouts: Mapping[str, ExpertTensor], where: str) -> None:
+    """The refit writes one down projection per slot: refuse biases and layouts without a known down tensor."""
+    biased = sorted(key for key, layout in layouts.items() if layout.axis is None or "bias" in layout.suffix)
+    if biased:
+        raise MoePruneError(f"{where}: --refit fits the down projection without a bias; these experts have {biased}")
+    if not any(is_down(layout) for layout in layouts.values()):
+        raise MoePruneError(
+            f"{where}: --refit does not know which expert tensor is the down projection "
+            f"(known: {', '.join(DOWN_SUFFIXES)})"
+        )
+
+
+def down_tensor(down_t: np.ndarray, layout: ExpertTensor) -> torch.Tensor:
+    """D^T [I, H] in the stored orientation of one expert's down tensor (intermediate axis `layout.axis`)."""
+    return torch.from_numpy(np.ascontiguousarray(down_t if layout.axis == 0 else down_t.T)).float()
+
+
+def check_shape(down_t: np.ndarray, layout: ExpertTensor, shape: tuple[int, ...], where: str) -> None:
+    """The fitted down projection has the shape of the stored one (statistics of this model's experts)."""
+    got = tuple(down_tensor(down_t, layout).shape)
+    if got != tuple(shape):
+        raise MoePruneError(
+            f"{where}: --refit statistics fit a down projection of shape {got}; {layout.suffix} is {tuple(shape)}"
+        )
