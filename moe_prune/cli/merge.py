@@ -1,4 +1,4 @@
-"""Merge experts (UNCURL clustering, frequency baseline) or keep the most used, writing a smaller checkpoint."""
+"""Merge experts (UNCURL, HC-SMoE, frequency baseline; weight or output space) or keep the most used."""
 
 from __future__ import annotations
 
@@ -65,10 +65,21 @@ def merge(
         list[str], typer.Option("--keep", "-k", help="Experts per MoE layer after merging; LAYER=COUNT overrides.")
     ],
     model: ModelArg = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="uncurl (clustering), frequency (baseline) or prune.")] = "uncurl",
+    method: Annotated[
+        str, typer.Option(help="uncurl (router-logit clustering), hcsmoe (output clustering), frequency or prune.")
+    ] = "uncurl",
     router: Annotated[
         str, typer.Option(help="Router rows of merged experts: anchor, average or reinit (then train the router).")
     ] = "anchor",
+    weights: Annotated[
+        str, typer.Option(help="Average members in proportion to: frequency (selections) or output (gate x norm).")
+    ] = "frequency",
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit", help="Fit each slot's down projection to the layer's output (needs profile --refit-stats)."
+        ),
+    ] = False,
     skip_layers: Annotated[
         list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
     ] = None,
@@ -95,6 +106,8 @@ def merge(
             default,
             method=method,
             router=router,
+            weights=weights,
+            refit=refit,
             keep_overrides=overrides,
             skip_layers=skip,
             seed=seed,
@@ -113,10 +126,11 @@ def merge(
         return
     out_console.print(cluster_table(result))
     after = sorted(set(result.experts_after.values()))
+    refit = ", down projections refit" if result.refit else ""
     out_console.print(
         f"experts per layer {result.experts_before} → {'/'.join(map(str, after))} ({result.method}, router "
-        f"{result.router}), top-k {result.top_k}, weights {human_bytes(result.bytes_before)} → "
-        f"{human_bytes(result.bytes_after)} in {len(result.shards)} shard(s)"
+        f"{result.router}, {result.weights}-weighted{refit}), top-k {result.top_k}, weights "
+        f"{human_bytes(result.bytes_before)} → {human_bytes(result.bytes_after)} in {len(result.shards)} shard(s)"
     )
     for line in result.mtp:
         out_console.print(line)

@@ -189,13 +189,13 @@ def run(
         context = LayerStats({k: stats.arrays[k][row][:n] for k in NEEDS[method] if k != "logit_gram"})
         clusters = cluster_layer(method_fn, similarity, frequency, counts[layer], seed, config.n_group, context)
         share = np.asarray(stats.arrays[basis][row][:n], dtype=np.float64) if method != "prune" else frequency
-        weights = [c.weights(share) for c in clusters]
+        averaging = [c.weights(share) for c in clusters]
         downs = _refit(stats, row, clusters) if refit else None
-        plans[layer] = LayerPlan(layer, clusters, weights, router, seed, downs)
+        plans[layer] = LayerPlan(layer, clusters, averaging, router, seed, downs)
         slots[layer] = tuple(ids[c.anchor] for c in clusters)
         if any(len(c.members) > 1 for c in clusters) or (previous and layer in previous.merged):
-            merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, weights, strict=True))
-        reports.append(_report(layer, ids, clusters, weights, frequency, similarity))
+            merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, averaging, strict=True))
+        reports.append(_report(layer, ids, clusters, averaging, frequency, similarity))
 
     quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
     inputs = _mtp_inputs(mtp, plans, identity.moe_layers[-1], drop_mtp)  # before the planner reads `plans`
