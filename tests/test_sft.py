@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_char_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -283,6 +285,30 @@ def test_chat_template_finetune_runs_end_to_end(templated, tmp_path):
     result = finetune.run(templated, str(data), tmp_path / "ft", options)
     assert result.steps == 2 and result.format == "chat" and result.loss_tokens > 0
     assert json.loads((tmp_path / "ft" / "moe_prune.json").read_text())["history"][-1]["options"]["format"] == "chat"
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3", "llama4_text", "gpt_oss"])
+def test_padded_batches_give_each_family_the_unpadded_loss(model_type, tiny_factory, tmp_path):
+    """The first step's loss (8 padded examples, 2 micro-batches) equals the examples scored one by one."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_factory(model_type)[0], folder)
+    save_char_tokenizer(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    options = FinetuneOptions(
+        tokens=8 * 96, seq_len=96, batch_size=4, grad_accum=2, lr=1e-3, eval_tokens=0, format="completion"
+    )
+    result = finetune.run(folder, str(data), tmp_path / "ft", options)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, completion in PAIRS:
+            ids, start = expected_example(tok, prompt, completion)
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            total -= sum(float(logprobs[t - 1, ids[t]]) for t in range(max(start, 1), len(ids)))
+            count += len(ids) - max(start, 1)
+    assert result.steps == 1 and result.loss_tokens == count
+    assert result.train_loss_first == pytest.approx(total / count, rel=1e-4)
 
 
 def test_truncation_keeps_the_start_and_skips_examples_without_a_response_token(tokenizer, tmp_path):

@@ -146,6 +146,12 @@ def _accelerator(options: FinetuneOptions) -> Any:
         raise MoePruneError(f"cannot set up training ({str(exc).strip().splitlines()[0]})") from None
 
 
+def _rows(
+    source: str, fmt: str, budget: int, tokenizer: Any, options: FinetuneOptions, seq_len: int
+) -> tuple[Sequences, list[str]]:
+    return load_rows(source, fmt, tokenizer, seq_len, budget, options.text_field, options.eos)
+
+
 def _fingerprint(plan: _Plan, data: Sequences, options: FinetuneOptions, processes: int) -> dict[str, Any]:
     """What makes two runs the same run: input model, training tokens, settings, process count."""
     headers = json.dumps([[t.name, t.dtype, list(t.shape)] for t in plan.ckpt.tensors]).encode()
@@ -198,17 +204,13 @@ def run(
         )
 
     tokenizer = load_tokenizer(ckpt, options.trust_remote_code)
-    rows, warnings = load_rows(
-        data, options.format, tokenizer, plan.seq_len, options.tokens, options.text_field, options.eos
-    )
+    rows, warnings = _rows(data, options.format, options.tokens, tokenizer, options, plan.seq_len)
     eval_source = options.eval_data or str(DEMO_HELDOUT)
-    eval_rows = None
     eval_format = options.format if options.eval_data else "text"  # the default held-out set is plain text
+    eval_rows = None
     if options.eval_tokens:
-        eval_rows, eval_warnings = load_rows(
-            eval_source, eval_format, tokenizer, plan.seq_len, options.eval_tokens, options.text_field, options.eos
-        )
-        warnings += eval_warnings
+        eval_rows, more = _rows(eval_source, eval_format, options.eval_tokens, tokenizer, options, plan.seq_len)
+        warnings += more
     fingerprint = _fingerprint(plan, rows, options, accelerator.num_processes)
     start_step = work.check_resumable(fingerprint) if options.resume else 0
     if main and work.exists() and not options.resume:
