@@ -66,8 +66,18 @@ def finetune(
             rich_help_panel=TRAIN,
         ),
     ] = True,
-    tokens: Annotated[str, typer.Option(help="Token budget, e.g. 1M, 250k.", rich_help_panel=TRAIN)] = "1M",
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", rich_help_panel=TRAIN)] = 256,
+    tokens: Annotated[
+        str,
+        typer.Option(
+            help="Token budget, e.g. 1M, 250k (chat/completion: --seq-len per example).", rich_help_panel=TRAIN
+        ),
+    ] = "1M",
+    seq_len: Annotated[
+        int,
+        typer.Option(
+            help="Tokens per sequence (chat/completion: longer examples keep their first ones).", rich_help_panel=TRAIN
+        ),
+    ] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.", rich_help_panel=TRAIN)] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=TRAIN)] = 1,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.", rich_help_panel=TRAIN)] = 1e-5,
@@ -100,7 +110,8 @@ def finetune(
     ] = 0.0,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
     eval_data: Annotated[
-        str | None, typer.Option(help="Held-out text for the before/after table (default: demo held-out).")
+        str | None,
+        typer.Option(help="Held-out data for the before/after table, in --format (default: demo held-out text)."),
     ] = None,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored before and after (0: skip).")] = 16384,
     save_every: Annotated[
