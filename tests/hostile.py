@@ -172,13 +172,33 @@ COMMANDS: dict[str, Callable[[Workspace], list[str]]] = {
         "--out",
         str(ws.out),
     ],
+    "sweep": lambda ws: [
+        "sweep",
+        str(ws.model),
+        "--stats",
+        str(ws.stats),
+        "--criteria",
+        "usage-frequency",
+        "--ratios",
+        "0.25",
+        "--random-seeds",
+        "1",
+        "--data",
+        str(ws.data),
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "64",
+        "--out",
+        str(ws.out),
+    ],
 }
 # Commands grouped by the kind of input they read.
-MODEL_READERS = ("prune", "merge", "score-weights", "profile", "sequential", "eval", "finetune")
-LOADERS = ("profile", "sequential", "eval", "finetune")  # run the model's forward pass
-STATS_READERS = ("score", "merge", "combine")
+MODEL_READERS = ("prune", "merge", "score-weights", "profile", "sequential", "eval", "finetune", "sweep")
+LOADERS = ("profile", "sequential", "eval", "finetune", "sweep")  # run the model's forward pass
+STATS_READERS = ("score", "merge", "combine", "sweep")
 MASK_READERS = ("prune",)
-DATA_READERS = ("profile", "eval", "finetune")
+DATA_READERS = ("profile", "eval", "finetune", "sweep")
 
 
 @dataclass(frozen=True)

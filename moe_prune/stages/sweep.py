@@ -23,7 +23,7 @@ from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.registry import get_method
 from moe_prune.runtime.data import Document, check_split_on, load_documents
-from moe_prune.runtime.loading import parse_dtype
+from moe_prune.runtime.loading import code_decision, parse_dtype
 from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, merge, prune, score, tasks
@@ -102,6 +102,7 @@ def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Pl
     criteria = _criteria(settings.criteria)
     methods = [m for m in settings.merge_methods if get_method(m)]
     ckpt = Checkpoint.open(model)
+    code_decision(ckpt, settings.trust_remote_code)  # refuses checkpoint code before any work
     loaded = Stats.load(Path(stats))
     loaded.identity.require_same(ckpt.identity, str(stats), str(ckpt.folder))
     _check_ratios(ckpt, settings.ratios)
@@ -159,6 +160,9 @@ def run(
         )
         folder.write_table(result.to_dict())
         return result
+    except BaseException:
+        folder.abandon()
+        raise
     finally:
         folder.cleanup()
 
@@ -181,6 +185,8 @@ def _execute(plan: Plan, combo: Combo, scratch: Path) -> Row:
     try:
         _measure(plan, row, folder)
     except MoePruneError as exc:  # e.g. non-finite logits: no perplexity, the worst row of its ratio
+        if combo.kind == "original":
+            raise  # the model itself cannot be evaluated (tokenizer, weights, code): nothing to compare with
         row.reason = str(exc)
     finally:
         shutil.rmtree(target, ignore_errors=True)

@@ -36,6 +36,7 @@ OWN_FILES = ("sweep.json", "results.jsonl", "table.json", "sweep.png")
 class SweepFolder:
     path: Path
     temporary: bool = False
+    created: bool = False  # this run made the folder (so a run that finished nothing removes it)
 
     @property
     def header(self) -> Path:
@@ -76,6 +77,7 @@ class SweepFolder:
             return folder
         if folder.path.exists() and any(folder.path.iterdir()) and not force:
             raise MoePruneError(f"{out}: already exists and holds no sweep; pass --force to use it")
+        folder.created = not folder.path.exists()
         folder.path.mkdir(parents=True, exist_ok=True)
         folder.clear()
         folder._write(folder.header, {"schema": RUN_SCHEMA, "version": RUN_VERSION, "fingerprint": fingerprint})
@@ -121,6 +123,15 @@ class SweepFolder:
     def _write(self, path: Path, obj: dict[str, Any]) -> None:
         with atomic_file(path, force=True) as tmp:
             tmp.write_text(dump_json(json.loads(json.dumps(obj, default=str))), encoding="utf-8")
+
+    def abandon(self) -> None:
+        """A run that fails before finishing any combination leaves nothing behind (nothing to resume)."""
+        if self.results.exists():
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.clear()
 
     def cleanup(self) -> None:
         """Remove the checkpoints being built; a temporary folder goes whole."""
