@@ -192,13 +192,38 @@ COMMANDS: dict[str, Callable[[Workspace], list[str]]] = {
         "--out",
         str(ws.out),
     ],
+    "lottery": lambda ws: [
+        "lottery",
+        str(ws.model),
+        "--criterion",
+        "usage-frequency",
+        "--target-ratio",
+        "0.25",
+        "--rounds",
+        "1",
+        "--no-finetune",
+        "--data",
+        str(ws.data),
+        "--profile-samples",
+        "2",
+        "--profile-seq-len",
+        "16",
+        "--seq-len",
+        "16",
+        "--eval-data",
+        str(ws.data),
+        "--eval-tokens",
+        "32",
+        "--out",
+        str(ws.out),
+    ],
 }
 # Commands grouped by the kind of input they read.
-MODEL_READERS = ("prune", "merge", "score-weights", "profile", "sequential", "eval", "finetune", "sweep")
-LOADERS = ("profile", "sequential", "eval", "finetune", "sweep")  # run the model's forward pass
+MODEL_READERS = ("prune", "merge", "score-weights", "profile", "sequential", "eval", "finetune", "sweep", "lottery")
+LOADERS = ("profile", "sequential", "eval", "finetune", "sweep", "lottery")  # run the model's forward pass
 STATS_READERS = ("score", "merge", "combine", "sweep")
 MASK_READERS = ("prune",)
-DATA_READERS = ("profile", "eval", "finetune", "sweep")
+DATA_READERS = ("profile", "eval", "finetune", "sweep", "lottery")
 
 
 @dataclass(frozen=True)

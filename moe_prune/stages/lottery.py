@@ -47,6 +47,7 @@ from moe_prune.lottery.recipe import (
 from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
 from moe_prune.lottery.schedule import drop_schedule, token_schedule
 from moe_prune.runtime.data import load_documents
+from moe_prune.runtime.loading import code_decision
 from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.selection import Budget
@@ -82,6 +83,7 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     data = specs[0].given if len(specs) == 1 else [s.given for s in specs]
     params = replace(params, model=local_path(params.model), data=data, eval_data=local_path(params.eval_data))
     ckpt = Checkpoint.open(params.model)
+    code_decision(ckpt, trust_remote_code=False)  # every stage loads without remote code: refuse it up front
     config = ckpt.config
     counts = set(config.experts_per_layer.values())
     if len(counts) != 1:
@@ -144,6 +146,23 @@ def run(
     warnings = []
     if expected is not None and expected.tool_version != recipe.tool_version:
         warnings.append(f"the recipe was written by moe-prune {expected.tool_version}; this is {recipe.tool_version}")
+    try:
+        return _run(recipe, methods, ckpt, out, resumed, warnings, progress)
+    except BaseException:
+        if not resumed and not any(out.rglob("round.json")):
+            _remove(out)  # a fresh run that finished no round leaves nothing behind (nothing to resume)
+        raise
+
+
+def _run(
+    recipe: Recipe,
+    methods: list[Method],
+    ckpt: Checkpoint,
+    out: Path,
+    resumed: bool,
+    warnings: list[str],
+    progress: ProgressFn | None,
+) -> LotteryResult:
     report = progress or (lambda method, r, total, step: None)
     params = recipe.params
     experts = {layer: list(ids) for layer, ids in ckpt.identity.original_ids.items()}
