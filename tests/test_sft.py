@@ -460,3 +460,25 @@ def test_shipped_sft_data_is_what_the_script_builds(tmp_path):
             for line in (DEMO_DATA_DIR.parent / "tasks" / "data" / f"{task}_test.jsonl").read_text().splitlines()
         }
         assert not test & {json.loads(line)["prompt"] for line in out.read_text().splitlines()}
+
+
+@pytest.mark.slow
+def test_sft_raises_the_records_accuracy_of_the_half_pruned_demo_model(demo_stats, tmp_path):
+    """The README's demo measurement, smaller: SFT on records prompt/completion pairs (never the test split)."""
+    pytest.importorskip("lm_eval")
+    from moe_prune.scoring.selection import Budget
+    from moe_prune.stages import tasks
+    from moe_prune.stages.score import score
+
+    mask, _ = score(demo_stats, None, "soft-counts", budget=Budget(ratio=0.5))
+    prune.run(DEMO_MODEL_DIR, mask, tmp_path / "p50")
+    options = FinetuneOptions(tokens=50_000, seq_len=128, lr=3e-4, eval_tokens=0, format="completion", eos=False)
+    finetune.run(tmp_path / "p50", str(SFT_RECORDS), tmp_path / "sft", options)
+
+    def accuracy(folder: Path) -> float:
+        settings = tasks.TaskSettings(["demo_records"], batch_size=32)
+        return tasks.run(folder, settings).model.results["demo_records"]["acc,none"]
+
+    before, after = accuracy(tmp_path / "p50"), accuracy(tmp_path / "sft")
+    print(f"records accuracy of the half-pruned demo model: {before:.3f} -> {after:.3f} after SFT")
+    assert after > before + 0.1, (before, after)
