@@ -45,6 +45,16 @@ def is_down(layout: ExpertTensor) -> bool:
     return layout.suffix in DOWN_SUFFIXES
 
 
+def check_layer(
+    layouts: Mapping[str, ExpertTensor], shapes: Mapping[str, tuple[int, ...]], down_t: np.ndarray, where: str
+) -> None:
+    """One layer's expert tensors (`shapes`: one expert's shape per key) can take a refit down projection."""
+    check_layouts(layouts, where)
+    for key, layout in layouts.items():
+        if is_down(layout):
+            check_shape(down_t, layout, shapes[key], where)
+
+
 def check_layouts(layouts: Mapping[str, ExpertTensor], where: str) -> None:
     """The refit writes one down projection per slot: refuse biases and layouts without a known down tensor."""
     biased = sorted(key for key, layout in layouts.items() if layout.axis is None or "bias" in layout.suffix)

@@ -47,7 +47,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.merging.alignment import Expert, align
 from moe_prune.merging.averaging import weighted_average
 from moe_prune.merging.clustering import Cluster
-from moe_prune.merging.refit import check_layouts, check_shape, down_tensor, is_down
+from moe_prune.merging.refit import check_layer, down_tensor, is_down
 
 ROUTER_RULES = ("anchor", "average", "reinit")
 
@@ -152,6 +152,11 @@ class _LayerExperts:
             self._merged = result
         return self._merged
 
+    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One expert's shape per tensor key (fused tensors without their leading expert axis)."""
+        shapes = {key: tuple(next(iter(slots.values())).shape) for key, slots in self.per_expert.items()}
+        return shapes | {key: tuple(info.shape[1:]) for key, info in self.fused.items()}
+
     def take(self, fn) -> bytes:
         """Bytes of one output computed from the merged experts; frees them after the layer's last output."""
         data = fn(self.merged())
@@ -241,8 +246,9 @@ class MergePlanner:
         for info, key in experts:
             self._collect(info, key)
         for layer in self.layers.values():
-            if layer.plan.refit is not None:
-                self._check_refit(layer, tensors[0].file.parent if tensors else "the checkpoint")
+            if layer.plan.refit is not None:  # biases, unknown down tensors, statistics of other shapes refused
+                where = f"{tensors[0].file.parent if tensors else 'the checkpoint'}: MoE layer {layer.plan.layer}"
+                check_layer(layer.layouts, layer.expert_shapes(), layer.plan.refit[0], where)
         out: list[AnyOutput] = []
         for info, key in classified:
             if key is None or key.layer not in self.plans:
@@ -279,17 +285,6 @@ class MergePlanner:
                 )
             layer.fused[info.name] = info
             layer.layouts[info.name] = find_layout(info.name, self.adapter.expert_tensors)
-
-    def _check_refit(self, layer: _LayerExperts, where: object) -> None:
-        """Biases and unknown down projections refused, and the statistics' D^T shape equal to the stored one."""
-        place = f"{where}: MoE layer {layer.plan.layer}"
-        check_layouts(layer.layouts, place)
-        assert layer.plan.refit is not None
-        for key, layout in layer.layouts.items():
-            if is_down(layout):
-                info = next(iter(layer.per_expert[key].values())) if key in layer.per_expert else layer.fused[key]
-                shape = info.shape if key in layer.per_expert else info.shape[1:]
-                check_shape(layer.plan.refit[0], layout, shape, place)
 
     def _expert_outputs(self, info: Stored, key: ExpertKey) -> list[AnyOutput]:
         layer = self.layers[key.layer]
