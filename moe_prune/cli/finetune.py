@@ -1,5 +1,6 @@
 """Next-token finetuning on a token budget: recover a pruned or merged model, optionally at a lower top-k;
-on text, or on prompt/response records with the loss on the responses (`--format chat|completion`)."""
+on text (one source or a mix by share), or on prompt/response records with the loss on the responses
+(`--format chat|completion`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from rich.table import Table
 from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
+    DataOpt,
     ForceOpt,
     JsonOpt,
     LazyBar,
     ModelArg,
     OutDirOpt,
+    SplitOnOpt,
     TrustOpt,
     err_console,
     out_console,
@@ -39,21 +42,14 @@ STATE = "Checkpoints"
 def finetune(
     out: OutDirOpt,
     model: ModelArg = DEFAULT_MODEL,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            "-d",
-            help="Training text (.txt/.jsonl/.json/.parquet/.csv) or hub dataset id; with --format chat|completion "
-            "a JSONL file (default: the demo calibration text).",
-        ),
-    ] = None,
+    data: DataOpt = None,
     data_format: Annotated[
         str,
         typer.Option(
             "--format",
-            help="text: every token of --data trains; completion: JSONL prompt/completion, loss on the completion; "
-            "chat: JSONL messages, loss on assistant turns (chat template if the tokenizer has one).",
+            help="text: every token of --data trains (repeat --data to mix sources by share); completion: JSONL "
+            "prompt/completion, loss on the completion; chat: JSONL messages, loss on assistant turns (chat "
+            "template if the tokenizer has one); both read one --data file, without a share.",
             rich_help_panel=TRAIN,
         ),
     ] = "text",
@@ -109,6 +105,7 @@ def finetune(
         float, typer.Option(help="Weight of the family's load-balancing loss.", rich_help_panel=ROUTING)
     ] = 0.0,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
+    split_on: SplitOnOpt = "none",
     eval_data: Annotated[
         str | None,
         typer.Option(help="Held-out data for the before/after table, in --format (default: demo held-out text)."),
@@ -127,8 +124,10 @@ def finetune(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
+    from moe_prune.runtime.sources import parse_sources
     from moe_prune.stages import finetune as stage
     from moe_prune.training.options import FinetuneOptions, parse_anneal, parse_train
+    from moe_prune.training.sft import check_records_source
 
     options = FinetuneOptions(
         tokens=parse_tokens(tokens),
@@ -148,6 +147,7 @@ def finetune(
         aux_loss_weight=aux_loss_weight,
         mixed_precision=mixed_precision,
         text_field=text_field,
+        split_on=split_on,
         format=data_format,
         eos=eos,
         eval_data=eval_data,
@@ -159,13 +159,16 @@ def finetune(
         trust_remote_code=trust_remote_code,
     )
     options.check()  # before accelerate is set up: a bad option must not reach it
-    if data is None and data_format != "text":
+    if not data and data_format != "text":
         raise MoePruneError(f"--format {data_format} needs --data FILE (JSONL records; the demo data is plain text)")
-    data = data if data is not None else str(DEMO_CALIBRATION)
+    given = data or [str(DEMO_CALIBRATION)]
+    specs = parse_sources(given)
+    check_records_source(specs, data_format)
+    sources = tuple(spec.source for spec in specs)
     with _training_bar() as bar:
         try:
-            check_not_input(out, (model, data, *([eval_data] if eval_data else [])))
-            result = stage.run(model, data, out, options, progress=lambda p: _report(bar, p))
+            check_not_input(out, (model, *sources, *([eval_data] if eval_data else [])))
+            result = stage.run(model, given, out, options, progress=lambda p: _report(bar, p))
         except KeyboardInterrupt:
             bar.stop()
             err_console.print("[bold red]interrupted[/]; continue from the last saved state with --resume")
@@ -210,6 +213,10 @@ def _print(r: FinetuneResult) -> None:
         + (f", resumed at step {r.resumed_from}" if r.resumed_from else ""),
         highlight=False,
     )
+    if isinstance(r.data, list) and r.sources:
+        from moe_prune.cli.profile import sources_table
+
+        out_console.print(sources_table(r.sources))
     if r.before is None or r.after is None:
         return
     scored = "" if r.eval_format == "text" else ", loss on response tokens"

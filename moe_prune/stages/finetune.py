@@ -1,7 +1,10 @@
 """`finetune`: next-token training of a (pruned or merged) MoE on a token budget, built on `accelerate`.
 
-Data: chunks of a text corpus (`--format text`), or prompt/response records with the loss on response
-tokens only (`--format chat|completion`, supervised instruction recovery; see `training.sft`).
+Data: chunks of a text corpus (`--format text`): one source, or a mix of sources by share of the tokens
+trained (`data` a list of `SOURCE[:SHARE]`, see `runtime.sources` and `training.text`); or prompt/response
+records of one JSONL file with the loss on response tokens only (`--format chat|completion`, supervised
+instruction recovery; see `training.sft`). The result and the manifest's history entry list every source
+with its share and tokens.
 
 The same code runs on CPU, one GPU, or many processes under `accelerate launch` (DDP, FSDP or DeepSpeed
 from an accelerate config): each process trains on its own slice of every step's batch (see
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +37,17 @@ from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
+from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.sizes import parse_size
+from moe_prune.stages.tasks import TASK_PREFIX
 from moe_prune.training.batches import BatchPlan, Sequences
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
 from moe_prune.training.loop import TrainingLoop
 from moe_prune.training.options import FinetuneOptions
-from moe_prune.training.sft import load_rows
+from moe_prune.training.sft import check_records_source, load_rows
 from moe_prune.training.state import WorkFolder, fingerprint_json, work_folder
+from moe_prune.training.text import Rows
 from moe_prune.training.topk import check_top_k
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -68,7 +74,8 @@ class FinetuneResult:
 
     out: Path
     model: str
-    data: str
+    data: str | list[str]  # `--data` as given: one value, or every value of a mix
+    sources: list[dict[str, Any]] | None  # text: every source with its share and tokens in the rows; else None
     eval_data: str
     format: str  # text, chat or completion
     eval_format: str  # the training format for --eval-data, text for the default held-out set
@@ -108,9 +115,12 @@ class _Plan:
     top_k_end: int
 
 
-def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int) -> _Plan:
+def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int, specs: list[SourceSpec]) -> _Plan:
     """Validate options against the checkpoint: cheap checks first, so bad input costs nothing."""
     options.check()
+    check_records_source(specs, options.format)
+    if any(s.source.startswith(TASK_PREFIX) for s in specs):
+        raise MoePruneError(f"--data {TASK_PREFIX}NAME: finetune reads files and hub datasets (profile reads tasks)")
     ckpt = Checkpoint.open(model)
     _ = ckpt.identity
     config = ckpt.config
@@ -147,17 +157,34 @@ def _accelerator(options: FinetuneOptions) -> Any:
 
 
 def _rows(
-    source: str, fmt: str, budget: int, tokenizer: Any, options: FinetuneOptions, seq_len: int
-) -> tuple[Sequences, list[str]]:
-    return load_rows(source, fmt, tokenizer, seq_len, budget, options.text_field, options.eos)
+    data: str | list[SourceSpec],
+    fmt: str,
+    budget: int,
+    tokenizer: Any,
+    options: FinetuneOptions,
+    seq_len: int,
+    trained: int | None = None,
+) -> Rows:
+    fields = {"split_on": options.split_on, "trained": trained}
+    return load_rows(data, fmt, tokenizer, seq_len, budget, options.text_field, options.eos, **fields)
 
 
-def _fingerprint(plan: _Plan, data: Sequences, options: FinetuneOptions, processes: int) -> dict[str, Any]:
-    """What makes two runs the same run: input model, training tokens, settings, process count."""
+def _fingerprint(
+    plan: _Plan, data: Sequences, specs: list[SourceSpec], options: FinetuneOptions, processes: int
+) -> dict[str, Any]:
+    """What makes two runs the same run: input model, training tokens and the share asked of each source
+    (not its path, which a resumed command may spell differently), settings, process count."""
     headers = json.dumps([[t.name, t.dtype, list(t.shape)] for t in plan.ckpt.tensors]).encode()
     model = {"config": plan.ckpt.config.fingerprint(), "tensors": "sha256:" + hashlib.sha256(headers).hexdigest()[:16]}
+    shares = [{"share": None if s.share is None else str(s.share), "count": s.count} for s in specs]
     return fingerprint_json(
-        {"model": model, "data": data.digest(), "options": options.fingerprint_fields(), "processes": processes}
+        {
+            "model": model,
+            "data": data.digest(),
+            "shares": shares,
+            "options": options.fingerprint_fields(),
+            "processes": processes,
+        }
     )
 
 
@@ -181,20 +208,23 @@ def _optimizer(model: Any, names: list[str], options: FinetuneOptions) -> torch.
 
 def run(
     model: str | Path,
-    data: str,
+    data: str | Path | Sequence[str | Path],
     out: str | Path,
     options: FinetuneOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> FinetuneResult:
-    """Finetune `model` on `data` and write the result to `out` (see the module docstring)."""
+    """Finetune `model` on `data` (one `SOURCE[:SHARE]` or several) and write the result to `out` (see the
+    module docstring)."""
     from accelerate.utils import set_seed
 
     options = options or FinetuneOptions()
     out = Path(out).expanduser().absolute()
+    specs = parse_sources([str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data])
+    given: str | list[str] = specs[0].given if len(specs) == 1 else [s.given for s in specs]
     accelerator = _accelerator(options)
     main = accelerator.is_main_process
     report = progress if (progress is not None and main) else (lambda p: None)
-    plan = _plan(model, out, options, accelerator.num_processes)
+    plan = _plan(model, out, options, accelerator.num_processes, specs)
     ckpt, config = plan.ckpt, plan.ckpt.config
     work = WorkFolder(work_folder(out))
     if work.exists() and not options.resume and not options.force:
@@ -204,14 +234,17 @@ def run(
         )
 
     tokenizer = load_tokenizer(ckpt, options.trust_remote_code)
-    rows, warnings = _rows(data, options.format, options.tokens, tokenizer, options, plan.seq_len)
+    trained = plan.steps * plan.tokens_per_step
+    loaded = _rows(specs, options.format, options.tokens, tokenizer, options, plan.seq_len, trained)
+    rows, warnings = loaded.sequences, list(loaded.warnings)
     eval_source = options.eval_data or str(DEMO_HELDOUT)
     eval_format = options.format if options.eval_data else "text"  # the default held-out set is plain text
     eval_rows = None
     if options.eval_tokens:
-        eval_rows, more = _rows(eval_source, eval_format, options.eval_tokens, tokenizer, options, plan.seq_len)
-        warnings += more
-    fingerprint = _fingerprint(plan, rows, options, accelerator.num_processes)
+        held = _rows(eval_source, eval_format, options.eval_tokens, tokenizer, options, plan.seq_len)
+        eval_rows = held.sequences
+        warnings += held.warnings
+    fingerprint = _fingerprint(plan, rows, specs, options, accelerator.num_processes)
     start_step = work.check_resumable(fingerprint) if options.resume else 0
     if main and work.exists() and not options.resume:
         work.remove()  # --force: the old interrupted run is discarded
@@ -279,7 +312,8 @@ def run(
         report(Progress("after", 0, 1))
         after = measure(wrapped, inner, config, eval_rows, options.batch_size, current_k, accelerator.device)
     report(Progress("saving", 0, 1))
-    _write(accelerator, wrapped, inner, ckpt, model, data, out, options, plan, current_k)
+    provenance = {"data": given, "sources": loaded.sources}
+    _write(accelerator, wrapped, inner, ckpt, model, provenance, out, options, plan, current_k)
     if main:
         work.remove()
     accelerator.wait_for_everyone()
@@ -287,7 +321,8 @@ def run(
     return FinetuneResult(
         out=out,
         model=str(model),
-        data=str(data),
+        data=given,
+        sources=loaded.sources,
         eval_data=eval_source,
         format=options.format,
         eval_format=eval_format,
@@ -328,13 +363,14 @@ def _write(
     inner: Any,
     ckpt: Checkpoint,
     model: str | Path,
-    data: str,
+    provenance: dict[str, Any],
     out: Path,
     options: FinetuneOptions,
     plan: _Plan,
     top_k: int,
 ) -> None:
-    """The output checkpoint, written by the main process into a temp folder that then replaces `out`."""
+    """The output checkpoint, written by the main process into a temp folder that then replaces `out`;
+    `provenance`: --data as given and every source with its share and tokens (for the history entry)."""
     state = accelerator.get_state_dict(wrapped)  # gathers shards under FSDP / DeepSpeed: every process calls it
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
@@ -346,7 +382,7 @@ def _write(
     entry = {
         "stage": "finetune",
         "source": str(model),
-        "data": str(data),
+        **provenance,
         "steps": plan.steps,
         "tokens": plan.steps * plan.tokens_per_step,
         "top_k": top_k,

@@ -95,11 +95,6 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     FinetuneOptions(**_finetune_fields(params, tokens[0] or 1)).check()
     if any(s.source.startswith(TASK_PREFIX) for s in specs):
         raise MoePruneError(f"--data {TASK_PREFIX}NAME: lottery reads files and hub datasets (profile reads tasks)")
-    if params.finetune and (len(specs) > 1 or specs[0].suffix):
-        raise MoePruneError(
-            "lottery: finetuning on a mix of --data sources (or a share) is not wired yet; "
-            "give one --data without a share, or pass --no-finetune"
-        )
     for source in (*(s.source for s in specs), *((params.eval_data,) if params.eval_tokens else ())):
         # a missing or unreadable file is reported before any round
         load_documents(source, params.text_field, max_chars=1, split_on=params.split_on)
@@ -291,7 +286,7 @@ class _Round:
                 options = FinetuneOptions(
                     **_finetune_fields(self.params, tokens), seed=self.params.seed + self.index - 1
                 )
-                finetune.run(pruned, str(self.params.data), final, options)  # one plain source (see `plan`)
+                finetune.run(pruned, _data(self.params), final, options)  # one source or the same mix as profile
         trained = _trained(final) if tokens else 0
         perplexity = None
         if self.params.eval_tokens:
@@ -382,6 +377,7 @@ def _finetune_fields(params: LotteryParams, tokens: int) -> dict[str, Any]:
         "warmup_ratio": params.warmup_ratio,
         "max_grad_norm": params.max_grad_norm,
         "text_field": params.text_field,
+        "split_on": params.split_on,
         "eval_tokens": 0,  # the round is evaluated once, by `eval`, after finetuning
     }
 

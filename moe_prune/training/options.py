@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data import check_split_on
 
 TRAIN_GROUPS = ("all", "router", "experts", "attention")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -46,6 +47,7 @@ class FinetuneOptions:
     aux_loss_weight: float = 0.0
     mixed_precision: str | None = None  # None: whatever `accelerate launch` / its config says
     text_field: str = "text"
+    split_on: str = "none"  # how .txt files of --data/--eval-data become documents (runtime.data.SPLIT_ON)
     format: str = "text"  # one of FORMATS
     eos: bool = True  # chat/completion: plain renderings end with EOS (with loss); see training.sft
     eval_data: str | None = None  # held-out text for the before/after table (default: the demo held-out set)
@@ -83,6 +85,7 @@ class FinetuneOptions:
             raise MoePruneError(f"--train {','.join(self.train)}: use one or more of {', '.join(TRAIN_GROUPS)}")
         if self.format not in FORMATS:
             raise MoePruneError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
+        check_split_on(self.split_on)
         self._check_top_k()
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise MoePruneError(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISION)}")

@@ -27,6 +27,7 @@ or non-string field, an empty response, a conversation without a final assistant
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,9 @@ import torch
 
 from moe_prune.artifacts.common import describe, json_type, parse_json, require_type
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
+from moe_prune.runtime.sources import SourceSpec
 from moe_prune.training.batches import IGNORE, Sequences
-
-CHARS_PER_TOKEN_BOUND = 16  # characters read per budgeted token (as `eval`): more than any tokenizer needs
+from moe_prune.training.text import Rows, is_mix, text_rows
 
 Segments = list[tuple[str, bool]]  # (text, carries loss), in order
 
@@ -230,14 +230,36 @@ def _pad(rows: list[tuple[list[int], list[int]]], tokenizer: Any) -> Sequences:
 
 
 def load_rows(
-    source: str, fmt: str, tokenizer: Any, seq_len: int, budget: int, text_field: str = "text", eos: bool = True
-) -> tuple[Sequences, list[str]]:
-    """`finetune`'s rows of `source` for a budget of `budget` tokens (counted at `seq_len` per row):
-    fixed chunks of its token stream for "text", prompt/response examples otherwise; and warnings."""
+    data: str | Sequence[SourceSpec],
+    fmt: str,
+    tokenizer: Any,
+    seq_len: int,
+    budget: int,
+    text_field: str = "text",
+    eos: bool = True,
+    *,
+    split_on: str = "none",
+    trained: int | None = None,
+) -> Rows:
+    """`finetune`'s rows for a budget of `budget` tokens (counted at `seq_len` per row): for "text", chunks of
+    one source's token stream or of a mix of `trained` tokens (`training.text`); otherwise the prompt/response
+    examples of one JSONL file. A str is one source as named (no share is read from it)."""
+    specs = [SourceSpec(data)] if isinstance(data, str) else list(data)
     if fmt == "text":
-        texts = load_texts(source, text_field, max_chars=budget * CHARS_PER_TOKEN_BOUND)
-        return Sequences(fixed_chunks(token_stream(texts, tokenizer, budget), seq_len, source=source)), []
-    return load_examples(source, fmt, tokenizer, seq_len, max(1, budget // seq_len), eos)
+        return text_rows(specs, tokenizer, seq_len, budget, trained=trained, text_field=text_field, split_on=split_on)
+    check_records_source(specs, fmt)
+    sequences, warnings = load_examples(specs[0].source, fmt, tokenizer, seq_len, max(1, budget // seq_len), eos)
+    return Rows(sequences, warnings)
 
 
-__all__ = ["Record", "load_examples", "load_rows", "read_records", "render", "tokenize"]
+def check_records_source(specs: Sequence[SourceSpec], fmt: str) -> None:
+    """chat/completion read exactly one local JSONL file: a mix or a share is refused in one line."""
+    if fmt != "text" and is_mix(specs):
+        given = " ".join(f"--data {s.given}" for s in specs)
+        raise MoePruneError(
+            f"{given}: --format {fmt} reads one JSONL file of records; give one --data without a share "
+            "(mixes and shares are for --format text)"
+        )
+
+
+__all__ = ["Record", "check_records_source", "load_examples", "load_rows", "read_records", "render", "tokenize"]
