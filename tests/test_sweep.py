@@ -303,7 +303,7 @@ def fake_tasks(name, folder, label, manager, settings, progress):
 
 
 def test_tasks_are_columns_measured_on_each_model(stats_file, monkeypatch):
-    monkeypatch.setattr(stage, "_task_manager", lambda settings: "manager")
+    monkeypatch.setattr(tasks, "prepare", lambda settings: "manager")
     monkeypatch.setattr(tasks, "evaluate_tasks", fake_tasks)
     settings = stage.SweepSettings(
         criteria=("usage-frequency",), ratios=(0.25, 0.5), random_seeds=1, tasks=tasks.TaskSettings(["fake"]), **EVAL

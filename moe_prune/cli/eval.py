@@ -66,7 +66,7 @@ def evaluate(
         typer.Option(
             "--tasks",
             help="Comma-separated lm-eval tasks/groups to score (e.g. demo: the demo model's offline suite). "
-            "Needs moe-prune[tasks].",
+            "Needs moe-prune\\[tasks].",
         ),
     ] = None,
     num_fewshot: Annotated[

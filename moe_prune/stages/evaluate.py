@@ -298,10 +298,7 @@ def run(
     checkpoints = {"model": (str(model), _open(model))}
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), _open(baseline))
-    max_chars = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN_BOUND
-    if parse_source(data).suffix:
-        raise MoePruneError(f"--data {data}: eval scores one source, without a share (cap it with --max-tokens)")
-    texts = load_documents(data, text_field, split, max_chars, split_on)
+    texts = heldout_documents(data, text_field, split, max_tokens, split_on)
     settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code)
     report = progress or (lambda label, done, total: None)
     evals = {
@@ -322,3 +319,11 @@ def _open(model: str | Path) -> Checkpoint:
     ckpt = Checkpoint.open(model)
     _ = ckpt.identity  # reads and checks config.json (and moe_prune.json) now, not after the data is loaded
     return ckpt
+
+
+def heldout_documents(data: str, text_field: str, split: str, max_tokens: int | None, split_on: str) -> list[Any]:
+    """The documents perplexity is measured on: one source without a share, read up to what `max_tokens` needs."""
+    if parse_source(data).suffix:
+        raise MoePruneError(f"--data {data}: eval scores one source, without a share (cap it with --max-tokens)")
+    max_chars = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN_BOUND
+    return load_documents(data, text_field, split, max_chars, split_on)

@@ -22,7 +22,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.registry import get_method
-from moe_prune.runtime.data import Document, check_split_on, load_documents
+from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.loading import code_decision, parse_dtype
 from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
@@ -107,9 +107,10 @@ def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Pl
     loaded.identity.require_same(ckpt.identity, str(stats), str(ckpt.folder))
     _check_ratios(ckpt, settings.ratios)
     _check_usable(criteria, methods, loaded, ckpt, str(stats))
-    max_chars = None if settings.max_tokens is None else settings.max_tokens * evaluate.CHARS_PER_TOKEN_BOUND
-    texts = load_documents(settings.data, settings.text_field, "train", max_chars, settings.split_on)
-    manager = _task_manager(settings.tasks) if settings.tasks is not None else None
+    texts = evaluate.heldout_documents(
+        settings.data, settings.text_field, "train", settings.max_tokens, settings.split_on
+    )
+    manager = tasks.prepare(settings.tasks) if settings.tasks is not None else None
     s = settings
     combos = combinations(criteria, methods, s.ratios, s.directions, s.scopes, s.random_seeds, s.merge_seed)
     defaults = {c.name: c.direction for c in criteria}
@@ -286,18 +287,6 @@ def _check_usable(criteria: list[Criterion], methods: list[str], stats: Stats, c
             reasons.append(str(exc))
     if reasons and len(reasons) == len(criteria) + len(methods):
         raise MoePruneError(f"{name}: serves none of the criteria and merge methods asked for ({'; '.join(reasons)})")
-
-
-def _task_manager(settings: tasks.TaskSettings) -> Any:
-    """lm-eval's task manager, with every task built once: a wrong name fails before any combination."""
-    tasks.require_lm_eval()
-    tasks._import_lm_eval()
-    with tasks.quiet_lm_eval():
-        if settings.include_path is not None:
-            tasks.check_task_yamls(settings.include_path)
-        manager = tasks.task_manager(settings.tasks, settings.include_path)
-        tasks.check_tasks(manager, settings.tasks)
-    return manager
 
 
 def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSettings) -> dict[str, Any]:

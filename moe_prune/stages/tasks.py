@@ -325,6 +325,19 @@ def validate(settings: TaskSettings) -> None:
         raise MoePruneError(f"--include-path {settings.include_path}: not a folder")
 
 
+def prepare(settings: TaskSettings) -> Any:
+    """lm-eval's task manager with every task of `settings` built once: a wrong name, a malformed YAML or
+    data out of reach fails here, before any model is loaded."""
+    require_lm_eval()
+    _import_lm_eval()
+    with quiet_lm_eval():
+        if settings.include_path is not None:
+            check_task_yamls(settings.include_path)
+        manager = task_manager(settings.tasks, settings.include_path)
+        check_tasks(manager, settings.tasks)
+    return manager
+
+
 def run(
     model: str | Path,
     settings: TaskSettings,
@@ -337,18 +350,14 @@ def run(
 
     validate(settings)
     parse_dtype(settings.dtype)
-    _import_lm_eval()
     checkpoints = {"model": (str(model), Checkpoint.open(model))}
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), Checkpoint.open(baseline))
     for _, ckpt in checkpoints.values():
         _ = ckpt.identity  # config.json checked before lm-eval indexes anything
     report = progress or (lambda label, done, total, kind: None)
+    manager = prepare(settings)
     with quiet_lm_eval():
-        if settings.include_path is not None:
-            check_task_yamls(settings.include_path)
-        manager = task_manager(settings.tasks, settings.include_path)
-        check_tasks(manager, settings.tasks)
         results = {
             label: evaluate_tasks(name, ckpt.folder, label, manager, settings, report)
             for label, (name, ckpt) in checkpoints.items()
