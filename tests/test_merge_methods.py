@@ -120,6 +120,7 @@ def refit_reference(model, config, input_ids, layer: int, anchor: int) -> np.nda
     x, z, idx, w = rec["x"], rec["z"], rec["idx"], rec["w"]
     hidden = [silu(g) * u for g, u in (np.split(x @ gate_up[e].T, 2, axis=1) for e in range(len(gate_up)))]
     y = sum(w[:, j : j + 1] * np.stack([hidden[e][t] @ down[e].T for t, e in enumerate(idx[:, j])]) for j in range(2))
+    y = y / w.sum(axis=1, keepdims=True)  # the gate-weighted mean of the chosen experts' outputs
     p = np.exp(z - z.max(1, keepdims=True))
     p = (p / p.sum(1, keepdims=True))[:, anchor]
     root = np.sqrt(p)[:, None]
@@ -154,14 +155,25 @@ def test_refit_down_projection_equals_brute_force_least_squares(refit_case, tmp_
 
 
 @pytest.mark.parametrize(
-    "method,options", [("hcsmoe", {}), ("frequency", {"weights": "output"}), ("prune", {"refit": True})]
+    "model_type,method,options",
+    [
+        ("mixtral", "hcsmoe", {}),
+        ("mixtral", "frequency", {"weights": "output"}),
+        ("mixtral", "prune", {"refit": True}),
+        ("deepseek_v3", "uncurl", {"refit": True}),  # sigmoid router, top-k renormalised then scaled by 2.5
+    ],
 )
-def test_merging_permuted_copies_keeps_the_logits_with_new_methods(method, options, tiny_factory, tmp_path):
-    """Experts that are permuted copies of one expert: HC-SMoE, output weights and the refit give it back."""
-    _, tiny = tiny_factory("mixtral")
+def test_merging_permuted_copies_keeps_the_logits_with_new_methods(model_type, method, options, tiny_factory, tmp_path):
+    """Experts that are permuted copies of one expert: HC-SMoE, output weights and the refit give it back.
+
+    A refit slot reproduces the gate-weighted MEAN of the chosen outputs: with scaled gates (DeepSeek-V3's
+    routed_scaling_factor) the layer's output is still the original one.
+    """
+    _, tiny = tiny_factory(model_type)
     model = copy.deepcopy(tiny)
-    config = Checkpoint.open(tiny_factory("mixtral")[0]).config
+    config = Checkpoint.open(tiny_factory(model_type)[0]).config
     _copies_of_one_expert(model, config.adapter, config.num_experts, seed=3)
+    assert getattr(model.config, "routed_scaling_factor", 1.0) == (2.5 if model_type == "deepseek_v3" else 1.0)
     folder = tmp_path / "copies"
     model.save_pretrained(folder)
     save_char_tokenizer(folder)
@@ -171,7 +183,7 @@ def test_merging_permuted_copies_keeps_the_logits_with_new_methods(method, optio
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
-    merge.run(folder, stats, tmp_path / "merged", 2, method=method, **options)
+    merge.run(folder, stats, tmp_path / "merged", 2 * config.n_group, method=method, **options)
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()

@@ -29,10 +29,10 @@ def expert_pass_reference(model, config: ModelConfig, kind: str, score: str, inp
         x, z, idx, w = rec["x"], rec["z"], rec["idx"], rec["w"]
         n = config.experts_per_layer[layer]
         outputs = np.stack([expert_output(kind, weights, model.config, e, x) for e in range(n)])  # [E, T, H]
-        y = np.zeros_like(x)
+        y = np.zeros_like(x)  # the gate-weighted mean of the chosen experts' outputs
         for t in range(x.shape[0]):
             for j in range(idx.shape[1]):
-                y[t] += w[t, j] * outputs[idx[t, j], t]
+                y[t] += w[t, j] * outputs[idx[t, j], t] / w[t].sum()
         probs = 1 / (1 + np.exp(-z)) if score == "sigmoid" else softmax(z)
         out["out_all_sum"].append(outputs.sum(axis=1))
         if kind == "fused":

@@ -45,7 +45,7 @@ STAT_FIELDS: dict[str, tuple[str, str]] = {
     "act_max": ("max", "[L, E] largest |output element| of the expert over its routed tokens (REAP super experts)"),
     "out_all_sum": ("sum", "[L, E, H] sum over ALL tokens of each expert's output (HC-SMoE; profile --expert-outputs)"),
     "refit_hh": ("sum", "[L, E, I, I] sum over all tokens of p_e h_e h_e^T, h_e the down projection's input"),
-    "refit_hy": ("sum", "[L, E, I, H] sum over all tokens of p_e h_e y^T, y the layer's routed output (--refit-stats)"),
+    "refit_hy": ("sum", "[L, E, I, H] sum over all tokens of p_e h_e y^T, y the gate-weighted mean of routed outputs"),
     "grad_gram": ("final", "[L, E, E] Gram matrix of the experts' flattened accumulated weight gradients"),
     "grad_entropy": ("final", "[L, E] sum over hidden dims of log std of the accumulated weight gradient"),
     "grad_outliers": ("final", "[L, E] accumulated-gradient elements beyond mean +- 3 std of the expert's gradient"),

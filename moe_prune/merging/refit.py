@@ -8,13 +8,14 @@ was to send each token to the anchor:
 
     D_a = argmin_D  sum_x p_a(x) || D h_a(x) - y(x) ||^2,   i.e.   D_a^T = (sum p h h^T)^-1 sum p h y^T
 
-with h_a the anchor's intermediate activation, y the original layer's routed output and p_a the router
-probability. The top-k gates of the smaller layer sum to one (renormalising routers), so if every slot
-reproduces y the layer does too, whichever slots a token picks; the dropped experts' function is merged
-into the kept ones in output space. The sums come from `profile --refit-stats` (`runtime.expert_outputs`);
-no gradient step and no labels are involved (closed form, like the layer-wise reconstruction of GPTQ or
-the output merging of MergeMoE, Miao et al. 2025). A relative ridge of 1e-6 keeps the solve defined
-when an intermediate neuron never fired.
+with h_a the anchor's intermediate activation, y the gate-weighted mean of the outputs of the experts the
+original layer chose for the token, and p_a the router probability. The original layer outputs y times
+the token's gate sum, and so does the smaller one if every slot reproduces y, whichever slots a token
+picks, for routers whose gates sum to a fixed value (renormalised top-k, with or without a scaling factor
+such as DeepSeek-V3's); the dropped experts' function is merged into the kept ones in output space.
+The sums come from `profile --refit-stats` (`runtime.expert_outputs`); no gradient step and no labels
+are involved (closed form, like the layer-wise reconstruction of GPTQ or the output merging of MergeMoE,
+Miao et al. 2025). A relative ridge of 1e-6 keeps the solve defined when an intermediate neuron never fired.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Per MoE layer, over all tokens x (routed or not): o_e(x) is expert e's unweighted output, h_e(x) its
 intermediate activation (the input of its down projection), p_e(x) the router probability of the
-`soft_counts` statistic (softmax, or sigmoid for sigmoid routers) and y(x) the experts module's output
-(the routed, gate-weighted sum the layer adds to the residual stream):
+`soft_counts` statistic (softmax, or sigmoid for sigmoid routers) and y(x) = sum_k w_k o_k(x) / sum_k w_k
+the gate-weighted MEAN of the token's chosen experts' outputs (w_k the gates the model applied, so the
+experts module's output is y(x) times the token's gate sum: exactly y for routers that renormalise, a
+fixed multiple of it for scaled ones such as DeepSeek-V3's routed_scaling_factor):
 
   out_all_sum [E, H]     sum_x o_e(x)                  `profile --expert-outputs`: HC-SMoE's expert feature
                                                         (the mean output over all tokens; wazenmai/HC-SMoE,
@@ -102,7 +104,8 @@ class ExpertPass:
     def add(
         self, slot: int, module: Any, forward: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, probs
     ) -> None:
-        """One batch of one layer: x [T, H] the experts' input, y [T, H] their output, probs [T, E] float64."""
+        """One batch of one layer: x [T, H] the experts' input, y [T, H] the gate-weighted mean of the chosen
+        experts' outputs, probs [T, E] float64."""
         sums = self.layer(slot, x.device)
         ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
         target = y.double()

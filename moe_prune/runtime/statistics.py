@@ -228,8 +228,10 @@ class StatisticsRecorder(RoutingRecorder):
         gate = (weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).reshape(-1)
         self._add_activations(slot, chosen, output.detach(), weight.detach(), gate[order].detach())
         result = torch.zeros_like(flat).index_add_(0, token, (output * weight[:, None]).to(flat.dtype))
-        if self._pass is not None:
-            self._pass.add(slot, self._modules[slot], original, flat.detach(), result.detach(), self._last_probs[slot])
+        if self._pass is not None:  # the refit's target: the gate-weighted mean of the chosen experts' outputs
+            chosen_weights = weights.detach().double() * ((index >= 0) & (index < self.counts[slot]))
+            mean = result.detach().double() / chosen_weights.sum(1, keepdim=True).clamp_min(1e-30)
+            self._pass.add(slot, self._modules[slot], original, flat.detach(), mean, self._last_probs[slot])
         return result.reshape(hidden.shape[:-1] + result.shape[-1:])
 
     @torch.no_grad()
