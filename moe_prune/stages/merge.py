@@ -148,8 +148,7 @@ def run(
     MoE blocks get the last MoE layer's plan (clusters and weights, never a refit: the statistics are the
     decoder layer's), or are removed with `drop_mtp`.
     """
-    method_fn = get_method(method)
-    basis = weight_statistic(weights)
+    get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
     if router not in ROUTER_RULES:
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -181,21 +180,15 @@ def run(
                 merged[layer] = previous.merged[layer]
             reports.append(LayerReport(layer, len(ids), len(ids), True, []))
             continue
-        n = len(ids)  # a ragged model's statistics are padded to its largest layer
-        row = rows[layer]
-        frequency = np.asarray(stats.arrays["hard_counts"][row][:n], dtype=np.float64)
-        gram = stats.arrays.get("logit_gram")
-        similarity = router_similarity(gram[row][:n, :n]) if gram is not None else np.eye(n)
-        context = LayerStats({k: stats.arrays[k][row][:n] for k in NEEDS[method] if k != "logit_gram"})
-        clusters = cluster_layer(method_fn, similarity, frequency, counts[layer], seed, config.n_group, context)
-        share = np.asarray(stats.arrays[basis][row][:n], dtype=np.float64) if method != "prune" else frequency
-        averaging = [c.weights(share) for c in clusters]
-        downs = _refit(stats, row, clusters) if refit else None
-        plans[layer] = LayerPlan(layer, clusters, averaging, router, seed, downs)
+        plan, report = _plan_layer(
+            stats, rows[layer], ids, layer, Choice(method, weights, refit, router, seed), counts[layer], config.n_group
+        )
+        plans[layer] = plan
+        clusters, averaging = plan.clusters, plan.weights
         slots[layer] = tuple(ids[c.anchor] for c in clusters)
         if any(len(c.members) > 1 for c in clusters) or (previous and layer in previous.merged):
             merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, averaging, strict=True))
-        reports.append(_report(layer, ids, clusters, averaging, frequency, similarity))
+        reports.append(report)
 
     quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
     inputs = _mtp_inputs(mtp, plans, identity.moe_layers[-1], drop_mtp)  # before the planner reads `plans`
@@ -228,6 +221,35 @@ def run(
         top_k=config.top_k,
         layers=reports,
     )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How every layer is merged: method, averaging weights, refit, router rule and seed."""
+
+    method: str
+    weights: str
+    refit: bool
+    router: str
+    seed: int
+
+
+def _plan_layer(
+    stats: Stats, row: int, ids: tuple[int, ...], layer: int, choice: Choice, count: int, n_group: int
+) -> tuple[LayerPlan, LayerReport]:
+    """One layer's clusters, averaging weights and (with a refit) least-squares down projections."""
+    n = len(ids)  # a ragged model's statistics are padded to its largest layer
+    frequency = np.asarray(stats.arrays["hard_counts"][row][:n], dtype=np.float64)
+    gram = stats.arrays.get("logit_gram")
+    similarity = router_similarity(gram[row][:n, :n]) if gram is not None else np.eye(n)
+    context = LayerStats({k: stats.arrays[k][row][:n] for k in NEEDS[choice.method] if k != "logit_gram"})
+    method = get_method(choice.method)
+    clusters = cluster_layer(method, similarity, frequency, count, choice.seed, n_group, context)
+    basis = weight_statistic(choice.weights) if choice.method != "prune" else "hard_counts"
+    averaging = [c.weights(np.asarray(stats.arrays[basis][row][:n], dtype=np.float64)) for c in clusters]
+    downs = _refit(stats, row, clusters) if choice.refit else None
+    plan = LayerPlan(layer, clusters, averaging, choice.router, choice.seed, downs)
+    return plan, _report(layer, ids, clusters, averaging, frequency, similarity)
 
 
 def _refit(stats: Stats, row: int, clusters: list[Cluster]) -> tuple[np.ndarray, ...]:
