@@ -77,3 +77,28 @@ def test_expert_pass_refusals(model_type, flags, message, tiny, tmp_path):
     write_docs(data, 3, seed=0)
     with pytest.raises(MoePruneError, match=message):
         stage.run(tiny(model_type), str(data), settings(**flags))
+
+
+def test_expert_pass_statistics_survive_sequential_shards_and_resume(tiny, tmp_path):
+    """The opt-in sums are ordinary streaming sums: --sequential, two shards combined and a resumed run agree."""
+    from test_profile import SEQ
+    from test_profile_scale import Interrupt, interrupt_after
+
+    from moe_prune.runtime.resume import partial_path
+
+    folder = tiny("qwen3_moe")
+    data = tmp_path / "cal.jsonl"
+    write_docs(data, 9, seed=6)
+    flags = {"expert_outputs": True, "refit_stats": True, "batch_size": 2}
+    whole = stage.run(folder, str(data), settings(**flags)).stats.arrays
+    sequential = stage.run(folder, str(data), settings(**flags, sequential=True)).stats.arrays
+    shards = [stage.run(folder, str(data), settings(**flags, shard=(i, 2))).stats for i in range(2)]
+    combined = shards[0].combine(shards[1]).arrays
+    partial = partial_path(tmp_path / "s.npz")
+    with pytest.raises(Interrupt):
+        stage.run(folder, str(data), settings(**flags, save_every=2), interrupt_after(3, 2 * SEQ), partial=partial)
+    resumed = stage.run(folder, str(data), settings(**flags, save_every=2), partial=partial, resume=True).stats.arrays
+    for key in ("out_all_sum", "refit_hh", "refit_hy"):
+        scale = float(np.abs(whole[key]).max())
+        for other in (sequential, combined, resumed):
+            np.testing.assert_allclose(other[key], whole[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
