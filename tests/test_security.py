@@ -221,14 +221,9 @@ def test_a_ragged_checkpoint_of_an_earlier_release_loads_with_moe_prunes_own_cod
     """0.1.0 wrote an older modeling_moe_prune.py: byte-exact copies still load (moe-prune runs its own copy)."""
     ws = fresh_workspace(good, tmp_path / "ws")
     make_ragged(ws)
-    earlier = subprocess.run(
-        ["git", "show", "8618eae:moe_prune/checkpoint/modeling_moe_prune.py"],
-        capture_output=True,
-        cwd=Path(__file__).parent,
-    )
-    if earlier.returncode != 0:
-        pytest.skip("no git history here")
-    (ws.model / "modeling_moe_prune.py").write_bytes(earlier.stdout)
+    # The file 0.1.0 shipped (git show 8618eae:moe_prune/checkpoint/modeling_moe_prune.py), kept as data.
+    earlier = (Path(__file__).parent / "data" / "modeling_moe_prune_0.1.0.py.txt").read_bytes()
+    (ws.model / "modeling_moe_prune.py").write_bytes(earlier)
     assert _run(COMMANDS["eval"](ws)).exit_code == 0
-    (ws.model / "modeling_moe_prune.py").write_bytes(earlier.stdout + b"\n")
+    (ws.model / "modeling_moe_prune.py").write_bytes(earlier + b"\n")
     assert _run(COMMANDS["eval"](ws)).exit_code == 1
