@@ -304,3 +304,23 @@ def test_recipe_reproduces_the_masks_and_refuses_changed_inputs(tmp_path):
     changed = invoke("--recipe", str(first / "recipe.json"), "-o", str(tmp_path / "third"))
     assert changed.exit_code == 1 and "inputs have changed since it was written: data.sha256" in changed.output
     assert not (tmp_path / "third").exists()
+
+
+def test_a_first_round_failing_after_its_profile_keeps_the_folder_to_resume(tmp_path, monkeypatch):
+    """Only a run that wrote nothing but its recipe is removed on failure; round 1's statistics are kept."""
+    params = LotteryParams(
+        str(DEMO_MODEL_DIR), CRITERION, str(DEMO_CALIBRATION), rounds=1, **{**SMALL, "eval_tokens": 0}
+    )
+
+    def failing_prune(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(lottery.prune, "run", failing_prune)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected"):
+        lottery.run(params, out)
+    assert (out / "round-01" / "stats.npz").exists() and (out / "recipe.json").exists()
+    monkeypatch.setattr(lottery.profile, "run", lambda *a, **k: pytest.fail("round 1's profile was not reused"))
+    monkeypatch.setattr(lottery.prune, "run", failing_prune)
+    with pytest.raises(RuntimeError, match="injected"):
+        lottery.run(params, out)  # resumes: the statistics are reused, the failure comes again at prune

@@ -144,8 +144,8 @@ def run(
     try:
         return _run(recipe, methods, ckpt, out, resumed, warnings, progress)
     except BaseException:
-        if not resumed and not any(out.rglob("round.json")):
-            _remove(out)  # a fresh run that finished no round leaves nothing behind (nothing to resume)
+        if not resumed and all(p.is_dir() or p.name == RECIPE_NAME for p in out.rglob("*")):
+            _remove(out)  # a fresh run that wrote nothing but its recipe leaves nothing behind (nothing to resume)
         raise
 
 
