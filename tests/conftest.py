@@ -86,3 +86,18 @@ def tiny(tiny_factory):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pruned_demo(tmp_path_factory):
+    """The demo model with half its experts dropped (0-3 kept): a damaged model that finetuning should repair."""
+    from moe_prune.artifacts.mask import DropMask
+    from moe_prune.checkpoint.source import Checkpoint
+    from moe_prune.demo import DEMO_MODEL_DIR
+    from moe_prune.stages import prune
+
+    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
+    keep = {layer: [0, 1, 2, 3] for layer in ckpt.identity.moe_layers}
+    out = tmp_path_factory.mktemp("pruned") / "model"
+    prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keep, "test"), out)
+    return out

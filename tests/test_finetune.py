@@ -16,12 +16,11 @@ from tiny_models import save_char_tokenizer
 from typer.testing import CliRunner
 
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
-from moe_prune.stages import evaluate, finetune, prune
+from moe_prune.stages import evaluate, finetune
 from moe_prune.training.batches import BatchPlan
 from moe_prune.training.options import FinetuneOptions
 from moe_prune.training.schedule import lr_at
@@ -38,16 +37,6 @@ def tensors(folder: Path) -> dict[str, bytes]:
         with safe_open(shard, "pt") as f:
             for name in f.keys():
                 out[name] = f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
-    return out
-
-
-@pytest.fixture(scope="module")
-def pruned_demo(tmp_path_factory) -> Path:
-    """The demo model with half its experts dropped: a damaged model that finetuning should repair."""
-    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
-    keep = {layer: [0, 1, 2, 3] for layer in ckpt.identity.moe_layers}
-    out = tmp_path_factory.mktemp("pruned") / "model"
-    prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keep, "test"), out)
     return out
 
 

@@ -23,8 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.artifacts.mask import DropMask
-from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.demo import DEMO_DATA_DIR, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
@@ -409,15 +407,6 @@ def test_resume_of_an_sft_run_equals_the_uninterrupted_run(tmp_path):
     result = finetune.run(DEMO_MODEL_DIR, str(SFT_RECORDS), out, FinetuneOptions(**{**saving.__dict__, "resume": True}))
     assert result.resumed_from == 2
     assert tensors(out) == tensors(tmp_path / "whole")
-
-
-@pytest.fixture(scope="module")
-def pruned_demo(tmp_path_factory) -> Path:
-    ckpt = Checkpoint.open(DEMO_MODEL_DIR)
-    keep = {layer: [0, 1, 2, 3] for layer in ckpt.identity.moe_layers}
-    out = tmp_path_factory.mktemp("pruned") / "model"
-    prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keep, "test"), out)
-    return out
 
 
 def test_sft_on_demo_records_lowers_their_held_out_response_loss(pruned_demo, tokenizer, tmp_path):
