@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from moe_prune.artifacts.manifest import Manifest
-from moe_prune.checkpoint.output import atomic_folder, check_writable
+from moe_prune.checkpoint.output import atomic_folder, check_writable, work_lock
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import copy_side_files
@@ -126,7 +127,7 @@ def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int
     config = ckpt.config
     if out.resolve() == ckpt.folder.resolve():
         raise MoePruneError(f"{out}: is the input checkpoint; choose another output folder")
-    check_writable(out, options.force)
+    check_writable(out, options.force, "folder")
     parse_size(options.max_shard_size, "--max-shard-size")
     start, end = options.top_k_anneal or (options.top_k or config.top_k,) * 2
     check_top_k(config, start, "--top-k-anneal" if options.top_k_anneal else "--top-k")
@@ -214,9 +215,8 @@ def run(
     progress: ProgressFn | None = None,
 ) -> FinetuneResult:
     """Finetune `model` on `data` (one `SOURCE[:SHARE]` or several) and write the result to `out` (see the
-    module docstring)."""
-    from accelerate.utils import set_seed
-
+    module docstring). The main process holds `out` (`work_lock`) from the checks to the end: a second run
+    on the same output, which would share its resume folder, is refused before it writes anything."""
     options = options or FinetuneOptions()
     out = Path(out).expanduser().absolute()
     specs = parse_sources([str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data])
@@ -225,6 +225,24 @@ def run(
     main = accelerator.is_main_process
     report = progress if (progress is not None and main) else (lambda p: None)
     plan = _plan(model, out, options, accelerator.num_processes, specs)
+    with work_lock(out) if main else nullcontext():
+        return _train(model, out, options, accelerator, report, plan, specs, given)
+
+
+def _train(
+    model: str | Path,
+    out: Path,
+    options: FinetuneOptions,
+    accelerator: Any,
+    report: ProgressFn,
+    plan: _Plan,
+    specs: list[SourceSpec],
+    given: str | list[str],
+) -> FinetuneResult:
+    """The run itself, once the options are checked and the output is held."""
+    from accelerate.utils import set_seed
+
+    main = accelerator.is_main_process
     ckpt, config = plan.ckpt, plan.ckpt.config
     work = WorkFolder(work_folder(out))
     if work.exists() and not options.resume and not options.force:

@@ -5,8 +5,9 @@
   state-<step>/  `accelerate` save_state: model, optimizer, every process's RNG states
 
 The output folder itself appears only when the run finishes (atomically), so the work folder lives
-beside it, not inside. It is removed after a successful finish; an interrupted run leaves it for
-`--resume`. The data position needs no saving: batches follow from the seed and the step.
+beside it, not inside. The run holds the output's lock (`checkpoint.output.work_lock`) while it uses
+the work folder: two runs to one output never share it. It is removed after a successful finish; an
+interrupted run leaves it for `--resume`. The data position needs no saving: batches follow from the seed and the step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moe_prune.artifacts.common import (
     require_int,
     require_type,
 )
+from moe_prune.checkpoint.output import atomic_file
 from moe_prune.errors import MoePruneError
 
 RUN_SCHEMA = "moe-prune/finetune-run"
@@ -94,9 +96,8 @@ class WorkFolder:
     def commit(self, step: int, fingerprint: dict[str, Any]) -> None:
         """Point run.json at the state of `step` (already written), then drop older states."""
         obj = {"schema": RUN_SCHEMA, "version": RUN_VERSION, "step": step, "fingerprint": fingerprint}
-        tmp = self.run_file.with_suffix(".json.tmp")
-        tmp.write_text(dump_json(obj))
-        tmp.replace(self.run_file)
+        with atomic_file(self.run_file, force=True) as tmp:
+            tmp.write_text(dump_json(obj))
         for old in self.path.glob("state-*"):
             if old != self.state_dir(step):
                 shutil.rmtree(old, ignore_errors=True)
