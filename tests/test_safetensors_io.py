@@ -91,7 +91,7 @@ def test_read_header_agrees_with_safetensors(tmp_path, name):
     [
         (b"\x01\x02", "no header"),
         (struct.pack("<Q", 64) + b"{}", "runs past the end of the file"),
-        (struct.pack("<Q", (100 << 20) + 1) + b"{}", "over the 100 MB"),
+        (struct.pack("<Q", 100_000_001) + b"{}", "over the 100000000 bytes"),
     ],
     ids=["no-length", "length-past-end", "length-too-large"],
 )

@@ -3,12 +3,17 @@
 Artifacts come from other people's checkpoints and pipes, so the one reader is strict: a key given
 twice (which plain `json` silently resolves to the last one) and the non-standard NaN/Infinity
 constants are refused, and the `require_*` helpers check types exactly (a bool is not an int, 1.0 is
-not an expert id).
+not an expert id). It is also bounded, so that no input can reach a crash of the `json` module or
+of code walking the result: files are read up to a byte cap (a link to /dev/zero ends), nesting
+deeper than `MAX_JSON_DEPTH`, integers longer than `MAX_INT_DIGITS` digits and numbers that
+overflow a float are refused. Every JSON moe-prune reads (configs, indexes, safetensors headers,
+artifacts, recipes, data records) goes through `parse_json`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import zipfile
 import zlib
@@ -17,6 +22,14 @@ from typing import Any
 
 from moe_prune.errors import MoePruneError
 
+# Larger JSON files are refused before parsing: configs, indexes, masks, manifests and recipes of
+# the largest checkpoints are a few MB. Safetensors headers have their own cap (checkpoint.safetensors_io).
+MAX_JSON_BYTES = 64 << 20
+# Deeper nesting is refused: nothing moe-prune reads nests past ~6 levels, and `json` itself fails
+# with RecursionError near 1,000.
+MAX_JSON_DEPTH = 64
+# Longer integers are refused (Python refuses 4,300 digits with a ValueError); 2**64 has 20 digits.
+MAX_INT_DIGITS = 100
 # Reading a damaged .npz raises any of these (zip, zlib and numpy's own format errors).
 NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
 
@@ -44,32 +57,119 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(text: str, name: str, what: str) -> Any:
-    """Parse strict JSON (no duplicate keys, no NaN/Infinity); errors name `name`."""
+class _OutOfBounds(ValueError):
+    """Valid JSON that moe-prune refuses to hold: a number too long or too large."""
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _OutOfBounds(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfBounds(f"the number {text[:40]}, beyond the range of a float")
+    return value
+
+
+def _last_key_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def _depth(obj: Any) -> int:
+    """Deepest nesting of lists and objects, without recursion (so any depth is measured safely)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json(text: str, name: str, what: str, *, limit: int = MAX_JSON_BYTES, duplicates: bool = False) -> Any:
+    """Parse strict, bounded JSON; every way it can fail is a one-line error naming `name`.
+
+    Refused: text longer than `limit` characters, a key given twice in one object (unless
+    `duplicates`: the last one wins, as safetensors does), NaN/Infinity, nesting deeper than
+    `MAX_JSON_DEPTH`, integers longer than `MAX_INT_DIGITS` digits and numbers beyond a float.
+    """
+    if len(text) > limit:
+        raise MoePruneError(f"{name}: {what} is larger than the {limit} bytes moe-prune reads")
+    hook = _last_key_wins if duplicates else _unique_keys
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except RecursionError:
-        raise MoePruneError(f"{name}: {what} is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError is a ValueError
-        raise MoePruneError(f"{name}: {what} is not valid JSON ({exc})") from exc
+        obj = json.loads(
+            text,
+            object_pairs_hook=hook,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+    except RecursionError as exc:
+        raise MoePruneError(f"{name}: {what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from exc
+    except _OutOfBounds as exc:
+        raise MoePruneError(f"{name}: {what} holds {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError is a ValueError, as are the other hooks' refusals
+        raise MoePruneError(f"{name}: {what} is not valid JSON ({_parse_error(exc)})") from exc
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise MoePruneError(f"{name}: {what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return obj
 
 
-def read_json(source: str | Path, what: str) -> tuple[dict[str, Any], str]:
-    """Parse a JSON object from a path or `-` (stdin); returns (object, name for messages)."""
+def _parse_error(exc: ValueError) -> str:
+    """The first line of a parse error, shortened (a hook's message may quote a long number)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def read_capped(source: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> tuple[bytes, str]:
+    """At most `limit` bytes of a file or `-` (stdin): (bytes, name for messages); a longer input is refused.
+
+    Reads with a cap instead of trusting the size the file system reports: /dev/zero, a pipe or a
+    file that grows would otherwise be read until memory runs out.
+    """
     name = "<stdin>" if str(source) == "-" else str(source)
     try:
-        text = sys.stdin.read() if str(source) == "-" else Path(source).read_text(encoding="utf-8")
+        if str(source) == "-":
+            blob = sys.stdin.buffer.read(limit + 1) if hasattr(sys.stdin, "buffer") else sys.stdin.read(limit + 1)
+        else:
+            with open(source, "rb") as handle:
+                blob = handle.read(limit + 1)
     except FileNotFoundError:
         raise MoePruneError(f"{name}: {what} file not found") from None
     except IsADirectoryError:
         raise MoePruneError(f"{name}: {what} is a folder, not a file") from None
-    except UnicodeDecodeError as exc:
-        raise MoePruneError(f"{name}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
         raise MoePruneError(f"{name}: cannot read {what} ({exc.strerror or exc})") from exc
+    if isinstance(blob, str):
+        blob = blob.encode("utf-8", "surrogatepass")
+    if len(blob) > limit:
+        raise MoePruneError(f"{name}: {what} is larger than the {limit} bytes moe-prune reads")
+    return blob, name
+
+
+def decode_utf8(blob: bytes, name: str, what: str) -> str:
+    """Bytes as UTF-8 text, or a one-line error naming the file and the first bad byte."""
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoePruneError(f"{name}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def read_json(source: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> tuple[dict[str, Any], str]:
+    """Parse a JSON object from a path or `-` (stdin), read with a byte cap; returns (object, name for messages)."""
+    blob, name = read_capped(source, what, limit)
+    text = decode_utf8(blob, name, what)
     if not text.strip():
         raise MoePruneError(f"{name}: {what} is empty")
-    obj = parse_json(text, name, what)
+    obj = parse_json(text, name, what, limit=limit)
     if not isinstance(obj, dict):
         raise MoePruneError(f"{name}: {what} must be a JSON object")
     return obj, name

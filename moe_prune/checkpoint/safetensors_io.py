@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_prune.artifacts.common import parse_json
 from moe_prune.errors import MoePruneError
 
 COPY_CHUNK = 64 << 20
-MAX_HEADER = 100 << 20  # safetensors refuses larger headers
+# safetensors refuses a header longer than this (MAX_HEADER_SIZE in its Rust crate, src/tensor.rs): decimal 100 MB,
+# not 100 MiB, so a header both accept is one that every loader of the output accepts too.
+MAX_HEADER = 100_000_000
 # Every dtype safetensors 0.8 knows -> bits per element (F4/F6 are packed: a tensor must fill whole bytes).
 DTYPE_BITS = {
     "BOOL": 8,
@@ -104,17 +107,18 @@ def _read_raw_header(path: Path) -> tuple[int, dict, int]:
                 raise _truncated(path, f"{size} bytes, no header")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > MAX_HEADER:
-                raise _corrupt(path, f"length {header_len} is over the 100 MB safetensors allows")
+                raise _corrupt(path, f"length {header_len} is over the {MAX_HEADER} bytes safetensors allows")
             if header_len > size - 8:
                 raise _truncated(path, f"header length {header_len} runs past the end of the file")
             raw = handle.read(header_len)
     except OSError as exc:
         raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        # A repeated key keeps its last entry, as in safetensors; the dropped entry's bytes then fail the tiling check.
-        header = json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise _corrupt(path, "not JSON") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, f"not UTF-8 ({exc.reason} at byte {8 + exc.start})") from exc
+    # A repeated key keeps its last entry, as in safetensors; the dropped entry's bytes then fail the tiling check.
+    header = parse_json(text, f"{path}: corrupt safetensors header", "the header", limit=MAX_HEADER, duplicates=True)
     if not isinstance(header, dict):
         raise _corrupt(path, "not a JSON object")
     return header_len, header, size

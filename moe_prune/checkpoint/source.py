@@ -7,7 +7,6 @@ for a hub cache snapshot whose files are links into `../../blobs`, inside that r
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +17,7 @@ from moe_prune.artifacts.common import describe
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
-from moe_prune.checkpoint.validate import validate_checkpoint
+from moe_prune.checkpoint.validate import read_weight_map, validate_checkpoint
 from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.hub import offline, quiet_hub_logs
@@ -122,12 +121,7 @@ class Checkpoint:
     def shard_files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise MoePruneError(f"{index}: corrupt index (no weight_map)") from None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise MoePruneError(f"{index}: weight_map must map tensor names to shard file names")
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
             for name in files:
                 path = self.folder / name

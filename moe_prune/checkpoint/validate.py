@@ -9,7 +9,6 @@ transformers' mismatch report; refusing it first gives one line naming the file 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import DECODER_NUMBERING, mtp_layout
+from moe_prune.artifacts.common import read_json
 from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.surgery import KeyMatcher, MtpTensors
 from moe_prune.errors import MoePruneError
@@ -74,9 +74,20 @@ def _where(ckpt: Checkpoint) -> Path:
     return index if index.is_file() else ckpt.shard_files[0]
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name), read by the one bounded JSON reader."""
+    obj, name = read_json(index, "safetensors index")
+    if "weight_map" not in obj:
+        raise MoePruneError(f"{name}: corrupt index (no weight_map)")
+    weight_map = obj["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MoePruneError(f"{name}: weight_map must map tensor names to shard file names")
+    return weight_map
+
+
 def _check_index(index: Path, tensors: list[TensorInfo]) -> None:
     """The index's weight_map must name exactly the tensors the shards hold, each in its shard (loaders trust it)."""
-    weight_map = json.loads(index.read_text())["weight_map"]  # its form was checked when the shards were listed
+    weight_map = read_weight_map(index)
     held = {info.name: info.file.name for info in tensors}
     for name, shard in weight_map.items():
         if name not in held:

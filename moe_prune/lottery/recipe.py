@@ -12,10 +12,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from moe_prune import __version__
-from moe_prune.artifacts.common import check_header, dump_json, read_json
+from moe_prune.artifacts.common import check_header, dump_json, is_int, json_type, read_json
 from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
@@ -78,10 +79,45 @@ class LotteryParams:
 
     @classmethod
     def from_dict(cls, obj: Any, name: str) -> LotteryParams:
+        """The params block of a recipe file, every field of its declared JSON type (a recipe may be hand-edited)."""
         known = {f.name for f in fields(cls)}
         if not isinstance(obj, dict) or set(obj) - known or {"model", "criterion", "data"} - set(obj):
             raise MoePruneError(f"{name}: malformed 'params' block (expected the fields {', '.join(sorted(known))})")
-        return cls(**obj)
+        hints = get_type_hints(cls)
+        for key, value in obj.items():
+            if not _has_type(value, hints[key]):
+                raise MoePruneError(f"{name}: params.{key} must be {_describe_type(hints[key])}, not {_shown(value)}")
+        return cls(**{key: float(v) if hints[key] is float else v for key, v in obj.items()})
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """`value` (parsed JSON) fits the annotation `hint`: str, bool, int, float, None, list[str] and unions of them."""
+    if get_origin(hint) in (Union, UnionType):
+        return any(_has_type(value, arg) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        (item,) = get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON writes 1.0 as 1 sometimes
+    if hint is int:
+        return is_int(value)
+    return type(value) is hint
+
+
+def _shown(value: Any) -> str:
+    """A wrong value in a message: its JSON type, and a short repr unless it is null."""
+    return "null" if value is None else f"{json_type(value)} {value!r:.80}"
+
+
+def _describe_type(hint: Any) -> str:
+    """An annotation in JSON's words, for messages."""
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_describe_type(arg) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {_describe_type(get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number", type(None): "null"}[hint]
 
 
 def local_path(source: str) -> str:
@@ -159,4 +195,7 @@ class Recipe:
         inputs, schedule = obj.get("inputs"), obj.get("schedule")
         if not isinstance(inputs, dict) or not isinstance(schedule, dict):
             raise MoePruneError(f"{name}: malformed recipe (needs 'inputs' and 'schedule' objects)")
-        return cls(params, inputs, schedule, str(obj.get("tool_version")))
+        version = obj.get("tool_version")
+        if not isinstance(version, str):
+            raise MoePruneError(f"{name}: tool_version must be a string, not {json_type(version)}")
+        return cls(params, inputs, schedule, version)

@@ -23,7 +23,6 @@ transformers' loader dequantizes wrongly) into a meta-device skeleton layer by l
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from moe_prune.architectures.config import RAGGED_KEY
+from moe_prune.artifacts.common import read_json
 from moe_prune.checkpoint.ragged import (
     AUTO_CLASS,
     CLASS_PREFIX,
@@ -342,12 +342,7 @@ def _check_tokenizer_code(folder: Path, decision: CodeDecision) -> None:
     path = folder / "tokenizer_config.json"
     if decision.trust_remote_code or not path.is_file():
         return
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MoePruneError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise MoePruneError(f"{path}: must be a JSON object")
+    raw, _ = read_json(path, "tokenizer config")
     targets = _auto_map_targets(raw.get("auto_map"), path)
     if targets:
         key, target = next(iter(targets.items()))
