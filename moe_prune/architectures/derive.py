@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from moe_prune.architectures.spec import STANDARD_EXPERT_TENSORS, Adapter, ExpertTensor, Routing
+from moe_prune.artifacts.common import parse_json
 from moe_prune.errors import MoePruneError
 
 ROUTER_CLASS = re.compile(r"(Router|TopkRouter|TopKRouter|Gate|Gating)$")
@@ -824,7 +825,7 @@ def moe_layers_of(config: dict[str, Any]) -> list[int]:
 
 @functools.lru_cache(maxsize=64)
 def _moe_layers_cached(blob: str) -> tuple[int, ...]:
-    raw = json.loads(blob)
+    raw = parse_json(blob, "config.json", "config")  # our own dump of a config already read by parse_json
     cls = config_class(raw["model_type"])
     try:
         model = build(cls.from_dict(raw))
