@@ -1,12 +1,23 @@
 """Multi-token-prediction (MTP) layers: where each family keeps them on disk, as plain data.
 
-DeepSeek-V3 and GLM-4.5 store MTP layer i as decoder layer `num_hidden_layers + i`
-(`model.layers.61.*` in DeepSeek-V3: a full decoder layer with an MoE block, plus `enorm`,
-`hnorm`, `eh_proj`, `shared_head.*` and `embed_tokens`). Qwen3-Next and Qwen3.5 store them as
-`mtp.layers.{i}.*` beside `mtp.fc`, `mtp.pre_fc_norm_*` and `mtp.norm`. transformers' CausalLM
-skips these keys on load, vLLM and SGLang load them for speculative decoding and size their MoE
-from the same expert-count field as the decoder's. Inside an MTP layer the MoE keys are those of
-a decoder layer, so an MTP layer is classified as the virtual decoder layer `num_hidden_layers + i`.
+transformers' CausalLM never loads MTP weights: it lists their keys in `_keys_to_ignore_on_load_unexpected`
+(so they load silently), and vLLM and SGLang load them for speculative decoding, sizing their MoE from
+the same expert-count field as the decoder's. Those ignore patterns are where each row below comes from
+(`tests/test_mtp.py` checks the table against the installed transformers):
+
+- decoder numbering (`model\\.layers\\.61.*` in DeepSeek-V3: the pattern names layer num_hidden_layers):
+  MTP layer i is decoder layer `num_hidden_layers + i`, a full decoder layer plus `enorm`, `hnorm`,
+  `eh_proj`, `shared_head.*` and `embed_tokens`;
+- an MTP subtree (`^mtp.*`, `^model\\.mtp\\.`, `model\\.mtp_layers\\..*`, `mtp`): every tensor the pattern
+  matches is MTP; layer i's decoder block sits under `layer_prefix` with `{i}`, the rest of the subtree
+  (Qwen3-Next and Mellum `mtp.fc`, `mtp.pre_fc_norm_*`, `mtp.norm`; ERNIE `model.mtp_linear_proj.0`)
+  travels with the layers. The block's own layout: transformers' `MtpModel` conversion (`layers.{k}.` after
+  removing `model.` and `mtp.`) for Mellum; vLLM's MTP model files for the others (qwen3_next_mtp,
+  exaone_moe_mtp: `mtp.layers.{i}`; ernie_mtp: `model.mtp_block.{i}`).
+
+Inside an MTP layer the MoE keys are those of a decoder layer, so an MTP layer is classified as the virtual
+decoder layer `num_hidden_layers + i`. A tensor that looks like MTP (a name part mentioning mtp or nextn, or
+the family's pattern) but that the layout cannot place is refused by `checkpoint.surgery.MtpTensors.split`.
 """
 
 from __future__ import annotations
@@ -18,32 +29,54 @@ from moe_prune.architectures.spec import Adapter
 
 # `layer_prefix` value meaning: numbered like a decoder layer, from num_hidden_layers on.
 DECODER_NUMBERING = "{decoder}"
+# Config keys releases use for the MTP layer count (the family's own first); --drop-mtp zeroes every one present.
+COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers", "num_mtp_modules")
+# A name part mentioning mtp or nextn: an MTP tensor in any family's naming.
+MTP_LIKE = re.compile(r"(?:^|\.)[^.]*(?:mtp|nextn)[^.]*\.", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class MtpFamily:
-    """Where a family's MTP layers live: the config key of their count and their on-disk key prefix."""
+    """Where a family's MTP layers live: the config key of their count and their on-disk keys.
+
+    `layer_prefix` None: the family has no known MTP layout (MTP-looking tensors are refused).
+    """
 
     count_key: str  # in the text config
-    layer_prefix: str = DECODER_NUMBERING  # or a pattern with `{i}`: MTP layer i's prefix, e.g. "mtp.layers.{i}."
-    extras: tuple[str, ...] = ()  # key prefixes of MTP tensors outside the layers (dropped with them)
+    layer_prefix: str | None = DECODER_NUMBERING  # or MTP layer i's prefix with `{i}`, e.g. "mtp.layers.{i}."
+    ignore: str | None = None  # transformers' pattern matching every MTP tensor (searched like transformers does)
+
+    @property
+    def known(self) -> bool:
+        return self.layer_prefix is not None
 
 
 NEXTN = MtpFamily("num_nextn_predict_layers")
-QWEN_MTP = MtpFamily("mtp_num_hidden_layers", "mtp.layers.{i}.", ("mtp.",))
+QWEN_MTP = MtpFamily("mtp_num_hidden_layers", "mtp.layers.{i}.", r"^mtp.*")
+NO_MTP = MtpFamily("num_nextn_predict_layers", None)
 
 MTP_FAMILIES: dict[str, MtpFamily] = {
-    "deepseek_v3": NEXTN,
-    "glm4_moe": NEXTN,
-    "qwen3_next": QWEN_MTP,
-    "qwen3_5_moe_text": QWEN_MTP,
+    "deepseek_v3": NEXTN,  # model\.layers\.61.*; count key: transformers' attribute_map (num_mtp_layers)
+    "deepseek_v32": NEXTN,  # model\.layers\.61.*
+    "glm4_moe": NEXTN,  # model\.layers\.92.*, model\.layers\.46.*; attribute_map
+    "glm4_moe_lite": NEXTN,  # model\.layers\.47.*
+    "glm_moe_dsa": NEXTN,  # model\.layers\.78.*
+    "hy_v3": NEXTN,  # model\.layers\.80.*
+    "qwen3_next": QWEN_MTP,  # ^mtp.*; count key as in the released config.json and vLLM qwen3_next_mtp
+    "qwen3_5_moe_text": QWEN_MTP,  # ^mtp.*
+    # ^mtp\.; attribute_map num_mtp_layers -> num_nextn_predict_layers; MtpModel: mtp.layers.0 + mtp.fc/norm
+    "mellum": MtpFamily("num_nextn_predict_layers", "mtp.layers.{i}.", r"^mtp\."),
+    "exaone_moe": MtpFamily("num_nextn_predict_layers", "mtp.layers.{i}.", r"mtp.*"),  # vLLM exaone_moe_mtp
+    "hy_v4": MtpFamily("num_nextn_predict_layers", "model.mtp_layers.{i}.", r"model\.mtp_layers\..*"),
+    "mimo_v2_flash": MtpFamily("num_nextn_predict_layers", "model.mtp.layers.{i}.", r"^model\.mtp\."),
+    "minimax_m3_vl_text": MtpFamily("num_mtp_modules", "mtp.layers.{i}.", r"(^|\.)mtp\..*"),
+    "ernie4_5_moe": MtpFamily("num_nextn_predict_layers", "model.mtp_block.{i}.", r"mtp"),  # vLLM ernie_mtp
 }
-# Other families: a positive num_nextn_predict_layers means DeepSeek-style layers after the decoder's.
-DEFAULT_FAMILY = NEXTN
 
 
 def mtp_family(model_type: str) -> MtpFamily:
-    return MTP_FAMILIES.get(model_type, DEFAULT_FAMILY)
+    """The family's MTP layout; NO_MTP for families transformers names no MTP tensors for."""
+    return MTP_FAMILIES.get(model_type, NO_MTP)
 
 
 @dataclass(frozen=True)
@@ -63,23 +96,26 @@ class MtpLayout:
     family: MtpFamily
     adapter: Adapter
     num_layers: int
-    declared: int | None  # the config's count (None when the key is absent or not an integer)
+    declared: int | None  # the config's count (None when no count key is set to an integer)
 
     def layer(self, index: int) -> MtpLayer:
         virtual = self.adapter.layer_prefix.format(L=self.num_layers + index)
         own = self.family.layer_prefix
-        prefix = virtual if own == DECODER_NUMBERING else own.format(i=index)
+        prefix = virtual if own == DECODER_NUMBERING or own is None else own.format(i=index)
         return MtpLayer(index, prefix, virtual, self.num_layers + index)
 
     def _pattern(self) -> re.Pattern[str]:
-        if self.family.layer_prefix == DECODER_NUMBERING:
+        own = self.family.layer_prefix
+        if own == DECODER_NUMBERING:
             head = re.escape(self.adapter.layer_prefix).replace(r"\{L\}", r"(?P<n>\d+)")
         else:
-            head = re.escape(self.family.layer_prefix).replace(r"\{i\}", r"(?P<n>\d+)")
+            head = re.escape(str(own)).replace(r"\{i\}", r"(?P<n>\d+)")
         return re.compile(r"^(?P<wrapper>(?:.*\.)?)" + head + r"(?P<rest>.+)$")
 
     def locate(self, name: str) -> tuple[MtpLayer, str] | None:
         """(MTP layer, wrapper before its prefix) holding tensor `name`, or None for other tensors."""
+        if not self.family.known:
+            return None
         m = self._pattern().match(name)
         if m is None:
             return None
@@ -90,20 +126,49 @@ class MtpLayout:
         return self.layer(index), m["wrapper"]
 
     def is_extra(self, name: str) -> bool:
-        """MTP tensors outside the layers (Qwen3-Next `mtp.fc`, `mtp.norm`...)."""
-        return name.startswith(self.family.extras) if self.family.extras else False
+        """MTP tensors outside the layers (Qwen3-Next `mtp.fc`, `mtp.norm`...): the family's pattern matches."""
+        return bool(self.family.known and self.family.ignore and re.search(self.family.ignore, name))
+
+    def looks_mtp(self, name: str) -> bool:
+        """A tensor named like an MTP one, placed or not (what must never be copied unedited by accident)."""
+        return bool(MTP_LIKE.search(name)) or self.is_extra(name)
+
+    def describe(self) -> str:
+        """The layout in words, for refusals."""
+        own = self.family.layer_prefix
+        if own is None:
+            return f"{self.adapter.model_type} has no known multi-token-prediction layout"
+        if own == DECODER_NUMBERING:
+            where = f"decoder layers from {self.num_layers} on"
+        else:
+            where = f"{own.replace('{i}', '<i>')}*"
+            if self.family.ignore:
+                where += f" and keys matching {self.family.ignore}"
+        return f"{self.adapter.model_type} keeps multi-token-prediction layers as {where}"
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def mtp_layout(adapter: Adapter, text_config: dict, num_layers: int) -> MtpLayout:
     """The MTP layout of a config (`text_config`: the dict holding the MoE fields)."""
     family = mtp_family(adapter.model_type)
-    value = text_config.get(family.count_key)
-    declared = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    keys = (family.count_key, *COUNT_KEYS)
+    declared = next((c for key in keys if (c := _count(text_config.get(key))) is not None), None)
     return MtpLayout(family, adapter, num_layers, declared)
 
 
 def set_mtp_count(raw: dict, text_key: str | None, family: MtpFamily, count: int) -> dict:
-    """`raw` (a config dict, edited in place and returned) with the MTP layer count set to `count`."""
+    """`raw` (a config dict, edited in place and returned) with the MTP layer count set to `count`.
+
+    Every count key present is set (releases differ in which they carry), and the family's own key always
+    for families with MTP layers: transformers defaults it to 1 where it is absent (DeepSeek-V3, GLM-4.5).
+    """
     text = raw[text_key] if text_key else raw
-    text[family.count_key] = count
+    keys = [key for key in (family.count_key, *COUNT_KEYS) if key in text]
+    if family.known and family.count_key not in keys:
+        keys.append(family.count_key)
+    for key in keys:
+        text[key] = count
     return raw

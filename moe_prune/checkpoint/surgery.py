@@ -193,13 +193,20 @@ class MtpTensors:
         for info in tensors:
             found = layout.locate(info.name)
             if found is None:
-                (out.extras if layout.is_extra(info.name) else out.decoder).append(info)
+                if layout.is_extra(info.name) and not _names_moe(info.name, layout.adapter):
+                    out.extras.append(info)
+                elif layout.looks_mtp(info.name):
+                    raise _unplaced(info, layout)
+                else:
+                    out.decoder.append(info)
                 continue
             layer, wrapper = found
             out.layers[layer.index] = layer
             virtual, disk = wrapper + layer.virtual, wrapper + layer.prefix
             out._renames[virtual] = disk
             named = replace(info, name=virtual + info.name[len(disk) :])
+            if matcher.classify(named.name) is None and _names_moe(info.name[len(disk) :], layout.adapter):
+                raise _unplaced(info, layout)  # expert tensors the decoder's key layout does not describe
             out.virtual.append(named)
             if matcher.is_router(named.name) is not None and layer.layer not in out.moe:
                 out.moe.append(layer.layer)
@@ -248,6 +255,20 @@ class MtpTensors:
         keep = dict.fromkeys(self.moe, slots)
         planned = plan_expert_selection(self.virtual, self.layout.adapter, dict.fromkeys(self.moe, n_experts), keep)
         return self.restore(planned) + [whole(info) for info in self.extras]
+
+
+def _names_moe(name: str, adapter: Adapter) -> bool:
+    """Does `name` mention a router or routed experts (keys whose size follows the expert count)?"""
+    memory = adapter.memory_layout()
+    parts = {adapter.experts, memory.experts, adapter.router, memory.router, *adapter.fused_experts}
+    return any(f".{part}" in f".{name}" for part in parts if part)
+
+
+def _unplaced(info: TensorInfo, layout: MtpLayout) -> MoePruneError:
+    return MoePruneError(
+        f"{info.file}: holds {info.name}, a multi-token-prediction tensor moe-prune cannot place "
+        f"({layout.describe()}); refusing rather than copying it unedited next to edited experts"
+    )
 
 
 def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTensors:
