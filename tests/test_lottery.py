@@ -230,7 +230,7 @@ def test_bad_recipes_and_existing_outputs_are_refused(tmp_path):
         (["--recipe", str(future)], "moe-prune/lottery-recipe version 99 is not supported"),
         (["--recipe", str(future), "--lr", "1"], "--recipe sets every parameter; do not also pass lr"),
         (["-c", CRITERION, "-o", str(existing)], "already exists and holds no lottery run; pass --force"),
-        ([str(holder / "model"), "-c", CRITERION, "-o", str(holder), "--force"], "holds the input model"),
+        ([str(holder / "model"), "-c", CRITERION, "-o", str(holder), "--force"], "is, holds or lies inside the input"),
     ]
     for args, message in cases:
         result = invoke(*args, *([] if "-o" in args else ["-o", str(tmp_path / "run")]))

@@ -154,9 +154,13 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def _os_error(path: Path, exc: OSError) -> MoePruneError:
+class OutputError(MoePruneError):
+    """Writing an output failed (full disk, read-only folder): fatal to a run of many steps, never a skipped one."""
+
+
+def _os_error(path: Path, exc: OSError) -> OutputError:
     where = exc.filename or path
-    return MoePruneError(f"{where}: cannot write ({exc.strerror or exc})")
+    return OutputError(f"{where}: cannot write ({exc.strerror or exc})")
 
 
 def _prepare(out: Path, force: bool, protect: tuple[Path, ...], kind: Kind) -> Path:
@@ -167,7 +171,7 @@ def _prepare(out: Path, force: bool, protect: tuple[Path, ...], kind: Kind) -> P
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _os_error(out.parent, exc) from None
+            raise _os_error(out.parent, exc) from exc
     remove_stale_temporaries(out)
     return out
 
@@ -180,10 +184,10 @@ def _finish(tmp: Path, out: Path, force: bool) -> None:
         os.rename(out, old)
     try:
         _rename_noreplace(tmp, out)
-    except FileExistsError:
+    except FileExistsError as exc:
         if old is not None:
             _remove(old)
-        raise MoePruneError(f"{out}: appeared while this run was writing it; pass --force to replace it") from None
+        raise MoePruneError(f"{out}: appeared while this run was writing it; pass --force to replace it") from exc
     if old is not None:
         _remove(old)
 
@@ -196,12 +200,12 @@ def atomic_folder(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Ite
     try:
         tmp.mkdir()
     except OSError as exc:
-        raise _os_error(out.parent, exc) from None
+        raise _os_error(out.parent, exc) from exc
     try:
         yield tmp
         _finish(tmp, out, force)
     except OSError as exc:
-        raise _os_error(out, exc) from None
+        raise _os_error(out, exc) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,7 +224,7 @@ def atomic_file(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Itera
         else:
             _link_noreplace(tmp, out)
     except OSError as exc:
-        raise _os_error(out, exc) from None
+        raise _os_error(out, exc) from exc
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
@@ -229,11 +233,11 @@ def atomic_file(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Itera
 def _link_noreplace(tmp: Path, out: Path) -> None:
     try:
         os.link(tmp, out)
-    except FileExistsError:
-        raise MoePruneError(f"{out}: appeared while this run was writing it; pass --force to replace it") from None
-    except OSError:  # no hard links on this file system: checked rename
+    except FileExistsError as exc:
+        raise MoePruneError(f"{out}: appeared while this run was writing it; pass --force to replace it") from exc
+    except OSError as exc:  # no hard links on this file system: checked rename
         if out.exists():
-            raise MoePruneError(f"{out}: appeared while this run was writing it; pass --force to replace it") from None
+            raise MoePruneError(f"{out}: appeared while this run was writing it; pass --force to replace it") from exc
         os.rename(tmp, out)
 
 
@@ -293,15 +297,15 @@ def _acquire(lock: Path, out: Path) -> None:
             try:
                 _link_or_create(tmp, lock)
                 return
-            except FileExistsError:
+            except FileExistsError as exc:
                 owner = _owner(lock)
                 if owner is None:
                     raise MoePruneError(
                         f"{out} is in use: its lock {lock} is unreadable; delete it if no run uses {out}"
-                    ) from None
+                    ) from exc
                 pid, host = owner
                 if host != socket.gethostname() or _alive(pid):
-                    raise MoePruneError(f"{out} is in use by pid {pid} on {host}") from None
+                    raise MoePruneError(f"{out} is in use by pid {pid} on {host}") from exc
                 _take_over(lock, owner)
         raise MoePruneError(f"{out} is in use: its lock {lock} keeps changing owner")
     except OSError as exc:

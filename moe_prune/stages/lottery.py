@@ -16,7 +16,7 @@ With `compare`, one-shot, iterative and lottery runs live in DIR/one-shot, DIR/i
 the control that decides between them in DIR/one-shot-finetuned: one-shot's mask, then ONE finetune of as
 many tokens as the lottery's rounds trained together (read from their checkpoints, so the budgets are equal).
 A rerun with the same recipe resumes: finished rounds are read back, an unfinished round reuses the
-artifacts it already wrote and makes the rest.
+artifacts it already wrote and makes the rest. DIR is locked while a run uses it (`.DIR.lock` beside it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 from moe_prune.artifacts.common import check_header, dump_json, first_difference, read_json
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
-from moe_prune.checkpoint.output import atomic_file
+from moe_prune.checkpoint.output import atomic_file, check_not_input, work_lock
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.lottery import agreement
@@ -137,16 +137,18 @@ def run(
         if diff:
             raise MoePruneError(f"the recipe's inputs have changed since it was written: {diff}")
     _protect_inputs(out, recipe.params)
-    resumed = _prepare(out, recipe, force)
     warnings = []
     if expected is not None and expected.tool_version != recipe.tool_version:
         warnings.append(f"the recipe was written by moe-prune {expected.tool_version}; this is {recipe.tool_version}")
-    try:
-        return _run(recipe, methods, ckpt, out, resumed, warnings, progress)
-    except BaseException:
-        if not resumed and all(p.is_dir() or p.name == RECIPE_NAME for p in out.rglob("*")):
-            _remove(out)  # a fresh run that wrote nothing but its recipe leaves nothing behind (nothing to resume)
-        raise
+    with work_lock(out):  # a second run into DIR is refused before it reads or writes anything there
+        fresh = force or not out.exists()
+        try:
+            resumed = _prepare(out, recipe, force)
+            return _run(recipe, methods, ckpt, out, resumed, warnings, progress)
+        except BaseException:
+            if fresh and out.is_dir() and all(p.is_dir() or p.name == RECIPE_NAME for p in out.rglob("*")):
+                _remove(out)  # a fresh run that wrote nothing but its recipe leaves nothing behind (nothing to resume)
+            raise
 
 
 def _run(
@@ -213,12 +215,10 @@ def _fingerprints(specs: list[SourceSpec]) -> dict[str, Any] | list[dict[str, An
 
 
 def _protect_inputs(out: Path, params: LotteryParams) -> None:
-    """--force replaces DIR whole: refuse a DIR that is or holds the model or the data."""
-    data = [("data", spec.source) for spec in parse_sources(_data(params))]
-    for what, source in (("model", params.model), *data, ("eval data", params.eval_data)):
-        path = Path(source).expanduser()
-        if path.exists() and (path.resolve() == out.resolve() or out.resolve() in path.resolve().parents):
-            raise MoePruneError(f"{out}: holds the input {what} {source}; choose another --out")
+    """Inputs are never modified: refuse a DIR that is, holds or lies inside the model or the data, before
+    anything is written (the recipe, a round's statistics and mask would land inside the input)."""
+    data = [spec.source for spec in parse_sources(_data(params))]
+    check_not_input(out, (params.model, *data, params.eval_data))
 
 
 def _remove(out: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.output import OutputError
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
@@ -180,6 +181,8 @@ def _execute(plan: Plan, combo: Combo, scratch: Path) -> Row:
     target = scratch / "model"
     try:
         kept, folder = _build(plan, combo, target)
+    except OutputError:  # a full disk is the run's failure, not the combination's
+        raise
     except MoePruneError as exc:  # refused by score, prune or merge before anything was evaluated
         return Row(combo, "skipped", str(exc))
     row = Row(combo, "failed", kept=kept, command=command(combo, plan.model, plan.stats_name, kept))

@@ -6,6 +6,7 @@
     sweep.png       with --plot: perplexity against experts kept (`sweep.plot`), redrawn on each run
     checkpoints/    the one combination being evaluated (deleted after it, and at the end)
 
+The folder is locked while a sweep uses it (`.DIR.lock` beside it, see `checkpoint.output.work_lock`).
 A rerun with the same fingerprint skips the combinations in results.jsonl (and may add criteria or ratios);
 another fingerprint is refused without --force, which starts over. Without --out the folder is temporary.
 """
@@ -15,12 +16,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_prune.artifacts.common import check_header, dump_json, first_difference, parse_json, read_json
-from moe_prune.checkpoint.output import atomic_file, check_not_input
+from moe_prune.checkpoint.output import atomic_file, check_not_input, work_lock
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.lottery.recipe import data_fingerprint, model_fingerprint
@@ -37,6 +39,7 @@ class SweepFolder:
     path: Path
     temporary: bool = False
     created: bool = False  # this run made the folder (so a run that finished nothing removes it)
+    _held: ExitStack | None = field(default=None, repr=False)  # the folder's lock while this run uses it
 
     @property
     def header(self) -> Path:
@@ -59,29 +62,48 @@ class SweepFolder:
     def open(
         cls, out: Path | None, fingerprint: dict[str, Any], force: bool, inputs: tuple[str | Path, ...]
     ) -> SweepFolder:
-        """The folder of this sweep: new, or the same sweep's to resume; refuses another sweep without force."""
+        """The folder of this sweep: new, or the same sweep's to resume; refuses another sweep without force.
+
+        The folder is held (`work_lock`) until `cleanup`: a second sweep into it is refused before it reads or
+        writes anything there (two sweeps each rewriting results.jsonl would lose one run's rows). A run that
+        fails here leaves nothing it made.
+        """
         if out is None:
             return cls(Path(tempfile.mkdtemp(prefix="moe-prune-sweep-")), temporary=True)
         folder = cls(Path(out).expanduser().absolute())
         check_not_input(folder.path, inputs)
         if folder.path.exists() and not folder.path.is_dir():
             raise MoePruneError(f"{out}: exists and is not a folder")
-        fingerprint = fingerprint_json(fingerprint)
-        if folder.header.exists() and not force:
-            diff = first_difference(folder._saved_fingerprint(), fingerprint)
+        held = ExitStack()
+        held.enter_context(work_lock(folder.path))
+        try:
+            folder._start(out, fingerprint_json(fingerprint), force)
+        except BaseException:
+            if folder.created:
+                shutil.rmtree(folder.path, ignore_errors=True)
+            held.close()
+            raise
+        folder._held = held
+        return folder
+
+    def _start(self, out: Path, fingerprint: dict[str, Any], force: bool) -> None:
+        if self.header.exists() and not force:
+            diff = first_difference(self._saved_fingerprint(), fingerprint)
             if diff:
                 raise MoePruneError(
                     f"{out}: holds a sweep of another model, statistics, data or settings ({diff}); "
                     "pass --force to start over or choose another --out"
                 )
-            return folder
-        if folder.path.exists() and any(folder.path.iterdir()) and not force:
+            return
+        if self.path.exists() and any(self.path.iterdir()) and not force:
             raise MoePruneError(f"{out}: already exists and holds no sweep; pass --force to use it")
-        folder.created = not folder.path.exists()
-        folder.path.mkdir(parents=True, exist_ok=True)
-        folder.clear()
-        folder._write(folder.header, {"schema": RUN_SCHEMA, "version": RUN_VERSION, "fingerprint": fingerprint})
-        return folder
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MoePruneError(f"{out}: cannot write ({exc.strerror or exc})") from exc
+        self.clear()
+        self._write(self.header, {"schema": RUN_SCHEMA, "version": RUN_VERSION, "fingerprint": fingerprint})
 
     def _saved_fingerprint(self) -> Any:
         obj, name = read_json(self.header, "sweep header")
@@ -134,8 +156,11 @@ class SweepFolder:
             self.clear()
 
     def cleanup(self) -> None:
-        """Remove the checkpoints being built; a temporary folder goes whole."""
+        """Remove the checkpoints being built (a temporary folder goes whole), then let go of the folder."""
         shutil.rmtree(self.path if self.temporary else self.scratch, ignore_errors=True)
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
 
 def fingerprint(ckpt: Checkpoint, stats: str | Path, data: str, settings: dict[str, Any]) -> dict[str, Any]:
