@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_prune.artifacts.common import NPZ_ERRORS, check_header, describe, parse_json, require_type
+from moe_prune.artifacts.common import NPZ_ERRORS, check_header, describe, open_npz, parse_json, require_type
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.errors import MoePruneError
 
@@ -150,15 +150,13 @@ FIELD_CHECKS: dict[str, tuple[str, str]] = {
 def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(`__meta__` object, arrays by name); a missing, truncated or foreign file is a one-line error."""
     try:
-        data = np.load(path, allow_pickle=False)
+        data = open_npz(path, name)  # sizes claimed by the zip and .npy headers checked before reading
     except FileNotFoundError:
         raise MoePruneError(f"{name}: statistics file not found (produce it with `moe-prune profile`)") from None
     except IsADirectoryError:
         raise MoePruneError(f"{name}: is a folder, not a statistics file") from None
     except NPZ_ERRORS as exc:
         raise MoePruneError(f"{name}: not a moe-prune statistics file ({describe(exc)})") from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise MoePruneError(f"{name}: not a moe-prune statistics file (a single .npy array, not an .npz archive)")
     with data:
         if "__meta__" not in data.files:
             raise MoePruneError(f"{name}: not a moe-prune statistics file (no __meta__ entry)")

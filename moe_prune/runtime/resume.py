@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_prune.artifacts.common import NPZ_ERRORS, describe
+from moe_prune.artifacts.common import NPZ_ERRORS, describe, open_npz
 from moe_prune.checkpoint.output import atomic_file
 from moe_prune.errors import MoePruneError
 
@@ -75,9 +75,9 @@ class Resumable:
 def _read(path: Path) -> dict[str, np.ndarray]:
     """Every array of the resume file; a truncated, foreign or pickled file is a one-line error."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path, str(path)) as data:  # sizes its headers claim checked before reading
             return {name: data[name] for name in data.files}
-    except (*NPZ_ERRORS, AttributeError) as exc:  # AttributeError: a plain .npy array has no `files`
+    except NPZ_ERRORS as exc:
         raise MoePruneError(f"{path}: unreadable resume file ({describe(exc)}); delete it to start over") from exc
 
 
