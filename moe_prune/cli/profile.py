@@ -115,7 +115,7 @@ def profile(
     specs = parse_sources(given)
     sources = tuple(spec.source for spec in specs)
     out = out.expanduser()
-    check_writable(out, force)
+    check_writable(out, force, "file")
     check_not_input(out, (*(inputs or [str(DEMO_MODEL_DIR)]), *sources))
     if out.is_dir():
         raise MoePruneError(f"{out}: is a folder; expected a .npz file path")

@@ -153,7 +153,7 @@ def run(
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
     out = Path(out)
-    check_writable(out, force)
+    check_writable(out, force, "folder")
     ckpt = Checkpoint.open(model)
     config, identity = ckpt.config, ckpt.identity
     check_stats(stats, ckpt, method, stats_name, weights, refit)

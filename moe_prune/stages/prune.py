@@ -82,7 +82,7 @@ def run(
     `progress(done_bytes, total_bytes)` reports copying; it lets the CLI draw a bar.
     """
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
-    check_writable(out, force)
+    check_writable(out, force, "folder")
     ckpt = Checkpoint.open(model)
     config = ckpt.config
     mask.model.require_same(ckpt.identity, mask_name, str(ckpt.folder))
