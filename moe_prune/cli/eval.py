@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -82,6 +83,7 @@ def evaluate(
     perplexity: Annotated[
         bool, typer.Option("--perplexity/--no-perplexity", help="Also measure perplexity, sizes and expert load.")
     ] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --log-samples file.")] = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -90,12 +92,15 @@ def evaluate(
     device = parse_device_map(device_map, device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     task_result = None
+    inputs = _local_inputs((model, baseline, data, include_path))  # never replaced by --log-samples
     if tasks is None:
         if not perplexity:
             raise MoePruneError("--no-perplexity leaves nothing to evaluate without --tasks")
         if any(v is not None for v in (num_fewshot, limit, include_path, log_samples)):
             raise MoePruneError("--num-fewshot, --limit, --include-path and --log-samples apply to --tasks only")
     else:
+        if log_samples is not None:  # refused before any work, like every output
+            _check_samples(log_samples, force, inputs)
         task_result = _run_tasks(
             model,
             tasks,
@@ -111,7 +116,7 @@ def evaluate(
             columns,
         )
         if not perplexity:
-            _report_tasks(task_result, json_output, None, log_samples)
+            _report_tasks(task_result, json_output, None, (log_samples, force, inputs))
             return
     bar = LazyBar(*columns)
 
@@ -139,7 +144,7 @@ def evaluate(
     for message in result.warnings:
         warn(message)
     if task_result is not None:
-        _report_tasks(task_result, json_output, result, log_samples)
+        _report_tasks(task_result, json_output, result, (log_samples, force, inputs))
         return
     if json_output:
         print_json(result.to_dict())
@@ -184,8 +189,6 @@ def _run_tasks(
         stage.parse_tasks(spec), num_fewshot, limit, include_path, batch_size, dtype, device, trust_remote_code
     )
     stage.validate(settings)
-    if log_samples is not None and not log_samples.parent.is_dir():
-        raise MoePruneError(f"--log-samples {log_samples}: folder {log_samples.parent} does not exist")
     with LazyBar(*columns) as bar:
 
         def advance(label: str, done: int, total: int, kind: str) -> None:
@@ -194,12 +197,39 @@ def _run_tasks(
         return stage.run(model, settings, baseline, advance)
 
 
-def _report_tasks(tasks: TasksResult, json_output: bool, result: EvalResult | None, log_samples: Path | None) -> None:
-    """Writes --log-samples, then the JSON document or the tables (perplexity ones first when measured)."""
+def _check_samples(path: Path, force: bool, inputs: tuple[str | Path, ...]) -> None:
+    """--log-samples is an output like any other: its folder exists, an existing file needs --force, never an input."""
+    if not path.parent.is_dir():
+        raise MoePruneError(f"--log-samples {path}: folder {path.parent} does not exist")
+    check_writable(path, force, "file")
+    check_not_input(path, inputs)
+
+
+def _local_inputs(inputs: tuple[str | Path | None, ...]) -> tuple[str | Path, ...]:
+    """The inputs as files on disk (`demo` names the shipped model's folder)."""
+    from moe_prune.checkpoint.source import DEMO_ALIAS
+    from moe_prune.demo import DEMO_MODEL_DIR
+
+    return tuple(
+        DEMO_MODEL_DIR if str(given) == DEMO_ALIAS and not Path(given).is_dir() else given
+        for given in inputs
+        if given is not None
+    )
+
+
+def _report_tasks(
+    tasks: TasksResult,
+    json_output: bool,
+    result: EvalResult | None,
+    samples: tuple[Path | None, bool, tuple[str | Path, ...]],
+) -> None:
+    """Writes --log-samples (`samples`: the path, --force, the inputs it must not be), then the JSON document
+    or the tables (perplexity ones first when measured)."""
     from moe_prune.stages.tasks import write_samples
 
+    log_samples, force, inputs = samples
     if log_samples is not None:
-        written = write_samples(tasks, log_samples)
+        written = write_samples(tasks, log_samples, force, inputs)
         if not json_output:
             out_console.print(f"{written} per-sample records written to {log_samples}", style="dim", highlight=False)
     if json_output:

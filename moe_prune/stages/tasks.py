@@ -365,8 +365,11 @@ def run(
     return TasksResult(results["model"], results.get("baseline"))
 
 
-def write_samples(result: TasksResult, path: Path) -> int:
-    """Per-sample records as JSONL (one line per model, task and document); returns the number written."""
+def write_samples(result: TasksResult, path: Path, force: bool = False, protect: tuple[str | Path, ...] = ()) -> int:
+    """Per-sample records as JSONL (one line per model, task and document), written whole or not at all by the
+    one atomic writer (an existing file only with `force`, never one of `protect`); returns the number written."""
+    from moe_prune.checkpoint.output import atomic_file
+
     lines = []
     for label, tasks in (("model", result.model), ("baseline", result.baseline)):
         if tasks is None:
@@ -374,7 +377,8 @@ def write_samples(result: TasksResult, path: Path) -> int:
         for task, records in tasks.samples.items():
             for record in records:
                 lines.append(json.dumps({"model": label, "task": task, **plain(record)}, ensure_ascii=False))
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    with atomic_file(path, force, protect=tuple(Path(p) for p in protect)) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return len(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,17 @@ class WorkFolder:
         return self.path / f"state-{step:08d}"
 
     def exists(self) -> bool:
-        return self.path.exists()
+        """Whether an interrupted run is saved here; anything else by that name (a link, a file) is refused:
+        --force would not remove it, and state written through a link would land outside."""
+        try:
+            mode = self.path.lstat().st_mode
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise MoePruneError(f"{self.path}: cannot be read ({exc.strerror or exc})") from exc
+        if not stat.S_ISDIR(mode):
+            raise MoePruneError(f"{self.path}: is not a folder (finetune keeps resumable state there); remove it")
+        return True
 
     def read(self) -> tuple[dict[str, Any], int]:
         """(fingerprint, last saved step) of the interrupted run."""
