@@ -31,7 +31,7 @@ def check_plot(path: Path | None, force: bool, inputs: tuple[str | Path, ...] = 
         return
     if Path(path).suffix.lower() != ".png":
         raise MoePruneError(f"--plot {path}: give a .png file name")
-    check_writable(Path(path), force)
+    check_writable(Path(path), force, "file")
     check_not_input(Path(path), inputs)
 
 
