@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny, save_char_tokenizer, tiny_config
+from tiny_models import save_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
-from moe_prune.checkpoint.quantized import Quantization, group, quantize_fp8, read_float
+from moe_prune.checkpoint.quantized import FP8, Quantization, group, quantize_fp8, read_float
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
@@ -35,11 +35,43 @@ from moe_prune.stages.score import score
 
 SEQ = 16
 FP8_MAX = 448.0
-# FP8 families: qwen3_moe with 16x16 blocks (expert dims 24: partial edge blocks, which transformers'
-# loader gets wrong, so moe-prune loads it itself) and deepseek_v3 with 8x8 blocks (every dim a
-# multiple: transformers' FineGrainedFP8Config(dequantize=True) loads it).
-FP8_FAMILIES = {"qwen3_moe": 16, "deepseek_v3": 8}
+FP8_BLOCK = 128
+# FP8 checkpoints shaped as Qwen3-FP8 and DeepSeek-V3 ship them: 128x128 blocks with float32
+# scale_inv, every tensor that is not quantized (embeddings, norms, router, head) bfloat16, config
+# dtype bfloat16. qwen3_moe: every FP8 linear tiles the blocks (transformers' FineGrainedFP8Config
+# loads it); deepseek_v3: kv_a_proj_with_mqa has 576 rows (kv_lora_rank 512 + rope 64) as in the
+# release, a partial edge block that transformers' loader gets wrong, so moe-prune loads it itself.
+FP8_SHAPES = {
+    "qwen3_moe": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 128,
+        "head_dim": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "deepseek_v3": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 128,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 128,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 64,
+        "v_head_dim": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    },
+}
+FP8_FAMILIES = list(FP8_SHAPES)
+FP8_QUANTIZATION = {
+    "quant_method": "fp8",
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
 FAMILIES = [*FP8_FAMILIES, "gpt_oss"]
+TILING = ["qwen3_moe", "gpt_oss"]  # the quantized families stock transformers' dequantizing loaders read exactly
 
 
 # -- an independent FP8 quantizer (loops over blocks) ---------------------------------------------
@@ -60,8 +92,9 @@ def fp8_quantize(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
 
 
 def fp8_dequantize(weight: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    expanded = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: weight.shape[0], : weight.shape[1]]
-    return weight.float() * expanded
+    """In float64 (exact: 4-bit times 24-bit mantissas), rounded once to float32."""
+    expanded = scale.double().repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return (weight.double() * expanded[: weight.shape[0], : weight.shape[1]]).float()
 
 
 def fp8_half_step(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +155,23 @@ def _fp8_target(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and not any(s in name for s in skip)
 
 
+def _release_shaped(family: str, folder: Path) -> None:
+    """A tiny float model with the dims an FP8 release tiles in 128x128 blocks (few layers and experts)."""
+    config = tiny_config(family, **FP8_SHAPES[family])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # as build_tiny: experts and router matter, so tests can fail
+        for name, param in model.named_parameters():
+            if "experts" in name or "gate" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+
+
+def _release_dtype(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """What the releases store for tensors they do not quantize: bfloat16 (DeepSeek-V3's router bias: float32)."""
+    return tensor if "correction_bias" in name else tensor.to(torch.bfloat16)
+
+
 def _write(folder: Path, tensors: dict, config: dict) -> None:
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
@@ -154,7 +204,7 @@ def quantized(tmp_path_factory):
         if family == "gpt_oss":
             _gpt_oss(root / "float")
         else:
-            build_tiny(family, root / "float")
+            _release_shaped(family, root / "float")
         state = load_file(root / "float" / "model.safetensors")
         config = json.loads((root / "float" / "config.json").read_text())
         stored, plain = {}, {}
@@ -164,17 +214,18 @@ def quantized(tmp_path_factory):
                 stored[name + "_blocks"], stored[name + "_scales"] = blocks, scales
                 plain[name] = mxfp4_dequantize(blocks, scales)
             elif family != "gpt_oss" and _fp8_target(name, tensor):
-                block = FP8_FAMILIES[family]
-                weight, scale = fp8_quantize(tensor, block)
+                weight, scale = fp8_quantize(tensor, FP8_BLOCK)
                 stored[name], stored[name + "_scale_inv"] = weight, scale
-                plain[name] = fp8_dequantize(weight, scale, block)
+                plain[name] = fp8_dequantize(weight, scale, FP8_BLOCK)
+            elif family != "gpt_oss":
+                stored[name] = plain[name] = _release_dtype(name, tensor)
             else:
                 stored[name] = plain[name] = tensor
         if family == "gpt_oss":
             quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
         else:
-            block = FP8_FAMILIES[family]
-            quant = {"quant_method": "fp8", "weight_block_size": [block, block], "activation_scheme": "dynamic"}
+            quant = FP8_QUANTIZATION
+            config = {**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
         _write(root / "quantized", stored, {**config, "quantization_config": quant})
         _write(root / "dequantized", plain, config)
         made[family] = (root / "quantized", root / "dequantized")
@@ -257,13 +308,33 @@ def test_profile_equals_dequantized_copy(family, sequential, quantized, calibrat
         np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-6 * scale, err_msg=key)
 
 
-def test_whole_and_sequential_load_the_same_weights(quantized):
-    """Both loaders of a quantized checkpoint give its dequantized weights, bit for bit."""
+def test_fp8_fixtures_are_shaped_like_the_releases(quantized):
+    """bf16 tensors beside FP8 ones, bf16 config dtype, 128x128 blocks; one family tiles, one has a 576-row tensor."""
+    for family in FP8_FAMILIES:
+        folder, _ = quantized(family)
+        ckpt = Checkpoint.open(folder)
+        config = ckpt.config.raw
+        assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+        assert config["quantization_config"]["weight_block_size"] == [128, 128]
+        stored = group(ckpt.tensors, Quantization.from_config(config))
+        plain = {s.data.dtype for s in stored if not s.quantized and "correction_bias" not in s.name}
+        assert plain == {"BF16"}, plain
+        rows = {s.shape[0] for s in stored if s.quantized}
+        assert any(r % 128 for r in rows) == (family not in TILING), rows
+    assert 576 in {s.shape[0] for s in group(Checkpoint.open(quantized("deepseek_v3")[0]).tensors, Quantization(FP8))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto"])
+def test_quantized_loads_as_dequantized_copy(dtype, quantized):
+    """Whichever loader a quantized checkpoint takes, its weights are its dequantized copy's: values and dtypes."""
     for family in FAMILIES:
         folder, plain = quantized(family)
-        got, want = load_model(folder).state_dict(), load_model(plain).state_dict()
+        got, want = load_model(folder, dtype), load_model(plain, dtype)
+        got = {**dict(got.named_parameters()), **dict(got.named_buffers())}
+        want = {**dict(want.named_parameters()), **dict(want.named_buffers())}
         assert sorted(got) == sorted(want)
         for name, tensor in want.items():
+            assert got[name].dtype == tensor.dtype, (family, name, got[name].dtype, tensor.dtype)
             assert torch.equal(got[name], tensor), (family, name)
 
 
@@ -299,7 +370,7 @@ def _requantization_error(family: str, got: torch.Tensor, want: torch.Tensor, ou
         group_max = units.transpose(-1, -2).unflatten(-1, (-1, 32)).abs().amax(-1)
         assert (group_max > 3).all(), "a shared exponent larger than its block needs (stale, not fresh)"
         return (got - want).abs() / (mxfp4_half_step(units) * per_value)
-    block = FP8_FAMILIES[family]
+    block = FP8_BLOCK
     scale = out[name + "_scale_inv"]
     per_value = scale.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., : want.shape[-2], : want.shape[-1]]
     units = want / per_value
@@ -354,7 +425,7 @@ def test_merged_quantized_experts_equal_float_merge_up_to_quantization(family, q
     assert max(worst) > 0  # re-quantized, not copied
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", TILING)
 def test_merged_quantized_checkpoint_reloads_in_stock_transformers(family, quantized, tmp_path):
     folder, _ = quantized(family)
     ckpt = Checkpoint.open(folder)
@@ -388,7 +459,7 @@ def test_pruned_quantized_checkpoint_runs_as_pruned_copy(family, quantized, tmp_
     with torch.no_grad():
         got, want = load_model(outputs[0])(ids).logits, load_model(outputs[1])(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        if family != "qwen3_moe":  # transformers' own FP8 loader is exact only where shapes tile the blocks
+        if family in TILING:  # transformers' own FP8 loader is exact only where shapes tile the blocks
             stock = AutoModelForCausalLM.from_pretrained(outputs[0], dtype=torch.float32).eval()
             torch.testing.assert_close(stock(ids).logits, want, rtol=1e-5, atol=1e-5)
 

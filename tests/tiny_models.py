@@ -162,13 +162,13 @@ DBRX = {
 }
 
 
-def tiny_config(model_type: str):
-    """Build a tiny config of `model_type`; dbrx names its fields differently."""
+def tiny_config(model_type: str, **overrides: Any):
+    """Build a tiny config of `model_type` (fields in `overrides` replaced); dbrx names its fields differently."""
     from transformers import AutoConfig
 
     if model_type == "dbrx":
-        return AutoConfig.for_model("dbrx", **DBRX)
-    kwargs = {**COMMON, **TINY[model_type]}
+        return AutoConfig.for_model("dbrx", **{**DBRX, **overrides})
+    kwargs = {**COMMON, **TINY[model_type], **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return AutoConfig.for_model(model_type, **kwargs)
 

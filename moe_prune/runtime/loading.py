@@ -18,7 +18,9 @@ Quantized checkpoints (FP8 block-quantized, MXFP4) load dequantized, one tensor 
 transformers' own `Mxfp4Config(dequantize=True)` / `FineGrainedFP8Config(dequantize=True)` where
 that is exact on CPU, otherwise (FP8 tensors whose shape is not a multiple of the block, which
 transformers' loader dequantizes wrongly) into a meta-device skeleton layer by layer through
-`checkpoint.quantized.read_float` (see `quantization_kwargs`).
+`checkpoint.quantized.read_float` (see `quantization_kwargs`). Either way every weight ends in the
+dtype a float checkpoint of the same config would load in (the FP8 releases store what they do not
+quantize as bfloat16; transformers' loaders leave it so beside float32 dequantized linears).
 """
 
 from __future__ import annotations
@@ -190,7 +192,23 @@ def load_model(
     check_finite(model, ckpt.folder)
     if quantization:
         _forget_quantization(model)
+        _cast_like_skeleton(model, ckpt, dtype, trust_remote_code)
     return model.eval()
+
+
+def _cast_like_skeleton(model: Any, ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> None:
+    """Every weight in the dtype a float checkpoint of this config would load in.
+
+    transformers' dequantizing loaders leave the tensors a checkpoint does not quantize (embeddings,
+    norms, router, head: bfloat16 in the FP8 releases) in their stored dtype beside the float32 they
+    dequantize into, so with --dtype float32 every matmul between them fails on CPU.
+    """
+    skeleton, _ = model_skeleton(ckpt, dtype, trust_remote_code)
+    wanted = {name: t.dtype for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers())}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        target = wanted.get(name)
+        if target is not None and tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
 
 
 def _forget_quantization(model: Any) -> None:
@@ -282,7 +300,22 @@ def model_skeleton(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> tup
         raise
     except Exception as exc:  # same variety as load_model
         raise MoePruneError(f"{ckpt.folder / 'config.json'}: could not build the model ({_short(exc)})") from None
+    _keep_in_float32(model, torch_dtype)
     return model.eval(), torch_dtype
+
+
+def _keep_in_float32(model: Any, dtype: torch.dtype) -> None:
+    """What from_pretrained keeps float32 at `dtype` (`_keep_in_fp32_modules`, e.g. DeepSeek's router bias)."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    pattern, groups, _ = build_glob_alternation(list(plan))
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        match = pattern.search(name)
+        if match is not None and tensor.is_floating_point():
+            tensor.data = tensor.data.to(plan[groups[match.lastgroup]])
 
 
 def finite(tensor: torch.Tensor) -> bool:
