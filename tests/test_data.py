@@ -124,7 +124,7 @@ def test_max_chars_cuts_a_one_document_text_file(tmp_path):
         ("nofield.jsonl", json.dumps({"body": "x"}), "record 1 has no field 'text'"),
         ("nofield.json", json.dumps([{"text": "x"}, {"body": "y"}]), "record 2 has no field 'text'"),
         ("nofield.csv", "body\nx\n", "no column 'text'"),
-        ("badline.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),
+        ("badline.jsonl", '{"text": "a"}\n{oops\n', "line 2: the record is not valid JSON"),
         ("bad.json", "{oops", "not valid JSON"),
         ("object.json", json.dumps({"rows": []}), "expected a JSON list"),
         ("number.jsonl", json.dumps({"text": 3}), "is int, not text"),
@@ -233,7 +233,7 @@ def test_binary_file_with_nul_bytes_is_refused(tmp_path, name):
 
 def test_bad_jsonl_line_names_line_number_and_cause(tmp_path):
     source = write(tmp_path / "a.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n')
-    with pytest.raises(MoePruneError, match=r"a.jsonl: line 4 is not valid JSON \(JSONDecodeError: ") as info:
+    with pytest.raises(MoePruneError, match=r"a.jsonl: line 4: the record is not valid JSON \(") as info:
         load_texts(source)
     assert info.value.__cause__ is not None
 

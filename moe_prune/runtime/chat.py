@@ -33,6 +33,10 @@ def chat(messages: list[Any], record: int, where: str) -> Chat:
     """Record number `record`'s messages, checked to be role-tagged dicts (`where` names the field for errors)."""
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise MoePruneError(f"{where} is not a list of chat messages ({{'role': ..., 'content': ...}})")
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message.get("content"), str):
+            kind = type(message.get("content")).__name__
+            raise MoePruneError(f"{where}: message {number} has 'content' of type {kind}, not text")
     return Chat(tuple(messages), record)
 
 

@@ -22,19 +22,19 @@ on text the model never sees.
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import itertools
-import json
 import re
+import stat
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moe_prune.artifacts.common import describe
+from moe_prune.artifacts.common import describe, parse_json
 from moe_prune.errors import MoePruneError, MoePruneWarning
 from moe_prune.runtime.chat import CHAT_FIELD, Chat, chat, render
 from moe_prune.runtime.hub import HUB_TIMEOUT_S, offline, quiet_hub_logs
@@ -45,6 +45,17 @@ SPLIT_ON = ("none", "blank-lines")  # how a text file is cut into documents (`--
 # A streamed hub dataset has no end we want to reach; stop after this many characters unless told otherwise.
 HUB_DEFAULT_MAX_CHARS = 8_000_000
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+READ_BLOCK = 1 << 20  # bytes read from a data file at a time
+# A JSONL or CSV line, a .json file or a parquet row group may hold this many characters (bytes) per
+# character the run reads (JSON escapes, other fields), and at least the floors below.
+LINE_CHARS_PER_CHAR = 16
+LINE_FLOOR_CHARS = 1 << 20
+JSON_FLOOR_BYTES = 64 << 20
+PARQUET_FLOOR_BYTES = 256 << 20
+# A document longer than this is tokenized in windows of about this many characters, overlapping by
+# SEAM_CHARS (`piecewise_ids`): a fast tokenizer's memory grows with the text it is given at once.
+PIECE_CHARS = 1 << 17
+SEAM_CHARS = 1 << 11
 
 
 class Truncated(str):
@@ -68,7 +79,7 @@ def load_documents(
     if path.is_dir():
         raise MoePruneError(f"{source}: is a folder; expected a {'/'.join(FILE_SUFFIXES)} file")
     if path.exists():
-        documents = _take(_read_file(path, text_field, split_on), max_chars)
+        documents = _take(_read_file(path, text_field, split_on, max_chars), max_chars)
     elif source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES or source.count("/") > 1:
         raise MoePruneError(f"{source}: data file not found")
     else:
@@ -115,27 +126,122 @@ def _take(documents: Iterable[Document], max_chars: int | None) -> list[Document
     return out
 
 
-def _read_file(path: Path, text_field: str, split_on: str) -> Iterable[Document]:
+def _read_file(path: Path, text_field: str, split_on: str, max_chars: int | None) -> Iterable[Document]:
+    """The documents of a local file, read lazily: `_take` stops the reading once `max_chars` are collected."""
     suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise MoePruneError(f"{path}: unknown data format {suffix or '(no suffix)'}; use {', '.join(FILE_SUFFIXES)}")
+    check_regular(path)
     if suffix == ".parquet":
-        return _read_parquet(path, text_field)
+        return _read_parquet(path, text_field, max_chars)
+    if suffix in TEXT_SUFFIXES:
+        if split_on == "none":  # one character more than wanted: `_take` then knows the text goes on
+            return ["".join(_decoded(path, None if max_chars is None else max_chars + 1))]
+        return _paragraphs(_decoded(path), max_chars)
+    if suffix == ".jsonl":
+        return _fields(_jsonl_records(path, _line_limit(max_chars)), text_field, path)
+    if suffix == ".json":
+        return _fields(_json_records(path, max_chars), text_field, path)
+    return _read_csv(path, text_field, _line_limit(max_chars))
+
+
+def check_regular(path: Path) -> None:
+    """A device, pipe or socket (`/dev/zero`, `<(cmd)`) never ends or blocks: only regular files are read."""
     try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MoePruneError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}; a binary file?)") from exc
+        mode = path.stat().st_mode
     except OSError as exc:
         raise MoePruneError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if "\x00" in raw:
-        raise MoePruneError(f"{path}: holds NUL bytes at offset {raw.index(chr(0))}; a binary file, not text")
-    if suffix == ".jsonl":
-        return _fields(_jsonl_records(raw, path), text_field, path)
-    if suffix == ".json":
-        return _fields(_json_records(raw, path), text_field, path)
-    if suffix == ".csv":
-        return _read_csv(raw, text_field, path)
-    if suffix in TEXT_SUFFIXES:
-        return split_text(raw, split_on)
-    raise MoePruneError(f"{path}: unknown data format {suffix or '(no suffix)'}; use {', '.join(FILE_SUFFIXES)}")
+    if not stat.S_ISREG(mode):
+        raise MoePruneError(f"{path}: not a regular file (a device, pipe or socket); give a data file")
+
+
+def _line_limit(max_chars: int | None) -> int | None:
+    """Longest JSONL line or CSV line read: many characters per wanted one (JSON escapes, other fields)."""
+    return None if max_chars is None else max(LINE_FLOOR_CHARS, LINE_CHARS_PER_CHAR * max_chars)
+
+
+def _decoded(path: Path, max_chars: int | None = None) -> Iterator[str]:
+    """The UTF-8 text of `path` in blocks of READ_BLOCK bytes, at most `max_chars` characters of it.
+
+    Refused at the first invalid byte or NUL (a binary file), naming its offset.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = chars = 0  # bytes before this block; characters before this block
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise MoePruneError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    with handle:
+        while max_chars is None or chars < max_chars:
+            try:
+                block = handle.read(READ_BLOCK)
+            except OSError as exc:
+                raise MoePruneError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                raise MoePruneError(f"{path}: not UTF-8 text (invalid byte at offset {at}; a binary file?)") from exc
+            if "\x00" in text:
+                at = chars + text.index("\x00")
+                raise MoePruneError(f"{path}: holds NUL bytes at offset {at}; a binary file, not text")
+            if max_chars is not None:
+                text = text[: max_chars - chars]
+            if text:
+                yield text
+            if not block:
+                return
+            offset += len(block)
+            chars += len(text)
+
+
+def text_lines(path: Path, limit: int | None) -> Iterator[tuple[int, str]]:
+    """(number, line) of a UTF-8 file read block by block, newline kept; a line over `limit` characters is refused.
+
+    The caller checks that `path` is a regular file (`check_regular`).
+    """
+    number = 0
+    rest = ""
+    for block in _decoded(path):
+        *lines, rest = (rest + block).split("\n")
+        for line in lines:
+            _check_line(path, number + 1, line, limit)
+            number += 1
+            yield number, line + "\n"
+        _check_line(path, number + 1, rest, limit)
+    if rest:
+        yield number + 1, rest
+
+
+def _check_line(path: Path, number: int, line: str, limit: int | None) -> None:
+    if limit is not None and len(line) > limit:
+        raise MoePruneError(
+            f"{path}: line {number} is longer than {limit:,} characters, more than this run reads "
+            "(one record per line expected)"
+        )
+
+
+def _paragraphs(blocks: Iterable[str], max_chars: int | None) -> Iterator[str]:
+    """`split_text(text, "blank-lines")` of text that arrives in blocks, holding about one paragraph at a time.
+
+    Text is split up to its last non-blank character, so a separator is never cut; more than `max_chars`
+    characters without a complete paragraph are all this run can use, so reading stops there.
+    """
+    buffer = ""
+    for block in blocks:
+        buffer += block
+        end = len(buffer.rstrip())
+        *done, last = _BLANK_LINES.split(buffer[:end])
+        yield from (_paragraph(p) for p in done)
+        buffer = last + buffer[end:]
+        if max_chars is not None and len(buffer) > max_chars:
+            break
+    yield from split_text(buffer, "blank-lines")
+
+
+def _paragraph(text: str) -> str:
+    return text.lstrip("\r\n").rstrip()
 
 
 def split_text(raw: str, split_on: str = "none") -> list[str]:
@@ -145,28 +251,25 @@ def split_text(raw: str, split_on: str = "none") -> list[str]:
     """
     if split_on == "none":
         return [raw]
-    return [p.lstrip("\r\n").rstrip() for p in _BLANK_LINES.split(raw)]
+    return [_paragraph(p) for p in _BLANK_LINES.split(raw)]
 
 
-def _jsonl_records(raw: str, path: Path) -> list[Any]:
-    records = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise MoePruneError(f"{path}: line {number} is not valid JSON ({describe(exc)})") from exc
-    return records
+def _jsonl_records(path: Path, limit: int | None) -> Iterator[Any]:
+    for number, line in text_lines(path, limit):
+        if line.strip():
+            yield parse_json(line, f"{path}: line {number}", "the record")
 
 
-def _json_records(raw: str, path: Path) -> list[Any]:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise MoePruneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except RecursionError:
-        raise MoePruneError(f"{path}: JSON nested too deeply") from None
+def _json_records(path: Path, max_chars: int | None) -> list[Any]:
+    """A .json file is parsed whole, so its size is capped first (large record sets belong in JSONL)."""
+    cap = None if max_chars is None else max(JSON_FLOOR_BYTES, LINE_CHARS_PER_CHAR * max_chars)
+    size = path.stat().st_size
+    if cap is not None and size > cap:
+        raise MoePruneError(
+            f"{path}: {size:,} bytes of JSON, more than the {cap:,} this run reads (a .json file is parsed whole); "
+            "give large record sets as .jsonl, read record by record"
+        )
+    obj = parse_json("".join(_decoded(path)), str(path), "the data")
     if isinstance(obj, dict) and "data" in obj:
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -174,9 +277,9 @@ def _json_records(raw: str, path: Path) -> list[Any]:
     return obj
 
 
-def _fields(records: list[Any], text_field: str, path: Path) -> list[Document]:
+def _fields(records: Iterable[Any], text_field: str, path: Path) -> Iterator[Document]:
     """The document of every record (plain strings are their own text)."""
-    return [_document(record, text_field, path, number) for number, record in enumerate(records, 1)]
+    return (_document(record, text_field, path, number) for number, record in enumerate(records, 1))
 
 
 def _document(record: Any, text_field: str, source: str | Path, number: int) -> Document:
@@ -188,39 +291,67 @@ def _document(record: Any, text_field: str, source: str | Path, number: int) -> 
         raise MoePruneError(f"{where} has no field {text_field!r} (nor {CHAT_FIELD!r}; use --text-field)")
     field = text_field if text_field in record else CHAT_FIELD
     value = record[field]
-    if isinstance(value, str):
+    if isinstance(value, str) and field != CHAT_FIELD:
         return value
     if isinstance(value, list):
         return chat(value, number, f"{where} field {field!r}")
-    raise MoePruneError(f"{where} field {field!r} is {type(value).__name__}, not text")
+    expected = "a list of chat messages" if field == CHAT_FIELD else "text"
+    raise MoePruneError(f"{where} field {field!r} is {type(value).__name__}, not {expected}")
 
 
-def _read_csv(raw: str, text_field: str, path: Path) -> list[str]:
-    reader = csv.DictReader(io.StringIO(raw))
-    if text_field not in (reader.fieldnames or []):
-        columns = ", ".join(reader.fieldnames or []) or "none"
-        raise MoePruneError(f"{path}: no column {text_field!r} (columns: {columns}; use --text-field)")
-    return [row[text_field] or "" for row in reader]
+def _read_csv(path: Path, text_field: str, limit: int | None) -> Iterator[str]:
+    """One document per row; csv's own error (e.g. a field over its 131,072-character limit) is one line."""
+    reader = csv.DictReader(line for _, line in text_lines(path, limit))
+    try:
+        names = reader.fieldnames or []
+        if text_field not in names:
+            raise MoePruneError(
+                f"{path}: no column {text_field!r} (columns: {', '.join(names) or 'none'}; use --text-field)"
+            )
+        for row in reader:
+            yield row[text_field] or ""
+    except csv.Error as exc:
+        raise MoePruneError(f"{path}: line {reader.line_num}: not readable CSV ({exc})") from exc
 
 
-def _read_parquet(path: Path, text_field: str) -> list[Document]:
-    """Through pyarrow (a dependency of `datasets`): reads one column, writes no cache files."""
+def _read_parquet(path: Path, text_field: str, max_chars: int | None) -> Iterator[Document]:
+    """Through pyarrow (a dependency of `datasets`): one column, row group by row group, no cache files.
+
+    Each row group's uncompressed size of that column (from the file's metadata) is checked before the
+    group is read, so one group cannot decompress into more memory than the run can use.
+    """
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
-        field = text_field if text_field in names or CHAT_FIELD not in names else CHAT_FIELD
-        if field not in names:
-            raise MoePruneError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}; use --text-field)")
-        column = pq.read_table(path, columns=[field]).column(field).to_pylist()
-    except MoePruneError:
-        raise
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        groups = parquet.metadata.num_row_groups
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise MoePruneError(f"{path}: not a readable parquet file ({describe(exc)})") from exc
-    return [
-        _document({field: value}, field, path, number) if isinstance(value, str | list) else ""
-        for number, value in enumerate(column, 1)
-    ]
+    field = text_field if text_field in names or CHAT_FIELD not in names else CHAT_FIELD
+    if field not in names:
+        raise MoePruneError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}; use --text-field)")
+    cap = None if max_chars is None else max(PARQUET_FLOOR_BYTES, LINE_CHARS_PER_CHAR * max_chars)
+    number = 0
+    for group in range(groups):
+        meta = parquet.metadata.row_group(group)
+        size = sum(
+            meta.column(i).total_uncompressed_size
+            for i in range(meta.num_columns)
+            if meta.column(i).path_in_schema.split(".")[0] == field
+        )
+        if cap is not None and size > cap:
+            raise MoePruneError(
+                f"{path}: row group {group} holds {size:,} bytes of column {field!r} uncompressed, more than the "
+                f"{cap:,} this run reads at once; write the file with smaller row groups"
+            )
+        try:
+            column = parquet.read_row_group(group, columns=[field]).column(field).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for damaged pages
+            raise MoePruneError(f"{path}: not a readable parquet file ({describe(exc)})") from exc
+        for value in column:
+            number += 1
+            yield _document({field: value}, field, path, number) if isinstance(value, str | list) else ""
 
 
 def _read_hub(source: str, text_field: str, split: str, max_chars: int) -> list[Document]:
@@ -274,21 +405,111 @@ def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None
     `Truncated` document (cut at `max_chars`) gets no EOS: its text goes on. A tokenizer without an EOS
     token joins documents directly, with a warning: the last word of one then runs into the next.
     Tokenizes `batch` documents at a time and stops once `max_tokens` tokens exist, so a small
-    evaluation of a large file does not tokenize all of it.
+    evaluation of a large file does not tokenize all of it. A document longer than PIECE_CHARS (a .txt
+    file is one) is tokenized piece by piece (`piecewise_ids`, fast tokenizers): memory stays flat in
+    its length, and the stream stops inside it at exactly `max_tokens`.
     """
     eos = tokenizer.eos_token_id
     if len(texts) > 1:
         warn_if_no_eos(tokenizer)
+    pieces = bool(getattr(tokenizer, "is_fast", False))
     ids: list[int] = []
+
+    def add(text: str, doc: list[int]) -> None:
+        ids.extend(doc)
+        if eos is not None and not isinstance(text, Truncated):
+            ids.append(eos)
+
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
-        for text, doc in zip(chunk, tokenizer(chunk, add_special_tokens=False)["input_ids"], strict=True):
-            ids.extend(doc)
-            if eos is not None and not isinstance(text, Truncated):
-                ids.append(eos)
+        short: list[str] = []
+        for text in [*chunk, None]:
+            if text is not None and not (pieces and len(text) > PIECE_CHARS):
+                short.append(text)
+                continue
+            if short:
+                for done, doc in zip(short, tokenizer(short, add_special_tokens=False)["input_ids"], strict=True):
+                    add(done, doc)
+                short = []
+            if text is None:
+                break
+            left = None if max_tokens is None else max_tokens - len(ids)
+            doc = piecewise_ids(text, tokenizer, left)
+            if left is not None and len(doc) >= left:
+                ids.extend(doc[:left])
+                return torch.tensor(ids, dtype=torch.long)
+            add(text, doc)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return torch.tensor(ids, dtype=torch.long)
+
+
+def piecewise_ids(
+    text: str, tokenizer: Any, limit: int | None = None, piece: int = PIECE_CHARS, overlap: int = SEAM_CHARS
+) -> list[int]:
+    """The ids `tokenizer(text)` gives (at least the first `limit`), tokenizing windows of about `piece` characters.
+
+    Windows are cut after a newline (else a space) and overlap by about `overlap` characters. Tokens within
+    `overlap // 4` characters of a cut may differ from one-piece tokenization (a word cut in two, a prefix
+    space); so the window's tokens are kept up to a seam inside the overlap where both windows hold the
+    same tokens at the same character offsets, through to the last trusted one, and the next window's
+    tokens from there on. Without such a seam the window grows by the next one and is tokenized again.
+    A tokenizer that gives no offsets (a slow one) tokenizes the text in one piece.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer([text], add_special_tokens=False)["input_ids"][0]
+    margin = max(1, overlap // 4)
+    out: list[int] = []
+    start, seam = 0, 0  # window start; tokens before `seam` are in `out`
+    end = _cut(text, piece, piece // 2)
+    tokens = _encode(tokenizer, text, start, end)
+    while end < len(text) and (limit is None or len(out) < limit):
+        after = _cut(text, end - overlap, end - overlap - overlap // 2)
+        after = max(after, start + 1)
+        after_end = _cut(text, after + piece, after + piece // 2)
+        following = _encode(tokenizer, text, after, after_end)
+        joint = _seam(tokens, following, max(after + margin, seam), end - margin)
+        if joint is None:  # no agreement: one longer window, tokenized again from `start`
+            end = after_end
+            tokens = [t for t in _encode(tokenizer, text, start, end) if t[0] >= seam]
+            continue
+        out.extend(t[2] for t in tokens if t[0] < joint)
+        tokens = [t for t in following if t[0] >= joint]
+        start, end, seam = after, after_end, joint
+    if end >= len(text):
+        out.extend(t[2] for t in tokens)
+    return out if limit is None else out[:limit]
+
+
+Token = tuple[int, int, int]  # (start, end) character offsets in the whole text, id
+
+
+def _encode(tokenizer: Any, text: str, start: int, end: int) -> list[Token]:
+    encoded = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+    spans = encoded["offset_mapping"]
+    return [(a + start, b + start, i) for i, (a, b) in zip(encoded["input_ids"], spans, strict=True)]
+
+
+def _seam(tokens: list[Token], following: list[Token], low: int, high: int) -> int | None:
+    """The first token start >= `low` in `following` where both windows hold the same tokens up to `high`."""
+    joint = next((t[0] for t in following if low <= t[0] < high), None)
+    if joint is None:
+        return None
+    mine = [t for t in tokens if joint <= t[0] < high]
+    theirs = [t for t in following if joint <= t[0] < high]
+    return joint if mine and mine == theirs else None
+
+
+def _cut(text: str, target: int, low: int) -> int:
+    """A cut near `target` (not before `low`): after the last newline, else the last space; the end of `text`."""
+    if target >= len(text):
+        return len(text)
+    low = max(low, 0)
+    for mark in ("\n", " "):
+        at = text.rfind(mark, low, target)
+        if at >= 0:
+            return at + 1
+    return target
 
 
 def warn_if_no_eos(tokenizer: Any) -> None:

@@ -22,12 +22,15 @@ skipped with a warning, and data with no example left is refused. Rows are right
 else EOS) to the longest example; labels are -100 on prompt and padding tokens.
 
 A malformed record is refused in one line naming the file and line: not JSON, not an object, a missing
-or non-string field, an empty response, a conversation without a final assistant turn.
+or non-string field, an empty response, a conversation without a final assistant turn. The file is read
+record by record and only until the run has its examples (later records are not read, nor checked); a
+line longer than the run can use (LINE_CHARS_PER_CHAR x 16 characters per --seq-len token, at least a
+million) and a file that is not a regular one (a device, a pipe) are refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,8 @@ import torch
 
 from moe_prune.artifacts.common import describe, json_type, parse_json, require_type
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.sources import SourceSpec
+from moe_prune.runtime.data import LINE_CHARS_PER_CHAR, LINE_FLOOR_CHARS, check_regular, text_lines
+from moe_prune.runtime.sources import CHARS_PER_TOKEN_BOUND, SourceSpec
 from moe_prune.training.batches import IGNORE, Sequences
 from moe_prune.training.text import Rows, is_mix, text_rows
 
@@ -51,29 +55,28 @@ class Record:
     turns: tuple[tuple[str, str], ...]
 
 
-def read_records(path: Path, fmt: str) -> list[Record]:
+def read_records(path: Path, fmt: str, limit: int | None = None) -> list[Record]:
     """Every record of a JSONL file in `fmt` ("chat" or "completion"), validated; refused in one line."""
-    records = []
-    for number, line in enumerate(_lines(path), 1):
+    records = list(iter_records(path, fmt, limit))
+    if not records:
+        raise MoePruneError(f"{path}: holds no records")
+    return records
+
+
+def iter_records(path: Path, fmt: str, limit: int | None = None) -> Iterator[Record]:
+    """The records of a JSONL file one by one, read as they are asked for; a line over `limit` characters
+    (or a file that is not a regular one: a device, a pipe) is refused in one line."""
+    if not path.is_file():
+        raise MoePruneError(f"{path}: not a file; --format chat|completion reads a local JSONL file")
+    check_regular(path)
+    for number, line in text_lines(path, limit):
         if not line.strip():
             continue
         where = f"{path}: line {number}"
         obj = parse_json(line, where, "the record")
         if not isinstance(obj, dict):
             raise MoePruneError(f"{where}: expected a JSON object, got {json_type(obj)}")
-        records.append(Record(where, _chat_turns(obj, where) if fmt == "chat" else _completion_turns(obj, where)))
-    if not records:
-        raise MoePruneError(f"{path}: holds no records")
-    return records
-
-
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise MoePruneError(f"{path}: not a file; --format chat|completion reads a local JSONL file")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise MoePruneError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from exc
+        yield Record(where, _chat_turns(obj, where) if fmt == "chat" else _completion_turns(obj, where))
 
 
 def _completion_turns(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
@@ -190,12 +193,11 @@ def load_examples(
     source: str, fmt: str, tokenizer: Any, seq_len: int, max_examples: int | None = None, eos: bool = True
 ) -> tuple[Sequences, list[str]]:
     """The first `max_examples` usable examples of `source` as padded rows, and warnings (truncation, skips)."""
-    records = read_records(Path(source).expanduser(), fmt)
+    limit = max(LINE_FLOOR_CHARS, LINE_CHARS_PER_CHAR * CHARS_PER_TOKEN_BOUND * seq_len)
     rows: list[tuple[list[int], list[int]]] = []
-    cut, skipped = 0, []
-    for record in records:
-        if max_examples is not None and len(rows) >= max_examples:
-            break
+    cut, skipped, seen = 0, [], 0
+    for record in iter_records(Path(source).expanduser(), fmt, limit):
+        seen += 1
         ids, labels = tokenize(*render(record, fmt, tokenizer), tokenizer, eos)
         cut += len(ids) > seq_len
         ids, labels = ids[:seq_len], labels[:seq_len]
@@ -203,6 +205,10 @@ def load_examples(
             skipped.append(record.where)
             continue
         rows.append((ids, labels))
+        if max_examples is not None and len(rows) >= max_examples:
+            break  # the rest of the file is not read
+    if not seen:
+        raise MoePruneError(f"{source}: holds no records")
     if not rows:
         raise MoePruneError(f"{source}: no example keeps a response token within --seq-len {seq_len}")
     warnings = []
