@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 from hostile import LOADERS, MODEL_READERS, Workspace, hostile
@@ -388,3 +389,52 @@ def _(ws: Workspace) -> None:
 
     (ws.model / "tokenizer.json").unlink()
     os.mkfifo(ws.model / "tokenizer.json")
+
+
+# Containment: every entry of the checkpoint tree, whatever its name, must lie inside the folder ---------
+
+
+def _outside(ws: Workspace, name: str, folder: bool = False) -> Path:
+    """A file (or a folder holding `name`) beside the model folder: bytes that are not the checkpoint's."""
+    place = ws.root / "elsewhere"
+    place.mkdir(exist_ok=True)
+    (place / name).write_text("{{ 'not the checkpoint' }}\n")
+    return place if folder else place / name
+
+
+@hostile("chat-template-links-outside", MODEL_READERS, "chat_template.jinja")
+def _(ws: Workspace) -> None:
+    (ws.model / "chat_template.jinja").symlink_to(_outside(ws, "template.jinja"))
+
+
+@hostile("chat-template-folder-links-outside", MODEL_READERS, "additional_chat_templates")
+def _(ws: Workspace) -> None:
+    """transformers 5 reads every `additional_chat_templates/*.jinja` as a named template."""
+    (ws.model / "additional_chat_templates").symlink_to(_outside(ws, "tool_use.jinja", folder=True))
+
+
+@hostile("chat-template-in-folder-links-outside", MODEL_READERS, "additional_chat_templates/tool_use.jinja")
+def _(ws: Workspace) -> None:
+    (ws.model / "additional_chat_templates").mkdir()
+    (ws.model / "additional_chat_templates" / "tool_use.jinja").symlink_to(_outside(ws, "tool_use.jinja"))
+
+
+@hostile("nested-unknown-file-links-outside", MODEL_READERS, "extras/deeper/notes.dat")
+def _(ws: Workspace) -> None:
+    """A name no loader reads today: refused all the same (tomorrow's loader may read it)."""
+    (ws.model / "extras" / "deeper").mkdir(parents=True)
+    (ws.model / "extras" / "deeper" / "notes.dat").symlink_to(_outside(ws, "notes.dat"))
+
+
+@hostile("nested-link-loop", MODEL_READERS, "extras/loop")
+def _(ws: Workspace) -> None:
+    (ws.model / "extras").mkdir()
+    (ws.model / "extras" / "loop").symlink_to("loop")
+
+
+@hostile("nested-fifo", MODEL_READERS, "additional_chat_templates/tool_use.jinja")
+def _(ws: Workspace) -> None:
+    import os
+
+    (ws.model / "additional_chat_templates").mkdir()
+    os.mkfifo(ws.model / "additional_chat_templates" / "tool_use.jinja")

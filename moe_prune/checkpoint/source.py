@@ -1,13 +1,19 @@
 """Open an input checkpoint (local folder or hub id): its config, tensors, manifest and identity.
 
 No file outside the checkpoint folder is ever read because the checkpoint says so: every shard the
-index names and every file a loader reads must resolve (after symbolic links) inside the folder, or,
-for a hub cache snapshot whose files are links into `../../blobs`, inside that repository's cache.
+index names, and every entry of the folder and of its subfolders, must resolve (after symbolic links)
+inside the folder, or, for a hub cache snapshot whose files are links into `../../blobs`, inside that
+repository's cache. The whole tree is checked, not a list of the names loaders read today:
+transformers, tokenizers and lm-eval open files by names that change between releases
+(`chat_template.jinja`, `additional_chat_templates/*.jinja` came with transformers 5), and
+`tests/test_containment.py` records what they open to hold this rule to it.
 """
 
 from __future__ import annotations
 
-import re
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,9 +31,6 @@ from moe_prune.runtime.hub import offline, quiet_hub_logs
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
-
-# Files transformers or moe-prune read from a checkpoint folder (config, index, tokenizer, code, manifest, weights).
-READ_FILES = re.compile(r".*\.(json|safetensors|py|model|tiktoken|jinja)|tokenizer.*|vocab\..*|merges\.txt|spiece.*")
 
 DEMO_ALIAS = "demo"  # names the shipped demo model wherever a model is asked for
 
@@ -89,28 +92,51 @@ class Checkpoint:
         except (OSError, RuntimeError):  # a symlink loop, an unreadable path
             return False
 
+    def entries(self) -> Iterator[Path]:
+        """Every entry of the folder and of its subfolders (symbolic links listed, not followed), depth first."""
+        pending = [self.folder]
+        while pending:
+            folder = pending.pop()
+            try:
+                with os.scandir(folder) as scan:
+                    found = sorted(scan, key=lambda entry: entry.name)
+            except OSError as exc:
+                raise MoePruneError(f"{folder}: cannot read ({exc.strerror})") from exc
+            for entry in found:
+                yield Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+
     def check_files_inside(self) -> None:
-        """Refuse a file that a loader reads and that lies outside the checkpoint (a link pointing elsewhere)."""
-        try:
-            entries = sorted(self.folder.iterdir())
-        except OSError as exc:
-            raise MoePruneError(f"{self.folder}: cannot read ({exc.strerror})") from None
-        for path in entries:
-            if not READ_FILES.fullmatch(path.name):
-                continue
+        """Refuse any entry of the tree that lies outside the checkpoint or that reading would hang on.
+
+        Any loader may open any of them (a tokenizer reads templates from a subfolder), so none is exempt.
+        """
+        for path in self.entries():
             if not self.inside(path):
                 raise MoePruneError(f"{path}: links outside the checkpoint folder; refusing to read it")
-            if path.exists() and not path.is_dir() and not path.is_file():  # reading would block or never end
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:  # a dangling link inside the folder: loaders fail to open it, one line each
+                continue
+            except OSError as exc:
+                raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from exc
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # reading a pipe or device blocks or never ends
                 raise MoePruneError(f"{path}: is not a regular file (a pipe, socket or device); refusing to read it")
 
     def side_files(self) -> tuple[list[Path], list[Path]]:
-        """(files of the folder to copy into an output, files skipped because they lie outside it)."""
+        """(files of the tree to copy into an output, entries skipped because they lie outside it).
+
+        Hidden folders (`.git`, `.cache` of `hf download`) are the tools' own, not the model's: not copied.
+        """
         kept, skipped = [], []
-        for path in sorted(self.folder.iterdir()):
-            if path.is_file():
-                (kept if self.inside(path) else skipped).append(path)
-            elif path.is_symlink():
+        for path in self.entries():
+            if any(part.startswith(".") for part in path.relative_to(self.folder).parts[:-1]):
+                continue
+            if not self.inside(path):
                 skipped.append(path)
+            elif path.is_file():
+                kept.append(path)
         return kept, skipped
 
     @cached_property

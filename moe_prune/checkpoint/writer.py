@@ -49,14 +49,16 @@ def write_weights(
 
 
 def copy_side_files(source: Path, folder: Path) -> None:
-    """Tokenizer, generation config, chat template, remote code...: everything that is not weights.
+    """Tokenizer, generation config, chat templates (subfolders too), remote code...: everything but weights.
 
     A side file that links outside the checkpoint is skipped with a warning: its bytes are not the checkpoint's.
     """
     kept, skipped = Checkpoint(source).side_files()
     for path in kept:
-        if path.name not in REWRITTEN and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(path, folder / path.name)
+        relative = path.relative_to(source)
+        if str(relative) not in REWRITTEN and not path.name.endswith(WEIGHT_SUFFIXES):
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, folder / relative)
     for path in skipped:
         warnings.warn(f"{path}: links outside the checkpoint folder; not copied", MoePruneWarning, stacklevel=2)
 
