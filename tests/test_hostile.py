@@ -14,6 +14,7 @@ import hostile_checkpoint  # noqa: F401
 import hostile_code  # noqa: F401
 import hostile_data  # noqa: F401
 import hostile_parsing  # noqa: F401
+import hostile_tasks  # noqa: F401
 import pytest
 from hostile import CASES, COMMANDS, fresh_workspace, snapshot
 from typer.testing import CliRunner

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 
 import pytest
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval")
+
+from hostile_tasks import TASK, TASK_CODE, base_yaml
 
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
@@ -54,10 +57,10 @@ def docs(task: str, limit: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def independent_predictions(task: str, delimiter: str, limit: int) -> list[int]:
+def independent_predictions(task: str, delimiter: str, limit: int, folder=DEMO_MODEL_DIR) -> list[int]:
     """argmax over choices of Σ log p(continuation token | context, earlier continuation tokens), stock transformers."""
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     predictions = []
     for doc in docs(task, limit):
         context = tokenizer(doc["context"]).input_ids
@@ -208,13 +211,10 @@ def test_profile_on_a_task_uses_its_training_documents(tmp_path):
 def test_profile_refuses_to_calibrate_on_the_evaluated_split(tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()
+    # Including a shipped YAML is allowed without --trust-remote-code: its `!function` is moe-prune's own.
     (folder / "only_test.yaml").write_text(
-        (stage.DEMO_TASKS_DIR / "demo_arithmetic.yaml")
-        .read_text()
-        .replace("task: demo_arithmetic", "task: only_test")
-        .replace("training_split: train\n", "")
-        .replace("fewshot_split: train\n", "")
-        .replace("!function utils.load", f"!function {stage.DEMO_TASKS_DIR}/utils.load")
+        f"include: {stage.DEMO_TASKS_DIR / 'demo_arithmetic.yaml'}\ntask: only_test\n"
+        "training_split: null\nfewshot_split: null\n"
     )
     out = tmp_path / "s.npz"
     argv = ["profile", "--task", "only_test", "--include-path", str(folder), "--seq-len", "64", "--out", str(out)]
@@ -222,3 +222,91 @@ def test_profile_refuses_to_calibrate_on_the_evaluated_split(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "only_test" in lines[0] and "evaluates" in lines[0]
     assert not out.exists()
+
+
+# -- a tokenizer without BOS/EOS -----------------------------------------------------------------------------
+
+
+def test_tokenizer_without_bos_or_eos_scores_like_stock_transformers(tmp_path):
+    """lm-eval's prefix and end-of-text tokens come from config.json when the tokenizer names none."""
+    copy = tmp_path / "nobos"
+    shutil.copytree(DEMO_MODEL_DIR, copy)
+    path = copy / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    del config["bos_token"], config["eos_token"]
+    path.write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(copy)
+    assert tokenizer.bos_token_id is None and tokenizer.eos_token_id is None
+    limit = 20
+    out = eval_json([str(copy), "--tasks", "demo_arithmetic,demo_arithmetic_gen", "--limit", str(limit)])
+    predicted = independent_predictions("demo_arithmetic", " ", limit, copy)
+    gold = [d["gold"] for d in docs("demo_arithmetic", limit)]
+    expected = sum(p == g for p, g in zip(predicted, gold, strict=True)) / limit
+    assert out["tasks"]["model"]["results"]["demo_arithmetic"]["acc,none"] == pytest.approx(expected)
+    assert "exact_match,strip" in out["tasks"]["model"]["results"]["demo_arithmetic_gen"]
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((copy / name).read_text())
+        config.update(bos_token_id=None, eos_token_id=None)  # null, not absent: the class has defaults
+        (copy / name).write_text(json.dumps(config))
+    refused([str(copy), "--tasks", "demo_arithmetic", "--limit", "2"], "neither the tokenizer nor config.json")
+
+
+# -- task folders are code: refused without --trust-remote-code ----------------------------------------------
+
+
+@pytest.mark.parametrize("construct", sorted(TASK_CODE))
+def test_task_folder_code_runs_only_with_trust_remote_code(tmp_path, construct):
+    """The hostile task folders of tests/hostile_tasks.py: refused in one line, and their code really runs
+    when trusted (so the refusal is what keeps the marker away)."""
+    folder, marker = tmp_path / "tasks", tmp_path / "ran"
+    folder.mkdir()
+    TASK_CODE[construct](folder, marker)
+    argv = ["--tasks", TASK, "--include-path", str(folder), "--limit", "2", "--no-perplexity"]
+    refused(argv, f"{folder / TASK}.yaml")
+    assert not marker.exists()
+    runner.invoke(app, ["eval", *argv, "--trust-remote-code"])
+    assert marker.exists()
+
+
+def test_profile_task_runs_task_folder_code_only_with_trust_remote_code(tmp_path):
+    folder, marker, out = tmp_path / "tasks", tmp_path / "ran", tmp_path / "s.npz"
+    folder.mkdir()
+    TASK_CODE["function"](folder, marker)
+    argv = ["profile", "--task", TASK, "--include-path", str(folder), "--seq-len", "32", "--out", str(out)]
+    result = runner.invoke(app, argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "!function" in lines[0], result.stderr
+    assert not marker.exists() and not out.exists()
+    result = runner.invoke(app, [*argv, "--trust-remote-code"])
+    assert result.exit_code == 0, result.stderr
+    assert marker.exists() and out.exists()
+
+
+def test_code_free_task_folder_scores_like_the_demo_task(tmp_path):
+    """The same documents as a JSON-files task with plain templates (no code, no flag): same accuracy."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "plain.yaml").write_text(base_yaml("plain"))
+    limit = 12
+    out = eval_json(["--tasks", "plain,demo_arithmetic", "--include-path", str(folder), "--limit", str(limit)])
+    results = out["tasks"]["model"]["results"]
+    assert results["plain"]["acc,none"] == pytest.approx(results["demo_arithmetic"]["acc,none"])
+    predicted = independent_predictions("demo_arithmetic", " ", limit)
+    gold = [d["gold"] for d in docs("demo_arithmetic", limit)]
+    assert results["plain"]["acc,none"] == pytest.approx(
+        sum(p == g for p, g in zip(predicted, gold, strict=True)) / limit
+    )
+
+
+def test_sandbox_keeps_loops_and_filters_and_refuses_mutation(tmp_path):
+    """lm-eval's ordinary template features render in the sandbox; mutating a document does not."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    fancy = (
+        "{% for c in choices %}{{ loop.index }}={{ c | trim }};{% endfor %}{{ context | regex_replace('=', ' = ') }}"
+    )
+    (folder / "fancy.yaml").write_text(base_yaml("fancy").replace('"{{context}}"', f'"{fancy}"'))
+    out = eval_json(["--tasks", "fancy", "--include-path", str(folder), "--limit", "2"])
+    assert 0 <= out["tasks"]["model"]["results"]["fancy"]["acc,none"] <= 1
+    (folder / "fancy.yaml").write_text(base_yaml("fancy").replace('"{{context}}"', '"{{ choices.append(1) }}"'))
+    refused(["--tasks", "fancy", "--include-path", str(folder), "--limit", "2"], "sandbox")

@@ -252,7 +252,9 @@ def _reader(settings: Settings) -> Callable[[SourceSpec, int], SourceData]:
 
     def read(spec: SourceSpec, max_chars: int) -> SourceData:
         if spec.source.startswith(TASK_PREFIX):
-            texts, split = calibration_texts(spec.source[len(TASK_PREFIX) :], settings.include_path)
+            texts, split = calibration_texts(
+                spec.source[len(TASK_PREFIX) :], settings.include_path, settings.trust_remote_code
+            )
             return SourceData(spec, list(texts), split)
         return read_source(spec, max_chars, settings.text_field, settings.split, settings.split_on)
 

@@ -154,23 +154,163 @@ def _import_lm_eval() -> None:
         import lm_eval.models.huggingface  # noqa: F401
 
 
-def check_task_yamls(folder: Path) -> None:
-    """Refuse a malformed task YAML under --include-path (lm-eval's index skips them without a word)."""
-    import yaml
+def check_task_yamls(folder: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a malformed task YAML under --include-path (lm-eval's index skips them without a word) and,
+    without --trust-remote-code, every construct through which a task folder runs code (see `_task_code`).
 
-    class AnyTag(yaml.SafeLoader):
-        """Accepts lm-eval's `!function` (and any other) tags: only the structure is checked here."""
-
-    AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+    A task folder is code like a checkpoint's: `!function` imports Python, `include:` pulls in another
+    YAML's functions, and a metric lm-eval does not register is loaded by HF `evaluate` as a script.
+    """
+    root = folder.resolve()
     for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
-        try:
-            config = yaml.load(path.read_text(encoding="utf-8"), Loader=AnyTag)
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where is not None else ""
-            raise MoePruneError(f"{path}: malformed task YAML{line}") from None
+        config = _read_task_yaml(path)
         if not isinstance(config, dict) or not {"task", "group", "tag", "include"} & set(config):
             raise MoePruneError(f"{path}: not an lm-eval task YAML (no task, group, tag or include key)")
+        if not trust_remote_code:
+            _refuse_task_code(path, root, set())
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """A `!tag value` node of a task YAML (lm-eval's `!function`), kept to be named in the refusal."""
+
+    tag: str
+    value: str
+
+
+@functools.cache
+def _tagged_loader() -> Any:
+    """PyYAML's safe loader, plus every `!tag` read as `Tagged` instead of imported."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tagged(loader: Any, suffix: str, node: Any) -> Tagged:
+        value = loader.construct_scalar(node) if isinstance(node, yaml.ScalarNode) else "..."
+        return Tagged(f"!{suffix}", str(value))
+
+    Loader.add_multi_constructor("!", tagged)
+    return Loader
+
+
+def _read_task_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_tagged_loader())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise MoePruneError(f"{path}: malformed task YAML{line}") from exc
+
+
+TRUST_HINT = "a task folder is code like a checkpoint's: pass --trust-remote-code only for task folders you trust"
+
+
+def _refuse_task_code(path: Path, root: Path, seen: set[Path]) -> None:
+    """One line naming `path` and the first construct of it (or of a YAML it includes) that would run code."""
+    if path.resolve() in seen:
+        return
+    seen.add(path.resolve())
+    config = _read_task_yaml(path)
+    for where, value in _walk(config, ""):
+        construct = _task_code(where, value)
+        if construct:
+            raise MoePruneError(f"{path}: {construct}; {TRUST_HINT}")
+    for where, value in _walk(config, ""):
+        if where.rpartition(".")[2] != "include":
+            continue
+        for include in value if isinstance(value, list) else [value]:
+            target = (path.resolve().parent / str(include)).resolve()
+            if _shipped(target):
+                continue  # lm-eval's or moe-prune's own task YAMLs: their code ships with the package
+            if not target.is_relative_to(root):
+                raise MoePruneError(f"{path}: `include: {include}` points outside --include-path; {TRUST_HINT}")
+            _refuse_task_code(target, root, seen)
+
+
+def _walk(value: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every node of a parsed YAML, depth first."""
+    yield where, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk(item, f"{where}[{index}]")
+
+
+def _task_code(where: str, value: Any) -> str | None:
+    """What in one YAML node runs code outside lm-eval's and moe-prune's own, or None."""
+    key = where.rpartition(".")[2]
+    if isinstance(value, Tagged):
+        return f"`{where}: {value.tag} {value.value}` runs Python from the task folder"
+    if key == "metric" and isinstance(value, str) and value not in _registered_metrics():
+        return f"`{where}: {value}` is not an lm-eval metric (HF evaluate would load it as a script)"
+    if key == "hf_evaluate" and value:
+        return f"`{where}: {value}` loads the metric through HF evaluate (a script)"
+    if key == "dataset_path" and isinstance(value, str) and _loader_script(value):
+        return f"`{where}: {value}` is a python dataset loader script"
+    return None
+
+
+def _registered_metrics() -> set[str]:
+    import lm_eval.api.metrics  # noqa: F401  (fills the registry)
+    from lm_eval.api.registry import metric_registry
+
+    return set(metric_registry.keys())
+
+
+def _loader_script(dataset_path: str) -> bool:
+    path = Path(dataset_path).expanduser()
+    return path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py")))
+
+
+def _shipped(path: Path) -> bool:
+    """Whether a YAML belongs to the demo suite or to lm-eval's own tasks (trusted like the packages)."""
+    import lm_eval.tasks
+
+    shipped = (DEMO_TASKS_DIR.resolve(), Path(lm_eval.tasks.__file__).resolve().parent)
+    return any(path.is_relative_to(folder) for folder in shipped)
+
+
+@contextlib.contextmanager
+def sandboxed_templates(trust_remote_code: bool) -> Iterator[None]:
+    """lm-eval renders every task's Jinja template in jinja2's immutable sandbox unless code is trusted.
+
+    lm-eval 0.4.13 renders `doc_to_text` & co. with a plain `jinja2.Environment`, where a template reaches
+    Python's object graph (`''.__class__.__mro__[1].__subclasses__()`) and from there `os`. The sandbox
+    keeps field substitution, filters, loops and conditions, and refuses private attributes, unsafe calls
+    and mutation; a refusal surfaces as `jinja2.exceptions.SecurityError` (`template_refusal` words it).
+    """
+    if trust_remote_code:
+        yield
+        return
+    import lm_eval.utils
+    from jinja2 import BaseLoader, StrictUndefined
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    original = lm_eval.utils.env
+    sandbox = ImmutableSandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
+    for name, fn in original.filters.items():
+        sandbox.filters.setdefault(name, fn)
+    with _patched(lm_eval.utils, "env", sandbox):
+        try:
+            yield
+        except SecurityError as exc:
+            raise template_refusal(exc) from exc
+
+
+def template_refusal(exc: Exception, task: str | None = None, yaml_path: Any = None) -> MoePruneError:
+    """The one line for a task template the sandbox refused, naming the task and its YAML when known."""
+    which = f"task {task!r}" if task else "a task"
+    where = f"{yaml_path}: " if yaml_path else ""
+    return MoePruneError(
+        f"{where}{which}: its Jinja template does what the sandbox forbids ({str(exc).rstrip('.')}); task "
+        "templates render in jinja2's sandbox unless --trust-remote-code"
+    )
 
 
 def task_manager(names: list[str], include_path: Path | None) -> Any:
@@ -190,12 +330,21 @@ def task_manager(names: list[str], include_path: Path | None) -> Any:
 
 
 def check_tasks(manager: Any, names: list[str]) -> None:
-    """Build each task once (this reads its data) so a failure names the task, offline data in particular."""
+    """Build each task once (this reads its data) and render its first document, so a failure names the
+    task: offline data, a template the sandbox refuses."""
+    from jinja2.exceptions import SecurityError
+
     for name in names:
+        rendering = name  # the task whose template runs (a group's subtask once built)
         try:
-            manager.load([name])
+            for task in manager.load([name])["tasks"].values():
+                rendering = getattr(getattr(task, "config", None), "task", None) or name
+                _render_first(task)
         except MoePruneError:
             raise
+        except SecurityError as exc:
+            entry = manager.task_index.get(rendering) or manager.task_index.get(name)
+            raise template_refusal(exc, rendering, getattr(entry, "yaml_path", None)) from exc
         except Exception as exc:
             chain = [exc, exc.__cause__, exc.__context__]
             if any(type(e).__name__ in _OFFLINE_ERRORS for e in chain if e is not None):
@@ -205,7 +354,42 @@ def check_tasks(manager: Any, names: list[str]) -> None:
             raise MoePruneError(f"task {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from None
 
 
-def _reporting_lm(model: Any, tokenizer: Any, batch_size: int, label: str, progress: TaskProgressFn) -> Any:
+def _render_first(task: Any) -> None:
+    """Render the first evaluated document of a built task (a group's subtasks are not Tasks: skipped)."""
+    docs = getattr(task, "eval_docs", None)
+    if docs is None or not hasattr(task, "doc_to_text"):
+        return
+    first = next(iter(docs), None)
+    if first is not None:
+        _rendered(task, first)
+
+
+def special_token_ids(model: Any, tokenizer: Any, folder: Path) -> tuple[int, int]:
+    """(prefix, end-of-text) token ids for lm-eval: HFLM's own rule (prefix BOS else EOS, end EOS) on the
+    tokenizer, then on the model's config when the tokenizer names neither (a crash inside lm-eval before).
+
+    The config's ids are the ones the model was trained with; with none anywhere the model is refused.
+    """
+    sources = (tokenizer, model.config, getattr(model, "generation_config", None))
+
+    def ids(name: str) -> list[int]:
+        found = [getattr(source, f"{name}_token_id", None) for source in sources]
+        found = [value[0] if isinstance(value, (list, tuple)) and value else value for value in found]
+        return [value for value in found if isinstance(value, int)]
+
+    bos, eos = ids("bos"), ids("eos")
+    prefix = [value for value in (tokenizer.bos_token_id, tokenizer.eos_token_id, *bos, *eos) if value is not None]
+    if not prefix:
+        raise MoePruneError(
+            f"{folder}: neither the tokenizer nor config.json names a BOS or EOS token; lm-eval needs one to "
+            "score a context's first token"
+        )
+    return prefix[0], (eos or prefix)[0]
+
+
+def _reporting_lm(
+    model: Any, tokenizer: Any, batch_size: int, label: str, progress: TaskProgressFn, folder: Path
+) -> Any:
     """HFLM over moe-prune's loaded model that reports each finished request to `progress`."""
     from lm_eval.api.model import CacheHook
     from lm_eval.models.huggingface import HFLM
@@ -222,7 +406,13 @@ def _reporting_lm(model: Any, tokenizer: Any, batch_size: int, label: str, progr
             state["done"] = min(state["done"] + 1, state["total"])
             progress(label, state["done"], state["total"], state["kind"])
 
+    prefix, end = special_token_ids(model, tokenizer, folder)
+
     class ReportingHFLM(HFLM):
+        @property
+        def eot_token_id(self) -> int:
+            return end
+
         def _start(self, kind: str, total: int) -> None:
             state.update(done=0, total=total, kind=kind)
             progress(label, 0, total, kind)
@@ -235,7 +425,7 @@ def _reporting_lm(model: Any, tokenizer: Any, batch_size: int, label: str, progr
             self._start("generate_until", len(requests))
             return super().generate_until(requests, disable_tqdm=True)
 
-    lm = ReportingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = ReportingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix)
     lm.set_cache_hook(Hook())
     return lm
 
@@ -251,19 +441,20 @@ def evaluate_tasks(
     ckpt = opened(folder)  # headers read and validated once for the tokenizer and the model
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
-    lm = _reporting_lm(model, tokenizer, settings.batch_size, label, progress)
+    lm = _reporting_lm(model, tokenizer, settings.batch_size, label, progress, ckpt.folder)
     seeds = {"random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed}
-    out = simple_evaluate(
-        lm,
-        tasks=list(settings.tasks),
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        task_manager=manager,
-        log_samples=True,
-        bootstrap_iters=1000,
-        fewshot_random_seed=settings.seed,
-        **seeds,
-    )
+    with sandboxed_templates(settings.trust_remote_code):
+        out = simple_evaluate(
+            lm,
+            tasks=list(settings.tasks),
+            num_fewshot=settings.num_fewshot,
+            limit=settings.limit,
+            task_manager=manager,
+            log_samples=True,
+            bootstrap_iters=1000,
+            fewshot_random_seed=settings.seed,
+            **seeds,
+        )
     config = plain(out.get("config", {}))
     config.update(
         model=name,
@@ -332,9 +523,10 @@ def prepare(settings: TaskSettings) -> Any:
     _import_lm_eval()
     with quiet_lm_eval():
         if settings.include_path is not None:
-            check_task_yamls(settings.include_path)
+            check_task_yamls(settings.include_path, settings.trust_remote_code)
         manager = task_manager(settings.tasks, settings.include_path)
-        check_tasks(manager, settings.tasks)
+        with sandboxed_templates(settings.trust_remote_code):
+            check_tasks(manager, settings.tasks)
     return manager
 
 
@@ -385,7 +577,9 @@ def write_samples(result: TasksResult, path: Path, force: bool = False, protect:
 TASK_PREFIX = "task:"  # `--data task:NAME` (or `profile --task NAME`): a task's own documents as calibration text
 
 
-def calibration_texts(name: str, include_path: Path | None = None) -> tuple[list[str], str]:
+def calibration_texts(
+    name: str, include_path: Path | None = None, trust_remote_code: bool = False
+) -> tuple[list[str], str]:
     """(documents of task `name` as lm-eval renders them, the split they come from), for task-aware profiling.
 
     UNCURL and SEER-MoE prune for a task with statistics of that task's data. Each document is its prompt,
@@ -394,7 +588,10 @@ def calibration_texts(name: str, include_path: Path | None = None) -> tuple[list
     tune the model to its own test set).
     """
     require_lm_eval()
-    with quiet_lm_eval():
+    _import_lm_eval()
+    with quiet_lm_eval(), sandboxed_templates(trust_remote_code):
+        if include_path is not None:
+            check_task_yamls(include_path, trust_remote_code)
         task = _load_one(task_manager([name], include_path), name)
         config = task.config
         evaluated = config.test_split or config.validation_split
