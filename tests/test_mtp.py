@@ -1,10 +1,14 @@
 """Multi-token-prediction (MTP) layers survive `prune` and `merge`, or leave with `--drop-mtp`.
 
-The tiny checkpoints get MTP tensors in the on-disk layout of their family: DeepSeek-V3 and GLM-4.5
-keep MTP layer 0 as decoder layer `num_hidden_layers` (`model.layers.61.*` in DeepSeek-V3) with
-`enorm`, `hnorm`, `eh_proj`, `shared_head.*` and `embed_tokens` beside a full decoder layer;
-Qwen3-Next keeps `mtp.layers.0.*` beside `mtp.fc`, `mtp.pre_fc_norm_*` and `mtp.norm`. The MTP
-layer's decoder part is a copy of the last decoder layer, so after any edit its MoE tensors must be
+Every family whose transformers CausalLM names MTP keys in `_keys_to_ignore_on_load_unexpected` is built
+tiny (its config class, `from_config`, `save_pretrained`), then gets MTP tensors in the on-disk layout those
+keys describe: DeepSeek-V3, GLM-4.5 and the other decoder-numbered families keep MTP layer 0 as decoder
+layer `num_hidden_layers` (`model.layers.61.*` in DeepSeek-V3) with `enorm`, `hnorm`, `eh_proj`,
+`shared_head.*` and `embed_tokens` beside a full decoder layer; Qwen3-Next, Qwen3.5, Mellum and EXAONE-MoE
+keep `mtp.layers.0.*` beside `mtp.fc`, `mtp.pre_fc_norm_*` and `mtp.norm`; HunYuan-V4, MiMo-V2-Flash and
+MiniMax-M3 keep layer 0 under `model.mtp_layers.0.`, `model.mtp.layers.0.` and `mtp.layers.0.`; ERNIE 4.5
+keeps `model.mtp_block.0.*` beside `model.mtp_emb_norm.0`, `model.mtp_hidden_norm.0`, `model.mtp_linear_proj.0`.
+The MTP layer's decoder part is a copy of the last decoder layer, so after any edit its MoE tensors must be
 byte-equal to that layer's.
 """
 
@@ -20,8 +24,11 @@ from safetensors.torch import load_file, save_file
 from test_adapters import random_keep
 from test_merge import synthetic_stats
 from test_prune import all_tensors, write_mask
+from tiny_models import TINY
 from typer.testing import CliRunner
 
+from moe_prune.architectures.mtp import DECODER_NUMBERING, MTP_FAMILIES, mtp_family
+from moe_prune.architectures.table import REFUSED
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
@@ -30,9 +37,9 @@ from moe_prune.errors import MoePruneError
 from moe_prune.stages import merge, prune
 
 runner = CliRunner()
-H, V = 32, 128  # tiny_models.COMMON hidden size and vocabulary
+H, V = 32, 128  # hidden size and vocabulary of tiny_models.COMMON and of derive.shrink_config
 
-# family -> (config key of the MTP count, prefix of MTP layer 0 in a 3-layer model, extra tensors and shapes)
+# Per-layer extras of DeepSeek-style MTP layers (inside the layer's prefix).
 NEXTN_EXTRAS = {
     "enorm.weight": (H,),
     "hnorm.weight": (H,),
@@ -41,37 +48,76 @@ NEXTN_EXTRAS = {
     "shared_head.head.weight": (V, H),
     "embed_tokens.weight": (V, H),
 }
-LAYOUTS = {
-    "deepseek_v3": (
-        "num_nextn_predict_layers",
-        "model.layers.3.",
-        {f"model.layers.3.{k}": s for k, s in NEXTN_EXTRAS.items()},
-    ),
-    "glm4_moe": (
-        "num_nextn_predict_layers",
-        "model.layers.3.",
-        {f"model.layers.3.{k}": s for k, s in NEXTN_EXTRAS.items()},
-    ),
-    "qwen3_next": (
-        "mtp_num_hidden_layers",
-        "mtp.layers.0.",
-        {
-            "mtp.fc.weight": (H, 2 * H),
-            "mtp.pre_fc_norm_embedding.weight": (H,),
-            "mtp.pre_fc_norm_hidden.weight": (H,),
-            "mtp.norm.weight": (H,),
-        },
-    ),
+QWEN_EXTRAS = {
+    "mtp.fc.weight": (H, 2 * H),
+    "mtp.pre_fc_norm_embedding.weight": (H,),
+    "mtp.pre_fc_norm_hidden.weight": (H,),
+    "mtp.norm.weight": (H,),
 }
-FAMILIES = list(LAYOUTS)
+ERNIE_EXTRAS = {
+    "model.mtp_emb_norm.0.weight": (H,),
+    "model.mtp_hidden_norm.0.weight": (H,),
+    "model.mtp_linear_proj.0.weight": (H, 2 * H),
+}
+# family -> (prefix of MTP layer 0, or None for decoder numbering; extra tensors outside it and their shapes)
+PLACES: dict[str, tuple[str | None, dict]] = {
+    **dict.fromkeys(
+        ("deepseek_v3", "glm4_moe", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "hy_v3", "bailing_hybrid"),
+        (None, {}),
+    ),
+    **dict.fromkeys(("qwen3_next", "qwen3_5_moe_text", "mellum", "exaone_moe"), ("mtp.layers.0.", QWEN_EXTRAS)),
+    "hy_v4": ("model.mtp_layers.0.", {}),
+    "mimo_v2_flash": ("model.mtp.layers.0.", {}),
+    "minimax_m3_vl_text": ("mtp.layers.0.", {}),
+    "ernie4_5_moe": ("model.mtp_block.0.", ERNIE_EXTRAS),
+    "dots3_note_text": (None, {"model.mtp.norm.weight": (H,)}),  # decoder numbering and an mtp subtree
+    "qwen4_exp_text": ("mtp.layers.0.", QWEN_EXTRAS),
+}
+FAMILIES = [t for t in PLACES if t not in REFUSED]
+_BUILT: dict[str, object] = {}
 
 
-def with_mtp(tiny_factory, model_type: str, tmp_path):
+@pytest.fixture(scope="module")
+def family_factory(tiny_factory, tmp_path_factory):
+    """`family_factory(model_type)` -> a tiny model's folder: tiny_models.py's config, else class defaults shrunk."""
+
+    def make(model_type: str):
+        if model_type in TINY:
+            return tiny_factory(model_type)[0]
+        if model_type not in _BUILT:
+            from transformers import AutoModelForCausalLM
+
+            from moe_prune.architectures.derive import shrink_config
+
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(shrink_config(model_type))
+            with torch.no_grad():  # default init is tiny; make experts and routers matter
+                for name, param in model.named_parameters():
+                    if any(part in name for part in ("experts", "router", "gate")):
+                        param.normal_(0.0, 0.3)
+            folder = tmp_path_factory.mktemp(model_type) / "model"
+            model.save_pretrained(folder)
+            _BUILT[model_type] = folder
+        return _BUILT[model_type]
+
+    return make
+
+
+def layout_of(model_type: str, folder) -> tuple[str, str, dict]:
+    """(config key of the MTP count, prefix of MTP layer 0, every MTP tensor outside the copied layer: shape)."""
+    own, extras = PLACES[model_type]
+    prefix = own or f"model.layers.{Checkpoint.open(folder).config.num_layers}."
+    if own is None or not extras:  # DeepSeek-style extras inside the layer
+        extras = {**extras, **{prefix + k: s for k, s in NEXTN_EXTRAS.items()}}
+    return mtp_family(model_type).count_key, prefix, extras
+
+
+def with_mtp(factory, model_type: str, tmp_path):
     """(tiny model copy WITH one MTP layer, the model's folder without, MTP prefix, last MoE layer's prefix)."""
-    plain, _ = tiny_factory(model_type)
+    plain = factory(model_type)
     folder = tmp_path / f"{model_type}-mtp"
     shutil.copytree(plain, folder)
-    key, prefix, extras = LAYOUTS[model_type]
+    key, prefix, extras = layout_of(model_type, plain)
     config = json.loads((folder / "config.json").read_text())
     config[key] = 1
     (folder / "config.json").write_text(json.dumps(config))
@@ -86,14 +132,19 @@ def with_mtp(tiny_factory, model_type: str, tmp_path):
     return folder, plain, prefix, last
 
 
-def mtp_names(tensors: dict, prefix: str, model_type: str) -> set[str]:
-    extras = set(LAYOUTS[model_type][2])
+def mtp_names(tensors: dict, folder, model_type: str) -> set[str]:
+    """The MTP tensors among `tensors` (`folder`: the model without MTP, for the layer count)."""
+    _, prefix, extras = layout_of(model_type, folder)
     return {n for n in tensors if n.startswith(prefix) or n in extras}
 
 
 def experts_of(tensors: dict, prefix: str) -> set[int]:
+    """Expert ids under `prefix`: per-expert keys, else the leading axis of fused expert tensors."""
     pattern = re.compile(re.escape(prefix) + r"mlp\.experts\.(\d+)\.")
-    return {int(m[1]) for name in tensors if (m := pattern.match(name))}
+    ids = {int(m[1]) for name in tensors if (m := pattern.match(name))}
+    fused = {t.shape[0] for name, t in tensors.items() if name.startswith(prefix + "mlp.experts.") and t.dim() == 3}
+    assert not (ids and fused) and len(fused) <= 1, fused
+    return ids or set(range(fused.pop() if fused else 0))
 
 
 def assert_mirrors_last_layer(out: dict, prefix: str, last: str) -> None:
@@ -114,8 +165,8 @@ def stock_logits(folder) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_prune_gives_mtp_the_last_layers_experts(model_type, tiny_factory, tmp_path):
-    folder, plain, prefix, last = with_mtp(tiny_factory, model_type, tmp_path)
+def test_prune_gives_mtp_the_last_layers_experts(model_type, family_factory, tmp_path):
+    folder, plain, prefix, last = with_mtp(family_factory, model_type, tmp_path)
     ckpt = Checkpoint.open(folder)
     assert ckpt.identity.moe_layers == Checkpoint.open(plain).identity.moe_layers  # MTP is no decoder MoE layer
     keep = random_keep(ckpt, 4, seed=1)
@@ -129,30 +180,32 @@ def test_prune_gives_mtp_the_last_layers_experts(model_type, tiny_factory, tmp_p
     assert_mirrors_last_layer(out, prefix, last)
     layer = ckpt.config.moe_layers[-1]
     rows = sorted(keep[layer])  # original ids are the input's slots
-    for rest in ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"):
-        if prefix + rest in src:
-            assert out[prefix + rest].shape[0] == 4
-            assert torch.equal(out[prefix + rest], src[prefix + rest][rows])
-    for name in LAYOUTS[model_type][2]:
+    adapter = ckpt.config.adapter
+    assert out[prefix + adapter.router].shape[0] == 4
+    assert torch.equal(out[prefix + adapter.router], src[prefix + adapter.router][rows])
+    if adapter.selection_bias and prefix + adapter.selection_bias in src:
+        assert torch.equal(out[prefix + adapter.selection_bias], src[prefix + adapter.selection_bias][..., rows])
+    for name in layout_of(model_type, plain)[2]:
         assert torch.equal(out[name], src[name]), name
-    rest = {n: t for n, t in out.items() if n not in mtp_names(out, prefix, model_type)}
+    rest = {n: t for n, t in out.items() if n not in mtp_names(out, plain, model_type)}
     assert rest.keys() == reference.keys() and all(torch.equal(t, reference[n]) for n, t in rest.items())
-    assert torch.equal(stock_logits(tmp_path / "out"), stock_logits(tmp_path / "plain"))
+    assert torch.equal(stock_logits(tmp_path / "out"), stock_logits(tmp_path / "plain"))  # transformers skips MTP
 
     manifest = json.loads((tmp_path / "out" / "moe_prune.json").read_text())
     assert manifest["mtp"] == {"layers": {"0": {"prefix": prefix, "follows": layer, "slots": rows}}, "dropped": 0}
     assert result.mtp == [f"multi-token-prediction layer {prefix}: experts of layer {layer} kept"]
-    assert json.loads((tmp_path / "out" / "config.json").read_text())[LAYOUTS[model_type][0]] == 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[mtp_family(model_type).count_key] == 1
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_merge_applies_the_last_layers_plan_to_mtp(model_type, tiny_factory, tmp_path):
-    folder, _, prefix, last = with_mtp(tiny_factory, model_type, tmp_path)
+def test_merge_applies_the_last_layers_plan_to_mtp(model_type, family_factory, tmp_path):
+    folder, _, prefix, last = with_mtp(family_factory, model_type, tmp_path)
     ckpt = Checkpoint.open(folder)
     result = merge.run(folder, synthetic_stats(ckpt), tmp_path / "out", 4)
     out = all_tensors(tmp_path / "out")
     merged = Checkpoint.open(tmp_path / "out")
     assert merged.config.num_experts == 4 and experts_of(out, prefix) == set(range(4))
+    assert out[prefix + ckpt.config.adapter.router].shape[0] == 4
     assert_mirrors_last_layer(out, prefix, last)
     layer = ckpt.config.moe_layers[-1]
     report = next(r for r in result.layers if r.layer == layer)
@@ -164,9 +217,9 @@ def test_merge_applies_the_last_layers_plan_to_mtp(model_type, tiny_factory, tmp
     assert record.slots == manifest.slots[layer] and record.members == manifest.merged[layer]
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen3_next"])
-def test_drop_mtp_removes_every_mtp_tensor(model_type, tiny_factory, tmp_path):
-    folder, plain, prefix, _ = with_mtp(tiny_factory, model_type, tmp_path)
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_drop_mtp_removes_every_mtp_tensor(model_type, family_factory, tmp_path):
+    folder, plain, _, _ = with_mtp(family_factory, model_type, tmp_path)
     ckpt = Checkpoint.open(folder)
     keep = random_keep(ckpt, 4, seed=2)
     args = ["prune", str(folder), "--mask", write_mask(tmp_path / "mask.json", ckpt, keep)]
@@ -175,33 +228,38 @@ def test_drop_mtp_removes_every_mtp_tensor(model_type, tiny_factory, tmp_path):
     assert "--drop-mtp: removed 1 multi-token-prediction layer(s)" in result.output
     prune.run(plain, DropMask.create(Checkpoint.open(plain).identity, keep, "test"), tmp_path / "plain")
     out, reference = all_tensors(tmp_path / "out"), all_tensors(tmp_path / "plain")
-    assert not mtp_names(out, prefix, model_type) and out.keys() == reference.keys()
-    key = LAYOUTS[model_type][0]
+    src = all_tensors(folder)
+    assert len(mtp_names(src, plain, model_type)) == len(src) - len(all_tensors(plain))  # the names cover all MTP
+    assert not mtp_names(out, plain, model_type) and out.keys() == reference.keys()
+    key = mtp_family(model_type).count_key
     assert json.loads((tmp_path / "out" / "config.json").read_text())[key] == 0
     assert json.loads((tmp_path / "out" / "moe_prune.json").read_text())["mtp"] == {"layers": {}, "dropped": 1}
 
     merge.run(folder, synthetic_stats(ckpt), tmp_path / "merged", 4, drop_mtp=True)
     merged = all_tensors(tmp_path / "merged")
-    assert not mtp_names(merged, prefix, model_type)
+    assert not mtp_names(merged, plain, model_type) and merged.keys() == reference.keys()
     assert json.loads((tmp_path / "merged" / "config.json").read_text())[key] == 0
 
 
-def test_ragged_result_with_mtp_is_refused_unless_dropped(tiny_factory, tmp_path):
-    folder, _, prefix, _ = with_mtp(tiny_factory, "deepseek_v3", tmp_path)
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "mellum"])
+def test_ragged_result_with_mtp_is_refused_unless_dropped(model_type, family_factory, tmp_path):
+    folder, plain, prefix, _ = with_mtp(family_factory, model_type, tmp_path)
     ckpt = Checkpoint.open(folder)
-    first, second = ckpt.identity.moe_layers
-    mask = DropMask.create(ckpt.identity, {first: [0, 1, 4, 5], second: [0, 1, 2, 4, 5, 6]}, "test")
+    first, second = ckpt.identity.moe_layers[-2:]
+    keep = {layer: list(range(8)) for layer in ckpt.identity.moe_layers}
+    keep |= {first: [0, 1, 4, 5], second: [0, 1, 2, 4, 5, 6]}
+    mask = DropMask.create(ckpt.identity, keep, "test")
     with pytest.raises(MoePruneError, match=rf"different expert counts.*{re.escape(prefix)}.*--drop-mtp"):
         prune.run(folder, mask, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(MoePruneError, match="--drop-mtp"):
         merge.run(folder, synthetic_stats(ckpt), tmp_path / "out", 4, keep_overrides={first: 6})
     prune.run(folder, mask, tmp_path / "out", drop_mtp=True)
-    assert not mtp_names(all_tensors(tmp_path / "out"), prefix, "deepseek_v3")
+    assert not mtp_names(all_tensors(tmp_path / "out"), plain, model_type)
 
 
-def test_second_prune_follows_and_a_foreign_record_is_refused(tiny_factory, tmp_path):
-    folder, _, prefix, last = with_mtp(tiny_factory, "glm4_moe", tmp_path)
+def test_second_prune_follows_and_a_foreign_record_is_refused(family_factory, tmp_path):
+    folder, _, prefix, last = with_mtp(family_factory, "glm4_moe", tmp_path)
     ckpt = Checkpoint.open(folder)
     prune.run(folder, DropMask.create(ckpt.identity, random_keep(ckpt, 2, seed=3), "test"), tmp_path / "once")
     once = Checkpoint.open(tmp_path / "once")
@@ -222,8 +280,8 @@ def test_second_prune_follows_and_a_foreign_record_is_refused(tiny_factory, tmp_
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen3_next"])
-def test_mtp_moe_that_disagrees_with_the_config_is_refused(model_type, tiny_factory, tmp_path):
-    folder, _, prefix, _ = with_mtp(tiny_factory, model_type, tmp_path)
+def test_mtp_moe_that_disagrees_with_the_config_is_refused(model_type, family_factory, tmp_path):
+    folder, _, prefix, _ = with_mtp(family_factory, model_type, tmp_path)
     tensors = load_file(folder / "model.safetensors")
     del tensors[f"{prefix}mlp.experts.7.up_proj.weight"]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
@@ -236,12 +294,12 @@ def test_mtp_moe_that_disagrees_with_the_config_is_refused(model_type, tiny_fact
         Checkpoint.open(folder)
 
 
-def test_deepseek_mtp_layer_loads_in_stock_transformers_after_prune(tiny_factory, tmp_path):
+def test_deepseek_mtp_layer_loads_in_stock_transformers_after_prune(family_factory, tmp_path):
     """transformers' own MtpModel (generate(use_mtp=True)) loads the pruned MTP layer: no missing or mis-sized key."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_layers import MtpModel
 
-    folder, _, prefix, _ = with_mtp(tiny_factory, "deepseek_v3", tmp_path)
+    folder, _, prefix, _ = with_mtp(family_factory, "deepseek_v3", tmp_path)
     ckpt = Checkpoint.open(folder)
     prune.run(folder, DropMask.create(ckpt.identity, random_keep(ckpt, 4, seed=5), "test"), tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -252,3 +310,87 @@ def test_deepseek_mtp_layer_loads_in_stock_transformers_after_prune(tiny_factory
     assert experts.gate_up_proj.shape[0] == 4 and mtp.layers[0].mtp_block.mlp.gate.weight.shape[0] == 4
     out = all_tensors(tmp_path / "out")
     assert torch.equal(mtp.layers[0].mtp_block.mlp.gate.weight.detach(), out[f"{prefix}mlp.gate.weight"])
+
+
+def test_mellum_mtp_layer_loads_in_stock_transformers_after_prune(family_factory, tmp_path):
+    """transformers' MtpModel reads the pruned Mellum MTP layer through Mellum's own ignore pattern (no override):
+    an independent check of the `mtp.layers.0.` + `mtp.fc` layout and of its pruned MoE."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    folder, _, prefix, _ = with_mtp(family_factory, "mellum", tmp_path)
+    ckpt = Checkpoint.open(folder)
+    prune.run(folder, DropMask.create(ckpt.identity, random_keep(ckpt, 4, seed=5), "test"), tmp_path / "out")
+    mtp = MtpModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval())
+    out = all_tensors(tmp_path / "out")
+    gate = mtp.layers[0].mtp_block.mlp.gate.weight.detach()
+    assert gate.shape[0] == 4 and torch.equal(gate, out[f"{prefix}mlp.gate.weight"])
+    assert torch.equal(mtp.layers[0].eh_proj.weight.detach(), out["mtp.fc.weight"])
+
+
+# -- the table agrees with transformers; what it cannot place is refused ---------------------------------------
+
+
+def _transformers_mtp_patterns(model_type: str) -> list[str]:
+    """The MTP entries of the causal LM's `_keys_to_ignore_on_load_unexpected` (subtrees, layers past the decoder)."""
+    from moe_prune.architectures.derive import causal_lm_class, config_class
+
+    patterns = causal_lm_class(config_class(model_type)())._keys_to_ignore_on_load_unexpected or []
+    return [p for p in patterns if "mtp" in p or re.search(r"layers\\\.\d+", p)]
+
+
+def test_every_mtp_family_of_transformers_has_its_layout():
+    """Derived from transformers: a layout per family whose CausalLM ignores MTP keys, none for the others;
+    decoder numbering where the pattern names layer num_hidden_layers, else the very pattern; the count key
+    transformers maps `num_mtp_layers` to."""
+    from moe_prune.architectures.derive import config_class, moe_causal_lm_types, text_model_type
+
+    covered = set()
+    for model_type in moe_causal_lm_types():
+        text = text_model_type(model_type)
+        if model_type in REFUSED or text in REFUSED:
+            continue
+        patterns, family = _transformers_mtp_patterns(model_type), mtp_family(text)
+        if not patterns:
+            assert not family.known, model_type
+            continue
+        covered.add(text)
+        numbered = [int(m[1]) for p in patterns if (m := re.search(r"layers\\\.(\d+)", p))]
+        subtrees = [p for p in patterns if not re.search(r"layers\\\.\d+", p)]
+        assert (family.layer_prefix == DECODER_NUMBERING) == bool(numbered), model_type
+        if numbered:
+            assert config_class(text)().num_hidden_layers in numbered, (model_type, numbered)
+        assert family.ignore in (subtrees or [None]), (model_type, patterns)
+        if family.layer_prefix not in (None, DECODER_NUMBERING):
+            assert re.search(family.ignore, family.layer_prefix.format(i=0) + "mlp.gate.weight"), model_type
+        aliases = getattr(config_class(text), "attribute_map", {})
+        assert aliases.get("num_mtp_layers", family.count_key) == family.count_key, model_type
+    supported = {t for t in MTP_FAMILIES if t not in REFUSED}
+    assert covered == supported, sorted(covered ^ supported)
+    assert {t for t in covered if mtp_family(t).layer_prefix} <= set(PLACES)  # each placed layout is exercised
+
+
+UNPLACEABLE = [
+    ("deepseek_v3", "mtp.layers.0.mlp.gate.weight"),  # a Qwen-style MTP key in a decoder-numbered family
+    ("mixtral", "model.mtp.fc.weight"),  # MTP in a family transformers names no MTP keys for
+    ("qwen3_next", "mtp.layers.0.transformer_block.mlp.experts.0.up_proj.weight"),  # experts nested unknown
+    ("qwen3_next", "mtp.mlp.experts.0.up_proj.weight"),  # experts outside any MTP layer
+    ("mellum", "model.mtp.layers.0.mlp.gate.weight"),  # MiMo's place, not Mellum's
+]
+
+
+@pytest.mark.parametrize(("model_type", "name"), UNPLACEABLE)
+def test_mtp_tensors_the_layout_cannot_place_are_refused(model_type, name, family_factory, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(family_factory(model_type), folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = torch.zeros(8, H)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    shard = folder / "model.safetensors"
+    with pytest.raises(MoePruneError, match=rf"^{re.escape(str(shard))}: holds {re.escape(name)}, a multi-token"):
+        Checkpoint.open(folder)
+    ckpt_keep = {layer: [0, 1, 2, 3] for layer in Checkpoint.open(family_factory(model_type)).identity.moe_layers}
+    mask = write_mask(tmp_path / "mask.json", Checkpoint.open(family_factory(model_type)), ckpt_keep)
+    result = runner.invoke(app, ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert name in result.output and str(shard) in result.output and not (tmp_path / "out").exists()

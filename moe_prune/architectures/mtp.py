@@ -39,7 +39,8 @@ MTP_LIKE = re.compile(r"(?:^|\.)[^.]*(?:mtp|nextn)[^.]*\.", re.IGNORECASE)
 class MtpFamily:
     """Where a family's MTP layers live: the config key of their count and their on-disk keys.
 
-    `layer_prefix` None: the family has no known MTP layout (MTP-looking tensors are refused).
+    `layer_prefix` None: no MTP layer is placed; tensors matching `ignore` are then whole-copied (or dropped)
+    extras, and any of them holding experts or a router is refused.
     """
 
     count_key: str  # in the text config
@@ -48,7 +49,8 @@ class MtpFamily:
 
     @property
     def known(self) -> bool:
-        return self.layer_prefix is not None
+        """Does the family have MTP tensors moe-prune recognises (placed in layers or not)?"""
+        return self.layer_prefix is not None or self.ignore is not None
 
 
 NEXTN = MtpFamily("num_nextn_predict_layers")
@@ -62,6 +64,10 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     "glm4_moe_lite": NEXTN,  # model\.layers\.47.*
     "glm_moe_dsa": NEXTN,  # model\.layers\.78.*
     "hy_v3": NEXTN,  # model\.layers\.80.*
+    "bailing_hybrid": NEXTN,  # model\.layers\.42\..*; attribute_map
+    # ^model\.(language_model\.)?layers\.46\. and ^model\.(language_model\.)?mtp\.: both numbering and a subtree
+    "dots3_note_text": MtpFamily("num_nextn_predict_layers", DECODER_NUMBERING, r"^model\.(language_model\.)?mtp\."),
+    "qwen4_exp_text": QWEN_MTP,  # ^mtp.*
     "qwen3_next": QWEN_MTP,  # ^mtp.*; count key as in the released config.json and vLLM qwen3_next_mtp
     "qwen3_5_moe_text": QWEN_MTP,  # ^mtp.*
     # ^mtp\.; attribute_map num_mtp_layers -> num_nextn_predict_layers; MtpModel: mtp.layers.0 + mtp.fc/norm
@@ -71,6 +77,9 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     "mimo_v2_flash": MtpFamily("num_nextn_predict_layers", "model.mtp.layers.{i}.", r"^model\.mtp\."),
     "minimax_m3_vl_text": MtpFamily("num_mtp_modules", "mtp.layers.{i}.", r"(^|\.)mtp\..*"),
     "ernie4_5_moe": MtpFamily("num_nextn_predict_layers", "model.mtp_block.{i}.", r"mtp"),  # vLLM ernie_mtp
+    # mtp.*; its MTP sublayers follow mtp_layers_block_type (attention, then MoE), not one decoder layer each:
+    # recognised (--drop-mtp removes them) but not placed, so MTP experts are refused
+    "nemotron_h": MtpFamily("num_nextn_predict_layers", None, r"mtp.*"),
 }
 
 
@@ -114,8 +123,9 @@ class MtpLayout:
 
     def locate(self, name: str) -> tuple[MtpLayer, str] | None:
         """(MTP layer, wrapper before its prefix) holding tensor `name`, or None for other tensors."""
-        if not self.family.known:
-            return None
+        own = self.family.layer_prefix
+        if own is None or (own != DECODER_NUMBERING and not self.is_extra(name)):
+            return None  # outside transformers' pattern: not where the family keeps MTP layers
         m = self._pattern().match(name)
         if m is None:
             return None
@@ -127,7 +137,7 @@ class MtpLayout:
 
     def is_extra(self, name: str) -> bool:
         """MTP tensors outside the layers (Qwen3-Next `mtp.fc`, `mtp.norm`...): the family's pattern matches."""
-        return bool(self.family.known and self.family.ignore and re.search(self.family.ignore, name))
+        return bool(self.family.ignore and re.search(self.family.ignore, name))
 
     def looks_mtp(self, name: str) -> bool:
         """A tensor named like an MTP one, placed or not (what must never be copied unedited by accident)."""
@@ -136,6 +146,11 @@ class MtpLayout:
     def describe(self) -> str:
         """The layout in words, for refusals."""
         own = self.family.layer_prefix
+        if own is None and self.family.ignore:
+            return (
+                f"{self.adapter.model_type} keeps multi-token-prediction tensors under keys matching "
+                f"{self.family.ignore}, in layers moe-prune does not place"
+            )
         if own is None:
             return f"{self.adapter.model_type} has no known multi-token-prediction layout"
         if own == DECODER_NUMBERING:
