@@ -7,6 +7,8 @@ an adapter derived from its own modules (`derive.py`), cached per model_type.
 from __future__ import annotations
 
 import difflib
+import functools
+from dataclasses import replace
 
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.architectures.spec import Adapter, Routing
@@ -51,9 +53,34 @@ def find_adapter(model_type: str) -> Adapter | None:
     return found if isinstance(found, Adapter) else None
 
 
+@functools.cache
+def wrapper_adapter(model_type: str, text: Adapter) -> Adapter:
+    """The text model's adapter with the layer prefixes of the wrapper `model_type` (multimodal, text_config):
+    read off transformers' own classes for it; the text adapter unchanged where transformers cannot build it."""
+    from moe_prune.architectures.derive import wrapper_layout  # imports torch/transformers
+
+    try:
+        layout = wrapper_layout(model_type)
+    except Exception:  # an unknown or unbuildable wrapper: its keys are matched as the text model's
+        return text
+    return replace(text, layer_prefix=layout.layer_prefix, runtime_layers=layout.runtime_layers)
+
+
+def _wrapper_of_supported(model_type: str) -> Adapter | None:
+    """For a wrapper type whose text model is supported: that adapter with the wrapper's layer prefixes."""
+    from moe_prune.architectures.derive import text_model_type
+
+    try:
+        text = text_model_type(model_type)
+    except Exception:  # not a type transformers can build a config of
+        return None
+    inner = find_adapter(text) if text != model_type else None
+    return wrapper_adapter(model_type, inner) if inner is not None else None
+
+
 def get_adapter(model_type: str) -> Adapter:
     """The adapter for `model_type`, or a one-line error saying what the derivation could not find."""
-    found = find_adapter(model_type)
+    found = find_adapter(model_type) or _wrapper_of_supported(model_type)
     if found is not None:
         return found
     close = difflib.get_close_matches(model_type, ADAPTERS, n=1)
@@ -75,4 +102,5 @@ __all__ = [
     "find_adapter",
     "get_adapter",
     "supported_model_types",
+    "wrapper_adapter",
 ]

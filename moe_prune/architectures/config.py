@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter
+from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter, wrapper_adapter
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.artifacts.common import read_json
 from moe_prune.errors import MoePruneError
@@ -22,6 +23,21 @@ RAGGED_KEY = "moe_prune_ragged"
 # Larger counts are no real model's: a config that claims them is corrupt (and would size huge buffers).
 MAX_EXPERTS = 1 << 16
 MAX_LAYERS = 1 << 16
+# Size-like fields (widths, head counts, context length, vocabulary...) as transformers names them in every
+# family; found by name so that fields of families added later are covered too. No real model has a size
+# above MAX_SIZE (the longest contexts are ~10M positions, the largest vocabularies ~260k).
+SIZE_FIELD = re.compile(r"(?:^|_)(?:size|dim|heads|rank|embeddings|experts|layers|groups?|window)$|^(?:num|n)_")
+# Those a model cannot have zero of (transformers divides by them or sizes weights and position tables).
+POSITIVE_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "vocab_size",
+)
+MAX_SIZE = 1 << 26
 
 
 def _is_int(value: Any) -> bool:
@@ -44,6 +60,29 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[last] = value
 
 
+def _wrapped(model_type: str | None, text: Adapter) -> Adapter:
+    """A wrapper's text adapter with the wrapper's own layer prefixes (transformers knows the wrapper type)."""
+    return wrapper_adapter(model_type, text) if model_type else text
+
+
+def check_sizes(fields: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Refuse a size-like field no model can have (0 heads, 1e9 intermediate size, max_position_embeddings 0).
+
+    Every number under a size-like name (see SIZE_FIELD, nested objects included) must lie in 0..MAX_SIZE;
+    POSITIVE_SIZES must be whole numbers from 1. Absent or null fields are transformers' defaults: not checked.
+    """
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_sizes(value, source, f"{name}.")
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key in POSITIVE_SIZES and value is not None and not (_is_int(value) and 1 <= value <= MAX_SIZE):
+            raise MoePruneError(f"{source}: {name} is {value!r}; expected a whole number from 1 to {MAX_SIZE}")
+        if number and SIZE_FIELD.search(key) and not 0 <= value <= MAX_SIZE:  # NaN fails too
+            raise MoePruneError(f"{source}: {name} is {value!r}; expected a size from 0 to {MAX_SIZE}")
+
+
 @dataclass
 class ModelConfig:
     """The raw config dict plus where its MoE text model lives and which adapter reads it."""
@@ -64,7 +103,7 @@ class ModelConfig:
         for key in TEXT_CONFIG_KEYS:
             sub = raw.get(key)
             if isinstance(sub, dict) and isinstance(sub.get("model_type"), str) and sub["model_type"] in ADAPTERS:
-                return cls(raw, ADAPTERS[sub["model_type"]], key, source)
+                return cls(raw, _wrapped(model_type, ADAPTERS[sub["model_type"]]), key, source)
         for key, sub in [(None, raw)] + [(k, raw.get(k)) for k in TEXT_CONFIG_KEYS]:  # no table row: derive
             derived = (
                 find_adapter(sub["model_type"])
@@ -72,7 +111,7 @@ class ModelConfig:
                 else None
             )
             if derived is not None:
-                return cls(raw, derived, key, source)
+                return cls(raw, _wrapped(model_type, derived) if key else derived, key, source)
         if not model_type:
             raise MoePruneError(f"{source}: no model_type field; is this a transformers model folder?")
         try:
@@ -91,6 +130,7 @@ class ModelConfig:
 
     def check(self) -> None:
         """Read every MoE field once, so a nonsensical value fails here with one line, not deep in a stage."""
+        check_sizes(self.text, self.source, f"{self.text_key}." if self.text_key else "")
         _ = self.num_layers, self.top_k, self.experts_per_layer, self.n_group
         if not self.moe_layers:
             raise MoePruneError(f"{self.source}: describes no MoE layer; nothing to prune or merge")
@@ -123,6 +163,8 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         value = self.get(self.adapter.layer_count_key)
+        if isinstance(value, list):  # a per-layer type list sizes the model (nemotron_h's layers_block_type)
+            value = len(value)
         if not _is_int(value) or not 1 <= value <= MAX_LAYERS:
             raise MoePruneError(
                 f"{self.source}: {self.adapter.layer_count_key} is {value!r}; expected 1 to {MAX_LAYERS} layers"
@@ -212,9 +254,10 @@ class ModelConfig:
             return 1
         if self.get("topk_method") == "greedy":
             return 1
-        value = self.get("n_group") or 1
+        key = self.adapter.group_count_key
+        value = self.get(key) or 1
         if not _is_int(value) or value < 1:
-            raise MoePruneError(f"{self.source}: n_group is {value!r}; expected a positive integer")
+            raise MoePruneError(f"{self.source}: {key} is {value!r}; expected a positive integer")
         return value
 
     @property

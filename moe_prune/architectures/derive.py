@@ -33,7 +33,15 @@ from moe_prune.errors import MoePruneError
 ROUTER_CLASS = re.compile(r"(Router|TopkRouter|TopKRouter|Gate|Gating)$")
 TOKEN_MIXER_CLASS = re.compile(r"(Attention|Mamba|Mixer|DeltaNet|Conv)", re.IGNORECASE)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "num_layers")
-TOP_K_NAMES = ("num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k", "top_k", "num_selected_experts")
+TOP_K_NAMES = (
+    "num_experts_per_tok",
+    "moe_k",
+    "moe_topk",
+    "moe_top_k",
+    "top_k",
+    "top_k_experts",
+    "num_selected_experts",
+)
 TINY_EXPERTS, TINY_TOP_K, TINY_LAYERS, TINY_HIDDEN, TINY_FFN, TINY_MOE_FFN = 8, 2, 4, 32, 48, 24
 
 
@@ -108,13 +116,23 @@ UNSET_DEFAULTS = {
     **dict.fromkeys(EXPERT_COUNT_NAMES, TINY_EXPERTS),
     **dict.fromkeys(TOP_K_NAMES, TINY_TOP_K),
     "moe_intermediate_size": TINY_MOE_FFN,
+    # optional sparse-attention indexers left unset by the defaults (all or none must be given)
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 2,
 }
+# Switches that leave the MoE block out of the defaults (gemma4_text): a tiny model is built with it on.
+MOE_SWITCH = re.compile(r"^(enable|use)_moe(_block)?$")
 
 
 def _shrunk_value(key: str, value: Any, n_layers: int | None) -> Any:
     """A small stand-in for one config value, by what its name says it sizes; the value itself if unknown."""
     if value is None:
         return UNSET_DEFAULTS.get(key)
+    if isinstance(value, bool) and MOE_SWITCH.match(key):
+        return True
     if key.endswith("token_id"):
         return [v % 128 for v in value] if isinstance(value, list) else value % 128 if isinstance(value, int) else value
     if isinstance(value, bool) or not isinstance(value, int | list | str):
@@ -130,8 +148,10 @@ def _shrunk_value(key: str, value: Any, n_layers: int | None) -> Any:
         return min(value, TINY_LAYERS)
     if k in ("hidden_size", "d_model", "n_embd"):
         return TINY_HIDDEN
-    if k == "vocab_size":
+    if k.startswith("vocab_size"):  # vocab_size_per_layer_input (gemma4) too
         return 128
+    if k.startswith("hidden_size_") and value > 16:  # per-layer input embeddings (gemma4); no [E, H] look-alike
+        return 4
     if "intermediate_size" in k or "ffn_hidden_size" in k or k in ("ffn_dim", "moe_ffn_dim"):
         return value if value <= 0 else (TINY_MOE_FFN if ("moe" in k or "expert" in k) else TINY_FFN)
     if "shared" in k and "expert" in k:
@@ -149,6 +169,8 @@ def _shrunk_shape_value(k: str, value: int) -> int:
         return min(value, 2 if ("key_value" in k or "kv" in k or "key" in k) else 4)
     if k == "n_group":
         return min(value, 2)
+    if k == "n_groups":  # Mamba B/C groups: must divide the (shrunk) heads
+        return min(value, 1)
     if k == "topk_group":
         return min(value, 1)
     if k in ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index"):
@@ -161,19 +183,106 @@ def _shrunk_shape_value(k: str, value: int) -> int:
 
 
 def shrink_config(model_type: str, overrides: dict[str, Any] | None = None):
-    """A tiny config of `model_type`: its class defaults with sizes and counts shrunk generically."""
+    """A tiny config of `model_type`: its class defaults with sizes and counts shrunk generically.
+
+    A wrapper's sub-configs (text_config, vision_config, ...) are shrunk as configs of their own (their own
+    layer counts and per-layer lists); `overrides` apply to the top level."""
     cls = config_class(model_type)
-    defaults = cls().to_dict()
-    n_layers = next((defaults[k] for k in LAYER_COUNT_KEYS if isinstance(defaults.get(k), int)), None)
-    fields = set(inspect.signature(cls.__init__).parameters)  # values computed in __post_init__ follow
-    small = {key: _shrink_nested(key, value, n_layers) for key, value in defaults.items() if key in fields}
-    if "num_key_value_heads" in small and defaults.get("num_key_value_heads") == defaults.get("num_attention_heads"):
-        small["num_key_value_heads"] = small.get("num_attention_heads")  # keep MHA families MHA (e.g. MLA)
-    if "head_dim" in small and small["head_dim"] is None:
-        small["head_dim"] = 8
+    small = _shrunk_config_dict(cls().to_dict(), cls)
     small["tie_word_embeddings"] = False
     small.update(overrides or {})
     return cls.from_dict(_fit_layer_lists(small, overrides or {}))
+
+
+def _shrunk_config_dict(defaults: dict[str, Any], cls: type | None) -> dict[str, Any]:
+    """One config's values shrunk: fields of `cls` (values computed in __post_init__ follow) or, for a
+    sub-config without a registered class, every key."""
+    n_layers = _layer_count(defaults)
+    aliases = getattr(cls, "attribute_map", {}) if cls else {}  # how some configs name their fields
+    fields = set(inspect.signature(cls.__init__).parameters) | set(aliases) | set(aliases.values()) if cls else None
+    named = {canonical: alias for alias, canonical in aliases.items()}  # bailing: num_expert_group is n_group
+    small = {}
+    for key, value in defaults.items():
+        if fields is not None and key not in fields:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("model_type"), str):
+            small[key] = _shrunk_config_dict(value, _registered(value["model_type"]))
+        else:
+            small[key] = _shrunk_either(key, named.get(key), value, n_layers)
+    if isinstance(defaults.get(PER_LAYER), dict) and n_layers:  # per-layer overrides (dots3_note: its SWA layers)
+        small[PER_LAYER] = _shrunk_per_layer(defaults, small, n_layers)
+    _same_mha(small, defaults)
+    if "head_dim" in small and small["head_dim"] is None:
+        small["head_dim"] = 8
+    return small
+
+
+def _registered(model_type: str) -> type | None:
+    try:
+        return config_class(model_type)
+    except DerivationError:
+        return None
+
+
+PER_LAYER = "per_layer_config"
+
+
+def _shrunk_either(key: str, alias: str | None, value: Any, n_layers: int | None) -> Any:
+    """Shrunk by its own name and by its attribute_map alias: the smaller count (a name says what it sizes)."""
+    own = _shrink_nested(key, value, n_layers)
+    other = _shrink_nested(alias, value, n_layers) if alias else own
+    both_ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (own, other))
+    return min(own, other) if both_ints else own
+
+
+def group_count_key(config) -> str | None:
+    """The config key of the expert-group count (n_group, or the field an attribute_map alias names)."""
+    d = config.to_dict()
+    key = getattr(type(config), "attribute_map", {}).get("n_group", "n_group")
+    return key if isinstance(d.get(key), int) else None
+
+
+def _layer_count(d: dict[str, Any]) -> int | None:
+    """The decoder layer count of a config dict: a count key, else the length of its per-layer type list."""
+    count = next((d[k] for k in LAYER_COUNT_KEYS if isinstance(d.get(k), int)), None)
+    if count is None:
+        key = _layer_list_key(d)
+        count = len(d[key]) if key else None
+    return count
+
+
+def _layer_list_key(d: dict[str, Any]) -> str | None:
+    """The per-layer type list that sizes the model where no count key exists (nemotron_h: layers_block_type)."""
+    return next((k for k, v in d.items() if k.startswith("layer") and k.endswith("type") and isinstance(v, list)), None)
+
+
+def _kept_layers(n_layers: int) -> list[int]:
+    """The original layers a shrunk per-layer list keeps: the first one and the last ones (see _shrunk_value)."""
+    return list(range(n_layers)) if n_layers <= TINY_LAYERS else [0, *range(n_layers - TINY_LAYERS + 1, n_layers)]
+
+
+def _shrunk_per_layer(defaults: dict[str, Any], small: dict[str, Any], n_layers: int) -> dict[int, Any]:
+    """per_layer_config renumbered onto the kept layers, each layer's values shrunk like the global ones
+    (a layer lists only what differs from the global values; keys may be zero-padded: "02")."""
+    per_layer = {int(k): v for k, v in defaults[PER_LAYER].items()}
+    out = {}
+    for new, old in enumerate(_kept_layers(n_layers)):
+        values = per_layer.get(old)
+        if isinstance(values, dict):
+            shrunk = {k: _shrink_nested(k, v, n_layers) for k, v in values.items()}
+            merged = {**small, **shrunk}
+            _same_mha(merged, {**defaults, **values})
+            out[new] = {k: merged[k] for k in (*shrunk, "head_dim") if k in merged}
+    return out
+
+
+def _same_mha(small: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Keep the relations the shrink would break: MHA stays MHA (e.g. MLA), an MLA head_dim stays nope + rope."""
+    if "num_key_value_heads" in small and defaults.get("num_key_value_heads") == defaults.get("num_attention_heads"):
+        small["num_key_value_heads"] = small.get("num_attention_heads")
+    parts = (defaults.get("qk_nope_head_dim"), defaults.get("qk_rope_head_dim"), defaults.get("head_dim"))
+    if all(isinstance(v, int) for v in parts) and parts[0] + parts[1] == parts[2]:
+        small["head_dim"] = small["qk_nope_head_dim"] + small["qk_rope_head_dim"]
 
 
 def _fit_layer_lists(small: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -307,12 +416,13 @@ def _probe(config, dotted: str, value: Any, hidden: int) -> Structure | None:
 
 def expert_count_keys(config, structure: Structure, hidden: int) -> tuple[str, ...]:
     """Config keys whose change changes the experts' leading dimension, then their aliases."""
-    bigger = structure.n_experts * 2
-    found = [
-        key
-        for key in _int_keys(config.to_dict(), structure.n_experts)
-        if (s := _probe(config, key, bigger, hidden)) and s.n_experts == bigger
-    ]
+    found: list[str] = []
+    for bigger in (structure.n_experts * 2, structure.n_experts * 5):  # x5 where x2 meets another [E, H] weight
+        found = found or [
+            key
+            for key in _int_keys(config.to_dict(), structure.n_experts)
+            if (s := _probe(config, key, bigger, hidden)) and s.n_experts == bigger
+        ]
     if not found:
         raise DerivationError(f"no config key sets the expert count {structure.n_experts}")
     return (*found, *_aliases(type(config), found))
@@ -356,10 +466,14 @@ def top_k_keys(config, model: torch.nn.Module, structure: Structure) -> tuple[st
 
 
 def layer_count_key(config, structure_layers: int) -> str:
+    """The config key of the decoder layer count: a count, else a per-layer type list of that length."""
     d = config.to_dict()
     for key in LAYER_COUNT_KEYS:
         if d.get(key) == structure_layers:
             return key
+    listed = _layer_list_key(d)
+    if listed and len(d[listed]) == structure_layers:
+        return listed
     raise DerivationError("no config key gives the decoder layer count")
 
 
@@ -441,10 +555,10 @@ def disk_keys(model: torch.nn.Module, structure: Structure) -> DiskKeys:
     prefix, router = _layer_prefix(router_saved[0][0], layer)
     head = prefix.replace("{L}", str(layer))
     rel = {name: [(k[len(head) :], t, off) for k, t, off in items] for name, items in by_source.items()}
-    router_bias = _bias_key(rel, structure, "router")
-    selection_bias = _bias_key(rel, structure, "selection")
+    router_bias, _ = _bias_key(rel, structure, "router")
+    selection_bias, selection_memory = _bias_key(rel, structure, "selection")
     experts, fused, shapes, reordered = _expert_keys(rel, structure)
-    memory = _memory_keys(structure, router_bias, selection_bias, model, base)
+    memory = _memory_keys(structure, selection_bias, selection_memory, model, base)
     return DiskKeys(prefix, router, router_bias, selection_bias, experts, fused, memory, shapes, reordered)
 
 
@@ -452,20 +566,23 @@ def _bias_vectors(structure: Structure) -> tuple[str, ...]:
     return (structure.router_weight.rsplit(".", 1)[0] + ".bias",)
 
 
-def _bias_key(rel, structure: Structure, kind: str) -> str | None:
-    """Saved key of the router's own bias (`router`) or of an [E] selection bias (`selection`)."""
+def _bias_key(rel, structure: Structure, kind: str) -> tuple[str | None, str | None]:
+    """(saved key, in-memory name) of the router's own bias (`router`) or of an [E] selection bias (`selection`).
+
+    The saved tensor holds the numbered values of the in-memory one, so the pair is exact even where the
+    two names share nothing (kolibri1: moe.router.expert_bias saved from mlp.gate.e_score_correction_bias)."""
     router_bias = _bias_vectors(structure)
     block = structure.experts.rsplit(".", 1)[0] if "." in structure.experts else ""
     for name, items in rel.items():
         if kind == "router" and name in router_bias:
-            return items[0][0]
+            return items[0][0], name
         shape = items[0][1].shape
         in_block = name.startswith(block + ".") or not block
         named = in_block and name not in router_bias and "bias" in name.rsplit(".", 1)[-1]
         vector = shape[-1] == structure.n_experts and len(shape) <= 2 and all(d == 1 for d in shape[:-1])
         if kind == "selection" and named and vector:
-            return items[0][0]
-    return None
+            return items[0][0], name
+    return None, None
 
 
 def _expert_keys(rel, structure: Structure):
@@ -518,18 +635,13 @@ def _suffix(key: str) -> str:
     return ".".join(parts[-2:]) if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
 
 
-def _memory_keys(structure, router_bias, selection_bias, model, base) -> tuple[tuple[str, str], ...]:
+def _memory_keys(structure, selection_bias, selection_memory, model, base) -> tuple[tuple[str, str], ...]:
     """In-memory names where they differ from what `Adapter.memory_layout` assumes."""
     keys = []
     if structure.router_weight != f"{structure.router}.weight":
         keys.append(("router", structure.router_weight))
-    if selection_bias is not None:
-        layer = model.get_submodule(base[:-1])
-        block = structure.experts.rsplit(".", 1)[0] if "." in structure.experts else ""
-        names = [n for n, _ in list(layer.named_buffers()) + list(layer.named_parameters())]
-        memory = [n for n in names if n.startswith(block) and n.endswith(selection_bias.rsplit(".", 1)[-1])]
-        if memory and memory[0] != selection_bias:
-            keys.append(("selection_bias", memory[0]))
+    if selection_memory is not None and selection_memory != selection_bias:
+        keys.append(("selection_bias", selection_memory))
     experts_params = {n.rsplit(".", 1)[0] for n, _ in model.get_submodule(base + structure.experts).named_parameters()}
     if experts_params != {""} and len(experts_params) == 1:
         keys.append(("experts", f"{structure.experts}.{experts_params.pop()}."))
@@ -706,9 +818,12 @@ def _candidates(with_bias: bool) -> list[Routing]:
     ]
 
 
-def routing(config, structure: Structure, bias_path: str | None, grouped: bool) -> tuple[Routing | None, Any, str]:
+def routing(
+    config, structure: Structure, bias_path: str | None, group_key: str | None
+) -> tuple[Routing | None, Any, str]:
     """The routing rule, read by running a tiny real model; renormalize tied to norm_topk_prob if it decides."""
-    probe = _with(config, "n_group", 1) if grouped else config
+    grouped = group_key is not None
+    probe = _with(config, group_key, 1) if group_key else config
     torch.manual_seed(0)
     model = build(probe, "cpu")
     _randomize(model)
@@ -771,10 +886,11 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         raise
     except Exception as exc:
         raise DerivationError(f"cannot map saved keys ({type(exc).__name__}: {_first_line(exc)})") from None
-    grouped = "n_group" in config.to_dict()
+    group_key = group_count_key(config)
+    grouped = group_key is not None
     selection_memory = dict(disk.memory_keys).get("selection_bias", disk.selection_bias)
     try:
-        rule, position, selection = routing(config, structure, selection_memory, grouped)
+        rule, position, selection = routing(config, structure, selection_memory, group_key)
         notes = () if rule is not None else ("routing rule not recognised; statistics assume softmax",)
     except Exception as exc:
         rule, position, selection = None, 0, "experts_args"
@@ -793,6 +909,7 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         selection_bias=disk.selection_bias,
         routing=rule or Routing(grouped=grouped),
         layer_count_key=layer_count_key(config, n_layers),
+        group_count_key=group_key or "n_group",
         shared_expert_keys=shared_expert_keys(config),
         runtime_layers=structure.layers,
         runtime_router=structure.router,
@@ -808,6 +925,47 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         ),
     )
     return Derived(adapter, notes)
+
+
+@dataclass(frozen=True)
+class WrapperLayout:
+    """Where a wrapper (multimodal model with a text_config) keeps its language model's decoder layers."""
+
+    layer_prefix: str  # on disk, the part every class of the wrapper writes (e.g. "layers.{L}.")
+    runtime_layers: str  # in the model AutoModelForCausalLM builds
+
+
+@functools.cache
+def wrapper_layout(model_type: str) -> WrapperLayout:
+    """The layer prefix of a wrapper's checkpoints, read off the tiny models of every class transformers builds
+    for its config (the causal LM and the image-text-to-text one save under different prefixes: Qwen3.5-MoE
+    writes model.layers.{L}. from one, model.language_model.layers.{L}. from the other); their common tail."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = shrink_config(model_type)
+    hidden = _hidden_size(config)
+    autos = [AutoModelForCausalLM]  # first: what moe-prune loads
+    if type(config) in AutoModelForImageTextToText._model_mapping:
+        autos.append(AutoModelForImageTextToText)
+    prefixes, runtime = [], None
+    for auto in autos:
+        torch.manual_seed(0)
+        model = auto.from_config(config).eval()
+        structure = find_structure(model, hidden)
+        runtime = runtime or structure.layers
+        prefixes.append(disk_keys(model, structure).layer_prefix.split("."))
+    common: list[str] = []
+    for parts in zip(*(reversed(p) for p in prefixes), strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.insert(0, parts[0])
+    return WrapperLayout(".".join(common), runtime)
+
+
+def _hidden_size(config) -> int:
+    """The hidden size of a config or of its text config."""
+    text = getattr(config, "text_config", None)
+    return getattr(text, "hidden_size", None) or config.hidden_size
 
 
 def _first_line(exc: BaseException) -> str:
@@ -828,7 +986,7 @@ def _moe_layers_cached(blob: str) -> tuple[int, ...]:
     raw = parse_json(blob, "config.json", "config")  # our own dump of a config already read by parse_json
     cls = config_class(raw["model_type"])
     try:
-        model = build(cls.from_dict(raw))
+        model = build(cls.from_dict(cls._decode_special_floats(raw)))  # {"__float__": "Infinity"} as from_pretrained
     except Exception as exc:
         raise ValueError(_first_line(exc)) from None
     moe = []

@@ -64,7 +64,8 @@ class Adapter:
     router_bias: str | None = None  # added to logits; sliced with the router rows
     selection_bias: str | None = None  # added to scores for selection only; expert axis is the last
     routing: Routing = Routing()
-    layer_count_key: str = "num_hidden_layers"
+    layer_count_key: str = "num_hidden_layers"  # or a per-layer type list whose length is the count (nemotron_h)
+    group_count_key: str = "n_group"  # expert groups of grouped routing (bailing_hybrid: num_expert_group)
     shared_expert_keys: tuple[str, ...] = ()  # config keys that size the always-on shared experts
     runtime_layers: str = "model.layers"  # module path of the decoder layer list in memory
     runtime_router: str = "mlp.gate"  # module path of the router inside one loaded decoder layer

@@ -96,16 +96,11 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
 REFUSED: dict[str, str] = {
     "deepseek_v4": "its first layers route by a frozen token-id -> expert table (hash_moe), which dropping or "
     "merging experts would leave pointing at experts that are gone",
-    "bailing_hybrid": "its selection bias (expert_bias) is named differently in memory and on disk; not verified",
-    "kolibri1": "its selection bias is named differently in memory and on disk; not verified",
-    "dots3_note_text": "no tiny model of it could be built to verify the derived adapter",
-    "gemma4_text": "no *Experts module with fused 3-D parameters next to an [E, H] router (a different MoE layout)",
+    "gemma4_text": "its router scales the chosen experts' weights by a per-expert vector (router.per_expert_scale) "
+    "that surgery does not slice yet",
     "inkling_text": "its router weight is not an [E, H] matrix next to the experts; needs a table row",
     "jetmoe": "its attention experts share the expert count (mixture of attention heads); needs a table row",
-    "kimi_linear": "no tiny model of it runs on CPU to verify the derived adapter (linear-attention cache)",
     "longcat_flash": "its router has identity 'zero experts' past the real ones and no fused *Experts module",
-    "nemotron_h": "no tiny model of it could be built to verify the derived adapter (Mamba mixer)",
-    "qwen4_exp_text": "no tiny model of it could be built to verify the derived adapter (head sizes unset)",
     "zaya": "its router is an MLP, not an [E, H] matrix next to the experts; needs a table row",
     "doge": "its CDMoE block retrieves experts through a grid of num_keys x num_keys product keys (embedding "
     "rows, not expert modules); dropping one expert would break the key grid",
