@@ -75,7 +75,11 @@ def evaluate(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score at most this many documents per task.")] = None,
     include_path: Annotated[
-        Path | None, typer.Option(help="Folder of your own lm-eval task YAMLs, usable by name in --tasks.")
+        Path | None,
+        typer.Option(
+            help="Folder of your own lm-eval task YAMLs, usable by name in --tasks (their code, such as "
+            "!function, runs only with --trust-remote-code)."
+        ),
     ] = None,
     log_samples: Annotated[
         Path | None, typer.Option(help="Write lm-eval's per-sample records (JSONL) to this file.")

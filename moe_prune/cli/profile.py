@@ -68,7 +68,10 @@ def profile(
             help="Calibrate on an lm-eval task's own documents (training/few-shot split, never the evaluated one)."
         ),
     ] = None,
-    include_path: Annotated[Path | None, typer.Option(help="Folder of your own lm-eval task YAMLs (--task).")] = None,
+    include_path: Annotated[
+        Path | None,
+        typer.Option(help="Folder of your own lm-eval task YAMLs (--task); their code needs --trust-remote-code."),
+    ] = None,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
     split: Annotated[str, typer.Option(help="Split of a hub dataset (streamed).")] = "train",
     split_on: SplitOnOpt = "none",

@@ -86,7 +86,10 @@ def sweep(
     ] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="With --tasks: few-shot demonstrations.")] = None,
     limit: Annotated[int | None, typer.Option(help="With --tasks: at most this many documents per task.")] = None,
-    include_path: Annotated[Path | None, typer.Option(help="With --tasks: folder of your own task YAMLs.")] = None,
+    include_path: Annotated[
+        Path | None,
+        typer.Option(help="With --tasks: folder of your own task YAMLs; their code needs --trust-remote-code."),
+    ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
