@@ -13,6 +13,7 @@ import hostile_artifacts  # noqa: F401  (registers cases)
 import hostile_checkpoint  # noqa: F401
 import hostile_code  # noqa: F401
 import hostile_data  # noqa: F401
+import hostile_mtp  # noqa: F401
 import hostile_outputs  # noqa: F401
 import hostile_parsing  # noqa: F401
 import hostile_tasks  # noqa: F401
