@@ -931,35 +931,31 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
 class WrapperLayout:
     """Where a wrapper (multimodal model with a text_config) keeps its language model's decoder layers."""
 
-    layer_prefix: str  # on disk, the part every class of the wrapper writes (e.g. "layers.{L}.")
+    layer_prefix: str  # on disk, in the checkpoints saved with the wrapper's config.json
     runtime_layers: str  # in the model AutoModelForCausalLM builds
 
 
 @functools.cache
 def wrapper_layout(model_type: str) -> WrapperLayout:
-    """The layer prefix of a wrapper's checkpoints, read off the tiny models of every class transformers builds
-    for its config (the causal LM and the image-text-to-text one save under different prefixes: Qwen3.5-MoE
-    writes model.layers.{L}. from one, model.language_model.layers.{L}. from the other); their common tail."""
+    """The layer prefixes of a wrapper, read off the tiny models of the classes transformers builds for its config.
+
+    On disk: what the image-text-to-text class writes (Qwen3.5-MoE: model.language_model.layers.{L}.), the only
+    class that saves the wrapper's config.json (the causal LM saves its text config); in memory: the causal LM
+    that moe-prune loads (Qwen3.5-MoE: model.layers)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = shrink_config(model_type)
     hidden = _hidden_size(config)
-    autos = [AutoModelForCausalLM]  # first: what moe-prune loads
+    autos = [AutoModelForCausalLM]
     if type(config) in AutoModelForImageTextToText._model_mapping:
         autos.append(AutoModelForImageTextToText)
-    prefixes, runtime = [], None
+    found = []
     for auto in autos:
         torch.manual_seed(0)
         model = auto.from_config(config).eval()
         structure = find_structure(model, hidden)
-        runtime = runtime or structure.layers
-        prefixes.append(disk_keys(model, structure).layer_prefix.split("."))
-    common: list[str] = []
-    for parts in zip(*(reversed(p) for p in prefixes), strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.insert(0, parts[0])
-    return WrapperLayout(".".join(common), runtime)
+        found.append((disk_keys(model, structure).layer_prefix, structure.layers))
+    return WrapperLayout(found[-1][0], found[0][1])
 
 
 def _hidden_size(config) -> int:
