@@ -438,3 +438,64 @@ def _(ws: Workspace) -> None:
 
     (ws.model / "additional_chat_templates").mkdir()
     os.mkfifo(ws.model / "additional_chat_templates" / "tool_use.jinja")
+
+
+# config.json sizes no model can have, or that disagree with the weights ---------------------------
+
+
+@hostile("config-intermediate-size-absurd", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, intermediate_size=10**9)
+
+
+@hostile("config-intermediate-size-a-float", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, intermediate_size=48.0)
+
+
+@hostile("config-max-position-embeddings-zero", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, max_position_embeddings=0)
+
+
+@hostile("config-attention-heads-zero", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_attention_heads=0)
+
+
+@hostile("config-hidden-size-a-string", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, hidden_size="32")
+
+
+@hostile("config-unknown-size-field-negative", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    """A size-like field moe-prune does not know by name (nested, too) is held to the same bounds."""
+    config = ws.config()
+    config["rope_parameters"]["original_max_position_embeddings"] = -4096
+    ws.write_config(config)
+
+
+@hostile("config-sliding-window-absurd", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, sliding_window=1 << 40)
+
+
+@hostile("config-intermediate-size-disagrees-with-experts", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, intermediate_size=40)
+
+
+@hostile("config-hidden-size-disagrees-with-embedding", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, hidden_size=48)
+
+
+@hostile("config-key-value-heads-disagree-with-weights", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, num_key_value_heads=4)
+
+
+@hostile("config-head-dim-disagrees-with-weights", MODEL_READERS, "config.json")
+def _(ws: Workspace) -> None:
+    _edit_config(ws, head_dim=16)

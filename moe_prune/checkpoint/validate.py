@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_prune.architectures import ADAPTERS
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import DECODER_NUMBERING, mtp_layout
 from moe_prune.artifacts.common import read_json
@@ -27,6 +28,9 @@ INDEX_NAME = "model.safetensors.index.json"  # as in checkpoint.source, which im
 if TYPE_CHECKING:
     from moe_prune.checkpoint.source import Checkpoint
 
+# config.json fields that size one routed expert's intermediate layer, first present wins (Qwen, DeepSeek and
+# most families: moe_intermediate_size; Mixtral, gpt-oss, Granite, Llama 4: intermediate_size).
+EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")
 # Tensors whose first axis is the vocabulary (input embeddings of every supported family, output head).
 VOCAB_TENSORS = re.compile(r"^(?:.*\.)?(?:embed_tokens|wte|lm_head)\.weight$")
 
@@ -55,6 +59,8 @@ def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path
     _check_layers(config, tensors, where)
     _check_vocabulary(config, tensors)
     layers = _moe_tensors(config, tensors)
+    _check_widths(config, tensors, layers)
+    _check_heads(config, tensors, layers)
     counts = config.experts_per_layer
     for layer, found in sorted(layers.items()):
         if layer not in counts and layer < config.num_layers and found.routers:
@@ -150,6 +156,73 @@ def _check_vocabulary(config: ModelConfig, tensors: list[TensorInfo]) -> None:
             raise MoePruneError(
                 f"{config.source}: vocab_size is {vocab}, but {info.name} in {info.file} has shape {list(info.shape)}"
             )
+
+
+def _check_widths(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, _MoeLayer]) -> None:
+    """hidden_size against the embedding and output head; the experts' intermediate size against the config.
+
+    transformers sizes every layer from these fields: a checkpoint that disagrees cannot load, and its
+    statistics, masks and edits would describe a model that does not exist.
+    """
+    hidden = config.get("hidden_size")
+    if isinstance(hidden, int):
+        for info in tensors:
+            if VOCAB_TENSORS.match(info.name) and len(info.shape) == 2 and info.shape[1] != hidden:
+                raise MoePruneError(
+                    f"{config.source}: hidden_size is {hidden}, but {info.name} in {info.file} has shape "
+                    f"{list(info.shape)}"
+                )
+    if config.adapter.model_type not in ADAPTERS:  # a derived family may name its expert width otherwise
+        return
+    key = next((k for k in EXPERT_WIDTH_KEYS if config.get(k) is not None), None)
+    width = config.get(key) if key else None
+    if not isinstance(width, int):
+        return
+    for layer, n_experts in config.experts_per_layer.items():
+        found = layers.get(layer, _MoeLayer())
+        one = [(info, info.shape) for slots in found.per_expert.values() for info in slots.values()]
+        one += [(info, _one_expert(info.shape, n_experts)) for info in found.fused]
+        for info, shape in one:
+            row = next((r for r in config.adapter.expert_tensors if info.name.endswith("." + r.suffix)), None)
+            if row is None or row.axis is None or len(shape) <= row.axis:
+                continue
+            if shape[row.axis] != width * row.parts:
+                raise MoePruneError(
+                    f"{config.source}: {key} is {width}, but the expert tensor {info.name} in {info.file} has "
+                    f"shape {list(info.shape)} (intermediate size {shape[row.axis] / row.parts:g})"
+                )
+
+
+def _check_heads(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, _MoeLayer]) -> None:
+    """Key and value projections of the MoE layers: num_key_value_heads x head_dim rows, as transformers sizes them.
+
+    Only where cheap and unambiguous: plain `self_attn.k_proj` / `v_proj` beside a router (MLA, fused QKV and
+    linear-attention layers have none); head_dim is the config's, else hidden_size // num_attention_heads.
+    """
+    heads, kv, hidden = (config.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
+    if not all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
+        return
+    head_dim = config.get("head_dim")
+    head_dim = head_dim if isinstance(head_dim, int) and head_dim > 0 else hidden // heads
+    by_name = {info.name: info for info in tensors}
+    pattern = _layer_pattern(config)
+    for layer in config.experts_per_layer:
+        found = layers.get(layer)
+        match = pattern.match(found.routers[0].name) if found and found.routers else None
+        for proj in ("k_proj", "v_proj") if match else ():
+            info = by_name.get(f"{match.group(0)}self_attn.{proj}.weight")
+            if info is not None and len(info.shape) == 2 and info.shape[0] != kv * head_dim:
+                raise MoePruneError(
+                    f"{config.source}: num_key_value_heads {kv} x head_dim {head_dim} is {kv * head_dim}, but "
+                    f"{info.name} in {info.file} has shape {list(info.shape)}"
+                )
+
+
+def _one_expert(shape: tuple[int, ...], n_experts: int) -> tuple[int, ...]:
+    """One expert's shape in a fused tensor: `[E, ...]` without E, or one of E row blocks (dbrx's `[E*I, H]`)."""
+    if not shape or shape[0] == n_experts:
+        return shape[1:]
+    return (shape[0] // n_experts, *shape[1:])
 
 
 def _moe_tensors(config: ModelConfig, tensors: list[TensorInfo]) -> dict[int, _MoeLayer]:
