@@ -355,13 +355,16 @@ def check_tasks(manager: Any, names: list[str]) -> None:
 
 
 def _render_first(task: Any) -> None:
-    """Render the first evaluated document of a built task (a group's subtasks are not Tasks: skipped)."""
+    """Render the first evaluated document's prompt, target and choices, as building requests will: a template
+    the sandbox refuses fails here, before a model is loaded. Objects that are not tasks are skipped."""
     docs = getattr(task, "eval_docs", None)
-    if docs is None or not hasattr(task, "doc_to_text"):
+    first = next(iter(docs), None) if docs is not None and hasattr(task, "doc_to_text") else None
+    if first is None:
         return
-    first = next(iter(docs), None)
-    if first is not None:
-        _rendered(task, first)
+    task.doc_to_text(first)
+    task.doc_to_target(first)
+    if task.config.output_type == "multiple_choice":
+        task.doc_to_choice(first)
 
 
 def special_token_ids(model: Any, tokenizer: Any, folder: Path) -> tuple[int, int]:
