@@ -27,7 +27,7 @@ from test_prune import all_tensors, write_mask
 from tiny_models import TINY
 from typer.testing import CliRunner
 
-from moe_prune.architectures.mtp import DECODER_NUMBERING, MTP_FAMILIES, mtp_family
+from moe_prune.architectures.mtp import DECODER_NUMBERING, MTP_FAMILIES, mtp_family, mtp_layout, set_mtp_count
 from moe_prune.architectures.table import REFUSED
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
@@ -394,3 +394,16 @@ def test_mtp_tensors_the_layout_cannot_place_are_refused(model_type, name, famil
     result = runner.invoke(app, ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert name in result.output and str(shard) in result.output and not (tmp_path / "out").exists()
+
+
+def test_drop_zeroes_every_count_key_present_and_the_familys_own(family_factory):
+    """Releases differ in which count key they carry; transformers defaults DeepSeek-V3's to 1 when absent."""
+    raw = {"text_config": {"num_mtp_layers": 2, "mtp_num_hidden_layers": 2, "hidden_size": H}}
+    set_mtp_count(raw, "text_config", mtp_family("deepseek_v3"), 0)
+    expected = {"num_mtp_layers": 0, "mtp_num_hidden_layers": 0, "hidden_size": H, "num_nextn_predict_layers": 0}
+    assert raw == {"text_config": expected}
+    adapter = Checkpoint.open(family_factory("mixtral")).config.adapter
+    assert mtp_layout(adapter, {"num_mtp_modules": 3, "num_nextn_predict_layers": None}, 3).declared == 3
+    raw = {"hidden_size": H}
+    set_mtp_count(raw, None, mtp_family("mixtral"), 0)  # no MTP layout and no count key: nothing to say
+    assert raw == {"hidden_size": H}

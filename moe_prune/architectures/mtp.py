@@ -181,7 +181,7 @@ def set_mtp_count(raw: dict, text_key: str | None, family: MtpFamily, count: int
     for families with MTP layers: transformers defaults it to 1 where it is absent (DeepSeek-V3, GLM-4.5).
     """
     text = raw[text_key] if text_key else raw
-    keys = [key for key in (family.count_key, *COUNT_KEYS) if key in text]
+    keys = [key for key in dict.fromkeys((family.count_key, *COUNT_KEYS)) if key in text]
     if family.known and family.count_key not in keys:
         keys.append(family.count_key)
     for key in keys:
