@@ -268,14 +268,27 @@ def test_task_folder_code_runs_only_with_trust_remote_code(tmp_path, construct):
     assert marker.exists()
 
 
-def test_profile_task_runs_task_folder_code_only_with_trust_remote_code(tmp_path):
-    folder, marker, out = tmp_path / "tasks", tmp_path / "ran", tmp_path / "s.npz"
+READERS = {
+    "profile --task": lambda stats: ["profile", "--task", TASK, "--seq-len", "32"],
+    "profile --data task:": lambda stats: ["profile", "--data", f"task:{TASK}", "--seq-len", "32"],
+    "sweep --tasks": lambda stats: [
+        *("sweep", "--stats", str(stats), "--criteria", "usage-frequency", "--ratios", "0.5", "--random-seeds", "1"),
+        *("--seq-len", "64", "--max-tokens", "256", "--tasks", TASK, "--limit", "2"),
+    ],
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_other_task_readers_run_task_folder_code_only_with_trust_remote_code(tmp_path, reader, demo_stats):
+    folder, marker, out, stats = tmp_path / "tasks", tmp_path / "ran", tmp_path / "out", tmp_path / "stats.npz"
     folder.mkdir()
     TASK_CODE["function"](folder, marker)
-    argv = ["profile", "--task", TASK, "--include-path", str(folder), "--seq-len", "32", "--out", str(out)]
+    demo_stats.save(stats)
+    argv = [*READERS[reader](stats), "--include-path", str(folder), "--out", str(out)]
     result = runner.invoke(app, argv)
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and "!function" in lines[0], result.stderr
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert f"{folder / TASK}.yaml" in lines[0] and "!function" in lines[0]
     assert not marker.exists() and not out.exists()
     result = runner.invoke(app, [*argv, "--trust-remote-code"])
     assert result.exit_code == 0, result.stderr

@@ -5,6 +5,10 @@ wrapped in lm-eval's `HFLM`; lm-eval does the scoring, few-shot sampling and met
 against the shipped demo suite (`moe_prune/demo/tasks`, group `demo`), `--include-path` and, only when a
 name is not found there, lm-eval's own registry (indexing it takes seconds). lm-eval's logging, warnings and
 tqdm bars are silenced: errors surface as one `MoePruneError` line, progress through `progress`.
+
+A task folder is code like a checkpoint's. Without --trust-remote-code, code runs only from the tasks shipped
+with moe-prune or lm-eval: `check_task_yamls` refuses a user YAML's code constructs, `sandboxed_templates`
+renders every Jinja template in jinja2's immutable sandbox.
 """
 
 from __future__ import annotations
