@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from moe_prune.errors import MoePruneError, MoePruneWarning
+from moe_prune.runtime import data
 from moe_prune.runtime.data import Truncated, clip_seq_len, fixed_chunks, load_texts, token_stream
 
 DOCS = ["first document\nwith two lines", "second, with a comma", "third"]
@@ -291,3 +294,229 @@ def test_clip_seq_len_to_context():
     assert clip_seq_len(256, config) == 64
     assert clip_seq_len(32, config) == 32
     assert clip_seq_len(256, SimpleNamespace()) == 256
+
+
+# ---- bounded reading (issue #19) ------------------------------------------------------------------------------
+
+
+def test_a_device_or_pipe_is_refused_before_reading(tmp_path):
+    """A symlink to /dev/zero never ends and a pipe blocks: both are refused in one line naming the file."""
+    import os
+
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for name in ("zero.txt", "pipe.jsonl"):
+        with pytest.raises(MoePruneError, match="not a regular file") as info:
+            load_texts(str(tmp_path / name), max_chars=100)
+        assert str(info.value).startswith(str(tmp_path / name))
+
+
+def test_reading_stops_at_what_the_run_can_use(tmp_path, monkeypatch):
+    """Bytes past the budget are never read: a bad byte there goes unseen, and is found when all is read."""
+    monkeypatch.setattr(data, "READ_BLOCK", 16)
+    (tmp_path / "a.txt").write_bytes(b"abcdefghij" * 10 + b"\xff")
+    got = load_texts(str(tmp_path / "a.txt"), max_chars=20)
+    assert got == ["abcdefghij" * 2] and isinstance(got[0], Truncated)
+    with pytest.raises(MoePruneError, match="invalid byte at offset 100"):
+        load_texts(str(tmp_path / "a.txt"))
+    (tmp_path / "a.jsonl").write_bytes(b"".join(json.dumps({"text": d}).encode() + b"\n" for d in DOCS) + b"{bad\n")
+    assert load_texts(str(tmp_path / "a.jsonl"), max_chars=len("".join(DOCS))) == DOCS
+
+
+def test_offsets_of_bad_bytes_count_from_the_start_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BLOCK", 7)
+    (tmp_path / "a.txt").write_bytes("é".encode() * 20 + b"\xc3(" + b"x" * 30)
+    with pytest.raises(MoePruneError, match="invalid byte at offset 40"):
+        load_texts(str(tmp_path / "a.txt"))
+    (tmp_path / "b.txt").write_bytes(b"y" * 33 + b"\x00")
+    with pytest.raises(MoePruneError, match="NUL bytes at offset 33"):
+        load_texts(str(tmp_path / "b.txt"))
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_blank_line_paragraphs_read_in_blocks_equal_the_whole_split(tmp_path, monkeypatch, block):
+    import random
+
+    rng = random.Random(block)
+    parts = ["word", " ", "\n", "\n\n", "\n \t\n", "  indented", "\r\n", "\n\n\n"]
+    raw = "".join(rng.choice(parts) for _ in range(3000))
+    source = write(tmp_path / "a.txt", raw)
+    expected = [p for p in data.split_text(raw, "blank-lines") if p.strip()]
+    monkeypatch.setattr(data, "READ_BLOCK", block)
+    assert load_texts(source, split_on="blank-lines") == expected
+
+
+def test_blank_line_reading_stops_inside_a_paragraph_longer_than_the_run_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BLOCK", 16)
+    (tmp_path / "a.txt").write_bytes(b"b\n\n" + b"a" * 400 + b"\xff")
+    got = load_texts(str(tmp_path / "a.txt"), max_chars=20, split_on="blank-lines")
+    assert got == ["b", "a" * 19] and isinstance(got[1], Truncated)
+
+
+def test_a_jsonl_line_longer_than_the_run_reads_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "LINE_FLOOR_CHARS", 100)
+    source = write(tmp_path / "a.jsonl", json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "x" * 200}) + "\n")
+    assert load_texts(source, max_chars=14) == ["a", "x" * 13]  # line 2 has 212 characters, the limit 16 x 14
+    with pytest.raises(MoePruneError, match=r"a.jsonl: line 2 is longer than 100 characters"):
+        load_texts(source, max_chars=2)  # "a" and the start of line 2 (whose 212 characters are more than 100)
+
+
+def test_a_json_file_over_its_cap_is_refused_before_parsing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "JSON_FLOOR_BYTES", 50)
+    source = write(tmp_path / "a.json", json.dumps(DOCS * 3))
+    assert load_texts(source, max_chars=100) == [*DOCS, DOCS[0], DOCS[1][:17]]
+    with pytest.raises(MoePruneError, match=r"a.json: \d+ bytes of JSON, more than the 50 .*\.jsonl"):
+        load_texts(source, max_chars=1)
+
+
+def test_csv_field_over_the_csv_limit_is_one_line(tmp_path):
+    source = write(tmp_path / "a.csv", 'text\nshort\n"' + "x" * 140_000 + '"\n')
+    with pytest.raises(MoePruneError, match=r"a.csv: line \d+: not readable CSV \(field larger than field limit"):
+        load_texts(source)
+    assert load_texts(source, max_chars=3) == ["sho"]  # the long row lies past what the run reads
+
+
+def test_parquet_row_groups_are_checked_before_reading_and_read_until_enough(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i} " + "y" * 50 for i in range(40)]
+    pq.write_table(pa.table({"text": texts, "other": ["z" * 5000] * 40}), tmp_path / "a.parquet", row_group_size=10)
+    source = str(tmp_path / "a.parquet")
+    assert load_texts(source) == texts
+    monkeypatch.setattr(data, "PARQUET_FLOOR_BYTES", 2000)  # one group's text column is ~600 bytes
+    assert load_texts(source, max_chars=10) == [texts[0][:10]]
+    read = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or real(self, i, **kw))
+    load_texts(source, max_chars=12 * 57)
+    assert read == [0, 1]
+    monkeypatch.setattr(data, "PARQUET_FLOOR_BYTES", 100)
+    with pytest.raises(MoePruneError, match=r"a.parquet: row group 0 holds \d+ bytes of column 'text'"):
+        load_texts(source, max_chars=1)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": "user: hi"}, "record 1 field 'messages' is str, not a list of chat messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "message 1 has 'content' of type int, not text"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "'content' of type list, not text"),
+        ({"messages": [{"role": "user"}]}, "message 1 has 'content' of type NoneType"),
+    ],
+)
+def test_malformed_chats_are_refused_in_one_line(tmp_path, record, message):
+    source = write(tmp_path / "a.jsonl", json.dumps(record) + "\n")
+    with pytest.raises(MoePruneError, match=re.escape(message)) as info:
+        load_texts(source)
+    assert str(info.value).startswith(source) and "\n" not in str(info.value)
+
+
+# ---- streamed tokenization: the ids of one-piece tokenization --------------------------------------------------
+
+
+def _bpe(kind: str):
+    """A small BPE tokenizer trained here: byte-level (GPT-2 style) or metaspace (SentencePiece/Llama style)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"], initial_alphabet=alphabet)
+    tok.train_from_iterator([_text(1, 3000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def _text(seed: int, words: int, runs: bool = True) -> str:
+    """Words, punctuation, emoji and blank lines; with `runs`, runs of spaces and newlines longer than a seam's
+    margin, where windows disagree and must grow."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["the", "trader", "sold", "crates", "at", "dawn", "déjà", "vu", "🙂", "x" * 40, "1234", "(", "):", "\t"]
+    seps = [" ", " ", " ", "  ", "\n", "\n\n", "", "    ", " " * 150, "\n" * 120]  # runs longer than a seam margin
+    seps = seps if runs else seps[:-2]
+    return "".join(rng.choice(vocab) + rng.choice(seps) for _ in range(words))
+
+
+def _demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    from moe_prune.demo import DEMO_MODEL_DIR
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+
+
+@pytest.fixture(scope="module", params=["demo", "byte-level", "metaspace"])
+def fast_tokenizer(request):
+    return _demo_tokenizer() if request.param == "demo" else _bpe(request.param)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_piecewise_ids_equal_one_piece_tokenization_where_naive_cuts_do_not(fast_tokenizer):
+    text = _text(2, 6000)
+    whole = _ids(fast_tokenizer, text)
+    piece, overlap = 1500, 256
+    cuts, at = [0], 0
+    while at < len(text):
+        at = data._cut(text, at + piece, at + piece // 2)
+        cuts.append(at)
+    naive = [i for a, b in itertools.pairwise(cuts) for i in _ids(fast_tokenizer, text[a:b])]
+    assert naive != whole  # the seams matter for this tokenizer and text
+    assert data.piecewise_ids(text, fast_tokenizer, None, piece, overlap) == whole
+    for limit in (1, 999, len(whole) - 1, len(whole), len(whole) + 5):
+        assert data.piecewise_ids(text, fast_tokenizer, limit, piece, overlap) == whole[:limit]
+
+
+def test_a_seam_without_agreement_grows_the_window_and_stays_exact(fast_tokenizer, monkeypatch):
+    text = _text(3, 3000)
+    real, calls = data._seam, []
+
+    def stubborn(*args):
+        calls.append(1)
+        return None if len(calls) % 3 else real(*args)
+
+    monkeypatch.setattr(data, "_seam", stubborn)
+    assert data.piecewise_ids(text, fast_tokenizer, None, 1000, 200) == _ids(fast_tokenizer, text)
+    assert len(calls) > 6
+
+
+class _Spy:
+    """A fast tokenizer that records the longest text it was asked to encode at once."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest, self.total = tokenizer, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts, **kwargs):
+        lengths = [len(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        self.longest, self.total = max(self.longest, *lengths), self.total + sum(lengths)
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_token_stream_tokenizes_a_long_document_in_pieces_and_stops_at_max_tokens(monkeypatch):
+    tokenizer = _demo_tokenizer()
+    monkeypatch.setattr(data, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(data, "SEAM_CHARS", 300)
+    text = _text(4, 8000, runs=False)
+    whole = _ids(tokenizer, text)
+    spy = _Spy(tokenizer)
+    ids = token_stream(["short one", text, "after"], spy, batch=2).tolist()
+    eos = tokenizer.eos_token_id
+    assert ids == [*_ids(tokenizer, "short one"), eos, *whole, eos, *_ids(tokenizer, "after"), eos]
+    assert spy.longest <= 2000 + 300
+    spy = _Spy(tokenizer)
+    cut = token_stream([Truncated(text)], spy, max_tokens=3000, batch=2).tolist()
+    assert cut == whole[:3000]
+    assert spy.longest <= 2000 + 300 and spy.total < len(text) // 2  # the rest of the text is never tokenized

@@ -445,7 +445,7 @@ def token_stream(texts: list[str], tokenizer: Any, max_tokens: int | None = None
 
 
 def piecewise_ids(
-    text: str, tokenizer: Any, limit: int | None = None, piece: int = PIECE_CHARS, overlap: int = SEAM_CHARS
+    text: str, tokenizer: Any, limit: int | None = None, piece: int | None = None, overlap: int | None = None
 ) -> list[int]:
     """The ids `tokenizer(text)` gives (at least the first `limit`), tokenizing windows of about `piece` characters.
 
@@ -453,11 +453,14 @@ def piecewise_ids(
     `overlap // 4` characters of a cut may differ from one-piece tokenization (a word cut in two, a prefix
     space); so the window's tokens are kept up to a seam inside the overlap where both windows hold the
     same tokens at the same character offsets, through to the last trusted one, and the next window's
-    tokens from there on. Without such a seam the window grows by the next one and is tokenized again.
+    tokens from there on. Without such a seam the window doubles and is tokenized again (pathological text,
+    such as runs of spaces longer than the margin, costs more time and memory, never other ids).
     A tokenizer that gives no offsets (a slow one) tokenizes the text in one piece.
     """
     if not getattr(tokenizer, "is_fast", False):
         return tokenizer([text], add_special_tokens=False)["input_ids"][0]
+    piece = piece or PIECE_CHARS
+    overlap = overlap or SEAM_CHARS
     margin = max(1, overlap // 4)
     out: list[int] = []
     start, seam = 0, 0  # window start; tokens before `seam` are in `out`
@@ -469,8 +472,8 @@ def piecewise_ids(
         after_end = _cut(text, after + piece, after + piece // 2)
         following = _encode(tokenizer, text, after, after_end)
         joint = _seam(tokens, following, max(after + margin, seam), end - margin)
-        if joint is None:  # no agreement: one longer window, tokenized again from `start`
-            end = after_end
+        if joint is None:  # no agreement: a window twice as long, tokenized again from `start`
+            end = _cut(text, start + 2 * (end - start), end + 1)
             tokens = [t for t in _encode(tokenizer, text, start, end) if t[0] >= seam]
             continue
         out.extend(t[2] for t in tokens if t[0] < joint)
