@@ -323,3 +323,28 @@ def test_sandbox_keeps_loops_and_filters_and_refuses_mutation(tmp_path):
     assert 0 <= out["tasks"]["model"]["results"]["fancy"]["acc,none"] <= 1
     (folder / "fancy.yaml").write_text(base_yaml("fancy").replace('"{{context}}"', '"{{ choices.append(1) }}"'))
     refused(["--tasks", "fancy", "--include-path", str(folder), "--limit", "2"], "sandbox")
+
+
+@pytest.mark.parametrize(
+    ("yaml", "refusal"),
+    [
+        ("include: base.yaml\ntask: mine\n", None),  # an include inside the folder: its own YAML is checked
+        ("include: missing.yaml\ntask: mine\n", "`include: missing.yaml`: no such file"),
+        (f"include: {stage.DEMO_TASKS_DIR / 'demo_records.yaml'}\ntask: mine\n", None),  # shipped: trusted
+        ("task: mine\nmetric_list:\n  - metric: bleu\n    hf_evaluate: true\n", "loads the metric through HF evaluate"),
+        ("task: mine\nmetric_list:\n  - metric: ./my_metric\n", "`metric_list[0].metric: ./my_metric` is not"),
+        ("task: mine\ndataset_path: ./loader.py\n", "python dataset loader script"),
+        ("task: mine\ndoc_to_text: !function os.system\n", "`doc_to_text: !function os.system` runs Python"),
+    ],
+)
+def test_task_yaml_code_constructs(tmp_path, yaml, refusal):
+    """What check_task_yamls lets through without --trust-remote-code, and its one line for the rest."""
+    (tmp_path / "base.yaml").write_text(base_yaml("base"))
+    (tmp_path / "mine.yaml").write_text(yaml)
+    stage.check_task_yamls(tmp_path, trust_remote_code=True)
+    if refusal is None:
+        stage.check_task_yamls(tmp_path)
+        return
+    with pytest.raises(stage.MoePruneError) as caught:
+        stage.check_task_yamls(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'mine.yaml'}: ") and refusal in str(caught.value)

@@ -231,6 +231,8 @@ def _refuse_task_code(path: Path, root: Path, seen: set[Path]) -> None:
                 continue  # lm-eval's or moe-prune's own task YAMLs: their code ships with the package
             if not target.is_relative_to(root):
                 raise MoePruneError(f"{path}: `include: {include}` points outside --include-path; {TRUST_HINT}")
+            if not target.is_file():
+                raise MoePruneError(f"{path}: `include: {include}`: no such file")
             _refuse_task_code(target, root, seen)
 
 
@@ -255,7 +257,7 @@ def _task_code(where: str, value: Any) -> str | None:
     if key == "hf_evaluate" and value:
         return f"`{where}: {value}` loads the metric through HF evaluate (a script)"
     if key == "dataset_path" and isinstance(value, str) and _loader_script(value):
-        return f"`{where}: {value}` is a python dataset loader script"
+        return f"`{where}: {value}` is or holds a python dataset loader script"
     return None
 
 
