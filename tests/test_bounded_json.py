@@ -94,7 +94,7 @@ def test_duplicates_last_wins_only_when_asked():
 
 def test_text_longer_than_the_limit_is_refused_before_parsing():
     assert parse_json("[1]  ", "f", "x", limit=5) == [1]
-    with pytest.raises(MoePruneError, match="larger than the 5 bytes"):
+    with pytest.raises(MoePruneError, match="longer than the 5 characters"):
         parse_json("[1]   ", "f", "x", limit=5)
 
 

@@ -164,7 +164,7 @@ def parse_json(text: str, name: str, what: str, *, limit: int = MAX_JSON_BYTES, 
     `MAX_JSON_DEPTH`, integers longer than `MAX_INT_DIGITS` digits and numbers beyond a float.
     """
     if len(text) > limit:
-        raise MoePruneError(f"{name}: {what} is larger than the {limit} bytes moe-prune reads")
+        raise MoePruneError(f"{name}: {what} is longer than the {limit} characters moe-prune reads")
     hook = _last_key_wins if duplicates else _unique_keys
     try:
         obj = json.loads(
