@@ -530,6 +530,7 @@ class DiskKeys:
     memory_keys: tuple[tuple[str, str], ...]
     expert_shapes: tuple[tuple[str, tuple[int, ...]], ...]  # key suffix -> one expert's shape
     reordered: frozenset[str] = frozenset()  # suffixes whose saved rows are a permutation of memory's (Interleave)
+    vectors: tuple[str, ...] = ()  # other [E] tensors of the router or MoE block (gemma4: router.per_expert_scale)
 
 
 def _layer_prefix(key: str, layer: int) -> tuple[str, str]:
@@ -559,7 +560,22 @@ def disk_keys(model: torch.nn.Module, structure: Structure) -> DiskKeys:
     selection_bias, selection_memory = _bias_key(rel, structure, "selection")
     experts, fused, shapes, reordered = _expert_keys(rel, structure)
     memory = _memory_keys(structure, selection_bias, selection_memory, model, base)
-    return DiskKeys(prefix, router, router_bias, selection_bias, experts, fused, memory, shapes, reordered)
+    vectors = _expert_vectors(rel, structure, {router, router_bias, selection_bias})
+    return DiskKeys(prefix, router, router_bias, selection_bias, experts, fused, memory, shapes, reordered, vectors)
+
+
+def _expert_vectors(rel, structure: Structure, claimed: set[str | None]) -> tuple[str, ...]:
+    """Saved keys of 1-D [E] tensors in the router or MoE block besides its weight and biases: one value per
+    expert that surgery must slice with the router rows (gemma4 scales the chosen weights by per_expert_scale)."""
+    block = structure.experts.rsplit(".", 1)[0] if "." in structure.experts else ""
+    scopes = tuple(f"{s}." for s in (structure.router, block) if s)
+    found = []
+    for name, items in rel.items():
+        key, tensor = items[0][0], items[0][1]
+        inside = name.startswith(scopes) and not name.startswith(structure.experts + ".")
+        if inside and key not in claimed and tuple(tensor.shape) == (structure.n_experts,):
+            found.append(key)
+    return tuple(sorted(found))
 
 
 def _bias_vectors(structure: Structure) -> tuple[str, ...]:
@@ -905,6 +921,7 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         experts=disk.experts,
         layer_prefix=disk.layer_prefix,
         fused_experts=disk.fused_experts,
+        expert_vectors=disk.vectors,
         router_bias=disk.router_bias,
         selection_bias=disk.selection_bias,
         routing=rule or Routing(grouped=grouped),
@@ -918,10 +935,13 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         selection_from=selection,
         memory_keys=disk.memory_keys,
         runtime_attention=token_mixers(model, structure),
-        expert_tensors=_with_memory_names(
-            expert_tensors(disk.expert_shapes, hidden, _interleaved(experts_module), disk.reordered),
-            experts_module,
-            hidden,
+        expert_tensors=(
+            *(ExpertTensor(_suffix(v), None) for v in disk.vectors),  # one value per expert: merge averages it
+            *_with_memory_names(
+                expert_tensors(disk.expert_shapes, hidden, _interleaved(experts_module), disk.reordered),
+                experts_module,
+                hidden,
+            ),
         ),
     )
     return Derived(adapter, notes)

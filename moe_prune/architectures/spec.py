@@ -61,6 +61,8 @@ class Adapter:
     experts: str  # container prefix: `{experts}{e}.*` per expert, `{experts}<name>` fused [E, ...]
     layer_prefix: str = "model.layers.{L}."
     fused_experts: tuple[str, ...] = ()  # fused expert tensors outside `experts` (leading expert axis)
+    # Other per-expert tensors, whole keys with the expert axis first (gemma4: router.per_expert_scale [E]).
+    expert_vectors: tuple[str, ...] = ()
     router_bias: str | None = None  # added to logits; sliced with the router rows
     selection_bias: str | None = None  # added to scores for selection only; expert axis is the last
     routing: Routing = Routing()

@@ -96,8 +96,6 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
 REFUSED: dict[str, str] = {
     "deepseek_v4": "its first layers route by a frozen token-id -> expert table (hash_moe), which dropping or "
     "merging experts would leave pointing at experts that are gone",
-    "gemma4_text": "its router scales the chosen experts' weights by a per-expert vector (router.per_expert_scale) "
-    "that surgery does not slice yet",
     "inkling_text": "its router weight is not an [E, H] matrix next to the experts; needs a table row",
     "jetmoe": "its attention experts share the expert count (mixture of attention heads); needs a table row",
     "longcat_flash": "its router has identity 'zero experts' past the real ones and no fused *Experts module",
@@ -110,6 +108,8 @@ REFUSED: dict[str, str] = {
 # (one layer at a time from recorded inputs) cannot reproduce their forward: refused with the reason.
 NO_SEQUENTIAL: dict[str, str] = {
     "glm_moe_dsa": "its decoder layers pass the sparse-attention indexer's choice (topk_indices) to the next layer",
+    "gemma4_text": "its decoder layers take per-layer input embeddings (hidden_size_per_layer_input) computed from "
+    "the token ids, which per-layer replay does not reproduce",
     "hy_v4": "its decoder layers pass the sparse-attention indexer's choice (topk_indices) to the next layer",
     "inkling2_text": "its decoder layers share state that per-layer replay does not reproduce (statistics differ)",
 }

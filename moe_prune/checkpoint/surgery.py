@@ -47,7 +47,8 @@ class _LayoutMatcher:
             r"^(?P<stem>(?:.*\.)?" + layer + re.escape(adapter.experts) + r")(?P<slot>\d+)\.(?P<tail>.+)$"
         )
         fused = "|".join(re.escape(p) for p in (adapter.experts, *adapter.fused_experts))
-        self._fused = re.compile(head + f"(?:{fused})" + r"(?P<tail>(?!\d+\.).+)$")
+        vectors = "".join(f"|{re.escape(v)}" for v in adapter.expert_vectors)  # whole keys, expert axis first
+        self._fused = re.compile(head + f"(?:(?:{fused})" + r"(?P<tail>(?!\d+\.).+)" + f"{vectors})$")
         rows = [adapter.router] + ([adapter.router_bias] if adapter.router_bias else [])
         self._rows = re.compile(head + "(?:" + "|".join(re.escape(k) for k in rows) + ")$")
         self._router = re.compile(head + re.escape(adapter.router) + "$")
@@ -269,6 +270,30 @@ def _unplaced(info: TensorInfo, layout: MtpLayout) -> MoePruneError:
         f"{info.file}: holds {info.name}, a multi-token-prediction tensor moe-prune cannot place "
         f"({layout.describe()}); refusing rather than copying it unedited next to edited experts"
     )
+
+
+def check_routers_finite(split: MtpTensors, adapter: Adapter, verb: str, mtp: bool = True) -> None:
+    """Read every router weight, router bias and selection bias ([E, H] a layer at most) and refuse NaN or Inf.
+
+    prune and merge copy most bytes unread (kept experts, attention, embeddings); the router is what
+    they cut in every MoE layer, and a router that is not finite routes every token nowhere.
+    Multi-token-prediction routers are read unless `mtp` is False (the layers are dropped).
+    """
+    from moe_prune.checkpoint.quantized import Stored, read_expert_tensor  # torch: only when routers are read
+    from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES
+
+    groups = [(KeyMatcher(adapter), split.decoder)]
+    if mtp:
+        groups.append((KeyMatcher(split.layout.adapter), split.virtual))
+    for matcher, tensors in groups:
+        bias = matcher.adapter.router_bias
+        for info in tensors:
+            key = matcher.classify(info.name)
+            if key is None or key.kind == "per_expert" or info.dtype not in FLOAT_DTYPES:
+                continue  # quantized routers are refused where they are cut (merge) or copied as bytes
+            routing = matcher.is_router(info.name) is not None or key.kind == "last_axis"
+            if routing or (bias and info.name.endswith(bias)):
+                read_expert_tensor(Stored(split.disk_name(info.name), info), f"refusing to {verb} a broken router")
 
 
 def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTensors:
