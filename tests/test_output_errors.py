@@ -17,7 +17,22 @@ import pytest
 from hostile import COMMANDS, fresh_workspace, snapshot
 from test_hostile import good  # noqa: F401  (session fixture)
 
-WRITERS = ("prune", "merge", "score", "profile", "combine", "finetune")
+WRITERS = ("prune", "merge", "score", "profile", "combine", "finetune", "sweep", "eval-log-samples")
+# eval writes only with --log-samples (lm-eval's demo tasks, two documents: seconds)
+ARGV = {
+    **COMMANDS,
+    "eval-log-samples": lambda ws: [
+        "eval",
+        str(ws.model),
+        "--tasks",
+        "demo_records",
+        "--limit",
+        "2",
+        "--no-perplexity",
+        "--log-samples",
+        str(ws.out),
+    ],
+}
 LIMIT = 256  # bytes: below every output (the smallest, a mask, is about 1 KB)
 
 
@@ -32,7 +47,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(good, tmp_path, command):  #
     before = snapshot(ws.root)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "moe_prune", *COMMANDS[command](ws)],
+        [sys.executable, "-m", "moe_prune", *ARGV[command](ws)],
         env=env,
         capture_output=True,
         text=True,
