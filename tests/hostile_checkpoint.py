@@ -499,3 +499,23 @@ def _(ws: Workspace) -> None:
 @hostile("config-head-dim-disagrees-with-weights", MODEL_READERS, "config.json")
 def _(ws: Workspace) -> None:
     _edit_config(ws, head_dim=16)
+
+
+# Non-finite weights through the commands that copy bytes: the router is read whatever they copy ------
+
+
+@hostile("nan-in-router-copied", ("prune", "merge"), "model.layers.1.block_sparse_moe.gate.weight")
+def _(ws: Workspace) -> None:
+    """prune and merge (--router anchor) cut router rows as bytes; they read the router first."""
+    _poison(ws, [ROUTER.format(layer=1)], float("nan"))
+
+
+@hostile("inf-in-router-copied", ("prune", "merge"), "model.safetensors")
+def _(ws: Workspace) -> None:
+    _poison(ws, [ROUTER.format(layer=2)], float("-inf"))
+
+
+@hostile("nan-in-one-averaged-expert", ("merge",), "model.layers.2.block_sparse_moe.experts.5.w1.weight")
+def _(ws: Workspace) -> None:
+    """merge --keep 4 averages every expert of every layer: one NaN weight is refused, naming its tensor."""
+    _poison(ws, [EXPERT.format(layer=2, expert=5, w="w1")], float("nan"))

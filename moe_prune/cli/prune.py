@@ -1,4 +1,11 @@
-"""Drop the experts a mask names: slice routers and per-expert biases, fix the config, reshard."""
+"""Drop the experts a mask names: slice routers and per-expert biases, fix the config, reshard.
+
+Reads the shard headers and every router (weight, bias, selection bias): NaN or Inf there is refused.
+
+Not read: kept experts, attention, embeddings and all other tensors are copied byte for byte unchecked.
+
+(A NaN there is copied too; eval, profile and finetune refuse it when they load the model.)
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, stage_mtp
+from moe_prune.checkpoint.surgery import MtpTensors, check_routers_finite, stage_mtp
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
@@ -162,6 +162,7 @@ def run(
     counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
     new_config, extra_files = output_config(config, counts)
     mtp = stage_mtp(ckpt, counts, drop_mtp)
+    check_routers_finite(mtp, config.adapter, "merge", mtp=not drop_mtp)  # experts: read (and checked) when averaged
     if drop_mtp:
         set_mtp_count(new_config.raw, config.text_key, mtp.layout.family, 0)
 

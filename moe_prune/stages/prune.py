@@ -13,7 +13,7 @@ from moe_prune.checkpoint.edit import Edit, Written, write_edit
 from moe_prune.checkpoint.output import check_writable
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import plan_expert_selection, stage_mtp
+from moe_prune.checkpoint.surgery import check_routers_finite, plan_expert_selection, stage_mtp
 from moe_prune.sizes import parse_size
 
 
@@ -95,6 +95,7 @@ def run(
     }
     counts = {layer: len(slots) for layer, slots in keep_slots.items()}
     mtp = stage_mtp(ckpt, counts, drop_mtp)
+    check_routers_finite(mtp, config.adapter, "prune", mtp=not drop_mtp)  # expert bytes are copied unread
     new_raw, model_files = expert_count_config(config.raw, config.adapter, counts, config.top_k)
     if drop_mtp:
         set_mtp_count(new_raw, config.text_key, mtp.layout.family, 0)
