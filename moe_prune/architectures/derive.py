@@ -763,7 +763,8 @@ def _logits_index(output: Any, logits: torch.Tensor) -> int | str | None:
 def _rule_matches(rule: Routing, logits, bias, top_k, index, weights) -> bool:
     z = logits.double().reshape(-1, logits.shape[-1])
     scores = torch.sigmoid(z) if rule.score == "sigmoid" else torch.softmax(z, -1)
-    select = scores + bias.double().reshape(-1) if rule.select_on == "scores+bias" else scores
+    select = {"scores+bias": scores, "logits+bias": z}.get(rule.select_on)
+    select = scores if select is None else select + bias.double().reshape(-1)
     ours = select.topk(top_k, -1).indices
     got = index.reshape(ours.shape).long()
     if not torch.equal(ours.sort(-1).values, got.sort(-1).values):
@@ -825,7 +826,7 @@ def _buffer(layer: torch.nn.Module, path: str) -> torch.Tensor:
 
 
 def _candidates(with_bias: bool) -> list[Routing]:
-    select = ("scores+bias",) if with_bias else ("scores",)
+    select = ("scores+bias", "logits+bias") if with_bias else ("scores",)
     return [
         Routing(score=score, select_on=on, renormalize=renorm)
         for on in select

@@ -14,7 +14,7 @@ class Routing:
     """How router logits become expert choices; used to compute router probabilities."""
 
     score: str = "softmax"  # softmax | sigmoid: how logits become per-expert probabilities
-    select_on: str = "scores"  # scores | logits | scores+bias: what top-k ranks
+    select_on: str = "scores"  # scores | logits | scores+bias | logits+bias (kolibri1): what top-k ranks
     renormalize: bool | str = True  # True/False, or the config key that decides (e.g. norm_topk_prob)
     grouped: bool = False  # n_group / topk_group group-limited selection
 
