@@ -7,6 +7,7 @@ a write in the middle of building the output).
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -59,3 +60,60 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(good, tmp_path, command):  #
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(ws.out) in lines[0] and "too large" in lines[0].lower(), lines[0]
     assert snapshot(ws.root) == before, "an output or a temporary file was left behind"
+
+
+# eval --log-samples is an output like every other: checked before lm-eval runs, --force to replace.
+
+
+def _eval_samples(model, target, *extra: str):
+    from typer.testing import CliRunner
+
+    from moe_prune.cli import app
+
+    argv = ["eval", str(model), "--tasks", "demo_records", "--limit", "2", "--no-perplexity"]
+    return CliRunner().invoke(app, [*argv, "--log-samples", str(target), *extra])
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "message"),
+    [
+        ("{model}/config.json", (), "already exists; pass --force"),
+        ("{model}/config.json", ("--force",), "is, holds or lies inside the input"),
+        ("{model}/samples.jsonl", (), "is, holds or lies inside the input"),
+        ("{data}", ("--force",), "is, holds or lies inside the input"),
+        ("{root}/notes.jsonl", (), "already exists; pass --force"),
+        ("{root}/device", ("--force",), "not a file or folder; never replaced"),
+        ("{root}/folder", ("--force",), "is a folder, not a file"),
+        ("{root}/loop", ("--force",), "symbolic link loop"),
+    ],
+)
+def test_log_samples_is_refused_before_lm_eval_runs(good, tmp_path, monkeypatch, target, extra, message):  # noqa: F811
+    pytest.importorskip("lm_eval")
+    from moe_prune.stages import tasks
+
+    ws = fresh_workspace(good, tmp_path / "ws")
+    (ws.root / "notes.jsonl").write_text("mine\n")
+    (ws.root / "folder").mkdir()
+    os.mkfifo(ws.root / "device")
+    os.symlink(ws.root / "loop", ws.root / "loop2")
+    os.symlink(ws.root / "loop2", ws.root / "loop")
+    monkeypatch.setattr(tasks, "run", lambda *a, **k: pytest.fail("lm-eval ran before the output was checked"))
+    before = snapshot(ws.root)
+    path = target.format(**ws.places())
+    result = _eval_samples(ws.model, path, "--data", str(ws.data), *extra)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, (result.stderr, result.exception)
+    assert message in lines[0] and path in lines[0], lines[0]
+    assert snapshot(ws.root) == before
+
+
+def test_log_samples_replaces_a_file_only_with_force(good, tmp_path):  # noqa: F811
+    pytest.importorskip("lm_eval")
+    ws = fresh_workspace(good, tmp_path / "ws")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("an earlier run\n")
+    result = _eval_samples(ws.model, samples, "--force")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(r["model"], r["task"]) for r in records] == [("model", "demo_records")] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl", "ws"]  # no temporary left
