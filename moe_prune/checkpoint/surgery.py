@@ -243,8 +243,8 @@ class MtpTensors:
         """One line per MTP MoE block (one in all when dropped), for the CLI, its JSON and the manifest history."""
         if dropped:
             return [
-                f"--drop-mtp: removed {len(self.layers)} multi-token-prediction layer(s), "
-                f"{self.layout.family.count_key} set to 0"
+                f"--drop-mtp: removed {len(self.layers)} multi-token-prediction layer(s) "
+                f"({len(self.virtual) + len(self.extras)} tensors), {self.layout.family.count_key} set to 0"
             ]
         return [
             f"multi-token-prediction layer {prefix}: experts of layer {follow} {verb}"
