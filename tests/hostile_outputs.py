@@ -56,3 +56,16 @@ def out_is_a_folder(ws: Workspace) -> None:
 hostile("work-folder-inside-the-model", ("sweep", "lottery"), "input", extra=("--out", "{model}/sub"))(_nothing)
 hostile("work-folder-is-the-model", ("sweep", "lottery"), "input", extra=("--out", "{model}", "--force"))(_nothing)
 hostile("work-folder-holds-the-inputs", ("sweep", "lottery"), "input", extra=("--out", "{root}", "--force"))(_nothing)
+
+
+# finetune's resume folder `.OUT.resume` must be a folder: --force could not remove a link or a file, and
+# state saved through a link would land wherever it points.
+@hostile("resume-folder-is-a-link", ("finetune",), ".out.resume", extra=("--force", "--save-every", "1"))
+def resume_folder_is_a_link(ws: Workspace) -> None:
+    (ws.root / "elsewhere").mkdir()
+    os.symlink(ws.root / "elsewhere", ws.root / ".out.resume")
+
+
+@hostile("resume-folder-is-a-file", ("finetune",), ".out.resume", extra=("--force",))
+def resume_folder_is_a_file(ws: Workspace) -> None:
+    (ws.root / ".out.resume").write_text("not a saved run\n")
