@@ -14,6 +14,13 @@ Local files, by suffix:
 Anything else that is not an existing path is tried as a hub dataset id (`org/name`, optionally
 `org/name:config`), streamed so that a huge corpus is never downloaded whole.
 
+Reading is bounded: only regular files are read (a device such as a symlink to /dev/zero, or a pipe, is
+refused), block by block and lazily, so reading stops once `max_chars` characters are collected; a JSONL
+or CSV line, a .json file and a parquet row group (its uncompressed size, from the file's metadata, before
+it is read) may hold LINE_CHARS_PER_CHAR characters per wanted one (at least their floors) and are
+refused beyond. A document longer than PIECE_CHARS is tokenized piece by piece (`piecewise_ids`), with
+the ids of one-piece tokenization, and only until the stream holds `max_tokens`.
+
 Chats are kept as `Chat` documents until `render` writes them out with the model's own chat template
 (`tokenizer.apply_chat_template(messages, tokenize=False)`): the text the model sees in chat use. A
 tokenizer without a template is refused (one line naming the file): a made-up format would calibrate

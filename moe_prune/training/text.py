@@ -3,9 +3,12 @@
 One source without a share is read as finetune has always read it: its documents up to
 CHARS_PER_TOKEN_BOUND characters per budgeted token, tokenized into one stream (documents joined by EOS)
 until at least the budget is reached, and every whole chunk of that stream kept (a few more tokens than
-the budget; the run's seeded batches draw from them). One source needs no mixing, and sending it through
-the mix would cut the stream at exactly the budget: fewer rows, another batch order, so the same command
-would train another model than the one measured before mixes existed (the README's tables).
+the budget; the run's seeded batches draw from them). A document longer than `runtime.data.PIECE_CHARS`
+(a .txt file is one) is tokenized piece by piece and stops at exactly the budget (issue #19: tokenizing
+all of a .txt file's characters cost memory in proportion to the text). One source needs no mixing, and
+sending it through the mix would cut the stream at exactly the budget: fewer rows, another batch order,
+so the same command would train another model than the one measured before mixes existed (the README's
+tables).
 
 A mix (several `--data` values, or one with a share) goes through `runtime.sources.load_mix`: each source
 gives the FIRST tokens of its share (no seed: like one source, a file is read from its start) of the
