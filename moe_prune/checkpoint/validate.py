@@ -196,11 +196,13 @@ def _check_widths(config: ModelConfig, tensors: list[TensorInfo], layers: dict[i
 def _check_heads(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, _MoeLayer]) -> None:
     """Key and value projections of the MoE layers: num_key_value_heads x head_dim rows, as transformers sizes them.
 
-    Only where cheap and unambiguous: plain `self_attn.k_proj` / `v_proj` beside a router (MLA, fused QKV and
-    linear-attention layers have none); head_dim is the config's, else hidden_size // num_attention_heads.
+    Only where cheap and unambiguous: families of the table (a derived family may size some layers from
+    other fields, e.g. MiMo's sliding-window heads), plain `self_attn.k_proj` / `v_proj` beside a router
+    (MLA, fused QKV and linear-attention layers have none); head_dim is the config's, else
+    hidden_size // num_attention_heads.
     """
     heads, kv, hidden = (config.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
-    if not all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
+    if config.adapter.model_type not in ADAPTERS or not all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
         return
     head_dim = config.get("head_dim")
     head_dim = head_dim if isinstance(head_dim, int) and head_dim > 0 else hidden // heads
