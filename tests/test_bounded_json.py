@@ -265,3 +265,33 @@ def test_every_json_moe_prune_reads_goes_through_the_bounded_reader():
     assert not offenders, "read JSON with artifacts.common.parse_json/read_json, .npz with open_npz:\n" + "\n".join(
         offenders
     )
+
+
+def test_statistics_arrays_are_read_only_after_their_claimed_shapes_fit_the_model(tmp_path, monkeypatch):
+    """A field whose header claims other layer or expert counts than __meta__'s model is refused unread."""
+    from hostile import Workspace
+
+    from moe_prune.artifacts import stats
+
+    ws = Workspace(tmp_path)
+    source = tmp_path / "good.npz"
+    arrays = {"__meta__": np.array(json.dumps(_meta(layers=2, experts=4))), "tokens": np.ones(2, np.int64)}
+    ws.write_stats({**arrays, "hard_counts": np.zeros((2, 4), np.int64)}, source)
+    assert stats.Stats.load(source).arrays["hard_counts"].shape == (2, 4)
+    read: list[str] = []
+    member = stats._member
+    monkeypatch.setattr(stats, "_member", lambda data, key, name: read.append(key) or member(data, key, name))
+    for shape in [(3, 4), (2, 5), (2, 4, 1)]:
+        read.clear()
+        ws.write_stats({**arrays, "hard_counts": np.zeros(shape, np.int64)}, source)
+        with pytest.raises(MoePruneError, match="hard_counts has"):
+            stats.Stats.load(source)
+        assert read == ["__meta__"], shape
+
+
+def _meta(layers: int, experts: int) -> dict:
+    from moe_prune.artifacts.identity import ModelIdentity
+
+    ids = {layer: list(range(experts)) for layer in range(layers)}
+    model = ModelIdentity("mixtral", layers, ids, "sha256:0").to_dict()
+    return {"schema": "moe-prune/stats", "version": 1, "model": model, "provenance": {}}

@@ -78,22 +78,41 @@ def _check_npz_claims(archive: zipfile.ZipFile, size: int, name: str) -> None:
                 f"{name}: field {field} claims {info.file_size} bytes but stores {info.compress_size}, uncompressed"
             )
         with archive.open(info) as member:
-            if member.read(6) != b"\x93NUMPY":
-                continue  # not an array: np.load returns its bytes, already counted above
-            member.seek(0)
-            version = np.lib.format.read_magic(member)
-            if version not in ((1, 0), (2, 0)):
-                raise MoePruneError(f"{name}: field {field} is in .npy format version {version}, not 1.0 or 2.0")
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = reader(member)
-            if dtype.hasobject:
-                continue  # np.load refuses pickled objects before reading them
-            claimed = member.tell() + math.prod(shape) * dtype.itemsize
+            header = _npy_header(member, field, name)
+        if header is None or header[1].hasobject:
+            continue  # bytes, not an array (counted above), or a pickle, which np.load refuses unread
+        shape, dtype, length = header
+        claimed = length + math.prod(shape) * dtype.itemsize
         if claimed != info.file_size:
             raise MoePruneError(
                 f"{name}: field {field} claims shape {shape} of {dtype} ({claimed} bytes with its header), "
                 f"but the archive holds {info.file_size} bytes for it"
             )
+
+
+def _npy_header(member: Any, field: str, name: str) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, header length) from the .npy header at the start of `member`; None if it is no .npy."""
+    if member.read(6) != b"\x93NUMPY":
+        return None
+    member.seek(0)
+    version = np.lib.format.read_magic(member)
+    if version not in ((1, 0), (2, 0)):
+        raise MoePruneError(f"{name}: field {field} is in .npy format version {version}, not 1.0 or 2.0")
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(member)
+    return shape, dtype, member.tell()
+
+
+def claimed_shapes(data: np.lib.npyio.NpzFile, name: str) -> dict[str, tuple[int, ...]]:
+    """Shape each array member's .npy header claims, by field name, read without reading the arrays."""
+    shapes = {}
+    for info in data.zip.infolist():
+        field = info.filename.removesuffix(".npy")
+        with data.zip.open(info) as member:
+            header = _npy_header(member, field, name)
+        if header is not None:
+            shapes[field] = header[0]
+    return shapes
 
 
 def describe(exc: BaseException) -> str:

@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from moe_prune.artifacts.common import NPZ_ERRORS, check_header, describe, open_npz, parse_json, require_type
+from moe_prune.artifacts.common import (
+    NPZ_ERRORS,
+    check_header,
+    claimed_shapes,
+    describe,
+    open_npz,
+    parse_json,
+    require_type,
+)
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.errors import MoePruneError
 
@@ -87,9 +95,7 @@ class Stats:
     def load(cls, path: Path) -> Stats:
         """Read and validate every field (shape, dtype, range): a corrupt file fails here, in one line."""
         name = str(path)
-        meta, arrays = _read_npz(Path(path), name)
-        check_header(meta, STATS_SCHEMA, STATS_VERSION, name)
-        identity = ModelIdentity.from_dict(meta.get("model"), name)
+        meta, identity, arrays = _read_npz(Path(path), name)
         provenance = meta.get("provenance")
         provenance = require_type(provenance, dict, name, "provenance") if provenance is not None else {}
         validate_arrays(arrays, identity, name)
@@ -147,8 +153,12 @@ FIELD_CHECKS: dict[str, tuple[str, str]] = {
 }
 
 
-def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(`__meta__` object, arrays by name); a missing, truncated or foreign file is a one-line error."""
+def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], ModelIdentity, dict[str, np.ndarray]]:
+    """(`__meta__` object, identity, arrays by name); a missing, truncated or foreign file is a one-line error.
+
+    The arrays are read only after the shapes their .npy headers claim fit the model `__meta__` names
+    (every field known, its layer and expert axes those of the model), so no claim is allocated first.
+    """
     try:
         data = open_npz(path, name)  # sizes claimed by the zip and .npy headers checked before reading
     except FileNotFoundError:
@@ -160,14 +170,23 @@ def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], dict[str, np.ndarr
     with data:
         if "__meta__" not in data.files:
             raise MoePruneError(f"{name}: not a moe-prune statistics file (no __meta__ entry)")
-        arrays = {key: _member(data, key, name) for key in data.files}
-    meta = arrays.pop("__meta__")
-    if meta.ndim != 0 or meta.dtype.kind != "U":
-        raise MoePruneError(f"{name}: __meta__ must be one JSON string, not a {meta.dtype} array of shape {meta.shape}")
-    obj = parse_json(str(meta), name, "__meta__")
-    if not isinstance(obj, dict):
-        raise MoePruneError(f"{name}: __meta__ must be a JSON object")
-    return obj, arrays
+        shapes = claimed_shapes(data, name)
+        not_arrays = sorted(set(data.files) - set(shapes))
+        if not_arrays:
+            raise MoePruneError(f"{name}: field {not_arrays[0]} is not a .npy array")
+        meta = _member(data, "__meta__", name)
+        if meta.ndim != 0 or meta.dtype.kind != "U":
+            raise MoePruneError(
+                f"{name}: __meta__ must be one JSON string, not a {meta.dtype} array of shape {meta.shape}"
+            )
+        obj = parse_json(str(meta), name, "__meta__")
+        if not isinstance(obj, dict):
+            raise MoePruneError(f"{name}: __meta__ must be a JSON object")
+        check_header(obj, STATS_SCHEMA, STATS_VERSION, name)
+        identity = ModelIdentity.from_dict(obj.get("model"), name)
+        check_shapes({key: shape for key, shape in shapes.items() if key != "__meta__"}, identity, name)
+        arrays = {key: _member(data, key, name) for key in data.files if key != "__meta__"}
+    return obj, identity, arrays
 
 
 def _member(data: Any, key: str, name: str) -> np.ndarray:
@@ -180,30 +199,33 @@ def _member(data: Any, key: str, name: str) -> np.ndarray:
 
 def validate_arrays(arrays: dict[str, np.ndarray], identity: ModelIdentity, name: str) -> None:
     """Every field known, of its dtype kind and full shape, finite and in range; fields agree with each other."""
-    unknown = sorted(set(arrays) - set(STAT_FIELDS))
-    if unknown:
-        raise MoePruneError(f"{name}: unknown statistics {unknown}")
-    sizes = {"L": len(identity.moe_layers), "E": max(identity.experts_in(layer) for layer in identity.moe_layers)}
+    check_shapes({key: array.shape for key, array in arrays.items()}, identity, name)
     for key in sorted(arrays, key=lambda k: (len(FIELD_CHECKS[k][1]), k)):
-        kind, axes = FIELD_CHECKS[key]
-        _check_shape(arrays[key], key, axes, sizes, name)
-        _check_values(arrays[key], key, kind, name)
+        _check_values(arrays[key], key, FIELD_CHECKS[key][0], name)
     _check_consistency(arrays, name)
 
 
-def _check_shape(array: np.ndarray, key: str, axes: str, sizes: dict[str, int], name: str) -> None:
+def check_shapes(shapes: dict[str, tuple[int, ...]], identity: ModelIdentity, name: str) -> None:
+    """Every field known and of its full shape: run on the shapes .npy headers claim, before reading the arrays."""
+    unknown = sorted(set(shapes) - set(STAT_FIELDS))
+    if unknown:
+        raise MoePruneError(f"{name}: unknown statistics {unknown}")
+    sizes = {"L": len(identity.moe_layers), "E": max(identity.experts_in(layer) for layer in identity.moe_layers)}
+    for key in sorted(shapes, key=lambda k: (len(FIELD_CHECKS[k][1]), k)):
+        _check_shape(tuple(shapes[key]), key, FIELD_CHECKS[key][1], sizes, name)
+
+
+def _check_shape(shape: tuple[int, ...], key: str, axes: str, sizes: dict[str, int], name: str) -> None:
     """Shape = the field's axes; H and V are learnt from the first field that has them, then must agree."""
-    if array.ndim != len(axes):
-        raise MoePruneError(f"{name}: {key} has {array.ndim} axes {array.shape}, expected [{', '.join(axes)}]")
-    for axis, (letter, size) in enumerate(zip(axes, array.shape, strict=True)):
+    if len(shape) != len(axes):
+        raise MoePruneError(f"{name}: {key} has {len(shape)} axes {shape}, expected [{', '.join(axes)}]")
+    for axis, (letter, size) in enumerate(zip(axes, shape, strict=True)):
         expected = sizes.setdefault(letter, size)
         if size != expected or size < 1:
             what = {"L": "MoE layers", "E": "experts", "H": "hidden size", "V": "vocabulary bitset bytes"}.get(
                 letter, "intermediate size"
             )
-            raise MoePruneError(
-                f"{name}: {key} has shape {array.shape}: axis {axis} ({what}) is {size}, expected {expected}"
-            )
+            raise MoePruneError(f"{name}: {key} has shape {shape}: axis {axis} ({what}) is {size}, expected {expected}")
 
 
 def _check_values(array: np.ndarray, key: str, kind: str, name: str) -> None:
