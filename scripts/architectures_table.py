@@ -25,7 +25,8 @@ def describe(model_type: str, unsupported: dict[str, str]) -> tuple[str, str]:
     except DerivationError:
         text = model_type
     if text != model_type:
-        return "wrapper", f"its `text_config` ({text}) is what moe-prune edits"
+        untested = f"; not tested: {unsupported[model_type]}" if model_type in unsupported else ""
+        return "wrapper", f"its `text_config` ({text}) is what moe-prune edits{untested}"
     if model_type in ADAPTERS:
         return "table", _summary(ADAPTERS[model_type])
     if model_type in unsupported:

@@ -66,21 +66,9 @@ def wrapper_adapter(model_type: str, text: Adapter) -> Adapter:
     return replace(text, layer_prefix=layout.layer_prefix, runtime_layers=layout.runtime_layers)
 
 
-def _wrapper_of_supported(model_type: str) -> Adapter | None:
-    """For a wrapper type whose text model is supported: that adapter with the wrapper's layer prefixes."""
-    from moe_prune.architectures.derive import text_model_type
-
-    try:
-        text = text_model_type(model_type)
-    except Exception:  # not a type transformers can build a config of
-        return None
-    inner = find_adapter(text) if text != model_type else None
-    return wrapper_adapter(model_type, inner) if inner is not None else None
-
-
 def get_adapter(model_type: str) -> Adapter:
     """The adapter for `model_type`, or a one-line error saying what the derivation could not find."""
-    found = find_adapter(model_type) or _wrapper_of_supported(model_type)
+    found = find_adapter(model_type)
     if found is not None:
         return found
     close = difflib.get_close_matches(model_type, ADAPTERS, n=1)

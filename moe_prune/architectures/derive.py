@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -137,6 +138,9 @@ def _shrunk_value(key: str, value: Any, n_layers: int | None) -> Any:
         return [v % 128 for v in value] if isinstance(value, list) else value % 128 if isinstance(value, int) else value
     if isinstance(value, bool) or not isinstance(value, int | list | str):
         return value
+    if n_layers and _layer_indices(key, value, n_layers):  # e.g. llama4's moe_layers: renumbered onto kept layers
+        kept = _kept_layers(n_layers)
+        return [new for new, old in enumerate(kept) if old in value]
     per_layer = isinstance(value, list) or (isinstance(value, str) and "pattern" in key)
     if per_layer and n_layers and len(value) == n_layers and n_layers > TINY_LAYERS:
         # the first layer and the last ones: leading dense layers and periodic full-attention layers both stay
@@ -161,6 +165,12 @@ def _shrunk_value(key: str, value: Any, n_layers: int | None) -> Any:
     if k in TOP_K_NAMES:
         return min(value, TINY_TOP_K)
     return _shrunk_shape_value(k, value)
+
+
+def _layer_indices(key: str, value: Any, n_layers: int) -> bool:
+    """A list of layer indices (strictly increasing, within the layers), not one value per layer (0/1 flags)."""
+    ints = isinstance(value, list) and len(value) > 1 and all(isinstance(v, int) for v in value)
+    return ints and "layer" in key and all(0 <= a < b < n_layers for a, b in itertools.pairwise(value))
 
 
 def _shrunk_shape_value(k: str, value: int) -> int:
