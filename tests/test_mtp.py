@@ -371,30 +371,45 @@ def test_every_mtp_family_of_transformers_has_its_layout():
     assert {t for t in covered if mtp_family(t).layer_prefix} <= set(PLACES)  # each placed layout is exercised
 
 
+# (family, tensor added, refused on opening: True for an unknown place; False for the family's own MTP subtree,
+# which transformers skips, so only prune and merge refuse it unless --drop-mtp removes it)
 UNPLACEABLE = [
-    ("deepseek_v3", "mtp.layers.0.mlp.gate.weight"),  # a Qwen-style MTP key in a decoder-numbered family
-    ("mixtral", "model.mtp.fc.weight"),  # MTP in a family transformers names no MTP keys for
-    ("qwen3_next", "mtp.layers.0.transformer_block.mlp.experts.0.up_proj.weight"),  # experts nested unknown
-    ("qwen3_next", "mtp.mlp.experts.0.up_proj.weight"),  # experts outside any MTP layer
-    ("mellum", "model.mtp.layers.0.mlp.gate.weight"),  # MiMo's place, not Mellum's
+    ("deepseek_v3", "mtp.layers.0.mlp.gate.weight", True),  # a Qwen-style MTP key in a decoder-numbered family
+    ("mixtral", "model.mtp.fc.weight", True),  # MTP in a family transformers names no MTP keys for
+    ("qwen3_next", "mtp.layers.0.transformer_block.mlp.experts.0.up_proj.weight", True),  # experts nested unknown
+    ("mellum", "model.mtp.layers.0.mlp.gate.weight", True),  # MiMo's place, not Mellum's
+    ("qwen3_next", "mtp.mlp.experts.0.up_proj.weight", False),  # experts outside any MTP layer
 ]
 
 
-@pytest.mark.parametrize(("model_type", "name"), UNPLACEABLE)
-def test_mtp_tensors_the_layout_cannot_place_are_refused(model_type, name, family_factory, tmp_path):
+@pytest.mark.parametrize(("model_type", "name", "at_open"), UNPLACEABLE)
+def test_mtp_tensors_the_layout_cannot_place_are_refused(model_type, name, at_open, family_factory, tmp_path):
     folder = tmp_path / "model"
-    shutil.copytree(family_factory(model_type), folder)
+    plain = family_factory(model_type)
+    shutil.copytree(plain, folder)
     tensors = load_file(folder / "model.safetensors")
     tensors[name] = torch.zeros(8, H)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     shard = folder / "model.safetensors"
-    with pytest.raises(MoePruneError, match=rf"^{re.escape(str(shard))}: holds {re.escape(name)}, a multi-token"):
+    line = rf"^{re.escape(str(shard))}: holds {re.escape(name)}, a multi-token-prediction tensor moe-prune cannot"
+    if at_open:
+        with pytest.raises(MoePruneError, match=line):
+            Checkpoint.open(folder)
+    else:
         Checkpoint.open(folder)
-    ckpt_keep = {layer: [0, 1, 2, 3] for layer in Checkpoint.open(family_factory(model_type)).identity.moe_layers}
-    mask = write_mask(tmp_path / "mask.json", Checkpoint.open(family_factory(model_type)), ckpt_keep)
-    result = runner.invoke(app, ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "out")])
+    keep = {layer: [0, 1, 2, 3] for layer in Checkpoint.open(plain).identity.moe_layers}
+    mask = write_mask(tmp_path / "mask.json", Checkpoint.open(plain), keep)
+    args = ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert name in result.output and str(shard) in result.output and not (tmp_path / "out").exists()
+    with pytest.raises(MoePruneError, match=line):
+        merge.run(folder, synthetic_stats(Checkpoint.open(plain)), tmp_path / "out", 4)
+    if not at_open:  # the family's own MTP tensors can always be dropped
+        result = runner.invoke(app, [*args, "--drop-mtp"])
+        assert result.exit_code == 0, result.output
+        prune.run(plain, DropMask.create(Checkpoint.open(plain).identity, keep, "test"), tmp_path / "plain")
+        assert all_tensors(tmp_path / "out").keys() == all_tensors(tmp_path / "plain").keys()
 
 
 def test_drop_zeroes_every_count_key_present_and_the_familys_own(family_factory):

@@ -39,8 +39,8 @@ MTP_LIKE = re.compile(r"(?:^|\.)[^.]*(?:mtp|nextn)[^.]*\.", re.IGNORECASE)
 class MtpFamily:
     """Where a family's MTP layers live: the config key of their count and their on-disk keys.
 
-    `layer_prefix` None: no MTP layer is placed; tensors matching `ignore` are then whole-copied (or dropped)
-    extras, and any of them holding experts or a router is refused.
+    `layer_prefix` None: no MTP layer is placed; tensors matching `ignore` are then extras, copied whole or
+    dropped, and prune and merge refuse any of them naming experts or a router unless it is dropped.
     """
 
     count_key: str  # in the text config
@@ -78,7 +78,7 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     "minimax_m3_vl_text": MtpFamily("num_mtp_modules", "mtp.layers.{i}.", r"(^|\.)mtp\..*"),
     "ernie4_5_moe": MtpFamily("num_nextn_predict_layers", "model.mtp_block.{i}.", r"mtp"),  # vLLM ernie_mtp
     # mtp.*; its MTP sublayers follow mtp_layers_block_type (attention, then MoE), not one decoder layer each:
-    # recognised (--drop-mtp removes them) but not placed, so MTP experts are refused
+    # recognised but not placed: prune and merge refuse MTP experts unless --drop-mtp removes them
     "nemotron_h": MtpFamily("num_nextn_predict_layers", None, r"mtp.*"),
 }
 

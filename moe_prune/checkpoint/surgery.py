@@ -185,6 +185,7 @@ class MtpTensors:
     extras: list[TensorInfo] = field(default_factory=list)  # MTP tensors outside the layers
     layers: dict[int, MtpLayer] = field(default_factory=dict)  # index -> layer, for layers holding tensors
     moe: list[int] = field(default_factory=list)  # virtual layer numbers holding a router
+    unplaced: list[TensorInfo] = field(default_factory=list)  # extras naming experts or a router: drop-only
     _renames: dict[str, str] = field(default_factory=dict)  # wrapper + virtual prefix -> wrapper + disk prefix
 
     @classmethod
@@ -194,8 +195,10 @@ class MtpTensors:
         for info in tensors:
             found = layout.locate(info.name)
             if found is None:
-                if layout.is_extra(info.name) and not _names_moe(info.name, layout.adapter):
+                if layout.is_extra(info.name):  # the family's MTP tensors, which transformers skips on load
                     out.extras.append(info)
+                    if _names_moe(info.name, layout.adapter):
+                        out.unplaced.append(info)
                 elif layout.looks_mtp(info.name):
                     raise _unplaced(info, layout)
                 else:
@@ -265,10 +268,10 @@ def _names_moe(name: str, adapter: Adapter) -> bool:
     return any(f".{part}" in f".{name}" for part in parts if part)
 
 
-def _unplaced(info: TensorInfo, layout: MtpLayout) -> MoePruneError:
+def _unplaced(info: TensorInfo, layout: MtpLayout, hint: str = "") -> MoePruneError:
     return MoePruneError(
         f"{info.file}: holds {info.name}, a multi-token-prediction tensor moe-prune cannot place "
-        f"({layout.describe()}); refusing rather than copying it unedited next to edited experts"
+        f"({layout.describe()}); refusing rather than copying it unedited next to edited experts{hint}"
     )
 
 
@@ -306,7 +309,11 @@ def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTen
     """
     config = ckpt.config
     split = MtpTensors.split(ckpt.tensors, mtp_layout(config.adapter, config.text, config.num_layers))
-    if drop or not split.moe:
+    if drop:
+        return split
+    if split.unplaced:  # MTP experts outside any layer the layout places: copying them would leave them unedited
+        raise _unplaced(split.unplaced[0], split.layout, "; pass --drop-mtp to remove them")
+    if not split.moe:
         return split
     prefixes = ", ".join(split.prefixes().values())
     if len(set(counts.values())) > 1:
