@@ -32,10 +32,12 @@ def test_check_plot_refuses_before_any_work(tmp_path):
     with pytest.raises(MoePruneError, match="already exists; pass --force"):
         check_plot(existing, force=False)
     check_plot(existing, force=True)
-    folder = tmp_path / "model.png"  # an input that happens to carry the name
-    folder.mkdir()
+    given = tmp_path / "model.png"  # an input that happens to carry the name
+    given.write_bytes(b"an input")
     with pytest.raises(MoePruneError, match="is, holds or lies inside the input"):
-        check_plot(folder, force=True, inputs=(folder,))
+        check_plot(given, force=True, inputs=(given,))
+    with pytest.raises(MoePruneError, match="is a folder, not a file"):  # never replaced, even with --force
+        check_plot(tmp_path, force=True)
     assert existing.read_bytes() == b"keep me"
 
 
