@@ -36,8 +36,9 @@ def test_check_plot_refuses_before_any_work(tmp_path):
     given.write_bytes(b"an input")
     with pytest.raises(MoePruneError, match="is, holds or lies inside the input"):
         check_plot(given, force=True, inputs=(given,))
+    (tmp_path / "dir.png").mkdir()
     with pytest.raises(MoePruneError, match="is a folder, not a file"):  # never replaced, even with --force
-        check_plot(tmp_path, force=True)
+        check_plot(tmp_path / "dir.png", force=True)
     assert existing.read_bytes() == b"keep me"
 
 
