@@ -423,3 +423,35 @@ def test_drop_zeroes_every_count_key_present_and_the_familys_own(family_factory)
     raw = {"hidden_size": H}
     set_mtp_count(raw, None, mtp_family("mixtral"), 0)  # no MTP layout and no count key: nothing to say
     assert raw == {"hidden_size": H}
+
+
+def test_nemotron_h_mtp_sublayers_are_dropped_or_refused(family_factory, tmp_path):
+    """Nemotron-H's MTP holds sublayers after mtp_layers_block_type (attention, then MoE) under `mtp.*`: the
+    subtree is recognised, never placed; its experts make prune refuse unless --drop-mtp removes all of it."""
+    plain = family_factory("nemotron_h")
+    folder = tmp_path / "nemotron-mtp"
+    shutil.copytree(plain, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    ckpt = Checkpoint.open(plain)
+    last = ckpt.config.adapter.layer_prefix.format(L=ckpt.config.moe_layers[-1])
+    for name in [n for n in tensors if n.startswith(last)]:
+        tensors["mtp.layers.1." + name[len(last) :]] = tensors[name].clone()
+    for rest, shape in {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H)}.items():
+        tensors["mtp.layers.0." + rest] = torch.ones(shape, dtype=tensors[next(iter(tensors))].dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    opened = Checkpoint.open(folder)  # transformers skips mtp.*, so reading the model works
+    keep = random_keep(opened, 4, seed=6)
+    mask = write_mask(tmp_path / "mask.json", opened, keep)
+    args = ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(r"holds mtp\.layers\.1\.\S+experts|holds mtp\.layers\.1\.\S+gate", result.output), result.output
+    assert "--drop-mtp" in result.output and not (tmp_path / "out").exists()
+    result = runner.invoke(app, [*args, "--drop-mtp"])
+    assert result.exit_code == 0, result.output
+    prune.run(plain, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "plain")
+    assert all_tensors(tmp_path / "out").keys() == all_tensors(tmp_path / "plain").keys()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
