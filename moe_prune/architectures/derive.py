@@ -92,6 +92,7 @@ def config_class(model_type: str) -> type:
         raise DerivationError(f"transformers knows no model_type {model_type!r}") from None
 
 
+@functools.cache
 def text_model_type(model_type: str) -> str:
     """The model_type that holds the MoE text model: a wrapper's text config type, else itself."""
     cfg = config_class(model_type)()
