@@ -130,8 +130,8 @@ class ModelConfig:
 
     def check(self) -> None:
         """Read every MoE field once, so a nonsensical value fails here with one line, not deep in a stage."""
+        _ = self.num_layers, self.top_k, self.experts_per_layer, self.n_group  # their own, more precise lines first
         check_sizes(self.text, self.source, f"{self.text_key}." if self.text_key else "")
-        _ = self.num_layers, self.top_k, self.experts_per_layer, self.n_group
         if not self.moe_layers:
             raise MoePruneError(f"{self.source}: describes no MoE layer; nothing to prune or merge")
         if self.n_group > 1 and any(n % self.n_group for n in self.experts_per_layer.values()):
