@@ -279,23 +279,17 @@ def derived_families() -> list[str]:
 
 DERIVED = derived_families()
 
-# Wrappers whose layer keys (model.language_model.layers.{L}.) the text model's adapter (model.layers.{L}.) does not
-# match; llama4's (language_model.model.layers.{L}.) it does. Strict xfails below notice a change.
-WRAPPER_KEYS_UNMATCHED = ("gemma4", "qwen3_5_moe", "qwen4_exp")
-
 # Checks a derived family fails through a bug or limit outside the derivation (strict: a fix shows up here).
 # --sequential is refused for these (one line, reason in the table); the strict xfail notices if that changes.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     **{("sequential", t): reason for t in DERIVED if (reason := NO_SEQUENTIAL.get(_text_type(t)))},
     ("ragged", "gemma4_text"): "its router and experts share no MoE block module; refused in one line",
-    ("merge copies", "gemma4_text"): "merge averages router.per_expert_scale with the experts instead of taking "
-    "the router's rule (--router anchor keeps the anchor's router row but not its scale)",
-    **{("ragged", t): "ragged checkpoints are plain causal LMs; refused in one line for a wrapper" for t in wrappers()},
     **{
-        ("merge copies", t): "a wrapper loaded as a causal LM saves a text config over the wrapper's "
-        "model.language_model.layers keys, which the text model's adapter does not match"
-        for t in WRAPPER_KEYS_UNMATCHED
+        ("merge copies", t): "merge averages router.per_expert_scale with the experts instead of taking the "
+        "router's rule (--router anchor keeps the anchor's router row but not its scale)"
+        for t in ("gemma4", "gemma4_text")
     },
+    **{("ragged", t): "ragged checkpoints are plain causal LMs; refused in one line for a wrapper" for t in wrappers()},
 }
 
 

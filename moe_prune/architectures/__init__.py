@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from dataclasses import replace
 
 from moe_prune.architectures.layer_rules import LAYER_RULES
@@ -66,6 +67,36 @@ def wrapper_adapter(model_type: str, text: Adapter) -> Adapter:
     return replace(text, layer_prefix=layout.layer_prefix, runtime_layers=layout.runtime_layers)
 
 
+def fit_layer_prefix(adapter: Adapter, names: list[str]) -> Adapter:
+    """`adapter`, or its text model's layout under a wrapper's layer prefix when only that one names a router.
+
+    A wrapper loaded as a causal LM and saved again (finetune, or any `save_pretrained`) writes its text config
+    over the wrapper's keys: Qwen3.5-MoE's text config with model.language_model.layers.{L}. tensors. The
+    wrappers of the text model type are transformers' own (`derive.wrapper_layout`); none match: unchanged."""
+    if _names_router(adapter, names):
+        return adapter
+    from moe_prune.architectures.derive import moe_causal_lm_types, text_model_type, wrapper_layout
+
+    for wrapper in moe_causal_lm_types():
+        try:
+            if wrapper == adapter.model_type or text_model_type(wrapper) != adapter.model_type:
+                continue
+            fitted = replace(adapter, layer_prefix=wrapper_layout(wrapper).layer_prefix)
+        except Exception:  # a wrapper transformers cannot build: not this checkpoint's layout
+            continue
+        if _names_router(fitted, names):
+            return fitted
+    return adapter
+
+
+def _names_router(adapter: Adapter, names: list[str]) -> bool:
+    """Does any tensor name a router weight under the adapter's layer prefix (either key layout)?"""
+    layer = re.escape(adapter.layer_prefix).replace(r"\{L\}", r"\d+")
+    routers = "|".join(re.escape(a.router) for a in (adapter, adapter.memory_layout()))
+    pattern = re.compile(r"^(?:.*\.)?" + layer + f"(?:{routers})$")
+    return any(pattern.match(name) for name in names)
+
+
 def get_adapter(model_type: str) -> Adapter:
     """The adapter for `model_type`, or a one-line error saying what the derivation could not find."""
     found = find_adapter(model_type)
@@ -88,6 +119,7 @@ __all__ = [
     "Routing",
     "derived_adapter",
     "find_adapter",
+    "fit_layer_prefix",
     "get_adapter",
     "supported_model_types",
     "wrapper_adapter",

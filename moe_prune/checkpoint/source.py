@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
+from moe_prune.architectures import fit_layer_prefix
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.common import describe
 from moe_prune.artifacts.identity import ModelIdentity
@@ -141,7 +142,9 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> ModelConfig:
-        return ModelConfig.load(self.folder / "config.json")
+        """config.json with its adapter fitted to the tensors' layer prefix (a wrapper's keys under a text config)."""
+        config = ModelConfig.load(self.folder / "config.json")
+        return replace(config, adapter=fit_layer_prefix(config.adapter, [t.name for t in self.tensors]))
 
     @cached_property
     def shard_files(self) -> list[Path]:
