@@ -96,10 +96,14 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
 REFUSED: dict[str, str] = {
     "deepseek_v4": "its first layers route by a frozen token-id -> expert table (hash_moe), which dropping or "
     "merging experts would leave pointing at experts that are gone",
-    "inkling_text": "its router weight is not an [E, H] matrix next to the experts; needs a table row",
-    "jetmoe": "its attention experts share the expert count (mixture of attention heads); needs a table row",
-    "longcat_flash": "its router has identity 'zero experts' past the real ones and no fused *Experts module",
-    "zaya": "its router is an MLP, not an [E, H] matrix next to the experts; needs a table row",
+    "inkling_text": "its router has a row per shared expert after the routed ones ([E + shared, H]); the rows "
+    "that must stay after the kept ones are not sliced yet",
+    "jetmoe": "its attention experts share the expert count (mixture of attention heads); pruning them by the same "
+    "count, or keeping them with a per-module count, is not implemented",
+    "longcat_flash": "its router has rows and a bias for identity 'zero experts' after the real ones (and its fused "
+    "gate_up_proj spans them); the rows that must stay after the kept ones are not sliced yet",
+    "zaya": "its router is an MLP whose last class is the skip expert (out_proj [E + 1, ...], balancing_biases "
+    "[E + 1]); the row that must stay last is not sliced yet",
     "doge": "its CDMoE block retrieves experts through a grid of num_keys x num_keys product keys (embedding "
     "rows, not expert modules); dropping one expert would break the key grid",
 }
