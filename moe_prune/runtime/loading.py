@@ -203,7 +203,9 @@ def _cast_like_skeleton(model: Any, ckpt: Checkpoint, dtype: str, trust_remote_c
     norms, router, head: bfloat16 in the FP8 releases) in their stored dtype beside the float32 they
     dequantize into, so with --dtype float32 every matmul between them fails on CPU.
     """
-    skeleton, _ = model_skeleton(ckpt, dtype, trust_remote_code)
+    with warnings.catch_warnings():  # load_model already said what it ignores (auto_map)
+        warnings.simplefilter("ignore", MoePruneWarning)
+        skeleton, _ = model_skeleton(ckpt, dtype, trust_remote_code)
     wanted = {name: t.dtype for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers())}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         target = wanted.get(name)
