@@ -85,17 +85,23 @@ def _(ws: Workspace) -> None:
     _records(ws, *({"messages": chat} for _ in range(40)))
 
 
-@hostile("data-records-messages-a-string", ("finetune",), "data.jsonl", extra=("--data", JSONL, "--format", "chat"))
+# finetune --format chat|completion reads records itself (training.sft), from the one --data it is given:
+# the records are written over data.txt (a second --data would be refused as a mix before any reading).
+
+
+@hostile("data-records-messages-a-string", ("finetune",), "data.txt", extra=("--format", "chat"))
 def _(ws: Workspace) -> None:
-    """finetune --format chat reads records itself (training.sft)."""
-    _records(ws, {"messages": "user: hi"})
+    ws.data.write_text(json.dumps({"messages": "user: hi"}) + "\n")
 
 
-@hostile("data-records-never-end", ("finetune",), "data.jsonl", extra=("--data", JSONL, "--format", "chat"))
+@hostile("data-records-never-end", ("finetune",), "data.txt", extra=("--format", "chat"))
 def _(ws: Workspace) -> None:
-    (ws.root / "data.jsonl").symlink_to("/dev/zero")
+    ws.data.unlink()
+    ws.data.symlink_to("/dev/zero")
 
 
-@hostile("data-records-line-over-the-bound", ("finetune",), "data.jsonl", extra=("--data", JSONL, *RECORDS))
+@hostile("data-records-line-over-the-bound", ("finetune",), "data.txt", extra=RECORDS)
 def _(ws: Workspace) -> None:
-    _records(ws, {"prompt": "say " * 300_000, "completion": "ok"})
+    """A response of 1.2 million characters would be tokenized whole to keep its first --seq-len tokens."""
+    record = json.dumps({"prompt": "say:", "completion": " ok" * 400_000})
+    ws.data.write_text((record + "\n") * 4)
