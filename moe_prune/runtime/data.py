@@ -264,7 +264,7 @@ def split_text(raw: str, split_on: str = "none") -> list[str]:
 def _jsonl_records(path: Path, limit: int | None) -> Iterator[Any]:
     for number, line in text_lines(path, limit):
         if line.strip():
-            yield parse_json(line, f"{path}: line {number}", "the record")
+            yield parse_json(line, f"{path}: line {number}", "the record", limit=len(line))  # bounded by `limit`
 
 
 def _json_records(path: Path, max_chars: int | None) -> list[Any]:
@@ -276,7 +276,8 @@ def _json_records(path: Path, max_chars: int | None) -> list[Any]:
             f"{path}: {size:,} bytes of JSON, more than the {cap:,} this run reads (a .json file is parsed whole); "
             "give large record sets as .jsonl, read record by record"
         )
-    obj = parse_json("".join(_decoded(path)), str(path), "the data")
+    text = "".join(_decoded(path))
+    obj = parse_json(text, str(path), "the data", limit=len(text))  # its size was checked against `cap`
     if isinstance(obj, dict) and "data" in obj:
         obj = obj["data"]
     if not isinstance(obj, list):

@@ -73,7 +73,7 @@ def iter_records(path: Path, fmt: str, limit: int | None = None) -> Iterator[Rec
         if not line.strip():
             continue
         where = f"{path}: line {number}"
-        obj = parse_json(line, where, "the record")
+        obj = parse_json(line, where, "the record", limit=len(line))  # the line is bounded by `limit`
         if not isinstance(obj, dict):
             raise MoePruneError(f"{where}: expected a JSON object, got {json_type(obj)}")
         yield Record(where, _chat_turns(obj, where) if fmt == "chat" else _completion_turns(obj, where))
