@@ -284,11 +284,6 @@ DERIVED = derived_families()
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     **{("sequential", t): reason for t in DERIVED if (reason := NO_SEQUENTIAL.get(_text_type(t)))},
     ("ragged", "gemma4_text"): "its router and experts share no MoE block module; refused in one line",
-    **{
-        ("merge copies", t): "merge averages router.per_expert_scale with the experts instead of taking the "
-        "router's rule (--router anchor keeps the anchor's router row but not its scale)"
-        for t in ("gemma4", "gemma4_text")
-    },
     **{("ragged", t): "ragged checkpoints are plain causal LMs; refused in one line for a wrapper" for t in wrappers()},
 }
 

@@ -248,6 +248,11 @@ class MergePlanner:
         for layer in self.layers.values():
             if layer.plan.refit is not None:  # biases, unknown down tensors, statistics of other shapes refused
                 where = f"{tensors[0].file.parent if tensors else 'the checkpoint'}: MoE layer {layer.plan.layer}"
+                if self.adapter.expert_vectors:
+                    raise MoePruneError(
+                        f"{where}: --refit fits the down projection without the per-expert scale that multiplies it "
+                        f"({', '.join(self.adapter.expert_vectors)}); merge without --refit"
+                    )
                 check_layer(layer.layouts, layer.expert_shapes(), layer.plan.refit[0], where)
         out: list[AnyOutput] = []
         for info, key in classified:
@@ -264,8 +269,17 @@ class MergePlanner:
             return True
         bias = self.adapter.router_bias
         return (
-            key.kind == "rows" and self.matcher.is_router(info.name) is None and not (bias and info.name.endswith(bias))
+            key.kind == "rows"
+            and self.matcher.is_router(info.name) is None
+            and not (bias and info.name.endswith(bias))
+            and not self._is_vector(info.name)
         )
+
+    def _is_vector(self, name: str) -> bool:
+        """A per-expert vector (gemma4's router.per_expert_scale): it scales the routed expert's weight, so it
+        follows the router rule (the anchor's value, or the members' weighted mean) instead of being averaged
+        with the experts, which would scale an unchanged anchor by its members' values."""
+        return any(name == v or name.endswith("." + v) for v in self.adapter.expert_vectors)
 
     def _collect(self, info: Stored, key: ExpertKey) -> None:
         layer = self.layers[key.layer]
@@ -335,13 +349,15 @@ class MergePlanner:
         return make
 
     def _router_output(self, stored: Stored, key: ExpertKey) -> AnyOutput:
-        """Router weight rows, router bias and selection bias: anchor rows, weighted mean, or re-initialised."""
+        """Router weight rows, router bias and selection bias: anchor rows, weighted mean, or re-initialised.
+
+        Per-expert vectors (output scales, not selection) keep the anchor's values under reinit."""
         if stored.quantized:
             raise MoePruneError(f"{stored.file}: {stored.name} is a quantized router; moe-prune expects float routers")
         info = stored.data
         plan = self.plans[key.layer]
         axis = 0 if key.kind == "rows" else -1
-        if plan.router == "anchor":
+        if plan.router == "anchor" or (plan.router == "reinit" and self._is_vector(info.name)):
             return slice_expert_axis(info, axis, self.counts[key.layer], plan.anchors)
         _require_float(stored)
         shape = list(info.shape)
