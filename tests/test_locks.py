@@ -1,10 +1,10 @@
 """Two runs on one output, as real processes: the second is refused in one line and writes nothing.
 
 finetune (its `.OUT.resume` folder), sweep (results.jsonl, rewritten by each run) and lottery (its rounds)
-hold their output with a lock file `.OUT.lock` beside it (`checkpoint.output.work_lock`). The first run
-is paused inside the lock (a wrapper holds the stage's first step until the test releases it), so the
-second run meets it every time, not by luck; the first then finishes whole and leaves no lock, resume
-folder or temporary behind.
+hold their output with a lock file `.OUT.lock` beside it, profile --save-every its `OUT.partial.npz`
+(`checkpoint.output.work_lock`). The first run is paused inside the lock (a wrapper holds the stage's
+first step until the test releases it), so the second run meets it every time, not by luck; the first
+then finishes whole and leaves no lock, resume folder or temporary behind.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from test_hostile import good  # noqa: F401  (session fixture)
 
 from moe_prune.checkpoint.output import _take_over, lock_path, work_lock
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.resume import partial_path
 
 # Runs the CLI with one function replaced by a wrapper that waits, inside the lock, for a release file.
 HOLD = """
@@ -52,7 +53,10 @@ HELD = {
     "finetune": ("moe_prune.stages.finetune", "_train", ("--save-every", "1")),
     "sweep": ("moe_prune.sweep.folder", "SweepFolder._start", ()),
     "lottery": ("moe_prune.stages.lottery", "_prepare", ()),
+    "profile": ("moe_prune.stages.profile", "_profile", ("--save-every", "1")),
 }
+# command -> the path it holds when not its output: profile holds the partial file its --save-every writes
+HELD_PATH = {"profile": partial_path}
 ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -82,22 +86,23 @@ def test_a_second_run_on_a_held_output_is_one_line_and_writes_nothing(good, tmp_
         stderr=subprocess.PIPE,
         text=True,
     )
+    locked = HELD_PATH.get(command, Path)(ws.out)
     try:
         _wait_for(Path(f"{release}.held"), first)
-        assert lock_path(ws.out).exists()
+        assert lock_path(locked).exists()
         before = snapshot(ws.root)
         second = subprocess.run(
             [sys.executable, "-m", "moe_prune", *argv], env=ENV, capture_output=True, text=True, timeout=300
         )
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert second.returncode == 1 and len(lines) == 1, second.stderr
-        assert f"{ws.out} is in use by pid {first.pid} on {socket.gethostname()}" in lines[0], lines[0]
+        assert f"{locked} is in use by pid {first.pid} on {socket.gethostname()}" in lines[0], lines[0]
         assert snapshot(ws.root) == before, "the refused run wrote something"
     finally:
         release.write_text("")
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert ws.out.is_dir()
+    assert ws.out.is_file() if command == "profile" else ws.out.is_dir()
     assert _leftovers(ws.root) == [], "a lock, resume folder or temporary was left behind"
 
 

@@ -32,6 +32,7 @@ import moe_prune
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.output import work_lock
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime import distributed
@@ -179,8 +180,24 @@ def run(
     """Profile `model` on `data` (one source or several `SOURCE[:SHARE]`); nothing is written but `partial`.
 
     Under a distributed launch every process profiles its own slice and all get the combined result.
+    Each process holds its `partial` (`work_lock`, one file per process) from the start: a second run on
+    the same output, which would write over and resume from the same partial files, is refused in one
+    line before it reads anything.
     """
     settings.check()
+    with work_lock(partial) if partial is not None else nullcontext():
+        return _profile(model, data, settings, progress, partial, resume)
+
+
+def _profile(
+    model: str | Path,
+    data: str | Sequence[str],
+    settings: Settings,
+    progress: ProgressFn | None,
+    partial: Path | None,
+    resume: bool,
+) -> ProfileResult:
+    """The run itself, once its partial file (if any) is held."""
     place = distributed.world()
     settings = replace(settings, device=place.device(settings.device))
     ckpt = Checkpoint.open(model)
