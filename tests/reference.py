@@ -2,7 +2,8 @@
 
 Dropped experts get -inf router logits (intercepting the router's linear layer with a
 TorchFunctionMode, so no routing code of ours is involved) and, for routers that select on
-score + bias, a -inf selection bias.
+score + bias, a -inf selection bias. Router rows past the experts' (`Adapter.router_tail`, e.g.
+inkling_text's shared-expert rows) are never masked: only columns of dropped experts are.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from torch.overrides import TorchFunctionMode
 from moe_prune.architectures.spec import Adapter
 
 
-def router_weight(module: torch.nn.Module, n_experts: int) -> torch.nn.Parameter:
-    """The [E, H] parameter of a router module (its name differs per family)."""
+def router_weight(module: torch.nn.Module, n_experts: int, tail: bool = False) -> torch.nn.Parameter:
+    """The [E, H] parameter of a router module (its name differs per family); [E + rows, H] with `tail`."""
     for param in module.parameters():
-        if param.dim() == 2 and param.shape[0] == n_experts:
+        if param.dim() == 2 and (param.shape[0] == n_experts or (tail and param.shape[0] > n_experts)):
             return param
     raise AssertionError(f"no router weight in {type(module).__name__}")
 
@@ -46,11 +47,12 @@ def masked_logits(model, adapter: Adapter, n_experts: int, drop_slots: dict[int,
     for layer, slots in drop_slots.items():
         block = model.get_submodule(f"{adapter.runtime_layers}.{layer}")
         router = block.get_submodule(adapter.runtime_router)
-        dropped[id(router_weight(router, n_experts))] = slots
+        dropped[id(router_weight(router, n_experts, bool(adapter.router_tail)))] = slots
         if adapter.selection_bias:
             owner = block.get_submodule(adapter.runtime_router.rsplit(".", 1)[0])
             for name, buf in list(owner.named_buffers()) + list(owner.named_parameters()):
-                if buf.shape[-1] == n_experts and buf.dim() <= 2 and "bias" in name:
+                past = adapter.router_tail and buf.dim() == 1 and buf.shape[-1] > n_experts  # tail entries stay
+                if (buf.shape[-1] == n_experts or past) and buf.dim() <= 2 and "bias" in name:
                     buf.data[..., slots] = float("-inf")
     mode = MaskRouterLogits(dropped)
     with mode:

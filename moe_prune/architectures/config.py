@@ -248,6 +248,15 @@ class ModelConfig:
         return layers
 
     @property
+    def router_tail(self) -> int:
+        """Router rows after the routed experts' (`Adapter.router_tail`): 0 for most families."""
+        tail = self.adapter.router_tail
+        value = self.get(tail) if isinstance(tail, str) else tail
+        if not _is_int(value) or not 0 <= value <= MAX_EXPERTS:
+            raise MoePruneError(f"{self.source}: {tail} is {value!r}; expected 0 to {MAX_EXPERTS}")
+        return value
+
+    @property
     def n_group(self) -> int:
         """Number of expert groups for group-limited routing (1 when the family has none)."""
         if not self.adapter.routing.grouped:

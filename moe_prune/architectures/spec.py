@@ -65,6 +65,9 @@ class Adapter:
     expert_vectors: tuple[str, ...] = ()
     router_bias: str | None = None  # added to logits; sliced with the router rows
     selection_bias: str | None = None  # added to scores for selection only; expert axis is the last
+    # Router rows (and router/selection bias entries) after the E routed experts that are not experts and stay
+    # after the kept ones: a count, or the config key holding it (inkling_text: a row per shared expert).
+    router_tail: int | str = 0
     routing: Routing = Routing()
     layer_count_key: str = "num_hidden_layers"  # or a per-layer type list whose length is the count (nemotron_h)
     group_count_key: str = "n_group"  # expert groups of grouped routing (bailing_hybrid: num_expert_group)

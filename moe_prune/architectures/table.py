@@ -96,8 +96,6 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
 REFUSED: dict[str, str] = {
     "deepseek_v4": "its first layers route by a frozen token-id -> expert table (hash_moe), which dropping or "
     "merging experts would leave pointing at experts that are gone",
-    "inkling_text": "its router has a row per shared expert after the routed ones ([E + shared, H]); the rows "
-    "that must stay after the kept ones are not sliced yet",
     "jetmoe": "its attention experts share the expert count (mixture of attention heads); pruning them by the same "
     "count, or keeping them with a per-module count, is not implemented",
     "longcat_flash": "its router has rows and a bias for identity 'zero experts' after the real ones (and its fused "
@@ -205,6 +203,18 @@ ROWS: tuple[Adapter, ...] = (
         router_logits_output=1,
         selection_from="router_scores",
         expert_tensors=LLAMA4_EXPERTS,
+    ),
+    # Its router has a row per shared expert after the routed ones ([E + shared, H]; they weigh the shared experts),
+    # which the derivation's [E, H] search does not find; written by hand, tested like the derived families.
+    _qwen_like(
+        "inkling_text",
+        expert_count_keys=("n_routed_experts",),
+        moe_layers="derived",
+        selection_bias="mlp.gate.e_score_correction_bias",
+        router_tail="n_shared_experts",
+        shared_expert_keys=("n_shared_experts",),
+        routing=Routing(score="sigmoid", select_on="scores+bias", renormalize=True),
+        runtime_attention=("self_attn", "attn_sconv"),
     ),
     Adapter(
         model_type="dbrx",

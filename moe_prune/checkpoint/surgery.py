@@ -32,6 +32,7 @@ class ExpertKey:
     slot: int | None = None
     stem: str = ""  # per_expert: the key up to the expert number
     tail: str = ""  # per_expert: the key after the expert number
+    router: bool = False  # the router's weight, bias or selection bias (rows past the experts' may follow)
 
     def renumbered(self, slot: int) -> str:
         return f"{self.stem}{slot}.{self.tail}"
@@ -60,9 +61,9 @@ class _LayoutMatcher:
         if m := self._per_expert.match(name):
             return ExpertKey("per_expert", int(m["layer"]), int(m["slot"]), m["stem"], m["tail"])
         if m := self._rows.match(name):
-            return ExpertKey("rows", int(m["layer"]))
+            return ExpertKey("rows", int(m["layer"]), router=True)
         if self._last and (m := self._last.match(name)):
-            return ExpertKey("last_axis", int(m["layer"]))
+            return ExpertKey("last_axis", int(m["layer"]), router=True)
         if m := self._fused.match(name):
             return ExpertKey("rows", int(m["layer"]))
         return None
@@ -131,6 +132,19 @@ def slice_expert_axis(info: TensorInfo, axis: int, n_experts: int, keep_slots: l
     return OutputTensor(info.name, info.dtype, tuple(shape), info.file, _merge(ranges))
 
 
+def router_rows(
+    info: TensorInfo, key: ExpertKey, adapter: Adapter, n_experts: int, slots: list[int]
+) -> tuple[int, list[int]]:
+    """(entries on the expert axis, entries kept) of a tensor sliced with the experts: a router tensor of a family
+    whose router has rows past the experts' (`Adapter.router_tail`) keeps them after the kept experts' rows.
+
+    The count is read off the tensor; validation checks it against the config (`ModelConfig.router_tail`)."""
+    if not (key.router and adapter.router_tail and info.shape):
+        return n_experts, slots
+    extra = info.shape[0 if key.kind == "rows" else -1] - n_experts
+    return n_experts + max(extra, 0), [*slots, *range(n_experts, n_experts + extra)]
+
+
 def whole(info: TensorInfo, name: str | None = None) -> OutputTensor:
     return OutputTensor(name or info.name, info.dtype, info.shape, info.file, ((info.start, info.end),))
 
@@ -167,7 +181,8 @@ def plan_expert_selection(
             if key.slot in slots:
                 out.append(whole(info, key.renumbered(slots.index(key.slot))))
         else:
-            out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, layer_experts, slots))
+            blocks, kept = router_rows(info, key, adapter, layer_experts, slots)
+            out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, blocks, kept))
     return out
 
 

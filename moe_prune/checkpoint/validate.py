@@ -265,17 +265,20 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
         raise MoePruneError(
             f"{where}: MoE layer {layer} has no router weight ({adapter.layer_prefix.format(L=layer)}{adapter.router})"
         )
+    tail = config.router_tail  # rows past the experts' (inkling_text: one per shared expert)
+    rows = n_experts + tail
+    past = f" and {tail} router rows after them ({config.adapter.router_tail})" if tail else ""
     for info in found.routers + found.router_biases:
-        if not info.shape or info.shape[0] != n_experts:
+        if not info.shape or info.shape[0] != rows:
             raise MoePruneError(
-                f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but its router "
+                f"{config.source}: says MoE layer {layer} has {n_experts} routed experts{past}, but its router "
                 f"{info.name} in {info.file} has shape {list(info.shape)}"
             )
     hidden = config.get("hidden_size")
     for info in found.routers:
         if isinstance(hidden, int) and (len(info.shape) != 2 or info.shape[1] != hidden):
             raise MoePruneError(
-                f"{info.file}: router {info.name} has shape {list(info.shape)}, not [{n_experts}, {hidden}] "
+                f"{info.file}: router {info.name} has shape {list(info.shape)}, not [{rows}, {hidden}] "
                 f"as {config.source} implies"
             )
     for info in found.fused:
@@ -284,8 +287,8 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
                 f"{info.file}: {info.name} has shape {list(info.shape)}, which does not split into the "
                 f"{n_experts} experts {config.source} gives MoE layer {layer}"
             )
-    for info in found.last_axis:
-        if not info.shape or info.shape[-1] != n_experts:
+    for info in found.last_axis:  # a selection bias: its router's rows past the experts', or none of them
+        if not info.shape or info.shape[-1] not in (n_experts, rows):
             raise MoePruneError(
                 f"{info.file}: {info.name} has shape {list(info.shape)}, not one entry per each of the "
                 f"{n_experts} experts {config.source} gives MoE layer {layer}"

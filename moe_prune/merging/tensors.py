@@ -42,7 +42,7 @@ from moe_prune.checkpoint.safetensors_io import (
     read_tensor,
     tensor_bytes,
 )
-from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher, slice_expert_axis, whole
+from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher, router_rows, slice_expert_axis, whole
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.alignment import Expert, align
 from moe_prune.merging.averaging import weighted_average
@@ -357,11 +357,14 @@ class MergePlanner:
         info = stored.data
         plan = self.plans[key.layer]
         axis = 0 if key.kind == "rows" else -1
+        count = self.counts[key.layer]
+        blocks, kept = router_rows(info, key, self.adapter, count, plan.anchors)
         if plan.router == "anchor" or (plan.router == "reinit" and self._is_vector(info.name)):
-            return slice_expert_axis(info, axis, self.counts[key.layer], plan.anchors)
+            return slice_expert_axis(info, axis, blocks, kept)
         _require_float(stored)
+        tail = blocks - count  # rows past the experts' (Adapter.router_tail): kept as they are, after the new rows
         shape = list(info.shape)
-        shape[axis] = len(plan.clusters)
+        shape[axis] = len(plan.clusters) + tail
         dtype = _torch_dtype(info)
         is_weight = self.matcher.is_router(info.name) is not None
 
@@ -376,10 +379,11 @@ class MergePlanner:
                 )
             elif is_weight:
                 generator = torch.Generator().manual_seed(plan.seed * 100_003 + key.layer)
-                std = float(original.std()) if original.numel() > 1 else 0.02
+                std = float(original[:count].std()) if original[:count].numel() > 1 else 0.02
                 new = torch.randn((len(plan.clusters), *original.shape[1:]), generator=generator) * std
             else:
                 new = torch.zeros((len(plan.clusters), *original.shape[1:]))
+            new = torch.cat([new.to(original.dtype), original[count:]])
             return tensor_bytes(new.movedim(0, axis).to(dtype))
 
         return _computed(info.name, info, tuple(shape), None, rows)

@@ -68,6 +68,8 @@ class RoutingRecorder:
 
     def _router_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any], output: Any) -> None:
         logits = router_logits(output, self.adapter.router_logits_output)
+        if self.adapter.router_tail:  # columns past the experts' (Adapter.router_tail) are no expert's
+            logits = logits[..., : self.counts[slot]]
         self.on_router_logits(slot, logits)
         if self.adapter.selection_from == "router_scores":
             self.on_selection(slot, logits.topk(self.top_k, dim=-1).indices)
