@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import ForceOpt, JsonOpt, LazyBar, err_console, out_console, print_json, user_errors, warn
 from moe_prune.errors import MoePruneError
 
@@ -82,8 +83,10 @@ def score(
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
     if out == "-" and json_output:
         raise MoePruneError("--out - writes the mask to stdout; --json cannot share it")
-    if out not in (None, "-") and Path(out).exists() and not force:
-        raise MoePruneError(f"{out}: already exists; pass --force to replace it")
+    inputs = tuple(p for p in (stats, model, *(stability or ())) if p)
+    if out not in (None, "-"):  # the one output check, before any scoring: a device node, a folder, an input
+        check_writable(Path(out), force, "file")
+        check_not_input(Path(out), inputs)
     budget = Budget(drop, keep, ratio) if (drop, keep, ratio) != (None, None, None) else None
     if budget is None and out is not None:
         raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
@@ -107,7 +110,7 @@ def score(
     if out == "-":
         typer.echo(mask.dumps(), nl=False)
     elif out is not None:
-        stage.write_mask(mask, Path(out), force, inputs=tuple(p for p in (stats, model, *(stability or ())) if p))
+        stage.write_mask(mask, Path(out), force, inputs=inputs)
     for message in result.warnings:  # after the write, so a refused output is the one line printed
         warn(message)
     if json_output:
