@@ -186,3 +186,21 @@ def test_the_lock_goes_with_the_run_and_parents_it_made(tmp_path):
     with work_lock(out):
         out.mkdir()
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_every_process_of_a_refused_multi_process_finetune_stops_with_the_line(tmp_path, free_port):
+    """Under accelerate only the main process locks; the others wait for its decision and stop with it,
+    rather than load the model and train alone into collectives (or be killed by the launcher)."""
+    out = tmp_path / "ft"
+    lock_path(out).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # held by this (live) test process
+    before = snapshot(tmp_path)
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).parents[1]), "ACCELERATE_USE_CPU": "1"}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(free_port), "-m", "moe_prune", "finetune", "--out", str(out)]
+    command += ["--tokens", "1024", "--seq-len", "64", "--batch-size", "2", "--eval-tokens", "0", "--save-every", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    refused = [line for line in done.stderr.splitlines() if f"{out} is in use by pid {os.getpid()}" in line]
+    assert done.returncode != 0 and len(refused) == 2, done.stderr[-3000:]  # one line from each process
+    assert "a bug in moe-prune" not in done.stderr, done.stderr[-3000:]
+    assert snapshot(tmp_path) == before

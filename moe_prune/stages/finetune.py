@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,8 +215,9 @@ def run(
     progress: ProgressFn | None = None,
 ) -> FinetuneResult:
     """Finetune `model` on `data` (one `SOURCE[:SHARE]` or several) and write the result to `out` (see the
-    module docstring). The main process holds `out` (`work_lock`) from the checks to the end: a second run
-    on the same output, which would share its resume folder, is refused before it writes anything."""
+    module docstring). The main process holds `out` (`work_lock`) from the checks to the end, the others wait for its
+    decision (`_held`): a second run on the same output, which would share its resume folder, is refused
+    in every process before it writes anything."""
     options = options or FinetuneOptions()
     out = Path(out).expanduser().absolute()
     specs = parse_sources([str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data])
@@ -225,8 +226,32 @@ def run(
     main = accelerator.is_main_process
     report = progress if (progress is not None and main) else (lambda p: None)
     plan = _plan(model, out, options, accelerator.num_processes, specs)
-    with work_lock(out) if main else nullcontext():
+    with _held(out, accelerator):
         return _train(model, out, options, accelerator, report, plan, specs, given)
+
+
+@contextmanager
+def _held(out: Path, accelerator: Any) -> Iterator[None]:
+    """The main process locks `out`; every other process waits for that decision (a broadcast, which is
+    also a barrier) and, when the main process was refused, stops with the same line instead of training
+    alone into collectives that never complete."""
+    with ExitStack() as stack:
+        refused: MoePruneError | None = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(work_lock(out))
+            except MoePruneError as exc:
+                refused = exc
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            decision = [str(refused) if refused is not None else None]
+            broadcast_object_list(decision, from_process=0)
+            if refused is None and decision[0] is not None:
+                raise MoePruneError(decision[0])  # the main process's line; it names the run holding `out`
+        if refused is not None:
+            raise refused
+        yield
 
 
 def _train(
