@@ -55,8 +55,6 @@ DERIVED_TINY: dict[str, dict] = {
 UNSUPPORTED: dict[str, str] = {
     **REFUSED,
     "granitemoehybrid": "table row; the generic shrinker fails its Mamba validation, so this test cannot build it",
-    "dots3_note": "wrapper of dots3_note_text; the generic shrinker cannot build it (its vision and audio adapter "
-    "widths must equal the hidden sizes), so this test cannot build it",
 }
 
 

@@ -199,10 +199,35 @@ def shrink_config(model_type: str, overrides: dict[str, Any] | None = None):
     A wrapper's sub-configs (text_config, vision_config, ...) are shrunk as configs of their own (their own
     layer counts and per-layer lists); `overrides` apply to the top level."""
     cls = config_class(model_type)
-    small = _shrunk_config_dict(cls().to_dict(), cls)
+    defaults = cls().to_dict()
+    small = _shrunk_config_dict(defaults, cls)
+    _keep_width_ties(defaults, small)
     small["tie_word_embeddings"] = False
     small.update(overrides or {})
     return cls.from_dict(_fit_layer_lists(small, overrides or {}))
+
+
+# Adapter widths between sub-models: adapter_in_dim, adapter_out_dim, adapter_input_size, conv_output_size.
+WIDTH_TIE = re.compile(r"_(in|out|input|output)_(dim|size)$")
+
+
+def _keep_width_ties(defaults: dict[str, Any], small: dict[str, Any]) -> None:
+    """A sub-config's in/out widths that equal a hidden size (its own, else the text model's) take that size's
+    shrunk value: the shrink keeps the ties a wrapper validates (dots3_note: the vision adapter_in_dim is the
+    vision hidden_size, the vision and audio adapter_out_dim the text hidden_size)."""
+    text = defaults.get("text_config") if isinstance(defaults.get("text_config"), dict) else {}
+    small_text = small.get("text_config") if isinstance(small.get("text_config"), dict) else {}
+    for key, sub in defaults.items():
+        if not (isinstance(sub, dict) and isinstance(sub.get("model_type"), str) and isinstance(small.get(key), dict)):
+            continue
+        sizes = (
+            (sub.get("hidden_size"), small[key].get("hidden_size")),
+            (text.get("hidden_size"), small_text.get("hidden_size")),
+        )
+        for name, value in sub.items():
+            tied = [new for old, new in sizes if WIDTH_TIE.search(name) and isinstance(value, int) and value == old]
+            if tied and isinstance(tied[0], int):
+                small[key][name] = tied[0]
 
 
 def _shrunk_config_dict(defaults: dict[str, Any], cls: type | None) -> dict[str, Any]:
@@ -947,13 +972,10 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
         selection_from=selection,
         memory_keys=disk.memory_keys,
         runtime_attention=token_mixers(model, structure),
-        expert_tensors=(
-            *(ExpertTensor(_suffix(v), None) for v in disk.vectors),  # one value per expert: merge averages it
-            *_with_memory_names(
-                expert_tensors(disk.expert_shapes, hidden, _interleaved(experts_module), disk.reordered),
-                experts_module,
-                hidden,
-            ),
+        expert_tensors=_with_memory_names(  # expert_vectors are not expert tensors: merge applies the router rule
+            expert_tensors(disk.expert_shapes, hidden, _interleaved(experts_module), disk.reordered),
+            experts_module,
+            hidden,
         ),
     )
     return Derived(adapter, notes)
