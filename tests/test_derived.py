@@ -281,7 +281,6 @@ DERIVED = derived_families()
 # --sequential is refused for these (one line, reason in the table); the strict xfail notices if that changes.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     **{("sequential", t): reason for t in DERIVED if (reason := NO_SEQUENTIAL.get(_text_type(t)))},
-    ("ragged", "gemma4_text"): "its router and experts share no MoE block module; refused in one line",
     **{("ragged", t): "ragged checkpoints are plain causal LMs; refused in one line for a wrapper" for t in wrappers()},
 }
 

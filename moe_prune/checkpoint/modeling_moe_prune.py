@@ -8,7 +8,8 @@ It imports only torch (through transformers) and transformers: moe-prune need no
 Everything family-specific is data in config.json, under `moe_prune_ragged`:
     base_class         the transformers class this model extends, e.g. "MixtralForCausalLM"
     layers             module path of the decoder layer list, e.g. "model.layers"
-    block              the MoE block inside one decoder layer, e.g. "mlp"
+    block              the MoE block inside one decoder layer, e.g. "mlp"; or a list of the modules sized by
+                       the expert count where the layer holds them without a block (gemma4: router, experts)
     count_keys         config fields holding the routed-expert count (they hold the largest count)
     top_k_keys         config fields holding top-k
     experts_per_layer  {layer: routed experts}
@@ -58,16 +59,18 @@ def layer_config(config: Any, spec: dict[str, Any], layer: int) -> Any:
 
 
 def rebuild_moe_blocks(model: Any, config: Any) -> None:
-    """Replace each MoE layer's block by one of the same class sized for that layer."""
+    """Replace each MoE layer's block (or its listed modules) by one of the same class sized for that layer."""
     spec = getattr(config, RAGGED_KEY)
     layers = model.get_submodule(spec["layers"])
-    parent_path, _, name = spec["block"].rpartition(".")
+    blocks = spec["block"] if isinstance(spec["block"], list) else [spec["block"]]
     for key in spec["experts_per_layer"]:
         layer = int(key)
-        owner = layers[layer].get_submodule(parent_path) if parent_path else layers[layer]
-        block_class = type(getattr(owner, name))
-        kwargs = {"layer_idx": layer} if "layer_idx" in inspect.signature(block_class.__init__).parameters else {}
-        setattr(owner, name, block_class(layer_config(config, spec, layer), **kwargs))
+        for block in blocks:
+            parent_path, _, name = block.rpartition(".")
+            owner = layers[layer].get_submodule(parent_path) if parent_path else layers[layer]
+            block_class = type(getattr(owner, name))
+            kwargs = {"layer_idx": layer} if "layer_idx" in inspect.signature(block_class.__init__).parameters else {}
+            setattr(owner, name, block_class(layer_config(config, spec, layer), **kwargs))
 
 
 class RaggedMixin:

@@ -23,6 +23,10 @@ MODEL_FILE = "modeling_moe_prune.py"
 MODEL_MODULE = MODEL_FILE.removesuffix(".py")
 AUTO_CLASS = "AutoModelForCausalLM"
 CLASS_PREFIX = "Ragged"
+# config.json `architectures` of a ragged checkpoint: a name no engine knows unless moe-prune's plugin registers
+# it (moe_prune/serving/vllm_plugin.py), so an engine without the plugin refuses the checkpoint instead of
+# building every layer at the largest count. transformers ignores it (auto_map names the class).
+ARCHITECTURE_PREFIX = f"MoePrune{CLASS_PREFIX}"
 RAGGED_FORMAT = 1
 # sha256 of the modelling file earlier releases wrote. moe-prune never runs a folder's copy (it imports its own,
 # a superset), so a checkpoint carrying exactly one of these still loads without --trust-remote-code.
@@ -39,6 +43,11 @@ def is_shipped_model_code(data: bytes) -> bool:
     return data == model_code().encode() or hashlib.sha256(data).hexdigest() in EARLIER_MODEL_CODE
 
 
+def ragged_architecture(base_class: str) -> str:
+    """The `architectures` entry of a ragged checkpoint whose transformers class is `base_class`."""
+    return f"{ARCHITECTURE_PREFIX}{base_class}"
+
+
 def causal_lm_class(model_type: str) -> str:
     """transformers' ForCausalLM class name for `model_type`, from transformers' own auto mapping."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -52,25 +61,32 @@ def causal_lm_class(model_type: str) -> str:
     return name
 
 
-def block_path(adapter: Adapter) -> str:
-    """The MoE block inside a decoder layer: the module holding both the router and the experts."""
+def block_path(adapter: Adapter) -> str | list[str]:
+    """The MoE block inside a decoder layer: the module holding both the router and the experts; where the
+    decoder layer holds them itself (gemma4), the router's and the experts' modules, rebuilt one by one."""
     router, experts = adapter.runtime_router.split("."), adapter.runtime_experts.split(".")
     common = []
     for a, b in zip(router, experts, strict=False):
         if a != b:
             break
         common.append(a)
-    if not common or len(common) == min(len(router), len(experts)):
+    if not common:
+        return [adapter.runtime_router, adapter.runtime_experts]
+    if len(common) == min(len(router), len(experts)):
         raise MoePruneError(
             f"{adapter.model_type}: router {adapter.runtime_router!r} and experts {adapter.runtime_experts!r} "
-            "share no MoE block module; different expert counts per layer are not supported for it"
+            "are nested in one another; different expert counts per layer are not supported for it"
         )
     return ".".join(common)
 
 
 def _strip_ragged(raw: dict[str, Any], text: dict[str, Any]) -> None:
-    """Remove what an earlier ragged edit added (a uniform result must load with stock transformers)."""
-    text.pop(RAGGED_KEY, None)
+    """Remove what an earlier ragged edit added (a uniform result must load with stock transformers and engines)."""
+    spec = text.pop(RAGGED_KEY, None)
+    base = spec.get("base_class") if isinstance(spec, dict) else None
+    if isinstance(base, str) and isinstance(raw.get("architectures"), list):
+        ragged_names = {ragged_architecture(base), f"{CLASS_PREFIX}{base}"}  # ours, and what save_pretrained writes
+        raw["architectures"] = [base if name in ragged_names else name for name in raw["architectures"]]
     auto_map = raw.get("auto_map")
     if isinstance(auto_map, dict) and str(auto_map.get(AUTO_CLASS, "")).startswith(f"{MODEL_MODULE}."):
         del auto_map[AUTO_CLASS]
@@ -117,6 +133,7 @@ def ragged_config(
     # The model class extends transformers' own class, so it needs transformers' config class too; auto_map names
     # nothing else, since moe-prune loads such a folder without the user's --trust-remote-code only when it does.
     raw["auto_map"] = {AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
+    raw["architectures"] = [ragged_architecture(base)]
     return raw, {MODEL_FILE: model_code()}
 
 
