@@ -65,6 +65,32 @@ def _wrapped(model_type: str | None, text: Adapter) -> Adapter:
     return wrapper_adapter(model_type, text) if model_type else text
 
 
+def check_transformers_reads(raw: dict[str, Any], source: str) -> None:
+    """Build transformers' own config class from `raw`, as every load does: a field it refuses (a string for
+    a bool, an int epsilon, a list for rope parameters, a dtype torch lacks) is one line naming the file here,
+    not a tokenizer or model failure later, nor copied by prune, merge or score into an output stock
+    transformers cannot load. Types transformers does not ship (remote code) are judged by their own code."""
+    model_type = raw.get("model_type")
+    auto_map = raw.get("auto_map")
+    if not isinstance(model_type, str) or (isinstance(auto_map, dict) and "AutoConfig" in auto_map):
+        return
+    from transformers import CONFIG_MAPPING
+    from transformers.utils import logging
+
+    if model_type not in CONFIG_MAPPING:
+        return
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its warnings about odd token ids are not ours to print on every command
+    try:
+        CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(raw))
+    except Exception as exc:  # whatever the config class raises on a field it cannot take
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if len(lines) > 1 else f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise MoePruneError(f"{source}: transformers cannot read it ({reason[:300]})") from exc
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def check_sizes(fields: dict[str, Any], source: str, prefix: str = "") -> None:
     """Refuse a size-like field no model can have (0 heads, 1e9 intermediate size, max_position_embeddings 0).
 
@@ -126,6 +152,7 @@ class ModelConfig:
         raw, _ = read_json(path, "config")  # the one strict JSON reader: object, no duplicate keys, no NaN
         config = cls.from_dict(raw, str(path))
         config.check()
+        check_transformers_reads(raw, str(path))
         return config
 
     def check(self) -> None:
