@@ -1,0 +1,129 @@
+"""vLLM general plugin: serve checkpoints whose MoE layers keep different numbers of experts ("ragged").
+
+vLLM sizes every MoE layer from one config field, so a ragged checkpoint (whose config keeps the largest
+count there and lists each layer's count under `moe_prune_ragged`) cannot load in stock vLLM. moe-prune
+names such a checkpoint's architecture `MoePruneRagged<Base>` so an engine without this plugin refuses it.
+This plugin, registered through the `vllm.general_plugins` entry point, maps that name to a subclass of
+vLLM's own `<Base>` whose decoder layers are built one at a time with the config's expert-count and
+top-k fields set to that layer's values: each layer gets vLLM's fused-MoE kernels at its own size, and
+every weight loads under its usual name. `Ragged<Base>` (what transformers' `save_pretrained` writes for
+moe-prune's transformers class, e.g. after finetuning) maps to the same class.
+
+vLLM is imported only inside this module's functions and classes it creates; the CLI never imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from types import ModuleType
+from typing import Any
+
+from moe_prune.architectures.config import RAGGED_KEY
+from moe_prune.checkpoint.ragged import CLASS_PREFIX, ragged_architecture
+
+# vLLM architectures (transformers' causal-LM class names) whose ragged variant is checked against
+# transformers by tests/test_vllm_serving.py. Others are not registered: vLLM refuses them by name.
+SERVED = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def register() -> None:
+    """The entry point vLLM calls in every process: register the ragged architectures lazily (by path)."""
+    from vllm import ModelRegistry
+
+    for base in SERVED:
+        target = f"{__name__}:{CLASS_PREFIX}{base}"
+        ModelRegistry.register_model(ragged_architecture(base), target)
+        ModelRegistry.register_model(f"{CLASS_PREFIX}{base}", target)
+
+
+def _field(obj: Any, dotted: str) -> tuple[Any, str]:
+    """The object holding a possibly nested config field (e.g. dbrx's `ffn_config.moe_num_experts`) and its name."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    return obj, last
+
+
+@contextmanager
+def _layer_fields(configs: list[Any], spec: dict[str, Any], layer: int) -> Iterator[None]:
+    """The expert-count and top-k fields of `configs` set to MoE layer `layer`'s values while inside."""
+    key = str(layer)
+    if key not in spec["experts_per_layer"]:
+        yield  # a dense layer
+        return
+    values = {name: int(spec["experts_per_layer"][key]) for name in spec["count_keys"]}
+    values.update({name: int(spec["top_k_per_layer"][key]) for name in spec["top_k_keys"]})
+    saved = []
+    try:
+        for config in configs:
+            for name, value in values.items():
+                owner, attr = _field(config, name)
+                saved.append((owner, attr, getattr(owner, attr)))
+                setattr(owner, attr, value)
+        yield
+    finally:
+        for owner, attr, old in reversed(saved):
+            setattr(owner, attr, old)
+
+
+@contextmanager
+def _sized_layers(modules: list[ModuleType], configs: list[Any], spec: dict[str, Any], built: set[int]):
+    """While inside, `make_layers` of `modules` builds each layer under that layer's config values."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def make_layers(num_hidden_layers: int, layer_fn: Callable[..., Any], prefix: str) -> Any:
+            def sized(*, prefix: str) -> Any:
+                layer = extract_layer_index(prefix)
+                built.add(layer)
+                with _layer_fields(configs, spec, layer):
+                    return layer_fn(prefix=prefix)
+
+            return original(num_hidden_layers, sized, prefix)
+
+        return make_layers
+
+    with ExitStack() as stack:
+        for module in modules:
+            original = module.make_layers
+            module.make_layers = wrap(original)
+            stack.callback(setattr, module, "make_layers", original)
+        yield
+
+
+class RaggedMixin:
+    """vLLM's model class, each MoE layer built with that layer's expert count and top-k."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        model_config = vllm_config.model_config
+        configs = list({id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}.values())
+        spec = getattr(model_config.hf_text_config, RAGGED_KEY, None)
+        name = type(self).__name__
+        if not isinstance(spec, dict):
+            raise ValueError(f"{model_config.model}: architecture {name} needs the {RAGGED_KEY} block in config.json")
+        modules = [
+            module
+            for module in {sys.modules[c.__module__] for c in type(self).__mro__ if c.__module__ != __name__}
+            if callable(getattr(module, "make_layers", None))
+        ]
+        built: set[int] = set()
+        with _sized_layers(modules, configs, spec, built):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        if not built:
+            raise ValueError(f"{name}: vLLM's model did not build its layers through make_layers; cannot size them")
+
+
+def __getattr__(name: str) -> type:
+    """`Ragged<Base>`: a subclass of vLLM's `<Base>` with per-layer expert counts, created on first access."""
+    base_name = name.removeprefix(CLASS_PREFIX)
+    if not name.startswith(CLASS_PREFIX) or base_name not in SERVED:
+        raise AttributeError(name)
+    from vllm import ModelRegistry
+
+    base = ModelRegistry.models[base_name].load_model_cls()
+    namespace = {"__module__": __name__, "__qualname__": name, "__doc__": RaggedMixin.__doc__}
+    cls = type(name, (RaggedMixin, base), namespace)
+    globals()[name] = cls
+    return cls

@@ -1,0 +1,66 @@
+"""Prompt log-probs of checkpoints served by vLLM, for comparing with transformers on the same token ids.
+
+Runs under a Python with vLLM (and moe-prune, for its plugin) installed, e.g. the venv of
+tests/test_vllm_serving.py:  python scripts/vllm_logprobs.py jobs.json out.json
+jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...]}, ...]
+out.json:  {name: {"logprobs": [[per position from the second token], ...], "model_class": ...,
+                   "architectures": [...], "experts": {fused-MoE module: experts}}}
+Every checkpoint is served in float32 by one LLM at a time, in this one process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives in this process: apply_model reads it
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """vLLM's model class and the number of experts each fused-MoE layer was built with."""
+    experts = {name: int(m.w13_weight.shape[0]) for name, m in model.named_modules() if hasattr(m, "w13_weight")}
+    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "experts": experts}
+
+
+def serve(job: dict[str, Any]) -> dict[str, Any]:
+    """One checkpoint's prompt log-probs (natural log) of each token after the first."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=job["folder"],
+        dtype="float32",
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        max_model_len=max(len(ids) for ids in job["token_ids"]) + 1,
+        seed=0,
+        kv_cache_memory_bytes=64 << 20,  # tiny models, short prompts: no share of the machine's memory
+    )
+    try:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["token_ids"]], params)
+        logprobs = []
+        for ids, output in zip(job["token_ids"], outputs, strict=True):
+            per_position = output.prompt_logprobs[1:]
+            logprobs.append([entry[token].logprob for token, entry in zip(ids[1:], per_position, strict=True)])
+        info = llm.apply_model(describe)[0]
+        info["architectures"] = list(llm.llm_engine.model_config.hf_config.architectures or [])
+        return {"logprobs": logprobs, **info}
+    finally:
+        del llm
+        gc.collect()
+
+
+def main(jobs_path: str, out_path: str) -> None:
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    results = {job["name"]: serve(job) for job in jobs}
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
