@@ -28,6 +28,7 @@ from tiny_models import COMMON, DBRX, TINY, build_tiny, save_char_tokenizer
 from moe_prune.architectures import ADAPTERS, LAYER_RULES, get_adapter
 from moe_prune.architectures.derive import (
     DerivationError,
+    build,
     derive,
     moe_causal_lm_types,
     shrink_config,
@@ -210,6 +211,33 @@ def test_non_moe_type_is_one_line_error():
         get_adapter("llama")
     message = str(info.value)
     assert "'llama'" in message and "\n" not in message and "Experts" in message
+
+
+def test_jetmoe_refusal_reason_holds():
+    """REFUSED's jetmoe reason, measured on transformers' own model: every config key that changes the MLP expert
+    count changes the attention expert count with it, and top-k sets the attention head count."""
+    base = shrink_config("jetmoe")
+
+    def counts(config) -> tuple[int, int, int]:
+        layer = build(config).model.layers[0]
+        attention = layer.self_attention
+        return layer.mlp.input_linear.weight.shape[0], attention.experts.input_linear.weight.shape[0], attention.top_k
+
+    assert counts(base) == (8, 8, 2)
+    moved = {}
+    for key, value in base.to_dict().items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                got = counts(type(base).from_dict({**base.to_dict(), key: value + 2}))
+            except Exception:  # a perturbation the config or the model rejects sizes nothing we can build
+                continue
+            if got[0] != 8:
+                moved[key] = got
+    assert moved == {"num_local_experts": (10, 10, 2)}, moved
+    derived = {k: v for k, v in base.to_dict().items() if k != "num_attention_heads"}  # __post_init__ computes it
+    bigger_k = type(base).from_dict({**derived, "num_experts_per_tok": 3})
+    assert bigger_k.num_attention_heads == 3 * bigger_k.num_key_value_heads == 6
+    assert "num_local_experts" in REFUSED["jetmoe"] and "num_experts_per_tok" in REFUSED["jetmoe"]
 
 
 # -- 3. every MoE causal LM of the installed transformers -------------------------------------------

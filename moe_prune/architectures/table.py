@@ -94,16 +94,21 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
 # MoE families of transformers that moe-prune refuses (the derivation fails or was not verified by the tests
 # on a tiny model), each with the one-line reason the user sees. A table row above supersedes an entry.
 REFUSED: dict[str, str] = {
-    "deepseek_v4": "its first layers route by a frozen token-id -> expert table (hash_moe), which dropping or "
-    "merging experts would leave pointing at experts that are gone",
-    "jetmoe": "its attention experts share the expert count (mixture of attention heads); pruning them by the same "
-    "count, or keeping them with a per-module count, is not implemented",
+    "deepseek_v4": "its hash_moe layers (mlp_layer_types) pick experts by a frozen token-id -> expert table "
+    "(gate.tid2eid [vocab, top-k]) instead of a router, so dropping or merging experts would leave it pointing at "
+    "experts that are gone; needed: prune only its top-k (moe) layers, hash layers kept whole (a ragged "
+    "checkpoint), or remap the table onto the merged slots",
+    "jetmoe": "one key (num_local_experts) sizes both its MLP experts and its attention experts (mixture of "
+    "attention heads, with their own router), and num_experts_per_tok sets top-k and the attention head count; "
+    "pruning the MLP experts alone leaves a config stock transformers cannot load, and pruning the attention "
+    "experts needs statistics of their router, which profile does not record",
     "longcat_flash": "its router has rows and a bias for identity 'zero experts' after the real ones (and its fused "
     "gate_up_proj spans them); the rows that must stay after the kept ones are not sliced yet",
     "zaya": "its router is an MLP whose last class is the skip expert (out_proj [E + 1, ...], balancing_biases "
     "[E + 1]); the row that must stay last is not sliced yet",
-    "doge": "its CDMoE block retrieves experts through a grid of num_keys x num_keys product keys (embedding "
-    "rows, not expert modules); dropping one expert would break the key grid",
+    "doge": "its CDMoE block scores expert i * num_keys + j as x_i + y_j (router_gate [2 * num_keys, H], experts "
+    "are down_embed/up_embed rows, num_keys = floor(sqrt(num_experts))), so one expert has no router row to drop; "
+    "needed: dropping whole key rows and columns (a smaller square grid, selected per key, not per expert)",
 }
 
 # Families whose decoder layers hand state to the next layer beyond the hidden states, so `profile --sequential`
