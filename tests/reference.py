@@ -14,10 +14,10 @@ from torch.overrides import TorchFunctionMode
 from moe_prune.architectures.spec import Adapter
 
 
-def router_weight(module: torch.nn.Module, n_experts: int, tail: bool = False) -> torch.nn.Parameter:
-    """The [E, H] parameter of a router module (its name differs per family); [E + rows, H] with `tail`."""
+def router_weight(module: torch.nn.Module, n_experts: int) -> torch.nn.Parameter:
+    """The [E, H] parameter of a router module (its name differs per family); E counts any rows past the experts'."""
     for param in module.parameters():
-        if param.dim() == 2 and (param.shape[0] == n_experts or (tail and param.shape[0] > n_experts)):
+        if param.dim() == 2 and param.shape[0] == n_experts:
             return param
     raise AssertionError(f"no router weight in {type(module).__name__}")
 
@@ -43,16 +43,17 @@ class MaskRouterLogits(TorchFunctionMode):
 @torch.no_grad()
 def masked_logits(model, adapter: Adapter, n_experts: int, drop_slots: dict[int, list[int]], input_ids):
     """Logits of `model` with `drop_slots[layer]` excluded from routing in every MoE layer."""
+    tail = adapter.router_tail  # rows past the experts': a count, or the config key holding it
+    rows = n_experts + (getattr(model.config.get_text_config(), tail) if isinstance(tail, str) else tail)
     dropped = {}
     for layer, slots in drop_slots.items():
         block = model.get_submodule(f"{adapter.runtime_layers}.{layer}")
         router = block.get_submodule(adapter.runtime_router)
-        dropped[id(router_weight(router, n_experts, bool(adapter.router_tail)))] = slots
+        dropped[id(router_weight(router, rows))] = slots
         if adapter.selection_bias:
             owner = block.get_submodule(adapter.runtime_router.rsplit(".", 1)[0])
             for name, buf in list(owner.named_buffers()) + list(owner.named_parameters()):
-                past = adapter.router_tail and buf.dim() == 1 and buf.shape[-1] > n_experts  # tail entries stay
-                if (buf.shape[-1] == n_experts or past) and buf.dim() <= 2 and "bias" in name:
+                if buf.shape[-1] in (n_experts, rows) and buf.dim() <= 2 and "bias" in name:
                     buf.data[..., slots] = float("-inf")
     mode = MaskRouterLogits(dropped)
     with mode:

@@ -181,7 +181,8 @@ def _build(model_type: str, folder: Path, overrides: dict):
                 param.normal_(0.0, 0.5)
     model.eval()
     model.save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder).eval() if wrapper else model
+    # as transformers loads it back: what moe-prune runs, and what some families re-initialise (zaya's balancing biases)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def _prune_and_compare(folder: Path, original, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Router rows past the routed experts' (`Adapter.router_tail`): inkling_text's router has a row per shared expert
-after the routed ones ([E + shared, H]). They weigh the shared experts, so every edit keeps them, unchanged, after
-the kept or merged rows; validation checks the row count against the config key.
+after the routed ones ([E + shared, H]), zaya's a skip expert. They are no experts, so every edit keeps them,
+unchanged, after the kept or merged rows; validation checks the row count against the config; statistics count
+only experts (a zaya skip pick reaches the experts as expert 0 with weight 0 and is nobody's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from test_merge import load_stock, read_all, synthetic_stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.stages import merge
 
 FAMILY = "inkling_text"
@@ -55,3 +57,33 @@ def test_router_rows_must_be_experts_plus_tail(inkling, tmp_path):
         Checkpoint.open(folder)
     message = str(info.value)
     assert "n_shared_experts" in message and "router" in message and "\n" not in message
+
+
+def test_skip_picks_are_no_experts_in_the_statistics(tmp_path):
+    """Independent path: the router's own choice (softmax + balancing biases, top-k over E + 1 classes), skip
+    picks left out. transformers resets the biases on load (skip last at -1: never picked), so they are set here."""
+    model = _build("zaya", tmp_path / "zaya", {})
+    config = Checkpoint.open(tmp_path / "zaya").config
+    n, picks = config.num_experts, []
+
+    def choose(module, args, output):
+        probs = torch.softmax(output[0].float(), -1) + module.balancing_biases
+        picks.append(probs.topk(config.top_k, -1).indices)
+
+    gates = [model.get_submodule(f"model.layers.{layer}.mlp.gate") for layer in config.moe_layers]
+    with torch.no_grad():
+        for gate in gates:
+            gate.balancing_biases[-1] = 0.35  # the skip expert wins some tokens
+    hooks = [gate.register_forward_hook(choose) for gate in gates]
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    recorder = StatisticsRecorder(model, config)
+    recorder.set_input_ids(ids)
+    with torch.no_grad(), recorder:
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    want = torch.stack([torch.bincount(p[p < n], minlength=n) for p in picks])
+    skipped = sum(int((p == n).sum()) for p in picks)
+    assert 0 < skipped < sum(p.numel() for p in picks)
+    assert torch.equal(recorder.hard_counts, want)
+    assert (recorder.arrays()["coselection"].diagonal(axis1=1, axis2=2) == want.numpy()).all()

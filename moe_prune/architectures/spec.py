@@ -68,6 +68,9 @@ class Adapter:
     # Router rows (and router/selection bias entries) after the E routed experts that are not experts and stay
     # after the kept ones: a count, or the config key holding it (inkling_text: a row per shared expert).
     router_tail: int | str = 0
+    # A pick of such a row reaches the experts as expert 0 with weight 0 (zaya's skip expert): counted as no expert's.
+    tail_picks_masked: bool = False
+    router_width_key: str = "hidden_size"  # config key of the router weight's columns (zaya: its router MLP's width)
     routing: Routing = Routing()
     layer_count_key: str = "num_hidden_layers"  # or a per-layer type list whose length is the count (nemotron_h)
     group_count_key: str = "n_group"  # expert groups of grouped routing (bailing_hybrid: num_expert_group)

@@ -104,8 +104,6 @@ REFUSED: dict[str, str] = {
     "experts needs statistics of their router, which profile does not record",
     "longcat_flash": "its router has rows and a bias for identity 'zero experts' after the real ones (and its fused "
     "gate_up_proj spans them); the rows that must stay after the kept ones are not sliced yet",
-    "zaya": "its router is an MLP whose last class is the skip expert (out_proj [E + 1, ...], balancing_biases "
-    "[E + 1]); the row that must stay last is not sliced yet",
     "doge": "its CDMoE block scores expert i * num_keys + j as x_i + y_j (router_gate [2 * num_keys, H], experts "
     "are down_embed/up_embed rows, num_keys = floor(sqrt(num_experts))), so one expert has no router row to drop; "
     "needed: dropping whole key rows and columns (a smaller square grid, selected per key, not per expert)",
@@ -118,6 +116,7 @@ NO_SEQUENTIAL: dict[str, str] = {
     "gemma4_text": "its decoder layers take per-layer input embeddings (hidden_size_per_layer_input) computed from "
     "the token ids, which per-layer replay does not reproduce",
     "hy_v4": "its decoder layers pass the sparse-attention indexer's choice (topk_indices) to the next layer",
+    "zaya": "its decoder layers pass the router's hidden state to the next layer's router (router_states)",
     "inkling2_text": "its decoder layers share state that per-layer replay does not reproduce (statistics differ)",
 }
 
@@ -220,6 +219,19 @@ ROWS: tuple[Adapter, ...] = (
         shared_expert_keys=("n_shared_experts",),
         routing=Routing(score="sigmoid", select_on="scores+bias", renormalize=True),
         runtime_attention=("self_attn", "attn_sconv"),
+    ),
+    # Its router is an MLP whose last class is the skip expert (out_proj [E + 1, router_hidden_size], balancing_biases
+    # [E + 1]); a skip pick reaches the experts as expert 0 with weight 0. Written by hand, tested like derived ones.
+    _qwen_like(
+        "zaya",
+        moe_layers="derived",
+        router="mlp.gate.router_mlp.out_proj.weight",
+        selection_bias="mlp.gate.balancing_biases",
+        router_tail=1,
+        tail_picks_masked=True,
+        router_width_key="router_hidden_size",
+        memory_keys=(("router", "mlp.gate.router_mlp.out_proj.weight"),),
+        routing=Routing(score="softmax", select_on="scores+bias", renormalize=False),
     ),
     Adapter(
         model_type="dbrx",

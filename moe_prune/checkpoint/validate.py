@@ -274,7 +274,7 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
                 f"{config.source}: says MoE layer {layer} has {n_experts} routed experts{past}, but its router "
                 f"{info.name} in {info.file} has shape {list(info.shape)}"
             )
-    hidden = config.get("hidden_size")
+    hidden = config.get(adapter.router_width_key)
     for info in found.routers:
         if isinstance(hidden, int) and (len(info.shape) != 2 or info.shape[1] != hidden):
             raise MoePruneError(

@@ -75,14 +75,25 @@ class RoutingRecorder:
             self.on_selection(slot, logits.topk(self.top_k, dim=-1).indices)
 
     def _experts_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any]) -> None:
-        self.on_selection(slot, args[1])
+        self.on_selection(slot, self.chosen(slot, args[1], args[2]))
+
+    def chosen(self, slot: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The experts' top_k_index, with picks of router rows past the experts' that the family hands over as
+        expert 0 with weight 0 (`Adapter.tail_picks_masked`, zaya's skip expert) set to the layer's expert count:
+        no expert's."""
+        if not self.adapter.tail_picks_masked:
+            return top_k_index
+        weights = top_k_weights.reshape(top_k_index.shape)
+        return top_k_index.masked_fill((top_k_index == 0) & (weights == 0), self.counts[slot])
 
     def on_router_logits(self, slot: int, logits: torch.Tensor) -> None:
         """[T, E] router logits of MoE layer `layers[slot]`; nothing to do for plain counting."""
 
     def on_selection(self, slot: int, top_k_index: torch.Tensor) -> None:
-        """[T, k] chosen experts of MoE layer `layers[slot]`: add one count per choice."""
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)
+        """[T, k] chosen experts of MoE layer `layers[slot]`: add one count per choice (of an expert: an index
+        from the layer's expert count on is a router row past the experts', e.g. a skip or identity expert)."""
+        index = top_k_index.reshape(-1)
+        counts = torch.bincount(index[index < self.counts[slot]], minlength=self.num_experts)
         previous = self._counts[slot]
         self._counts[slot] = counts if previous is None else previous + counts
         self._tokens[slot] += top_k_index.shape[0]
@@ -94,7 +105,7 @@ class RoutingRecorder:
 
     @property
     def hard_counts(self) -> torch.Tensor:
-        """int64 [n_moe_layers, E]: top-k selections of each expert (sums to tokens × top-k per layer)."""
+        """int64 [n_moe_layers, E]: top-k selections of each expert (tokens × top-k a layer, less skip picks)."""
         rows = [torch.zeros(self.num_experts, dtype=torch.int64) if c is None else c.cpu() for c in self._counts]
         return torch.stack(rows).to(torch.int64) if rows else torch.zeros(0, self.num_experts, dtype=torch.int64)
 

@@ -213,7 +213,7 @@ class StatisticsRecorder(RoutingRecorder):
         weighted and added per token in ascending expert order.
         """
         flat = hidden.reshape(-1, hidden.shape[-1])
-        index = top_k_index.reshape(flat.shape[0], -1)
+        index = self.chosen(slot, top_k_index, top_k_weights).reshape(flat.shape[0], -1)
         weights = top_k_weights.reshape(index.shape)
         with torch.no_grad():
             experts = index.reshape(-1)
