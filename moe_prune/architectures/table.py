@@ -102,8 +102,9 @@ REFUSED: dict[str, str] = {
     "attention heads, with their own router), and num_experts_per_tok sets top-k and the attention head count; "
     "pruning the MLP experts alone leaves a config stock transformers cannot load, and pruning the attention "
     "experts needs statistics of their router, which profile does not record",
-    "longcat_flash": "its router has rows and a bias for identity 'zero experts' after the real ones (and its fused "
-    "gate_up_proj spans them); the rows that must stay after the kept ones are not sliced yet",
+    "longcat_flash": "its identity 'zero experts' have router rows and bias entries after the real ones, which "
+    "router_tail would keep, but also gate/up weights (experts.{E..}.gate_proj, a fused gate_up_proj [E + zero, ...]) "
+    "and picks that reach the experts module as identity outputs; neither is edited or recorded yet",
     "doge": "its CDMoE block scores expert i * num_keys + j as x_i + y_j (router_gate [2 * num_keys, H], experts "
     "are down_embed/up_embed rows, num_keys = floor(sqrt(num_experts))), so one expert has no router row to drop; "
     "needed: dropping whole key rows and columns (a smaller square grid, selected per key, not per expert)",
