@@ -353,6 +353,27 @@ def test_derived_merging_permuted_copies_equals_pruning_to_the_anchors(model_typ
     test_merge.test_merging_permuted_copies_equals_pruning_to_the_anchors(model_type, family_factory, tmp_path)
 
 
+def test_gemma4_merge_refit_is_refused_for_its_per_expert_scale(family_factory, tmp_path):
+    """gemma4's router.per_expert_scale multiplies each expert's output; the refit fits the down projection without
+    it, so merge --refit is refused in one line and nothing is written."""
+    import numpy as np
+
+    from moe_prune.artifacts.stats import Stats
+    from moe_prune.stages import merge
+
+    folder, _ = family_factory("gemma4_text")
+    ckpt = Checkpoint.open(folder)
+    stats = test_merge.synthetic_stats(ckpt)
+    layers, experts = stats.arrays["hard_counts"].shape
+    inner, hidden = 8, 4
+    eye = np.broadcast_to(np.eye(inner), (layers, experts, inner, inner)).copy()
+    arrays = {**stats.arrays, "refit_hh": eye, "refit_hy": np.zeros((layers, experts, inner, hidden))}
+    with pytest.raises(MoePruneError, match="per-expert scale") as info:
+        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, refit=True)
+    assert "\n" not in str(info.value) and "router.per_expert_scale" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model_type", DERIVED)
 def test_derived_profile_counts_top_k_per_token(model_type, family_factory, tmp_path):
     """Whole-model profile: every token of every window picks top-k experts in every MoE layer."""
