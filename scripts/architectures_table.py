@@ -41,7 +41,8 @@ def _summary(adapter) -> str:
     r = adapter.routing
     renorm = r.renormalize if isinstance(r.renormalize, str) else ("renorm" if r.renormalize else "no renorm")
     routing = f"{r.score}, select on {r.select_on}, {renorm}" + (", grouped" if r.grouped else "")
-    return f"`{adapter.expert_count_keys[0]}` / `{adapter.top_k_keys[0]}`; `{adapter.router}`; {routing}"
+    tail = f" + `{adapter.router_tail}` rows after the experts'" if adapter.router_tail else ""
+    return f"`{adapter.expert_count_keys[0]}` / `{adapter.top_k_keys[0]}`; `{adapter.router}`{tail}; {routing}"
 
 
 def known_failures(model_type: str, failures: dict[tuple[str, str], str]) -> str:
