@@ -5,11 +5,16 @@
   line naming config.json by every command that reads the model (`architectures.config.check_transformers_reads`),
   not as a tokenizer failure in the loaders, nor copied by prune/merge/score into an output transformers
   cannot load (dtype is outside the mask's config fingerprint, so prune accepted it).
+- tokenizer_config.json fields transformers takes as given and trips over later: model_max_length a string
+  ("unexpected TypeError ... a bug in moe-prune" at the first text tokenized) or below 1, a chat template
+  that is no text (`runtime.loading.load_tokenizer`).
 """
 
 from __future__ import annotations
 
-from hostile import MODEL_READERS, Workspace, hostile
+import json
+
+from hostile import LOADERS, MODEL_READERS, Workspace, hostile
 
 CONFIG_FIELDS = {
     "bool-a-string": ("tie_word_embeddings", "yes"),
@@ -31,3 +36,25 @@ def _config_field(field: str, value: object):
 
 for _name, (_field, _value) in CONFIG_FIELDS.items():
     hostile(f"config-{_name}", MODEL_READERS, "config.json")(_config_field(_field, _value))
+
+
+TOKENIZER_FIELDS = {
+    "model-max-length-a-string": ("model_max_length", "big"),
+    "model-max-length-negative": ("model_max_length", -1),
+    "chat-template-a-number": ("chat_template", 5),
+    "chat-template-names-a-number": ("chat_template", [{"name": "default", "template": 5}]),
+}
+
+
+def _tokenizer_field(field: str, value: object):
+    def build(ws: Workspace) -> None:
+        path = ws.model / "tokenizer_config.json"
+        config = json.loads(path.read_text())
+        config[field] = value
+        path.write_text(json.dumps(config))
+
+    return build
+
+
+for _name, (_field, _value) in TOKENIZER_FIELDS.items():
+    hostile(f"tokenizer-{_name}", LOADERS, "tokenizer_config.json")(_tokenizer_field(_field, _value))

@@ -369,7 +369,20 @@ def load_tokenizer(model_path: str | Path | Checkpoint, trust_remote_code: bool 
             f"{folder / 'tokenizer.json'}: the tokenizer has {len(tokenizer)} tokens, the model's embedding "
             f"{vocab} (config.json vocab_size)"
         )
+    _check_tokenizer_fields(tokenizer, folder / "tokenizer_config.json")
     return tokenizer
+
+
+def _check_tokenizer_fields(tokenizer: Any, path: Path) -> None:
+    """Fields transformers takes as given and trips over later, as an unexpected error: model_max_length is
+    compared with every text's length, a chat template is rendered as Jinja text."""
+    length = getattr(tokenizer, "model_max_length", None)
+    if not (isinstance(length, int | float) and not isinstance(length, bool) and length >= 1):
+        raise MoePruneError(f"{path}: model_max_length is {length!r}; expected a number of tokens from 1")
+    template = getattr(tokenizer, "chat_template", None)
+    named = isinstance(template, dict) and all(isinstance(t, str) for t in template.values())
+    if not (template is None or isinstance(template, str) or named):
+        raise MoePruneError(f"{path}: chat_template is {str(template)[:80]!r}; expected Jinja text (or named texts)")
 
 
 def _check_tokenizer_code(folder: Path, decision: CodeDecision) -> None:
