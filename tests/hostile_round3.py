@@ -8,13 +8,15 @@
 - tokenizer_config.json fields transformers takes as given and trips over later: model_max_length a string
   ("unexpected TypeError ... a bug in moe-prune" at the first text tokenized) or below 1, a chat template
   that is no text (`runtime.loading.load_tokenizer`).
+- `--seed` out of what numpy, torch and accelerate take (negative, past 2**63): an unexpected ValueError
+  deep in the run; every --seed is bounded where the option is declared (`cli.common.MAX_SEED`).
 """
 
 from __future__ import annotations
 
 import json
 
-from hostile import LOADERS, MODEL_READERS, Workspace, hostile
+from hostile import LOADERS, MODEL_READERS, Workspace, _nothing, hostile
 
 CONFIG_FIELDS = {
     "bool-a-string": ("tie_word_embeddings", "yes"),
@@ -58,3 +60,8 @@ def _tokenizer_field(field: str, value: object):
 
 for _name, (_field, _value) in TOKENIZER_FIELDS.items():
     hostile(f"tokenizer-{_name}", LOADERS, "tokenizer_config.json")(_tokenizer_field(_field, _value))
+
+
+SEEDED = ("profile", "sequential", "score", "score-weights", "merge", "finetune", "sweep", "lottery")
+for _name, _seed in (("negative", "-1"), ("past-int64", str(2**64))):
+    hostile(f"seed-{_name}", SEEDED, "--seed", extra=("--seed", _seed))(_nothing)

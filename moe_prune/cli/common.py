@@ -36,6 +36,8 @@ ModelArg = Annotated[
 ]
 DEFAULT_MODEL = str(DEMO_MODEL_DIR)
 DEFAULT_DATA = str(DEMO_HELDOUT)
+# Every --seed: numpy and accelerate take 0 to 2**32 - 1, and runs add their round or draw number to it.
+MAX_SEED = 2**31 - 1
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 TrustOpt = Annotated[

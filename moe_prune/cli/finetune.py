@@ -12,6 +12,7 @@ from rich.table import Table
 from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
+    MAX_SEED,
     DataOpt,
     ForceOpt,
     JsonOpt,
@@ -84,7 +85,9 @@ def finetune(
         float, typer.Option(help="Share of steps of linear warm-up before cosine decay.", rich_help_panel=TRAIN)
     ] = 0.05,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (0: off).", rich_help_panel=TRAIN)] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of data order and randomness.", rich_help_panel=TRAIN)] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of data order and randomness.", rich_help_panel=TRAIN)
+    ] = 0,
     train: Annotated[
         str, typer.Option(help="What trains: all, router, experts, attention (comma-separated).", rich_help_panel=TRAIN)
     ] = "all",

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from moe_prune.cli.common import (
+    MAX_SEED,
     SPLIT_ON_HELP,
     DataOpt,
     JsonOpt,
@@ -94,7 +95,10 @@ def lottery(
         int | None, typer.Option(help="Sequences per forward pass (default: 8).", rich_help_panel=PROFILE)
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of calibration windows; round r trains with seed + r - 1 (default: 0).")
+        int | None,
+        typer.Option(
+            min=0, max=MAX_SEED, help="Seed of calibration windows; round r trains with seed + r - 1 (default: 0)."
+        ),
     ] = None,
     text_field: Annotated[str | None, typer.Option(help="Text field of structured data (default: text).")] = None,
     split_on: Annotated[str | None, typer.Option(help=SPLIT_ON_HELP + " Default: none.")] = None,

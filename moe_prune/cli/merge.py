@@ -11,6 +11,7 @@ from rich.table import Table
 from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
+    MAX_SEED,
     DropMtpOpt,
     ForceOpt,
     JsonOpt,
@@ -83,7 +84,7 @@ def merge(
     skip_layers: Annotated[
         list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of k-means and of --router reinit.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of k-means and of --router reinit.")] = 0,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG heatmap of the similarity by cluster.")] = None,
     max_shard_size: MaxShardSizeOpt = "5GB",
     drop_mtp: DropMtpOpt = False,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import (
+    MAX_SEED,
     DataOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -77,7 +78,7 @@ def profile(
     split_on: SplitOnOpt = "none",
     samples: Annotated[int, typer.Option(help="Calibration sequences (drawn with --seed when more exist).")] = 256,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (capped at the model's context).")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed of the choice of sequences.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the choice of sequences.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     shard: Annotated[str, typer.Option(help="Profile only slice i of n of the sequences, e.g. 0/4.")] = "0/1",
     gradients: Annotated[

@@ -11,7 +11,17 @@ import typer
 from rich.table import Table
 
 from moe_prune.checkpoint.output import check_not_input, check_writable
-from moe_prune.cli.common import ForceOpt, JsonOpt, LazyBar, err_console, out_console, print_json, user_errors, warn
+from moe_prune.cli.common import (
+    MAX_SEED,
+    ForceOpt,
+    JsonOpt,
+    LazyBar,
+    err_console,
+    out_console,
+    print_json,
+    user_errors,
+    warn,
+)
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
@@ -46,7 +56,9 @@ def score(
     min_keep: Annotated[
         int | None, typer.Option(help="With --global: fewest experts a layer keeps (default and minimum: top-k).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the `random` criterion and of the --stability bootstrap.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the `random` criterion and of the --stability bootstrap.")
+    ] = 0,
     protect_super_experts: Annotated[
         bool,
         typer.Option(

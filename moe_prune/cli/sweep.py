@@ -11,6 +11,7 @@ from rich.table import Table
 from moe_prune.cli.common import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
+    MAX_SEED,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
@@ -62,7 +63,7 @@ def sweep(
             "--prune-hopeless", help="Stop a line at larger ratios once it is worse than random at a smaller one."
         ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the merge methods (k-means).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the merge methods (k-means).")] = 0,
     out: Annotated[
         Path | None,
         typer.Option(
