@@ -2,7 +2,7 @@
 
 Runs under a Python with vLLM (and moe-prune, for its plugin) installed, e.g. the venv of
 tests/test_vllm_serving.py:  python scripts/vllm_logprobs.py jobs.json out.json
-jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...]}, ...]
+jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...], "trust_remote_code": false}, ...]
 out.json:  {name: {"logprobs": [[per position from the second token], ...], "model_class": ...,
                    "architectures": [...], "experts": {fused-MoE module: experts}}}
 Every checkpoint is served in float32 by one LLM at a time, in this one process.
@@ -37,6 +37,7 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
         enforce_eager=True,
         max_model_len=max(len(ids) for ids in job["token_ids"]) + 1,
         seed=0,
+        trust_remote_code=bool(job.get("trust_remote_code", False)),
         kv_cache_memory_bytes=64 << 20,  # tiny models, short prompts: no share of the machine's memory
     )
     try:

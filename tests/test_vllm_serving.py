@@ -7,6 +7,7 @@ log-probs through moe-prune's own loader and compares perplexities (relative dif
 Checkpoints: the demo's uniform prune (a stock config: it must resolve to vLLM's own class), a
 `merge --method prune --refit`, a `score --global` ragged prune, and a ragged tiny Qwen3-MoE with a layer
 that keeps fewer experts than top-k. A ragged checkpoint must be refused by a vLLM without the plugin.
+Tests marked `vllm` are left out by default (`pytest -m vllm` runs them); the naming tests at the end are not.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from moe_prune.cli import app
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.runtime.loading import load_model
 from moe_prune.stages import prune
-
-pytestmark = pytest.mark.vllm
 
 PYTHON = os.environ.get("MOE_PRUNE_VLLM_PYTHON")
 SCRIPT = Path(__file__).parent.parent / "scripts" / "vllm_logprobs.py"
@@ -116,8 +115,11 @@ def run_script(python: str, jobs: list[dict], out: Path, env: dict[str, str] | N
 
 @pytest.fixture(scope="module")
 def served(vllm_python, checkpoints, tmp_path_factory) -> dict[str, dict]:
-    """scripts/vllm_logprobs.py's answer for every checkpoint, served in one vLLM process."""
+    """scripts/vllm_logprobs.py's answer for every checkpoint, served in one vLLM process; the ragged one also
+    with trust_remote_code=True (the plugin's class must still win over vLLM's Transformers backend)."""
     jobs = [{"name": name, "folder": str(folder), "token_ids": ids} for name, (folder, ids) in checkpoints.items()]
+    folder, ids = checkpoints["ragged"]
+    jobs.append({"name": "ragged_remote_code", "folder": str(folder), "token_ids": ids, "trust_remote_code": True})
     out = tmp_path_factory.mktemp("vllm_out") / "served.json"
     proc = run_script(vllm_python, jobs, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -133,9 +135,10 @@ def transformers_logprobs(folder: Path, ids: list[list[int]]) -> torch.Tensor:
     return logprobs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
 
 
-@pytest.mark.parametrize("name", ["uniform", "refit", "ragged", "qwen3_moe_ragged"])
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["uniform", "refit", "ragged", "qwen3_moe_ragged", "ragged_remote_code"])
 def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
-    folder, ids = checkpoints[name]
+    folder, ids = checkpoints[name.removesuffix("_remote_code")]
     want = transformers_logprobs(folder, ids)
     got = torch.tensor(served[name]["logprobs"], dtype=torch.float64)
     relative = abs(float(torch.exp(-got.mean()) / torch.exp(-want.mean())) - 1)
@@ -147,10 +150,11 @@ def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
     assert torch.allclose(got, want, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["ragged", "qwen3_moe_ragged"])
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["ragged", "qwen3_moe_ragged", "ragged_remote_code"])
 def test_ragged_layers_are_built_at_their_own_size(name, checkpoints, served):
     """vLLM ran the plugin's class, whose fused-MoE layers hold each layer's own expert count."""
-    folder, _ = checkpoints[name]
+    folder, _ = checkpoints[name.removesuffix("_remote_code")]
     config = json.loads((folder / "config.json").read_text())
     counts = config[RAGGED_KEY]["experts_per_layer"]
     assert len(set(counts.values())) > 1, "the checkpoint must be ragged, or the check is vacuous"
@@ -161,6 +165,7 @@ def test_ragged_layers_are_built_at_their_own_size(name, checkpoints, served):
     assert built == counts
 
 
+@pytest.mark.vllm
 def test_stock_checkpoints_resolve_to_vllms_own_class(checkpoints, served):
     """The plugin is inert for non-ragged checkpoints."""
     for name in ("uniform", "refit"):
@@ -170,10 +175,51 @@ def test_stock_checkpoints_resolve_to_vllms_own_class(checkpoints, served):
         assert set(served[name]["experts"].values()) == {config["num_local_experts"]}
 
 
-def test_without_the_plugin_vllm_refuses_a_ragged_checkpoint(vllm_python, checkpoints, tmp_path):
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    "remote_code,message",
+    [
+        (False, "Model architectures ['MoePruneRaggedMixtralForCausalLM'] are not supported"),
+        (True, "Tried to load weights of size torch.Size([3, 128])"),  # its Transformers backend, at 8 experts
+    ],
+)
+def test_without_the_plugin_vllm_refuses_a_ragged_checkpoint(vllm_python, checkpoints, remote_code, message, tmp_path):
     folder, ids = checkpoints["ragged"]
-    jobs = [{"name": "ragged", "folder": str(folder), "token_ids": ids}]
+    jobs = [{"name": "ragged", "folder": str(folder), "token_ids": ids, "trust_remote_code": remote_code}]
     proc = run_script(vllm_python, jobs, tmp_path / "out.json", env={"VLLM_PLUGINS": "none_of_them"})
     assert proc.returncode != 0
-    assert ragged_architecture("MixtralForCausalLM") in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.vllm
+def test_importing_the_cli_imports_no_vllm(vllm_python):
+    code = "import sys, moe_prune.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm'}))"
+    proc = subprocess.run([vllm_python, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def prune_to(folder: Path, counts: list[int], out: Path) -> dict:
+    ckpt = Checkpoint.open(folder)
+    layers = ckpt.identity.moe_layers
+    keep = {layer: list(ckpt.identity.original_ids[layer][:n]) for layer, n in zip(layers, counts, strict=True)}
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), out)
+    return json.loads((out / "config.json").read_text())
+
+
+def test_ragged_architecture_named_for_the_plugin_and_restored_when_uniform(tiny_factory, tmp_path):
+    """A ragged config names the plugin's architecture (transformers still loads it through auto_map); a uniform
+    prune of it, also after transformers saved it again under its class name, names the stock class."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = tiny_factory("mixtral")
+    ragged = prune_to(folder, [6, 3, 5], tmp_path / "ragged")
+    assert ragged["architectures"] == ["MoePruneRaggedMixtralForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ragged", trust_remote_code=True)
+    model.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert resaved["architectures"] == ["RaggedMixtralForCausalLM"]
+    for source in ("ragged", "resaved"):
+        uniform = prune_to(tmp_path / source, [2, 2, 2], tmp_path / f"uniform_{source}")
+        assert RAGGED_KEY not in uniform and uniform["architectures"] == ["MixtralForCausalLM"]
