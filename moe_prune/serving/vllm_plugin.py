@@ -25,7 +25,7 @@ from moe_prune.checkpoint.ragged import CLASS_PREFIX, ragged_architecture
 
 # vLLM architectures (transformers' causal-LM class names) whose ragged variant is checked against
 # transformers by tests/test_vllm_serving.py. Others are not registered: vLLM refuses them by name.
-SERVED = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+SERVED = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def register() -> None:
