@@ -82,7 +82,8 @@ def check_transformers_reads(raw: dict[str, Any], source: str) -> None:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its warnings about odd token ids are not ours to print on every command
     try:
-        CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(raw))
+        cls = CONFIG_MAPPING[model_type]
+        cls.from_dict(cls._decode_special_floats(copy.deepcopy(raw)))  # {"__float__": "Infinity"}, as it saves them
     except Exception as exc:  # whatever the config class raises on a field it cannot take
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if len(lines) > 1 else f"{type(exc).__name__}: {lines[0] if lines else ''}"
