@@ -80,6 +80,9 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     # mtp.*; its MTP sublayers follow mtp_layers_block_type (attention, then MoE), not one decoder layer each:
     # recognised but not placed: prune and merge refuse MTP experts unless --drop-mtp removes them
     "nemotron_h": MtpFamily("num_nextn_predict_layers", None, r"mtp.*"),
+    # model\.mtp\..*; count key num_mtp_layers (no alias); its MTP layers follow mtp_layer_types ("hybrid"),
+    # whose block layout no transformers class writes: recognised but not placed, as nemotron_h
+    "inkling_text": MtpFamily("num_mtp_layers", None, r"model\.mtp\..*"),
 }
 
 
