@@ -9,16 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moe_prune.checkpoint.output import atomic_file, check_not_input, check_writable
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file, check_not_input, check_writable
 
 
 def pyplot() -> Any:
     """`matplotlib.pyplot` on the file-only Agg backend, or a one-line error saying how to install it."""
     try:
         import matplotlib
-    except ImportError:
-        raise MoePruneError("--plot needs matplotlib: pip install 'moe-prune[plot]'") from None
+    except ImportError as exc:
+        raise MoePruneError("--plot needs matplotlib: pip install 'moe-prune[plot]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

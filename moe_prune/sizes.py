@@ -45,5 +45,5 @@ def parse_tokens(text: str, option: str = "--tokens") -> int:
     number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
     try:
         return int(float(number) * units[unit])
-    except (ValueError, OverflowError):  # not a number, or nan / inf
-        raise MoePruneError(f"{option} {text!r}: expected a count such as 1M, 250k or 4096") from None
+    except (ValueError, OverflowError) as exc:  # not a number, or nan / inf
+        raise MoePruneError(f"{option} {text!r}: expected a count such as 1M, 250k or 4096") from exc

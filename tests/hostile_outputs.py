@@ -1,6 +1,6 @@
 """Hostile outputs (registered with @hostile): what `--out` names is never something to destroy or write into.
 
-The one output check (`checkpoint.output.check_writable` / `check_not_input`) refuses, before any work and
+The one output check (`io.output.check_writable` / `check_not_input`) refuses, before any work and
 even with --force: a device node or a pipe (as root, `--out /dev/null --force` would delete the node), a
 file where a folder is written and the reverse, a symbolic link loop, and a work folder (sweep, lottery)
 inside an input (lottery wrote its recipe, statistics and mask into the model before prune refused).

@@ -2,7 +2,7 @@
 
 finetune (its `.OUT.resume` folder), sweep (results.jsonl, rewritten by each run) and lottery (its rounds)
 hold their output with a lock file `.OUT.lock` beside it, profile --save-every its `OUT.partial.npz`
-(`checkpoint.output.work_lock`). The first run is paused inside the lock (a wrapper holds the stage's
+(`io.output.work_lock`). The first run is paused inside the lock (a wrapper holds the stage's
 first step until the test releases it), so the second run meets it every time, not by luck; the first
 then finishes whole and leaves no lock, resume folder or temporary behind.
 """
@@ -20,8 +20,8 @@ import pytest
 from hostile import COMMANDS, fresh_workspace, snapshot
 from test_hostile import good  # noqa: F401  (session fixture)
 
-from moe_prune.checkpoint.output import _take_over, lock_path, work_lock
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import _take_over, lock_path, work_lock
 from moe_prune.runtime.resume import partial_path
 
 # Runs the CLI with one function replaced by a wrapper that waits, inside the lock, for a release file.
@@ -119,7 +119,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom moe_prune.checkpoint.output import work_lock\n"
+            "import sys, time\nfrom moe_prune.io.output import work_lock\n"
             f"with work_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(300)\n",
         ],
         env=ENV,

@@ -21,9 +21,9 @@ from hostile_code import add_auto_map, evil_code, make_ragged
 from test_hostile import good  # noqa: F401  (session fixture)
 from typer.testing import CliRunner
 
-from moe_prune.checkpoint.output import atomic_folder, remove_stale_temporaries
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_folder, remove_stale_temporaries
 
 
 def edited_model_file(ws: Workspace) -> None:
@@ -206,7 +206,7 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path)
     out = tmp_path / "o"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from moe_prune.checkpoint.output import _HOST
+    from moe_prune.io.output import _HOST
 
     stale = tmp_path / f".o.tmp-{_HOST}-{dead.pid}-deadbeef"
     live = tmp_path / f".o.tmp-{_HOST}-{os.getppid()}-cafe0000"

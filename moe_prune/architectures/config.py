@@ -144,7 +144,7 @@ class ModelConfig:
         try:
             get_adapter(model_type)
         except MoePruneError as exc:  # the 'unsupported' error with the list; say which file asked
-            raise MoePruneError(f"{source}: {exc}") from None
+            raise MoePruneError(f"{source}: {exc}") from exc
         raise AssertionError("unreachable")
 
     @classmethod
@@ -269,8 +269,8 @@ class ModelConfig:
         n_layers = self.num_layers
         try:
             layers = LAYER_RULES[self.adapter.moe_layers](self.text, n_layers)
-        except (TypeError, ValueError, ZeroDivisionError, AttributeError):
-            raise MoePruneError(f"{self.source}: cannot tell which layers are MoE layers (bad layer fields)") from None
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+            raise MoePruneError(f"{self.source}: cannot tell which layers are MoE layers (bad layer fields)") from exc
         if any(not 0 <= layer < n_layers for layer in layers) or len(set(layers)) != len(layers):
             raise MoePruneError(f"{self.source}: MoE layers {layers} are not distinct layers of the {n_layers}")
         return layers

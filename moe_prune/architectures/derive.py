@@ -88,8 +88,8 @@ def config_class(model_type: str) -> type:
 
     try:
         return CONFIG_MAPPING[model_type]
-    except KeyError:
-        raise DerivationError(f"transformers knows no model_type {model_type!r}") from None
+    except KeyError as exc:
+        raise DerivationError(f"transformers knows no model_type {model_type!r}") from exc
 
 
 @functools.cache
@@ -106,8 +106,8 @@ def causal_lm_class(config) -> type:
 
     try:
         return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        raise DerivationError(f"no causal-LM class for {config.model_type!r}") from None
+    except KeyError as exc:
+        raise DerivationError(f"no causal-LM class for {config.model_type!r}") from exc
 
 
 # -- tiny configs --------------------------------------------------------------------------------
@@ -926,7 +926,7 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
     except DerivationError:
         raise
     except Exception as exc:
-        raise DerivationError(f"cannot build a tiny model ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise DerivationError(f"cannot build a tiny model ({type(exc).__name__}: {_first_line(exc)})") from exc
     hidden = config.to_dict().get("hidden_size") or getattr(config, "hidden_size", None)
     structure = find_structure(model, hidden)
     count_keys = expert_count_keys(config, structure, hidden)
@@ -938,7 +938,7 @@ def derive(model_type: str, overrides: dict[str, Any] | None = None) -> Derived:
     except DerivationError:
         raise
     except Exception as exc:
-        raise DerivationError(f"cannot map saved keys ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise DerivationError(f"cannot map saved keys ({type(exc).__name__}: {_first_line(exc)})") from exc
     group_key = group_count_key(config)
     grouped = group_key is not None
     selection_memory = dict(disk.memory_keys).get("selection_bias", disk.selection_bias)
@@ -1038,7 +1038,7 @@ def _moe_layers_cached(blob: str) -> tuple[int, ...]:
     try:
         model = build(cls.from_dict(cls._decode_special_floats(raw)))  # {"__float__": "Infinity"} as from_pretrained
     except Exception as exc:
-        raise ValueError(_first_line(exc)) from None
+        raise ValueError(_first_line(exc)) from exc
     moe = []
     for name, module in model.named_modules():
         if _is_experts(name, module) and (m := re.match(r"^(.*?)\.(\d+)\.", name)):

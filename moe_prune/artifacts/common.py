@@ -227,10 +227,10 @@ def read_capped(source: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> t
         else:
             with open(source, "rb") as handle:
                 blob = handle.read(limit + 1)
-    except FileNotFoundError:
-        raise MoePruneError(f"{name}: {what} file not found") from None
-    except IsADirectoryError:
-        raise MoePruneError(f"{name}: {what} is a folder, not a file") from None
+    except FileNotFoundError as exc:
+        raise MoePruneError(f"{name}: {what} file not found") from exc
+    except IsADirectoryError as exc:
+        raise MoePruneError(f"{name}: {what} is a folder, not a file") from exc
     except OSError as exc:
         raise MoePruneError(f"{name}: cannot read {what} ({exc.strerror or exc})") from exc
     if isinstance(blob, str):

@@ -28,6 +28,7 @@ from moe_prune.artifacts.common import (
 )
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file
 
 STATS_SCHEMA = "moe-prune/stats"
 STATS_VERSION = 1
@@ -80,8 +81,6 @@ class Stats:
 
         `inputs` are never overwritten (the model, data or statistics the file was computed from).
         """
-        from moe_prune.checkpoint.output import atomic_file
-
         meta = {
             "schema": STATS_SCHEMA,
             "version": STATS_VERSION,
@@ -161,10 +160,10 @@ def _read_npz(path: Path, name: str) -> tuple[dict[str, Any], ModelIdentity, dic
     """
     try:
         data = open_npz(path, name)  # sizes claimed by the zip and .npy headers checked before reading
-    except FileNotFoundError:
-        raise MoePruneError(f"{name}: statistics file not found (produce it with `moe-prune profile`)") from None
-    except IsADirectoryError:
-        raise MoePruneError(f"{name}: is a folder, not a statistics file") from None
+    except FileNotFoundError as exc:
+        raise MoePruneError(f"{name}: statistics file not found (produce it with `moe-prune profile`)") from exc
+    except IsADirectoryError as exc:
+        raise MoePruneError(f"{name}: is a folder, not a statistics file") from exc
     except NPZ_ERRORS as exc:
         raise MoePruneError(f"{name}: not a moe-prune statistics file ({describe(exc)})") from exc
     with data:

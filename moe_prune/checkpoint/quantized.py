@@ -167,7 +167,7 @@ def read_float(stored: Stored) -> torch.Tensor:
             return dequantize_fp8(data, scale, stored.block)
         return dequantize_mxfp4(data, scale)
     except ValueError as exc:
-        raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from None
+        raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from exc
 
 
 def read_expert_tensor(stored: Stored, purpose: str) -> torch.Tensor:

@@ -112,7 +112,7 @@ def _read_raw_header(path: Path) -> tuple[int, dict, int]:
                 raise _truncated(path, f"header length {header_len} runs past the end of the file")
             raw = handle.read(header_len)
     except OSError as exc:
-        raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from None
+        raise MoePruneError(f"{path}: cannot read ({exc.strerror})") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -27,7 +27,7 @@ from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
 from moe_prune.checkpoint.validate import read_weight_map, validate_checkpoint
 from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.hub import offline, quiet_hub_logs
+from moe_prune.io.hub import offline, quiet_hub_logs
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -357,4 +357,4 @@ def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> N
         except MoePruneError as exc:
             layer = next(m for m in split.layers.values() if m.layer == virtual)
             message = str(exc).replace(f"MoE layer {virtual}", f"multi-token-prediction layer {layer.prefix}")
-            raise MoePruneError(split.disk_name_in(message)) from None
+            raise MoePruneError(split.disk_name_in(message)) from exc

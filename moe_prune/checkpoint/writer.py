@@ -10,11 +10,11 @@ from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.manifest import MANIFEST_NAME, Manifest
-from moe_prune.checkpoint.output import atomic_folder
 from moe_prune.checkpoint.ragged import write_model_files
 from moe_prune.checkpoint.safetensors_io import AnyOutput, Progress, write_file
 from moe_prune.checkpoint.source import INDEX_NAME, Checkpoint
 from moe_prune.errors import MoePruneWarning
+from moe_prune.io.output import atomic_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".ckpt")
 REWRITTEN = {"config.json", INDEX_NAME, MANIFEST_NAME, "pytorch_model.bin.index.json"}

@@ -117,13 +117,13 @@ def user_errors(fn: F) -> F:
             return result
         except (typer.Exit, typer.Abort, click_exceptions.ClickException):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             err_console.print("[bold red]interrupted[/]; outputs were not written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(130) from exc
         except Exception as exc:
             if debugging():
                 raise
-            raise _fail(escape(describe(exc))) from None
+            raise _fail(escape(describe(exc))) from exc
 
     return wrapper  # type: ignore[return-value]
 

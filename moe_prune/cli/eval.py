@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -28,6 +27,7 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import check_not_input, check_writable
 
 if TYPE_CHECKING:
     from moe_prune.stages.evaluate import EvalResult, LayerLoad, ModelEval

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     MAX_SEED,
@@ -30,6 +29,7 @@ from moe_prune.cli.common import (
 )
 from moe_prune.demo import DEMO_CALIBRATION
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import check_not_input
 
 if TYPE_CHECKING:
     from moe_prune.stages.finetune import FinetuneResult
@@ -172,10 +172,10 @@ def finetune(
         try:
             check_not_input(out, (model, *sources, *([eval_data] if eval_data else [])))
             result = stage.run(model, given, out, options, progress=lambda p: _report(bar, p))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             bar.stop()
             err_console.print("[bold red]interrupted[/]; continue from the last saved state with --resume")
-            raise typer.Exit(130) from None
+            raise typer.Exit(130) from exc
     if not result.main_process:
         return
     for message in result.warnings:

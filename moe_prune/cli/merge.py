@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     MAX_SEED,
@@ -25,6 +24,7 @@ from moe_prune.cli.common import (
     user_errors,
 )
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import check_not_input
 from moe_prune.plotting import check_plot
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ def parse_keep(values: list[str]) -> tuple[int, dict[int, int]]:
                 overrides[int(layer)] = int(count)
             else:
                 default = int(value)
-        except ValueError:
-            raise MoePruneError(f"--keep {value!r}: expected a count (4) or LAYER=COUNT (0=6)") from None
+        except ValueError as exc:
+            raise MoePruneError(f"--keep {value!r}: expected a count (4) or LAYER=COUNT (0=6)") from exc
     if default is None:
         raise MoePruneError("--keep needs a count for every layer, e.g. --keep 4 (plus optional LAYER=COUNT)")
     if min([default, *overrides.values()]) < 1:
@@ -54,8 +54,8 @@ def parse_keep(values: list[str]) -> tuple[int, dict[int, int]]:
 def parse_layers(values: list[str]) -> list[int]:
     try:
         return sorted({int(part) for value in values for part in value.split(",") if part.strip()})
-    except ValueError:
-        raise MoePruneError(f"--skip-layers {values}: expected layer numbers such as 0 or 0,3") from None
+    except ValueError as exc:
+        raise MoePruneError(f"--skip-layers {values}: expected layer numbers such as 0 or 0,3") from exc
 
 
 @user_errors

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import (
     MAX_SEED,
     DataOpt,
@@ -31,6 +30,7 @@ from moe_prune.cli.common import (
 )
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import check_not_input, check_writable
 from moe_prune.sizes import parse_size
 from moe_prune.stages.tasks import TASK_PREFIX
 
@@ -45,8 +45,8 @@ def parse_shard(text: str) -> tuple[int, int]:
         if not sep:
             raise ValueError
         shard = int(index), int(count)
-    except ValueError:
-        raise MoePruneError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    except ValueError as exc:
+        raise MoePruneError(f"--shard {text!r}: expected i/n, e.g. 0/4") from exc
     if not 0 <= shard[0] < shard[1]:
         raise MoePruneError(f"--shard {text!r}: slice i of n needs 0 <= i < n")
     return shard

@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moe_prune.checkpoint.output import check_not_input
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     DropMtpOpt,
@@ -30,6 +29,7 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
+from moe_prune.io.output import check_not_input
 
 
 def _counts(per_layer: dict[int, int]) -> str:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moe_prune.checkpoint.output import check_not_input, check_writable
 from moe_prune.cli.common import (
     MAX_SEED,
     ForceOpt,
@@ -23,6 +22,7 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import check_not_input, check_writable
 
 if TYPE_CHECKING:
     from moe_prune.scoring.stability import LayerStability

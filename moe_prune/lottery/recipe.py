@@ -17,10 +17,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from moe_prune import __version__
 from moe_prune.artifacts.common import check_header, dump_json, is_int, json_type, read_json
-from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file
 from moe_prune.runtime.data import check_split_on
 
 RECIPE_SCHEMA = "moe-prune/lottery-recipe"

@@ -43,8 +43,8 @@ import torch
 
 from moe_prune.artifacts.common import describe, parse_json
 from moe_prune.errors import MoePruneError, MoePruneWarning
+from moe_prune.io.hub import HUB_TIMEOUT_S, offline, quiet_hub_logs
 from moe_prune.runtime.chat import CHAT_FIELD, Chat, chat, render
-from moe_prune.runtime.hub import HUB_TIMEOUT_S, offline, quiet_hub_logs
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".csv")

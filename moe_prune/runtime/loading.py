@@ -130,8 +130,8 @@ def parse_dtype(dtype: str) -> torch.dtype | str:
     """A dtype name as the user types it ('auto' keeps the checkpoint's own dtype)."""
     try:
         return DTYPES[dtype.lower()]
-    except KeyError:
-        raise MoePruneError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+    except KeyError as exc:
+        raise MoePruneError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from exc
 
 
 def _short(exc: BaseException) -> str:
@@ -187,7 +187,7 @@ def load_model(
     except MoePruneError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, RuntimeError... for bad folders
-        raise MoePruneError(f"{ckpt.folder}: could not load the model ({_short(exc)})") from None
+        raise MoePruneError(f"{ckpt.folder}: could not load the model ({_short(exc)})") from exc
     _check_complete(ckpt.folder, info)
     check_finite(model, ckpt.folder)
     if quantization:
@@ -301,7 +301,7 @@ def model_skeleton(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> tup
     except MoePruneError:
         raise
     except Exception as exc:  # same variety as load_model
-        raise MoePruneError(f"{ckpt.folder / 'config.json'}: could not build the model ({_short(exc)})") from None
+        raise MoePruneError(f"{ckpt.folder / 'config.json'}: could not build the model ({_short(exc)})") from exc
     _keep_in_float32(model, torch_dtype)
     return model.eval(), torch_dtype
 
@@ -361,8 +361,8 @@ def load_tokenizer(model_path: str | Path | Checkpoint, trust_remote_code: bool 
         if "trust_remote_code" in str(exc):
             raise MoePruneError(
                 f"{folder / 'tokenizer_config.json'}: the tokenizer needs its own Python; {TRUST_HINT}"
-            ) from None
-        raise MoePruneError(f"{folder}: could not load a tokenizer ({_short(exc)})") from None
+            ) from exc
+        raise MoePruneError(f"{folder}: could not load a tokenizer ({_short(exc)})") from exc
     vocab = ckpt.config.get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:  # its ids past the embedding would crash the forward
         raise MoePruneError(

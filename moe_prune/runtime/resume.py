@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from moe_prune.artifacts.common import NPZ_ERRORS, describe, open_npz
-from moe_prune.checkpoint.output import atomic_file
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file
 
 GRAD_PREFIX = "__grad__"
 
@@ -91,8 +91,8 @@ def _progress(meta: np.ndarray | None, fingerprint: str, path: Path) -> tuple[in
         )
     try:
         done, predictions = int(meta[1]), int(meta[2])
-    except ValueError:
-        raise MoePruneError(f"{path}: corrupt progress counters; delete it to start over") from None
+    except ValueError as exc:
+        raise MoePruneError(f"{path}: corrupt progress counters; delete it to start over") from exc
     if done < 0 or predictions < 0:
         raise MoePruneError(f"{path}: corrupt progress counters; delete it to start over")
     return done, predictions

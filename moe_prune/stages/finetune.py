@@ -31,12 +31,12 @@ import torch
 from safetensors import SafetensorError
 
 from moe_prune.artifacts.manifest import Manifest
-from moe_prune.checkpoint.output import atomic_folder, check_writable, work_lock
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_folder, check_writable, work_lock
 from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
 from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.sizes import parse_size
@@ -154,7 +154,7 @@ def _accelerator(options: FinetuneOptions) -> Any:
     try:
         return Accelerator(**kwargs)
     except (ValueError, RuntimeError) as exc:  # e.g. fp16 on a CPU
-        raise MoePruneError(f"cannot set up training ({str(exc).strip().splitlines()[0]})") from None
+        raise MoePruneError(f"cannot set up training ({str(exc).strip().splitlines()[0]})") from exc
 
 
 def _rows(

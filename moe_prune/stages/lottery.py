@@ -32,9 +32,9 @@ from typing import Any
 from moe_prune.artifacts.common import check_header, dump_json, first_difference, read_json
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
-from moe_prune.checkpoint.output import atomic_file, check_not_input, work_lock
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file, check_not_input, work_lock
 from moe_prune.lottery import agreement
 from moe_prune.lottery.recipe import (
     RECIPE_NAME,
@@ -315,7 +315,7 @@ class _Round:
         try:
             result = RoundResult.from_dict(obj)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MoePruneError(f"{name}: malformed round marker ({exc!r})") from None
+            raise MoePruneError(f"{name}: malformed round marker ({exc!r})") from exc
         if result.trained is None:  # a marker written before rounds recorded it
             result.trained = _trained(self.folder / result.checkpoint) if result.tokens else 0
         return result

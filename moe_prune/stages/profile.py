@@ -32,9 +32,9 @@ import moe_prune
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.artifacts.stats import Stats
-from moe_prune.checkpoint.output import work_lock
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import work_lock
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.data import check_split_on, clip_seq_len, fixed_chunks

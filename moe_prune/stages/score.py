@@ -18,9 +18,9 @@ from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import STAT_FIELDS, Stats
 from moe_prune.checkpoint.expert_weights import ExpertWeights
-from moe_prune.checkpoint.output import atomic_file
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file
 from moe_prune.scoring import Criterion, Inputs, get_criterion
 from moe_prune.scoring.registry import Direction, evaluate
 from moe_prune.scoring.selection import Budget, Selection, group_quota

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.artifacts.stats import Stats
-from moe_prune.checkpoint.output import OutputError
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import OutputError
 from moe_prune.merging.registry import get_method
 from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.loading import code_decision, parse_dtype

@@ -356,8 +356,8 @@ def check_tasks(manager: Any, names: list[str]) -> None:
             if any(type(e).__name__ in _OFFLINE_ERRORS for e in chain if e is not None):
                 raise MoePruneError(
                     f"task {name!r}: its data is not available offline (it must be downloaded from the hub)"
-                ) from None
-            raise MoePruneError(f"task {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from None
+                ) from exc
+            raise MoePruneError(f"task {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from exc
 
 
 def _render_first(task: Any) -> None:
@@ -569,7 +569,7 @@ def run(
 def write_samples(result: TasksResult, path: Path, force: bool = False, protect: tuple[str | Path, ...] = ()) -> int:
     """Per-sample records as JSONL (one line per model, task and document), written whole or not at all by the
     one atomic writer (an existing file only with `force`, never one of `protect`); returns the number written."""
-    from moe_prune.checkpoint.output import atomic_file
+    from moe_prune.io.output import atomic_file
 
     lines = []
     for label, tasks in (("model", result.model), ("baseline", result.baseline)):

@@ -6,7 +6,7 @@
     sweep.png       with --plot: perplexity against experts kept (`sweep.plot`), redrawn on each run
     checkpoints/    the one combination being evaluated (deleted after it, and at the end)
 
-The folder is locked while a sweep uses it (`.DIR.lock` beside it, see `checkpoint.output.work_lock`).
+The folder is locked while a sweep uses it (`.DIR.lock` beside it, see `io.output.work_lock`).
 A rerun with the same fingerprint skips the combinations in results.jsonl (and may add criteria or ratios);
 another fingerprint is refused without --force, which starts over. Without --out the folder is temporary.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.artifacts.common import check_header, dump_json, first_difference, parse_json, read_json
-from moe_prune.checkpoint.output import atomic_file, check_not_input, work_lock
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file, check_not_input, work_lock
 from moe_prune.lottery.recipe import data_fingerprint, model_fingerprint
 from moe_prune.sweep.results import Row
 from moe_prune.training.state import fingerprint_json
@@ -127,7 +127,7 @@ class SweepFolder:
             try:
                 row = Row.from_dict(obj)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise MoePruneError(f"{where}: malformed result ({exc!r}); pass --force to start over") from None
+                raise MoePruneError(f"{where}: malformed result ({exc!r}); pass --force to start over") from exc
             rows[row.combo.key] = row
         return rows
 

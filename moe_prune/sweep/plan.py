@@ -64,8 +64,8 @@ def parse_ratios(spec: str) -> tuple[float, ...]:
     for part in parse_names(spec, "--ratios"):
         try:
             ratio = float(part)
-        except ValueError:
-            raise MoePruneError(f"--ratios {part!r}: expected a fraction such as 0.25") from None
+        except ValueError as exc:
+            raise MoePruneError(f"--ratios {part!r}: expected a fraction such as 0.25") from exc
         if not 0.0 < ratio < 1.0:
             raise MoePruneError(f"--ratios {part}: each ratio must be above 0 and below 1 (the original is always run)")
         ratios.add(ratio)

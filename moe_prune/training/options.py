@@ -120,8 +120,8 @@ def parse_anneal(text: str) -> tuple[int, int]:
         if not sep:
             raise ValueError
         return int(first), int(last)
-    except ValueError:
-        raise MoePruneError(f"--top-k-anneal {text!r}: expected FROM:TO, e.g. 2:1") from None
+    except ValueError as exc:
+        raise MoePruneError(f"--top-k-anneal {text!r}: expected FROM:TO, e.g. 2:1") from exc
 
 
 def parse_train(text: str) -> tuple[str, ...]:

@@ -5,7 +5,7 @@
   state-<step>/  `accelerate` save_state: model, optimizer, every process's RNG states
 
 The output folder itself appears only when the run finishes (atomically), so the work folder lives
-beside it, not inside. The run holds the output's lock (`checkpoint.output.work_lock`) while it uses
+beside it, not inside. The run holds the output's lock (`io.output.work_lock`) while it uses
 the work folder: two runs to one output never share it. It is removed after a successful finish; an
 interrupted run leaves it for `--resume`. The data position needs no saving: batches follow from the seed and the step.
 """
@@ -28,8 +28,8 @@ from moe_prune.artifacts.common import (
     require_int,
     require_type,
 )
-from moe_prune.checkpoint.output import atomic_file
 from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file
 
 RUN_SCHEMA = "moe-prune/finetune-run"
 RUN_VERSION = 1
