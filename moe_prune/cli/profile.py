@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -153,17 +154,18 @@ def profile(
     )
     place = distributed.world()
     partial = partial_path(out, place.rank) if (save_every or resume) else None
-    try:
-        result = _run_with_progress(model, given, settings, partial, resume, place.is_main)
-        if place.is_main:  # rank 0 writes the file and reports
+
+    def save(result: ProfileResult) -> None:
+        """Rank 0 writes the file, while every process still holds its partial (each then deletes its own)."""
+        if place.is_main:
             result.stats.save(out, force, inputs=(model, *sources))
+
+    try:
+        result = _run_with_progress(model, given, settings, partial, resume, place.is_main, save)
     finally:
         distributed.finish()
     if not place.is_main:
         return
-    for rank in range(place.size):
-        if partial is not None:
-            partial_path(out, rank).unlink(missing_ok=True)
     for message in result.warnings:
         warn(message)
     if json_output:
@@ -181,7 +183,13 @@ def profile(
 
 
 def _run_with_progress(
-    model: str, data: list[str], settings: Settings, partial: Path | None, resume: bool, show: bool
+    model: str,
+    data: list[str],
+    settings: Settings,
+    partial: Path | None,
+    resume: bool,
+    show: bool,
+    save: Callable[[ProfileResult], None],
 ) -> ProfileResult:
     from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
@@ -202,7 +210,7 @@ def _run_with_progress(
             bar.update("profiling", completed=done, total=total, rate=f"{speed:,.0f} tok/s" if speed else "")
 
     try:
-        return stage.run(model, data, settings, progress=advance, partial=partial, resume=resume)
+        return stage.run(model, data, settings, progress=advance, partial=partial, resume=resume, save=save)
     finally:
         bar.stop()
 

@@ -176,17 +176,30 @@ def run(
     progress: ProgressFn | None = None,
     partial: Path | None = None,
     resume: bool = False,
+    save: Callable[[ProfileResult], None] | None = None,
 ) -> ProfileResult:
     """Profile `model` on `data` (one source or several `SOURCE[:SHARE]`); nothing is written but `partial`.
 
     Under a distributed launch every process profiles its own slice and all get the combined result.
     Each process holds its `partial` (`work_lock`, one file per process) from the start: a second run on
     the same output, which would write over and resume from the same partial files, is refused in one
-    line before it reads anything.
+    line before it reads anything. `save` (the CLI's writer of the output) runs while the partial is still
+    held, and the partial is deleted only after it succeeded and before the lock is released: a run that
+    starts once the lock is free never has its own partial file deleted by this one.
     """
     settings.check()
     with work_lock(partial) if partial is not None else nullcontext():
-        return _profile(model, data, settings, progress, partial, resume)
+        result = _profile(model, data, settings, progress, partial, resume)
+        if save is not None:
+            save(result)
+        if partial is not None:
+            discard_partial(partial)
+        return result
+
+
+def discard_partial(partial: Path) -> None:
+    """Delete this process's resumable state once its result is saved (called with the partial held)."""
+    partial.unlink(missing_ok=True)
 
 
 def _profile(
