@@ -124,15 +124,8 @@ def criterion(name: str, description: str, **fields: Any) -> Callable[[Callable[
 
 def get_criterion(name: str) -> Criterion:
     """The named criterion, or a one-line error with a suggestion and the list."""
-    _load()
     return CRITERIA.get_or_fail(name)
 
 
 def all_criteria() -> list[Criterion]:
-    _load()
     return list(CRITERIA.values())
-
-
-def _load() -> None:
-    """Import the criterion modules (explicitly, so a broken module fails loudly)."""
-    from moe_prune.scoring import activations, gradients, routing, weights  # noqa: F401
