@@ -3,7 +3,7 @@
 Written to `DIR/recipe.json` before the first round. It serves twice: `moe-prune lottery --recipe
 DIR/recipe.json --out NEW` runs the same experiment again (refused when the model or data changed
 since), and an interrupted run resumes only when its recipe matches the one in DIR, field by field.
-Weights are hashed only up to `WEIGHT_HASH_LIMIT` bytes (larger models: config and tensor headers).
+Fingerprints are `artifacts.provenance`'s (weights hashed only up to its `WEIGHT_HASH_LIMIT` bytes).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from moe_prune import __version__
 from moe_prune.artifacts.common import check_header, dump_json, is_int, json_type, read_json
-from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file
@@ -26,8 +25,6 @@ from moe_prune.runtime.data import check_split_on
 RECIPE_SCHEMA = "moe-prune/lottery-recipe"
 RECIPE_VERSION = 1
 RECIPE_NAME = "recipe.json"
-WEIGHT_HASH_LIMIT = 1 << 30
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -124,35 +121,6 @@ def local_path(source: str) -> str:
     """An existing local path made absolute (so the recipe works from any folder); hub ids unchanged."""
     path = Path(source).expanduser()
     return str(path.absolute()) if path.exists() else source
-
-
-def data_fingerprint(source: str) -> dict[str, Any]:
-    """sha256 of a local file's bytes; hub datasets are named, not hashed."""
-    path = Path(source).expanduser()
-    if not path.is_file():
-        return {"source": source, "sha256": None}
-    return {"source": source, "sha256": _hash_files([path])}
-
-
-def model_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
-    """Config fingerprint, tensor names/dtypes/shapes, and the weights' bytes when they are small enough."""
-    headers = json.dumps([[t.name, t.dtype, list(t.shape)] for t in ckpt.tensors]).encode()
-    size = sum(p.stat().st_size for p in ckpt.shard_files)
-    weights = _hash_files(ckpt.shard_files) if size <= WEIGHT_HASH_LIMIT else f"not hashed ({size} bytes)"
-    return {
-        "config": ckpt.config.fingerprint(),
-        "tensors": "sha256:" + hashlib.sha256(headers).hexdigest()[:16],
-        "weights": weights,
-    }
-
-
-def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while block := handle.read(CHUNK):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()[:16]
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from moe_prune.artifacts.manifest import Manifest
+from moe_prune.artifacts.provenance import fingerprint_json
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import copy_side_files
@@ -47,7 +48,7 @@ from moe_prune.training.heldout import HeldOut, measure
 from moe_prune.training.loop import TrainingLoop
 from moe_prune.training.options import FinetuneOptions
 from moe_prune.training.sft import check_records_source, load_rows
-from moe_prune.training.state import WorkFolder, fingerprint_json, work_folder
+from moe_prune.training.state import WorkFolder, work_folder
 from moe_prune.training.text import Rows
 from moe_prune.training.topk import check_top_k
 

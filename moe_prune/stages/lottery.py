@@ -31,6 +31,7 @@ from typing import Any
 
 from moe_prune.artifacts.common import check_header, dump_json, first_difference, read_json
 from moe_prune.artifacts.mask import DropMask
+from moe_prune.artifacts.provenance import data_fingerprint, model_fingerprint
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -40,9 +41,7 @@ from moe_prune.lottery.recipe import (
     RECIPE_NAME,
     LotteryParams,
     Recipe,
-    data_fingerprint,
     local_path,
-    model_fingerprint,
 )
 from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
 from moe_prune.lottery.schedule import drop_schedule, token_schedule

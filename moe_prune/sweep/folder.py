@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.artifacts.common import check_header, dump_json, first_difference, parse_json, read_json
+from moe_prune.artifacts.provenance import data_fingerprint, fingerprint_json, model_fingerprint
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file, check_not_input, work_lock
-from moe_prune.lottery.recipe import data_fingerprint, model_fingerprint
 from moe_prune.sweep.results import Row
-from moe_prune.training.state import fingerprint_json
 
 RUN_SCHEMA = "moe-prune/sweep-run"
 RUN_VERSION = 1

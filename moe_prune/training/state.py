@@ -12,7 +12,6 @@ interrupted run leaves it for `--resume`. The data position needs no saving: bat
 
 from __future__ import annotations
 
-import json
 import shutil
 import stat
 from dataclasses import dataclass
@@ -131,8 +130,3 @@ def _check_state_file(path: Path) -> None:
             load(str(path), map_location="cpu", mmap=True)
     except Exception as exc:  # torch.load and safetensors raise many types for a damaged file
         raise MoePruneError(f"{path}: damaged saved state ({describe(exc)}); start again with --force") from exc
-
-
-def fingerprint_json(obj: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint as it reads back from run.json (tuples become lists)."""
-    return json.loads(json.dumps(obj))
