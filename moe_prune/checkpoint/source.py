@@ -25,15 +25,13 @@ from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
 from moe_prune.checkpoint.validate import read_weight_map, validate_checkpoint
-from moe_prune.demo import DEMO_MODEL_DIR
+from moe_prune.demo import DEMO_ALIAS, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.io.hub import offline, quiet_hub_logs
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
-
-DEMO_ALIAS = "demo"  # names the shipped demo model wherever a model is asked for
 
 
 def resolve_model(model: str | Path) -> Path:

@@ -17,9 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError, MoePruneWarning
-from moe_prune.sizes import parse_tokens  # noqa: F401  (the CLI's token-count parser, re-exported)
+from moe_prune.stages.common import (
+    DEMO_HELDOUT,
+    DEMO_MODEL_DIR,
+    parse_tokens,  # noqa: F401  (the CLI's token-count parser, re-exported)
+)
 
 try:  # typer vendors its own click (its exceptions are not click's)
     from typer._click import exceptions as click_exceptions

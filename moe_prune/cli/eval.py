@@ -27,7 +27,7 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_not_input, check_writable
+from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
     from moe_prune.stages.evaluate import EvalResult, LayerLoad, ModelEval
@@ -211,8 +211,7 @@ def _check_samples(path: Path, force: bool, inputs: tuple[str | Path, ...]) -> N
 
 def _local_inputs(inputs: tuple[str | Path | None, ...]) -> tuple[str | Path, ...]:
     """The inputs as files on disk (`demo` names the shipped model's folder)."""
-    from moe_prune.checkpoint.source import DEMO_ALIAS
-    from moe_prune.demo import DEMO_MODEL_DIR
+    from moe_prune.stages.common import DEMO_ALIAS, DEMO_MODEL_DIR
 
     return tuple(
         DEMO_MODEL_DIR if str(given) == DEMO_ALIAS and not Path(given).is_dir() else given

@@ -27,9 +27,8 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
-from moe_prune.demo import DEMO_CALIBRATION
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_not_input
+from moe_prune.stages.common import DEMO_CALIBRATION, check_not_input
 
 if TYPE_CHECKING:
     from moe_prune.stages.finetune import FinetuneResult
@@ -127,10 +126,14 @@ def finetune(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.runtime.sources import parse_sources
     from moe_prune.stages import finetune as stage
-    from moe_prune.training.options import FinetuneOptions, parse_anneal, parse_train
-    from moe_prune.training.sft import check_records_source
+    from moe_prune.stages.finetune import (
+        FinetuneOptions,
+        check_records_source,
+        parse_anneal,
+        parse_sources,
+        parse_train,
+    )
 
     options = FinetuneOptions(
         tokens=parse_tokens(tokens),

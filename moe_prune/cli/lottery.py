@@ -22,10 +22,10 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
-from moe_prune.plotting import check_plot
+from moe_prune.stages.common import check_plot
 
 if TYPE_CHECKING:
-    from moe_prune.lottery.results import LotteryResult
+    from moe_prune.stages.lottery import LotteryResult
 
 PRUNING = "Pruning"
 TRAIN = "Finetuning (each round)"
@@ -119,9 +119,9 @@ def lottery(
     options = dict(locals())  # the parameters, by name: those named like LotteryParams fields are its fields
     from dataclasses import fields
 
-    from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
-    from moe_prune.lottery.recipe import LotteryParams, Recipe
     from moe_prune.stages import lottery as stage
+    from moe_prune.stages.common import DEMO_CALIBRATION, DEMO_MODEL_DIR
+    from moe_prune.stages.lottery import LotteryParams, Recipe
 
     given = {f.name: options[f.name] for f in fields(LotteryParams) if f.name in options}
     given["finetune"] = False if no_finetune else None  # flags count as given only when passed
@@ -146,7 +146,7 @@ def lottery(
     with _RoundBar() as bar:
         result = stage.run(params, out, force=force, progress=bar.round, expected=expected)
     if plot is not None:
-        from moe_prune.lottery.agreement import plot as draw
+        from moe_prune.stages.lottery import agreement_plot as draw
 
         draw({name: m.dropped for name, m in result.methods.items()}, result.experts, plot, force, (params.model,))
     for message in result.warnings:
@@ -216,7 +216,7 @@ def _comparison(result: LotteryResult) -> Table:
 
 def _agreement(result: LotteryResult) -> Table:
     """Per layer: each method's dropped original experts, then each pair's both-drop / disagree / Jaccard."""
-    from moe_prune.lottery.agreement import PAIRS
+    from moe_prune.stages.lottery import PAIRS
 
     pairs = [(x, y) for x, y in PAIRS if x in result.methods and y in result.methods]
     table = Table(title="dropped experts (original ids); agreement: both drop/disagree/Jaccard", title_justify="left")

@@ -24,8 +24,7 @@ from moe_prune.cli.common import (
     user_errors,
 )
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_not_input
-from moe_prune.plotting import check_plot
+from moe_prune.stages.common import check_not_input, check_plot
 
 if TYPE_CHECKING:
     from moe_prune.stages.merge import MergeResult
@@ -91,8 +90,8 @@ def merge(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.artifacts.stats import Stats
     from moe_prune.stages import merge as stage
+    from moe_prune.stages.merge import Stats
 
     default, overrides = parse_keep(keep)
     skip = parse_layers(skip_layers or [])
@@ -119,7 +118,7 @@ def merge(
             drop_mtp=drop_mtp,
         )
     if plot is not None:
-        from moe_prune.merging.plot import similarity_heatmaps
+        from moe_prune.stages.merge import similarity_heatmaps
 
         similarity_heatmaps(result.layers, plot, force, (model, stats))
     if json_output:

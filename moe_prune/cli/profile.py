@@ -29,10 +29,8 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
-from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_not_input, check_writable
-from moe_prune.sizes import parse_size
+from moe_prune.stages.common import DEMO_CALIBRATION, DEMO_MODEL_DIR, check_not_input, check_writable, parse_size
 from moe_prune.stages.tasks import TASK_PREFIX
 
 if TYPE_CHECKING:
@@ -109,10 +107,8 @@ def profile(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.runtime import distributed
-    from moe_prune.runtime.resume import partial_path
-    from moe_prune.runtime.sources import parse_sources
     from moe_prune.stages import profile as stage
+    from moe_prune.stages.profile import distributed, parse_sources, partial_path
 
     if task is not None and data:
         raise MoePruneError("give --data or --task, not both")

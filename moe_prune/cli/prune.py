@@ -29,7 +29,7 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
-from moe_prune.io.output import check_not_input
+from moe_prune.stages.common import check_not_input
 
 
 def _counts(per_layer: dict[int, int]) -> str:
@@ -48,8 +48,8 @@ def prune(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.artifacts.mask import DropMask
     from moe_prune.stages import prune as stage
+    from moe_prune.stages.prune import DropMask
 
     check_not_input(out, (model, mask))
     drop_mask = DropMask.read(mask)

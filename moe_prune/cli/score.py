@@ -22,11 +22,10 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_not_input, check_writable
+from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
-    from moe_prune.scoring.stability import LayerStability
-    from moe_prune.stages.score import ScoreReport
+    from moe_prune.stages.score import LayerStability, ScoreReport
 
 COMPACT_EXPERTS = 16  # wider layers list only the dropped experts' scores and the range
 MARGIN = {
@@ -85,8 +84,8 @@ def score(
     list_: Annotated[bool, typer.Option("--list", help="List the criteria and exit.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.scoring.selection import Budget
     from moe_prune.stages import score as stage
+    from moe_prune.stages.score import Budget
 
     if list_:
         _list(json_output)
@@ -134,7 +133,7 @@ def score(
 
 
 def _list(json_output: bool) -> None:
-    from moe_prune.scoring import all_criteria
+    from moe_prune.stages.score import all_criteria
 
     criteria = sorted(all_criteria(), key=lambda c: c.name)
     if json_output:

@@ -30,10 +30,8 @@ from moe_prune.cli.common import (
 from moe_prune.errors import MoePruneError
 
 if TYPE_CHECKING:
-    from moe_prune.stages.sweep import SweepSettings
+    from moe_prune.stages.sweep import Combo, Floor, Row, SweepResult, SweepSettings
     from moe_prune.stages.tasks import TaskSettings
-    from moe_prune.sweep.plan import Combo
-    from moe_prune.sweep.results import Floor, Row, SweepResult
 
 
 @user_errors
@@ -99,7 +97,7 @@ def sweep(
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import sweep as stage
-    from moe_prune.sweep.plan import parse_names, parse_ratios
+    from moe_prune.stages.sweep import parse_names, parse_ratios
 
     if plot:
         _check_plot(out)
@@ -129,7 +127,7 @@ def sweep(
         warn(message)
     drawn = None
     if plot and result.out is not None:
-        from moe_prune.sweep.plot import PLOT_NAME, perplexity_plot
+        from moe_prune.stages.sweep import PLOT_NAME, perplexity_plot
 
         drawn = result.out / PLOT_NAME
         perplexity_plot(result, drawn)
@@ -178,7 +176,7 @@ def _run(model: str, stats: Path, settings: SweepSettings, out: Path | None, for
 
 def _check_plot(out: Path | None) -> None:
     """The plot is one of the work folder's files (redrawn from every row on each run); matplotlib is there."""
-    from moe_prune.plotting import pyplot
+    from moe_prune.stages.common import pyplot
 
     if out is None:
         raise MoePruneError("--plot draws DIR/sweep.png in the work folder; pass --out DIR")
@@ -186,8 +184,7 @@ def _check_plot(out: Path | None) -> None:
 
 
 def _methods(spec: str | None) -> tuple[str, ...]:
-    from moe_prune.merging.registry import METHODS
-    from moe_prune.sweep.plan import parse_names
+    from moe_prune.stages.sweep import METHODS, parse_names
 
     if spec is None:
         return ()
@@ -195,7 +192,7 @@ def _methods(spec: str | None) -> tuple[str, ...]:
 
 
 def _report(result: SweepResult, plot: Path | None) -> None:
-    from moe_prune.sweep.results import not_measured, verdicts
+    from moe_prune.stages.sweep import not_measured, verdicts
 
     original = next((r for r in result.rows if r.combo.kind == "original"), None)
     out_console.print(
@@ -221,7 +218,7 @@ def _report(result: SweepResult, plot: Path | None) -> None:
 
 def sweep_table(result: SweepResult) -> Table:
     """Per ratio, best first: measured rows with the random floor placed among them; failed rows last."""
-    from moe_prune.sweep.results import ranked
+    from moe_prune.stages.sweep import ranked
 
     task_columns = list(dict.fromkeys((t, v["metric"].split(",")[0]) for r in result.rows for t, v in r.tasks.items()))
     table = Table(title="sweep: held-out perplexity, best first within each ratio", title_justify="left")

@@ -12,5 +12,6 @@ DEMO_MODEL_DIR: Path = DEMO_DIR / "model"
 DEMO_DATA_DIR: Path = DEMO_DIR / "data"
 DEMO_CALIBRATION: Path = DEMO_DATA_DIR / "calibration.jsonl"
 DEMO_HELDOUT: Path = DEMO_DATA_DIR / "heldout.jsonl"
+DEMO_ALIAS = "demo"  # names the shipped demo model wherever a model is asked for
 
-__all__ = ["DEMO_CALIBRATION", "DEMO_DATA_DIR", "DEMO_DIR", "DEMO_HELDOUT", "DEMO_MODEL_DIR"]
+__all__ = ["DEMO_ALIAS", "DEMO_CALIBRATION", "DEMO_DATA_DIR", "DEMO_DIR", "DEMO_HELDOUT", "DEMO_MODEL_DIR"]

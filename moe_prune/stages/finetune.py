@@ -39,7 +39,8 @@ from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_folder, check_writable, work_lock
 from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
-from moe_prune.runtime.sources import SourceSpec, parse_sources
+from moe_prune.runtime.sources import SourceSpec
+from moe_prune.runtime.sources import parse_sources as parse_sources
 from moe_prune.sizes import parse_size
 from moe_prune.stages.tasks import TASK_PREFIX
 from moe_prune.training.batches import BatchPlan, Sequences
@@ -47,7 +48,10 @@ from moe_prune.training.freeze import group_members, members_of, select_trainabl
 from moe_prune.training.heldout import HeldOut, measure
 from moe_prune.training.loop import TrainingLoop
 from moe_prune.training.options import FinetuneOptions
-from moe_prune.training.sft import check_records_source, load_rows
+from moe_prune.training.options import parse_anneal as parse_anneal
+from moe_prune.training.options import parse_train as parse_train
+from moe_prune.training.sft import check_records_source as check_records_source
+from moe_prune.training.sft import load_rows
 from moe_prune.training.state import WorkFolder, work_folder
 from moe_prune.training.text import Rows
 from moe_prune.training.topk import check_top_k

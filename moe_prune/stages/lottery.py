@@ -37,12 +37,14 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file, check_not_input, work_lock
 from moe_prune.lottery import agreement
+from moe_prune.lottery.agreement import PAIRS as PAIRS
+from moe_prune.lottery.agreement import plot as agreement_plot
 from moe_prune.lottery.recipe import (
     RECIPE_NAME,
-    LotteryParams,
     Recipe,
     local_path,
 )
+from moe_prune.lottery.recipe import LotteryParams as LotteryParams
 from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
 from moe_prune.lottery.schedule import drop_schedule, token_schedule
 from moe_prune.runtime.data import load_documents
@@ -411,3 +413,6 @@ def _copy(source: Path, target: Path) -> None:
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     with atomic_file(path, force=True) as tmp:
         tmp.write_text(dump_json(json.loads(json.dumps(obj, default=str))))
+
+
+__all__ = ["PAIRS", "LotteryParams", "LotteryResult", "Recipe", "agreement_plot", "run"]

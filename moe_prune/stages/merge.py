@@ -20,7 +20,7 @@ import numpy as np
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import set_mtp_count
-from moe_prune.artifacts.stats import Stats
+from moe_prune.artifacts.stats import Stats as Stats
 from moe_prune.checkpoint.edit import Edit, Written, write_edit
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
@@ -31,6 +31,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
+from moe_prune.merging.plot import similarity_heatmaps as similarity_heatmaps
 from moe_prune.merging.refit import least_squares_down
 from moe_prune.merging.registry import NEEDS, PRODUCED_BY, LayerStats, get_method, weight_statistic
 from moe_prune.merging.similarity import router_similarity

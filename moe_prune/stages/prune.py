@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import set_mtp_count
-from moe_prune.artifacts.mask import DropMask
+from moe_prune.artifacts.mask import DropMask as DropMask
 from moe_prune.checkpoint.edit import Edit, Written, write_edit
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint

@@ -22,6 +22,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file
 from moe_prune.scoring import Criterion, Inputs, get_criterion
+from moe_prune.scoring import all_criteria as all_criteria
 from moe_prune.scoring.registry import Direction, evaluate
 from moe_prune.scoring.selection import Budget, Selection, group_quota
 from moe_prune.scoring.stability import (
@@ -32,6 +33,7 @@ from moe_prune.scoring.stability import (
     pair_stability,
     stability_note,
 )
+from moe_prune.scoring.stability import LayerStability as LayerStability
 
 
 @dataclass

@@ -22,6 +22,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import OutputError
+from moe_prune.merging.registry import METHODS as METHODS
 from moe_prune.merging.registry import get_method
 from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.loading import code_decision, parse_dtype
@@ -30,7 +31,15 @@ from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, merge, prune, score, tasks
 from moe_prune.sweep.folder import SweepFolder, fingerprint
 from moe_prune.sweep.plan import DIRECTIONS, SCOPES, Combo, choice, combinations, command
+from moe_prune.sweep.plan import parse_names as parse_names
+from moe_prune.sweep.plan import parse_ratios as parse_ratios
+from moe_prune.sweep.plot import PLOT_NAME as PLOT_NAME
+from moe_prune.sweep.plot import perplexity_plot as perplexity_plot
+from moe_prune.sweep.results import Floor as Floor
 from moe_prune.sweep.results import Row, SweepResult, floors, hopeless
+from moe_prune.sweep.results import not_measured as not_measured
+from moe_prune.sweep.results import ranked as ranked
+from moe_prune.sweep.results import verdicts as verdicts
 
 # progress(combinations done, total, the combination starting now or None at the end)
 ProgressFn = Callable[[int, int, Combo | None], None]
