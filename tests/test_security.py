@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import atomic_folder, remove_stale_temporaries
+from moe_prune.io.output import atomic_file, atomic_folder, remove_stale_temporaries
 
 
 def edited_model_file(ws: Workspace) -> None:
@@ -186,6 +186,15 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path):
         (out / "theirs").write_text("first writer")
     assert (out / "theirs").read_text() == "first writer" and not (out / "mine").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["o"], "temporary folder left behind"
+
+
+def test_a_file_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    out = tmp_path / "o.npz"
+    with pytest.raises(MoePruneError, match="appeared while this run"), atomic_file(out, force=False) as tmp:
+        tmp.write_text("second writer")
+        out.write_text("first writer")  # the other writer finishes first
+    assert out.read_text() == "first writer"
+    assert [p.name for p in tmp_path.iterdir()] == ["o.npz"], "temporary file left behind"
 
 
 def test_two_concurrent_prunes_to_one_output_leave_one_winner(good, tmp_path):  # noqa: F811
