@@ -192,6 +192,23 @@ def test_hopeless_rule_covers_merges_failures_and_later_ratios():
     assert hopeless(Combo("random", 0.5, "random", "min", "layer", 0), rows, floor) is None  # the floor itself
 
 
+def test_a_random_mask_is_never_best_nor_recommended():
+    """On made-up rows where a random mask has the lowest perplexity: it is the floor, not a result."""
+    from moe_prune.sweep.plan import Combo
+    from moe_prune.sweep.results import Row, SweepResult
+
+    def row(kind, ratio, perplexity, name, seed=None):
+        return Row(
+            Combo(kind, ratio, name, None if kind == "random" else "min", "layer", seed), "done", perplexity=perplexity
+        )
+
+    rows = [row("random", r, 1.0, "random", 0) for r in (0.25, 0.5)]
+    rows += [row("prune", 0.25, 3.0, "a"), row("prune", 0.5, 5.0, "a"), row("merge", 0.25, 2.0, "m")]
+    result = SweepResult(None, "m", "s.npz", "d", {}, {1: 8}, 2, (0.25, 0.5), rows, {"a": "min"})
+    assert {ratio: r.combo.name for ratio, r in result.best().items()} == {0.25: "m", 0.5: "a"}
+    assert result.recommended()["line"] == rows[2].combo.line and result.recommended()["best_at"] == [0.5]
+
+
 def test_interrupted_sweep_resumes_and_ends_with_the_same_rows(full, stats_file, tmp_path, monkeypatch):
     """A part of the full sweep (its rows depend on nothing else), interrupted after 5 models, then resumed."""
     _, uninterrupted = full
