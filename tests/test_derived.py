@@ -49,6 +49,8 @@ from moe_prune.training.options import FinetuneOptions
 DERIVED_TINY: dict[str, dict] = {
     # the defaults have one MoE layer; ragged pruning needs two
     "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "full_attention", "moe"]},
+    # qk_head_dim is computed (nope + rope) only when unset; the shrink of its default breaks that tie
+    "longcat_flash": {"qk_head_dim": 16},
 }
 
 # Model types of the installed transformers that are MoE causal LMs but that moe-prune does not support.
@@ -384,7 +386,10 @@ def test_derived_profile_counts_top_k_per_token(model_type, family_factory, tmp_
     config = Checkpoint.open(folder).config
     hard = result.stats.arrays["hard_counts"]
     assert hard.shape == (len(config.moe_layers), config.num_experts)
-    assert (hard.sum(axis=1) == result.tokens * config.top_k).all()
+    if config.adapter.tail_experts:  # picks of longcat's zero experts are no expert's (tests/test_zero_experts.py)
+        assert (hard.sum(axis=1) <= result.tokens * config.top_k).all()
+    else:
+        assert (hard.sum(axis=1) == result.tokens * config.top_k).all()
 
 
 @pytest.mark.parametrize("model_type", battery("sequential"))
@@ -418,6 +423,8 @@ def test_derived_eval_matches_the_models_own_loss(model_type, family_factory, tm
     nll, count = test_eval.independent_nll(folder, docs)
     assert result.tokens_scored == count
     assert result.nll == pytest.approx(nll, rel=1e-5)
-    top_k = Checkpoint.open(folder).config.top_k
-    for load in result.load:
-        assert sum(load.counts) == load.tokens * top_k
+    config = Checkpoint.open(folder).config
+    for load in result.load:  # picks of longcat's zero experts are no expert's
+        assert sum(load.counts) == load.tokens * config.top_k or (
+            config.adapter.tail_experts and sum(load.counts) < load.tokens * config.top_k
+        )

@@ -116,6 +116,8 @@ def _copies_of_one_expert(model, adapter, n_experts: int, seed: int) -> None:
         except AttributeError:
             continue
         params = [(find_layout(name, adapter.expert_tensors), param) for name, param in experts.named_parameters()]
+        if adapter.tail_experts:  # longcat's gate_up_proj rows past the experts' (zero experts) are no copies
+            params = [(lay, p.data[:n_experts]) for lay, p in params]
         views = [
             (lay, p.data if p.shape[0] == n_experts else p.data.view(n_experts, -1, *p.shape[1:])) for lay, p in params
         ]
@@ -169,7 +171,9 @@ def _assert_functional_copies(model, config) -> None:
     with torch.no_grad():
         if adapter.selection_from == "experts_args":
             ones = torch.ones(x.shape[0], 1)
-            outs = [experts(x, torch.full((x.shape[0], 1), e), ones) for e in range(n)]
+            if adapter.tail_experts:  # longcat's experts fail on top-1: the same expert again, weight 0
+                ones = torch.cat([ones, torch.zeros_like(ones)], dim=1)
+            outs = [experts(x, torch.full(tuple(ones.shape), e), ones) for e in range(n)]
         else:  # llama4: every expert runs on its own copy of the tokens, [E * T, H] in and out
             outs = list(experts(x.repeat(n, 1)).reshape(n, x.shape[0], -1))
     for e, out in enumerate(outs[1:], start=1):

@@ -70,6 +70,9 @@ class Adapter:
     router_tail: int | str = 0
     # A pick of such a row reaches the experts as expert 0 with weight 0 (zaya's skip expert): counted as no expert's.
     tail_picks_masked: bool = False
+    # The tail rows are experts the experts module holds too (longcat_flash's identity 'zero experts': gate/up
+    # weights it never uses, per-expert keys E.. or fused rows past E): kept, renumbered, after the kept experts.
+    tail_experts: bool = False
     router_width_key: str = "hidden_size"  # config key of the router weight's columns (zaya: its router MLP's width)
     routing: Routing = Routing()
     layer_count_key: str = "num_hidden_layers"  # or a per-layer type list whose length is the count (nemotron_h)

@@ -102,9 +102,6 @@ REFUSED: dict[str, str] = {
     "attention heads, with their own router), and num_experts_per_tok sets top-k and the attention head count; "
     "pruning the MLP experts alone leaves a config stock transformers cannot load, and pruning the attention "
     "experts needs statistics of their router, which profile does not record",
-    "longcat_flash": "its identity 'zero experts' have router rows and bias entries after the real ones, which "
-    "router_tail would keep, but also gate/up weights (experts.{E..}.gate_proj, a fused gate_up_proj [E + zero, ...]) "
-    "and picks that reach the experts module as identity outputs; neither is edited or recorded yet",
     "doge": "its CDMoE block scores expert i * num_keys + j as x_i + y_j (router_gate [2 * num_keys, H], experts "
     "are down_embed/up_embed rows, num_keys = floor(sqrt(num_experts))), so one expert has no router row to drop; "
     "needed: dropping whole key rows and columns (a smaller square grid, selected per key, not per expert)",
@@ -233,6 +230,21 @@ ROWS: tuple[Adapter, ...] = (
         router_width_key="router_hidden_size",
         memory_keys=(("router", "mlp.gate.router_mlp.out_proj.weight"),),
         routing=Routing(score="softmax", select_on="scores+bias", renormalize=False),
+    ),
+    # Identity 'zero experts' follow the routed ones in the router ([E + zero_expert_num, H], selection bias alike)
+    # and in gate_up_proj (weights never used); a pick of one reaches the experts module as index >= E.
+    _qwen_like(
+        "longcat_flash",
+        expert_count_keys=("n_routed_experts",),
+        top_k_keys=("moe_topk",),
+        layer_count_key="num_layers",
+        router="mlp.router.classifier.weight",
+        selection_bias="mlp.router.e_score_correction_bias",
+        router_tail="zero_expert_num",
+        tail_experts=True,
+        routing=Routing(score="softmax", select_on="scores+bias", renormalize=False),
+        runtime_router="mlp.router",
+        memory_keys=(("router", "mlp.router.classifier.weight"),),
     ),
     Adapter(
         model_type="dbrx",

@@ -138,8 +138,9 @@ def router_rows(
     """(entries on the expert axis, entries kept) of a tensor sliced with the experts: a router tensor of a family
     whose router has rows past the experts' (`Adapter.router_tail`) keeps them after the kept experts' rows.
 
-    The count is read off the tensor; validation checks it against the config (`ModelConfig.router_tail`)."""
-    if not (key.router and adapter.router_tail and info.shape):
+    The count is read off the tensor; validation checks it against the config (`ModelConfig.router_tail`).
+    Where those rows are experts too (`Adapter.tail_experts`), fused expert tensors keep them the same way."""
+    if not ((key.router or adapter.tail_experts) and adapter.router_tail and info.shape):
         return n_experts, slots
     extra = info.shape[0 if key.kind == "rows" else -1] - n_experts
     return n_experts + max(extra, 0), [*slots, *range(n_experts, n_experts + extra)]
@@ -174,11 +175,13 @@ def plan_expert_selection(
         slots = keep_slots[key.layer]
         layer_experts = counts[key.layer]
         if key.kind == "per_expert":
-            if key.slot is None or key.slot >= layer_experts:
+            if key.slot is None or (key.slot >= layer_experts and not adapter.tail_experts):
                 raise MoePruneError(
                     f"{info.file}: {info.name} names expert {key.slot} but layer {key.layer} has {layer_experts}"
                 )
-            if key.slot in slots:
+            if key.slot >= layer_experts:  # a tail expert (validated against the config): after the kept ones
+                out.append(whole(info, key.renumbered(len(slots) + key.slot - layer_experts)))
+            elif key.slot in slots:
                 out.append(whole(info, key.renumbered(slots.index(key.slot))))
         else:
             blocks, kept = router_rows(info, key, adapter, layer_experts, slots)

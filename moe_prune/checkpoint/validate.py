@@ -281,8 +281,9 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
                 f"{info.file}: router {info.name} has shape {list(info.shape)}, not [{rows}, {hidden}] "
                 f"as {config.source} implies"
             )
+    tail_experts = tail if adapter.tail_experts else 0  # tail rows the experts hold too (longcat's zero experts)
     for info in found.fused:
-        if not info.shape or info.shape[0] % n_experts:
+        if not info.shape or (info.shape[0] % n_experts and info.shape[0] != n_experts + tail_experts):
             raise MoePruneError(
                 f"{info.file}: {info.name} has shape {list(info.shape)}, which does not split into the "
                 f"{n_experts} experts {config.source} gives MoE layer {layer}"
@@ -296,7 +297,7 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
     if not found.per_expert and not found.fused:
         raise MoePruneError(f"{where}: MoE layer {layer} holds no routed-expert weights")
     for kind, slots in sorted(found.per_expert.items()):
-        if extra := sorted(slot for slot in slots if slot >= n_experts):
+        if extra := sorted(slot for slot in slots if slot >= n_experts + tail_experts):
             info = slots[extra[0]]
             raise MoePruneError(
                 f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but {info.file} "
@@ -309,6 +310,12 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
                     f"{info.file}: {info.name} has shape {list(info.shape)}, but {first.name} has "
                     f"{list(first.shape)}; the experts of a layer must match"
                 )
+        past = set(range(n_experts, n_experts + tail_experts))
+        if (held := set(slots) & past) and (gap := sorted(past - held)):  # renumbering would close the gap
+            raise MoePruneError(
+                f"{where}: holds {len(held)} of the {tail_experts} zero experts' {kind} past the {n_experts} routed "
+                f"experts of MoE layer {layer}, not expert {gap[0]}"
+            )
         if missing := sorted(set(range(n_experts)) - set(slots)):
             name = kind.replace("{L}", str(layer)).replace("{E}", str(missing[0]))
             raise MoePruneError(

@@ -114,6 +114,7 @@ class _LayerExperts:
     n_experts: int
     per_expert: dict[str, dict[int, Stored]] = field(default_factory=dict)  # tail -> slot -> info
     fused: dict[str, Stored] = field(default_factory=dict)  # name -> [E, ...] tensor
+    fused_tail: dict[str, int] = field(default_factory=dict)  # name -> rows past the experts' (Adapter.tail_experts)
     layouts: dict[str, ExpertTensor] = field(default_factory=dict)
     pending: int = 0
     _merged: list[Expert] | None = None
@@ -130,7 +131,8 @@ class _LayerExperts:
                     )
                 experts[slot][tail] = _read(slots[slot])
         for name, info in self.fused.items():
-            blocks = split_experts(_read(info), self.n_experts, info)
+            data = _read(info)
+            blocks = split_experts(data[: data.shape[0] - self.fused_tail.get(name, 0)], self.n_experts, info)
             for slot in needed:
                 experts[slot][name] = blocks[slot].clone()
         return experts
@@ -285,6 +287,8 @@ class MergePlanner:
         layer = self.layers[key.layer]
         if key.kind == "per_expert":
             assert key.slot is not None
+            if key.slot >= self.counts[key.layer] and self.adapter.tail_experts:
+                return  # a tail expert (longcat's zero expert): copied after the merged ones, not merged
             if key.slot >= self.counts[key.layer]:
                 raise MoePruneError(
                     f"{info.file}: {info.name} names expert {key.slot} but the layer has {self.counts[key.layer]}"
@@ -298,12 +302,22 @@ class MergePlanner:
                     "merge cannot write it back quantized: use --method prune"
                 )
             layer.fused[info.name] = info
+            layer.fused_tail[info.name] = router_rows(info.data, key, self.adapter, self.counts[key.layer], [])[0]
+            layer.fused_tail[info.name] -= self.counts[key.layer]
+            if layer.fused_tail[info.name] and info.quantized:
+                raise MoePruneError(f"{info.file}: {info.name} is quantized with rows past the experts'; use prune")
             layer.layouts[info.name] = find_layout(info.name, self.adapter.expert_tensors)
 
     def _expert_outputs(self, info: Stored, key: ExpertKey) -> list[AnyOutput]:
         layer = self.layers[key.layer]
         plan = layer.plan
         if key.kind == "per_expert":
+            assert key.slot is not None
+            if key.slot >= self.counts[key.layer]:  # a tail expert: after the merged ones, unchanged
+                slot = len(plan.clusters) + key.slot - self.counts[key.layer]
+                return [
+                    whole(part, new) for part, new in zip(info.infos, info.names(key.renumbered(slot)), strict=True)
+                ]
             if key.slot not in plan.anchors:
                 return []
             index = plan.anchors.index(key.slot)
@@ -316,17 +330,20 @@ class MergePlanner:
             dtype = _torch_dtype(info.data)
             return [_computed(name, info.data, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))]
         layout = layer.layouts[info.name]
+        tail = layer.fused_tail[info.name]
         if plan.passthrough or (plan.refit is not None and not is_down(layout)):
-            return [slice_expert_axis(part, 0, self.counts[key.layer], plan.anchors) for part in info.infos]
+            blocks, kept = router_rows(info.data, key, self.adapter, self.counts[key.layer], plan.anchors)
+            return [slice_expert_axis(part, 0, blocks, kept) for part in info.infos]
         count = len(plan.clusters)
-        shape = (info.shape[0] // self.counts[key.layer] * count, *info.shape[1:])
+        shape = ((info.shape[0] - tail) // self.counts[key.layer] * count + tail, *info.shape[1:])
         if info.quantized:
             return _requantized(info, info.names(info.name), shape, layer, self._fused_quantized(info, plan, layout))
         dtype = _torch_dtype(info.data)
 
         def fused(merged: list[Expert]) -> bytes:
-            stacked = torch.stack([m[info.name] for m in merged]).reshape(shape)
-            return tensor_bytes(stacked.to(dtype))
+            stacked = torch.stack([m[info.name] for m in merged]).reshape(-1, *info.shape[1:])
+            past = _read(info)[info.shape[0] - tail :] if tail else stacked[:0]  # tail rows, unchanged
+            return tensor_bytes(torch.cat([stacked, past.to(stacked.dtype)]).reshape(shape).to(dtype))
 
         return [_computed(info.name, info.data, shape, layer, fused)]
 

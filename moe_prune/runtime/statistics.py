@@ -222,8 +222,11 @@ class StatisticsRecorder(RoutingRecorder):
             token = order // index.shape[1]
             chosen = experts[order]
         n = token.numel()
-        ones = torch.ones((n, 1), dtype=weights.dtype, device=weights.device)
-        output = original(flat[token], chosen[:, None], ones, *args, **kwargs).reshape(n, -1)
+        picks, ones = chosen[:, None], torch.ones((n, 1), dtype=weights.dtype, device=weights.device)
+        if self.adapter.tail_experts:  # longcat's experts fail on top-1 (squeeze): add its first identity expert, x0
+            picks = torch.cat([picks, torch.full_like(picks, self.counts[slot])], dim=1)
+            ones = torch.cat([ones, torch.zeros_like(ones)], dim=1)
+        output = original(flat[token], picks, ones, *args, **kwargs).reshape(n, flat.shape[-1])  # n may be 0
         weight = weights.reshape(-1)[order]
         gate = (weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).reshape(-1)
         self._add_activations(slot, chosen, output.detach(), weight.detach(), gate[order].detach())
@@ -232,7 +235,20 @@ class StatisticsRecorder(RoutingRecorder):
             chosen_weights = weights.detach().double() * ((index >= 0) & (index < self.counts[slot]))
             mean = result.detach().double() / chosen_weights.sum(1, keepdim=True).clamp_min(1e-30)
             self._pass.add(slot, self._modules[slot], original, flat.detach(), mean, self._last_probs[slot])
+        if self.adapter.tail_experts:
+            result = self._add_tail_picks(slot, original, flat, index, weights, result, *args, **kwargs)
         return result.reshape(hidden.shape[:-1] + result.shape[-1:])
+
+    def _add_tail_picks(self, slot: int, original, flat, index, weights, result, *args, **kwargs) -> torch.Tensor:
+        """`result` plus the weighted outputs of picks past the layer's experts (longcat's identity zero experts),
+        which are no expert's statistics but part of the model's output."""
+        token, column = (index >= self.counts[slot]).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            return result
+        picks = index[token, column][:, None].repeat(1, 2)  # top-1 fails in longcat's experts: the same pick, x0
+        picked = weights[token, column][:, None]
+        output = original(flat[token], picks, torch.cat([picked, torch.zeros_like(picked)], dim=1), *args, **kwargs)
+        return result.index_add(0, token, output.reshape(token.numel(), -1).to(result.dtype))
 
     @torch.no_grad()
     def _scaled_experts_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any], output: Any) -> None:
