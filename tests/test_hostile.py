@@ -17,6 +17,7 @@ import hostile_mtp  # noqa: F401
 import hostile_outputs  # noqa: F401
 import hostile_parsing  # noqa: F401
 import hostile_round3  # noqa: F401
+import hostile_round4  # noqa: F401
 import hostile_tasks  # noqa: F401
 import pytest
 from hostile import CASES, COMMANDS, fresh_workspace, snapshot

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter, wrapper_adapter
+from moe_prune.architectures.activations import check_activations
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.artifacts.common import read_json
 from moe_prune.errors import MoePruneError
@@ -154,6 +155,7 @@ class ModelConfig:
         config = cls.from_dict(raw, str(path))
         config.check()
         check_transformers_reads(raw, str(path))
+        check_activations(raw, str(path))
         return config
 
     def check(self) -> None:

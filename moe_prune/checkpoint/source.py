@@ -23,6 +23,7 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.common import describe
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
+from moe_prune.checkpoint.generation_config import check_generation_config
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
 from moe_prune.checkpoint.validate import read_weight_map, validate_checkpoint
 from moe_prune.demo import DEMO_ALIAS, DEMO_MODEL_DIR
@@ -74,6 +75,7 @@ class Checkpoint:
         if not ckpt.tensors:  # reads every shard header: corrupt input fails before any work
             raise MoePruneError(f"{ckpt.folder}: the checkpoint holds no tensors")
         validate_checkpoint(ckpt)  # config against weights, from the headers
+        check_generation_config(ckpt.folder, ckpt.config.get("vocab_size"))  # copied by prune/merge, read at load
         return ckpt
 
     @cached_property

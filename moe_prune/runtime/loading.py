@@ -46,6 +46,7 @@ from moe_prune.checkpoint.ragged import (
 )
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError, MoePruneWarning
+from moe_prune.runtime.tokenizer_files import check_templates, tokenizer_error
 
 TOKENIZER_FILES = ("tokenizer*", "vocab.*", "*.model", "*.tiktoken", "spiece*")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -362,7 +363,7 @@ def load_tokenizer(model_path: str | Path | Checkpoint, trust_remote_code: bool 
             raise MoePruneError(
                 f"{folder / 'tokenizer_config.json'}: the tokenizer needs its own Python; {TRUST_HINT}"
             ) from exc
-        raise MoePruneError(f"{folder}: could not load a tokenizer ({_short(exc)})") from exc
+        raise tokenizer_error(folder, exc) from exc  # names the file at fault, not the folder
     vocab = ckpt.config.get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:  # its ids past the embedding would crash the forward
         raise MoePruneError(
@@ -370,6 +371,7 @@ def load_tokenizer(model_path: str | Path | Checkpoint, trust_remote_code: bool 
             f"{vocab} (config.json vocab_size)"
         )
     _check_tokenizer_fields(tokenizer, folder / "tokenizer_config.json")
+    check_templates(folder)
     return tokenizer
 
 

@@ -336,21 +336,27 @@ def task_manager(names: list[str], include_path: Path | None) -> Any:
 
 
 def check_tasks(manager: Any, names: list[str]) -> None:
-    """Build each task once (this reads its data) and render its first document, so a failure names the
-    task: offline data, a template the sandbox refuses."""
-    from jinja2.exceptions import SecurityError
+    """Build each task once (this reads its data) and render every document's prompt, target and choices, so
+    a failure names the task and its YAML before any model is loaded: offline data, a template that does
+    not parse, names a field some document lacks, or does what the sandbox forbids."""
+    from jinja2.exceptions import SecurityError, TemplateError
 
     for name in names:
         rendering = name  # the task whose template runs (a group's subtask once built)
         try:
             for task in manager.load([name])["tasks"].values():
                 rendering = getattr(getattr(task, "config", None), "task", None) or name
-                _render_first(task)
+                _render_all(task)
         except MoePruneError:
             raise
         except SecurityError as exc:
-            entry = manager.task_index.get(rendering) or manager.task_index.get(name)
-            raise template_refusal(exc, rendering, getattr(entry, "yaml_path", None)) from exc
+            raise template_refusal(exc, rendering, _yaml_path(manager, rendering, name)) from exc
+        except TemplateError as exc:
+            where = _yaml_path(manager, rendering, name)
+            raise MoePruneError(
+                f"{where}: task {rendering!r}: its Jinja template fails"
+                f"{getattr(exc, 'document', '')} ({type(exc).__name__}: {str(exc).rstrip('.')})"
+            ) from exc
         except Exception as exc:
             chain = [exc, exc.__cause__, exc.__context__]
             if any(type(e).__name__ in _OFFLINE_ERRORS for e in chain if e is not None):
@@ -360,17 +366,33 @@ def check_tasks(manager: Any, names: list[str]) -> None:
             raise MoePruneError(f"task {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from exc
 
 
-def _render_first(task: Any) -> None:
-    """Render the first evaluated document's prompt, target and choices, as building requests will: a template
-    the sandbox refuses fails here, before a model is loaded. Objects that are not tasks are skipped."""
-    docs = getattr(task, "eval_docs", None)
-    first = next(iter(docs), None) if docs is not None and hasattr(task, "doc_to_text") else None
-    if first is None:
+def _yaml_path(manager: Any, task: str, name: str) -> Any:
+    """The YAML file a task (or the group it came from) was read from, for messages."""
+    entry = manager.task_index.get(task) or manager.task_index.get(name)
+    return getattr(entry, "yaml_path", None) or f"task {name!r}"
+
+
+def _render_all(task: Any) -> None:
+    """Render the prompt, target and choices of every evaluated and few-shot document, as building requests
+    will: a template that fails on any of them fails here, before a model is loaded (lm-eval would fail
+    mid-run, on the first such document). Objects that are not tasks are skipped."""
+    from jinja2.exceptions import TemplateError
+
+    if not hasattr(task, "doc_to_text"):
         return
-    task.doc_to_text(first)
-    task.doc_to_target(first)
-    if task.config.output_type == "multiple_choice":
-        task.doc_to_choice(first)
+    splits = [("test", getattr(task, "eval_docs", None))]
+    if getattr(task, "has_training_docs", lambda: False)():
+        splits.append(("training", task.training_docs()))
+    for split, docs in splits:
+        for index, doc in enumerate(docs or ()):
+            try:
+                task.doc_to_text(doc)
+                task.doc_to_target(doc)
+                if task.config.output_type == "multiple_choice":
+                    task.doc_to_choice(doc)
+            except TemplateError as exc:
+                exc.document = f" on {split} document {index}"
+                raise
 
 
 def special_token_ids(model: Any, tokenizer: Any, folder: Path) -> tuple[int, int]:
