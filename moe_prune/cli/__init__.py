@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from moe_prune.cli import allocate as allocate_cmd
 from moe_prune.cli import eval as eval_cmd
 from moe_prune.cli import finetune as finetune_cmd
 from moe_prune.cli import lottery as lottery_cmd
@@ -70,6 +71,7 @@ def _options(
 
 app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
 app.command("score", help=score_cmd.__doc__)(score_cmd.score)
+app.command("allocate", help=allocate_cmd.__doc__)(allocate_cmd.allocate)
 app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
 app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
 app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)

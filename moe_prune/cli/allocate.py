@@ -1,0 +1,155 @@
+"""Search how many experts each MoE layer keeps (criterion's order inside a layer) and write the drop mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from moe_prune.cli.common import (
+    DEFAULT_MODEL,
+    MAX_SEED,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LazyBar,
+    ModelArg,
+    TrustOpt,
+    out_console,
+    print_json,
+    user_errors,
+    warn,
+)
+from moe_prune.errors import MoePruneError
+from moe_prune.io.output import check_not_input, check_writable
+
+if TYPE_CHECKING:
+    from moe_prune.stages.allocate import AllocationReport
+
+
+@user_errors
+def allocate(
+    model: ModelArg = DEFAULT_MODEL,
+    stats: Annotated[str | None, typer.Option("--stats", help="Statistics .npz from `moe-prune profile`.")] = None,
+    criterion: Annotated[
+        str | None, typer.Option("--criterion", "-c", help="Criterion ordering experts inside a layer.")
+    ] = None,
+    ratio: Annotated[float | None, typer.Option(help="Fraction of the searched layers' experts to drop.")] = None,
+    keep: Annotated[int | None, typer.Option(help="Experts to keep in the searched layers together.")] = None,
+    bytes_: Annotated[
+        str | None, typer.Option("--bytes", help="Largest checkpoint size, e.g. 10MB, 5GiB (routed experts + rest).")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Mask JSON to write.")] = None,
+    objective: Annotated[
+        str, typer.Option(help="esap (Σ min(p, q)) or kl (KL(p‖q)) against the original, on calibration tokens.")
+    ] = "kl",
+    data: DataOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows the candidates are judged on.")] = 16,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per window (default: the statistics').")] = None,
+    top_logprobs: Annotated[
+        int, typer.Option(help="The original's most likely tokens stored per position (all when >= vocabulary).")
+    ] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    budget_evals: Annotated[int, typer.Option(help="Candidates evaluated at most (starts included).")] = 64,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the search's move order.")] = 0,
+    min_per_layer: Annotated[
+        int | None, typer.Option(help="Fewest experts a searched layer keeps (default and minimum: top-k).")
+    ] = None,
+    skip_layers: Annotated[
+        str | None, typer.Option(help="Comma-separated MoE layers kept whole and left out of the budget.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG of the counts per layer: uniform, global and searched (matplotlib).")
+    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    from moe_prune.plotting import check_plot
+    from moe_prune.scoring.selection import Budget
+    from moe_prune.sizes import parse_size
+    from moe_prune.stages import allocate as stage
+    from moe_prune.stages.score import write_mask
+
+    if stats is None:
+        raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
+    if criterion is None:
+        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
+    if [ratio, keep, bytes_].count(None) != 2:
+        raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
+    budget = parse_size(bytes_, "--bytes") if bytes_ is not None else Budget(keep=keep, ratio=ratio)
+    inputs = tuple(p for p in (stats, model, *(data or ())) if p)
+    if out is None:
+        raise MoePruneError("pass --out MASK (the mask JSON to write)")
+    check_writable(Path(out), force, "file")
+    check_not_input(Path(out), inputs)
+    check_plot(plot, force, (*inputs, out))
+    calibration = stage.Calibration(data, samples, seq_len, batch_size, top_logprobs, dtype, device, trust_remote_code)
+    with LazyBar(*_columns()) as bar:
+        mask, report = stage.allocate(
+            stats,
+            model,
+            criterion,
+            budget,
+            objective=objective,
+            calibration=calibration,
+            budget_evals=budget_evals,
+            seed=seed,
+            min_per_layer=min_per_layer,
+            skip_layers=_layers(skip_layers),
+            progress=lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
+        )
+    write_mask(mask, Path(out), force, inputs=inputs)
+    if plot is not None:
+        from moe_prune.allocation.plot import counts_figure
+        from moe_prune.plotting import save_figure
+
+        save_figure(counts_figure(report), plot, force, (*inputs, out))
+    for message in report.warnings:
+        warn(message)
+    if json_output:
+        print_json({**report.to_dict(), "out": out, "plot": str(plot) if plot else None})
+        return
+    out_console.print(allocation_table(report))
+    out_console.print(f"mask written to {out}", highlight=False)
+
+
+def _layers(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise MoePruneError(f"--skip-layers {text!r}: expected comma-separated layer numbers") from exc
+
+
+def _columns() -> tuple:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+
+
+def allocation_table(report: AllocationReport) -> Table:
+    """Counts per layer and the objective of each start and of the result."""
+    table = Table(
+        title=f"{report.criterion}: experts kept per MoE layer ({report.objective} on {report.positions:,} "
+        f"calibration positions, {report.evaluations} candidates, {report.seconds:.1f} s)",
+        title_justify="left",
+        highlight=False,
+    )
+    table.add_column("allocation")
+    for layer in report.layers:
+        table.add_column(str(layer), justify="right")
+    table.add_column("ESAP", justify="right")
+    table.add_column("KL", justify="right")
+    for name, counts in report.counts.items():
+        label = f"global ({report.global_from})" if name == "global" else name
+        values = report.values[name]
+        table.add_row(label, *map(str, counts), f"{values['esap']:.4f}", f"{values['kl']:.4f}")
+    return table

@@ -1,0 +1,265 @@
+"""`allocate`: search how many experts each MoE layer keeps, the criterion's order inside each layer.
+
+Library entry point: `allocate(stats, model, criterion, budget, ...) -> (DropMask, AllocationReport)`.
+Inputs, budget and constraints are checked before the model is loaded. The original's predictions on
+calibration windows (those `profile` read, from the statistics' provenance, or `data`) are computed once;
+each candidate runs the same loaded model with its dropped experts out of routing (`allocation.masking`).
+The search starts from the layer-wise (uniform) counts and from a global ranking, then exchanges experts
+between layers while the objective improves (`allocation.search`). The mask's provenance records the
+objective of every start and of the result, and the evaluations spent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe_prune.allocation import plan
+from moe_prune.allocation.objective import OBJECTIVES
+from moe_prune.allocation.search import Counts, Trace, search
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.checkpoint.surgery import KeyMatcher
+from moe_prune.errors import MoePruneError
+from moe_prune.scoring import get_criterion
+from moe_prune.scoring.registry import Inputs, evaluate
+from moe_prune.scoring.selection import Budget
+from moe_prune.stages.evaluate import _is_expert_weight
+from moe_prune.stages.score import _identity, _vocab
+
+DEFAULT_OBJECTIVE = "kl"  # tracked held-out perplexity best on the demo (README, allocate)
+GLOBAL_FALLBACK = "soft-counts"  # ranks experts across layers when the criterion's scores are not comparable
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the candidates are judged: calibration-side windows, never the held-out set."""
+
+    data: Sequence[str] | None = None  # None: the data the statistics were profiled on
+    samples: int = 16
+    seq_len: int | None = None  # None: the statistics' sequence length
+    batch_size: int = 8
+    top: int = 2048  # the original's most likely tokens kept per position
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AllocationReport:
+    """Counts per layer of each start and of the result, their objective values, and what the search cost."""
+
+    criterion: str
+    objective: str
+    layers: list[int]
+    counts: dict[str, list[int]]  # uniform, global (when there is one), searched
+    values: dict[str, dict[str, float]]  # the same names -> {"esap": ..., "kl": ...}
+    evaluations: int
+    accepted: int
+    seconds: float
+    positions: int
+    global_from: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def allocate(
+    stats: str | Path,
+    model: str | Path,
+    criterion: str,
+    budget: Budget | int,
+    objective: str = DEFAULT_OBJECTIVE,
+    calibration: Calibration = Calibration(),
+    budget_evals: int = 64,
+    seed: int = 0,
+    min_per_layer: int | None = None,
+    skip_layers: Sequence[int] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[DropMask, AllocationReport]:
+    """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes)."""
+    start = time.perf_counter()
+    if objective not in OBJECTIVES:
+        raise MoePruneError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    for name, value, least in (
+        ("--budget-evals", budget_evals, 2),
+        ("--samples", calibration.samples, 1),
+        ("--top-logprobs", calibration.top, 1),
+        ("--batch-size", calibration.batch_size, 1),
+    ):
+        if value < least:
+            raise MoePruneError(f"{name} must be at least {least} (got {value})")
+    crit = get_criterion(criterion)
+    stats_name = str(stats)
+    loaded = Stats.load(Path(stats))
+    ckpt = Checkpoint.open(model)
+    identity = _identity(crit, loaded, ckpt, stats_name)
+    config = ckpt.config
+    layers = _layers(config, identity.moe_layers, skip_layers)
+    if isinstance(budget, Budget):
+        costs, limit = (1,) * len(layers.numbers), budget
+    else:
+        costs, limit = _costs(ckpt, layers), bytes_budget(ckpt, layers, budget)
+    space = plan.space(layers, min_per_layer, costs, limit)
+    warnings: list[str] = []
+    inputs = Inputs(identity, loaded, None, seed, _vocab(loaded, ckpt))
+    scores, usage, values = evaluate(crit, inputs) if not crit.weights else _with_weights(crit, inputs, ckpt)
+    table = plan.DropTable(layers, crit.direction, scores, usage, values)
+    starts: dict[str, Counts] = {"uniform": plan.uniform(space, layers, limit)}
+    global_from = _global_source(crit, loaded, layers)
+    if global_from is None:
+        warnings.append(
+            "no global start: the criterion's scores are not comparable across layers and the "
+            f"statistics hold no {GLOBAL_FALLBACK}, or routing is grouped"
+        )
+    else:
+        ranking = scores if global_from == crit.name else evaluate(get_criterion(global_from), inputs)[0]
+        direction = crit.direction if global_from == crit.name else get_criterion(global_from).direction
+        starts["global"] = plan.global_counts(space, layers, ranking, direction)
+
+    from moe_prune.allocation.evaluator import Evaluator  # torch and transformers: only once the inputs are good
+    from moe_prune.stages.allocate_data import calibration_windows
+
+    model_obj, windows, data_warnings = calibration_windows(ckpt, loaded, calibration)
+    warnings += data_warnings
+    judge = Evaluator(model_obj, config, windows, calibration.batch_size, calibration.top)
+    measured: dict[Counts, tuple[float, float]] = {}
+
+    def value(counts: Counts) -> float:
+        measured[counts] = judge.measure(table.drops(counts))
+        esap, kl = measured[counts]
+        return esap if objective == "esap" else -kl
+
+    trace = search(space, starts, value, budget_evals, seed, progress)
+    report = _report(crit.name, objective, layers, starts, trace, measured, judge.positions, global_from, warnings)
+    report.seconds = time.perf_counter() - start
+    facts = {
+        "budget_evals": budget_evals,
+        "seed": seed,
+        "min_per_layer": min_per_layer,
+        "skip_layers": sorted(skip_layers),
+    }
+    mask = _mask(identity, layers, table, trace, report, budget, calibration, facts, stats)
+    mask.validate_groups(layers.n_group, "mask")
+    return mask, report
+
+
+def _layers(config: Any, numbers: list[int], skip: Sequence[int]) -> plan.Layers:
+    unknown = sorted(set(skip) - set(numbers))
+    if unknown:
+        raise MoePruneError(f"--skip-layers {', '.join(map(str, unknown))}: not MoE layers ({numbers})")
+    if set(numbers) <= set(skip):
+        raise MoePruneError("--skip-layers leaves no MoE layer to search")
+    return plan.Layers(
+        tuple(numbers),
+        tuple(config.experts_in_layer(n) for n in numbers),
+        tuple(config.top_k_in_layer(n) for n in numbers),
+        tuple(n not in set(skip) for n in numbers),
+        config.n_group,
+    )
+
+
+def _costs(ckpt: Checkpoint, layers: plan.Layers) -> tuple[int, ...]:
+    """Bytes of one routed expert per MoE layer (its share of the layer's expert tensors on disk)."""
+    matcher = KeyMatcher(ckpt.config.adapter)
+    per_layer = dict.fromkeys(layers.numbers, 0)
+    for info in ckpt.tensors:
+        key = matcher.classify(info.name)
+        if key is not None and key.layer in per_layer and _is_expert_weight(key, info.name, matcher):
+            per_layer[key.layer] += info.nbytes
+    return tuple(-(-per_layer[n] // e) for n, e in zip(layers.numbers, layers.experts, strict=True))
+
+
+def bytes_budget(ckpt: Checkpoint, layers: plan.Layers, size: int) -> int:
+    """--bytes SIZE as a bound on the routed experts' bytes: SIZE less everything else in the checkpoint."""
+    costs = _costs(ckpt, layers)
+    experts = sum(c * n for c, n in zip(costs, layers.experts, strict=True))
+    rest = ckpt.total_bytes() - experts
+    if size <= rest:
+        raise MoePruneError(f"--bytes {size:,} is not more than the {rest:,} bytes outside the routed experts")
+    return size - rest
+
+
+def _with_weights(crit: Any, inputs: Inputs, ckpt: Checkpoint) -> tuple[np.ndarray, Any, Any]:
+    from moe_prune.checkpoint.expert_weights import ExpertWeights
+
+    inputs.weights = ExpertWeights(ckpt, None)
+    return evaluate(crit, inputs)
+
+
+def _global_source(crit: Any, stats: Stats, layers: plan.Layers) -> str | None:
+    """The criterion ranking experts across layers: its own when comparable, else soft counts when profiled."""
+    if layers.n_group > 1:
+        return None
+    if crit.global_ok:
+        return crit.name
+    return GLOBAL_FALLBACK if "soft_counts" in stats.arrays else None
+
+
+def _report(
+    name: str,
+    objective: str,
+    layers: plan.Layers,
+    starts: dict[str, Counts],
+    trace: Trace,
+    measured: dict[Counts, tuple[float, float]],
+    positions: int,
+    global_from: str | None,
+    warnings: list[str],
+) -> AllocationReport:
+    named = {**starts, "searched": trace.best}
+    return AllocationReport(
+        criterion=name,
+        objective=objective,
+        layers=list(layers.numbers),
+        counts={k: list(v) for k, v in named.items()},
+        values={k: {"esap": measured[v][0], "kl": measured[v][1]} for k, v in named.items()},
+        evaluations=trace.evaluations,
+        accepted=trace.accepted,
+        seconds=0.0,
+        positions=positions,
+        global_from=global_from,
+        warnings=warnings,
+    )
+
+
+def _mask(
+    identity: Any,
+    layers: plan.Layers,
+    table: plan.DropTable,
+    trace: Trace,
+    report: AllocationReport,
+    budget: Budget | int,
+    calibration: Calibration,
+    facts: dict[str, Any],
+    stats: str | Path,
+) -> DropMask:
+    ids = identity.original_ids
+    drops = table.drops(trace.best)
+    keep = {
+        n: [e for slot, e in enumerate(ids[n]) if slot not in set(d)]
+        for n, d in zip(layers.numbers, drops, strict=True)
+    }
+    params: dict[str, Any] = {
+        "direction": table.direction,
+        **(budget.to_dict() if isinstance(budget, Budget) else {"bytes": budget}),
+        "allocation": {
+            "objective": report.objective,
+            "values": report.values,
+            "counts": report.counts,
+            "evaluations": report.evaluations,
+            **facts,
+            "global_from": report.global_from,
+            "calibration": {k: v for k, v in calibration.__dict__.items() if k not in ("device",)},
+            "positions": report.positions,
+        },
+        "stats": str(stats),
+    }
+    return DropMask.create(identity, keep, report.criterion, params)
