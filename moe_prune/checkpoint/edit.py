@@ -7,17 +7,19 @@ and the write are the same job, done here once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.artifacts.manifest import Manifest
+from moe_prune.architectures.mtp import mtp_layout
+from moe_prune.artifacts.manifest import Manifest, MtpRecord
 from moe_prune.checkpoint.safetensors_io import AnyOutput
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, mtp_records
+from moe_prune.checkpoint.surgery import MtpTensors, mtp_records, unplaced_error
 from moe_prune.checkpoint.writer import write_output
+from moe_prune.errors import MoePruneError
 
 
 @dataclass
@@ -93,3 +95,40 @@ def write_edit(
         progress=progress,
     )
     return Written(Path(out), ckpt.total_bytes(), bytes_after, shards, notes)
+
+
+def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTensors:
+    """A stage's MTP tensors, checked: each MTP MoE block will get the last MoE layer's selection or plan.
+
+    Masks and statistics cannot describe MTP layers (transformers never runs them, so `profile` cannot
+    measure them), so the last decoder MoE layer, the one whose output the MTP layer continues, decides.
+    Refused: per-layer expert counts (vLLM and SGLang size the MTP MoE from the config's one count) and
+    MTP layers whose experts are not known to be those of that layer.
+    """
+    config = ckpt.config
+    split = MtpTensors.split(ckpt.tensors, mtp_layout(config.adapter, config.text, config.num_layers))
+    if drop:
+        return split
+    if split.unplaced:  # MTP experts outside any layer the layout places: copying them would leave them unedited
+        raise unplaced_error(split.unplaced[0], split.layout, "; pass --drop-mtp to remove them")
+    if not split.moe:
+        return split
+    prefixes = ", ".join(split.prefixes().values())
+    if len(set(counts.values())) > 1:
+        raise MoePruneError(
+            f"{ckpt.folder}: the result would keep different expert counts per layer, but its multi-token-prediction "
+            f"layers ({prefixes}) hold MoE blocks that vLLM and SGLang size from the one expert count in config.json; "
+            "keep one count in every layer, or pass --drop-mtp"
+        )
+    follow = config.moe_layers[-1]
+    manifest = ckpt.manifest
+    ids = ckpt.identity.original_ids[follow]
+    members = manifest.merged.get(follow) if manifest else None
+    for index, prefix in split.prefixes().items():
+        record = manifest.mtp.get(index) if manifest else MtpRecord(prefix, follow, ids)
+        if record is None or (record.follows, record.slots, record.members) != (follow, ids, members):
+            raise MoePruneError(
+                f"{ckpt.folder}: moe_prune.json does not say that multi-token-prediction layer {prefix} holds the "
+                f"experts of layer {follow}; pass --drop-mtp to remove it"
+            )
+    return split

@@ -25,12 +25,11 @@ from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.checkpoint.generation_config import check_generation_config
 from moe_prune.checkpoint.safetensors_io import TensorInfo, read_header
-from moe_prune.checkpoint.validate import read_weight_map, validate_checkpoint
+from moe_prune.checkpoint.validate import INDEX_NAME, read_weight_map, validate_checkpoint
 from moe_prune.demo import DEMO_ALIAS, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.io.hub import offline, quiet_hub_logs
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
 
@@ -74,7 +73,7 @@ class Checkpoint:
         ckpt.check_files_inside()
         if not ckpt.tensors:  # reads every shard header: corrupt input fails before any work
             raise MoePruneError(f"{ckpt.folder}: the checkpoint holds no tensors")
-        validate_checkpoint(ckpt)  # config against weights, from the headers
+        validate_checkpoint(ckpt.config, ckpt.tensors, ckpt.weight_list)  # config against weights, from the headers
         check_generation_config(ckpt.folder, ckpt.config.get("vocab_size"))  # copied by prune/merge, read at load
         return ckpt
 
@@ -167,6 +166,12 @@ class Checkpoint:
         if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
             raise MoePruneError(f"{self.folder}: only safetensors checkpoints are supported (found .bin/.pt weights)")
         raise MoePruneError(f"{self.folder}: no safetensors weights found")
+
+    @property
+    def weight_list(self) -> Path:
+        """The file that lists the weights: the index of a sharded checkpoint, else its one shard."""
+        index = self.folder / INDEX_NAME
+        return index if index.is_file() else self.shard_files[0]
 
     @cached_property
     def tensors(self) -> list[TensorInfo]:

@@ -9,16 +9,13 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from moe_prune.architectures.mtp import MtpLayer, MtpLayout, mtp_layout
+from moe_prune.architectures.mtp import MtpLayer, MtpLayout
 from moe_prune.architectures.spec import Adapter
 from moe_prune.artifacts.manifest import Members, MtpRecord
 from moe_prune.checkpoint.safetensors_io import ComputedTensor, OutputTensor, TensorInfo
 from moe_prune.errors import MoePruneError
-
-if TYPE_CHECKING:
-    from moe_prune.checkpoint.source import Checkpoint
 
 Named = TypeVar("Named", TensorInfo, OutputTensor, ComputedTensor)
 
@@ -218,7 +215,7 @@ class MtpTensors:
                     if _names_moe(info.name, layout.adapter):
                         out.unplaced.append(info)
                 elif layout.looks_mtp(info.name):
-                    raise _unplaced(info, layout)
+                    raise unplaced_error(info, layout)
                 else:
                     out.decoder.append(info)
                 continue
@@ -228,7 +225,7 @@ class MtpTensors:
             out._renames[virtual] = disk
             named = replace(info, name=virtual + info.name[len(disk) :])
             if matcher.classify(named.name) is None and _names_moe(info.name[len(disk) :], layout.adapter):
-                raise _unplaced(info, layout)  # expert tensors the decoder's key layout does not describe
+                raise unplaced_error(info, layout)  # expert tensors the decoder's key layout does not describe
             out.virtual.append(named)
             if matcher.is_router(named.name) is not None and layer.layer not in out.moe:
                 out.moe.append(layer.layer)
@@ -286,7 +283,7 @@ def _names_moe(name: str, adapter: Adapter) -> bool:
     return any(f".{part}" in f".{name}" for part in parts if part)
 
 
-def _unplaced(info: TensorInfo, layout: MtpLayout, hint: str = "") -> MoePruneError:
+def unplaced_error(info: TensorInfo, layout: MtpLayout, hint: str = "") -> MoePruneError:
     return MoePruneError(
         f"{info.file}: holds {info.name}, a multi-token-prediction tensor moe-prune cannot place "
         f"({layout.describe()}); refusing rather than copying it unedited next to edited experts{hint}"
@@ -315,43 +312,6 @@ def check_routers_finite(split: MtpTensors, adapter: Adapter, verb: str, mtp: bo
             routing = matcher.is_router(info.name) is not None or key.kind == "last_axis"
             if routing or (bias and info.name.endswith(bias)):
                 read_expert_tensor(Stored(split.disk_name(info.name), info), f"refusing to {verb} a broken router")
-
-
-def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTensors:
-    """A stage's MTP tensors, checked: each MTP MoE block will get the last MoE layer's selection or plan.
-
-    Masks and statistics cannot describe MTP layers (transformers never runs them, so `profile` cannot
-    measure them), so the last decoder MoE layer, the one whose output the MTP layer continues, decides.
-    Refused: per-layer expert counts (vLLM and SGLang size the MTP MoE from the config's one count) and
-    MTP layers whose experts are not known to be those of that layer.
-    """
-    config = ckpt.config
-    split = MtpTensors.split(ckpt.tensors, mtp_layout(config.adapter, config.text, config.num_layers))
-    if drop:
-        return split
-    if split.unplaced:  # MTP experts outside any layer the layout places: copying them would leave them unedited
-        raise _unplaced(split.unplaced[0], split.layout, "; pass --drop-mtp to remove them")
-    if not split.moe:
-        return split
-    prefixes = ", ".join(split.prefixes().values())
-    if len(set(counts.values())) > 1:
-        raise MoePruneError(
-            f"{ckpt.folder}: the result would keep different expert counts per layer, but its multi-token-prediction "
-            f"layers ({prefixes}) hold MoE blocks that vLLM and SGLang size from the one expert count in config.json; "
-            "keep one count in every layer, or pass --drop-mtp"
-        )
-    follow = config.moe_layers[-1]
-    manifest = ckpt.manifest
-    ids = ckpt.identity.original_ids[follow]
-    members = manifest.merged.get(follow) if manifest else None
-    for index, prefix in split.prefixes().items():
-        record = manifest.mtp.get(index) if manifest else MtpRecord(prefix, follow, ids)
-        if record is None or (record.follows, record.slots, record.members) != (follow, ids, members):
-            raise MoePruneError(
-                f"{ckpt.folder}: moe_prune.json does not say that multi-token-prediction layer {prefix} holds the "
-                f"experts of layer {follow}; pass --drop-mtp to remove it"
-            )
-    return split
 
 
 def mtp_records(

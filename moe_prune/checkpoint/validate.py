@@ -13,7 +13,6 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from moe_prune.architectures import ADAPTERS
 from moe_prune.architectures.config import ModelConfig
@@ -23,10 +22,7 @@ from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.surgery import KeyMatcher, MtpTensors
 from moe_prune.errors import MoePruneError
 
-INDEX_NAME = "model.safetensors.index.json"  # as in checkpoint.source, which imports this module
-
-if TYPE_CHECKING:
-    from moe_prune.checkpoint.source import Checkpoint
+INDEX_NAME = "model.safetensors.index.json"
 
 # config.json fields that size one routed expert's intermediate layer, first present wins (Qwen, DeepSeek and
 # most families: moe_intermediate_size; Mixtral, gpt-oss, Granite, Llama 4: intermediate_size).
@@ -46,12 +42,14 @@ class _MoeLayer:
     per_expert: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)  # kind -> slot -> tensor
 
 
-def validate_checkpoint(ckpt: Checkpoint) -> None:
-    """Refuse a checkpoint whose weights disagree with its config.json or its index (one line naming the file)."""
-    where = _where(ckpt)
+def validate_checkpoint(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
+    """Refuse a checkpoint whose weights disagree with its config.json or its index (one line naming the file).
+
+    `where` is the file that lists the weights: the index of a sharded checkpoint, else its one shard.
+    """
     if where.name == INDEX_NAME:
-        _check_index(where, ckpt.tensors)
-    validate_tensors(ckpt.config, ckpt.tensors, where)
+        _check_index(where, tensors)
+    validate_tensors(config, tensors, where)
 
 
 def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
@@ -72,12 +70,6 @@ def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path
         _check_moe_layer(config, layer, n_experts, layers.get(layer, _MoeLayer()), where)
     _check_same_kinds(config, layers, where)
     _check_mtp(config, tensors, where)
-
-
-def _where(ckpt: Checkpoint) -> Path:
-    """The file that lists the weights: the index of a sharded checkpoint, else its one shard."""
-    index = ckpt.folder / INDEX_NAME
-    return index if index.is_file() else ckpt.shard_files[0]
 
 
 def read_weight_map(index: Path) -> dict[str, str]:

@@ -21,12 +21,12 @@ import numpy as np
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import set_mtp_count
 from moe_prune.artifacts.stats import Stats as Stats
-from moe_prune.checkpoint.edit import Edit, Written, write_edit
+from moe_prune.checkpoint.edit import Edit, Written, stage_mtp, write_edit
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, check_routers_finite, stage_mtp
+from moe_prune.checkpoint.surgery import MtpTensors, check_routers_finite
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster, mean_similarity

@@ -9,10 +9,10 @@ from pathlib import Path
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import set_mtp_count
 from moe_prune.artifacts.mask import DropMask as DropMask
-from moe_prune.checkpoint.edit import Edit, Written, write_edit
+from moe_prune.checkpoint.edit import Edit, Written, stage_mtp, write_edit
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import check_routers_finite, plan_expert_selection, stage_mtp
+from moe_prune.checkpoint.surgery import check_routers_finite, plan_expert_selection
 from moe_prune.io.output import check_writable
 from moe_prune.sizes import parse_size
 
