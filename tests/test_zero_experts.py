@@ -134,3 +134,26 @@ def test_zero_expert_picks_are_no_experts_in_the_statistics(longcat):
     assert 0 < zero_picks < sum(p.numel() for p in picks)
     assert torch.equal(recorder.hard_counts, want)
     assert (recorder.arrays()["coselection"].diagonal(axis1=1, axis2=2) == want.numpy()).all()
+
+
+def test_its_dense_mtp_layer_is_copied_whole_or_dropped(longcat, tmp_path):
+    """Released checkpoints hold one dense MTP layer under model.mtp (vLLM's longcat_flash_mtp names; transformers
+    skips model\\.mtp.*): prune copies it unchanged, --drop-mtp removes it."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(longcat[0], folder)
+    tensors = read_all(folder)
+    mtp = {
+        "model.mtp.layers.0.eh_proj.weight": torch.randn(32, 64),
+        "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight": torch.randn(48, 32),
+        "model.mtp.norm.weight": torch.randn(32),
+    }
+    save_file({**tensors, **mtp}, str(Checkpoint.open(folder).shard_files[0]), metadata={"format": "pt"})
+    ckpt = Checkpoint.open(folder)
+    keep = {layer: [0, 2, 3, 7] for layer in ckpt.config.moe_layers}
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "kept")
+    after = read_all(tmp_path / "kept")
+    assert all(torch.equal(after[name], value) for name, value in mtp.items())
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "dropped", drop_mtp=True)
+    assert not set(mtp) & set(read_all(tmp_path / "dropped"))

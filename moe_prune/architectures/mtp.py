@@ -83,6 +83,9 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     # model\.mtp\..*; count key num_mtp_layers (no alias); its MTP layers follow mtp_layer_types ("hybrid"),
     # whose block layout no transformers class writes: recognised but not placed, as nemotron_h
     "inkling_text": MtpFamily("num_mtp_layers", None, r"model\.mtp\..*"),
+    # model\.mtp.*; no count key (vLLM longcat_flash_mtp: always one layer) and a dense MTP layer (vLLM sets
+    # n_routed_experts None for it): nothing to place or edit, its tensors are copied whole or dropped
+    "longcat_flash": MtpFamily("num_nextn_predict_layers", None, r"model\.mtp.*"),
 }
 
 
