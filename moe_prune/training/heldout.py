@@ -8,7 +8,9 @@ the response tokens of prompt/response examples (scored one example per forward,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +18,8 @@ import torch
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
 from moe_prune.training.batches import Sequences
-from moe_prune.training.losses import RouterEntropy, token_cross_entropy
+from moe_prune.training.losses import RouterEntropy
+from moe_prune.training.nll import Batch, nll_sum
 
 
 @dataclass
@@ -43,23 +46,31 @@ class HeldOut:
 
 @torch.no_grad()
 def measure(
-    model: Any, inner: Any, config: ModelConfig, data: Sequences, batch_size: int, top_k: int, device: Any
+    model: Any,
+    inner: Any,
+    config: ModelConfig,
+    data: Sequences,
+    batch_size: int,
+    top_k: int,
+    device: Any,
+    source: str | Path = "model",
 ) -> HeldOut:
-    """Score `data` with `model` (possibly wrapped; `inner` is the unwrapped model the hooks go on)."""
+    """Score `data` with `model` (possibly wrapped; `inner` is the unwrapped model the hooks go on).
+
+    A non-finite loss is refused in one line naming `source`, as `eval` refuses it.
+    """
     was_training = inner.training
     inner.eval()
-    total, count = 0.0, 0
     recorder = RoutingRecorder(inner, config)
     recorder.top_k = top_k
     entropies = []
     with recorder, RouterEntropy(inner, config) as entropy:
-        for index in data.eval_batches(batch_size):
-            ids, targets, _ = data.batch(index)  # one unpadded example, or full chunks: no mask needed
-            logits = model(input_ids=ids.to(device), use_cache=False).logits
-            total += float(token_cross_entropy(logits, targets.to(device), reduction="sum"))
-            count += data.loss_tokens(index)
+
+        def after_batch(_: int) -> None:
             entropies.append(float(entropy.mean()))
             entropy.clear()
+
+        total, count = nll_sum(model, _batches(data, batch_size), device, source, after_batch)
     inner.train(was_training)
     load = [
         LayerBalance(layer, *load_balance(counts))
@@ -67,3 +78,9 @@ def measure(
     ]
     mean_entropy = sum(entropies) / len(entropies) if entropies else float("nan")
     return HeldOut(total / max(count, 1), mean_entropy, top_k, load)
+
+
+def _batches(data: Sequences, batch_size: int) -> Iterator[Batch]:
+    for index in data.eval_batches(batch_size):
+        ids, targets, _ = data.batch(index)  # one unpadded example, or full chunks: no mask needed
+        yield ids, targets, data.loss_tokens(index)
