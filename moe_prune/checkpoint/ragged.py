@@ -17,6 +17,7 @@ from typing import Any
 
 from moe_prune.architectures.config import RAGGED_KEY, ModelConfig
 from moe_prune.architectures.spec import Adapter
+from moe_prune.checkpoint.serving import warn_if_unserved
 from moe_prune.errors import MoePruneError
 
 MODEL_FILE = "modeling_moe_prune.py"
@@ -134,6 +135,7 @@ def ragged_config(
     # nothing else, since moe-prune loads such a folder without the user's --trust-remote-code only when it does.
     raw["auto_map"] = {AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
     raw["architectures"] = [ragged_architecture(base)]
+    warn_if_unserved(base, counts)
     return raw, {MODEL_FILE: model_code()}
 
 

@@ -318,7 +318,7 @@ def _train(
     before = None
     if eval_rows is not None:
         report(Progress("before", 0, 1))
-        before = measure(inner, inner, config, eval_rows, options.batch_size, config.top_k, accelerator.device)
+        before = measure(inner, inner, config, eval_rows, options.batch_size, config.top_k, accelerator.device, model)
 
     groups = options.train + (("router",) if options.router_warmup_steps and "router" not in options.train else ())
     names = select_trainable(inner, config, groups)
@@ -358,7 +358,7 @@ def _train(
     after = None
     if eval_rows is not None:
         report(Progress("after", 0, 1))
-        after = measure(wrapped, inner, config, eval_rows, options.batch_size, current_k, accelerator.device)
+        after = measure(wrapped, inner, config, eval_rows, options.batch_size, current_k, accelerator.device, model)
     report(Progress("saving", 0, 1))
     provenance = {"data": given, "sources": loaded.sources}
     _write(accelerator, wrapped, inner, ckpt, model, provenance, out, options, plan, current_k)

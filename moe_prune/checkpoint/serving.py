@@ -1,0 +1,87 @@
+"""Which ragged checkpoints moe-prune's vLLM plugin serves: data only, no vLLM (prune and merge read it to warn).
+
+A ragged checkpoint names transformers' causal-LM class of its family in `moe_prune_ragged.base_class`; the plugin
+(moe_prune/serving/vllm_plugin.py) registers `MoePruneRagged<base_class>` as a subclass of the vLLM architecture
+listed in SERVED, building each of its decoder layers with that layer's expert count and top-k. A family is
+listed there only once tests/test_vllm_serving.py has served a ragged tiny model of it with transformers' prompt
+log-probs on vLLM's CPU build; NOT_SERVED says why the others are not (measured there, or read in vLLM 0.32).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+from moe_prune.errors import MoePruneWarning
+
+
+class Served(NamedTuple):
+    """How vLLM serves one family's ragged checkpoints."""
+
+    architecture: str  # vLLM's architecture name (its model class is subclassed)
+    min_experts: int = 1  # experts every layer needs in vLLM's class (a 1-expert layer is a dense MLP, or top-2 only)
+    note: str = ""  # what the check in tests/test_vllm_serving.py could not cover
+
+
+BF16_ONLY = "checked in bfloat16: vLLM's CPU kernels for its linear attention take no float32"
+# transformers' causal-LM class (the block's base_class) -> how vLLM serves it.
+SERVED: dict[str, Served] = {
+    "MixtralForCausalLM": Served("MixtralForCausalLM"),
+    "OlmoeForCausalLM": Served("OlmoeForCausalLM"),
+    "Qwen2MoeForCausalLM": Served("Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": Served("Qwen3MoeForCausalLM"),
+    "Llama4ForCausalLM": Served("Llama4ForCausalLM"),
+    "GraniteMoeForCausalLM": Served("GraniteMoeForCausalLM"),
+}
+
+TRANSFORMERS_BACKEND = "vLLM 0.32 runs this family through its Transformers backend, which sizes every layer alike"
+NO_CLASS = "vLLM 0.32 has no model class for it"
+# base_class -> why vLLM cannot serve its ragged checkpoints through the plugin.
+NOT_SERVED: dict[str, str] = {
+    "HunYuanMoEV1ForCausalLM": TRANSFORMERS_BACKEND,
+    "FlexOlmoForCausalLM": TRANSFORMERS_BACKEND,
+    "MellumForCausalLM": TRANSFORMERS_BACKEND,
+}
+DEFAULT_REASON = "not checked with moe-prune's vLLM plugin yet"
+
+
+def ragged_base_class(config: dict[str, Any]) -> str | None:
+    """The block's base_class of a config.json (the block sits in a wrapper's text config), or None."""
+    from moe_prune.architectures.config import RAGGED_KEY, TEXT_CONFIG_KEYS
+
+    holders = [config, *(config.get(key) for key in TEXT_CONFIG_KEYS)]
+    for holder in holders:
+        spec = holder.get(RAGGED_KEY) if isinstance(holder, dict) else None
+        if isinstance(spec, dict) and isinstance(spec.get("base_class"), str):
+            return spec["base_class"]
+    return None
+
+
+def vllm_architecture(config: dict[str, Any]) -> str | None:
+    """vLLM's architecture the plugin builds a ragged config.json on, or None (not ragged, or not served)."""
+    served = SERVED.get(ragged_base_class(config) or "")
+    return served.architecture if served else None
+
+
+def unserved_reason(base_class: str, counts: dict[int, int]) -> str | None:
+    """Why vLLM cannot serve a ragged `base_class` checkpoint with these per-layer expert counts, or None."""
+    served = SERVED.get(base_class)
+    if served is None:
+        return NOT_SERVED.get(base_class, DEFAULT_REASON)
+    small = [layer for layer, n in sorted(counts.items()) if n < served.min_experts]
+    if small:
+        need = f"vLLM's {served.architecture} needs {served.min_experts} experts in every layer"
+        return f"{need}; layer {small[0]} keeps fewer"
+    return None
+
+
+def warn_if_unserved(base_class: str, counts: dict[int, int]) -> None:
+    """One warning line when a ragged checkpoint is written that the vLLM plugin cannot serve."""
+    reason = unserved_reason(base_class, counts)
+    if reason is not None:
+        warnings.warn(
+            f"different expert counts per layer: vLLM cannot serve this {base_class} checkpoint ({reason}); "
+            "transformers loads it through moe-prune or with trust_remote_code=True",
+            MoePruneWarning,
+            stacklevel=3,
+        )
