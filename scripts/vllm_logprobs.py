@@ -2,10 +2,12 @@
 
 Runs under a Python with vLLM (and moe-prune, for its plugin) installed, e.g. the venv of
 tests/test_vllm_serving.py:  python scripts/vllm_logprobs.py jobs.json out.json
-jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...], "trust_remote_code": false}, ...]
+jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...], "trust_remote_code": false, "dtype": "float32",
+             "expect_error": false}, ...]
 out.json:  {name: {"logprobs": [[per position from the second token], ...], "model_class": ...,
                    "architectures": [...], "experts": {fused-MoE module: experts}}}
-Every checkpoint is served in float32 by one LLM at a time, in this one process.
+           (a job with expect_error: {name: {"error": the exception's line, "cause": its cause}})
+Every checkpoint is served (in float32 unless its job names a dtype) by one LLM at a time, in this one process.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
 
     llm = LLM(
         model=job["folder"],
-        dtype="float32",
+        dtype=job.get("dtype", "float32"),
         skip_tokenizer_init=True,
         enforce_eager=True,
         max_model_len=max(len(ids) for ids in job["token_ids"]) + 1,
@@ -55,10 +57,20 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
         gc.collect()
 
 
+def refused(job: dict[str, Any]) -> dict[str, Any]:
+    """A job that must fail (a damaged checkpoint): the failure's message, or the results if it served."""
+    try:
+        return serve(job)
+    except Exception as exc:  # what vLLM raised, cause included, for the test to read
+        return {"error": f"{type(exc).__name__}: {exc}", "cause": repr(exc.__cause__)}
+
+
 def main(jobs_path: str, out_path: str) -> None:
     with open(jobs_path) as f:
         jobs = json.load(f)
-    results = {job["name"]: serve(job) for job in jobs}
+    # jobs expected to fail run last: a failed start can leave vLLM's process state unusable for the next LLM
+    jobs.sort(key=lambda job: bool(job.get("expect_error")))
+    results = {job["name"]: (refused if job.get("expect_error") else serve)(job) for job in jobs}
     with open(out_path, "w") as f:
         json.dump(results, f)
 

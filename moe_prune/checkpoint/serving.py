@@ -41,6 +41,23 @@ NOT_SERVED: dict[str, str] = {
     "HunYuanMoEV1ForCausalLM": TRANSFORMERS_BACKEND,
     "FlexOlmoForCausalLM": TRANSFORMERS_BACKEND,
     "MellumForCausalLM": TRANSFORMERS_BACKEND,
+    **dict.fromkeys(
+        (
+            "AriaTextForCausalLM",
+            "AXK2ForCausalLM",
+            "BailingHybridForCausalLM",
+            "BeamForCausalLM",
+            "Dots1ForCausalLM",
+            "FlintForCausalLM",
+            "Inkling2ForCausalLM",
+            "Kolibri1ForCausalLM",
+            "MiniMaxForCausalLM",
+            "MiniMaxM3VLForCausalLM",
+            "SolarOpenForCausalLM",
+            "ZayaForCausalLM",
+        ),
+        NO_CLASS,
+    ),
 }
 DEFAULT_REASON = "not checked with moe-prune's vLLM plugin yet"
 

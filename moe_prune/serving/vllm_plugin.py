@@ -20,16 +20,15 @@ from contextlib import ExitStack, contextmanager
 from types import ModuleType
 from typing import Any
 
-from moe_prune.architectures.config import RAGGED_KEY
 from moe_prune.checkpoint.ragged import CLASS_PREFIX, ragged_architecture
-
-# vLLM architectures (transformers' causal-LM class names) whose ragged variant is checked against
-# transformers by tests/test_vllm_serving.py. Others are not registered: vLLM refuses them by name.
-SERVED = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+from moe_prune.checkpoint.serving import SERVED, unserved_reason
+from moe_prune.errors import MoePruneError
+from moe_prune.serving.ragged_block import read_block
 
 
 def register() -> None:
-    """The entry point vLLM calls in every process: register the ragged architectures lazily (by path)."""
+    """The entry point vLLM calls in every process: register the ragged architectures lazily (by path).
+    Families not in SERVED are not registered: vLLM refuses their ragged checkpoints by name."""
     from vllm import ModelRegistry
 
     for base in SERVED:
@@ -99,10 +98,14 @@ class RaggedMixin:
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         model_config = vllm_config.model_config
         configs = list({id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}.values())
-        spec = getattr(model_config.hf_text_config, RAGGED_KEY, None)
         name = type(self).__name__
-        if not isinstance(spec, dict):
-            raise ValueError(f"{model_config.model}: architecture {name} needs the {RAGGED_KEY} block in config.json")
+        try:
+            spec = read_block(str(model_config.model), model_config.hf_config.to_dict())
+        except MoePruneError as exc:  # one line naming the config and the field, before vLLM builds a layer
+            raise ValueError(f"{name}: {exc}") from exc
+        reason = unserved_reason(spec["base_class"], {int(k): n for k, n in spec["experts_per_layer"].items()})
+        if reason is not None:
+            raise ValueError(f"{name}: {model_config.model}: {reason}")
         modules = [
             module
             for module in {sys.modules[c.__module__] for c in type(self).__mro__ if c.__module__ != __name__}
@@ -122,7 +125,7 @@ def __getattr__(name: str) -> type:
         raise AttributeError(name)
     from vllm import ModelRegistry
 
-    base = ModelRegistry.models[base_name].load_model_cls()
+    base = ModelRegistry.models[SERVED[base_name].architecture].load_model_cls()
     namespace = {"__module__": __name__, "__qualname__": name, "__doc__": RaggedMixin.__doc__}
     cls = type(name, (RaggedMixin, base), namespace)
     globals()[name] = cls
