@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from moe_prune.cli import allocate as allocate_cmd
 from moe_prune.cli import eval as eval_cmd
@@ -22,7 +22,22 @@ from moe_prune.cli import sweep as sweep_cmd
 from moe_prune.cli.common import DEBUG_ENV, click_exceptions, err_console
 
 
-class _OneLineUsageErrors(TyperGroup):
+class _FlagsTakeNoValue:
+    """Yes/no flags (`--force`) take no value: typer's help would show `--force <bool>`, inviting `--force true`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # the help panel prints a metavar in place of the type
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    """Every subcommand."""
+
+
+class _OneLineUsageErrors(_FlagsTakeNoValue, TyperGroup):
     """Usage errors (an unknown option, a value of the wrong type) are one line and exit 1, like every failure.
 
     click prints a usage box over several lines and exits 2; scripts and CI read the one line instead.
@@ -69,15 +84,15 @@ def _options(
         os.environ[DEBUG_ENV] = "1"
 
 
-app.command("profile", help=profile_cmd.__doc__)(profile_cmd.profile)
-app.command("score", help=score_cmd.__doc__)(score_cmd.score)
-app.command("allocate", help=allocate_cmd.__doc__)(allocate_cmd.allocate)
-app.command("prune", help=prune_cmd.__doc__)(prune_cmd.prune)
-app.command("merge", help=merge_cmd.__doc__)(merge_cmd.merge)
-app.command("finetune", help=finetune_cmd.__doc__)(finetune_cmd.finetune)
-app.command("lottery", help=lottery_cmd.__doc__)(lottery_cmd.lottery)
-app.command("eval", help=eval_cmd.__doc__)(eval_cmd.evaluate)
-app.command("sweep", help=sweep_cmd.__doc__)(sweep_cmd.sweep)
+app.command("profile", help=profile_cmd.__doc__, cls=_Command)(profile_cmd.profile)
+app.command("score", help=score_cmd.__doc__, cls=_Command)(score_cmd.score)
+app.command("allocate", help=allocate_cmd.__doc__, cls=_Command)(allocate_cmd.allocate)
+app.command("prune", help=prune_cmd.__doc__, cls=_Command)(prune_cmd.prune)
+app.command("merge", help=merge_cmd.__doc__, cls=_Command)(merge_cmd.merge)
+app.command("finetune", help=finetune_cmd.__doc__, cls=_Command)(finetune_cmd.finetune)
+app.command("lottery", help=lottery_cmd.__doc__, cls=_Command)(lottery_cmd.lottery)
+app.command("eval", help=eval_cmd.__doc__, cls=_Command)(eval_cmd.evaluate)
+app.command("sweep", help=sweep_cmd.__doc__, cls=_Command)(sweep_cmd.sweep)
 
 
 def main() -> None:

@@ -63,17 +63,23 @@ DropMtpOpt = Annotated[
         help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
     ),
 ]
-DataOpt = Annotated[
-    list[str] | None,
-    typer.Option(
+
+
+def _data_option(tasks: bool) -> Any:
+    """`--data`, offering task:NAME only where the command reads tasks (through profile's reader)."""
+    return typer.Option(
         "--data",
         "-d",
         help="Data file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records go through the model's chat "
-        "template), hub dataset id or task:NAME. Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k).",
+        f"template){', hub dataset id or task:NAME' if tasks else ' or hub dataset id'}. "
+        "Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k).",
         metavar="SOURCE[:SHARE]",
         show_default=False,
-    ),
-]
+    )
+
+
+DataOpt = Annotated[list[str] | None, _data_option(tasks=True)]  # profile, allocate
+TextDataOpt = Annotated[list[str] | None, _data_option(tasks=False)]  # finetune, lottery: they refuse task:NAME
 SPLIT_ON_HELP = (
     "How .txt/.text/.md files become documents: none (the whole file is one document) or blank-lines "
     "(each paragraph one document; documents are joined by EOS)."

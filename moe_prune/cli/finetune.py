@@ -12,13 +12,13 @@ from rich.table import Table
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     MAX_SEED,
-    DataOpt,
     ForceOpt,
     JsonOpt,
     LazyBar,
     ModelArg,
     OutDirOpt,
     SplitOnOpt,
+    TextDataOpt,
     TrustOpt,
     err_console,
     out_console,
@@ -42,7 +42,7 @@ STATE = "Checkpoints"
 def finetune(
     out: OutDirOpt,
     model: ModelArg = DEFAULT_MODEL,
-    data: DataOpt = None,
+    data: TextDataOpt = None,
     data_format: Annotated[
         str,
         typer.Option(

@@ -12,9 +12,9 @@ from rich.table import Table
 from moe_prune.cli.common import (
     MAX_SEED,
     SPLIT_ON_HELP,
-    DataOpt,
     JsonOpt,
     LazyBar,
+    TextDataOpt,
     out_console,
     parse_tokens,
     print_json,
@@ -48,7 +48,7 @@ def lottery(
     rounds: Annotated[
         int | None, typer.Option(help="Rounds k (default: one expert per layer per round).", rich_help_panel=PRUNING)
     ] = None,
-    data: DataOpt = None,
+    data: TextDataOpt = None,
     direction: Annotated[
         str | None, typer.Option(help="min or max (default: the criterion's).", rich_help_panel=PRUNING)
     ] = None,
