@@ -216,9 +216,10 @@ def test_non_moe_type_is_one_line_error():
     assert "'llama'" in message and "\n" not in message and "Experts" in message
 
 
-def test_jetmoe_refusal_reason_holds():
-    """REFUSED's jetmoe reason, measured on transformers' own model: every config key that changes the MLP expert
-    count changes the attention expert count with it, and top-k sets the attention head count."""
+def test_jetmoe_lockstep_reason_holds():
+    """Why jetmoe's attention experts follow its MLP experts' slots (table.py), measured on transformers' own model:
+    every config key that changes the MLP expert count changes the attention expert count with it, and top-k sets
+    the attention head count; so a stock-loadable result keeps as many attention experts as MLP experts."""
     base = shrink_config("jetmoe")
 
     def counts(config) -> tuple[int, int, int]:
@@ -240,7 +241,7 @@ def test_jetmoe_refusal_reason_holds():
     derived = {k: v for k, v in base.to_dict().items() if k != "num_attention_heads"}  # __post_init__ computes it
     bigger_k = type(base).from_dict({**derived, "num_experts_per_tok": 3})
     assert bigger_k.num_attention_heads == 3 * bigger_k.num_key_value_heads == 6
-    assert "num_local_experts" in REFUSED["jetmoe"] and "num_experts_per_tok" in REFUSED["jetmoe"]
+    assert "jetmoe" not in REFUSED and any("self_attention.experts" in key for key in get_adapter("jetmoe").lockstep)
 
 
 # -- 3. every MoE causal LM of the installed transformers -------------------------------------------
@@ -312,7 +313,6 @@ DERIVED = derived_families()
 # --sequential is refused for these (one line, reason in the table); the strict xfail notices if that changes.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     **{("sequential", t): reason for t in DERIVED if (reason := NO_SEQUENTIAL.get(_text_type(t)))},
-    **{("ragged", t): "ragged checkpoints are plain causal LMs; refused in one line for a wrapper" for t in wrappers()},
 }
 
 
@@ -328,7 +328,10 @@ def battery(check: str) -> list:
 
 @pytest.mark.parametrize("model_type", battery("ragged"))
 def test_derived_ragged_prune_matches_masked_original(model_type, family_factory, tmp_path):
-    """Different expert counts per layer, reloaded with moe-prune's loader (the shipped model code)."""
+    """Different expert counts per layer, reloaded with moe-prune's loader (the shipped model code) and with stock
+    transformers running the checkpoint's own copy of it (a wrapper's wrapper config included)."""
+    from transformers import AutoModelForCausalLM
+
     folder, original = family_factory(model_type)
     ckpt = Checkpoint.open(folder)
     mask, keep = test_ragged.ragged_mask(ckpt)
@@ -337,11 +340,12 @@ def test_derived_ragged_prune_matches_masked_original(model_type, family_factory
     assert result.ragged and result.experts_after_per_layer == {k: len(v) for k, v in keep.items()}
     test_ragged.check_ragged_files(out, keep)
     ids = test_ragged.token_ids()
-    with torch.no_grad():
-        got = load_model(out)(ids).logits
-        full = original(ids).logits
     want = test_ragged.reference(original, ckpt, keep, ids)
-    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (got - want).abs().max()
+    with torch.no_grad():
+        full = original(ids).logits
+        for model in (load_model(out), AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()):
+            got = model(ids).logits
+            assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (got - want).abs().max()
     assert (got - full).abs().max() > 1e-4, "dropping experts changed nothing: the check would be vacuous"
 
 

@@ -36,13 +36,13 @@ def data_file(tmp_path_factory, docs):
     return str(path)
 
 
-def independent_nll(folder, docs: list[str]) -> tuple[float, int]:
+def independent_nll(folder, docs: list[str], trust_remote_code: bool = False) -> tuple[float, int]:
     """Mean NLL via the model's own loss (labels=input), chunking the stream by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     stream = [i for d in docs for i in [*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id]]
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(stream) - SEQ + 1, SEQ):

@@ -80,7 +80,8 @@ def assert_matches(folder, original, ckpt, keep, trust_remote_code=True) -> None
 def check_ragged_files(out, keep) -> dict:
     config = json.loads((out / "config.json").read_text())
     counts = {str(layer): len(kept) for layer, kept in keep.items()}
-    assert config[RAGGED_KEY]["experts_per_layer"] == counts
+    text = config.get("text_config", config)  # a wrapper's block sits beside the counts, in its text config
+    assert text[RAGGED_KEY]["experts_per_layer"] == counts and (text is config or RAGGED_KEY not in config)
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_moe_prune.Ragged")
     assert (out / ragged.MODEL_FILE).read_text() == ragged.model_code()
     assert Checkpoint.open(out).identity.original_ids == {k: tuple(v) for k, v in keep.items()}
@@ -284,9 +285,22 @@ def test_config_entry_point_without_a_model():
     assert raw["num_local_experts"] == 8 and RAGGED_KEY not in raw, "the input dict is not modified"
     back, files = ragged.expert_count_config(config, adapter, {0: 2, 1: 2}, 4)
     assert files == {} and RAGGED_KEY not in back and "auto_map" not in back
-    wrapped = {"model_type": "qwen3_5_moe", "text_config": {**raw, "model_type": "qwen3_5_moe_text"}}
-    with pytest.raises(MoePruneError, match="plain causal-LM"):
-        ragged.ragged_config(wrapped, get_adapter("qwen3_5_moe_text"), {0: 3, 1: 5}, 2)
+    text = {k: v for k, v in raw.items() if k != "auto_map"}
+    wrapped = {
+        "model_type": "qwen3_5_moe",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "text_config": {**text, "model_type": "qwen3_5_moe_text", "num_experts": 8},
+    }
+    config, files = ragged.expert_count_config(wrapped, get_adapter("qwen3_5_moe_text"), {0: 3, 1: 5}, 2)
+    block = config["text_config"][RAGGED_KEY]  # beside the counts it overrides, in the text config
+    assert RAGGED_KEY not in config and block["experts_per_layer"] == {"0": 3, "1": 5}
+    # the class AutoModelForCausalLM builds for the wrapper's config.json, named at the top where it looks
+    assert block["base_class"] == "Qwen3_5MoeForCausalLM"
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_moe_prune.RaggedQwen3_5MoeForCausalLM"}
+    assert config["architectures"] == ["MoePruneRaggedQwen3_5MoeForCausalLM"]
+    back, files = ragged.expert_count_config(config, get_adapter("qwen3_5_moe_text"), {0: 2, 1: 2}, 2)
+    assert files == {} and RAGGED_KEY not in back["text_config"] and "auto_map" not in back
+    assert back["architectures"] == ["Qwen3_5MoeForConditionalGeneration"], "the wrapper's own class comes back"
 
 
 def test_ragged_model_saved_by_transformers_prunes_again(tiny_factory, tmp_path):

@@ -16,6 +16,9 @@ Everything family-specific is data in config.json, under `moe_prune_ragged`:
     top_k_per_layer    {layer: experts per token} (top-k, clipped to the layer's experts)
 The stock model is built first; then each MoE layer's block is built again from a copy of the
 config that gives that layer's counts, so every weight loads under its usual name.
+A multimodal wrapper (Qwen3.5-MoE, Llama 4, Gemma 4: a `text_config`) keeps the block in its text config, the
+config its text model's modules are built from; where the class is the text model's causal LM, it is given the
+text config, as AutoModelForCausalLM does for transformers' own classes.
 `auto_map` names the class as "Ragged" + base_class; this module creates it on first access.
 
 The family's load-balancing loss (`output_router_logits`) concatenates every layer's router logits,
@@ -48,9 +51,15 @@ def _set(obj: Any, dotted: str, value: int) -> None:
     setattr(obj, last, value)
 
 
+def text_config(config: Any) -> Any:
+    """The config holding the MoE fields and the block: a wrapper's text config, else `config` itself."""
+    text = getattr(config, "text_config", None)
+    return text if text is not None and hasattr(text, RAGGED_KEY) else config
+
+
 def layer_config(config: Any, spec: dict[str, Any], layer: int) -> Any:
-    """A copy of `config` whose expert-count and top-k fields describe MoE layer `layer`."""
-    layer_cfg = copy.deepcopy(config)
+    """A copy of the (text) `config` whose expert-count and top-k fields describe MoE layer `layer`."""
+    layer_cfg = copy.deepcopy(text_config(config))
     for key in spec["count_keys"]:
         _set(layer_cfg, key, int(spec["experts_per_layer"][str(layer)]))
     for key in spec["top_k_keys"]:
@@ -60,7 +69,7 @@ def layer_config(config: Any, spec: dict[str, Any], layer: int) -> Any:
 
 def rebuild_moe_blocks(model: Any, config: Any) -> None:
     """Replace each MoE layer's block (or its listed modules) by one of the same class sized for that layer."""
-    spec = getattr(config, RAGGED_KEY)
+    spec = getattr(text_config(config), RAGGED_KEY)
     layers = model.get_submodule(spec["layers"])
     blocks = spec["block"] if isinstance(spec["block"], list) else [spec["block"]]
     for key in spec["experts_per_layer"]:
@@ -80,6 +89,30 @@ class RaggedMixin:
         super().__init__(config, *args, **kwargs)
         rebuild_moe_blocks(self, config)
         self.post_init()
+
+    @classmethod
+    def own_config(cls, config: Any) -> Any:
+        """A wrapper's config as the class takes it: its text config where the class is the text model's
+        (AutoModelForCausalLM swaps it so for transformers' classes, not for a checkpoint's own)."""
+        text = getattr(config, "text_config", None)
+        if text is None or isinstance(config, cls.config_class) or not isinstance(text, cls.config_class):
+            return config
+        quantization = getattr(config, "quantization_config", None)
+        if quantization is not None:
+            text.quantization_config = quantization
+        return text
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, config: Any = None, **kwargs: Any) -> Any:
+        """transformers' loading, with a wrapper's config swapped for its text config where the class needs it."""
+        if hasattr(config, "to_dict"):  # a config object, not a path or None
+            config = cls.own_config(config)
+        return super().from_pretrained(*args, config=config, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config: Any, **kwargs: Any) -> Any:
+        """transformers' building from a config, with the same swap as `from_pretrained`."""
+        return super()._from_config(cls.own_config(config), **kwargs)
 
     @classmethod
     def is_custom_code(cls) -> bool:

@@ -71,6 +71,8 @@ def block_path(adapter: Adapter) -> str | list[str]:
         if a != b:
             break
         common.append(a)
+    if adapter.ragged_extra_blocks:  # modules beside the block that the expert count sizes too (jetmoe's attention)
+        return [".".join(common) or adapter.runtime_router, *adapter.ragged_extra_blocks]
     if not common:
         return [adapter.runtime_router, adapter.runtime_experts]
     if len(common) == min(len(router), len(experts)):
@@ -85,14 +87,24 @@ def _strip_ragged(raw: dict[str, Any], text: dict[str, Any]) -> None:
     """Remove what an earlier ragged edit added (a uniform result must load with stock transformers and engines)."""
     spec = text.pop(RAGGED_KEY, None)
     base = spec.get("base_class") if isinstance(spec, dict) else None
+    original = spec.get("architectures") if isinstance(spec, dict) else None
     if isinstance(base, str) and isinstance(raw.get("architectures"), list):
         ragged_names = {ragged_architecture(base), f"{CLASS_PREFIX}{base}"}  # ours, and what save_pretrained writes
-        raw["architectures"] = [base if name in ragged_names else name for name in raw["architectures"]]
+        if isinstance(original, list) and all(isinstance(name, str) for name in original):
+            raw["architectures"] = list(original)  # a wrapper's own class (Qwen3_5MoeForConditionalGeneration)
+        else:
+            raw["architectures"] = [base if name in ragged_names else name for name in raw["architectures"]]
     auto_map = raw.get("auto_map")
     if isinstance(auto_map, dict) and str(auto_map.get(AUTO_CLASS, "")).startswith(f"{MODEL_MODULE}."):
         del auto_map[AUTO_CLASS]
         if not auto_map:
             del raw["auto_map"]
+
+
+def base_class(model: ModelConfig) -> str:
+    """The class AutoModelForCausalLM builds for this config.json: a wrapper's own (top-level model_type)."""
+    top = model.raw.get("model_type")
+    return causal_lm_class(top if isinstance(top, str) and model.text_key else model.adapter.model_type)
 
 
 def ragged_config(
@@ -106,11 +118,6 @@ def ragged_config(
     model = ModelConfig.from_dict(config)
     if model.adapter.model_type != adapter.model_type:
         raise MoePruneError(f"config.json is a {model.model_type} config, not {adapter.model_type}")
-    if model.text_key is not None:
-        raise MoePruneError(
-            f"{adapter.model_type} inside {model.text_key}: different expert counts per layer are only supported "
-            "for plain causal-LM checkpoints; keep the same number of experts in every layer"
-        )
     if sorted(counts) != model.moe_layers:
         raise MoePruneError(f"expert counts given for layers {sorted(counts)}, the MoE layers are {model.moe_layers}")
     if any(n < 1 for n in counts.values()):
@@ -118,12 +125,16 @@ def ragged_config(
     largest = max(counts.values())
     global_top_k = min(top_k, largest)
     raw = copy.deepcopy(model.with_expert_count(largest, global_top_k).raw)
-    _strip_ragged(raw, raw)
+    text = raw[model.text_key] if model.text_key else raw
+    _strip_ragged(raw, text)
     present = [key for key in (*adapter.expert_count_keys, *adapter.top_k_keys) if model.get(key) is not None]
-    base = causal_lm_class(adapter.model_type)
-    raw[RAGGED_KEY] = {
+    base = base_class(model)
+    # A wrapper's block sits in its text config, beside the counts it overrides: that is the config the text
+    # model's modules are built from (and the one transformers hands the causal LM of Qwen3.5-MoE or Llama 4).
+    text[RAGGED_KEY] = {
         "format": RAGGED_FORMAT,
         "base_class": base,
+        "architectures": raw.get("architectures") or [base],
         "layers": adapter.runtime_layers,
         "block": block_path(adapter),
         "count_keys": [key for key in adapter.expert_count_keys if key in present],

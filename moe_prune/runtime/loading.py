@@ -41,7 +41,7 @@ from moe_prune.checkpoint.ragged import (
     CLASS_PREFIX,
     MODEL_FILE,
     MODEL_MODULE,
-    causal_lm_class,
+    base_class,
     is_shipped_model_code,
 )
 from moe_prune.checkpoint.source import Checkpoint
@@ -88,7 +88,7 @@ def code_decision(ckpt: Checkpoint, trust_remote_code: bool) -> CodeDecision:
     config_path = ckpt.folder / "config.json"
     raw = ckpt.config.raw
     targets = _auto_map_targets(raw.get("auto_map"), config_path)
-    if isinstance(raw.get(RAGGED_KEY), dict):
+    if ckpt.config.ragged is not None:  # in a wrapper's text config
         return CodeDecision(False, _shipped_ragged_class(ckpt, targets))
     if targets:
         key, target = next(iter(targets.items()))
@@ -105,7 +105,7 @@ def _shipped_ragged_class(ckpt: Checkpoint, targets: dict[str, str]) -> type:
     """moe-prune's own Ragged<Base> class, when the folder carries exactly the file and auto_map it writes."""
     from moe_prune.checkpoint import modeling_moe_prune
 
-    spec = ckpt.config.raw[RAGGED_KEY]
+    spec = ckpt.config.ragged
     base = spec.get("base_class")
     expected = {AUTO_CLASS: f"{MODEL_MODULE}.{CLASS_PREFIX}{base}"}
     code = ckpt.folder / MODEL_FILE
@@ -117,10 +117,10 @@ def _shipped_ragged_class(ckpt: Checkpoint, targets: dict[str, str]) -> type:
             f"{ckpt.folder / 'config.json'}: auto_map {other[0]} -> {other[1]} ({_code_file(other[1])}) is not "
             f"moe-prune's ragged model class; {TRUST_HINT}"
         )
-    if base != causal_lm_class(ckpt.config.model_type):
+    if base != base_class(ckpt.config):
         raise MoePruneError(
             f"{ckpt.folder / 'config.json'}: {RAGGED_KEY}.base_class {base!r} is not the causal-LM class of "
-            f"{ckpt.config.model_type}"
+            f"{ckpt.config.raw.get('model_type')}"
         )
     model_class = getattr(modeling_moe_prune, f"{CLASS_PREFIX}{base}")
     model_class._auto_class = AUTO_CLASS  # save_pretrained writes the file and auto_map again, as transformers would

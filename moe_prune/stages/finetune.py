@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.provenance import fingerprint_json
 from moe_prune.checkpoint.quantized import Quantization
+from moe_prune.checkpoint.relayout import restore_source_layout
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
@@ -438,14 +439,14 @@ def _write(
     }
     manifest = Manifest(slots=dict(ckpt.identity.original_ids), history=[*previous, entry])
     new_config = config.with_expert_count(config.num_experts, top_k)
+    max_bytes = parse_size(options.max_shard_size, "--max-shard-size")
     with atomic_folder(out, options.force, protect=(ckpt.folder,)) as tmp:
         try:
             with quiet_transformers():
-                inner.save_pretrained(
-                    tmp, state_dict=state, max_shard_size=parse_size(options.max_shard_size, "--max-shard-size")
-                )
+                inner.save_pretrained(tmp, state_dict=state, max_shard_size=max_bytes)
         except SafetensorError as exc:  # the Rust writer's I/O errors (a full disk) are not OSErrors
             raise MoePruneError(f"{out}: cannot write ({str(exc).splitlines()[0]})") from exc
+        restore_source_layout(tmp, ckpt, max_bytes)  # a wrapper's vision tower and key names, as in the input
         copy_side_files(ckpt.folder, tmp)
         raw = {k: v for k, v in new_config.raw.items() if k != "quantization_config"}  # written dequantized
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
