@@ -185,3 +185,98 @@ for _name, _template in TEMPLATE_FAILURES.items():
         hostile(f"task-template-{_name}-{_command}", (_command,), f"{TASK}.yaml", extra=_extra)(
             _task_template(_template)
         )
+
+
+# What an attacker tries next (round 4 survey): outputs reaching into the model by another path, text
+# encodings the JSON reader must name, sizes the weights contradict. ---------------------------------------
+@hostile(
+    "out-through-dotdot-into-the-model",
+    ("prune", "merge", "finetune"),
+    "input",
+    extra=("--out", "{root}/x/../model/sub", "--force"),
+)
+def _nothing4(ws: Workspace) -> None:
+    """The damage is in the arguments."""
+
+
+hostile(
+    "out-file-through-dotdot-into-the-model",
+    ("profile",),
+    "input",
+    extra=("--out", "{root}/x/../model/s.npz", "--force"),
+)(_nothing4)
+hostile("score-out-inside-the-model", ("score-weights",), "input", extra=("--out", "{model}/mask.json", "--force"))(
+    _nothing4
+)
+hostile(
+    "eval-log-samples-inside-the-model",
+    ("eval",),
+    "input",
+    extra=("--tasks", "demo_arithmetic", "--limit", "2", "--log-samples", "{model}/samples.jsonl", "--force"),
+)(_nothing4)
+
+
+def _alias(ws: Workspace) -> None:
+    (ws.root / "alias").symlink_to(ws.model)
+
+
+hostile(
+    "out-through-a-symlinked-parent",
+    ("prune", "merge", "finetune"),
+    "input",
+    extra=("--out", "{root}/alias/sub", "--force"),
+)(_alias)
+hostile("out-file-through-a-symlinked-parent", ("profile",), "input", extra=("--out", "{root}/alias/s.npz", "--force"))(
+    _alias
+)
+hostile(
+    "out-is-a-link-to-the-model", ("prune", "merge", "finetune"), "input", extra=("--out", "{root}/alias", "--force")
+)(_alias)
+
+
+def _encoded(relative: str, prefix: bytes, codec: str = "utf-8") -> Callable[[Workspace], None]:
+    def build(ws: Workspace) -> None:
+        path = ws.model / relative if not relative.startswith("/") else ws.root / relative[1:]
+        path.write_bytes(prefix + path.read_text().encode(codec))
+
+    return build
+
+
+BOM = b"\xef\xbb\xbf"
+for _file, _commands in (
+    ("config.json", MODEL_READERS),
+    ("tokenizer_config.json", LOADERS),
+):
+    hostile(f"{_file.removesuffix('.json').replace('_', '-')}-with-bom", _commands, _file)(_encoded(_file, BOM))
+    hostile(f"{_file.removesuffix('.json').replace('_', '-')}-utf16", _commands, _file)(_encoded(_file, b"", "utf-16"))
+hostile("tokenizer-json-with-bom", LOADERS, "tokenizer.json")(_encoded("tokenizer.json", BOM))
+hostile("mask-with-bom", ("prune",), "mask.json")(_encoded("/mask.json", BOM))
+hostile("data-utf16", ("profile", "eval", "finetune"), "data.txt")(_encoded("/data.txt", b"", "utf-16"))
+
+
+def _config_value(field: str, value: object) -> Callable[[Workspace], None]:
+    def build(ws: Workspace) -> None:
+        config = ws.config()
+        config[field] = value
+        ws.write_config(config)
+
+    return build
+
+
+hostile("config-vocab-far-above-the-embedding", MODEL_READERS, "config.json")(_config_value("vocab_size", 1_000_000))
+hostile("config-vocab-below-the-embedding", MODEL_READERS, "config.json")(_config_value("vocab_size", 64))
+CONFIG_NONSENSE = {
+    "pad-token-past-vocab": ("pad_token_id", 1000),
+    "pad-token-negative": ("pad_token_id", -5),
+    "eos-token-a-string": ("eos_token_id", "</s>"),
+    "bos-token-past-vocab": ("bos_token_id", 10**6),
+    "head-dim-zero": ("head_dim", 0),
+    "head-dim-odd": ("head_dim", 7),
+    "kv-heads-not-dividing": ("num_key_value_heads", 3),
+    "rms-norm-eps-negative": ("rms_norm_eps", -1.0),
+    "rope-theta-zero": ("rope_theta", 0),
+    "rope-theta-negative": ("rope_theta", -10000.0),
+    "sliding-window-negative": ("sliding_window", -4),
+}
+for _name, (_field, _value) in CONFIG_NONSENSE.items():
+    hostile(f"config-{_name}", MODEL_READERS, "config.json")(_config_value(_field, _value))

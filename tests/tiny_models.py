@@ -18,7 +18,8 @@ COMMON: dict[str, Any] = {
 TINY: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "minimax": {"num_local_experts": 8, "num_experts_per_tok": 2, "layer_types": None},
-    "minimax_m2": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    # minimax_m2's and olmoe's default special token ids lie past the 128-token vocabulary (config.json refuses them)
+    "minimax_m2": {"num_local_experts": 8, "num_experts_per_tok": 2, "bos_token_id": 1, "eos_token_id": 1},
     "phimoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen2_moe": {
         "num_experts": 8,
@@ -48,7 +49,7 @@ TINY: dict[str, dict[str, Any]] = {
         "linear_value_head_dim": 8,
         "layer_types": ["linear_attention", "full_attention", "linear_attention"],
     },
-    "olmoe": {"num_experts": 8, "num_experts_per_tok": 2},
+    "olmoe": {"num_experts": 8, "num_experts_per_tok": 2, "eos_token_id": 1},
     "flex_olmo": {"num_experts": 8, "num_experts_per_tok": 2, "pad_token_id": 0, "eos_token_id": 1},
     "deepseek_v2": {
         "n_routed_experts": 8,

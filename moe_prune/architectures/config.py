@@ -12,6 +12,7 @@ from typing import Any
 
 from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter, wrapper_adapter
 from moe_prune.architectures.activations import check_activations
+from moe_prune.architectures.config_values import check_positive_numbers, check_token_ids
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.artifacts.common import read_json
 from moe_prune.errors import MoePruneError
@@ -37,6 +38,7 @@ POSITIVE_SIZES = (
     "num_key_value_heads",
     "max_position_embeddings",
     "vocab_size",
+    "head_dim",
 )
 MAX_SIZE = 1 << 26
 
@@ -161,7 +163,10 @@ class ModelConfig:
     def check(self) -> None:
         """Read every MoE field once, so a nonsensical value fails here with one line, not deep in a stage."""
         _ = self.num_layers, self.top_k, self.experts_per_layer, self.n_group  # their own, more precise lines first
-        check_sizes(self.text, self.source, f"{self.text_key}." if self.text_key else "")
+        prefix = f"{self.text_key}." if self.text_key else ""
+        check_sizes(self.text, self.source, prefix)
+        check_token_ids(self.text, self.source, self.text.get("vocab_size"), prefix)
+        check_positive_numbers(self.text, self.source, prefix)
         if not self.moe_layers:
             raise MoePruneError(f"{self.source}: describes no MoE layer; nothing to prune or merge")
         if self.n_group > 1 and any(n % self.n_group for n in self.experts_per_layer.values()):

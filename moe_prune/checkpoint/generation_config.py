@@ -13,11 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moe_prune.architectures.config_values import check_token_ids
 from moe_prune.artifacts.common import is_int, json_type, read_json
 from moe_prune.errors import MoePruneError
 
 NAME = "generation_config.json"
-TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 # Whole numbers from 1 (lengths and counts a loader sizes or loops by) and from 0 (lower bounds, disabled at 0).
 POSITIVE_INTS = ("max_length", "max_new_tokens", "num_beams", "num_beam_groups", "num_return_sequences")
 NON_NEGATIVE_INTS = ("min_length", "min_new_tokens", "top_k", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size")
@@ -34,8 +34,7 @@ def check_generation_config(folder: Path, vocab_size: Any) -> None:
     if not path.exists() and not path.is_symlink():
         return
     raw, name = read_json(path, "generation config")
-    for field in TOKEN_IDS:
-        _check_token_ids(raw.get(field), field, name, vocab_size if is_int(vocab_size) else None)
+    check_token_ids(raw, name, vocab_size)  # the rule config.json's own ids follow
     for fields, low in ((POSITIVE_INTS, 1), (NON_NEGATIVE_INTS, 0)):
         for field in fields:
             value = raw.get(field)
@@ -52,19 +51,6 @@ def check_generation_config(folder: Path, vocab_size: Any) -> None:
         if value is not None and not isinstance(value, bool) and not (field == "early_stopping" and value == "never"):
             _refuse(name, field, value, "true or false")
     _check_transformers_reads(raw, name)
-
-
-def _check_token_ids(value: Any, field: str, name: str, vocab: int | None) -> None:
-    """A token id or a list of them, each within the vocabulary (config.json vocab_size) when it is known."""
-    if value is None:
-        return
-    ids = value if isinstance(value, list) else [value]
-    expected = f"a token id from 0 to {vocab - 1}" if vocab else "a token id from 0"
-    if not ids and isinstance(value, list):
-        _refuse(name, field, value, f"{expected} or a non-empty list of them")
-    for token in ids:
-        if not is_int(token) or token < 0 or (vocab is not None and token >= vocab):
-            _refuse(name, field, value, f"{expected} (config.json vocab_size) or a list of them")
 
 
 def _refuse(name: str, field: str, value: Any, expected: str) -> None:
