@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import warnings
 from dataclasses import replace
 
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.architectures.spec import Adapter, Routing
 from moe_prune.architectures.table import REFUSED, ROWS
-from moe_prune.errors import MoePruneError
+from moe_prune.errors import MoePruneError, MoePruneWarning
 from moe_prune.registry import Registry
 
 ADAPTERS: Registry[Adapter] = Registry("architecture")
@@ -25,6 +26,9 @@ for _row in ROWS:
 
 # model_type -> derived adapter, or the one-line reason the derivation failed.
 _DERIVED: dict[str, Adapter | str] = {}
+# model_type -> what its derivation could not read (e.g. the routing rule), shown when the family is used.
+_NOTES: dict[str, tuple[str, ...]] = {}
+EXPLAIN_HINT = "`moe-prune score --model M --explain` shows the derivation"
 
 
 def supported_model_types() -> list[str]:
@@ -40,18 +44,35 @@ def derived_adapter(model_type: str) -> Adapter | str:
         from moe_prune.architectures.derive import derive  # imports torch/transformers
 
         try:
-            _DERIVED[model_type] = derive(model_type).adapter
+            derived = derive(model_type)
+            _DERIVED[model_type], _NOTES[model_type] = derived.adapter, derived.notes
         except Exception as exc:  # DerivationError, or a config class that cannot even be built: not supported
             _DERIVED[model_type] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return _DERIVED[model_type]
 
 
+def derivation_notes(model_type: str) -> tuple[str, ...]:
+    """What the derivation of `model_type` could not read and assumed instead; none for a table row."""
+    if model_type in ADAPTERS:
+        return ()
+    derived_adapter(model_type)
+    return _NOTES.get(model_type, ())
+
+
 def find_adapter(model_type: str) -> Adapter | None:
-    """The table row, else the derived adapter, else None (no error: callers try nested configs next)."""
+    """The table row, else the derived adapter, else None (no error: callers try nested configs next).
+
+    A derived adapter with notes warns (one line per note): its results rest on what the note assumes.
+    """
     if model_type in ADAPTERS:
         return ADAPTERS[model_type]
     found = derived_adapter(model_type)
-    return found if isinstance(found, Adapter) else None
+    if not isinstance(found, Adapter):
+        return None
+    for note in _NOTES.get(model_type, ()):
+        message = f"{model_type} (derived from transformers): {note}; {EXPLAIN_HINT}"
+        warnings.warn(message, MoePruneWarning, stacklevel=2)
+    return found
 
 
 @functools.cache
@@ -117,6 +138,7 @@ __all__ = [
     "LAYER_RULES",
     "Adapter",
     "Routing",
+    "derivation_notes",
     "derived_adapter",
     "find_adapter",
     "fit_layer_prefix",

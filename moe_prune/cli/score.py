@@ -82,6 +82,14 @@ def score(
     ] = None,
     draws: Annotated[int, typer.Option(help="Bootstrap resamples of the --stability files.")] = 200,
     list_: Annotated[bool, typer.Option("--list", help="List the criteria and exit.")] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="With --model: how its architecture is read (table row or derived from transformers), "
+            "what the derivation assumed, and exit.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import score as stage
@@ -89,6 +97,9 @@ def score(
 
     if list_:
         _list(json_output)
+        return
+    if explain:
+        _explain(model, json_output)
         return
     if criterion is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
@@ -130,6 +141,23 @@ def score(
     console.print(score_table(result, full=report or out is None))
     if out not in (None, "-"):
         console.print(f"mask written to {out}", highlight=False)
+
+
+def _explain(model: str | None, json_output: bool) -> None:
+    from moe_prune.stages.explain import explain
+
+    if model is None:
+        raise MoePruneError("--explain needs --model M (the checkpoint whose architecture to explain)")
+    found = explain(model)
+    if json_output:
+        print_json(found.to_dict())
+        return
+    how = "read by a hand-written table row" if found.source == "table" else "derived from transformers' own modules"
+    lines = [f"{found.model}: model_type {found.model_type}, {how}"]
+    lines += [f"  {key}: {value}" for key, value in found.adapter.items()]
+    lines += [f"note: {note}" for note in found.notes or ("none",)]
+    for line in lines:
+        out_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _list(json_output: bool) -> None:
