@@ -38,7 +38,7 @@ import torch
 
 from moe_prune.checkpoint.quantized import Quantization, group, read_float
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.loading import finite, model_skeleton, quiet_transformers
+from moe_prune.runtime.skeleton import finite, model_skeleton, quiet_transformers
 
 NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 

@@ -39,7 +39,8 @@ from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_folder, check_writable, work_lock
-from moe_prune.runtime.loading import load_model, load_tokenizer, quiet_transformers
+from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.runtime.skeleton import quiet_transformers
 from moe_prune.runtime.sources import SourceSpec
 from moe_prune.runtime.sources import parse_sources as parse_sources
 from moe_prune.sizes import parse_size

@@ -48,7 +48,7 @@ from moe_prune.lottery.recipe import LotteryParams as LotteryParams
 from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
 from moe_prune.lottery.schedule import drop_schedule, token_schedule
 from moe_prune.runtime.data import load_documents
-from moe_prune.runtime.loading import code_decision
+from moe_prune.runtime.skeleton import code_decision
 from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.selection import Budget

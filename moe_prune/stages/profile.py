@@ -38,11 +38,12 @@ from moe_prune.io.output import work_lock
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.data import check_split_on, clip_seq_len, fixed_chunks
-from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, parse_dtype
+from moe_prune.runtime.loading import input_device, load_model, load_tokenizer
 from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.resume import partial_path as partial_path
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.runtime.skeleton import parse_dtype
 from moe_prune.runtime.sources import Mix, SourceData, SourceSpec, mix, read_source, read_sources, take
 from moe_prune.runtime.sources import parse_sources as parse_sources
 from moe_prune.runtime.statistics import StatisticsRecorder

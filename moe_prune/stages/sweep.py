@@ -25,7 +25,7 @@ from moe_prune.io.output import OutputError
 from moe_prune.merging.registry import METHODS as METHODS
 from moe_prune.merging.registry import get_method
 from moe_prune.runtime.data import Document, check_split_on
-from moe_prune.runtime.loading import code_decision, parse_dtype
+from moe_prune.runtime.skeleton import code_decision, parse_dtype
 from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, merge, prune, score, tasks
