@@ -455,3 +455,50 @@ def test_nemotron_h_mtp_sublayers_are_dropped_or_refused(family_factory, tmp_pat
     prune.run(plain, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "plain")
     assert all_tensors(tmp_path / "out").keys() == all_tensors(tmp_path / "plain").keys()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_inkling_dense_mtp_is_copied_whole_and_its_experts_refused(family_factory, tmp_path):
+    """inkling_text's MTP layers are always dense (transformers: `mtp_mlp_layer_types` is "dense" for each), so
+    there is no MTP MoE to keep consistent: prune (uniform and ragged) copies `model.mtp.*` byte for byte. A tensor
+    there that names routed experts is not a layout transformers knows: refused in one line unless --drop-mtp."""
+    from test_ragged import ragged_mask
+    from transformers import AutoConfig
+
+    def _shard_tensors(out):
+        return {k: v for shard in sorted(out.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+    plain = family_factory("inkling_text")
+    assert AutoConfig.for_model("inkling_text", num_mtp_layers=2).mtp_mlp_layer_types == ["dense", "dense"]
+    folder = tmp_path / "inkling-mtp"
+    shutil.copytree(plain, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_mtp_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    dtype = tensors[next(iter(tensors))].dtype
+    dense = {
+        "model.mtp.layers.0.mlp.gate_proj.weight": (2 * H, H),
+        "model.mtp.layers.0.mlp.up_proj.weight": (2 * H, H),
+        "model.mtp.layers.0.mlp.down_proj.weight": (H, 2 * H),
+        "model.mtp.eh_proj.weight": (H, 2 * H),
+        "model.mtp.norm.weight": (H,),
+    }
+    mtp = {name: torch.randn(shape).to(dtype) for name, shape in dense.items()}
+    save_file({**tensors, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    opened = Checkpoint.open(folder)
+    uniform = DropMask.create(opened.identity, random_keep(opened, 2, seed=1), "test")
+    for name, mask in (("uniform", uniform), ("ragged", ragged_mask(opened)[0])):
+        prune.run(folder, mask, tmp_path / name)
+        out = _shard_tensors(tmp_path / name)
+        assert all(torch.equal(out[n], t) for n, t in mtp.items()), name
+        assert json.loads((tmp_path / name / "config.json").read_text())["num_mtp_layers"] == 1
+
+    experts = "model.mtp.layers.0.mlp.experts.0.gate_proj.weight"
+    save_file({**tensors, **mtp, experts: torch.ones(2, H).to(dtype)}, folder / "model.safetensors")
+    mask = write_mask(tmp_path / "mask.json", Checkpoint.open(folder), random_keep(opened, 2, seed=1))
+    args = ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "refused")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert experts in result.output and "--drop-mtp" in result.output and not (tmp_path / "refused").exists()
+    assert runner.invoke(app, [*args, "--drop-mtp"]).exit_code == 0
+    assert not any(n.startswith("model.mtp.") for n in _shard_tensors(tmp_path / "refused"))

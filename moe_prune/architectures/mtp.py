@@ -80,8 +80,9 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     # mtp.*; its MTP sublayers follow mtp_layers_block_type (attention, then MoE), not one decoder layer each:
     # recognised but not placed: prune and merge refuse MTP experts unless --drop-mtp removes them
     "nemotron_h": MtpFamily("num_nextn_predict_layers", None, r"mtp.*"),
-    # model\.mtp\..*; count key num_mtp_layers (no alias); its MTP layers follow mtp_layer_types ("hybrid"),
-    # whose block layout no transformers class writes: recognised but not placed, as nemotron_h
+    # model\.mtp\..*; count key num_mtp_layers (no alias); its MTP layers are always dense (transformers'
+    # mtp_mlp_layer_types): no MTP MoE to edit, so they are copied whole (ragged results too) or dropped; an MTP
+    # tensor naming routed experts is no layout transformers knows, and is refused unless --drop-mtp
     "inkling_text": MtpFamily("num_mtp_layers", None, r"model\.mtp\..*"),
     # model\.mtp.*; no count key (vLLM longcat_flash_mtp: always one layer) and a dense MTP layer (vLLM sets
     # n_routed_experts None for it): nothing to place or edit, its tensors are copied whole or dropped
