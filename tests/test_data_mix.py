@@ -13,6 +13,7 @@ import string
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 from test_profile import assert_same_stats
 from typer.testing import CliRunner
 
@@ -302,34 +303,48 @@ def test_documents_joined_without_eos_warn_once(tiny, files, tmp_path):
 # -- one-line refusals -----------------------------------------------------------------------------------
 
 
+# Extra options each command needs to reach its --data checks; nothing else differs between them.
+SMALL = {
+    "profile": ["--samples", "8", "--seq-len", str(SEQ)],
+    "finetune": ["--tokens", "1000", "--seq-len", str(SEQ), "--batch-size", "2", "--eval-tokens", "0"],
+}
+
+
 @pytest.mark.parametrize(
-    ("data", "message"),
+    ("command", "data", "message"),
     [
-        ("-d {code}:0", "--data {code}:0: token count 0 must be at least 1"),
-        ("-d {code}:0.0", "--data {code}:0.0: share 0.0 is not in (0, 1]"),
-        ("-d {code}:-0.5", "--data {code}:-0.5: share -0.5 is not in (0, 1]"),
-        ("-d {code}:1.5", "--data {code}:1.5: share 1.5 is not in (0, 1]"),
-        ("-d {code}:0.6 -d {prose}:0.6", "--data: shares 0.6 + 0.6 add up to 1.2, more than 1"),
-        ("-d {code}:0.3 -d {prose}:0.5", "--data: shares 0.3 + 0.5 add up to 0.8; make them add up to 1"),
-        ("-d {code}:1.0 -d {prose}", "--data: shares add up to 1, leaving nothing for {prose}"),
-        ("-d {code}:20q", "--data {code}:20q: ':20q' is neither a share"),
-        ("-d {code}:half", "--data {code}:half: ':half' is neither a share"),
-        ("-d {code} -d {code}:0.5", "--data {code}: given more than once"),
-        ("-d {missing}:0.5 -d {code}:0.5", "{missing}: data file not found"),
-        ("-d {code}:1M", "--data: token counts add up to 1,000,000, more than the 128 tokens of --samples x --seq-len"),
-        ("-d {chat}", "{chat}: holds chat records ('messages'), but the model's tokenizer has no chat template"),
-        ("-d {prose} --split-on lines", "--split-on 'lines': expected none or blank-lines"),
+        ("profile", "-d {code}:0", "--data {code}:0: token count 0 must be at least 1"),
+        ("profile", "-d {code}:0.0", "--data {code}:0.0: share 0.0 is not in (0, 1]"),
+        ("profile", "-d {code}:-0.5", "--data {code}:-0.5: share -0.5 is not in (0, 1]"),
+        ("profile", "-d {code}:1.5", "--data {code}:1.5: share 1.5 is not in (0, 1]"),
+        ("profile", "-d {code}:0.6 -d {prose}:0.6", "--data: shares 0.6 + 0.6 add up to 1.2, more than 1"),
+        ("profile", "-d {code}:0.3 -d {prose}:0.5", "--data: shares 0.3 + 0.5 add up to 0.8; make them add up to 1"),
+        ("profile", "-d {code}:1.0 -d {prose}", "--data: shares add up to 1, leaving nothing for {prose}"),
+        ("profile", "-d {code}:20q", "--data {code}:20q: ':20q' is neither a share"),
+        ("profile", "-d {code}:half", "--data {code}:half: ':half' is neither a share"),
+        ("profile", "-d {code} -d {code}:0.5", "--data {code}: given more than once"),
+        ("profile", "-d {missing}:0.5 -d {code}:0.5", "{missing}: data file not found"),
+        ("profile", "-d {code}:1M", "token counts add up to 1,000,000, more than the 128 tokens of --samples"),
+        ("profile", "-d {chat}", "{chat}: holds chat records ('messages'), but the model's tokenizer has no chat"),
+        ("profile", "-d {prose} --split-on lines", "--split-on 'lines': expected none or blank-lines"),
+        ("finetune", "-d {prose}:0.5 -d {code}:0.6", "--data: shares 0.5 + 0.6 add up to 1.1, more than 1"),
+        ("finetune", "-d {prose}:20q", "':20q' is neither a share"),
+        ("finetune", "-d {prose} -d {prose}", "given more than once"),
+        ("finetune", "-d {prose}:0.5 -d {missing}:0.5", "{missing}: data file not found"),
+        ("finetune", "-d {prose}:5k -d {code}", "token counts add up to 5,000, more than the 992 tokens of --tokens"),
+        ("finetune", "-d task:arc_easy", "--data task:NAME: finetune reads files and hub datasets"),
+        ("finetune", "-d {prose}:0.5 -d {code}:0.5 --split-on lines", "--split-on 'lines': expected none or"),
+        ("finetune", "-d {chat} -d {code} --format completion", "--format completion reads one JSONL file of records"),
+        ("finetune", "-d {chat}:1.0 --format chat", "--format chat reads one JSONL file of records"),
     ],
-)
-def test_bad_data_is_one_line_and_writes_nothing(tiny, files, tmp_path, data, message):
+)  # fmt: skip
+def test_bad_data_is_one_line_and_writes_nothing(command, data, message, tiny, files, tmp_path):
     names = {"code": files / "code.jsonl", "prose": files / "prose.txt", "chat": files / "chat.jsonl"}
     names["missing"] = tmp_path / "missing.jsonl"
     options = [word.format(**names) for word in data.split()]
-    result = profile_cli(str(tiny("mixtral")), *options, "--samples", "8", "--out", str(tmp_path / "s.npz"))
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
-    assert message.format(**names) in " ".join(result.output.split())
-    assert not (tmp_path / "s.npz").exists()
+    args = [command, str(tiny("mixtral")), *options, *SMALL[command], "--out", str(tmp_path / "out")]
+    assert_one_line_error(CliRunner().invoke(app, args), message.format(**names))
+    assert list(tmp_path.iterdir()) == []  # no output, no work folder, no temporary
 
 
 def test_eval_refuses_a_share_in_one_line(tiny, files):

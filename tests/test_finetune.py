@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import tensor_bytes
 from tiny_models import save_char_tokenizer
 from typer.testing import CliRunner
 
@@ -28,16 +28,6 @@ from moe_prune.training.state import work_folder
 
 DATA = str(DEMO_CALIBRATION)
 SMALL = dict(seq_len=64, batch_size=4, eval_tokens=0)  # 256 tokens per step on one process
-
-
-def tensors(folder: Path) -> dict[str, bytes]:
-    """Every tensor of a checkpoint folder as raw bytes, by name."""
-    out = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
-    return out
 
 
 def test_finetuning_a_pruned_demo_model_lowers_held_out_loss(pruned_demo, tmp_path):
@@ -63,7 +53,7 @@ def test_train_router_changes_only_router_tensors(tmp_path):
     out = tmp_path / "ft"
     finetune.run(DEMO_MODEL_DIR, DATA, out, FinetuneOptions(tokens=512, lr=1e-2, train=("router",), **SMALL))
     adapter = ModelConfig.load(DEMO_MODEL_DIR / "config.json").adapter
-    before, after = tensors(DEMO_MODEL_DIR), tensors(out)
+    before, after = tensor_bytes(DEMO_MODEL_DIR), tensor_bytes(out)
     assert before.keys() == after.keys()
     routers = {n for n in before if n.endswith(adapter.router)}
     assert len(routers) == 4
@@ -78,7 +68,7 @@ def test_router_warmup_trains_only_routers_for_its_steps(tmp_path):
     result = finetune.run(DEMO_MODEL_DIR, DATA, out, options)
     assert result.steps == 2 and result.warnings
     adapter = ModelConfig.load(DEMO_MODEL_DIR / "config.json").adapter
-    before, after = tensors(DEMO_MODEL_DIR), tensors(out)
+    before, after = tensor_bytes(DEMO_MODEL_DIR), tensor_bytes(out)
     changed = {n for n in before if before[n] != after[n]}
     assert changed == {n for n in before if n.endswith(adapter.router)}
 
@@ -101,7 +91,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path):
     assert not out.exists() and (work_folder(out) / "run.json").exists()
     result = finetune.run(DEMO_MODEL_DIR, DATA, out, FinetuneOptions(**{**saving.__dict__, "resume": True}))
     assert result.resumed_from == 2
-    assert tensors(out) == tensors(tmp_path / "whole")  # bit-identical: same data order, optimizer and RNG state
+    assert tensor_bytes(out) == tensor_bytes(tmp_path / "whole")  # bit-identical: same data order, optimizer, RNG
     assert not work_folder(out).exists()
 
 
@@ -196,8 +186,8 @@ def test_two_process_accelerate_run_writes_a_loadable_checkpoint(tmp_path, free_
     result = json.loads(done.stdout)  # only the main process prints
     assert result["processes"] == 2 and result["steps"] == 1024 // (2 * 2 * 64)
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert tensors(out).keys() == tensors(DEMO_MODEL_DIR).keys()
-    assert tensors(out) != tensors(DEMO_MODEL_DIR)
+    assert tensor_bytes(out).keys() == tensor_bytes(DEMO_MODEL_DIR).keys()
+    assert tensor_bytes(out) != tensor_bytes(DEMO_MODEL_DIR)
     assert model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()
 
 

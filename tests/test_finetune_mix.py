@@ -137,37 +137,6 @@ def test_resume_of_a_mix_is_refused_when_the_shares_or_split_on_change(tiny, fil
     assert result.resumed_from == 1 and not work_folder(out).exists()  # saved after step 1
 
 
-def _cli(*args: str):
-    return CliRunner().invoke(app, ["finetune", *args])
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        ("-d {prose}:0.5 -d {code}:0.6", "--data: shares 0.5 + 0.6 add up to 1.1, more than 1"),
-        ("-d {prose}:20q", "':20q' is neither a share"),
-        ("-d {prose} -d {prose}", "given more than once"),
-        ("-d {prose}:0.5 -d {missing}:0.5", "{missing}: data file not found"),
-        ("-d {prose}:5k -d {code}", "token counts add up to 5,000, more than the 992 tokens of --tokens in whole"),
-        ("-d task:arc_easy", "--data task:NAME: finetune reads files and hub datasets"),
-        ("-d {prose}:0.5 -d {code}:0.5 --split-on lines", "--split-on 'lines': expected none or blank-lines"),
-        ("-d {records} -d {code} --format completion", "--format completion reads one JSONL file of records"),
-        ("-d {records}:1.0 --format chat", "--format chat reads one JSONL file of records"),
-    ],
-)
-def test_bad_data_is_one_line_and_writes_nothing(tiny, files, tmp_path, data, message):
-    names = {"prose": files / "prose.txt", "code": files / "code.jsonl", "records": files / "records.jsonl"}
-    names["missing"] = tmp_path / "missing.jsonl"
-    options = [word.format(**names) for word in data.split()]
-    out = tmp_path / "ft"
-    small = ["--tokens", str(TOKENS), "--seq-len", str(SEQ), "--batch-size", "2", "--eval-tokens", "0"]
-    result = _cli(str(tiny("mixtral")), *options, *small, "--out", str(out))
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
-    assert message.format(**names) in " ".join(result.output.split())
-    assert not out.exists() and not work_folder(out).exists()
-
-
 def test_lottery_finetunes_on_its_mix_and_records_both_sources(tiny, files, tmp_path):
     folder = tiny("mixtral")
     data = [f"{files / 'prose.txt'}:0.5", f"{files / 'code.jsonl'}:0.5"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import checkpoint_tensors
 from tiny_models import save_char_tokenizer
 from typer.testing import CliRunner
 
@@ -76,15 +76,8 @@ def temporaries(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.tmp-*"))
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        found.update(load_file(shard))
-    return found
-
-
 def assert_same_checkpoint(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys()
     for name in ta:
         assert torch.equal(ta[name], tb[name]), name

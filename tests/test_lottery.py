@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import tensor_bytes
 from typer.testing import CliRunner
 
 from moe_prune.artifacts.mask import DropMask
@@ -33,25 +33,8 @@ CLI_SMALL = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def invoke(*args: str):
     return CliRunner().invoke(app, ["lottery", *args])
-
-
-def tensors(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
-    return out
 
 
 def masks(folder: Path) -> dict[str, dict[int, tuple[int, ...]]]:
@@ -162,7 +145,7 @@ def test_one_shot_finetuned_has_one_shots_mask_and_the_lotterys_tokens(compared)
     assert [h["stage"] for h in own] == ["prune", "finetune"] and own[-1]["tokens"] == lottery_tokens
     assert masks(out / CONTROL) == masks(out / "one-shot")
     assert dropped_by_manifest(final) == dropped_by_manifest(out / "one-shot" / "round-01" / "pruned")
-    assert tensors(final) != tensors(out / "one-shot" / "round-01" / "pruned")  # it did train
+    assert tensor_bytes(final) != tensor_bytes(out / "one-shot" / "round-01" / "pruned")  # it did train
     model = AutoModelForCausalLM.from_pretrained(final)  # stock transformers
     assert model.config.num_local_experts == 4
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits).all()
@@ -190,7 +173,7 @@ def test_one_shot_finetuned_resumes_and_retrains_the_same_weights(compared, tmp_
     assert calls == [4096 + 8192] and result.resumed
     assert [m.rounds[0].reused for m in result.methods.values()] == [True, True, True, False]
     final = out / CONTROL / "round-01" / "finetuned"
-    assert tensors(final) == tensors(Path(report["methods"][CONTROL]["final"]))  # CPU, one thread
+    assert tensor_bytes(final) == tensor_bytes(Path(report["methods"][CONTROL]["final"]))  # CPU, one thread
 
 
 BAD = [
@@ -278,7 +261,7 @@ def test_interrupted_run_resumes_without_redoing_round_one(compared, tmp_path, m
     assert result.resumed and [r.reused for r in result.methods["lottery"].rounds] == [True, False]
     assert masks(out) == masks(compare_out / "lottery")
     final = out / "round-02" / "finetuned"
-    assert tensors(final) == tensors(compare_out / "lottery" / "round-02" / "finetuned")  # CPU, one thread
+    assert tensor_bytes(final) == tensor_bytes(compare_out / "lottery" / "round-02" / "finetuned")  # CPU, one thread
 
 
 def test_recipe_reproduces_the_masks_and_refuses_changed_inputs(tmp_path):

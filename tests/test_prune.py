@@ -9,6 +9,7 @@ import struct
 
 import pytest
 import torch
+from helpers import checkpoint_tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_adapters import random_keep
@@ -26,14 +27,6 @@ runner = CliRunner()
 
 def folder_digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def all_tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in Checkpoint.open(folder).shard_files:
-        with safe_open(shard, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
 
 
 @pytest.fixture
@@ -56,7 +49,7 @@ def test_keep_everything_is_tensor_identical_and_input_untouched(mixtral, tmp_pa
     ckpt = Checkpoint.open(folder)
     keep = {layer: list(ids) for layer, ids in ckpt.identity.original_ids.items()}
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
-    src, out = all_tensors(folder), all_tensors(tmp_path / "out")
+    src, out = checkpoint_tensors(folder), checkpoint_tensors(tmp_path / "out")
     assert src.keys() == out.keys()
     assert all(torch.equal(src[k], out[k]) for k in src)
     assert folder_digest(folder) == before
@@ -74,7 +67,7 @@ def test_resharding_many_shards_in_other_size_out(mixtral, tmp_path):
     assert 1 < len(result.shards) < len(list(sharded.glob("*.safetensors")))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(result.shards)
-    src, dst = all_tensors(sharded), all_tensors(out)
+    src, dst = checkpoint_tensors(sharded), checkpoint_tensors(out)
     assert src.keys() == dst.keys() == set(index["weight_map"])
     assert all(torch.equal(src[k], dst[k]) for k in src)
     for shard in result.shards:
@@ -96,7 +89,7 @@ def test_companion_tensors_travel_with_their_expert_untouched(mixtral, tmp_path)
     ckpt = Checkpoint.open(folder)
     keep = random_keep(ckpt, 3, seed=5)
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
-    out = all_tensors(tmp_path / "out")
+    out = checkpoint_tensors(tmp_path / "out")
     for new, orig in enumerate(keep[0]):
         assert torch.equal(
             out[f"model.layers.0.block_sparse_moe.experts.{new}.w1.weight_scale_inv"], torch.full((2, 2), float(orig))
@@ -229,7 +222,7 @@ def test_wrapper_prefix_does_not_matter(mixtral, tmp_path):
     ckpt = Checkpoint.open(folder)
     keep = random_keep(ckpt, 4, seed=7)
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
-    out = all_tensors(tmp_path / "out")
+    out = checkpoint_tensors(tmp_path / "out")
     router = "language_model.model.layers.2.block_sparse_moe.gate.weight"
     assert torch.equal(out[router], tensors[router][keep[2]])
     for new, orig in enumerate(keep[2]):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import checkpoint_tensors
 from safetensors.torch import load_file, save_file
 from tiny_models import save_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
@@ -243,14 +243,6 @@ def calibration(tmp_path_factory) -> Path:
     return path
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in Checkpoint.open(folder).shard_files:
-        with safe_open(shard, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
-
-
 def _stats(ckpt: Checkpoint, seed: int = 0, tokens: int = 300) -> Stats:
     """Profile-like statistics from random router logits (same arrays for the same seed)."""
     rng = np.random.default_rng(seed)
@@ -269,7 +261,7 @@ def _stats(ckpt: Checkpoint, seed: int = 0, tokens: int = 300) -> Stats:
 def test_read_float_equals_independent_dequantization(family, quantized):
     folder, plain = quantized(family)
     ckpt = Checkpoint.open(folder)
-    want = _tensors(plain)
+    want = checkpoint_tensors(plain)
     stored = group(ckpt.tensors, Quantization.from_config(ckpt.config.raw))
     assert sum(s.quantized for s in stored) >= 4
     assert {s.name for s in stored} == set(want)
@@ -427,7 +419,11 @@ def test_merged_quantized_experts_equal_float_merge_up_to_quantization(family, q
     merge.run(plain, _stats(Checkpoint.open(plain)), tmp_path / "f", keep)
     out_ckpt = Checkpoint.open(tmp_path / "q")
     assert out_ckpt.config.raw["quantization_config"] == ckpt.config.raw["quantization_config"]
-    source, out, float_out = _tensors(folder), _tensors(tmp_path / "q"), _tensors(tmp_path / "f")
+    source, out, float_out = (
+        checkpoint_tensors(folder),
+        checkpoint_tensors(tmp_path / "q"),
+        checkpoint_tensors(tmp_path / "f"),
+    )
     assert {k: v.dtype for k, v in out.items() if k in source} == {k: source[k].dtype for k in out if k in source}
     stored = group(out_ckpt.tensors, Quantization.from_config(out_ckpt.config.raw))
     merged_experts = untouched = 0
@@ -537,7 +533,7 @@ def test_finetune_writes_dequantized_checkpoint(quantized, calibration, tmp_path
     assert any("quantized" in w and "dequantized" in w for w in result.warnings), result.warnings
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert "quantization_config" not in config
-    assert all(v.dtype != torch.float8_e4m3fn for v in _tensors(tmp_path / "ft").values())
+    assert all(v.dtype != torch.float8_e4m3fn for v in checkpoint_tensors(tmp_path / "ft").values())
     load_model(tmp_path / "ft")
 
 
@@ -548,7 +544,7 @@ def test_fp8_scales_moe_prune_cannot_read_are_refused(quantized, tmp_path):
     shutil.copytree(folder, copy)
     state = {
         k: (v.log2().round() + 127).to(torch.uint8) if k.endswith("_scale_inv") else v
-        for k, v in _tensors(copy).items()
+        for k, v in checkpoint_tensors(copy).items()
     }
     save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MoePruneError, match="FP8 scales of dtype U8"):

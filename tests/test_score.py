@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -405,9 +406,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_factory, tmp_path, ar
     path = _save(stats, tmp_path / "stats.npz")
     out = tmp_path / "mask.json"
     result = runner.invoke(app, ["score", path, *args, "--out", str(out)])
-    assert result.exit_code == 1
-    assert message in result.output and "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_one_line_error(result, message)
     assert not out.exists()
 
 

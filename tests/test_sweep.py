@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from moe_prune.checkpoint.source import Checkpoint
@@ -395,6 +396,5 @@ BAD = [
 def test_bad_options_are_one_line_and_write_nothing(args, message, stats_file, tmp_path):
     out = tmp_path / "run"
     result = invoke("sweep", "--stats", str(stats_file), *args, "-o", str(out))
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
-    assert message in result.output and not out.exists()
+    assert_one_line_error(result, message)
+    assert not out.exists()

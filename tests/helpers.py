@@ -1,0 +1,31 @@
+"""Small checks several test modules share (the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def checkpoint_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder by name, read straight from its shards (not through moe-prune)."""
+    found: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        found.update(load_file(shard))
+    return found
+
+
+def tensor_bytes(folder: str | Path) -> dict[str, bytes]:
+    """Every tensor's raw bytes by name: equal bytes mean an unchanged tensor, whatever its dtype."""
+    return {
+        name: tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        for name, tensor in checkpoint_tensors(folder).items()
+    }
+
+
+def assert_one_line_error(result, message: str) -> None:
+    """A CLI refusal: exit 1 and one line starting `error:` that holds `message` (white space folded)."""
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in " ".join(result.output.split()), result.output
