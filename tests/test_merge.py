@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import checkpoint_tensors
 from tiny_models import TINY
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -286,14 +286,6 @@ def test_layer_counts_skip_and_overrides():
 # --- every adapter, layouts, router rules, manifest -------------------------------------------------------------
 
 
-def read_all(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in Checkpoint.open(folder).shard_files:
-        with safe_open(shard, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
-
-
 def load_stock(folder):
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
@@ -313,7 +305,7 @@ def test_merge_to_half_reloads_in_stock_transformers(model_type, tiny_factory, t
     with torch.no_grad():
         logits = model(torch.randint(0, 100, (1, 9))).logits
     assert torch.isfinite(logits).all()
-    before, after = read_all(folder), read_all(tmp_path / "half")
+    before, after = checkpoint_tensors(folder), checkpoint_tensors(tmp_path / "half")
     matcher = KeyMatcher(adapter)
     routers = [name for name in after if matcher.is_router(name) is not None]
     assert len(routers) == len(ckpt.config.moe_layers)
@@ -350,7 +342,7 @@ def test_method_prune_equals_the_prune_stage(tiny_factory, tmp_path):
         for i, layer in enumerate(ckpt.identity.moe_layers)
     }
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "prune")
-    a, b = read_all(tmp_path / "merge"), read_all(tmp_path / "prune")
+    a, b = checkpoint_tensors(tmp_path / "merge"), checkpoint_tensors(tmp_path / "prune")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert Checkpoint.open(tmp_path / "merge").identity.original_ids == {k: tuple(v) for k, v in keep.items()}
 
@@ -361,10 +353,10 @@ def test_router_average_and_reinit(model_type, tiny_factory, tmp_path):
     ckpt = Checkpoint.open(folder)
     adapter = ckpt.config.adapter
     matcher = KeyMatcher(adapter)
-    before = read_all(folder)
+    before = checkpoint_tensors(folder)
     merge.run(folder, synthetic_stats(ckpt), tmp_path / "avg", 4, router="average")
     merge.run(folder, synthetic_stats(ckpt), tmp_path / "new", 4, router="reinit", seed=3)
-    avg, new = read_all(tmp_path / "avg"), read_all(tmp_path / "new")
+    avg, new = checkpoint_tensors(tmp_path / "avg"), checkpoint_tensors(tmp_path / "new")
     manifest = Manifest.read(tmp_path / "avg")
     checked = 0
     for name in before:
@@ -502,7 +494,7 @@ def test_skip_layers_give_a_ragged_checkpoint_that_loads_with_its_model_code(tin
 def test_quantised_experts_are_refused(tiny_factory, tmp_path):
     folder, _ = tiny_factory("mixtral")
     half = tmp_path / "fp8"
-    state = {k: v.to(torch.float8_e4m3fn) if ".experts." in k else v for k, v in read_all(folder).items()}
+    state = {k: v.to(torch.float8_e4m3fn) if ".experts." in k else v for k, v in checkpoint_tensors(folder).items()}
     half.mkdir()
     from safetensors.torch import save_file
 
