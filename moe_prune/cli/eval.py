@@ -88,12 +88,21 @@ def evaluate(
         bool, typer.Option("--perplexity/--no-perplexity", help="Also measure perplexity, sizes and expert load.")
     ] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --log-samples file.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="transformers, or vllm: perplexity from vLLM's prompt log-probs on the same token windows and "
+            "--tasks through lm-eval's vLLM backend (needs vLLM installed; no expert load)."
+        ),
+    ] = "transformers",
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
+    from moe_prune.runtime.vllm_engine import check_engine
     from moe_prune.stages import evaluate as stage
 
     device = parse_device_map(device_map, device)
+    check_engine(engine, device)  # a missing vLLM is one line before any task or data is read
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     task_result = None
     inputs = _local_inputs((model, baseline, data, include_path))  # never replaced by --log-samples
@@ -118,6 +127,7 @@ def evaluate(
             device,
             trust_remote_code,
             columns,
+            engine,
         )
         if not perplexity:
             _report_tasks(task_result, json_output, None, (log_samples, force, inputs))
@@ -142,6 +152,7 @@ def evaluate(
             dtype=dtype,
             device=device,
             trust_remote_code=trust_remote_code,
+            engine=engine,
         )
     finally:
         bar.stop()
@@ -159,7 +170,8 @@ def evaluate(
 def _print_perplexity(result: EvalResult) -> None:
     m, b = result.model, result.baseline
     out_console.print(
-        f"[bold]{m.model}[/] on {result.data}: {m.sequences} sequences × {m.seq_len} tokens", highlight=False
+        f"[bold]{m.model}[/] on {result.data}: {m.sequences} sequences × {m.seq_len} tokens, engine {m.engine}",
+        highlight=False,
     )
     if b is not None:
         out_console.print(f"baseline: [bold]{b.model}[/]", highlight=False)
@@ -167,6 +179,9 @@ def _print_perplexity(result: EvalResult) -> None:
     out_console.print(
         "FLOPs/token ≈ 2 × active matmul params (input embedding excluded, attention scores ignored)", style="dim"
     )
+    if not m.load:  # vLLM's fused-MoE kernels expose no routing
+        out_console.print(f"expert load: not recorded by engine {m.engine} (--engine transformers records it)")
+        return
     out_console.print(load_table(m))
     out_console.print("max/mean 1.00 and entropy (H/log E) 1.000 mean a perfectly even load", style="dim")
 
@@ -184,13 +199,22 @@ def _run_tasks(
     device: str,
     trust_remote_code: bool,
     columns: tuple[Any, ...],
+    engine: str,
 ) -> TasksResult:
     """Task accuracy first: a wrong task name or task file fails before any perplexity work."""
     from moe_prune.stages import tasks as stage
 
     stage.require_lm_eval()
     settings = stage.TaskSettings(
-        stage.parse_tasks(spec), num_fewshot, limit, include_path, batch_size, dtype, device, trust_remote_code
+        stage.parse_tasks(spec),
+        num_fewshot,
+        limit,
+        include_path,
+        batch_size,
+        dtype,
+        device,
+        trust_remote_code,
+        engine=engine,
     )
     stage.validate(settings)
     with LazyBar(*columns) as bar:
@@ -244,7 +268,7 @@ def _report_tasks(
         out_console.print(table)
     config = tasks.model.config
     out_console.print(
-        f"lm-eval {config.get('lm_eval_version')} · limit {config.get('limit')} · "
+        f"lm-eval {config.get('lm_eval_version')} · engine {config.get('engine')} · limit {config.get('limit')} · "
         f"few-shot {config.get('num_fewshot') if config.get('num_fewshot') is not None else 'task default'} · "
         f"seed {config['seeds']['random_seed']}",
         style="dim",

@@ -29,9 +29,17 @@ import torch
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime import vllm_engine
 from moe_prune.runtime.chat import render
 from moe_prune.runtime.data import Document, clip_seq_len, fixed_chunks, load_documents, token_stream
-from moe_prune.runtime.loading import input_device, load_model, load_tokenizer, memory_bytes, parse_dtype
+from moe_prune.runtime.loading import (
+    input_device,
+    load_model,
+    load_tokenizer,
+    memory_bytes,
+    model_skeleton,
+    parse_dtype,
+)
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
 from moe_prune.runtime.sources import parse_source
 from moe_prune.training.losses import token_cross_entropy
@@ -74,6 +82,7 @@ class ModelEval:
     """Everything `eval` measures for one model."""
 
     model: str
+    engine: str  # what computed the perplexity: transformers, or vllm (prompt log-probs; no expert load)
     model_type: str
     experts_per_layer: int
     top_k: int
@@ -87,7 +96,7 @@ class ModelEval:
     params: ParamCounts
     bytes_on_disk: int
     bytes_in_memory: int
-    load: list[LayerLoad]
+    load: list[LayerLoad]  # empty under --engine vllm: its fused kernels expose no routing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +169,10 @@ def count_params(ckpt: Checkpoint, model: Any) -> ParamCounts:
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_weight = head.weight if head is not None else None
-    tied = head_weight is not None and head_weight.data_ptr() == embedding.data_ptr()
+    # identity: a model built on the meta device (--engine vllm counts on one) has no data pointers to compare
+    tied = head_weight is not None and (
+        head_weight is embedding or (embedding.device.type != "meta" and head_weight.data_ptr() == embedding.data_ptr())
+    )
     used = sum(
         Fraction(n * config.top_k_in_layer(layer), config.experts_in_layer(layer)) for layer, n in per_layer.items()
     )  # per layer: ragged checkpoints differ in experts (and top-k) per layer
@@ -170,14 +182,22 @@ def count_params(ckpt: Checkpoint, model: Any) -> ParamCounts:
     return ParamCounts(total, routed, total - routed, embedding.numel(), head_numel, tied, active, 2 * matmul)
 
 
+def non_finite(source: str | Path) -> MoePruneError:
+    """A NaN/Inf loss, from either engine: a NaN perplexity is not a result. The loss is checked, not every
+    logit: a NaN anywhere reaches it."""
+    return MoePruneError(
+        f"{source}: the model produces non-finite logits (NaN or Inf) on the evaluation data, so its "
+        "perplexity is undefined (NaN/Inf in its weights, or overflow in this dtype)"
+    )
+
+
 @torch.inference_mode()
 def nll_sum(
     model: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callable[[int], None], source: str | Path = "model"
 ) -> tuple[float, int]:
     """(summed next-token NLL, number of predictions) over `chunks`, accumulated in float64.
 
-    A batch whose loss is not finite (NaN/Inf logits) is refused, naming `source` (the model folder): a NaN
-    perplexity is not a result. The loss is checked, not every logit: a NaN anywhere reaches it.
+    A batch whose loss is not finite (NaN/Inf logits) is refused, naming `source` (the model folder).
     """
     device = input_device(model)
     total, count = 0.0, 0
@@ -185,10 +205,7 @@ def nll_sum(
         batch = chunks[start : start + batch_size].to(device)
         loss = float(token_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch, "sum"))
         if not math.isfinite(loss):
-            raise MoePruneError(
-                f"{source}: the model produces non-finite logits (NaN or Inf) on the evaluation data, so its "
-                "perplexity is undefined (NaN/Inf in its weights, or overflow in this dtype)"
-            )
+            raise non_finite(source)
         total += loss
         count += batch[:, 1:].numel()
         on_batch(done)
@@ -222,6 +239,7 @@ class Settings:
     dtype: str
     device: str
     trust_remote_code: bool
+    engine: str = "transformers"
 
 
 def evaluate_model(
@@ -233,10 +251,17 @@ def evaluate_model(
     progress: ProgressFn,
     source: str = "data",
 ) -> tuple[ModelEval, torch.Tensor, list[str]]:
-    """Load one model, score `texts`, count its routing; returns the evaluation, the chunks scored, warnings."""
+    """Load one model, score `texts`, count its routing; returns the evaluation, the chunks scored, warnings.
+
+    Under --engine vllm the transformers model is built on the meta device only (context, parameter and
+    memory counts) and vLLM scores the same windows.
+    """
     config = ckpt.config
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
-    model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
+    if settings.engine == "vllm":
+        model = meta_model(ckpt, settings.dtype, settings.trust_remote_code)
+    else:
+        model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
     used_len = clip_seq_len(settings.seq_len, model.config)
     warnings = []
     if used_len < settings.seq_len:
@@ -245,13 +270,11 @@ def evaluate_model(
     chunks = fixed_chunks(stream, used_len, settings.max_tokens, source=source)
     batches = math.ceil(len(chunks) / settings.batch_size)
     progress(label, 0, batches)
-    with RoutingRecorder(model, config) as recorder:
-        nll, scored = nll_sum(
-            model, chunks, settings.batch_size, lambda done: progress(label, done, batches), ckpt.folder
-        )
+    nll, scored, load = _score(model, ckpt, chunks, settings, lambda done: progress(label, done, batches))
     mean = nll / scored
     result = ModelEval(
         model=name,
+        engine=settings.engine,
         model_type=config.model_type,
         experts_per_layer=config.num_experts,
         top_k=config.top_k,
@@ -265,9 +288,34 @@ def evaluate_model(
         params=count_params(ckpt, model),
         bytes_on_disk=ckpt.total_bytes(),
         bytes_in_memory=memory_bytes(model),
-        load=_layer_loads(recorder, ckpt.identity.original_ids),
+        load=load,
     )
     return result, chunks, warnings
+
+
+def meta_model(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> Any:
+    """The model on the meta device, its head tied as from_pretrained ties it: what --engine vllm counts
+    parameters, memory and context on (vLLM holds the weights)."""
+    model = model_skeleton(ckpt, dtype, trust_remote_code)[0]
+    model.tie_weights()
+    return model
+
+
+def _score(
+    model: Any, ckpt: Checkpoint, chunks: torch.Tensor, settings: Settings, on_batch: Callable[[int], None]
+) -> tuple[float, int, list[LayerLoad]]:
+    """(summed NLL, predictions, expert load) of `chunks` by the settings' engine (vLLM records no load)."""
+    if settings.engine == "vllm":
+        used_len = chunks.shape[1]
+        past_context = clip_seq_len(used_len + 1, model.config) <= used_len
+        with vllm_engine.served(ckpt.folder, settings.dtype, used_len, settings.trust_remote_code, past_context) as llm:
+            nll, scored = vllm_engine.nll_sum(llm, chunks, settings.batch_size, on_batch)
+        if not math.isfinite(nll):
+            raise non_finite(ckpt.folder)
+        return nll, scored, []
+    with RoutingRecorder(model, ckpt.config) as recorder:
+        nll, scored = nll_sum(model, chunks, settings.batch_size, on_batch, ckpt.folder)
+    return nll, scored, _layer_loads(recorder, ckpt.identity.original_ids)
 
 
 def run(
@@ -285,8 +333,10 @@ def run(
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    engine: str = "transformers",
 ) -> EvalResult:
-    """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data`."""
+    """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data` with `engine`."""
+    vllm_engine.check_engine(engine, device)
     if seq_len < 2:
         raise MoePruneError(f"sequence length must be at least 2 (got {seq_len})")
     if batch_size < 1:
@@ -299,7 +349,7 @@ def run(
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), _open(baseline))
     texts = heldout_documents(data, text_field, split, max_tokens, split_on)
-    settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code)
+    settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine)
     report = progress or (lambda label, done, total: None)
     evals = {
         label: evaluate_model(name, ckpt, label, texts, settings, report, data)

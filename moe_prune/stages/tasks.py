@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import json
 import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_prune.demo import DEMO_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.stages.task_models import TaskProgressFn, task_lm
 
 DEMO_TASKS_DIR: Path = DEMO_DIR / "tasks"
 INSTALL_HINT = "task evaluation needs lm-evaluation-harness: pip install 'moe-prune[tasks]' (or lm-eval==0.4.13)"
-# progress(label, requests_done, requests_total, kind): kind is lm-eval's request type.
-TaskProgressFn = Callable[[str, int, int, str], None]
 _OFFLINE_ERRORS = ("ConnectionError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "DatasetNotFoundError")
 
 
@@ -55,6 +55,7 @@ class TaskSettings:
     device: str = "cpu"
     trust_remote_code: bool = False
     seed: int = 0
+    engine: str = "transformers"  # or vllm: lm-eval's vLLM backend (`task_models.task_lm`)
 
 
 @dataclass
@@ -395,84 +396,18 @@ def _render_all(task: Any) -> None:
                 raise
 
 
-def special_token_ids(model: Any, tokenizer: Any, folder: Path) -> tuple[int, int]:
-    """(prefix, end-of-text) token ids for lm-eval: HFLM's own rule (prefix BOS else EOS, end EOS) on the
-    tokenizer, then on the model's config when the tokenizer names neither (a crash inside lm-eval before).
-
-    The config's ids are the ones the model was trained with; with none anywhere the model is refused.
-    """
-    sources = (tokenizer, model.config, getattr(model, "generation_config", None))
-
-    def ids(name: str) -> list[int]:
-        found = [getattr(source, f"{name}_token_id", None) for source in sources]
-        found = [value[0] if isinstance(value, (list, tuple)) and value else value for value in found]
-        return [value for value in found if isinstance(value, int)]
-
-    bos, eos = ids("bos"), ids("eos")
-    prefix = [value for value in (tokenizer.bos_token_id, tokenizer.eos_token_id, *bos, *eos) if value is not None]
-    if not prefix:
-        raise MoePruneError(
-            f"{folder}: neither the tokenizer nor config.json names a BOS or EOS token; lm-eval needs one to "
-            "score a context's first token"
-        )
-    return prefix[0], (eos or prefix)[0]
-
-
-def _reporting_lm(
-    model: Any, tokenizer: Any, batch_size: int, label: str, progress: TaskProgressFn, folder: Path
-) -> Any:
-    """HFLM over moe-prune's loaded model that reports each finished request to `progress`."""
-    from lm_eval.api.model import CacheHook
-    from lm_eval.models.huggingface import HFLM
-
-    state = {"done": 0, "total": 0, "kind": ""}
-
-    class Hook(CacheHook):
-        """lm-eval calls `add_partial` once per answered request: a free request counter."""
-
-        def __init__(self) -> None:
-            super().__init__(None)
-
-        def add_partial(self, attr: str, req: Any, res: Any) -> None:
-            state["done"] = min(state["done"] + 1, state["total"])
-            progress(label, state["done"], state["total"], state["kind"])
-
-    prefix, end = special_token_ids(model, tokenizer, folder)
-
-    class ReportingHFLM(HFLM):
-        @property
-        def eot_token_id(self) -> int:
-            return end
-
-        def _start(self, kind: str, total: int) -> None:
-            state.update(done=0, total=total, kind=kind)
-            progress(label, 0, total, kind)
-
-        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            self._start("loglikelihood", len(requests))
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            self._start("generate_until", len(requests))
-            return super().generate_until(requests, disable_tqdm=True)
-
-    lm = ReportingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix)
-    lm.set_cache_hook(Hook())
-    return lm
-
-
 def evaluate_tasks(
     name: str, folder: Path, label: str, manager: Any, settings: TaskSettings, progress: TaskProgressFn
 ) -> ModelTasks:
-    """Load one model the moe-prune way and run lm-eval's `simple_evaluate` on the built tasks."""
+    """Load one model the moe-prune way (or serve it in vLLM) and run lm-eval's `simple_evaluate` on the built
+    tasks."""
     from lm_eval import simple_evaluate
 
-    from moe_prune.runtime.loading import load_model, load_tokenizer, opened
+    from moe_prune.runtime.loading import opened
 
     ckpt = opened(folder)  # headers read and validated once for the tokenizer and the model
-    tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
-    model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
-    lm = _reporting_lm(model, tokenizer, settings.batch_size, label, progress, ckpt.folder)
+    s = settings
+    lm = task_lm(ckpt, s.engine, (s.dtype, s.device, s.batch_size, s.trust_remote_code, s.seed), label, progress)
     seeds = {"random_seed": settings.seed, "numpy_random_seed": settings.seed, "torch_random_seed": settings.seed}
     with sandboxed_templates(settings.trust_remote_code):
         out = simple_evaluate(
@@ -486,6 +421,8 @@ def evaluate_tasks(
             fewshot_random_seed=settings.seed,
             **seeds,
         )
+    del lm  # one model in memory at a time: vLLM's engine is shut down before the baseline's starts
+    gc.collect()
     config = plain(out.get("config", {}))
     config.update(
         model=name,
@@ -495,6 +432,7 @@ def evaluate_tasks(
         lm_eval_version=_lm_eval_version(),
         dtype=settings.dtype,
         device=settings.device,
+        engine=settings.engine,
     )
     config.pop("model_args", None)
     return ModelTasks(
@@ -537,6 +475,9 @@ def parse_tasks(spec: str) -> list[str]:
 
 def validate(settings: TaskSettings) -> None:
     """Every argument check that needs neither lm-eval's registry nor a model."""
+    from moe_prune.runtime.vllm_engine import check_engine
+
+    check_engine(settings.engine, settings.device)
     if settings.limit is not None and settings.limit < 1:
         raise MoePruneError(f"--limit must be at least 1 (got {settings.limit})")
     if settings.num_fewshot is not None and settings.num_fewshot < 0:
