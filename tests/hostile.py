@@ -115,6 +115,26 @@ COMMANDS: dict[str, Callable[[Workspace], list[str]]] = {
         "--out",
         str(ws.out),
     ],
+    "allocate": lambda ws: [
+        "allocate",
+        str(ws.model),
+        "--stats",
+        str(ws.stats),
+        "--criterion",
+        "usage-frequency",
+        "--ratio",
+        "0.25",
+        "--data",
+        str(ws.data),
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--budget-evals",
+        "3",
+        "--out",
+        str(ws.out),
+    ],
     "score-weights": lambda ws: [
         "score",
         str(ws.stats),
@@ -219,11 +239,22 @@ COMMANDS: dict[str, Callable[[Workspace], list[str]]] = {
     ],
 }
 # Commands grouped by the kind of input they read.
-MODEL_READERS = ("prune", "merge", "score-weights", "profile", "sequential", "eval", "finetune", "sweep", "lottery")
-LOADERS = ("profile", "sequential", "eval", "finetune", "sweep", "lottery")  # run the model's forward pass
-STATS_READERS = ("score", "merge", "combine", "sweep")
+MODEL_READERS = (
+    "prune",
+    "merge",
+    "score-weights",
+    "profile",
+    "sequential",
+    "eval",
+    "finetune",
+    "sweep",
+    "lottery",
+    "allocate",
+)
+LOADERS = ("profile", "sequential", "eval", "finetune", "sweep", "lottery", "allocate")  # run the model's forward pass
+STATS_READERS = ("score", "merge", "combine", "sweep", "allocate")
 MASK_READERS = ("prune",)
-DATA_READERS = ("profile", "eval", "finetune", "sweep", "lottery")
+DATA_READERS = ("profile", "eval", "finetune", "sweep", "lottery", "allocate")
 
 
 @dataclass(frozen=True)
@@ -288,13 +319,13 @@ def _nothing(ws: Workspace) -> None:
     """The inputs stay good; the damage is in the arguments."""
 
 
-WRITERS = ("prune", "merge", "score", "profile", "combine", "finetune")
+WRITERS = ("prune", "merge", "score", "profile", "combine", "finetune", "allocate")
 for _name, _target, _commands in (
     ("out-is-the-model", "{model}", ("prune", "merge", "finetune", "profile")),
     ("out-inside-the-model", "{model}/sub", ("prune", "merge", "finetune", "profile")),
-    ("out-holds-the-inputs", "{root}", ("prune", "merge", "finetune", "score", "profile", "combine")),
-    ("out-is-the-statistics", "{stats}", ("score", "combine", "merge")),
-    ("out-is-the-data", "{data}", ("profile", "finetune")),
+    ("out-holds-the-inputs", "{root}", ("prune", "merge", "finetune", "score", "profile", "combine", "allocate")),
+    ("out-is-the-statistics", "{stats}", ("score", "combine", "merge", "allocate")),
+    ("out-is-the-data", "{data}", ("profile", "finetune", "allocate")),
     ("out-is-the-mask", "{mask}", ("prune",)),
 ):
     hostile(_name, _commands, "input", extra=("--out", _target, "--force"))(_nothing)

@@ -14,7 +14,7 @@ import stat
 from hostile import Workspace, _nothing, hostile
 
 FOLDER_WRITERS = ("prune", "merge", "finetune", "sweep", "lottery")
-FILE_WRITERS = ("score", "profile", "combine")
+FILE_WRITERS = ("score", "profile", "combine", "allocate")
 
 
 def _device(ws: Workspace) -> None:

@@ -62,6 +62,6 @@ for _name, (_field, _value) in TOKENIZER_FIELDS.items():
     hostile(f"tokenizer-{_name}", LOADERS, "tokenizer_config.json")(_tokenizer_field(_field, _value))
 
 
-SEEDED = ("profile", "sequential", "score", "score-weights", "merge", "finetune", "sweep", "lottery")
+SEEDED = ("profile", "sequential", "score", "score-weights", "merge", "finetune", "sweep", "lottery", "allocate")
 for _name, _seed in (("negative", "-1"), ("past-int64", str(2**64))):
     hostile(f"seed-{_name}", SEEDED, "--seed", extra=("--seed", _seed))(_nothing)

@@ -27,6 +27,7 @@ from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.loading import code_decision
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.registry import Inputs, evaluate
 from moe_prune.scoring.selection import Budget
@@ -100,6 +101,7 @@ def allocate(
     stats_name = str(stats)
     loaded = Stats.load(Path(stats))
     ckpt = Checkpoint.open(model)
+    code_decision(ckpt, calibration.trust_remote_code)  # refuses checkpoint code before any work
     identity = _identity(crit, loaded, ckpt, stats_name)
     config = ckpt.config
     layers = _layers(config, identity.moe_layers, skip_layers)
