@@ -98,8 +98,8 @@ def evaluate(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from moe_prune.runtime.vllm_engine import check_engine
     from moe_prune.stages import evaluate as stage
+    from moe_prune.stages.evaluate import check_engine
 
     device = parse_device_map(device_map, device)
     check_engine(engine, device)  # a missing vLLM is one line before any task or data is read

@@ -42,7 +42,9 @@ from moe_prune.runtime.loading import (
 )
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
 from moe_prune.runtime.sources import parse_source
-from moe_prune.training.losses import token_cross_entropy
+from moe_prune.runtime.vllm_engine import check_engine as check_engine
+from moe_prune.training.nll import nll_sum as one_nll_sum
+from moe_prune.training.nll import non_finite
 
 # progress(label, batches_done, batches_total): called before the first batch and after each one.
 ProgressFn = Callable[[str, int, int], None]
@@ -182,34 +184,16 @@ def count_params(ckpt: Checkpoint, model: Any) -> ParamCounts:
     return ParamCounts(total, routed, total - routed, embedding.numel(), head_numel, tied, active, 2 * matmul)
 
 
-def non_finite(source: str | Path) -> MoePruneError:
-    """A NaN/Inf loss, from either engine: a NaN perplexity is not a result. The loss is checked, not every
-    logit: a NaN anywhere reaches it."""
-    return MoePruneError(
-        f"{source}: the model produces non-finite logits (NaN or Inf) on the evaluation data, so its "
-        "perplexity is undefined (NaN/Inf in its weights, or overflow in this dtype)"
-    )
-
-
 @torch.inference_mode()
 def nll_sum(
     model: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callable[[int], None], source: str | Path = "model"
 ) -> tuple[float, int]:
-    """(summed next-token NLL, number of predictions) over `chunks`, accumulated in float64.
+    """(summed next-token NLL, number of predictions) over `chunks`, through the one loop (`training.nll`).
 
     A batch whose loss is not finite (NaN/Inf logits) is refused, naming `source` (the model folder).
     """
-    device = input_device(model)
-    total, count = 0.0, 0
-    for done, start in enumerate(range(0, len(chunks), batch_size), 1):
-        batch = chunks[start : start + batch_size].to(device)
-        loss = float(token_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch, "sum"))
-        if not math.isfinite(loss):
-            raise non_finite(source)
-        total += loss
-        count += batch[:, 1:].numel()
-        on_batch(done)
-    return total, count
+    batches = ((batch, batch, batch[:, 1:].numel()) for batch in chunks.split(batch_size))
+    return one_nll_sum(model, batches, input_device(model), source, on_batch)
 
 
 def _layer_loads(recorder: RoutingRecorder, original_ids: dict[int, tuple[int, ...]]) -> list[LayerLoad]:
