@@ -25,7 +25,7 @@ from moe_prune.cli.common import (
     warn,
 )
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_not_input, check_writable
+from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
     from moe_prune.stages.allocate import AllocationReport
@@ -71,10 +71,9 @@ def allocate(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.plotting import check_plot
-    from moe_prune.scoring.selection import Budget
-    from moe_prune.sizes import parse_size
     from moe_prune.stages import allocate as stage
+    from moe_prune.stages.allocate import Budget
+    from moe_prune.stages.common import check_plot, parse_size
     from moe_prune.stages.score import write_mask
 
     if stats is None:
@@ -107,8 +106,8 @@ def allocate(
         )
     write_mask(mask, Path(out), force, inputs=inputs)
     if plot is not None:
-        from moe_prune.allocation.plot import counts_figure
-        from moe_prune.plotting import save_figure
+        from moe_prune.stages.allocate import counts_figure
+        from moe_prune.stages.common import save_figure
 
         save_figure(counts_figure(report), plot, force, (*inputs, out))
     for message in report.warnings:

@@ -21,35 +21,23 @@ import numpy as np
 
 from moe_prune.allocation import plan
 from moe_prune.allocation.objective import OBJECTIVES
+from moe_prune.allocation.plot import counts_figure as counts_figure
 from moe_prune.allocation.search import Counts, Trace, search
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.loading import code_decision
+from moe_prune.runtime.skeleton import code_decision
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.registry import Inputs, evaluate
 from moe_prune.scoring.selection import Budget
+from moe_prune.stages.allocate_data import Calibration, calibration_windows
 from moe_prune.stages.evaluate import _is_expert_weight
 from moe_prune.stages.score import _identity, _vocab
 
 DEFAULT_OBJECTIVE = "kl"  # tracked held-out perplexity best on the demo (README, allocate)
 GLOBAL_FALLBACK = "soft-counts"  # ranks experts across layers when the criterion's scores are not comparable
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Where the candidates are judged: calibration-side windows, never the held-out set."""
-
-    data: Sequence[str] | None = None  # None: the data the statistics were profiled on
-    samples: int = 16
-    seq_len: int | None = None  # None: the statistics' sequence length
-    batch_size: int = 8
-    top: int = 2048  # the original's most likely tokens kept per position
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -78,7 +66,7 @@ def allocate(
     criterion: str,
     budget: Budget | int,
     objective: str = DEFAULT_OBJECTIVE,
-    calibration: Calibration = Calibration(),
+    calibration: Calibration | None = None,
     budget_evals: int = 64,
     seed: int = 0,
     min_per_layer: int | None = None,
@@ -86,6 +74,7 @@ def allocate(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[DropMask, AllocationReport]:
     """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes)."""
+    calibration = calibration or Calibration()  # None: the defaults
     start = time.perf_counter()
     if objective not in OBJECTIVES:
         raise MoePruneError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
@@ -127,7 +116,6 @@ def allocate(
         starts["global"] = plan.global_counts(space, layers, ranking, direction)
 
     from moe_prune.allocation.evaluator import Evaluator  # torch and transformers: only once the inputs are good
-    from moe_prune.stages.allocate_data import calibration_windows
 
     model_obj, windows, data_warnings = calibration_windows(ckpt, loaded, calibration)
     warnings += data_warnings

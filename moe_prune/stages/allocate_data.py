@@ -8,8 +8,10 @@ tokens perplexity is later measured on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,8 +24,19 @@ from moe_prune.runtime.loading import load_model, load_tokenizer
 from moe_prune.runtime.sources import parse_sources, read_sources
 from moe_prune.stages import profile
 
-if TYPE_CHECKING:
-    from moe_prune.stages.allocate import Calibration
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the candidates are judged: calibration-side windows, never the held-out set."""
+
+    data: Sequence[str] | None = None  # None: the data the statistics were profiled on
+    samples: int = 16
+    seq_len: int | None = None  # None: the statistics' sequence length
+    batch_size: int = 8
+    top: int = 2048  # the original's most likely tokens kept per position
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
 
 
 def recorded(stats: Stats) -> dict[str, Any]:

@@ -12,5 +12,6 @@ from moe_prune.io.output import check_not_input as check_not_input
 from moe_prune.io.output import check_writable as check_writable
 from moe_prune.plotting import check_plot as check_plot
 from moe_prune.plotting import pyplot as pyplot
+from moe_prune.plotting import save_figure as save_figure
 from moe_prune.sizes import parse_size as parse_size
 from moe_prune.sizes import parse_tokens as parse_tokens
