@@ -6,7 +6,7 @@ jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...], "trust_remot
              "expect_error": false}, ...]
 out.json:  {name: {"logprobs": [[per position from the second token], ...], "model_class": ...,
                    "architectures": [...], "experts": {fused-MoE module: experts}}}
-           (a job with expect_error: {name: {"error": the exception's line, "cause": its cause}})
+           (a job with expect_error: {name: {"error": the exception and its causes, "<-"-joined}})
 Every checkpoint is served (in float32 unless its job names a dtype) by one LLM at a time, in this one process.
 """
 
@@ -61,8 +61,13 @@ def refused(job: dict[str, Any]) -> dict[str, Any]:
     """A job that must fail (a damaged checkpoint): the failure's message, or the results if it served."""
     try:
         return serve(job)
-    except Exception as exc:  # what vLLM raised, cause included, for the test to read
-        return {"error": f"{type(exc).__name__}: {exc}", "cause": repr(exc.__cause__)}
+    except Exception as exc:  # what vLLM raised and the chain of causes, for the test to read
+        chain: list[str] = []
+        cause: BaseException | None = exc
+        while cause is not None and len(chain) < 10:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        return {"error": " <- ".join(chain)}
 
 
 def main(jobs_path: str, out_path: str) -> None:
