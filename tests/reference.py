@@ -50,6 +50,10 @@ def masked_logits(model, adapter: Adapter, n_experts: int, drop_slots: dict[int,
         block = model.get_submodule(f"{adapter.runtime_layers}.{layer}")
         router = block.get_submodule(adapter.runtime_router)
         dropped[id(router_weight(router, rows))] = slots
+        for key in adapter.lockstep:  # a second expert set's router (jetmoe's attention experts) drops them too
+            param = block.get_parameter(key)
+            if param.dim() == 2:
+                dropped[id(param)] = slots
         if adapter.selection_bias:
             owner = block.get_submodule(adapter.runtime_router.rsplit(".", 1)[0])
             for name, buf in list(owner.named_buffers()) + list(owner.named_parameters()):

@@ -115,7 +115,11 @@ def _copies_of_one_expert(model, adapter, n_experts: int, seed: int) -> None:
             experts = block.get_submodule(adapter.runtime_experts)
         except AttributeError:
             continue
-        params = [(find_layout(name, adapter.expert_tensors), param) for name, param in experts.named_parameters()]
+        params = [
+            (find_layout(name, adapter.expert_tensors), param)
+            for name, param in experts.named_parameters()
+            if adapter.selection_from != "grouped" or name.endswith(tuple(t.suffix for t in adapter.expert_tensors))
+        ]  # jetmoe's experts module is its MoE block: its router and output bias are no expert tensors
         if adapter.tail_experts:  # longcat's gate_up_proj rows past the experts' (zero experts) are no copies
             params = [(lay, p.data[:n_experts]) for lay, p in params]
         views = [
@@ -174,6 +178,12 @@ def _assert_functional_copies(model, config) -> None:
             if adapter.tail_experts:  # longcat's experts fail on top-1: the same expert again, weight 0
                 ones = torch.cat([ones, torch.zeros_like(ones)], dim=1)
             outs = [experts(x, torch.full(tuple(ones.shape), e), ones) for e in range(n)]
+        elif adapter.selection_from == "grouped":  # jetmoe: its ParallelExperts run rows grouped per expert
+            outs = []
+            for e in range(n):
+                sizes = [x.shape[0] if i == e else 0 for i in range(n)]
+                gate, up = experts.input_linear(x, sizes).chunk(2, dim=-1)
+                outs.append(experts.output_linear(experts.activation(gate) * up, sizes))
         else:  # llama4: every expert runs on its own copy of the tokens, [E * T, H] in and out
             outs = list(experts(x.repeat(n, 1)).reshape(n, x.shape[0], -1))
     for e, out in enumerate(outs[1:], start=1):

@@ -11,8 +11,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import checkpoint_tensors
 from test_derived import DERIVED_TINY, _build
-from test_merge import load_stock, read_all, synthetic_stats
+from test_merge import load_stock, synthetic_stats
 
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
@@ -51,7 +52,7 @@ def test_prune_keeps_the_zero_experts_after_the_kept_ones(longcat, tmp_path):
     assert zero > 0
     keep = {layer: [1, 4, 6] for layer in ckpt.config.moe_layers}
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
-    before, after = read_all(folder), read_all(tmp_path / "out")
+    before, after = checkpoint_tensors(folder), checkpoint_tensors(tmp_path / "out")
     for layer in ckpt.config.moe_layers:
         _tails_kept(before, after, layer, n, 3, zero)
     load_stock(tmp_path / "out")
@@ -65,7 +66,7 @@ def test_prune_keeps_fused_zero_expert_rows(longcat, tmp_path):
     n, zero = ckpt.config.num_experts, ckpt.config.router_tail
     keep = {layer: [0, 5] for layer in ckpt.config.moe_layers}
     prune.run(tmp_path / "fused", DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
-    before, after = read_all(tmp_path / "fused"), read_all(tmp_path / "out")
+    before, after = checkpoint_tensors(tmp_path / "fused"), checkpoint_tensors(tmp_path / "out")
     gate_up = PREFIX.format(L=0) + "experts.gate_up_proj"
     assert after[gate_up].shape[0] == 2 + zero and torch.equal(after[gate_up][2:], before[gate_up][n:])
     assert torch.equal(after[gate_up][:2], before[gate_up][[0, 5]])
@@ -79,7 +80,7 @@ def test_merge_keeps_the_zero_experts_after_the_merged_ones(longcat, router, tmp
     ckpt = Checkpoint.open(folder)
     n, zero = ckpt.config.num_experts, ckpt.config.router_tail
     merge.run(folder, synthetic_stats(ckpt), tmp_path / "half", n // 2, router=router, seed=1)
-    before, after = read_all(folder), read_all(tmp_path / "half")
+    before, after = checkpoint_tensors(folder), checkpoint_tensors(tmp_path / "half")
     for layer in ckpt.config.moe_layers:
         p = PREFIX.format(L=layer)
         assert torch.equal(after[f"{p}router.classifier.weight"][n // 2 :], before[f"{p}router.classifier.weight"][n:])
@@ -94,7 +95,7 @@ def test_merge_keeps_the_zero_experts_after_the_merged_ones(longcat, router, tmp
 def test_a_missing_zero_expert_is_refused(longcat, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(longcat[0], folder)
-    tensors = read_all(folder)
+    tensors = checkpoint_tensors(folder)
     ckpt = Checkpoint.open(folder)
     n = ckpt.config.num_experts
     del tensors[PREFIX.format(L=1) + f"experts.{n + 2}.gate_proj.weight"]
@@ -143,7 +144,7 @@ def test_its_dense_mtp_layer_is_copied_whole_or_dropped(longcat, tmp_path):
 
     folder = tmp_path / "model"
     shutil.copytree(longcat[0], folder)
-    tensors = read_all(folder)
+    tensors = checkpoint_tensors(folder)
     mtp = {
         "model.mtp.layers.0.eh_proj.weight": torch.randn(32, 64),
         "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight": torch.randn(48, 32),
@@ -153,7 +154,7 @@ def test_its_dense_mtp_layer_is_copied_whole_or_dropped(longcat, tmp_path):
     ckpt = Checkpoint.open(folder)
     keep = {layer: [0, 2, 3, 7] for layer in ckpt.config.moe_layers}
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "kept")
-    after = read_all(tmp_path / "kept")
+    after = checkpoint_tensors(tmp_path / "kept")
     assert all(torch.equal(after[name], value) for name, value in mtp.items())
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "dropped", drop_mtp=True)
-    assert not set(mtp) & set(read_all(tmp_path / "dropped"))
+    assert not set(mtp) & set(checkpoint_tensors(tmp_path / "dropped"))

@@ -73,6 +73,15 @@ class Adapter:
     # The tail rows are experts the experts module holds too (longcat_flash's identity 'zero experts': gate/up
     # weights it never uses, per-expert keys E.. or fused rows past E): kept, renumbered, after the kept experts.
     tail_experts: bool = False
+    # Tensors (whole keys, expert axis first) of a second expert set that the expert-count key sizes too (jetmoe's
+    # attention experts and their router): prune keeps the kept experts' slots, merge the anchors'; never averaged.
+    lockstep: tuple[str, ...] = ()
+    # Modules (in a decoder layer) that a ragged checkpoint rebuilds per layer besides the MoE block (jetmoe:
+    # its attention, whose experts follow the layer's count).
+    ragged_extra_blocks: tuple[str, ...] = ()
+    # grouped selection (jetmoe): module whose forward(inputs, expert_sizes) returns every routed row grouped by
+    # expert in ascending order; the router's output holds the gates of those rows at index 2.
+    grouped_outputs: str = ""
     router_width_key: str = "hidden_size"  # config key of the router weight's columns (zaya: its router MLP's width)
     routing: Routing = Routing()
     layer_count_key: str = "num_hidden_layers"  # or a per-layer type list whose length is the count (nemotron_h)
@@ -82,8 +91,11 @@ class Adapter:
     runtime_router: str = "mlp.gate"  # module path of the router inside one loaded decoder layer
     runtime_experts: str = "mlp.experts"
     router_logits_output: int | None = 0  # index of the logits in the router's output (None: the output is them)
-    selection_from: str = "experts_args"  # experts_args: (hidden, top_k_index, top_k_weights); router_scores
-    memory_keys: tuple[tuple[str, str], ...] = ()  # overrides for checkpoints saved with in-memory (fused) names
+    # experts_args: (hidden, top_k_index, top_k_weights); router_scores (llama4); grouped (top-k of logits, outputs
+    # read at grouped_outputs)
+    selection_from: str = "experts_args"
+    # overrides for checkpoints saved with in-memory (fused) names: (field, value) pairs
+    memory_keys: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
     # Token mixers inside one loaded decoder layer (`finetune --train attention`); linear/SSM ones included.
     runtime_attention: tuple[str, ...] = ("self_attn", "linear_attn")
     # Attributes holding top-k on the router, on its MoE block and on the CausalLM (read at every forward).

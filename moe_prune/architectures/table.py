@@ -98,10 +98,6 @@ REFUSED: dict[str, str] = {
     "(gate.tid2eid [vocab, top-k]) instead of a router, so dropping or merging experts would leave it pointing at "
     "experts that are gone; needed: prune only its top-k (moe) layers, hash layers kept whole (a ragged "
     "checkpoint), or remap the table onto the merged slots",
-    "jetmoe": "one key (num_local_experts) sizes both its MLP experts and its attention experts (mixture of "
-    "attention heads, with their own router), and num_experts_per_tok sets top-k and the attention head count; "
-    "pruning the MLP experts alone leaves a config stock transformers cannot load, and pruning the attention "
-    "experts needs statistics of their router, which profile does not record",
     "doge": "its CDMoE block scores expert i * num_keys + j as x_i + y_j (router_gate [2 * num_keys, H], experts "
     "are down_embed/up_embed rows, num_keys = floor(sqrt(num_experts))), so one expert has no router row to drop; "
     "needed: dropping whole key rows and columns (a smaller square grid, selected per key, not per expert)",
@@ -245,6 +241,23 @@ ROWS: tuple[Adapter, ...] = (
         routing=Routing(score="softmax", select_on="scores+bias", renormalize=False),
         runtime_router="mlp.router",
         memory_keys=(("router", "mlp.router.classifier.weight"),),
+    ),
+    # num_local_experts sizes its MLP experts and its attention experts (MoA) alike, so the attention experts, their
+    # router rows included, follow the kept MLP experts' slots (lockstep): the result loads in stock transformers.
+    _granite_like(
+        "jetmoe",
+        router="mlp.router.layer.weight",
+        experts="mlp.experts.",
+        fused_experts=("mlp.input_linear.", "mlp.output_linear."),
+        lockstep=tuple(f"self_attention.experts.{t}.weight" for t in ("input_linear", "output_linear", "router.layer")),
+        ragged_extra_blocks=("self_attention",),
+        runtime_router="mlp.router",
+        runtime_experts="mlp",
+        router_logits_output=4,
+        selection_from="grouped",
+        grouped_outputs="mlp.output_linear",
+        runtime_attention=("self_attention",),
+        memory_keys=(("experts", "mlp.experts."), ("fused_experts", ("mlp.input_linear.", "mlp.output_linear."))),
     ),
     Adapter(
         model_type="dbrx",

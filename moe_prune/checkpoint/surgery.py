@@ -45,7 +45,8 @@ class _LayoutMatcher:
             r"^(?P<stem>(?:.*\.)?" + layer + re.escape(adapter.experts) + r")(?P<slot>\d+)\.(?P<tail>.+)$"
         )
         fused = "|".join(re.escape(p) for p in (adapter.experts, *adapter.fused_experts))
-        vectors = "".join(f"|{re.escape(v)}" for v in adapter.expert_vectors)  # whole keys, expert axis first
+        whole_keys = (*adapter.expert_vectors, *adapter.lockstep)
+        vectors = "".join(f"|{re.escape(v)}" for v in whole_keys)  # whole keys, expert axis first
         self._fused = re.compile(head + f"(?:(?:{fused})" + r"(?P<tail>(?!\d+\.).+)" + f"{vectors})$")
         rows = [adapter.router] + ([adapter.router_bias] if adapter.router_bias else [])
         self._rows = re.compile(head + "(?:" + "|".join(re.escape(k) for k in rows) + ")$")

@@ -39,6 +39,7 @@ class _MoeLayer:
     router_biases: list[TensorInfo] = field(default_factory=list)  # [E]
     fused: list[TensorInfo] = field(default_factory=list)  # all experts in one tensor: [E, ...] or blocked [E*I, H]
     last_axis: list[TensorInfo] = field(default_factory=list)  # selection bias: expert axis last
+    lockstep: list[TensorInfo] = field(default_factory=list)  # Adapter.lockstep: [E, ...], not experts' weights
     per_expert: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)  # kind -> slot -> tensor
 
 
@@ -239,6 +240,8 @@ def _moe_tensors(config: ModelConfig, tensors: list[TensorInfo]) -> dict[int, _M
             found.last_axis.append(info)
         elif bias and info.name.endswith(bias):
             found.router_biases.append(info)
+        elif info.name.endswith(tuple("." + key for key in config.adapter.lockstep)):
+            found.lockstep.append(info)
         else:
             found.fused.append(info)
     return layers
@@ -285,6 +288,12 @@ def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _Mo
             raise MoePruneError(
                 f"{info.file}: {info.name} has shape {list(info.shape)}, not one entry per each of the "
                 f"{n_experts} experts {config.source} gives MoE layer {layer}"
+            )
+    for info in found.lockstep:  # a second expert set the count sizes too (jetmoe's attention experts)
+        if not info.shape or info.shape[0] != n_experts:
+            raise MoePruneError(
+                f"{info.file}: {info.name} has shape {list(info.shape)}, not one row per each of the {n_experts} "
+                f"experts {config.source} gives MoE layer {layer}"
             )
     if not found.per_expert and not found.fused:
         raise MoePruneError(f"{where}: MoE layer {layer} holds no routed-expert weights")

@@ -275,7 +275,12 @@ class MergePlanner:
             and self.matcher.is_router(info.name) is None
             and not (bias and info.name.endswith(bias))
             and not self._is_vector(info.name)
+            and not self._is_lockstep(info.name)
         )
+
+    def _is_lockstep(self, name: str) -> bool:
+        """A second expert set sized by the same count (jetmoe's attention experts): the anchors' slots, unmerged."""
+        return any(name == v or name.endswith("." + v) for v in self.adapter.lockstep)
 
     def _is_vector(self, name: str) -> bool:
         """A per-expert vector (gemma4's router.per_expert_scale): it scales the routed expert's weight, so it
@@ -376,7 +381,8 @@ class MergePlanner:
         axis = 0 if key.kind == "rows" else -1
         count = self.counts[key.layer]
         blocks, kept = router_rows(info, key, self.adapter, count, plan.anchors)
-        if plan.router == "anchor" or (plan.router == "reinit" and self._is_vector(info.name)):
+        anchored = self._is_lockstep(info.name) or (plan.router == "reinit" and self._is_vector(info.name))
+        if plan.router == "anchor" or anchored:
             return slice_expert_axis(info, axis, blocks, kept)
         _require_float(stored)
         tail = blocks - count  # rows past the experts' (Adapter.router_tail): kept as they are, after the new rows

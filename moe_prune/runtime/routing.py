@@ -5,7 +5,9 @@ Every family exposes the same two modules per MoE layer (`Adapter.runtime_router
   experts_args   the experts module is called as experts(hidden, top_k_index, top_k_weights),
                  so a forward pre-hook sees the choice exactly as the model made it;
   router_scores  the router returns dense scores and logits (llama4): the choice is the top-k of
-                 the logits (with config top-k), the same ranking the router uses.
+                 the logits (with config top-k), the same ranking the router uses;
+  grouped        the same choice (jetmoe's router ranks logits); expert outputs are read where the
+                 family computes them grouped by expert (`Adapter.grouped_outputs`).
 
 Statistics are streaming sums kept on the model's device (one `bincount` per layer call, no sync),
 so memory does not grow with the number of tokens. A later stage adds statistics by subclassing
@@ -71,7 +73,7 @@ class RoutingRecorder:
         if self.adapter.router_tail:  # columns past the experts' (Adapter.router_tail) are no expert's
             logits = logits[..., : self.counts[slot]]
         self.on_router_logits(slot, logits)
-        if self.adapter.selection_from == "router_scores":
+        if self.adapter.selection_from in ("router_scores", "grouped"):
             self.on_selection(slot, logits.topk(self.top_k, dim=-1).indices)
 
     def _experts_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any]) -> None:

@@ -99,6 +99,7 @@ class StatisticsRecorder(RoutingRecorder):
         self._ids: torch.Tensor | None = None
         self._last_logits: list[torch.Tensor | None] = [None] * len(self.layers)
         self._last_index: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._last_gates: list[torch.Tensor | None] = [None] * len(self.layers)  # grouped selection (jetmoe)
         self._patched: list[tuple[torch.nn.Module, Any]] = []
         self._only: set[int] | None = None
         wanted = expert_outputs or refit
@@ -131,6 +132,10 @@ class StatisticsRecorder(RoutingRecorder):
                 # An instance attribute shadows the class forward; keep any existing one (accelerate hooks).
                 self._patched.append((experts, experts.__dict__.get("forward")))
                 experts.forward = partial(self._experts_forward, slot, experts.forward)
+            elif adapter.selection_from == "grouped":
+                rows = self.module(layer, adapter.grouped_outputs)
+                self._handles.append(router.register_forward_hook(partial(self._gates_hook, slot)))
+                self._handles.append(rows.register_forward_hook(partial(self._grouped_outputs_hook, slot)))
             else:
                 self._handles.append(experts.register_forward_hook(partial(self._scaled_experts_hook, slot)))
         return self
@@ -249,6 +254,20 @@ class StatisticsRecorder(RoutingRecorder):
         picked = weights[token, column][:, None]
         output = original(flat[token], picks, torch.cat([picked, torch.zeros_like(picked)], dim=1), *args, **kwargs)
         return result.index_add(0, token, output.reshape(token.numel(), -1).to(result.dtype))
+
+    def _gates_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any], output: Any) -> None:
+        self._last_gates[slot] = output[2]  # jetmoe: the gates of the routed rows, in the grouped order
+
+    @torch.no_grad()
+    def _grouped_outputs_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any], output: Any) -> None:
+        """jetmoe: every routed row's output before its gate, grouped by expert in ascending order (args[1]: rows per
+        expert); its gates are softmax over the token's top-k, so the applied weight is the renormalised gate."""
+        gates = self._last_gates[slot]
+        if gates is None:
+            raise RuntimeError("statistics recorder: experts ran before their router")
+        sizes = torch.as_tensor(args[1], device=output.device)
+        expert = torch.repeat_interleave(torch.arange(sizes.numel(), device=output.device), sizes)
+        self._add_activations(slot, expert, output.detach(), gates.detach(), gates.detach())
 
     @torch.no_grad()
     def _scaled_experts_hook(self, slot: int, module: torch.nn.Module, args: Sequence[Any], output: Any) -> None:
