@@ -17,6 +17,7 @@ from test_merge import load_stock, synthetic_stats
 from moe_prune.artifacts.manifest import Manifest
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
 from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.stages import merge, prune
 
@@ -87,3 +88,12 @@ def test_grouped_expert_outputs_match_the_weights(jetmoe):
         assert norms.gt(0).sum() >= 2
         assert torch.allclose(torch.as_tensor(arrays["act_norm_sum"][slot]), norms, rtol=1e-5)
         assert torch.allclose(torch.as_tensor(arrays["act_weighted_norm_sum"][slot]), weighted, rtol=1e-5)
+
+
+def test_expert_output_statistics_are_refused_in_one_line(jetmoe):
+    """--expert-outputs / --refit-stats run each expert on every token through an experts module jetmoe lacks."""
+    folder, model = jetmoe
+    config = Checkpoint.open(folder).config
+    with pytest.raises(MoePruneError) as info, StatisticsRecorder(model, config, True, False):
+        pass
+    assert "jetmoe" in str(info.value) and "grouped by expert" in str(info.value) and "\n" not in str(info.value)

@@ -74,9 +74,10 @@ class ExpertPass:
     def check(self, module: torch.nn.Module, family: str, selection_from: str) -> None:
         """Refuse, before any forward pass, a layer these statistics cannot be computed for."""
         if selection_from != "experts_args":
-            raise MoePruneError(
-                f"--expert-outputs/--refit-stats: {family} runs its experts on router-scaled inputs; not supported"
+            how = {"grouped": "only inside its MoE block, on rows grouped by expert"}.get(
+                selection_from, "on router-scaled inputs"
             )
+            raise MoePruneError(f"--expert-outputs/--refit-stats: {family} runs its experts {how}; not supported")
         if self.refit:
             reason = refit_refusal(module)
             if reason is not None:
