@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -61,16 +63,34 @@ def demo_ids() -> list[list[int]]:
     return [ids[:240], ids[240:480]]
 
 
-# Tiny random families served ragged: config overrides giving heads of 32 (vLLM's CPU attention supports no
-# smaller head; tests/tiny_models.py uses 8).
+# Experts kept (original ids) in the MoE layers, cycling: the first layer keeps fewer than top-k (2).
+UNDER_TOP_K = ([6], [0, 2, 3, 5, 7], [1, 4])
+# For families whose vLLM class needs two experts per layer (checkpoint/serving.py min_experts, or vLLM's grouped
+# top-k, which sums each group's best two): with top-k 3 the first layer is still under top-k.
+TWO_OR_MORE = ([6, 1], [0, 2, 3, 5, 7], [1, 4, 5])
+TOP_K_3 = {"num_experts_per_tok": 3}
+
+
+class Tiny(NamedTuple):
+    """A tiny random family served ragged: config overrides (heads of 32 or more: vLLM's CPU attention has no
+    smaller head; tests/tiny_models.py uses 8), experts kept, and the dtype vLLM's CPU kernels take for it."""
+
+    overrides: dict
+    keep: tuple = UNDER_TOP_K
+    dtype: str = "float32"
+
+
 TINY_RAGGED = {
-    "qwen3_moe": {"head_dim": 32},
-    "qwen2_moe": {"hidden_size": 128},
-    "olmoe": {"hidden_size": 128},
+    "qwen3_moe": Tiny({"head_dim": 32}),
+    "qwen2_moe": Tiny({"hidden_size": 128}),
+    "olmoe": Tiny({"hidden_size": 128}),
+    "llama4_text": Tiny({"head_dim": 32}),  # top-1, as Llama 4 itself
+    "granitemoe": Tiny({"hidden_size": 128}),
+    "glm4_moe": Tiny({"head_dim": 32, **TOP_K_3}, TWO_OR_MORE),
 }
-# Experts kept (original ids) in the MoE layers, cycling: the first keeps fewer than top-k (2).
-KEEP = ([6], [0, 2, 3, 5, 7], [1, 4])
 RAGGED_NAMES = ["ragged", *(f"{model_type}_ragged" for model_type in TINY_RAGGED), "ragged_remote_code"]
+# Relative perplexity difference allowed in bfloat16 (vLLM against transformers' float32 on the same weights).
+BF16_TOLERANCE = 2e-2
 
 
 def tiny_ragged(model_type: str, tmp: Path) -> Path:
@@ -79,14 +99,15 @@ def tiny_ragged(model_type: str, tmp: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **TINY_RAGGED[model_type]))
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **TINY_RAGGED[model_type].overrides))
     with torch.no_grad():  # default init is tiny; experts and routers must matter for the check to fail
         for name, param in model.named_parameters():
-            if "experts" in name or "gate" in name:
+            if any(part in name for part in ("experts", "gate", "router", "input_linear", "output_linear")):
                 param.normal_(0.0, 0.3)
     model.save_pretrained(tmp / model_type)
     ckpt = Checkpoint.open(tmp / model_type)
-    keep = {layer: KEEP[i % len(KEEP)] for i, layer in enumerate(ckpt.identity.moe_layers)}
+    kept = TINY_RAGGED[model_type].keep
+    keep = {layer: kept[i % len(kept)] for i, layer in enumerate(ckpt.identity.moe_layers)}
     prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / f"{model_type}_ragged")
     return tmp / f"{model_type}_ragged"
 
@@ -129,13 +150,37 @@ def run_script(python: str, jobs: list[dict], out: Path, env: dict[str, str] | N
 def served(vllm_python, checkpoints, tmp_path_factory) -> dict[str, dict]:
     """scripts/vllm_logprobs.py's answer for every checkpoint, served in one vLLM process; the ragged one also
     with trust_remote_code=True (the plugin's class must still win over vLLM's Transformers backend)."""
-    jobs = [{"name": name, "folder": str(folder), "token_ids": ids} for name, (folder, ids) in checkpoints.items()]
+    jobs = [
+        {"name": name, "folder": str(folder), "token_ids": ids, "dtype": dtype(name)}
+        for name, (folder, ids) in checkpoints.items()
+    ]
     folder, ids = checkpoints["ragged"]
     jobs.append({"name": "ragged_remote_code", "folder": str(folder), "token_ids": ids, "trust_remote_code": True})
     out = tmp_path_factory.mktemp("vllm_out") / "served.json"
+    # a damaged block (top-k past a layer's experts) must stop vLLM with the reader's line; run last by the script
+    folder, ids = checkpoints["qwen3_moe_ragged"]
+    damaged = damage(folder, out.parent / "damaged")
+    jobs.append({"name": "damaged", "folder": str(damaged), "token_ids": ids, "expect_error": True})
     proc = run_script(vllm_python, jobs, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+def dtype(name: str) -> str:
+    """The dtype a checkpoint is served in (float32 unless its family's vLLM CPU kernels take none)."""
+    tiny = TINY_RAGGED.get(name.removesuffix("_ragged"))
+    return tiny.dtype if tiny else "float32"
+
+
+def damage(folder: Path, out: Path) -> Path:
+    """A copy of the ragged `folder` whose block gives its smallest layer a top-k past its experts."""
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    counts = config[RAGGED_KEY]["experts_per_layer"]
+    layer = min(counts, key=counts.get)
+    config[RAGGED_KEY]["top_k_per_layer"][layer] = counts[layer] + 3
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 def transformers_logprobs(folder: Path, ids: list[list[int]]) -> torch.Tensor:
@@ -158,8 +203,9 @@ def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
         f"{name}: relative perplexity difference {relative:.2e}, largest log-prob difference "
         f"{float((got - want).abs().max()):.2e}"
     )
-    assert relative <= TOLERANCE
-    assert torch.allclose(got, want, atol=1e-3)
+    float32 = dtype(name) == "float32"
+    assert relative <= (TOLERANCE if float32 else BF16_TOLERANCE)
+    assert torch.allclose(got, want, atol=1e-3 if float32 else 0.2)
 
 
 @pytest.mark.vllm
@@ -175,6 +221,14 @@ def test_ragged_layers_are_built_at_their_own_size(name, checkpoints, served):
     assert served[name]["model_class"] == PLUGIN_CLASS + base
     built = {key.split(".layers.")[1].split(".")[0]: n for key, n in served[name]["experts"].items()}
     assert built == counts
+
+
+@pytest.mark.vllm
+def test_damaged_ragged_block_stops_vllm_in_one_line(checkpoints, served):
+    """The plugin reads the block as moe-prune does (serving/ragged_block.py) before vLLM builds a layer."""
+    error = served["damaged"].get("error", "")
+    assert "damaged/config.json: moe_prune_ragged.top_k_per_layer[" in error
+    assert "expected 1 to that layer's" in error and "MoePruneError" in error
 
 
 @pytest.mark.vllm
