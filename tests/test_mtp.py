@@ -20,10 +20,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import checkpoint_tensors as all_tensors
 from safetensors.torch import load_file, save_file
 from test_adapters import random_keep
 from test_merge import synthetic_stats
-from test_prune import all_tensors, write_mask
+from test_prune import write_mask
 from tiny_models import TINY
 from typer.testing import CliRunner
 
