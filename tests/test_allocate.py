@@ -221,3 +221,77 @@ def test_held_out_data_is_refused(tmp_path, demo_stats):
             Budget(ratio=0.5),
             calibration=stage.Calibration(data=[str(DEMO_HELDOUT)]),
         )
+
+
+def global_start_mask(stats: Path, criterion: str, counts: list[int]) -> DropMask:
+    """The mask of the allocation's global start (score --global refuses criteria not comparable across layers)."""
+    from moe_prune.artifacts.stats import Stats
+    from moe_prune.demo import DEMO_MODEL_DIR
+    from moe_prune.scoring import get_criterion
+    from moe_prune.scoring.registry import Inputs, evaluate
+
+    loaded, crit = Stats.load(stats), get_criterion(criterion)
+    config = Checkpoint.open(DEMO_MODEL_DIR).config
+    layers = stage._layers(config, config.moe_layers, ())
+    table = plan.DropTable(layers, crit.direction, *evaluate(crit, Inputs(loaded.identity, loaded, None, 0, 2048)))
+    ids = loaded.identity.original_ids
+    keep = {
+        n: [e for s, e in enumerate(ids[n]) if s not in set(d)]
+        for n, d in zip(layers.numbers, table.drops(tuple(counts)), strict=True)
+    }
+    return DropMask.create(loaded.identity, keep, criterion)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["soft-counts", "activation-norm"])
+def test_demo_half_searched_beats_uniform_and_global(criterion, demo_stats, demo_perplexity, tmp_path):
+    """Done check of issue #23: allocate -> prune -> eval beats score (uniform) and the global ranking at 50%."""
+    stats = tmp_path / "stats.npz"
+    demo_stats.save(stats)
+    ppl = {}
+    for name, argv in {
+        "uniform": ["score", str(stats), "-c", criterion, "--ratio", "0.5", "--out", str(tmp_path / "uniform.json")],
+        "searched": [
+            "allocate",
+            "--stats",
+            str(stats),
+            "-c",
+            criterion,
+            "--ratio",
+            "0.5",
+            "--json",
+            "--out",
+            str(tmp_path / "searched.json"),
+        ],
+    }.items():
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, result.output
+        if name == "searched":
+            report = json.loads(result.stdout)
+    if criterion == "soft-counts":
+        result = CliRunner().invoke(
+            app,
+            [
+                "score",
+                str(stats),
+                "-c",
+                criterion,
+                "--ratio",
+                "0.5",
+                "--global",
+                "--out",
+                str(tmp_path / "global.json"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    else:
+        (tmp_path / "global.json").write_text(global_start_mask(stats, criterion, report["counts"]["global"]).dumps())
+    for name in ("uniform", "global", "searched"):
+        result = CliRunner().invoke(
+            app, ["prune", "--mask", str(tmp_path / f"{name}.json"), "--out", str(tmp_path / name)]
+        )
+        assert result.exit_code == 0, result.output
+        ppl[name] = demo_perplexity(tmp_path / name)
+    print(criterion, ppl, report["counts"], report["values"])
+    assert report["values"]["searched"]["kl"] <= min(v["kl"] for v in report["values"].values())
+    assert ppl["searched"] < ppl["uniform"] and ppl["searched"] < ppl["global"]
