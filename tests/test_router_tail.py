@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 from test_derived import _build
-from test_merge import load_stock, read_all, synthetic_stats
+from helpers import checkpoint_tensors
+from test_merge import load_stock, synthetic_stats
 
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
@@ -36,7 +37,7 @@ def test_merge_keeps_the_tail_rows_after_the_merged_ones(inkling, router, tmp_pa
     n, tail = ckpt.config.num_experts, ckpt.config.router_tail
     assert tail == 1
     merge.run(inkling, synthetic_stats(ckpt), tmp_path / "half", n // 2, router=router, seed=1)
-    before, after = read_all(inkling), read_all(tmp_path / "half")
+    before, after = checkpoint_tensors(inkling), checkpoint_tensors(tmp_path / "half")
     matcher = KeyMatcher(ckpt.config.adapter)
     routers = [name for name in after if matcher.is_router(name) is not None]
     assert len(routers) == len(ckpt.config.moe_layers)

@@ -385,7 +385,7 @@ def test_format_option_errors_are_one_line(tmp_path, args, message):
 
 
 def test_resume_of_an_sft_run_equals_the_uninterrupted_run(tmp_path):
-    from test_finetune import tensors
+    from helpers import tensor_bytes
 
     options = FinetuneOptions(
         tokens=6 * 4 * 128, seq_len=128, batch_size=2, grad_accum=2, lr=1e-3, eval_tokens=0, format="completion"
@@ -406,7 +406,7 @@ def test_resume_of_an_sft_run_equals_the_uninterrupted_run(tmp_path):
         finetune.run(DEMO_MODEL_DIR, str(SFT_RECORDS), out, as_text)
     result = finetune.run(DEMO_MODEL_DIR, str(SFT_RECORDS), out, FinetuneOptions(**{**saving.__dict__, "resume": True}))
     assert result.resumed_from == 2
-    assert tensors(out) == tensors(tmp_path / "whole")
+    assert tensor_bytes(out) == tensor_bytes(tmp_path / "whole")
 
 
 def test_sft_on_demo_records_lowers_their_held_out_response_loss(pruned_demo, tokenizer, tmp_path):
