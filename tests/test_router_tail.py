@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 import torch
-from test_derived import _build
 from helpers import checkpoint_tensors
+from test_derived import _build
 from test_merge import load_stock, synthetic_stats
 
 from moe_prune.checkpoint.source import Checkpoint
