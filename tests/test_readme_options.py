@@ -22,37 +22,7 @@ COMMAND = re.compile(r"\s*(?:\$\s*)?(?:\w+=\S*\s+)*moe-prune(?:\s+--[\w-]+)*\s+(
 COMMON = "Common options"  # a README heading whose options count for every command
 
 # Gaps at the time this test was written: the README must name these (then delete them here; strict).
-UNDOCUMENTED: dict[str, set[str]] = {
-    "allocate": {"*"},  # no row, no section
-    "profile": {"--split", "--split-on", "--text-field", "--trust-remote-code"},
-    "score": {"--explain"},  # added by e32dd07 after this test was written
-    "merge": {"--drop-mtp", "--force", "--max-shard-size"},
-    "finetune": {"--force", "--text-field", "--trust-remote-code", "--weight-decay"},
-    "lottery": {
-        "--batch-size",
-        "--direction",
-        "--grad-accum",
-        "--max-grad-norm",
-        "--profile-batch-size",
-        "--text-field",
-        "--warmup-ratio",
-        "--weight-decay",
-    },
-    "eval": {"--batch-size", "--engine", "--force", "--trust-remote-code"},
-    "sweep": {
-        "--batch-size",
-        "--device",
-        "--device-map",
-        "--dtype",
-        "--include-path",
-        "--limit",
-        "--num-fewshot",
-        "--seed",
-        "--split-on",
-        "--text-field",
-        "--trust-remote-code",
-    },
-}
+UNDOCUMENTED: dict[str, set[str]] = {}
 
 
 def section(heading: str) -> str:
