@@ -13,9 +13,18 @@ original layer chose for the token, and p_a the router probability. The original
 the token's gate sum, and so does the smaller one if every slot reproduces y, whichever slots a token
 picks, for routers whose gates sum to a fixed value (renormalised top-k, with or without a scaling factor
 such as DeepSeek-V3's); the dropped experts' function is merged into the kept ones in output space.
-The sums come from `profile --refit-stats` (`runtime.expert_outputs`); no gradient step and no labels
-are involved (closed form, like the layer-wise reconstruction of GPTQ or the output merging of MergeMoE,
-Miao et al. 2025). A relative ridge of 1e-6 keeps the solve defined when an intermediate neuron never fired.
+The sums come from `profile --refit-stats` (`runtime.expert_outputs`, every expert of every layer stored),
+or, without them, from one sequential pass that sums, solves and frees one layer at a time
+(`merging.refit_pass`); no gradient step and no labels are involved (closed form, like the layer-wise
+reconstruction of GPTQ or the output merging of MergeMoE, Miao et al. 2025).
+
+Ridge: D^T = (hh + lambda s I)^-1 hy with s the mean diagonal of hh. The default lambda = 1e-6 only keeps the
+solve defined when an intermediate neuron never fired. `--refit-ridge auto` chooses lambda from `RIDGES` by
+the error on held-out calibration windows (standard ridge selection by validation error, e.g. Hastie,
+Tibshirani and Friedman, ESL 7.2/7.10): with hh = Q diag(L) Q^T (`eigen_fit`) every candidate is
+Q diag(1/(L + lambda s)) Q^T hy, so the candidates cost one eigendecomposition per slot and the held-out
+error sum_x p ||D h - y||^2 is computed from rotated activations (`candidate_errors`), in the memory of
+the sums they replace.
 """
 
 from __future__ import annotations
@@ -29,17 +38,50 @@ from moe_prune.architectures.spec import ExpertTensor
 from moe_prune.errors import MoePruneError
 
 RIDGE = 1e-6  # times the mean diagonal of sum p h h^T
+RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the candidates of --refit-ridge auto
 DOWN_SUFFIXES = ("down_proj", "down_proj.weight", "w2.weight", "output_linear.weight")
 
 
-def least_squares_down(hh: np.ndarray, hy: np.ndarray) -> np.ndarray:
-    """[I, H] D^T solving (hh + ridge) D^T = hy in float64; hh = sum p h h^T [I, I], hy = sum p h y^T [I, H]."""
+def _gram(hh: np.ndarray) -> tuple[np.ndarray, float]:
+    """hh symmetrised in float64 and its mean diagonal s (the ridge's unit)."""
     gram = np.asarray(hh, dtype=np.float64)
     gram = (gram + gram.T) / 2
     scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
     if not np.isfinite(scale) or scale <= 0:
         raise MoePruneError("--refit: the expert never produced an activation on the calibration data")
-    return np.linalg.solve(gram + RIDGE * scale * np.eye(len(gram)), np.asarray(hy, dtype=np.float64))
+    return gram, scale
+
+
+def least_squares_down(hh: np.ndarray, hy: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """[I, H] D^T solving (hh + ridge s) D^T = hy in float64; hh = sum p h h^T [I, I], hy = sum p h y^T [I, H]."""
+    gram, scale = _gram(hh)
+    return np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), np.asarray(hy, dtype=np.float64))
+
+
+def eigen_fit(hh: torch.Tensor, hy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(Q [I, I], L [I], Q^T hy [I, H], s) with hh = Q diag(L) Q^T: every ridge's solution from one decomposition."""
+    gram = (hh.double() + hh.double().T) / 2
+    scale = float(torch.diagonal(gram).mean()) if gram.numel() else 0.0
+    if not np.isfinite(scale) or scale <= 0:
+        raise MoePruneError("--refit: the expert never produced an activation on the calibration data")
+    values, q = torch.linalg.eigh(gram)
+    return q, values.clamp_min(0.0), q.T @ hy.double(), scale
+
+
+def ridge_solution(q: torch.Tensor, values: torch.Tensor, rotated: torch.Tensor, scale: float, ridge: float):
+    """[I, H] D^T = Q diag(1 / (L + ridge s)) Q^T hy, as a float64 numpy array."""
+    return (q @ (rotated / (values + ridge * scale)[:, None])).cpu().numpy()
+
+
+def candidate_errors(
+    g: torch.Tensor, p: torch.Tensor, y: torch.Tensor, values: torch.Tensor, rotated: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """[len(RIDGES)] sum_x p ||D_lambda^T h - y||^2 on held-out rows; g = h Q [T, I] (rotated activations)."""
+    errors = torch.empty(len(RIDGES), dtype=torch.float64)
+    for i, ridge in enumerate(RIDGES):
+        residual = (g / (values + ridge * scale)) @ rotated - y
+        errors[i] = (p[:, 0] * residual.square().sum(1)).sum().cpu()
+    return errors
 
 
 def is_down(layout: ExpertTensor) -> bool:

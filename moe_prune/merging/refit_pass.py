@@ -1,0 +1,218 @@
+"""`merge --refit` in one sequential pass: per MoE layer, sum the anchors' normal equations, solve, store, free.
+
+GPTQ-style (Frantar et al. 2023, section 3, "layer-wise" processing): the calibration windows run through the
+ORIGINAL model one decoder layer at a time (`runtime.sequential.LayerwiseModel`, the `profile --sequential`
+machinery); while a MoE layer runs, `runtime.refit_sums.AnchorSums` adds hh and hy of the experts that
+become slots, then each slot's down projection is solved (`merging.refit`), written to a temporary file
+(`merging.refit_store`) and the sums are freed before the next layer loads. Alive at once: one layer's
+weights, D x I x (I + H) float64 sums of that layer, and the hidden states of the windows; never the
+E x I x (I + H) per layer of every layer that `profile --refit-stats` stores. The inputs of every layer are
+the original model's, as in the whole-model profile, so the result equals the two-step refit up to float
+summation order. Layers after the last refit layer are not run.
+
+Held-out ridge (`ridge=None`): the last `held_out` share of the windows is kept out of the sums; once the
+fit windows have run, each slot's hh is replaced in place by its eigendecomposition and the held-out
+windows score every candidate of `merging.refit.RIDGES`; each slot takes the ridge with the smallest
+held-out error. The held-out windows still run through the layer (the next layer needs their states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_prune.architectures.config import ModelConfig
+from moe_prune.errors import MoePruneError
+from moe_prune.merging.refit import RIDGE, RIDGES, candidate_errors, eigen_fit, least_squares_down, ridge_solution
+from moe_prune.merging.refit_store import SpilledDowns
+from moe_prune.runtime.refit_sums import AnchorSums, refit_check
+from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+
+HELD_OUT = 0.125  # share of the windows that choose the ridge (at least one window)
+
+
+@dataclass
+class LayerFit:
+    """What the refit of one MoE layer chose and how its down projections compare to the original's."""
+
+    layer: int
+    ridges: list[float]  # per slot
+    max_abs: float  # largest |D| of the refit down projections
+    original_max_abs: float  # largest |D| of the layer's original down projections
+    max_norm: float  # largest Frobenius norm of a refit down projection
+    original_max_norm: float
+    held_out_error: float | None = None  # sum p ||Dh - y||^2 / sum p ||y||^2 on held-out windows, chosen ridges
+    held_out_errors: dict[str, float] = field(default_factory=dict)  # the same for every candidate ridge, all slots
+
+
+@dataclass
+class PassResult:
+    downs: dict[int, SpilledDowns]
+    fits: list[LayerFit]
+
+
+def _batches(count: int, batch_size: int, start: int = 0) -> list[slice]:
+    return [slice(s, min(s + batch_size, count)) for s in range(start, count, batch_size)]
+
+
+def refit_pass(
+    model: LayerwiseModel,
+    config: ModelConfig,
+    windows: torch.Tensor,
+    anchors: dict[int, list[int]],
+    *,
+    batch_size: int,
+    ridge: float | None = RIDGE,
+    buffer_memory: int | None = None,
+    spill: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PassResult:
+    """Solve every layer of `anchors` ({decoder layer: current expert ids that become slots}) in one pass.
+
+    `ridge` None chooses each slot's ridge on held-out windows (module docstring), else it is fixed.
+    """
+    adapter = config.adapter
+    for layer in anchors:  # every refusal before the first forward pass
+        refit_check(
+            model.model.get_submodule(f"{adapter.runtime_layers}.{layer}.{adapter.runtime_experts}"), config, layer
+        )
+    if ridge is None and len(windows) < 2:
+        raise MoePruneError("--refit-ridge auto holds out calibration windows; the statistics counted only one")
+    held = max(1, round(len(windows) * HELD_OUT)) if ridge is None else 0
+    runner = _Layers(model, windows, batch_size, len(windows) - held, max(anchors, default=-1), progress)
+    runner.buffer_memory = buffer_memory
+    result = PassResult({}, [])
+    try:
+        runner.embed()
+        for layer in range(runner.last + 1):
+            block = model.load_layer(layer)
+            sums = AnchorSums(model.model, config, layer, anchors[layer]) if layer in anchors else None
+            with sums if sums is not None else nullcontext(), torch.inference_mode():
+                runner.run(block, layer, runner.fit)
+                if sums is not None:
+                    downs, fit = _solve(sums, ridge, lambda: runner.run(block, layer, runner.held))  # noqa: B023
+                else:
+                    runner.run(block, layer, runner.held)
+            if sums is not None:
+                down = sums.experts.down_proj.detach()[sums.anchors]
+                fit.layer = layer
+                fit.original_max_abs = float(down.abs().max())
+                fit.original_max_norm = float(torch.linalg.matrix_norm(down.double()).max())
+                sums.release()
+                result.downs[layer] = SpilledDowns(downs, spill)
+                result.fits.append(fit)
+                del sums, downs, down
+            model.free_layer(layer)
+    finally:
+        runner.close()
+    return result
+
+
+class _Layers:
+    """The windows' hidden states and each layer's recorded call arguments (as `profile --sequential`)."""
+
+    def __init__(
+        self,
+        model: LayerwiseModel,
+        windows: torch.Tensor,
+        batch_size: int,
+        split: int,
+        last: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.model, self.windows, self.last = model, windows, last
+        self.fit, self.held = _batches(split, batch_size), _batches(len(windows), batch_size, split)
+        self.report = progress or (lambda done, total: None)
+        self.total = int(windows.numel()) * (last + 2)
+        self.calls: dict[int, dict[int, tuple[tuple, dict]]] = {}
+        self.buffer: HiddenBuffer | None = None
+        self.buffer_memory: int | None = None
+
+    def embed(self) -> None:
+        """Every window's input to the first decoder layer, and what the model passes each layer."""
+        self.report(0, self.total)
+        self.model.load_outside(skip=_output_head(self.model.model))
+        for rows in self.fit + self.held:
+            batch = self.windows[rows]
+            inputs = self.model.layer_inputs(batch)
+            hidden = inputs[0][0][0]
+            if self.buffer is None:
+                shape = (len(self.windows), *hidden.shape[1:])
+                self.buffer = HiddenBuffer(shape, hidden.dtype, self.buffer_memory)
+            self.buffer.tensor[rows] = hidden.cpu()
+            self.calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
+            self.report(int(rows.stop * self.windows.shape[1]), self.total)
+        self.model.free_outside()
+
+    def run(self, block: torch.nn.Module, layer: int, batches: list[slice]) -> None:
+        """Decoder layer `layer` on these batches, its outputs replacing its inputs."""
+        assert self.buffer is not None
+        for rows in batches:
+            args, kwargs = self.calls[rows.stop - rows.start][layer]
+            out = block(self.buffer.tensor[rows].to(self.model.device), *args, **kwargs)
+            self.buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
+            self.report(int((layer + 1) * self.windows.numel() + rows.stop * self.windows.shape[1]), self.total)
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+
+
+def _solve(sums: AnchorSums, ridge: float | None, held_out: Callable[[], None]) -> tuple[list[np.ndarray], LayerFit]:
+    """Each slot's D^T: a fixed ridge, or the held-out choice (the held-out windows run inside, see docstring)."""
+    if sums.hh is None or sums.hy is None:
+        raise MoePruneError(f"--refit: MoE layer {sums.layer} saw no calibration tokens")
+    if ridge is not None:
+        held_out()
+        downs = [
+            least_squares_down(sums.hh[j].cpu().numpy(), sums.hy[j].cpu().numpy(), ridge)
+            for j in range(len(sums.anchors))
+        ]
+        return downs, _fit(downs, [ridge] * len(downs))
+    values, scales = [], []
+    for j in range(len(sums.anchors)):  # hh[j] <- Q, hy[j] <- Q^T hy: the decomposition in the sums' memory
+        q, v, rotated, scale = eigen_fit(sums.hh[j], sums.hy[j])
+        sums.hh[j].copy_(q)
+        sums.hy[j].copy_(rotated)
+        values.append(v)
+        scales.append(scale)
+    errors = torch.zeros(len(sums.anchors), len(RIDGES), dtype=torch.float64)
+    norms = torch.zeros(len(sums.anchors), dtype=torch.float64)
+
+    def score(row: int, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> None:
+        g = h @ sums.hh[row]
+        errors[row] += candidate_errors(g, p, y, values[row], sums.hy[row], scales[row])
+        norms[row] += (p[:, 0] * y.square().sum(1)).sum().cpu()
+
+    sums.scorer = score
+    held_out()
+    best = errors.argmin(dim=1).tolist()
+    downs = [ridge_solution(sums.hh[j], values[j], sums.hy[j], scales[j], RIDGES[i]) for j, i in enumerate(best)]
+    fit = _fit(downs, [RIDGES[i] for i in best])
+    total = float(norms.sum()) or 1.0
+    fit.held_out_error = float(sum(errors[j, i] for j, i in enumerate(best))) / total
+    fit.held_out_errors = {f"{r:g}": float(errors[:, i].sum()) / total for i, r in enumerate(RIDGES)}
+    return downs, fit
+
+
+def _fit(downs: list[np.ndarray], ridges: list[float]) -> LayerFit:
+    return LayerFit(
+        layer=-1,
+        ridges=ridges,
+        max_abs=max(float(np.abs(d).max()) for d in downs),
+        original_max_abs=0.0,
+        max_norm=max(float(np.linalg.norm(d)) for d in downs),
+        original_max_norm=0.0,
+    )
+
+
+def _output_head(model: Any) -> tuple[str, ...]:
+    """Module paths of the output head (the pass needs the decoder layers' outputs only)."""
+    head = model.get_output_embeddings()
+    return tuple(name + "." for name, module in model.named_modules() if module is head and name)

@@ -1,0 +1,136 @@
+"""`merge --refit` without stored refit sums: the calibration windows of the statistics, one sequential pass.
+
+`profile` records in the statistics' provenance exactly which windows it counted (data, samples, seq-len,
+seed, shard, text field, split, dtype, batch size); the refit re-reads the same windows the same way
+(`stages.profile`'s own reader and mixer) and solves each layer during one pass of the original model
+(`merging.refit_pass`). Statistics that hold `refit_hh`/`refit_hy` (`profile --refit-stats`) are solved
+from the stored sums instead (`stages.merge`): those sums add across shards and machines (`profile
+combine`) and serve any number of merges without running the model again; the pass needs neither
+the E x I x (I + H) floats per layer they cost nor a second profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from moe_prune.architectures.table import NO_SEQUENTIAL
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.merging.refit import RIDGE
+from moe_prune.merging.refit_pass import LayerFit, refit_pass
+from moe_prune.merging.tensors import LayerPlan
+from moe_prune.runtime.loading import load_tokenizer
+from moe_prune.runtime.sequential import LayerwiseModel
+from moe_prune.runtime.sources import parse_sources, read_sources
+from moe_prune.stages.profile import BUDGET, POOL_FACTOR, Settings, _reader, _windows, shard_slice
+
+SUM_FIELDS = ("refit_hh", "refit_hy")
+CALIBRATION = ("data", "samples", "seq_len", "seed", "shard", "text_field", "split", "split_on", "dtype", "batch_size")
+
+
+def has_sums(stats: Stats) -> bool:
+    """Whether the statistics carry the refit sums (then `merge --refit` solves from them)."""
+    return any(name in stats.arrays for name in SUM_FIELDS)
+
+
+def parse_ridge(value: str | float | None) -> float | None:
+    """`--refit-ridge`: a relative ridge >= 0 (default 1e-6), or `auto` (None: chosen on held-out windows)."""
+    if value is None or value == "auto":
+        return None
+    try:
+        ridge = float(value)
+    except ValueError as exc:
+        raise MoePruneError(f"--refit-ridge {value!r}: expected a number such as 1e-4, or auto") from exc
+    if not ridge >= 0 or ridge == float("inf"):
+        raise MoePruneError(f"--refit-ridge {value!r}: expected a finite number >= 0, or auto")
+    return ridge
+
+
+def calibration(stats: Stats, name: str) -> Settings:
+    """The profile settings that chose the statistics' windows; refused in one line when they are not recorded."""
+    provenance = stats.provenance
+    missing = [key for key in CALIBRATION if key not in provenance]
+    if missing:
+        why = "combines several profile runs" if "combined" in provenance else f"does not record {missing[0]}"
+        raise MoePruneError(
+            f"{name}: {why}, so merge --refit cannot re-read its calibration windows; profile with --refit-stats "
+            "(sums that combine), or give statistics of one profile run"
+        )
+    values = {key: provenance[key] for key in CALIBRATION if key != "data"}
+    values["shard"] = tuple(values["shard"])
+    return Settings(**values)
+
+
+def windows(ckpt: Checkpoint, stats: Stats, name: str, trust_remote_code: bool) -> tuple[torch.Tensor, Settings]:
+    """[N, seq_len] the very windows `profile` counted (same sources, mixing, seed and shard)."""
+    settings = replace(calibration(stats, name), trust_remote_code=trust_remote_code)
+    data = stats.provenance["data"]
+    specs = parse_sources([data] if isinstance(data, str) else list(data))
+    budget = settings.samples * settings.seq_len
+    sources = read_sources(specs, budget, pool=POOL_FACTOR, what=BUDGET, read=_reader(settings))
+    tokenizer = load_tokenizer(ckpt, trust_remote_code)
+    _, chunks, _ = _windows(sources, tokenizer, settings.seq_len, settings)
+    chosen = chunks[shard_slice(len(chunks), settings.shard)]
+    if len(chosen) != stats.provenance.get("sequences", len(chosen)):
+        raise MoePruneError(
+            f"{name}: its calibration data now gives {len(chosen)} windows, the statistics counted "
+            f"{stats.provenance['sequences']}; the data changed since `profile`"
+        )
+    return chosen, settings
+
+
+def refit_layers(
+    model: str | Path,
+    ckpt: Checkpoint,
+    stats: Stats,
+    plans: dict[int, LayerPlan],
+    name: str,
+    *,
+    ridge: float | None = RIDGE,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    buffer_memory: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[int, LayerPlan], list[LayerFit]]:
+    """`plans` with every slot's down projection refit in one sequential pass; the fit of each layer."""
+    config = ckpt.config
+    if config.model_type in NO_SEQUENTIAL:
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: merge --refit runs the model one layer at a time, which "
+            f"{config.model_type} does not allow ({NO_SEQUENTIAL[config.model_type]}); profile with --refit-stats"
+        )
+    chosen, settings = windows(ckpt, stats, name, trust_remote_code)
+    layerwise = LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, settings.dtype, device, trust_remote_code)
+    anchors = {layer: plan.anchors for layer, plan in plans.items()}
+    result = refit_pass(
+        layerwise,
+        config,
+        chosen,
+        anchors,
+        batch_size=settings.batch_size,
+        ridge=ridge,
+        buffer_memory=buffer_memory,
+        progress=progress,
+    )
+    check_range(ckpt, result.fits)
+    return {layer: replace(plan, refit=result.downs[layer]) for layer, plan in plans.items()}, result.fits
+
+
+def check_range(ckpt: Checkpoint, fits: list[LayerFit]) -> None:
+    """Refuse refit down projections beyond the largest finite value of the checkpoint's float dtypes."""
+    dtypes = {FLOAT_DTYPES[t.dtype] for t in ckpt.tensors if t.dtype in FLOAT_DTYPES}
+    for dtype in sorted(dtypes, key=lambda d: torch.finfo(getattr(torch, d)).max):
+        limit = torch.finfo(getattr(torch, dtype)).max
+        for fit in fits:
+            if fit.max_abs > limit:
+                raise MoePruneError(
+                    f"{ckpt.folder}: the refit down projections of MoE layer {fit.layer} reach {fit.max_abs:.3g}, "
+                    f"past {dtype}'s largest value {limit:.3g}; use a larger --refit-ridge (or auto)"
+                )
+        return
