@@ -198,7 +198,7 @@ def test_merging_permuted_copies_keeps_the_logits_with_new_methods(model_type, m
             r"lacks out_all_sum, which --method hcsmoe needs; re-run `moe-prune profile --expert-outputs`",
         ),
         ({"weights": "output"}, "act_weighted_norm_sum", r"lacks act_weighted_norm_sum, which --weights output"),
-        ({"refit": True}, "refit_hh", r"lacks refit_hh, which --refit needs; re-run `moe-prune profile --refit-stats`"),
+        ({"refit": True}, "refit_hy", r"lacks refit_hy, which --refit needs; re-run `moe-prune profile --refit-stats`"),
         ({"weights": "mean"}, None, r"unknown --weights 'mean'"),
     ],
 )

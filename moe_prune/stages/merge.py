@@ -12,7 +12,7 @@ stream from the shards; only the layer being merged is in memory.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster, mean_similarity
 from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.plot import similarity_heatmaps as similarity_heatmaps
-from moe_prune.merging.refit import least_squares_down
+from moe_prune.merging.refit import RIDGE, least_squares_down
 from moe_prune.merging.registry import NEEDS, PRODUCED_BY, LayerStats, get_method, weight_statistic
 from moe_prune.merging.similarity import router_similarity
 from moe_prune.merging.tensors import ROUTER_RULES, LayerPlan, MergePlanner
 from moe_prune.sizes import parse_size
+from moe_prune.stages.refit import has_sums, parse_ridge, refit_layers
 
 
 @dataclass
@@ -71,6 +72,7 @@ class MergeResult(Written):
     experts_after: dict[int, int]
     top_k: int
     layers: list[LayerReport]
+    refit_fits: list = field(default_factory=list)  # merging.refit_pass.LayerFit per layer (sequential refit)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +92,7 @@ class MergeResult(Written):
                 }
                 for r in self.layers
             ],
+            "refit_layers": [asdict(fit) for fit in self.refit_fits],
         }
 
 
@@ -141,13 +144,18 @@ def run(
     stats_name: str = "stats",
     progress: Callable[[int, int], None] | None = None,
     drop_mtp: bool = False,
+    refit_ridge: str | float = RIDGE,
+    device: str = "cpu",
+    refit_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
 
     `weights` (`merging.registry.WEIGHTS`) sets what members are averaged in proportion to; `refit` fits
     each slot's down projection to the layer's output instead (`merging.refit`). Multi-token-prediction
     MoE blocks get the last MoE layer's plan (clusters and weights, never a refit: the statistics are the
-    decoder layer's), or are removed with `drop_mtp`.
+    decoder layer's), or are removed with `drop_mtp`. Without stored refit sums the refit runs one sequential
+    pass on `device` over the statistics' calibration windows (`stages.refit`); `refit_ridge` is the relative
+    ridge, or "auto" (chosen on held-out windows, that pass only).
     """
     get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
     if router not in ROUTER_RULES:
@@ -157,7 +165,11 @@ def run(
     check_writable(out, force, "folder")
     ckpt = Checkpoint.open(model)
     config, identity = ckpt.config, ckpt.identity
-    check_stats(stats, ckpt, method, stats_name, weights, refit)
+    stored = refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
+    ridge = parse_ridge(refit_ridge) if refit else RIDGE
+    if stored and ridge is None:
+        raise MoePruneError(f"{stats_name}: --refit-ridge auto needs held-out windows; drop its refit sums' use")
+    check_stats(stats, ckpt, method, stats_name, weights, stored)
     current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
     skip = sorted(set(skip_layers or []))
     counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
@@ -183,7 +195,13 @@ def run(
             reports.append(LayerReport(layer, len(ids), len(ids), True, []))
             continue
         plan, report = _plan_layer(
-            stats, rows[layer], ids, layer, Choice(method, weights, refit, router, seed), counts[layer], config.n_group
+            stats,
+            rows[layer],
+            ids,
+            layer,
+            Choice(method, weights, stored, router, seed, ridge or RIDGE),
+            counts[layer],
+            config.n_group,
         )
         plans[layer] = plan
         clusters, averaging = plan.clusters, plan.weights
@@ -192,6 +210,11 @@ def run(
             merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, averaging, strict=True))
         reports.append(report)
 
+    fits = []
+    if refit and not stored:
+        plans, fits = refit_layers(
+            model, ckpt, stats, plans, stats_name, ridge=ridge, device=device, progress=refit_progress
+        )
     quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
     inputs = _mtp_inputs(mtp, plans, identity.moe_layers[-1], drop_mtp)  # before the planner reads `plans`
     tensors = mtp.restore(
@@ -222,6 +245,7 @@ def run(
         experts_after=counts,
         top_k=config.top_k,
         layers=reports,
+        refit_fits=fits,
     )
 
 
@@ -234,6 +258,7 @@ class Choice:
     refit: bool
     router: str
     seed: int
+    ridge: float = RIDGE
 
 
 def _plan_layer(
@@ -249,15 +274,15 @@ def _plan_layer(
     clusters = cluster_layer(method, similarity, frequency, count, choice.seed, n_group, context)
     basis = weight_statistic(choice.weights) if choice.method != "prune" else "hard_counts"
     averaging = [c.weights(np.asarray(stats.arrays[basis][row][:n], dtype=np.float64)) for c in clusters]
-    downs = _refit(stats, row, clusters) if choice.refit else None
+    downs = _refit(stats, row, clusters, choice.ridge) if choice.refit else None
     plan = LayerPlan(layer, clusters, averaging, choice.router, choice.seed, downs)
     return plan, _report(layer, ids, clusters, averaging, frequency, similarity)
 
 
-def _refit(stats: Stats, row: int, clusters: list[Cluster]) -> tuple[np.ndarray, ...]:
+def _refit(stats: Stats, row: int, clusters: list[Cluster], ridge: float) -> tuple[np.ndarray, ...]:
     """Each slot's least-squares down projection D^T [I, H], from its anchor's refit sums."""
     hh, hy = stats.arrays["refit_hh"][row], stats.arrays["refit_hy"][row]
-    return tuple(least_squares_down(hh[c.anchor], hy[c.anchor]) for c in clusters)
+    return tuple(least_squares_down(hh[c.anchor], hy[c.anchor], ridge) for c in clusters)
 
 
 def _report(
