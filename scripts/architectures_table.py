@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def describe(model_type: str, unsupported: dict[str, str]) -> tuple[str, str]:
     """(how it is supported, detail) for one model type."""
     from moe_prune.architectures import ADAPTERS, derived_adapter
-    from moe_prune.architectures.derive import DerivationError, text_model_type
+    from moe_prune.architectures.derive_models import DerivationError, text_model_type
 
     try:
         text = text_model_type(model_type)
@@ -54,7 +54,7 @@ def known_failures(model_type: str, failures: dict[tuple[str, str], str]) -> str
 def main() -> None:
     from test_derived import KNOWN_FAILURES, UNSUPPORTED
 
-    from moe_prune.architectures.derive import moe_causal_lm_types
+    from moe_prune.architectures.derive_models import moe_causal_lm_types
 
     rows = [(t, *describe(t, UNSUPPORTED)) for t in moe_causal_lm_types()]
     rows = [(t, kind, detail + known_failures(t, KNOWN_FAILURES)) for t, kind, detail in rows]

@@ -28,7 +28,7 @@ def status(base_class: str) -> str:
 def rows() -> list[tuple[str, str, str]]:
     """(model_type, base class, status) of every family moe-prune supports, served ones first."""
     from moe_prune.architectures import find_adapter
-    from moe_prune.architectures.derive import moe_causal_lm_types
+    from moe_prune.architectures.derive_models import moe_causal_lm_types
     from moe_prune.checkpoint.ragged import causal_lm_class
     from moe_prune.checkpoint.serving import SERVED
 

@@ -18,7 +18,7 @@ from tiny_models import TINY
 from transformers import AutoModelForCausalLM
 
 from moe_prune.architectures import ADAPTERS
-from moe_prune.architectures.derive import moe_causal_lm_types
+from moe_prune.architectures.derive_models import moe_causal_lm_types
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher

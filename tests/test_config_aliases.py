@@ -10,7 +10,8 @@ from test_derived import DERIVED, _text_type, tiny_overrides
 
 from moe_prune.architectures import ADAPTERS, get_adapter
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.architectures.derive import config_class, shrink_config
+from moe_prune.architectures.derive_models import config_class
+from moe_prune.architectures.derive_shrink import shrink_config
 
 COUNT_NAMES = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
 

@@ -1,4 +1,4 @@
-"""Adapters derived from transformers' own modules (moe_prune/architectures/derive.py).
+"""Adapters derived from transformers' own modules (moe_prune/architectures/derive*.py).
 
 1. On the families the table has, derived and hand-written adapters agree where surgery needs them to.
 2. A model type nobody told us about (a renamed copy registered with the Auto classes) prunes correctly.
@@ -26,14 +26,9 @@ from test_adapters import _compare, random_keep
 from tiny_models import COMMON, DBRX, TINY, build_tiny, save_char_tokenizer
 
 from moe_prune.architectures import ADAPTERS, LAYER_RULES, get_adapter
-from moe_prune.architectures.derive import (
-    DerivationError,
-    build,
-    derive,
-    moe_causal_lm_types,
-    shrink_config,
-    text_model_type,
-)
+from moe_prune.architectures.derive import derive
+from moe_prune.architectures.derive_models import DerivationError, build, moe_causal_lm_types, text_model_type
+from moe_prune.architectures.derive_shrink import shrink_config
 from moe_prune.architectures.spec import STANDARD_EXPERT_TENSORS
 from moe_prune.architectures.table import NO_SEQUENTIAL, REFUSED
 from moe_prune.artifacts.mask import DropMask

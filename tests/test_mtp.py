@@ -88,7 +88,7 @@ def family_factory(tiny_factory, tmp_path_factory):
         if model_type not in _BUILT:
             from transformers import AutoModelForCausalLM
 
-            from moe_prune.architectures.derive import shrink_config
+            from moe_prune.architectures.derive_shrink import shrink_config
 
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(shrink_config(model_type))
@@ -335,7 +335,7 @@ def test_mellum_mtp_layer_loads_in_stock_transformers_after_prune(family_factory
 
 def _transformers_mtp_patterns(model_type: str) -> list[str]:
     """The MTP entries of the causal LM's `_keys_to_ignore_on_load_unexpected` (subtrees, layers past the decoder)."""
-    from moe_prune.architectures.derive import causal_lm_class, config_class
+    from moe_prune.architectures.derive_models import causal_lm_class, config_class
 
     patterns = causal_lm_class(config_class(model_type)())._keys_to_ignore_on_load_unexpected or []
     return [p for p in patterns if "mtp" in p or re.search(r"layers\\\.\d+", p)]
@@ -345,7 +345,7 @@ def test_every_mtp_family_of_transformers_has_its_layout():
     """Derived from transformers: a layout per family whose CausalLM ignores MTP keys, none for the others;
     decoder numbering where the pattern names layer num_hidden_layers, else the very pattern; the count key
     transformers maps `num_mtp_layers` to."""
-    from moe_prune.architectures.derive import config_class, moe_causal_lm_types, text_model_type
+    from moe_prune.architectures.derive_models import config_class, moe_causal_lm_types, text_model_type
 
     covered = set()
     for model_type in moe_causal_lm_types():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_prune.architectures.derive import moe_causal_lm_types
+from moe_prune.architectures.derive_models import moe_causal_lm_types
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = re.compile(r"^\d+ MoE causal-LM model types in transformers: .*$", re.MULTILINE)

@@ -96,7 +96,8 @@ def fit_layer_prefix(adapter: Adapter, names: list[str]) -> Adapter:
     wrappers of the text model type are transformers' own (`derive.wrapper_layout`); none match: unchanged."""
     if _names_router(adapter, names):
         return adapter
-    from moe_prune.architectures.derive import moe_causal_lm_types, text_model_type, wrapper_layout
+    from moe_prune.architectures.derive import wrapper_layout
+    from moe_prune.architectures.derive_models import moe_causal_lm_types, text_model_type
 
     for wrapper in moe_causal_lm_types():
         try:

@@ -73,6 +73,6 @@ def moe_layers_list(config: dict[str, Any], n_layers: int) -> list[int]:
 @rule("derived")
 def derived(config: dict[str, Any], n_layers: int) -> list[int]:
     """Families without a row: the layers that get an experts module when transformers builds the config."""
-    from moe_prune.architectures.derive import moe_layers_of  # builds models: import only when needed
+    from moe_prune.architectures.derive_structure import moe_layers_of  # builds models: import only when needed
 
     return moe_layers_of(config)
