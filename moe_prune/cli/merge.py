@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     MAX_SEED,
+    DeviceOpt,
     DropMtpOpt,
     ForceOpt,
     JsonOpt,
+    LazyBar,
     MaxShardSizeOpt,
     ModelArg,
     OutDirOpt,
@@ -77,9 +80,19 @@ def merge(
     refit: Annotated[
         bool,
         typer.Option(
-            "--refit", help="Fit each slot's down projection to the layer's output (needs profile --refit-stats)."
+            "--refit",
+            help="Fit each slot's down projection to the layer's output: from profile --refit-stats sums, else in "
+            "one layer-by-layer pass over the statistics' calibration windows.",
         ),
     ] = False,
+    refit_ridge: Annotated[
+        str,
+        typer.Option(
+            help="Relative ridge of --refit's least squares, or auto: chosen per slot on held-out calibration "
+            "windows (layer-by-layer pass only)."
+        ),
+    ] = "1e-6",
+    device: DeviceOpt = "cpu",
     skip_layers: Annotated[
         list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
     ] = None,
@@ -98,7 +111,17 @@ def merge(
     check_not_input(out, (model, stats))
     check_plot(plot, force, (model, stats))
     loaded = Stats.load(stats)
-    with byte_progress("writing shards") as update:
+    refit_bar = LazyBar(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+
+    def refit_update(done: int, total: int) -> None:
+        refit_bar.update("refit", description="refit, layer by layer", completed=done, total=total)
+
+    with refit_bar, byte_progress("writing shards") as write_update:
+
+        def update(done: int, total: int) -> None:
+            refit_bar.stop()  # the pass is over once writing starts
+            write_update(done, total)
+
         result = stage.run(
             model,
             loaded,
@@ -116,6 +139,9 @@ def merge(
             stats_name=str(stats),
             progress=update,
             drop_mtp=drop_mtp,
+            refit_ridge=refit_ridge,
+            device=device,
+            refit_progress=refit_update,
         )
     if plot is not None:
         from moe_prune.stages.merge import similarity_heatmaps
@@ -125,6 +151,8 @@ def merge(
         print_json(result.to_dict())
         return
     out_console.print(cluster_table(result))
+    if result.refit_fits:
+        out_console.print(refit_table(result))
     after = sorted(set(result.experts_after.values()))
     refit = ", down projections refit" if result.refit else ""
     out_console.print(
@@ -155,4 +183,24 @@ def cluster_table(result: MergeResult) -> Table:
                 for m, f, w in zip(cluster.members, cluster.frequencies, cluster.weights, strict=True)
             )
             table.add_row(str(report.layer), str(slot), str(cluster.anchor), members, f"{cluster.similarity:.3f}")
+    return table
+
+
+def refit_table(result: MergeResult) -> Table:
+    """One row per refit layer: the ridge chosen, the held-out error and the down projections' range."""
+    table = Table(title="refit (layer by layer)")
+    for name in ("layer", "ridge", "held-out error", "at 1e-6", "max |D| refit / original", "max ‖D‖ refit / original"):
+        table.add_column(name, justify="right")
+    for fit in result.refit_fits:
+        ridges = "/".join(f"{r:g}" for r in sorted(set(fit.ridges)))
+        error = "" if fit.held_out_error is None else f"{fit.held_out_error:.4f}"
+        base = f"{fit.held_out_errors['1e-06']:.4f}" if fit.held_out_errors else ""
+        table.add_row(
+            str(fit.layer),
+            ridges,
+            error,
+            base,
+            f"{fit.max_abs:.3g} / {fit.original_max_abs:.3g}",
+            f"{fit.max_norm:.3g} / {fit.original_max_norm:.3g}",
+        )
     return table

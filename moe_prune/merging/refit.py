@@ -45,7 +45,8 @@ DOWN_SUFFIXES = ("down_proj", "down_proj.weight", "w2.weight", "output_linear.we
 def _gram(hh: np.ndarray) -> tuple[np.ndarray, float]:
     """hh symmetrised in float64 and its mean diagonal s (the ridge's unit)."""
     gram = np.asarray(hh, dtype=np.float64)
-    gram = (gram + gram.T) / 2
+    gram = gram + gram.T  # then halved and the ridge added in place: one I x I copy of the sums (memory)
+    gram *= 0.5
     scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
     if not np.isfinite(scale) or scale <= 0:
         raise MoePruneError("--refit: the expert never produced an activation on the calibration data")
@@ -55,7 +56,8 @@ def _gram(hh: np.ndarray) -> tuple[np.ndarray, float]:
 def least_squares_down(hh: np.ndarray, hy: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     """[I, H] D^T solving (hh + ridge s) D^T = hy in float64; hh = sum p h h^T [I, I], hy = sum p h y^T [I, H]."""
     gram, scale = _gram(hh)
-    return np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), np.asarray(hy, dtype=np.float64))
+    gram[np.diag_indices_from(gram)] += ridge * scale
+    return np.linalg.solve(gram, np.asarray(hy, dtype=np.float64))
 
 
 def eigen_fit(hh: torch.Tensor, hy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
