@@ -7,7 +7,10 @@ layer `num_hidden_layers` (`model.layers.61.*` in DeepSeek-V3) with `enorm`, `hn
 `shared_head.*` and `embed_tokens` beside a full decoder layer; Qwen3-Next, Qwen3.5, Mellum and EXAONE-MoE
 keep `mtp.layers.0.*` beside `mtp.fc`, `mtp.pre_fc_norm_*` and `mtp.norm`; HunYuan-V4, MiMo-V2-Flash and
 MiniMax-M3 keep layer 0 under `model.mtp_layers.0.`, `model.mtp.layers.0.` and `mtp.layers.0.`; ERNIE 4.5
-keeps `model.mtp_block.0.*` beside `model.mtp_emb_norm.0`, `model.mtp_hidden_norm.0`, `model.mtp_linear_proj.0`.
+keeps `model.mtp_block.0.*` beside `model.mtp_emb_norm.0`, `model.mtp_hidden_norm.0`, `model.mtp_linear_proj.0`;
+Nemotron-H's one MTP step is two numbered layers (vLLM nemotron_h_mtp, mtp_layers_block_type attention then MoE):
+`mtp.layers.0.` an attention block with `enorm`, `hnorm`, `eh_proj`, `mtp.layers.1.` the MoE block with
+`final_layernorm`.
 The MTP layer's decoder part is a copy of the last decoder layer, so after any edit its MoE tensors must be
 byte-equal to that layer's.
 """
@@ -60,7 +63,19 @@ ERNIE_EXTRAS = {
     "model.mtp_hidden_norm.0.weight": (H,),
     "model.mtp_linear_proj.0.weight": (H, 2 * H),
 }
-# family -> (prefix of MTP layer 0, or None for decoder numbering; extra tensors outside it and their shapes)
+# Nemotron-H's MTP step (tiny shrink sizes: 4 query and 2 key/value heads of 8): layer 0 attention, layer 1 MoE.
+NEMOTRON_EXTRAS = {
+    "mtp.layers.0.enorm.weight": (H,),
+    "mtp.layers.0.hnorm.weight": (H,),
+    "mtp.layers.0.eh_proj.weight": (H, 2 * H),
+    "mtp.layers.0.norm.weight": (H,),
+    "mtp.layers.0.mixer.q_proj.weight": (H, H),
+    "mtp.layers.0.mixer.k_proj.weight": (16, H),
+    "mtp.layers.0.mixer.v_proj.weight": (16, H),
+    "mtp.layers.0.mixer.o_proj.weight": (H, H),
+    "mtp.layers.1.final_layernorm.weight": (H,),
+}
+# family -> (prefix of the MTP MoE layer, or None for decoder numbering; extra tensors outside it and their shapes)
 PLACES: dict[str, tuple[str | None, dict]] = {
     **dict.fromkeys(
         ("deepseek_v3", "glm4_moe", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "hy_v3", "bailing_hybrid"),
@@ -73,8 +88,10 @@ PLACES: dict[str, tuple[str | None, dict]] = {
     "ernie4_5_moe": ("model.mtp_block.0.", ERNIE_EXTRAS),
     "dots3_note_text": (None, {"model.mtp.norm.weight": (H,)}),  # decoder numbering and an mtp subtree
     "qwen4_exp_text": ("mtp.layers.0.", QWEN_EXTRAS),
+    "nemotron_h": ("mtp.layers.1.", NEMOTRON_EXTRAS),
 }
 FAMILIES = [t for t in PLACES if t not in REFUSED]
+MOE_INDEX = {"nemotron_h": 1}  # the MTP layer holding the MoE block where it is not layer 0
 _BUILT: dict[str, object] = {}
 
 
@@ -122,7 +139,8 @@ def with_mtp(factory, model_type: str, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config[key] = 1
     (folder / "config.json").write_text(json.dumps(config))
-    last = f"model.layers.{Checkpoint.open(plain).config.moe_layers[-1]}."
+    config_of = Checkpoint.open(plain).config
+    last = config_of.adapter.layer_prefix.format(L=config_of.moe_layers[-1])
     tensors = load_file(folder / "model.safetensors")
     generator = torch.Generator().manual_seed(7)
     for name in [n for n in tensors if n.startswith(last)]:
@@ -139,11 +157,11 @@ def mtp_names(tensors: dict, folder, model_type: str) -> set[str]:
     return {n for n in tensors if n.startswith(prefix) or n in extras}
 
 
-def experts_of(tensors: dict, prefix: str) -> set[int]:
-    """Expert ids under `prefix`: per-expert keys, else the leading axis of fused expert tensors."""
-    pattern = re.compile(re.escape(prefix) + r"mlp\.experts\.(\d+)\.")
+def experts_of(tensors: dict, prefix: str, experts: str = "mlp.experts.") -> set[int]:
+    """Expert ids under `prefix` + `experts`: per-expert keys, else the leading axis of fused expert tensors."""
+    pattern = re.compile(re.escape(prefix + experts) + r"(\d+)\.")
     ids = {int(m[1]) for name in tensors if (m := pattern.match(name))}
-    fused = {t.shape[0] for name, t in tensors.items() if name.startswith(prefix + "mlp.experts.") and t.dim() == 3}
+    fused = {t.shape[0] for name, t in tensors.items() if name.startswith(prefix + experts) and t.dim() == 3}
     assert not (ids and fused) and len(fused) <= 1, fused
     return ids or set(range(fused.pop() if fused else 0))
 
@@ -177,11 +195,11 @@ def test_prune_gives_mtp_the_last_layers_experts(model_type, family_factory, tmp
 
     src, out, reference = all_tensors(folder), all_tensors(tmp_path / "out"), all_tensors(tmp_path / "plain")
     pruned = Checkpoint.open(tmp_path / "out")  # validates the MTP MoE against the config
-    assert pruned.config.num_experts == 4 and experts_of(out, prefix) == set(range(4))
+    adapter = ckpt.config.adapter
+    assert pruned.config.num_experts == 4 and experts_of(out, prefix, adapter.experts) == set(range(4))
     assert_mirrors_last_layer(out, prefix, last)
     layer = ckpt.config.moe_layers[-1]
     rows = sorted(keep[layer])  # original ids are the input's slots
-    adapter = ckpt.config.adapter
     assert out[prefix + adapter.router].shape[0] == 4
     assert torch.equal(out[prefix + adapter.router], src[prefix + adapter.router][rows])
     if adapter.selection_bias and prefix + adapter.selection_bias in src:
@@ -193,7 +211,8 @@ def test_prune_gives_mtp_the_last_layers_experts(model_type, family_factory, tmp
     assert torch.equal(stock_logits(tmp_path / "out"), stock_logits(tmp_path / "plain"))  # transformers skips MTP
 
     manifest = json.loads((tmp_path / "out" / "moe_prune.json").read_text())
-    assert manifest["mtp"] == {"layers": {"0": {"prefix": prefix, "follows": layer, "slots": rows}}, "dropped": 0}
+    index = str(MOE_INDEX.get(model_type, 0))
+    assert manifest["mtp"] == {"layers": {index: {"prefix": prefix, "follows": layer, "slots": rows}}, "dropped": 0}
     assert result.mtp == [f"multi-token-prediction layer {prefix}: experts of layer {layer} kept"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())[mtp_family(model_type).count_key] == 1
 
@@ -205,7 +224,7 @@ def test_merge_applies_the_last_layers_plan_to_mtp(model_type, family_factory, t
     result = merge.run(folder, synthetic_stats(ckpt), tmp_path / "out", 4)
     out = all_tensors(tmp_path / "out")
     merged = Checkpoint.open(tmp_path / "out")
-    assert merged.config.num_experts == 4 and experts_of(out, prefix) == set(range(4))
+    assert merged.config.num_experts == 4 and experts_of(out, prefix, ckpt.config.adapter.experts) == set(range(4))
     assert out[prefix + ckpt.config.adapter.router].shape[0] == 4
     assert_mirrors_last_layer(out, prefix, last)
     layer = ckpt.config.moe_layers[-1]
@@ -213,7 +232,7 @@ def test_merge_applies_the_last_layers_plan_to_mtp(model_type, family_factory, t
     assert any(len(c.members) > 1 for c in report.clusters)  # really merged, not only sliced
     manifest = Manifest.read(tmp_path / "out")
     assert manifest is not None
-    record = manifest.mtp[0]
+    record = manifest.mtp[MOE_INDEX.get(model_type, 0)]
     assert (record.prefix, record.follows) == (prefix, layer)
     assert record.slots == manifest.slots[layer] and record.members == manifest.merged[layer]
 
@@ -426,36 +445,40 @@ def test_drop_zeroes_every_count_key_present_and_the_familys_own(family_factory)
     assert raw == {"hidden_size": H}
 
 
-def test_nemotron_h_mtp_sublayers_are_dropped_or_refused(family_factory, tmp_path):
-    """Nemotron-H's MTP holds sublayers after mtp_layers_block_type (attention, then MoE) under `mtp.*`: the
-    subtree is recognised, never placed; its experts make prune refuse unless --drop-mtp removes all of it."""
-    plain = family_factory("nemotron_h")
-    folder = tmp_path / "nemotron-mtp"
-    shutil.copytree(plain, folder)
+def test_nemotron_h_mtp_step_counts_its_sublayers(family_factory, tmp_path):
+    """Nemotron-H's count is of MTP steps, each len(mtp_layers_block_type) numbered layers (releases may carry the
+    legacy pattern string instead, "*E"): two layers for one step open, a third is refused, and a step of
+    three sublayers allows it. The pruned MoE sublayer keeps the last MoE layer's experts, sliced from its own."""
+    folder, _, prefix, _ = with_mtp(family_factory, "nemotron_h", tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["num_nextn_predict_layers"] = 1
+    assert config["mtp_layers_block_type"] == ["full_attention", "moe"]
+    del config["mtp_layers_block_type"]
+    config["mtp_hybrid_override_pattern"] = "*E"
     (folder / "config.json").write_text(json.dumps(config))
+    ckpt = Checkpoint.open(folder)
+    keep = random_keep(ckpt, 3, seed=8)  # drops 3 of 8
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "out")
+    src, out = all_tensors(folder), all_tensors(tmp_path / "out")
+    rows = sorted(keep[ckpt.config.moe_layers[-1]])
+    for new, old in enumerate(rows):
+        for part in ("up_proj.weight", "down_proj.weight"):
+            name = f"{prefix}mixer.experts.{{}}.{part}"
+            assert torch.equal(out[name.format(new)], src[name.format(old)]), (new, old, part)
+    assert torch.equal(
+        out[f"{prefix}mixer.gate.e_score_correction_bias"], src[f"{prefix}mixer.gate.e_score_correction_bias"][rows]
+    )
+    assert experts_of(out, prefix, "mixer.experts.") == set(range(5))
+
     tensors = load_file(folder / "model.safetensors")
-    ckpt = Checkpoint.open(plain)
-    last = ckpt.config.adapter.layer_prefix.format(L=ckpt.config.moe_layers[-1])
-    for name in [n for n in tensors if n.startswith(last)]:
-        tensors["mtp.layers.1." + name[len(last) :]] = tensors[name].clone()
-    for rest, shape in {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H)}.items():
-        tensors["mtp.layers.0." + rest] = torch.ones(shape, dtype=tensors[next(iter(tensors))].dtype)
+    tensors["mtp.layers.2.norm.weight"] = torch.ones(H)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    opened = Checkpoint.open(folder)  # transformers skips mtp.*, so reading the model works
-    keep = random_keep(opened, 4, seed=6)
-    mask = write_mask(tmp_path / "mask.json", opened, keep)
-    args = ["prune", str(folder), "--mask", mask, "--out", str(tmp_path / "out")]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
-    assert re.search(r"holds mtp\.layers\.1\.\S+experts|holds mtp\.layers\.1\.\S+gate", result.output), result.output
-    assert "--drop-mtp" in result.output and not (tmp_path / "out").exists()
-    result = runner.invoke(app, [*args, "--drop-mtp"])
-    assert result.exit_code == 0, result.output
-    prune.run(plain, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "plain")
-    assert all_tensors(tmp_path / "out").keys() == all_tensors(tmp_path / "plain").keys()
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    with pytest.raises(
+        MoePruneError, match=r"num_nextn_predict_layers is 1 steps of 2 layers, but .* layer 2 \(mtp\.layers\.2\.\*\)"
+    ):
+        Checkpoint.open(folder)
+    config["mtp_hybrid_override_pattern"] = "*E*"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert Checkpoint.open(folder).config.num_experts == 8
 
 
 def test_inkling_dense_mtp_is_copied_whole_and_its_experts_refused(family_factory, tmp_path):

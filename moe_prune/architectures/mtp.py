@@ -13,7 +13,8 @@ the same expert-count field as the decoder's. Those ignore patterns are where ea
   (Qwen3-Next and Mellum `mtp.fc`, `mtp.pre_fc_norm_*`, `mtp.norm`; ERNIE `model.mtp_linear_proj.0`)
   travels with the layers. The block's own layout: transformers' `MtpModel` conversion (`layers.{k}.` after
   removing `model.` and `mtp.`) for Mellum; vLLM's MTP model files for the others (qwen3_next_mtp,
-  exaone_moe_mtp: `mtp.layers.{i}`; ernie_mtp: `model.mtp_block.{i}`).
+  exaone_moe_mtp: `mtp.layers.{i}`; ernie_mtp: `model.mtp_block.{i}`; nemotron_h_mtp: `mtp.layers.{i}`,
+  where one MTP step is `len(mtp_layers_block_type)` numbered layers, attention then MoE by default).
 
 Inside an MTP layer the MoE keys are those of a decoder layer, so an MTP layer is classified as the virtual
 decoder layer `num_hidden_layers + i`. A tensor that looks like MTP (a name part mentioning mtp or nextn, or
@@ -46,6 +47,9 @@ class MtpFamily:
     count_key: str  # in the text config
     layer_prefix: str | None = DECODER_NUMBERING  # or MTP layer i's prefix with `{i}`, e.g. "mtp.layers.{i}."
     ignore: str | None = None  # transformers' pattern matching every MTP tensor (searched like transformers does)
+    # Config keys listing the sublayers of one MTP step (a list, or a pattern string with one character each),
+    # for families whose step is several numbered layers (Nemotron-H: attention, then MoE); none: one layer a step.
+    step_keys: tuple[str, ...] = ()
 
     @property
     def known(self) -> bool:
@@ -77,9 +81,15 @@ MTP_FAMILIES: dict[str, MtpFamily] = {
     "mimo_v2_flash": MtpFamily("num_nextn_predict_layers", "model.mtp.layers.{i}.", r"^model\.mtp\."),
     "minimax_m3_vl_text": MtpFamily("num_mtp_modules", "mtp.layers.{i}.", r"(^|\.)mtp\..*"),
     "ernie4_5_moe": MtpFamily("num_nextn_predict_layers", "model.mtp_block.{i}.", r"mtp"),  # vLLM ernie_mtp
-    # mtp.*; its MTP sublayers follow mtp_layers_block_type (attention, then MoE), not one decoder layer each:
-    # recognised but not placed: prune and merge refuse MTP experts unless --drop-mtp removes them
-    "nemotron_h": MtpFamily("num_nextn_predict_layers", None, r"mtp.*"),
+    # mtp.*; vLLM nemotron_h_mtp: one step is len(mtp_layers_block_type) numbered layers `mtp.layers.{i}` (default
+    # attention, then MoE; releases may carry the legacy pattern string, "*E"), each a decoder block of its type,
+    # the first with enorm/hnorm/eh_proj and the last with final_layernorm; the MoE one sized by n_routed_experts
+    "nemotron_h": MtpFamily(
+        "num_nextn_predict_layers",
+        "mtp.layers.{i}.",
+        r"mtp.*",
+        ("mtp_layers_block_type", "mtp_hybrid_override_pattern"),
+    ),
     # model\.mtp\..*; count key num_mtp_layers (no alias); its MTP layers are always dense (transformers'
     # mtp_mlp_layer_types): no MTP MoE to edit, so they are copied whole (ragged results too) or dropped; an MTP
     # tensor naming routed experts is no layout transformers knows, and is refused unless --drop-mtp
@@ -113,6 +123,12 @@ class MtpLayout:
     adapter: Adapter
     num_layers: int
     declared: int | None  # the config's count (None when no count key is set to an integer)
+    step_layers: int = 1  # numbered layers per MTP step (Nemotron-H: len(mtp_layers_block_type))
+
+    @property
+    def declared_layers(self) -> int | None:
+        """How many numbered MTP layers the config allows (steps times layers a step)."""
+        return None if self.declared is None else self.declared * self.step_layers
 
     def layer(self, index: int) -> MtpLayer:
         virtual = self.adapter.layer_prefix.format(L=self.num_layers + index)
@@ -169,6 +185,10 @@ class MtpLayout:
         return f"{self.adapter.model_type} keeps multi-token-prediction layers as {where}"
 
 
+# transformers' NemotronHConfig default for mtp_layers_block_type (a release config without the key gets it).
+_DEFAULT_STEP = ("full_attention", "moe")
+
+
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -178,7 +198,9 @@ def mtp_layout(adapter: Adapter, text_config: dict, num_layers: int) -> MtpLayou
     family = mtp_family(adapter.model_type)
     keys = (family.count_key, *COUNT_KEYS)
     declared = next((c for key in keys if (c := _count(text_config.get(key))) is not None), None)
-    return MtpLayout(family, adapter, num_layers, declared)
+    steps = [len(v) for key in family.step_keys if isinstance(v := text_config.get(key), (list, str)) and v]
+    step = steps[0] if steps else len(_DEFAULT_STEP) if family.step_keys else 1
+    return MtpLayout(family, adapter, num_layers, declared, step)
 
 
 def set_mtp_count(raw: dict, text_key: str | None, family: MtpFamily, count: int) -> dict:

@@ -81,7 +81,7 @@ def write_edit(
         history=[*previous, {**edit.step, "mtp": notes} if notes else edit.step],
         merged=edit.merged,
         mtp=records,
-        mtp_dropped=len(mtp.layers) if edit.drop_mtp else 0,
+        mtp_dropped=mtp.steps if edit.drop_mtp else 0,
     )
     shards, bytes_after = write_output(
         Path(out),

@@ -234,6 +234,11 @@ class MtpTensors:
         return out
 
     @property
+    def steps(self) -> int:
+        """MTP layers as the config counts them (Nemotron-H: a step of several numbered layers counts once)."""
+        return -(-len(self.layers) // self.layout.step_layers)
+
+    @property
     def present(self) -> bool:
         return bool(self.virtual or self.extras)
 
@@ -262,7 +267,7 @@ class MtpTensors:
         """One line per MTP MoE block (one in all when dropped), for the CLI, its JSON and the manifest history."""
         if dropped:
             return [
-                f"--drop-mtp: removed {len(self.layers)} multi-token-prediction layer(s) "
+                f"--drop-mtp: removed {self.steps} multi-token-prediction layer(s) "
                 f"({len(self.virtual) + len(self.extras)} tensors), {self.layout.family.count_key} set to 0"
             ]
         return [

@@ -351,12 +351,13 @@ def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> N
     """
     layout = mtp_layout(config.adapter, config.text, config.num_layers)
     split = MtpTensors.split(tensors, layout)
-    declared = layout.declared
+    declared = layout.declared_layers
     if declared is not None and (beyond := sorted(i for i in split.layers if i >= declared)):
         prefix = split.layers[beyond[0]].prefix
+        per_step = f" steps of {layout.step_layers} layers" if layout.step_layers > 1 else ""
         raise MoePruneError(
-            f"{config.source}: {layout.family.count_key} is {declared}, but {where} holds weights for "
-            f"multi-token-prediction layer {beyond[0]} ({prefix}*)"
+            f"{config.source}: {layout.family.count_key} is {layout.declared}{per_step}, but {where} holds weights "
+            f"for multi-token-prediction layer {beyond[0]} ({prefix}*)"
         )
     found = _moe_tensors(config, split.virtual)
     for virtual in split.moe:
