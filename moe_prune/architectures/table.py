@@ -94,10 +94,14 @@ def _granite_like(model_type: str, **overrides) -> Adapter:
 # MoE families of transformers that moe-prune refuses (the derivation fails or was not verified by the tests
 # on a tiny model), each with the one-line reason the user sees. A table row above supersedes an entry.
 REFUSED: dict[str, str] = {
+    # measured in tests/test_refusal_reasons.py on transformers' own tiny DeepSeek-V4
     "deepseek_v4": "its hash_moe layers (mlp_layer_types) pick experts by a frozen token-id -> expert table "
-    "(gate.tid2eid [vocab, top-k]) instead of a router, so dropping or merging experts would leave it pointing at "
-    "experts that are gone; needed: prune only its top-k (moe) layers, hash layers kept whole (a ragged "
-    "checkpoint), or remap the table onto the merged slots",
+    "(gate.tid2eid [vocab, top-k]), not by the router, and n_routed_experts sizes every layer: a stock checkpoint "
+    "cannot mark a dropped expert's table entries as no expert (an id past the kept experts fails transformers' "
+    "router gather), and pointing them at a kept expert differs from the masked original once a token keeps "
+    "none of its picks, or a share that does not divide top-k; needed: the top-k (moe) layers pruned with the hash "
+    "layers kept whole (a ragged checkpoint, moe-prune's model code) and a routing rule for their sqrtsoftplus "
+    "scores",
     "doge": "its CDMoE block scores expert i * num_keys + j as x_i + y_j (router_gate [2 * num_keys, H], experts "
     "are down_embed/up_embed rows, num_keys = floor(sqrt(num_experts))), so one expert has no router row to drop; "
     "needed: dropping whole key rows and columns (a smaller square grid, selected per key, not per expert)",
