@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -33,8 +34,14 @@ class Evaluator:
 
     def measure(self, drops: list[list[int]], on_batch: Callable[[], None] | None = None) -> tuple[float, float]:
         """(mean ESAP, mean KL) of the original with `drops[i]` (slots) out of routing in MoE layer i."""
+        return self.measure_in(self.masks.dropped(drops), on_batch)
+
+    def measure_in(
+        self, candidate: AbstractContextManager[Any], on_batch: Callable[[], None] | None = None
+    ) -> tuple[float, float]:
+        """(mean ESAP, mean KL) of the model while `candidate` (e.g. merged blocks swapped in) is entered."""
         esap = kl = 0.0
-        with self.masks.dropped(drops):
+        with candidate:
             for batch, reference in zip(self.batches, self.references, strict=True):
                 part_esap, part_kl = sums(reference, self._logits(batch))
                 esap, kl = esap + part_esap, kl + part_kl

@@ -28,7 +28,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
-    from moe_prune.stages.allocate import AllocationReport
+    from moe_prune.stages.allocate import AllocationReport, MergeTarget
 
 
 @user_errors
@@ -43,7 +43,24 @@ def allocate(
     bytes_: Annotated[
         str | None, typer.Option("--bytes", help="Largest checkpoint size, e.g. 10MB, 5GiB (routed experts + rest).")
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Mask JSON to write.")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Mask JSON to write (--for merge: the counts and merge command).")
+    ] = None,
+    for_: Annotated[
+        str, typer.Option("--for", help="prune (a drop mask) or merge (counts for `merge`, judged as merged).")
+    ] = "prune",
+    method: Annotated[
+        str | None, typer.Option(help="With --for merge: the merge method (see `moe-prune merge --help`).")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="With --for merge: average members by frequency or output.")
+    ] = None,
+    refit: Annotated[
+        bool, typer.Option("--refit", help="With --for merge: refit down projections (profile --refit-stats).")
+    ] = False,
+    merge_seed: Annotated[
+        int | None, typer.Option(min=0, max=MAX_SEED, help="With --for merge: the merge method's seed (k-means).")
+    ] = None,
     objective: Annotated[
         str, typer.Option(help="esap (Σ min(p, q)) or kl (KL(p‖q)) against the original, on calibration tokens.")
     ] = "kl",
@@ -78,8 +95,10 @@ def allocate(
 
     if stats is None:
         raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
-    if criterion is None:
+    target = _target(for_, method, weights, refit, merge_seed)
+    if criterion is None and target is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
+    criterion = criterion or stage.GLOBAL_FALLBACK  # --for merge: only ranks experts for the global start
     if [ratio, keep, bytes_].count(None) != 2:
         raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
     budget = parse_size(bytes_, "--bytes") if bytes_ is not None else Budget(keep=keep, ratio=ratio)
@@ -103,8 +122,12 @@ def allocate(
             min_per_layer=min_per_layer,
             skip_layers=_layers(skip_layers),
             progress=lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
+            merge=target,
         )
-    write_mask(mask, Path(out), force, inputs=inputs)
+    if isinstance(mask, stage.MergeAllocation):
+        mask.write(Path(out), force, inputs)
+    else:
+        write_mask(mask, Path(out), force, inputs=inputs)
     if plot is not None:
         from moe_prune.stages.allocate import counts_figure
         from moe_prune.stages.common import save_figure
@@ -112,11 +135,30 @@ def allocate(
         save_figure(counts_figure(report), plot, force, (*inputs, out))
     for message in report.warnings:
         warn(message)
+    command = mask.command() if isinstance(mask, stage.MergeAllocation) else None
     if json_output:
-        print_json({**report.to_dict(), "out": out, "plot": str(plot) if plot else None})
+        print_json({**report.to_dict(), "out": out, "plot": str(plot) if plot else None, "command": command})
         return
     out_console.print(allocation_table(report))
-    out_console.print(f"mask written to {out}", highlight=False)
+    if command is None:
+        out_console.print(f"mask written to {out}", highlight=False)
+        return
+    out_console.print(f"counts for merge written to {out}; build it with:", highlight=False)
+    out_console.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _target(for_: str, method: str | None, weights: str | None, refit: bool, seed: int | None) -> MergeTarget | None:
+    """--for merge and its options; the options without it are refused."""
+    from moe_prune.stages.allocate import MergeTarget
+
+    if for_ not in ("prune", "merge"):
+        raise MoePruneError(f"--for {for_!r}: use prune or merge")
+    if for_ == "prune":
+        given = [name for name, v in (("--method", method), ("--weights", weights), ("--merge-seed", seed)) if v]
+        if given or refit:
+            raise MoePruneError(f"{', '.join(given + ['--refit'] * refit)} apply to --for merge only")
+        return None
+    return MergeTarget(method or "uncurl", weights or "frequency", refit, seed or 0)
 
 
 def _layers(text: str | None) -> tuple[int, ...]:

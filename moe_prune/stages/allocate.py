@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moe_prune.allocation import plan
+from moe_prune.allocation.blocks import MergedBlocks
 from moe_prune.allocation.objective import OBJECTIVES
 from moe_prune.allocation.plot import counts_figure as counts_figure
 from moe_prune.allocation.search import Counts, Trace, search
@@ -33,6 +35,9 @@ from moe_prune.scoring import get_criterion
 from moe_prune.scoring.registry import Inputs, evaluate
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages.allocate_data import Calibration, calibration_windows
+from moe_prune.stages.allocate_merge import MergeAllocation as MergeAllocation
+from moe_prune.stages.allocate_merge import MergeTarget as MergeTarget
+from moe_prune.stages.allocate_merge import merged_models
 from moe_prune.stages.evaluate import _is_expert_weight
 from moe_prune.stages.score import _identity, _vocab
 
@@ -55,6 +60,7 @@ class AllocationReport:
     positions: int
     global_from: str | None
     warnings: list[str] = field(default_factory=list)
+    target: dict[str, Any] = field(default_factory=lambda: {"for": "prune"})  # --for merge: method, weights...
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -72,8 +78,14 @@ def allocate(
     min_per_layer: int | None = None,
     skip_layers: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[DropMask, AllocationReport]:
-    """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes)."""
+    merge: MergeTarget | None = None,
+) -> tuple[DropMask | MergeAllocation, AllocationReport]:
+    """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes).
+
+    With `merge`, the counts are for `merge` with that method (`stages.allocate_merge`): candidates are
+    judged as merged models, `criterion` only ranks experts across layers for the global start, and the
+    result is a `MergeAllocation` instead of a drop mask.
+    """
     calibration = calibration or Calibration()  # None: the defaults
     start = time.perf_counter()
     if objective not in OBJECTIVES:
@@ -92,6 +104,8 @@ def allocate(
     ckpt = Checkpoint.open(model)
     code_decision(ckpt, calibration.trust_remote_code)  # refuses checkpoint code before any work
     identity = _identity(crit, loaded, ckpt, stats_name)
+    if merge is not None:
+        merge.check(loaded, ckpt, stats_name)
     config = ckpt.config
     layers = _layers(config, identity.moe_layers, skip_layers)
     if isinstance(budget, Budget):
@@ -121,21 +135,29 @@ def allocate(
     warnings += data_warnings
     judge = Evaluator(model_obj, config, windows, calibration.batch_size, calibration.top)
     measured: dict[Counts, tuple[float, float]] = {}
+    skip = sorted(skip_layers)
+    with ExitStack() as stack:
+        if merge is None:
+            candidate = lambda counts: judge.masks.dropped(table.drops(counts))  # noqa: E731
+        else:
+            build = stack.enter_context(merged_models(model, loaded, stats_name, merge, skip, calibration))
+            candidate = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build).swapped
 
-    def value(counts: Counts) -> float:
-        measured[counts] = judge.measure(table.drops(counts))
-        esap, kl = measured[counts]
-        return esap if objective == "esap" else -kl
+        def value(counts: Counts) -> float:
+            measured[counts] = judge.measure_in(candidate(counts))
+            esap, kl = measured[counts]
+            return esap if objective == "esap" else -kl
 
-    trace = search(space, starts, value, budget_evals, seed, progress)
+        trace = search(space, starts, value, budget_evals, seed, progress)
     report = _report(crit.name, objective, layers, starts, trace, measured, judge.positions, global_from, warnings)
     report.seconds = time.perf_counter() - start
-    facts = {
-        "budget_evals": budget_evals,
-        "seed": seed,
-        "min_per_layer": min_per_layer,
-        "skip_layers": sorted(skip_layers),
-    }
+    facts = {"budget_evals": budget_evals, "seed": seed, "min_per_layer": min_per_layer, "skip_layers": skip}
+    if merge is not None:
+        report.target = {"for": "merge", **asdict(merge)}
+        record = _allocation(report, budget, calibration, facts, stats)
+        record = {**{k: v for k, v in record.items() if k not in ("allocation", "stats")}, **record["allocation"]}
+        keep = dict(zip(layers.numbers, trace.best, strict=True))
+        return MergeAllocation(merge, keep, skip, str(model), stats_name, record), report
     mask = _mask(identity, layers, table, trace, report, budget, calibration, facts, stats)
     mask.validate_groups(layers.n_group, "mask")
     return mask, report
@@ -239,6 +261,16 @@ def _mask(
     }
     params: dict[str, Any] = {
         "direction": table.direction,
+        **_allocation(report, budget, calibration, facts, stats),
+    }
+    return DropMask.create(identity, keep, report.criterion, params)
+
+
+def _allocation(
+    report: AllocationReport, budget: Budget | int, calibration: Calibration, facts: dict[str, Any], stats: str | Path
+) -> dict[str, Any]:
+    """The search's record: budget, objective values of the starts and the result, evaluations, calibration."""
+    return {
         **(budget.to_dict() if isinstance(budget, Budget) else {"bytes": budget}),
         "allocation": {
             "objective": report.objective,
@@ -249,7 +281,7 @@ def _mask(
             "global_from": report.global_from,
             "calibration": {k: v for k, v in calibration.__dict__.items() if k not in ("device",)},
             "positions": report.positions,
+            **({"target": report.target} if report.target["for"] != "prune" else {}),
         },
         "stats": str(stats),
     }
-    return DropMask.create(identity, keep, report.criterion, params)

@@ -1,0 +1,134 @@
+"""`allocate --for merge`: search the per-layer counts `merge` keeps, judging each candidate as merged.
+
+Masking router logits is the pruned model exactly, but not a merged one: merging averages members into
+the anchor (or refits its down projection), so the kept experts compute something else. Here each
+candidate is the merged model itself: `merge.run` builds the model merged to k experts in every layer
+once per count k the search tries (into a temporary folder), and a candidate runs the original with
+each searched layer's block taken from the model of its count (`allocation.blocks`). The result is not a
+drop mask but the counts, written as JSON with the `moe-prune merge --keep D --keep LAYER=COUNT ...`
+command that builds the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.io.output import atomic_file
+from moe_prune.merging.registry import get_method, weight_statistic
+from moe_prune.runtime.loading import load_model
+from moe_prune.stages import merge
+from moe_prune.stages.allocate_data import Calibration
+
+FORMAT = "moe-prune merge allocation"
+
+
+@dataclass(frozen=True)
+class MergeTarget:
+    """How `merge` will shrink every layer; the search picks only how many experts each layer keeps."""
+
+    method: str = "uncurl"
+    weights: str = "frequency"
+    refit: bool = False
+    seed: int = 0  # the merge methods' (k-means)
+
+    def check(self, stats: Stats, ckpt: Checkpoint, stats_name: str) -> None:
+        """Unknown names and statistics the merge cannot use fail here, before the model is loaded."""
+        get_method(self.method), weight_statistic(self.weights)
+        merge.check_stats(stats, ckpt, self.method, stats_name, self.weights, self.refit)
+
+    def options(self) -> str:
+        out = f" --method {self.method}"
+        out += f" --weights {self.weights}" if self.weights != "frequency" else ""
+        out += " --refit" if self.refit else ""
+        return out + (f" --seed {self.seed}" if self.seed else "")
+
+
+@contextmanager
+def merged_models(
+    model: str | Path, stats: Stats, stats_name: str, target: MergeTarget, skip: list[int], calibration: Calibration
+) -> Iterator[Callable[[int], Any]]:
+    """`build(k)`: the model merged to k experts in every searched layer, loaded like the original."""
+    work = Path(tempfile.mkdtemp(prefix="moe-prune-allocate-"))
+    try:
+
+        def build(count: int) -> Any:
+            folder = work / f"keep-{count}"
+            merge.run(
+                model,
+                stats,
+                folder,
+                count,
+                method=target.method,
+                weights=target.weights,
+                refit=target.refit,
+                skip_layers=skip,
+                seed=target.seed,
+                force=True,
+                stats_name=stats_name,
+            )
+            return load_model(folder, calibration.dtype, calibration.device, calibration.trust_remote_code)
+
+        yield build
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class MergeAllocation:
+    """The searched counts for `merge`, how they were found, and the command that merges with them."""
+
+    target: MergeTarget
+    keep: dict[int, int]  # experts per MoE layer after merging
+    skip_layers: list[int]
+    model: str
+    stats: str
+    allocation: dict[str, Any]  # the search's record (as a mask's provenance holds it)
+
+    @property
+    def default(self) -> int:
+        searched = [n for layer, n in self.keep.items() if layer not in self.skip_layers]
+        return Counter(searched).most_common(1)[0][0]
+
+    @property
+    def overrides(self) -> dict[int, int]:
+        return {layer: n for layer, n in self.keep.items() if n != self.default and layer not in self.skip_layers}
+
+    def command(self, out: str = "merged") -> str:
+        keep = f"--keep {self.default}" + "".join(f" --keep {k}={n}" for k, n in self.overrides.items())
+        skip = f" --skip-layers {','.join(map(str, self.skip_layers))}" if self.skip_layers else ""
+        return (
+            f"moe-prune merge {shlex.quote(self.model)} --stats {shlex.quote(self.stats)} {keep}{skip}"
+            f"{self.target.options()} --out {shlex.quote(out)}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "for": "merge",
+            **asdict(self.target),
+            "keep": {str(k): v for k, v in self.keep.items()},
+            "skip_layers": self.skip_layers,
+            "model": self.model,
+            "stats": self.stats,
+            "command": self.command(),
+            "allocation": self.allocation,
+        }
+
+    def write(self, out: Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+        """The JSON, atomically (refused over an existing file without force)."""
+        if Path(out).is_dir():
+            raise MoePruneError(f"{out}: is a folder; give a file name for the allocation")
+        with atomic_file(Path(out), force, protect=tuple(Path(p) for p in inputs)) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,124 @@
+"""`allocate --for merge`: a candidate is judged as the checkpoint `merge` writes for its counts (checked against
+that checkpoint, loaded on its own), the result file's command builds it, and bad options are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moe_prune.allocation.blocks import MergedBlocks
+from moe_prune.allocation.evaluator import Evaluator
+from moe_prune.allocation.objective import Reference, sums
+from moe_prune.artifacts.stats import Stats
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.cli import app
+from moe_prune.runtime.loading import load_model
+from moe_prune.scoring.selection import Budget
+from moe_prune.stages import allocate as stage
+from moe_prune.stages import merge, profile
+from moe_prune.stages.allocate_merge import MergeTarget, merged_models
+
+TEXT = "the quick brown fox jumps over the lazy dog; 0123456789 pack my box with five dozen liquor jugs.\n" * 40
+
+
+@pytest.fixture(scope="module")
+def refit_stats(tiny, tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny Mixtral: 3 MoE layers of 8 experts, top-2; its statistics with the refit sums)."""
+    folder = tiny("mixtral")
+    tmp = tmp_path_factory.mktemp("merge-stats")
+    data = tmp / "calibration.txt"
+    data.write_text(TEXT)
+    settings = profile.Settings(samples=4, seq_len=32, batch_size=4, refit_stats=True)
+    path = tmp / "stats.npz"
+    profile.run(folder, str(data), settings).stats.save(path)
+    return folder, path
+
+
+@pytest.mark.parametrize("target", [MergeTarget("uncurl", refit=True), MergeTarget("frequency", "output")])
+def test_candidate_is_the_merged_checkpoint(refit_stats, tmp_path, target):
+    """Blocks swapped into the original = `merge --keep 6 --keep 1=3 --keep 2=4` written and loaded by itself."""
+    folder, stats_path = refit_stats
+    stats = Stats.load(stats_path)
+    ckpt = Checkpoint.open(folder)
+    model = load_model(folder)
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
+    judge = Evaluator(model, ckpt.config, ids, batch_size=3, top=10**6)
+    counts = (6, 3, 4)
+    with merged_models(folder, stats, "stats", target, [], stage.Calibration()) as build:
+        blocks = MergedBlocks(model, ckpt.config, (0, 1, 2), (True, True, True), build)
+        esap, kl = judge.measure_in(blocks.swapped(counts))
+        assert blocks.built == 3  # one merged model per distinct count
+    out = tmp_path / "merged"
+    merge.run(folder, stats, out, 6, method=target.method, weights=target.weights, refit=target.refit,
+              keep_overrides={1: 3, 2: 4})  # fmt: skip
+    with torch.inference_mode():
+        logits = load_model(out)(input_ids=ids).logits[:, :-1].reshape(-1, 128)
+    want_esap, want_kl = sums(judge.references[0], logits)
+    assert esap == pytest.approx(want_esap / judge.positions, rel=1e-6)
+    assert kl == pytest.approx(want_kl / judge.positions, rel=1e-5, abs=1e-9)
+    assert kl > 1e-4  # merged, not the original
+    assert judge.measure([[], [], []]) == pytest.approx((1.0, 0.0), abs=1e-9)  # the original's blocks are back
+
+
+def test_reference_is_the_original(refit_stats):
+    folder, _ = refit_stats
+    model = load_model(folder)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    judge = Evaluator(model, Checkpoint.open(folder).config, ids, batch_size=2, top=10**6)
+    logits = model(input_ids=ids).logits[:, :-1].reshape(-1, 128)
+    assert torch.equal(judge.references[0].values, Reference.from_logits(logits, 10**6).values)
+
+
+def test_cli_writes_counts_whose_command_merges(refit_stats, tmp_path):
+    folder, stats = refit_stats
+    out = tmp_path / "counts.json"
+    argv = [str(folder), "--stats", str(stats), "--for", "merge", "--method", "uncurl", "--refit"]
+    argv += ["--ratio", "0.5", "--budget-evals", "6", "--json", "-o", str(out)]
+    result = CliRunner().invoke(app, ["allocate", *argv])
+    assert result.exit_code == 0, result.output
+    report, written = json.loads(result.stdout), json.loads(out.read_text())
+    keep = [written["keep"][str(layer)] for layer in (0, 1, 2)]
+    assert keep == report["counts"]["searched"] and sum(keep) <= 12 and min(keep) >= 2
+    assert written["for"] == "merge" and written["refit"] and written["allocation"]["evaluations"] <= 6
+    assert report["target"] == {"for": "merge", "method": "uncurl", "weights": "frequency", "refit": True, "seed": 0}
+    command = shlex.split(written["command"])
+    command[command.index("--out") + 1] = str(tmp_path / "merged")
+    built = CliRunner().invoke(app, [*command[1:], "--json"])
+    assert built.exit_code == 0, built.output
+    after = json.loads(built.stdout)["experts_after"]
+    assert [after[str(layer)] for layer in (0, 1, 2)] == keep
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "uncurl"], "--method apply to --for merge only"),
+        (["--refit"], "--refit apply to --for merge only"),
+        (["--for", "quantize"], "--for 'quantize': use prune or merge"),
+        (["--for", "merge", "--method", "nonsense"], "nonsense"),
+        (["--for", "merge", "--weights", "mass"], "unknown --weights 'mass'"),
+        (["--for", "merge", "--method", "hcsmoe"], "lacks out_all_sum"),
+    ],
+)
+def test_bad_merge_options_are_one_line(refit_stats, tmp_path, extra, message):
+    folder, stats = refit_stats
+    out = tmp_path / "counts.json"
+    result = CliRunner().invoke(
+        app, ["allocate", str(folder), "--stats", str(stats), "--ratio", "0.5", "--out", str(out), *extra]
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
+
+
+def test_library_call_returns_counts(refit_stats):
+    folder, stats = refit_stats
+    result, report = stage.allocate(stats, folder, "soft-counts", Budget(keep=10), budget_evals=4, merge=MergeTarget())
+    assert isinstance(result, stage.MergeAllocation)
+    assert sum(result.keep.values()) <= 10 and list(result.keep.values()) == report.counts["searched"]
