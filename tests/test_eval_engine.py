@@ -24,6 +24,7 @@ from moe_prune.runtime.loading import load_model, memory_bytes
 from moe_prune.runtime.vllm_engine import VLLM_INSTALL_HINT
 from moe_prune.stages import evaluate, tasks
 from moe_prune.stages.evaluate import count_params, meta_model
+from moe_prune.stages.task_harness import plain
 
 TOLERANCE = 1e-4  # relative perplexity difference, float32 on both engines
 MAX_TOKENS = 2048
@@ -155,7 +156,7 @@ def test_vllm_engine_tasks_equal_transformers(vllm_python, tmp_path):  # noqa: F
     by_doc = {(r["task"], r["doc_id"]): r["filtered_resps"] for r in records}
     for name in names:
         for record in want.model.samples[name]:
-            vllm_resps, hf_resps = by_doc[(name, record["doc_id"])], tasks.plain(record["filtered_resps"])
+            vllm_resps, hf_resps = by_doc[(name, record["doc_id"])], plain(record["filtered_resps"])
             if name == "demo_records":  # [log-likelihood, is greedy] per choice
                 assert [r[0] for r in vllm_resps] == pytest.approx([r[0] for r in hf_resps], abs=1e-3)
             else:

@@ -22,9 +22,10 @@ from moe_prune.cli import app
 from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.stages import merge, prune
 from moe_prune.stages import tasks as stage
+from moe_prune.stages.task_code import DEMO_TASKS_DIR, check_task_yamls
 
 runner = CliRunner()
-DATA = stage.DEMO_TASKS_DIR / "data"
+DATA = DEMO_TASKS_DIR / "data"
 # Demo task -> (metric key in lm-eval's results, chance level).
 DEMO = {
     "demo_arithmetic": ("acc,none", 0.25),
@@ -213,7 +214,7 @@ def test_profile_refuses_to_calibrate_on_the_evaluated_split(tmp_path):
     folder.mkdir()
     # Including a shipped YAML is allowed without --trust-remote-code: its `!function` is moe-prune's own.
     (folder / "only_test.yaml").write_text(
-        f"include: {stage.DEMO_TASKS_DIR / 'demo_arithmetic.yaml'}\ntask: only_test\n"
+        f"include: {DEMO_TASKS_DIR / 'demo_arithmetic.yaml'}\ntask: only_test\n"
         "training_split: null\nfewshot_split: null\n"
     )
     out = tmp_path / "s.npz"
@@ -330,7 +331,7 @@ def test_sandbox_keeps_loops_and_filters_and_refuses_mutation(tmp_path):
     [
         ("include: base.yaml\ntask: mine\n", None),  # an include inside the folder: its own YAML is checked
         ("include: missing.yaml\ntask: mine\n", "`include: missing.yaml`: no such file"),
-        (f"include: {stage.DEMO_TASKS_DIR / 'demo_records.yaml'}\ntask: mine\n", None),  # shipped: trusted
+        (f"include: {DEMO_TASKS_DIR / 'demo_records.yaml'}\ntask: mine\n", None),  # shipped: trusted
         ("task: mine\nmetric_list:\n  - metric: bleu\n    hf_evaluate: true\n", "loads the metric through HF evaluate"),
         ("task: mine\nmetric_list:\n  - metric: ./my_metric\n", "`metric_list[0].metric: ./my_metric` is not"),
         ("task: mine\ndataset_path: ./loader.py\n", "python dataset loader script"),
@@ -341,10 +342,10 @@ def test_task_yaml_code_constructs(tmp_path, yaml, refusal):
     """What check_task_yamls lets through without --trust-remote-code, and its one line for the rest."""
     (tmp_path / "base.yaml").write_text(base_yaml("base"))
     (tmp_path / "mine.yaml").write_text(yaml)
-    stage.check_task_yamls(tmp_path, trust_remote_code=True)
+    check_task_yamls(tmp_path, trust_remote_code=True)
     if refusal is None:
-        stage.check_task_yamls(tmp_path)
+        check_task_yamls(tmp_path)
         return
     with pytest.raises(stage.MoePruneError) as caught:
-        stage.check_task_yamls(tmp_path)
+        check_task_yamls(tmp_path)
     assert str(caught.value).startswith(f"{tmp_path / 'mine.yaml'}: ") and refusal in str(caught.value)

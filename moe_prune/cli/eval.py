@@ -203,8 +203,9 @@ def _run_tasks(
 ) -> TasksResult:
     """Task accuracy first: a wrong task name or task file fails before any perplexity work."""
     from moe_prune.stages import tasks as stage
+    from moe_prune.stages.task_harness import require_lm_eval
 
-    stage.require_lm_eval()
+    require_lm_eval()
     settings = stage.TaskSettings(
         stage.parse_tasks(spec),
         num_fewshot,

@@ -29,6 +29,7 @@ from moe_prune.runtime.skeleton import code_decision, parse_dtype
 from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, merge, prune, score, tasks
+from moe_prune.stages.task_harness import quiet_lm_eval
 from moe_prune.sweep.folder import SweepFolder, fingerprint
 from moe_prune.sweep.plan import DIRECTIONS, SCOPES, Combo, choice, combinations, command
 from moe_prune.sweep.plan import parse_names as parse_names
@@ -251,7 +252,7 @@ def _measure(plan: Plan, row: Row, folder: Path) -> None:
     plan.warnings += warnings
     if plan.manager is not None:
         assert s.tasks is not None
-        with tasks.quiet_lm_eval():
+        with quiet_lm_eval():
             result = tasks.evaluate_tasks(str(folder), folder, row.combo.line, plan.manager, s.tasks, lambda *a: None)
         row.tasks = {
             task: {"metric": f"{m},{f}", "value": value, "stderr": stderr}

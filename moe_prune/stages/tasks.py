@@ -1,45 +1,31 @@
 """`eval --tasks`: downstream-task accuracy through lm-evaluation-harness (an optional dependency).
 
 The model is loaded by `runtime.loading` (same trust rule, dtype, device and device map as perplexity) and
-wrapped in lm-eval's `HFLM`; lm-eval does the scoring, few-shot sampling and metrics. Task names resolve
-against the shipped demo suite (`moe_prune/demo/tasks`, group `demo`), `--include-path` and, only when a
-name is not found there, lm-eval's own registry (indexing it takes seconds). lm-eval's logging, warnings and
-tqdm bars are silenced: errors surface as one `MoePruneError` line, progress through `progress`.
-
-A task folder is code like a checkpoint's. Without --trust-remote-code, code runs only from the tasks shipped
-with moe-prune or lm-eval: `check_task_yamls` refuses a user YAML's code constructs, `sandboxed_templates`
-renders every Jinja template in jinja2's immutable sandbox.
+wrapped in lm-eval's `HFLM`; lm-eval does the scoring, few-shot sampling and metrics. lm-eval itself is
+reached through `task_harness` (import, silence, task lookup and checks), and a task folder's code is
+refused or sandboxed by `task_code` unless --trust-remote-code. `calibration_texts` reads a task's own
+documents for task-aware profiling (`--data task:NAME`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
-import importlib.util
 import json
-import logging
-import math
-import sys
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_prune.demo import DEMO_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.stages.task_code import check_task_yamls, sandboxed_templates
+from moe_prune.stages.task_harness import (
+    check_tasks,
+    import_lm_eval,
+    plain,
+    quiet_lm_eval,
+    require_lm_eval,
+    task_manager,
+)
 from moe_prune.stages.task_models import TaskProgressFn, task_lm
-
-DEMO_TASKS_DIR: Path = DEMO_DIR / "tasks"
-INSTALL_HINT = "task evaluation needs lm-evaluation-harness: pip install 'moe-prune[tasks]' (or lm-eval==0.4.13)"
-_OFFLINE_ERRORS = ("ConnectionError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "DatasetNotFoundError")
-
-
-def require_lm_eval() -> None:
-    """Fail with the install command (one line) when the optional dependency is missing."""
-    if importlib.util.find_spec("lm_eval") is None:
-        raise MoePruneError(INSTALL_HINT)
 
 
 @dataclass
@@ -94,306 +80,6 @@ class ModelTasks:
             stderr = self.results[task].get(f"{metric}_stderr,{filt}")
             rows.append((metric, filt, float(value), stderr if isinstance(stderr, (int, float)) else None))
         return rows
-
-
-def plain(value: Any) -> Any:
-    """lm-eval results as JSON-able Python (numpy scalars to floats, NaN to None, unknown objects to str)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
-
-
-@contextlib.contextmanager
-def quiet_lm_eval() -> Iterator[None]:
-    """Silence lm-eval's loggers, Python warnings, datasets' and lm-eval's tqdm bars for the duration."""
-    import datasets
-    from tqdm import tqdm
-
-    silent = functools.partial(tqdm, disable=True)
-    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets", "evaluate")]
-    levels = [lg.level for lg in loggers]
-    bars = datasets.utils.logging.is_progress_bar_enabled()
-    with contextlib.ExitStack() as stack, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
-        datasets.disable_progress_bars()
-        for name, module in list(sys.modules.items()):
-            if name.startswith("lm_eval") and getattr(module, "tqdm", None) is tqdm:
-                stack.enter_context(_patched(module, "tqdm", silent))
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
-            if bars:
-                datasets.enable_progress_bars()
-
-
-@contextlib.contextmanager
-def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-def _import_lm_eval() -> None:
-    """Import lm-eval's modules once, quietly (importing them logs and warns)."""
-    require_lm_eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("lm_eval").setLevel(logging.CRITICAL)
-        import lm_eval.api.task
-        import lm_eval.evaluator
-        import lm_eval.models.huggingface  # noqa: F401
-
-
-def check_task_yamls(folder: Path, trust_remote_code: bool = False) -> None:
-    """Refuse a malformed task YAML under --include-path (lm-eval's index skips them without a word) and,
-    without --trust-remote-code, every construct through which a task folder runs code (see `_task_code`).
-
-    A task folder is code like a checkpoint's: `!function` imports Python, `include:` pulls in another
-    YAML's functions, and a metric lm-eval does not register is loaded by HF `evaluate` as a script.
-    """
-    root = folder.resolve()
-    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
-        config = _read_task_yaml(path)
-        if not isinstance(config, dict) or not {"task", "group", "tag", "include"} & set(config):
-            raise MoePruneError(f"{path}: not an lm-eval task YAML (no task, group, tag or include key)")
-        if not trust_remote_code:
-            _refuse_task_code(path, root, set())
-
-
-@dataclass(frozen=True)
-class Tagged:
-    """A `!tag value` node of a task YAML (lm-eval's `!function`), kept to be named in the refusal."""
-
-    tag: str
-    value: str
-
-
-@functools.cache
-def _tagged_loader() -> Any:
-    """PyYAML's safe loader, plus every `!tag` read as `Tagged` instead of imported."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def tagged(loader: Any, suffix: str, node: Any) -> Tagged:
-        value = loader.construct_scalar(node) if isinstance(node, yaml.ScalarNode) else "..."
-        return Tagged(f"!{suffix}", str(value))
-
-    Loader.add_multi_constructor("!", tagged)
-    return Loader
-
-
-def _read_task_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_tagged_loader())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise MoePruneError(f"{path}: malformed task YAML{line}") from exc
-
-
-TRUST_HINT = "a task folder is code like a checkpoint's: pass --trust-remote-code only for task folders you trust"
-
-
-def _refuse_task_code(path: Path, root: Path, seen: set[Path]) -> None:
-    """One line naming `path` and the first construct of it (or of a YAML it includes) that would run code."""
-    if path.resolve() in seen:
-        return
-    seen.add(path.resolve())
-    config = _read_task_yaml(path)
-    for where, value in _walk(config, ""):
-        construct = _task_code(where, value)
-        if construct:
-            raise MoePruneError(f"{path}: {construct}; {TRUST_HINT}")
-    for where, value in _walk(config, ""):
-        if where.rpartition(".")[2] != "include":
-            continue
-        for include in value if isinstance(value, list) else [value]:
-            target = (path.resolve().parent / str(include)).resolve()
-            if _shipped(target):
-                continue  # lm-eval's or moe-prune's own task YAMLs: their code ships with the package
-            if not target.is_relative_to(root):
-                raise MoePruneError(f"{path}: `include: {include}` points outside --include-path; {TRUST_HINT}")
-            if not target.is_file():
-                raise MoePruneError(f"{path}: `include: {include}`: no such file")
-            _refuse_task_code(target, root, seen)
-
-
-def _walk(value: Any, where: str) -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every node of a parsed YAML, depth first."""
-    yield where, value
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _walk(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _walk(item, f"{where}[{index}]")
-
-
-def _task_code(where: str, value: Any) -> str | None:
-    """What in one YAML node runs code outside lm-eval's and moe-prune's own, or None."""
-    key = where.rpartition(".")[2]
-    if isinstance(value, Tagged):
-        return f"`{where}: {value.tag} {value.value}` runs Python from the task folder"
-    if key == "metric" and isinstance(value, str) and value not in _registered_metrics():
-        return f"`{where}: {value}` is not an lm-eval metric (HF evaluate would load it as a script)"
-    if key == "hf_evaluate" and value:
-        return f"`{where}: {value}` loads the metric through HF evaluate (a script)"
-    if key == "dataset_path" and isinstance(value, str) and _loader_script(value):
-        return f"`{where}: {value}` is or holds a python dataset loader script"
-    return None
-
-
-def _registered_metrics() -> set[str]:
-    import lm_eval.api.metrics  # noqa: F401  (fills the registry)
-    from lm_eval.api.registry import metric_registry
-
-    return set(metric_registry.keys())
-
-
-def _loader_script(dataset_path: str) -> bool:
-    path = Path(dataset_path).expanduser()
-    return path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py")))
-
-
-def _shipped(path: Path) -> bool:
-    """Whether a YAML belongs to the demo suite or to lm-eval's own tasks (trusted like the packages)."""
-    import lm_eval.tasks
-
-    shipped = (DEMO_TASKS_DIR.resolve(), Path(lm_eval.tasks.__file__).resolve().parent)
-    return any(path.is_relative_to(folder) for folder in shipped)
-
-
-@contextlib.contextmanager
-def sandboxed_templates(trust_remote_code: bool) -> Iterator[None]:
-    """lm-eval renders every task's Jinja template in jinja2's immutable sandbox unless code is trusted.
-
-    lm-eval 0.4.13 renders `doc_to_text` & co. with a plain `jinja2.Environment`, where a template reaches
-    Python's object graph (`''.__class__.__mro__[1].__subclasses__()`) and from there `os`. The sandbox
-    keeps field substitution, filters, loops and conditions, and refuses private attributes, unsafe calls
-    and mutation; a refusal surfaces as `jinja2.exceptions.SecurityError` (`template_refusal` words it).
-    """
-    if trust_remote_code:
-        yield
-        return
-    import lm_eval.utils
-    from jinja2 import BaseLoader, StrictUndefined
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    original = lm_eval.utils.env
-    sandbox = ImmutableSandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
-    for name, fn in original.filters.items():
-        sandbox.filters.setdefault(name, fn)
-    with _patched(lm_eval.utils, "env", sandbox):
-        try:
-            yield
-        except SecurityError as exc:
-            raise template_refusal(exc) from exc
-
-
-def template_refusal(exc: Exception, task: str | None = None, yaml_path: Any = None) -> MoePruneError:
-    """The one line for a task template the sandbox refused, naming the task and its YAML when known."""
-    which = f"task {task!r}" if task else "a task"
-    where = f"{yaml_path}: " if yaml_path else ""
-    return MoePruneError(
-        f"{where}{which}: its Jinja template does what the sandbox forbids ({str(exc).rstrip('.')}); task "
-        "templates render in jinja2's sandbox unless --trust-remote-code"
-    )
-
-
-def task_manager(names: list[str], include_path: Path | None) -> Any:
-    """A TaskManager knowing every name: demo and user tasks first, lm-eval's registry only when needed."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(DEMO_TASKS_DIR), *([str(include_path)] if include_path else [])]
-    manager = TaskManager(include_path=paths, include_defaults=False)
-    if all(name in manager.all_tasks for name in names):
-        return manager
-    manager = TaskManager(include_path=paths)
-    for name in names:
-        if name not in manager.all_tasks:
-            where = " or under --include-path" if include_path else ""
-            raise MoePruneError(f"unknown task {name!r}: not an lm-eval task, group or tag{where}")
-    return manager
-
-
-def check_tasks(manager: Any, names: list[str]) -> None:
-    """Build each task once (this reads its data) and render every document's prompt, target and choices, so
-    a failure names the task and its YAML before any model is loaded: offline data, a template that does
-    not parse, names a field some document lacks, or does what the sandbox forbids."""
-    from jinja2.exceptions import SecurityError, TemplateError
-
-    for name in names:
-        rendering = name  # the task whose template runs (a group's subtask once built)
-        try:
-            for task in manager.load([name])["tasks"].values():
-                rendering = getattr(getattr(task, "config", None), "task", None) or name
-                _render_all(task)
-        except MoePruneError:
-            raise
-        except SecurityError as exc:
-            raise template_refusal(exc, rendering, _yaml_path(manager, rendering, name)) from exc
-        except TemplateError as exc:
-            where = _yaml_path(manager, rendering, name)
-            raise MoePruneError(
-                f"{where}: task {rendering!r}: its Jinja template fails"
-                f"{getattr(exc, 'document', '')} ({type(exc).__name__}: {str(exc).rstrip('.')})"
-            ) from exc
-        except Exception as exc:
-            chain = [exc, exc.__cause__, exc.__context__]
-            if any(type(e).__name__ in _OFFLINE_ERRORS for e in chain if e is not None):
-                raise MoePruneError(
-                    f"task {name!r}: its data is not available offline (it must be downloaded from the hub)"
-                ) from exc
-            raise MoePruneError(f"task {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from exc
-
-
-def _yaml_path(manager: Any, task: str, name: str) -> Any:
-    """The YAML file a task (or the group it came from) was read from, for messages."""
-    entry = manager.task_index.get(task) or manager.task_index.get(name)
-    return getattr(entry, "yaml_path", None) or f"task {name!r}"
-
-
-def _render_all(task: Any) -> None:
-    """Render the prompt, target and choices of every evaluated and few-shot document, as building requests
-    will: a template that fails on any of them fails here, before a model is loaded (lm-eval would fail
-    mid-run, on the first such document). Objects that are not tasks are skipped."""
-    from jinja2.exceptions import TemplateError
-
-    if not hasattr(task, "doc_to_text"):
-        return
-    splits = [("test", getattr(task, "eval_docs", None))]
-    if getattr(task, "has_training_docs", lambda: False)():
-        splits.append(("training", task.training_docs()))
-    for split, docs in splits:
-        for index, doc in enumerate(docs or ()):
-            try:
-                task.doc_to_text(doc)
-                task.doc_to_target(doc)
-                if task.config.output_type == "multiple_choice":
-                    task.doc_to_choice(doc)
-            except TemplateError as exc:
-                exc.document = f" on {split} document {index}"
-                raise
 
 
 def evaluate_tasks(
@@ -492,7 +178,7 @@ def prepare(settings: TaskSettings) -> Any:
     """lm-eval's task manager with every task of `settings` built once: a wrong name, a malformed YAML or
     data out of reach fails here, before any model is loaded."""
     require_lm_eval()
-    _import_lm_eval()
+    import_lm_eval()
     with quiet_lm_eval():
         if settings.include_path is not None:
             check_task_yamls(settings.include_path, settings.trust_remote_code)
@@ -560,7 +246,7 @@ def calibration_texts(
     tune the model to its own test set).
     """
     require_lm_eval()
-    _import_lm_eval()
+    import_lm_eval()
     with quiet_lm_eval(), sandboxed_templates(trust_remote_code):
         if include_path is not None:
             check_task_yamls(include_path, trust_remote_code)
