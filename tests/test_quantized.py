@@ -563,3 +563,40 @@ def test_fp8_without_quantization_config_is_still_refused(quantized, tmp_path):
         score(None, copy, "weight-norm", budget=Budget(drop=1))
     with pytest.raises(MoePruneError, match="F8_E4M3"):
         merge.run(copy, _stats(Checkpoint.open(copy)), tmp_path / "out", 6)
+
+
+# -- the README's FP8 loading code, run as written ------------------------------------------------
+
+
+def readme_fp8_loading_blocks() -> list[str]:
+    """The python blocks of the README's "Loading an FP8 output outside moe-prune" paragraph, in order."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("**Loading an FP8 output outside moe-prune.**")
+    end = text.index("\n## ", start)
+    section = text[start:end]
+    return [block.split("\n", 1)[1] for block in section.split("```python")[1:]]
+
+
+@pytest.mark.parametrize(
+    ("family", "folder_name", "block"), [("qwen3_moe", "q-pruned", 0), ("deepseek_v3", "ds-pruned", 1)]
+)
+def test_readme_fp8_loading_code_runs_as_written(family, folder_name, block, quantized, tmp_path):
+    """Each README block, its folder name swapped for a pruned FP8 fixture, gives the pruned dequantized copy's
+    logits (the CPU route the README names for each family)."""
+    code = readme_fp8_loading_blocks()[block].split("```")[0]
+    assert f'"{folder_name}"' in code
+    folder, plain = quantized(family)
+    outputs = {}
+    for source, name in ((folder, folder_name), (plain, "plain")):
+        identity = Checkpoint.open(source).identity
+        prune.run(
+            source, DropMask(identity, {layer: (0, 2, 3, 5, 6, 7) for layer in identity.moe_layers}), tmp_path / name
+        )
+        outputs[name] = tmp_path / name
+    scope: dict = {}
+    exec(code.replace(f'"{folder_name}"', repr(str(outputs[folder_name]))), scope)  # the README's own code
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            scope["model"](ids).logits, load_model(outputs["plain"])(ids).logits, rtol=1e-5, atol=1e-5
+        )
