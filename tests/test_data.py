@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe_prune.errors import MoePruneError, MoePruneWarning
-from moe_prune.runtime import data
+from moe_prune.runtime import data, data_files
 from moe_prune.runtime.data import Truncated, clip_seq_len, fixed_chunks, load_texts, token_stream
 
 DOCS = ["first document\nwith two lines", "second, with a comma", "third"]
@@ -209,6 +209,32 @@ def test_unreachable_hub_is_one_line_with_the_cause_kept(tmp_path, monkeypatch):
     assert "\n" not in str(info.value) and info.value.__cause__ is cause
 
 
+@pytest.mark.parametrize("max_chars", [None, 95])
+def test_an_endless_hub_stream_stops_at_the_character_budget(tmp_path, monkeypatch, max_chars):
+    """A streamed dataset is read lazily and cut at `max_chars` (HUB_DEFAULT_MAX_CHARS when not given)."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, *a, **k: None)
+    monkeypatch.setattr(data, "HUB_DEFAULT_MAX_CHARS", 60)
+    read = []
+
+    def endless(*args, **kwargs):
+        for n in itertools.count():
+            read.append(n)
+            yield {"text": f"record {n:03d}"}  # 10 characters
+
+    monkeypatch.setattr(datasets, "load_dataset", endless)
+    texts = load_texts("some-org/endless", max_chars=max_chars)
+    budget = max_chars or 60
+    assert sum(map(len, texts)) == budget and len(read) == -(-budget // 10)
+    assert texts[0] == "record 000" and isinstance(texts[-1], Truncated) == (budget % 10 != 0)
+
+
 def test_unknown_hub_dataset_says_so(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -313,7 +339,7 @@ def test_a_device_or_pipe_is_refused_before_reading(tmp_path):
 
 def test_reading_stops_at_what_the_run_can_use(tmp_path, monkeypatch):
     """Bytes past the budget are never read: a bad byte there goes unseen, and is found when all is read."""
-    monkeypatch.setattr(data, "READ_BLOCK", 16)
+    monkeypatch.setattr(data_files, "READ_BLOCK", 16)
     (tmp_path / "a.txt").write_bytes(b"abcdefghij" * 10 + b"\xff")
     got = load_texts(str(tmp_path / "a.txt"), max_chars=20)
     assert got == ["abcdefghij" * 2] and isinstance(got[0], Truncated)
@@ -324,7 +350,7 @@ def test_reading_stops_at_what_the_run_can_use(tmp_path, monkeypatch):
 
 
 def test_offsets_of_bad_bytes_count_from_the_start_of_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_BLOCK", 7)
+    monkeypatch.setattr(data_files, "READ_BLOCK", 7)
     (tmp_path / "a.txt").write_bytes("é".encode() * 20 + b"\xc3(" + b"x" * 30)
     with pytest.raises(MoePruneError, match="invalid byte at offset 40"):
         load_texts(str(tmp_path / "a.txt"))
@@ -341,20 +367,20 @@ def test_blank_line_paragraphs_read_in_blocks_equal_the_whole_split(tmp_path, mo
     parts = ["word", " ", "\n", "\n\n", "\n \t\n", "  indented", "\r\n", "\n\n\n"]
     raw = "".join(rng.choice(parts) for _ in range(3000))
     source = write(tmp_path / "a.txt", raw)
-    expected = [p for p in data.split_text(raw, "blank-lines") if p.strip()]
-    monkeypatch.setattr(data, "READ_BLOCK", block)
+    expected = [p for p in data_files.split_text(raw, "blank-lines") if p.strip()]
+    monkeypatch.setattr(data_files, "READ_BLOCK", block)
     assert load_texts(source, split_on="blank-lines") == expected
 
 
 def test_blank_line_reading_stops_inside_a_paragraph_longer_than_the_run_reads(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_BLOCK", 16)
+    monkeypatch.setattr(data_files, "READ_BLOCK", 16)
     (tmp_path / "a.txt").write_bytes(b"b\n\n" + b"a" * 400 + b"\xff")
     got = load_texts(str(tmp_path / "a.txt"), max_chars=20, split_on="blank-lines")
     assert got == ["b", "a" * 19] and isinstance(got[1], Truncated)
 
 
 def test_a_jsonl_line_longer_than_the_run_reads_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "LINE_FLOOR_CHARS", 100)
+    monkeypatch.setattr(data_files, "LINE_FLOOR_CHARS", 100)
     source = write(tmp_path / "a.jsonl", json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "x" * 200}) + "\n")
     assert load_texts(source, max_chars=14) == ["a", "x" * 13]  # line 2 has 212 characters, the limit 16 x 14
     with pytest.raises(MoePruneError, match=r"a.jsonl: line 2 is longer than 100 characters"):
@@ -362,7 +388,7 @@ def test_a_jsonl_line_longer_than_the_run_reads_is_refused(tmp_path, monkeypatch
 
 
 def test_a_json_file_over_its_cap_is_refused_before_parsing(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "JSON_FLOOR_BYTES", 50)
+    monkeypatch.setattr(data_files, "JSON_FLOOR_BYTES", 50)
     source = write(tmp_path / "a.json", json.dumps(DOCS * 3))
     assert load_texts(source, max_chars=100) == [*DOCS, DOCS[0], DOCS[1][:17]]
     with pytest.raises(MoePruneError, match=r"a.json: \d+ bytes of JSON, more than the 50 .*\.jsonl"):
@@ -384,14 +410,14 @@ def test_parquet_row_groups_are_checked_before_reading_and_read_until_enough(tmp
     pq.write_table(pa.table({"text": texts, "other": ["z" * 5000] * 40}), tmp_path / "a.parquet", row_group_size=10)
     source = str(tmp_path / "a.parquet")
     assert load_texts(source) == texts
-    monkeypatch.setattr(data, "PARQUET_FLOOR_BYTES", 2000)  # one group's text column is ~600 bytes
+    monkeypatch.setattr(data_files, "PARQUET_FLOOR_BYTES", 2000)  # one group's text column is ~600 bytes
     assert load_texts(source, max_chars=10) == [texts[0][:10]]
     read = []
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or real(self, i, **kw))
     load_texts(source, max_chars=12 * 57)
     assert read == [0, 1]
-    monkeypatch.setattr(data, "PARQUET_FLOOR_BYTES", 100)
+    monkeypatch.setattr(data_files, "PARQUET_FLOOR_BYTES", 100)
     with pytest.raises(MoePruneError, match=r"a.parquet: row group 0 holds \d+ bytes of column 'text'"):
         load_texts(source, max_chars=1)
 

@@ -39,7 +39,7 @@ import torch
 
 from moe_prune.artifacts.common import describe, json_type, parse_json, require_type
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime.data import LINE_CHARS_PER_CHAR, LINE_FLOOR_CHARS, check_regular, text_lines
+from moe_prune.runtime.data_files import LINE_CHARS_PER_CHAR, LINE_FLOOR_CHARS, check_regular, text_lines
 from moe_prune.runtime.sources import CHARS_PER_TOKEN_BOUND, SourceSpec
 from moe_prune.training.batches import IGNORE, Sequences
 from moe_prune.training.text import Rows, is_mix, text_rows
