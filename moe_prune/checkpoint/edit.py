@@ -1,8 +1,8 @@
-"""What `prune` and `merge` share once their plan is made: the manifest entry, the atomic write, the summary.
+"""The checkpoint side of the one shrink pipeline (`stages.shrink`): MTP staging, manifest entry, atomic write.
 
-Both stages edit the expert axis of a checkpoint by streaming its shards; they differ only in how the
-output tensors are planned. The history entry, the multi-token-prediction notes and records, the manifest
-and the write are the same job, done here once.
+`prune` and `merge` edit the expert axis of a checkpoint by streaming its shards, through one plan and one
+planner; the multi-token-prediction check, the history entry, the MTP notes and records, the manifest and
+the write are done here once.
 """
 
 from __future__ import annotations

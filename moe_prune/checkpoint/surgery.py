@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -148,43 +147,33 @@ def whole(info: TensorInfo, name: str | None = None) -> OutputTensor:
     return OutputTensor(name or info.name, info.dtype, info.shape, info.file, ((info.start, info.end),))
 
 
-def plan_expert_selection(
-    tensors: list[TensorInfo], adapter: Adapter, n_experts: int | Mapping[int, int], keep_slots: dict[int, list[int]]
-) -> list[OutputTensor]:
-    """Output tensors keeping `keep_slots[layer]` (current slot numbers) and renumbering them 0..K-1.
-
-    `n_experts` is the current expert count of every MoE layer, or a per-layer mapping (ragged checkpoints).
-    """
-    counts = n_experts if isinstance(n_experts, Mapping) else dict.fromkeys(keep_slots, n_experts)
-    matcher = KeyMatcher(adapter)
+def check_router_layers(tensors: list[TensorInfo], matcher: KeyMatcher, layers: set[int]) -> None:
+    """The weights' routers must sit in exactly the MoE layers the config names (`layers`)."""
     routers = {layer for t in tensors if (layer := matcher.is_router(t.name)) is not None}
-    if routers != set(keep_slots):
+    if routers != layers:
         where = tensors[0].file.parent if tensors else "the checkpoint"
         raise MoePruneError(
-            f"{where}: config.json says the MoE layers are {sorted(keep_slots)} but the weights have routers "
-            f"({adapter.router}) in layers {sorted(routers)}"
+            f"{where}: config.json says the MoE layers are {sorted(layers)} but the weights have routers "
+            f"({matcher.adapter.router}) in layers {sorted(routers)}"
         )
-    out: list[OutputTensor] = []
-    for info in tensors:
-        key = matcher.classify(info.name)
-        if key is None or key.layer not in keep_slots:
-            out.append(whole(info))
-            continue
-        slots = keep_slots[key.layer]
-        layer_experts = counts[key.layer]
-        if key.kind == "per_expert":
-            if key.slot is None or (key.slot >= layer_experts and not adapter.tail_experts):
-                raise MoePruneError(
-                    f"{info.file}: {info.name} names expert {key.slot} but layer {key.layer} has {layer_experts}"
-                )
-            if key.slot >= layer_experts:  # a tail expert (validated against the config): after the kept ones
-                out.append(whole(info, key.renumbered(len(slots) + key.slot - layer_experts)))
-            elif key.slot in slots:
-                out.append(whole(info, key.renumbered(slots.index(key.slot))))
-        else:
-            blocks, kept = router_rows(info, key, adapter, layer_experts, slots)
-            out.append(slice_expert_axis(info, 0 if key.kind == "rows" else -1, blocks, kept))
-    return out
+
+
+def select_tensor(
+    info: TensorInfo, key: ExpertKey, adapter: Adapter, n_experts: int, slots: list[int]
+) -> OutputTensor | None:
+    """One tensor of an MoE layer keeping `slots` (current slot numbers) as slots 0..K-1, as bytes of the input.
+
+    Per-expert tensors are renamed (None: a dropped expert's); tensors with an expert axis keep those blocks
+    (and rows past the experts', `router_rows`). `n_experts` is the layer's current expert count.
+    """
+    if key.kind != "per_expert":
+        blocks, kept = router_rows(info, key, adapter, n_experts, slots)
+        return slice_expert_axis(info, 0 if key.kind == "rows" else -1, blocks, kept)
+    if key.slot is None or (key.slot >= n_experts and not adapter.tail_experts):
+        raise MoePruneError(f"{info.file}: {info.name} names expert {key.slot} but layer {key.layer} has {n_experts}")
+    if key.slot >= n_experts:  # a tail expert (validated against the config): after the kept ones
+        return whole(info, key.renumbered(len(slots) + key.slot - n_experts))
+    return whole(info, key.renumbered(slots.index(key.slot))) if key.slot in slots else None
 
 
 @dataclass
@@ -274,12 +263,6 @@ class MtpTensors:
             f"multi-token-prediction layer {prefix}: experts of layer {follow} {verb}"
             for prefix in self.prefixes().values()
         ]
-
-    def plan_selection(self, n_experts: int, slots: list[int]) -> list[OutputTensor]:
-        """Keep `slots` (current slot numbers) in every MTP MoE block; the rest of the MTP tensors whole."""
-        keep = dict.fromkeys(self.moe, slots)
-        planned = plan_expert_selection(self.virtual, self.layout.adapter, dict.fromkeys(self.moe, n_experts), keep)
-        return self.restore(planned) + [whole(info) for info in self.extras]
 
 
 def _names_moe(name: str, adapter: Adapter) -> bool:

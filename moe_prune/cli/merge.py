@@ -160,7 +160,7 @@ def merge(
         f"{result.router}, {result.weights}-weighted{refit}), top-k {result.top_k}, weights "
         f"{human_bytes(result.bytes_before)} → {human_bytes(result.bytes_after)} in {len(result.shards)} shard(s)"
     )
-    for line in result.mtp:
+    for line in result.notes():
         out_console.print(line)
     if plot is not None:
         out_console.print(f"similarity heatmap: {plot}")

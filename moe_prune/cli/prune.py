@@ -82,9 +82,5 @@ def prune(
         f"weights {human_bytes(result.bytes_before)} → {human_bytes(result.bytes_after)} "
         f"in {len(result.shards)} shard(s)"
     )
-    for line in result.mtp:
+    for line in result.notes():
         out_console.print(line)
-    if result.ragged:
-        out_console.print(
-            f"different expert counts per layer: load with trust_remote_code=True ({', '.join(result.model_code)})"
-        )

@@ -18,26 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from moe_prune.architectures.config import ModelConfig
-from moe_prune.architectures.mtp import set_mtp_count
 from moe_prune.artifacts.stats import Stats as Stats
-from moe_prune.checkpoint.edit import Edit, Written, stage_mtp, write_edit
-from moe_prune.checkpoint.quantized import Quantization
-from moe_prune.checkpoint.ragged import expert_count_config
-from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, check_routers_finite
 from moe_prune.errors import MoePruneError
-from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster, mean_similarity
+from moe_prune.merging.layer_plan import ROUTER_RULES, LayerPlan
 from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.plot import similarity_heatmaps as similarity_heatmaps
 from moe_prune.merging.refit import RIDGE, least_squares_down
 from moe_prune.merging.registry import NEEDS, PRODUCED_BY, LayerStats, get_method, weight_statistic
 from moe_prune.merging.similarity import router_similarity
-from moe_prune.merging.tensors import ROUTER_RULES, LayerPlan, MergePlanner
-from moe_prune.sizes import parse_size
 from moe_prune.stages.refit import has_sums, parse_ridge, refit_layers
+from moe_prune.stages.shrink import Shrink, Shrunk
 
 
 @dataclass
@@ -63,16 +55,23 @@ class LayerReport:
 
 
 @dataclass
-class MergeResult(Written):
+class MergeResult(Shrunk):
+    """What `merge` wrote: the shared counts (`stages.shrink.Shrunk`), its options and every layer's clusters."""
+
     method: str
     router: str
     weights: str
     refit: bool
-    experts_before: int
-    experts_after: dict[int, int]
-    top_k: int
     layers: list[LayerReport]
     refit_fits: list = field(default_factory=list)  # merging.refit_pass.LayerFit per layer (sequential refit)
+
+    @property
+    def experts_before(self) -> int:
+        return max(self.experts_before_per_layer.values())
+
+    @property
+    def experts_after(self) -> dict[int, int]:
+        return self.experts_after_per_layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,7 +82,6 @@ class MergeResult(Written):
             "refit": self.refit,
             "experts_before": self.experts_before,
             "experts_after": {str(k): v for k, v in self.experts_after.items()},
-            "top_k": self.top_k,
             "layers": [
                 {
                     "layer": r.layer,
@@ -109,21 +107,6 @@ def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str, weights:
         if stat not in stats.arrays:
             hint = " (or use --method prune)" if stat == "logit_gram" else ""
             raise MoePruneError(f"{name}: lacks {stat}, which {option} needs; re-run `{PRODUCED_BY[stat]}`{hint}")
-
-
-def output_config(config: ModelConfig, counts: dict[int, int]) -> tuple[ModelConfig, dict[str, str]]:
-    """The new config (every alias set to D when uniform, else a per-layer list) and the files it needs."""
-    raw, files = expert_count_config(config.raw, config.adapter, counts, config.top_k)
-    return ModelConfig(raw, config.adapter, config.text_key, config.source), files
-
-
-def _compose(previous: tuple[tuple[int, float], ...], cluster: Cluster, weights: tuple[float, ...]) -> list:
-    """Members of a new slot in ORIGINAL ids: current slots expand into what they already merged."""
-    out: dict[int, float] = {}
-    for slot, weight in zip(cluster.members, weights, strict=True):
-        for orig, inner in previous[slot]:
-            out[orig] = out.get(orig, 0.0) + weight * inner
-    return [(orig, w) for orig, w in out.items()]
 
 
 def run(
@@ -160,10 +143,8 @@ def run(
     get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
     if router not in ROUTER_RULES:
         raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
-    max_bytes = parse_size(max_shard_size, "--max-shard-size")
-    out = Path(out)
-    check_writable(out, force, "folder")
-    ckpt = Checkpoint.open(model)
+    shrink = Shrink(model, out, max_shard_size, force)
+    ckpt = shrink.ckpt
     config, identity = ckpt.config, ckpt.identity
     stored = refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
     ridge = parse_ridge(refit_ridge) if refit else RIDGE
@@ -173,25 +154,14 @@ def run(
     current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
     skip = sorted(set(skip_layers or []))
     counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
-    new_config, extra_files = output_config(config, counts)
-    mtp = stage_mtp(ckpt, counts, drop_mtp)
-    check_routers_finite(mtp, config.adapter, "merge", mtp=not drop_mtp)  # experts: read (and checked) when averaged
-    if drop_mtp:
-        set_mtp_count(new_config.raw, config.text_key, mtp.layout.family, 0)
+    shrink.target(counts, drop_mtp, "merge")
 
     rows = {layer: i for i, layer in enumerate(identity.moe_layers)}
-    previous = ckpt.manifest
     plans: dict[int, LayerPlan] = {}
     reports: list[LayerReport] = []
-    slots: dict[int, tuple[int, ...]] = {}
-    merged: dict[int, tuple] = {}
     for layer in identity.moe_layers:
         ids = identity.original_ids[layer]
-        before = previous.members(layer) if previous and layer in previous.slots else tuple(((i, 1.0),) for i in ids)
         if layer in skip:
-            slots[layer] = ids
-            if previous and layer in previous.merged:
-                merged[layer] = previous.merged[layer]
             reports.append(LayerReport(layer, len(ids), len(ids), True, []))
             continue
         plan, report = _plan_layer(
@@ -204,10 +174,6 @@ def run(
             config.n_group,
         )
         plans[layer] = plan
-        clusters, averaging = plan.clusters, plan.weights
-        slots[layer] = tuple(ids[c.anchor] for c in clusters)
-        if any(len(c.members) > 1 for c in clusters) or (previous and layer in previous.merged):
-            merged[layer] = tuple(tuple(_compose(before, c, w)) for c, w in zip(clusters, averaging, strict=True))
         reports.append(report)
 
     fits = []
@@ -215,11 +181,6 @@ def run(
         plans, fits = refit_layers(
             model, ckpt, stats, plans, stats_name, ridge=ridge, device=device, progress=refit_progress
         )
-    quant = Quantization.from_config(config.raw)  # merged experts are written back in this format
-    inputs = _mtp_inputs(mtp, plans, identity.moe_layers[-1], drop_mtp)  # before the planner reads `plans`
-    tensors = mtp.restore(
-        MergePlanner(config.adapter, config.num_experts, plans, quant, config.experts_per_layer).plan(inputs)
-    )
     step = {
         "stage": "merge",
         "source": str(model),
@@ -233,17 +194,13 @@ def run(
         "stats": stats_name,
     }
     verb = "merged alike" if identity.moe_layers[-1] in plans else "kept (layer skipped)"
-    edit = Edit(ckpt, new_config, tensors, step, slots, mtp, verb, drop_mtp, merged, extra_files)
-    written = write_edit(edit, out, max_bytes, force=force, progress=progress)
+    shrunk = shrink.write(plans, step, verb, progress)
     return MergeResult(
-        **vars(written),
+        **vars(shrunk),
         method=method,
         router=router,
         weights=weights,
         refit=refit,
-        experts_before=config.num_experts,
-        experts_after=counts,
-        top_k=config.top_k,
         layers=reports,
         refit_fits=fits,
     )
@@ -306,17 +263,3 @@ def _report(
     order = [m for c in clusters for m in c.members]
     order += [slot for slot in range(len(ids)) if slot not in set(order)]  # dropped experts (prune) last
     return LayerReport(layer, len(ids), len(clusters), False, rows, similarity, order)
-
-
-def _mtp_inputs(mtp: MtpTensors, plans: dict[int, LayerPlan], follow: int, drop: bool) -> list[TensorInfo]:
-    """The tensors to plan: the decoder's, plus (unless dropped) the MTP layers' under virtual names.
-
-    Each MTP MoE block gets a copy of layer `follow`'s plan, added to `plans` in place (none when that
-    layer is skipped: the block is then copied as it is, like the layer).
-    """
-    if drop:
-        return mtp.decoder
-    if (last := plans.get(follow)) is not None:
-        for virtual in mtp.moe:
-            plans[virtual] = LayerPlan(virtual, last.clusters, last.weights, last.router, last.seed)
-    return mtp.decoder + mtp.virtual + mtp.extras
