@@ -92,6 +92,14 @@ def test_counts_on_the_meta_skeleton_equal_the_loaded_models(source, tiny_factor
     assert memory_bytes(skeleton) == memory_bytes(loaded)
 
 
+def test_transformers_engine_stops_generating_at_end_of_text():
+    """The demo's generation_config.json names no EOS: greedy decoding must still stop at `</s>`, as vLLM's does
+    (doc 4 of demo_arithmetic_gen: ' 18' then `</s>`; without the stop it scored '18>seq_920 len', a miss)."""
+    result = tasks.run(DEMO_MODEL_DIR, tasks.TaskSettings(["demo_arithmetic_gen"], limit=5))
+    doc = next(r for r in result.model.samples["demo_arithmetic_gen"] if r["doc_id"] == 4)
+    assert tasks.plain(doc["filtered_resps"]) == ["18"] and doc["target"] == "18"
+
+
 def run_vllm_eval(python: str, *args: str, timeout: int = 1200) -> dict:
     """`moe-prune eval ... --engine vllm --json` under the vLLM Python; its JSON document."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: tiny models; not a share of a shared machine
@@ -142,8 +150,7 @@ def test_vllm_engine_perplexity_equals_transformers(vllm_python, demo_prunes):  
 @pytest.mark.vllm
 def test_vllm_engine_tasks_equal_transformers(vllm_python, tmp_path):  # noqa: F811
     """lm-eval's vLLM backend: the same accuracy and per-choice log-likelihoods, the same generations."""
-    # demo_arithmetic_gen left out: 1 of 12 greedy generations differed between the engines (0.667 vs 0.583)
-    names, limit = ["demo_records"], 12
+    names, limit = ["demo_records", "demo_arithmetic_gen"], 12
     samples = tmp_path / "samples.jsonl"
     got = run_vllm_eval(
         vllm_python, "--tasks", ",".join(names), "--limit", str(limit), "--no-perplexity", "--log-samples", str(samples)

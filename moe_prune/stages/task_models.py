@@ -40,6 +40,19 @@ def special_token_ids(model: Any, tokenizer: Any, folder: Path) -> tuple[int, in
     return prefix[0], (eos or prefix)[0]
 
 
+def stop_at_end_of_text(model: Any, end: int) -> None:
+    """Generation stops at the end-of-text token, as vLLM's does, also where generation_config.json names none.
+
+    transformers' generate stops only at the generation config's eos_token_id; the demo's (written by
+    transformers from config.json) has none, so greedy decoding ran past `</s>`, and lm-eval, which decodes
+    with skip_special_tokens and then cuts at the EOS string, kept the text after it (' 18</s>>seq_920 len'
+    scored as '18>seq_920 len'). vLLM stops at the tokenizer's EOS: 1 of 12 demo_arithmetic_gen answers differed.
+    """
+    config = getattr(model, "generation_config", None)
+    if config is not None and config.eos_token_id is None:
+        config.eos_token_id = end
+
+
 def _reporting(base: type, end: int, label: str, progress: TaskProgressFn) -> tuple[type, Any]:
     """(subclass of lm-eval's LM class `base` with end-of-text `end` that reports its requests to `progress`,
     the cache hook to set on an instance: lm-eval calls its `add_partial` once per answered request)."""
@@ -141,6 +154,7 @@ def task_lm(
 
         model = load_model(ckpt, dtype, device, trust_remote_code)
         prefix, end = special_token_ids(model, tokenizer, ckpt.folder)
+        stop_at_end_of_text(model, end)
         cls, hook = _reporting(HFLM, end, label, progress)
         lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix)
     lm.set_cache_hook(hook)
