@@ -63,7 +63,7 @@ def rows(result) -> dict[str, dict]:
     return {r["key"]: r for r in result.to_dict()["rows"]}
 
 
-def test_every_combination_is_a_row_and_the_floor_is_the_random_mean(full):
+def test_every_combination_is_a_row_and_the_floor_is_the_best_random_mask(full):
     out, result = full
     by_kind = {
         kind: [r for r in result.rows if r.combo.kind == kind] for kind in ("original", "random", "prune", "merge")
@@ -77,6 +77,7 @@ def test_every_combination_is_a_row_and_the_floor_is_the_random_mean(full):
     for ratio, floor in result.floors.items():
         values = [r.perplexity for r in by_kind["random"] if r.combo.ratio == ratio]
         assert floor.mean == statistics.fmean(values) and (floor.low, floor.high) == (min(values), max(values))
+        assert floor.value == min(values) and floor.rule == "best of 2 random masks"
     for r in result.rows:
         if r.status == "done" and r.combo.kind != "original" and r.combo.scope == "layer":
             assert set(r.kept.values()) == {8 - round(8 * r.combo.ratio)}
@@ -138,7 +139,7 @@ def test_prune_hopeless_skips_exactly_the_lines_worse_than_random_earlier(full, 
     floors = result.floors
     expected = set()
     for r in result.rows:
-        if r.status == "done" and r.combo.kind in ("prune", "merge") and r.perplexity > floors[r.combo.ratio].mean:
+        if r.status == "done" and r.combo.kind in ("prune", "merge") and r.perplexity > floors[r.combo.ratio].value:
             expected |= {
                 o.combo.key for o in result.rows if o.combo.line == r.combo.line and o.combo.ratio > r.combo.ratio
             }
@@ -169,7 +170,7 @@ def test_prune_hopeless_skips_exactly_the_lines_worse_than_random_earlier(full, 
 
 
 def test_hopeless_rule_covers_merges_failures_and_later_ratios():
-    """On made-up rows: a line (merge lines too) worse than the random mean, or failed, stops at larger ratios."""
+    """On made-up rows: a line (merge lines too) worse than the best random mask, or failed, stops at larger ratios."""
     from moe_prune.sweep.plan import Combo
     from moe_prune.sweep.results import Row, floors, hopeless
 
@@ -180,10 +181,11 @@ def test_hopeless_rule_covers_merges_failures_and_later_ratios():
 
     rows = [row("random", 0.25, 10.0, "random", 0), row("random", 0.25, 12.0, "random", 1)]
     rows += [row("random", 0.5, 20.0, "random", 0), row("random", 0.5, 22.0, "random", 1)]
-    rows += [row("merge", 0.25, 11.5, "uncurl"), row("prune", 0.25, 10.5, "a"), row("prune", 0.5, 21.5, "a")]
+    rows += [row("merge", 0.25, 10.5, "uncurl"), row("prune", 0.25, 9.5, "a"), row("prune", 0.5, 20.5, "a")]
     rows += [row("prune", 0.25, None, "b", status="failed")]
     floor = floors(rows)
     assert floor[0.25].mean == 11.0 and floor[0.5].mean == 21.0
+    assert floor[0.25].value == 10.0 and floor[0.5].value == 20.0  # the best mask: 10.5 beats the mean, not it
     assert "at ratio 0.25" in hopeless(Combo("merge", 0.5, "uncurl", None, "layer"), rows, floor)
     assert "at ratio 0.25" in hopeless(Combo("merge", 0.75, "uncurl", None, "layer"), rows, floor)
     assert hopeless(Combo("prune", 0.5, "a", "min"), rows, floor) is None  # better than random at 0.25
@@ -385,7 +387,13 @@ BAD = [
         ["-c", "usage-frequency", "--directions", "sideways"],
         "--directions 'sideways': use one of default, opposite, both",
     ),
-    (["-c", "usage-frequency", "--global", "everywhere"], "--global 'everywhere': use one of layer, global, both"),
+    (
+        ["-c", "usage-frequency", "--global", "everywhere"],
+        "--global 'everywhere': use one of layer, global, search, both, all",
+    ),
+    (["-c", "usage-frequency", "--merge-refit", "maybe"], "--merge-refit 'maybe': use one of no, yes, both"),
+    (["-c", "usage-frequency", "--merge-weights", "mass"], "unknown --weights 'mass'"),
+    (["-c", "usage-frequency", "--search-evals", "1"], "--search-evals must be at least 2"),
     (["-c", "usage-frequency", "--random-seeds", "0"], "--random-seeds must be at least 1"),
     (["-c", "gradient-norm,gradient-entropy"], "serves none of the criteria and merge methods asked for"),
     (["-c", "usage-frequency", "--data", "missing.jsonl"], "missing.jsonl: data file not found"),

@@ -49,12 +49,27 @@ def sweep(
     ] = "default",
     global_: Annotated[
         str,
-        typer.Option("--global", help="layer (each layer drops the ratio), global, or both (global where comparable)."),
+        typer.Option(
+            "--global",
+            help="Scopes, comma-separated: layer (each layer drops the ratio), global (where comparable), search "
+            "(per-layer counts searched by `allocate`); both = layer,global; all = the three.",
+        ),
     ] = "layer",
     merge_methods: Annotated[
         str | None, typer.Option(help="Comma-separated merge methods (see `moe-prune merge --help`), or all.")
     ] = None,
-    random_seeds: Annotated[int, typer.Option(help="Random masks per ratio; their mean perplexity is the floor.")] = 3,
+    merge_weights: Annotated[
+        str, typer.Option(help="Merges average members by: frequency, output, or both comma-separated.")
+    ] = "frequency",
+    merge_refit: Annotated[
+        str, typer.Option(help="Merges with refit down projections: no, yes or both (needs refit sums or a pass).")
+    ] = "no",
+    search_evals: Annotated[
+        int, typer.Option(help="With --global search: candidates each allocation search evaluates.")
+    ] = 32,
+    random_seeds: Annotated[
+        int, typer.Option(help="Random masks per ratio; the best of them (lowest perplexity) is the floor.")
+    ] = 5,
     prune_hopeless: Annotated[
         bool,
         typer.Option(
@@ -108,6 +123,9 @@ def sweep(
         directions=directions,
         scopes=global_,
         merge_methods=_methods(merge_methods),
+        merge_weights=tuple(parse_names(merge_weights, "--merge-weights")),
+        merge_refit=merge_refit,
+        search_evals=search_evals,
         random_seeds=random_seeds,
         prune_hopeless=prune_hopeless,
         data=data,
@@ -238,7 +256,7 @@ def sweep_table(result: SweepResult) -> Table:
         floor = floors.get(ratio)
         pending = floor is not None
         for row in by_ratio.get(ratio, []):
-            if pending and floor is not None and row.quality > floor.mean:
+            if pending and floor is not None and row.quality > floor.value:
                 table.add_row(*_floor_cells(floor, base, result.rows, tasks))
                 pending = False
             table.add_row(*_cells(row, base, floor, tasks))
@@ -265,7 +283,7 @@ def _cells(row: Row, base: float | None, floor: Floor | None, tasks: list[str]) 
         return [ratio, _kept(row.kept), row.combo.line, "-", "", "", *([""] * len(tasks)), f"failed: {row.reason}"]
     against = ""
     if floor is not None:
-        times = row.perplexity / floor.mean
+        times = row.perplexity / floor.value
         against = f"[{'red' if times > 1 else 'green'}]{times:.2f}x[/]"
     values = [f"{row.tasks[t]['value']:.3f}" if row.tasks.get(t, {}).get("value") is not None else "" for t in tasks]
     return [
@@ -281,21 +299,21 @@ def _cells(row: Row, base: float | None, floor: Floor | None, tasks: list[str]) 
 
 
 def _floor_cells(floor: Floor, base: float | None, rows: list[Row], tasks: list[str]) -> list[str]:
-    """The random masks of one ratio as one row: mean perplexity, its spread, the mean of each task metric."""
+    """The random masks of one ratio as one row: the best perplexity (the floor), its spread, each task's best."""
     seeds = [r for r in rows if r.combo.kind == "random" and r.combo.ratio == floor.ratio and r.status == "done"]
     values = []
     for task in tasks:
         got = [r.tasks[task]["value"] for r in seeds if r.tasks.get(task, {}).get("value") is not None]
-        values.append(f"{sum(got) / len(got):.3f}" if got else "")
+        values.append(f"{max(got):.3f}" if got else "")  # the best random mask on each task, like perplexity
     return [
         f"[dim]{floor.ratio:g}[/]",
         f"[dim]{_kept(seeds[0].kept) if seeds else ''}[/]",
-        f"[dim italic]random ({floor.seeds} seed{'s' if floor.seeds > 1 else ''}: the floor)[/]",
-        f"[dim]{floor.mean:.3f} ± {floor.std:.3f}[/]",
-        f"[dim]{_versus(floor.mean, base)}[/]",
+        f"[dim italic]random: the floor, {floor.rule}[/]",
+        f"[dim]{floor.value:.3f}[/]",
+        f"[dim]{_versus(floor.value, base)}[/]",
         "[dim]1.00x[/]",
         *(f"[dim]{v}[/]" for v in values),
-        f"[dim]range {floor.low:.3f} .. {floor.high:.3f}[/]",
+        f"[dim]median {floor.median:.3f}, mean {floor.mean:.3f}, range {floor.low:.3f} .. {floor.high:.3f}[/]",
     ]
 
 
@@ -309,7 +327,7 @@ def _recommend(result: SweepResult) -> None:
     out_console.print("[bold]best per ratio[/] (commands to build it without the sweep):")
     for ratio, row in best.items():
         floor = floors.get(ratio)
-        against = f", {row.quality / floor.mean:.2f}x the random floor" if floor else ""
+        against = f", {row.quality / floor.value:.2f}x the random floor ({floor.rule})" if floor else ""
         out_console.print(f"  {ratio:g}: {row.combo.line}, perplexity {row.quality:.3f}{against}", highlight=False)
         out_console.print(f"    {row.command}", markup=False, highlight=False, soft_wrap=True)
     chosen = result.recommended()

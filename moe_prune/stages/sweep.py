@@ -1,11 +1,12 @@
 """`sweep`: prune or merge to every combination from one profile, evaluate each, and rank them against random masks.
 
-Combinations (`sweep.plan`): each criterion x direction x scope x ratio, each merge method x ratio, `random_seeds`
-random masks per ratio (the floor) and the original. Each is built by the real stages (`score` -> `prune`, or
-`merge`) into the work folder, evaluated by `eval`'s own `evaluate_model` (and `tasks.evaluate_tasks`), then
-deleted; only its result line is kept (`sweep.folder`). The statistics are read once and never recomputed.
-Combinations the statistics or the model cannot support (missing gradients, global selection of incomparable
-scores) are rows marked skipped with the stage's reason; they are fatal only when nothing else is left.
+Combinations (`sweep.plan`): each criterion x direction x scope x ratio, each merge method x weights x refit x
+scope x ratio, `random_seeds` random masks per ratio (the floor: the best of them) and the original. Each is
+built by the real stages (`score` or `allocate` -> `prune`, or [`allocate --for merge` ->] `merge`) into the
+work folder, evaluated by `eval`'s own `evaluate_model` (and `tasks.evaluate_tasks`), then deleted; only its
+result line is kept (`sweep.folder`). The statistics are read once and never recomputed. Combinations the
+statistics or the model cannot support (missing gradients, global selection of incomparable scores) are rows
+marked skipped with the stage's reason; they are fatal only when nothing else is left.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import OutputError
 from moe_prune.merging.registry import METHODS as METHODS
-from moe_prune.merging.registry import get_method
+from moe_prune.merging.registry import get_method, weight_statistic
 from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.skeleton import code_decision, parse_dtype
 from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, merge, prune, score, tasks
+from moe_prune.stages.sweep_search import searched
 from moe_prune.stages.task_harness import quiet_lm_eval
 from moe_prune.sweep.folder import SweepFolder, fingerprint
-from moe_prune.sweep.plan import DIRECTIONS, SCOPES, Combo, choice, combinations, command
+from moe_prune.sweep.plan import DIRECTIONS, REFITS, Combo, choice, combinations, command, parse_scopes
 from moe_prune.sweep.plan import parse_names as parse_names
 from moe_prune.sweep.plan import parse_ratios as parse_ratios
 from moe_prune.sweep.plot import PLOT_NAME as PLOT_NAME
@@ -53,9 +55,12 @@ class SweepSettings:
     criteria: tuple[str, ...] = ()  # empty: every registered criterion but `random` (the floor)
     ratios: tuple[float, ...] = (0.25, 0.5)
     directions: str = "default"  # default | opposite | both
-    scopes: str = "layer"  # layer | global | both
+    scopes: str = "layer"  # layer | global | search, comma-separated; both = layer,global; all
     merge_methods: tuple[str, ...] = ()
-    random_seeds: int = 3
+    merge_weights: tuple[str, ...] = ("frequency",)  # what merges average members by (each a line)
+    merge_refit: str = "no"  # no | yes | both
+    search_evals: int = 32  # candidates per `allocate` search (scope search)
+    random_seeds: int = 5
     prune_hopeless: bool = False
     data: str = str(DEMO_HELDOUT)
     text_field: str = "text"
@@ -72,7 +77,12 @@ class SweepSettings:
     def check(self) -> None:
         """Checks of the settings alone, before any file is read."""
         choice(self.directions, "--directions", DIRECTIONS)
-        choice(self.scopes, "--global", SCOPES)
+        parse_scopes(self.scopes)
+        choice(self.merge_refit, "--merge-refit", tuple(REFITS))
+        for rule in self.merge_weights:
+            weight_statistic(rule)
+        if self.search_evals < 2:
+            raise MoePruneError(f"--search-evals must be at least 2 (got {self.search_evals})")
         if not self.ratios or not all(0.0 < r < 1.0 for r in self.ratios):
             raise MoePruneError(f"--ratios {list(self.ratios)}: each ratio must be above 0 and below 1")
         if self.random_seeds < 1:
@@ -123,7 +133,10 @@ def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Pl
     )
     manager = tasks.prepare(settings.tasks) if settings.tasks is not None else None
     s = settings
-    combos = combinations(criteria, methods, s.ratios, s.directions, s.scopes, s.random_seeds, s.merge_seed)
+    combos = combinations(
+        criteria, methods, s.ratios, s.directions, s.scopes, s.random_seeds,
+        s.merge_seed, s.merge_weights, s.merge_refit, s.search_evals,
+    )  # fmt: skip
     defaults = {c.name: c.direction for c in criteria}
     return Plan(str(model), ckpt, loaded, str(stats), s, combos, texts, _fingerprint(ckpt, stats, s), defaults, manager)
 
@@ -212,6 +225,8 @@ def _build(plan: Plan, combo: Combo, target: Path) -> tuple[dict[int, int], Path
     source = plan.ckpt.folder
     if combo.kind == "original":
         return plan.experts, source
+    if combo.scope == "search":
+        return searched(plan, combo, target)
     if combo.kind == "merge":
         counts = {layer: n - Budget(ratio=combo.ratio).drops(n, "per layer") for layer, n in plan.experts.items()}
         keep = Counter(counts.values()).most_common(1)[0][0]
@@ -222,6 +237,8 @@ def _build(plan: Plan, combo: Combo, target: Path) -> tuple[dict[int, int], Path
             target,
             keep,
             method=combo.name,
+            weights=combo.weights,
+            refit=combo.refit,
             keep_overrides=overrides,
             seed=combo.seed or 0,
             force=True,
@@ -295,7 +312,7 @@ def _check_usable(criteria: list[Criterion], methods: list[str], stats: Stats, c
             reasons.append(f"{crit.name} needs {', '.join(missing)}")
     for method in methods:
         try:
-            merge.check_stats(stats, ckpt, method, name)
+            merge.check_stats(stats, ckpt, method, name)  # weights and refit: skipped rows with merge's reason
         except MoePruneError as exc:
             reasons.append(str(exc))
     if reasons and len(reasons) == len(criteria) + len(methods):

@@ -13,7 +13,7 @@ PLOT_NAME = "sweep.png"
 
 
 def perplexity_plot(result: SweepResult, path: Path) -> None:
-    """Each line starts at the original (all experts); the random floor is drawn as mean with its range.
+    """Each line starts at the original (all experts); the random floor is drawn as the best mask with its range.
 
     One colour per criterion or merge method; the papers' direction solid, the opposite dotted, merges dashed,
     global selection with square markers.
@@ -57,16 +57,16 @@ def _style(row: Row, defaults: dict[str, str], colours: Any, names: list[str]) -
 
 
 def _floor(ax: Any, result: SweepResult) -> None:
-    """The random masks: mean perplexity per ratio, with the range over the seeds."""
+    """The random masks: the best perplexity per ratio (the floor), with a bar up to the worst seed."""
     kept = {r.combo.ratio: r.experts_kept for r in result.rows if r.combo.kind == "random" and r.status == "done"}
     floor = [f for f in result.floors.values() if f.ratio in kept]
     if floor:
         ax.errorbar(
             [kept[f.ratio] for f in floor],
-            [f.mean for f in floor],
-            yerr=[[f.mean - f.low for f in floor], [f.high - f.mean for f in floor]],
+            [f.value for f in floor],
+            yerr=[[0.0 for f in floor], [f.high - f.value for f in floor]],
             color="black",
             linewidth=2,
             capsize=4,
-            label=f"random masks (mean, range of {floor[0].seeds})",
+            label=f"random masks: the floor is the {floor[0].rule} (bar: up to the worst)",
         )

@@ -1,0 +1,65 @@
+"""`sweep --global search`: a row whose per-layer counts `allocate` searched, built like any other row.
+
+A criterion's row: `allocate -c C --ratio R` (the criterion's order inside a layer, counts searched on the
+statistics' own calibration windows, never the held-out text the sweep evaluates on) -> `prune`. A merge
+row: `allocate --for merge --method M [--weights W] [--refit]` -> `merge` with the searched counts. The
+search uses `allocate`'s defaults but for `--budget-evals` (`--search-evals`), so the row's command rebuilds
+the same model; its allocation is recorded nowhere but in the row's counts (`kept`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from moe_prune.errors import MoePruneError
+from moe_prune.scoring import get_criterion
+from moe_prune.scoring.selection import Budget
+from moe_prune.stages import allocate, merge, prune
+from moe_prune.sweep.plan import Combo
+
+
+def searched(plan: Any, combo: Combo, target: Path) -> tuple[dict[int, int], Path]:
+    """(experts per MoE layer, checkpoint folder) of a `search` combination; `plan` is the sweep's Plan."""
+    s = plan.settings
+    calibration = allocate.Calibration(dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code)
+    evals = combo.evals or 32
+    budget = Budget(ratio=combo.ratio)
+    source = plan.ckpt.folder
+    if combo.kind == "prune":
+        if combo.direction != get_criterion(combo.name).direction:
+            raise MoePruneError(
+                f"allocate keeps {combo.name}'s own order ({get_criterion(combo.name).direction}) inside a layer; "
+                f"no searched allocation for {combo.direction}"
+            )
+        mask, _ = allocate.allocate(plan.stats_name, source, combo.name, budget, calibration=calibration,
+                                    budget_evals=evals)  # fmt: skip
+        assert not isinstance(mask, allocate.MergeAllocation)
+        prune.run(source, mask, target, force=True, mask_name=combo.line)
+        return {layer: len(kept) for layer, kept in mask.keep.items()}, target
+    way = allocate.MergeTarget(combo.name, combo.weights, combo.refit, combo.seed or 0)
+    found, _ = allocate.allocate(plan.stats_name, source, _ranking(plan), budget, calibration=calibration,
+                                 budget_evals=evals, merge=way)  # fmt: skip
+    assert isinstance(found, allocate.MergeAllocation)
+    counts = found.keep
+    keep = Counter(counts.values()).most_common(1)[0][0]
+    merge.run(
+        source,
+        plan.stats,
+        target,
+        keep,
+        method=combo.name,
+        weights=combo.weights,
+        refit=combo.refit,
+        keep_overrides={layer: n for layer, n in counts.items() if n != keep},
+        seed=combo.seed or 0,
+        force=True,
+        stats_name=plan.stats_name,
+    )
+    return dict(counts), target
+
+
+def _ranking(plan: Any) -> str:
+    """The criterion a merge search's global start ranks experts by: soft counts where profiled, else usage."""
+    return allocate.GLOBAL_FALLBACK if "soft_counts" in plan.stats.arrays else "usage-frequency"
