@@ -195,6 +195,7 @@ def run_cli(*args: str):
         (["--ratio", "0.5", "--min-per-layer", "1"], "--min-per-layer 1 is below layer 0's top-k 2"),
         (["--ratio", "0.5", "-c", "nonsense"], "nonsense"),
         (["--ratio", "0.5", "--samples", "0"], "--samples must be at least 1"),
+        (["--ratio", "0.5", "--sequential"], "allocate --sequential is not supported"),
     ],
 )
 def test_bad_budgets_and_options_are_one_line(tiny, tmp_path, extra, message):

@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from moe_prune.stages.allocate import AllocationReport, MergeTarget
 
 
+SEQUENTIAL_REFUSAL = (
+    "allocate --sequential is not supported: each candidate is a whole forward pass, so one layer at a time would "
+    "read the checkpoint from disk once per candidate; use --device auto (GPUs) or score --global"
+)
+
+
 @user_errors
 def allocate(
     model: ModelArg = DEFAULT_MODEL,
@@ -82,6 +88,9 @@ def allocate(
     plot: Annotated[
         Path | None, typer.Option(help="PNG of the counts per layer: uniform, global and searched (matplotlib).")
     ] = None,
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="Refused: every candidate is a whole forward pass (see README).")
+    ] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -93,6 +102,8 @@ def allocate(
     from moe_prune.stages.common import check_plot, parse_size
     from moe_prune.stages.score import write_mask
 
+    if sequential:
+        raise MoePruneError(SEQUENTIAL_REFUSAL)
     if stats is None:
         raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
     target = _target(for_, method, weights, refit, merge_seed)
