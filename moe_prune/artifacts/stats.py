@@ -74,7 +74,15 @@ class Stats:
         missing = [n for n in names if n not in self.arrays]
         if missing:
             hint = " (run `moe-prune profile --gradients`)" if any(n.startswith("grad") for n in missing) else ""
-            raise MoePruneError(f"{source}: lacks statistics {', '.join(missing)}{hint}")
+            raise MoePruneError(f"{source}: lacks statistics {', '.join(missing)}{hint or self.profiled_for()}")
+
+    def profiled_for(self) -> str:
+        """' (profiled --for a,b: ...)' when `profile --for` chose the fields of this file, else ''."""
+        chosen = self.provenance.get("for")
+        if not isinstance(chosen, list) or not chosen:
+            return ""
+        names = ",".join(str(name) for name in chosen)
+        return f" (profiled --for {names}; profile again with --for naming what reads them, or without --for)"
 
     def save(self, path: Path, force: bool = True, inputs: tuple[str | Path, ...] = ()) -> None:
         """Write atomically through the one atomic writer; `force=False` refuses a file that appears meanwhile.

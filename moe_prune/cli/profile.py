@@ -89,6 +89,14 @@ def profile(
     refit_stats: Annotated[
         bool, typer.Option("--refit-stats", help="Also record what `merge --refit` needs (every expert, every token).")
     ] = False,
+    for_names: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="Record only what these read: criteria, merge methods, refit, protect-super-experts, weights-output "
+            "(comma-separated, e.g. reap,uncurl).",
+        ),
+    ] = None,
     combine: Annotated[
         bool, typer.Option("--combine", help="Add the statistics files given as arguments (disjoint data).")
     ] = False,
@@ -109,9 +117,13 @@ def profile(
 ) -> None:
     from moe_prune.stages import profile as stage
     from moe_prune.stages.profile import distributed, parse_sources, partial_path
+    from moe_prune.stages.profile_for import parse_for
 
     if task is not None and data:
         raise MoePruneError("give --data or --task, not both")
+    chosen = parse_for(for_names)  # an unknown name fails before anything is read
+    if chosen is not None and combine:
+        raise MoePruneError("--for chooses what a profile run records; --combine adds files as they are")
     given = [f"{TASK_PREFIX}{task}"] if task is not None else data or [str(DEMO_CALIBRATION)]
     specs = parse_sources(given)
     sources = tuple(spec.source for spec in specs)
@@ -147,6 +159,7 @@ def profile(
         include_path=include_path,
         expert_outputs=expert_outputs,
         refit_stats=refit_stats,
+        for_names=chosen.names if chosen is not None else (),
     )
     place = distributed.world()
     partial = partial_path(out, place.rank) if (save_every or resume) else None

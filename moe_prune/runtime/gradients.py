@@ -33,6 +33,7 @@ import torch
 from moe_prune.architectures.config import ModelConfig
 
 OUTLIER_STDS = 3.0
+GRADIENT_FIELDS = ("grad_gram", "grad_entropy", "grad_outliers")  # what `reduce` returns
 
 
 def expert_parameters(model: Any, config: ModelConfig) -> list[list[torch.nn.Parameter]]:

@@ -26,16 +26,16 @@ every expert on every token; its act_* statistics are of the experts-module outp
 selected tokens, i.e. the expert output of its score-scaled input, and the routing weight is that
 sigmoid score.
 
-Accumulators: counts in int64, everything else in float64 on the model's device. Per-row values
-(output norms, means, 3-sigma bounds) are computed in the outputs' own dtype and the column sums
-accumulate in float64 without a float64 copy of the outputs; sums of disjoint data add exactly up to
-float64 rounding and memory does not grow with the number of tokens.
+Accumulators: counts in int64, everything else in float64 on the model's device; the act_* sums of a
+batch are taken without any temporary as large as the experts' outputs (`runtime.activation_sums`).
+Sums of disjoint data add exactly up to float64 rounding and memory does not grow with the number of
+tokens. `fields` (`profile --for`) limits the work to the statistics asked for.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 from moe_prune.architectures.config import ModelConfig
+from moe_prune.runtime.activation_sums import add_activations
 from moe_prune.runtime.expert_outputs import ExpertPass
 from moe_prune.runtime.routing import RoutingRecorder
 
-OUTLIER_STDS = 3.0
 ACT_FIELDS = (
     "act_sum",
     "act_sumsq",
@@ -59,25 +59,22 @@ ACT_FIELDS = (
 )
 
 
-class _Layer:
-    """Running sums of one MoE layer, allocated on first use on the device the layer runs on."""
+FORWARD_FIELDS = ("soft_counts", "coselection", "vocab_bits", "logit_gram", "logit_sum", *ACT_FIELDS)
+ROUTER_FIELDS = frozenset({"soft_counts", "logit_gram", "logit_sum"})
+_INTEGER = {"coselection", "act_outliers"}
 
-    def __init__(self, experts: int, hidden: int, vocab_bytes: int, device: torch.device) -> None:
-        f64 = {"dtype": torch.float64, "device": device}
-        i64 = {"dtype": torch.int64, "device": device}
-        self.soft_counts = torch.zeros(experts, **f64)
-        self.coselection = torch.zeros(experts, experts, **i64)
-        self.vocab_bits = torch.zeros(experts * vocab_bytes, dtype=torch.uint8, device=device)
-        self.logit_gram = torch.zeros(experts, experts, **f64)
-        self.logit_sum = torch.zeros(experts, **f64)
-        self.act_sum = torch.zeros(experts, hidden, **f64)
-        self.act_sumsq = torch.zeros(experts, hidden, **f64)
-        self.act_unit_sum = torch.zeros(experts, hidden, **f64)
-        self.act_norm_sum = torch.zeros(experts, **f64)
-        self.act_weighted_norm_sum = torch.zeros(experts, **f64)
-        self.act_outliers = torch.zeros(experts, **i64)
-        self.act_gate_norm_sum = torch.zeros(experts, **f64)
-        self.act_max = torch.zeros(experts, **f64)
+
+class _Layer:
+    """Running sums of one MoE layer (the `fields` asked for), allocated on first use on the layer's device."""
+
+    def __init__(self, experts: int, hidden: int, vocab_bytes: int, device: torch.device, fields: frozenset[str]):
+        shapes = {name: (experts,) for name in fields}
+        shapes.update({name: (experts, experts) for name in _SQUARE})
+        shapes.update({name: (experts, hidden) for name in ("act_sum", "act_sumsq", "act_unit_sum")})
+        shapes["vocab_bits"] = (experts * vocab_bytes,)
+        for name in fields:
+            dtype = torch.uint8 if name == "vocab_bits" else torch.int64 if name in _INTEGER else torch.float64
+            setattr(self, name, torch.zeros(shapes[name], dtype=dtype, device=device))
 
 
 class StatisticsRecorder(RoutingRecorder):
@@ -85,11 +82,22 @@ class StatisticsRecorder(RoutingRecorder):
 
     Call `set_input_ids(ids)` before each forward pass (the vocabulary bitsets need them).
     `arrays()` returns the `artifacts.stats` layout (leading axis over `layers`). `expert_outputs` and
-    `refit` add the opt-in statistics of `runtime.expert_outputs` (every expert on every token).
+    `refit` add the opt-in statistics of `runtime.expert_outputs` (every expert on every token). `fields`
+    (default: every one of `FORWARD_FIELDS`) limits the forward statistics to those named (`profile --for`):
+    what none of them reads is not computed, and without activation fields the experts run unwrapped.
     """
 
-    def __init__(self, model: Any, config: ModelConfig, expert_outputs: bool = False, refit: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: ModelConfig,
+        expert_outputs: bool = False,
+        refit: bool = False,
+        fields: Collection[str] | None = None,
+    ) -> None:
         super().__init__(model, config)
+        self.fields = frozenset(FORWARD_FIELDS) if fields is None else frozenset(fields) & frozenset(FORWARD_FIELDS)
+        self._acts = self.fields & frozenset(ACT_FIELDS)
         embeddings = model.get_input_embeddings().weight
         self.vocab_size = int(embeddings.shape[0])
         self.vocab_bytes = math.ceil(self.vocab_size / 8)
@@ -127,7 +135,10 @@ class StatisticsRecorder(RoutingRecorder):
             if self._pass is not None:
                 self._pass.check(experts, self.config.model_type, adapter.selection_from)
                 self._modules[slot] = experts
-            if adapter.selection_from == "experts_args":
+            if not self._acts and self._pass is None:  # selection only: the experts run as they are
+                if adapter.selection_from == "experts_args":
+                    self._handles.append(experts.register_forward_pre_hook(partial(self._experts_hook, slot)))
+            elif adapter.selection_from == "experts_args":
                 self._handles.append(experts.register_forward_pre_hook(partial(self._experts_hook, slot)))
                 # An instance attribute shadows the class forward; keep any existing one (accelerate hooks).
                 self._patched.append((experts, experts.__dict__.get("forward")))
@@ -153,34 +164,48 @@ class StatisticsRecorder(RoutingRecorder):
     def _layer(self, slot: int, device: torch.device) -> _Layer:
         sums = self._sums[slot]
         if sums is None:
-            sums = self._sums[slot] = _Layer(self.counts[slot], self.hidden_size, self.vocab_bytes, device)
+            sums = self._sums[slot] = self._new_layer(self.counts[slot], device)
         return sums
+
+    def _new_layer(self, experts: int, device: torch.device) -> _Layer:
+        return _Layer(experts, self.hidden_size, self.vocab_bytes, device, self.fields)
 
     # -- router and selection -------------------------------------------------------------------
 
     @torch.no_grad()
     def on_router_logits(self, slot: int, logits: torch.Tensor) -> None:
+        scaled = self._acts and self.adapter.selection_from == "router_scores"  # llama4's hook reads the logits
+        if not (self.fields & ROUTER_FIELDS or self._pass is not None or scaled):
+            return
         z = logits.detach().reshape(-1, logits.shape[-1]).double()
         sums = self._layer(slot, z.device)
-        probs = torch.sigmoid(z) if self.adapter.routing.score == "sigmoid" else torch.softmax(z, dim=-1)
-        sums.soft_counts += probs.sum(0)
-        sums.logit_sum += z.sum(0)
-        sums.logit_gram += z.T @ z
         self._last_logits[slot] = z
-        self._last_probs[slot] = probs
+        if "logit_sum" in self.fields:
+            sums.logit_sum += z.sum(0)
+        if "logit_gram" in self.fields:
+            sums.logit_gram += z.T @ z
+        if "soft_counts" in self.fields or self._pass is not None:
+            probs = torch.sigmoid(z) if self.adapter.routing.score == "sigmoid" else torch.softmax(z, dim=-1)
+            if "soft_counts" in self.fields:
+                sums.soft_counts += probs.sum(0)
+            self._last_probs[slot] = probs
 
     @torch.no_grad()
     def on_selection(self, slot: int, top_k_index: torch.Tensor) -> None:
         index = top_k_index.detach().reshape(-1, top_k_index.shape[-1])
         super().on_selection(slot, index)
+        self._last_index[slot] = index
+        if not self.fields & {"coselection", "vocab_bits"}:
+            return
         sums = self._layer(slot, index.device)
         experts = self.counts[slot]
         onehot = torch.zeros(index.shape[0], experts + 1, dtype=torch.float32, device=index.device)
         onehot.scatter_(1, index.clamp(max=experts).long(), 1.0)
         onehot = onehot[:, :experts]  # an index equal to E (a family's "no expert" slot) selects nothing
-        sums.coselection += (onehot.T @ onehot).round().long()
-        self._add_vocab(sums, onehot)
-        self._last_index[slot] = index
+        if "coselection" in self.fields:
+            sums.coselection += (onehot.T @ onehot).round().long()
+        if "vocab_bits" in self.fields:
+            self._add_vocab(sums, onehot)
 
     def _add_vocab(self, sums: _Layer, onehot: torch.Tensor) -> None:
         """OR this batch's (expert, input token) pairs into the packed bitsets."""
@@ -235,7 +260,8 @@ class StatisticsRecorder(RoutingRecorder):
         weight = weights.reshape(-1)[order]
         gate = (weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).reshape(-1)
         self._add_activations(slot, chosen, output.detach(), weight.detach(), gate[order].detach())
-        result = torch.zeros_like(flat).index_add_(0, token, (output * weight[:, None]).to(flat.dtype))
+        weighted = output.mul_(weight[:, None]) if not torch.is_grad_enabled() else output * weight[:, None]
+        result = torch.zeros_like(flat).index_add_(0, token, weighted.to(flat.dtype))  # in place: no copy
         if self._pass is not None:  # the refit's target: the gate-weighted mean of the chosen experts' outputs
             chosen_weights = weights.detach().double() * ((index >= 0) & (index < self.counts[slot]))
             mean = result.detach().double() / chosen_weights.sum(1, keepdim=True).clamp_min(1e-30)
@@ -283,41 +309,11 @@ class StatisticsRecorder(RoutingRecorder):
             score = torch.sigmoid(logits[token, expert])
             self._add_activations(slot, chosen, per_expert[expert, token], score, score / top_k_sum[token])
 
-    @torch.no_grad()
     def _add_activations(
         self, slot: int, expert: torch.Tensor, output: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor
     ) -> None:
-        """Add rows of expert outputs (row i belongs to `expert[i]`, rows of one expert adjacent) to the sums.
-
-        `weight` is the routing weight the model applied, `gate` the same gate renormalised over the token's
-        top-k (REAP's g_j(x); equal to `weight` for families that renormalise).
-
-        Speed matters here (every routed row passes through): rows are grouped by expert so each
-        expert's sums are plain column sums accumulated in float64 (`sum(dtype=float64)`, no float64
-        copy of the outputs), and each row's mean and std come from its sum and norm (computed in the
-        outputs' dtype, then float64), so the outlier count is one pass against per-row bounds.
-        """
-        sums = self._layer(slot, output.device)
-        f64 = torch.float64
-        a = output if output.is_floating_point() and output.dtype != torch.float16 else output.float()
-        hidden = a.shape[1]
-        norms = torch.linalg.vector_norm(a, dim=1).to(f64)  # in a's dtype: dtype=float64 would copy a
-        mean = a.sum(dim=1).to(f64) / hidden
-        std = (norms.square() / hidden - mean.square()).clamp_min(0).sqrt()
-        lower = (mean - OUTLIER_STDS * std).to(a.dtype)[:, None]
-        upper = (mean + OUTLIER_STDS * std).to(a.dtype)[:, None]
-        sums.act_outliers.index_add_(0, expert, ((a < lower) | (a > upper)).sum(1))
-        sums.act_norm_sum.index_add_(0, expert, norms)
-        sums.act_weighted_norm_sum.index_add_(0, expert, weight.to(f64) * norms)
-        sums.act_gate_norm_sum.index_add_(0, expert, gate.to(f64) * norms)
-        sums.act_max.scatter_reduce_(0, expert, a.abs().amax(dim=1).to(f64), reduce="amax")
-        unit = a / norms.clamp_min(torch.finfo(f64).tiny).to(a.dtype)[:, None]
-        ids, counts = torch.unique_consecutive(expert, return_counts=True)
-        sizes = counts.tolist()
-        for e, rows, unit_rows in zip(ids.tolist(), a.split(sizes), unit.split(sizes), strict=True):
-            sums.act_sum[e] += rows.sum(dim=0, dtype=f64)
-            sums.act_sumsq[e] += (rows * rows).sum(dim=0, dtype=f64)
-            sums.act_unit_sum[e] += unit_rows.sum(dim=0, dtype=f64)
+        """Rows of expert outputs into the layer's act_* sums (`runtime.activation_sums`)."""
+        add_activations(self._layer(slot, output.device), self._acts, expert, output, weight, gate)
 
     # -- results ----------------------------------------------------------------------------
 
@@ -326,13 +322,14 @@ class StatisticsRecorder(RoutingRecorder):
         self._tokens = [int(t) for t in arrays["tokens"]]
         self._counts = [torch.from_numpy(np.array(c)).to(device) for c in arrays["hard_counts"]]
         for slot, n in enumerate(self.counts):
-            sums = self._sums[slot] = _Layer(n, self.hidden_size, self.vocab_bytes, device)
-            for name in ("soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS):
+            sums = self._sums[slot] = self._new_layer(n, device)
+            for name in sorted(self.fields - {"vocab_bits"}):
                 stored = np.array(arrays[name][slot])
                 getattr(sums, name).copy_(
                     torch.from_numpy(stored[:n, :n] if stored.ndim == 2 and name in _SQUARE else stored[:n])
                 )
-            sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot][:n]).reshape(-1)))
+            if "vocab_bits" in self.fields:
+                sums.vocab_bits.copy_(torch.from_numpy(np.array(arrays["vocab_bits"][slot][:n]).reshape(-1)))
             if self._pass is not None:
                 for name, tensor in self._pass.layer(slot, device).items():
                     tensor.copy_(torch.from_numpy(np.array(arrays[name][slot][:n])))
@@ -344,18 +341,15 @@ class StatisticsRecorder(RoutingRecorder):
         layout); the statistics file's identity says how many slots of each layer are real experts.
         """
         cpu = torch.device("cpu")
-        layers = [
-            _Layer(n, self.hidden_size, self.vocab_bytes, cpu) if s is None else s
-            for s, n in zip(self._sums, self.counts, strict=True)
-        ]
-        names = ["soft_counts", "coselection", "logit_gram", "logit_sum", *ACT_FIELDS]
+        layers = [self._new_layer(n, cpu) if s is None else s for s, n in zip(self._sums, self.counts, strict=True)]
         out = {"tokens": self.tokens.numpy(), "hard_counts": self.hard_counts.numpy()}
-        for name in names:
+        for name in [n for n in FORWARD_FIELDS if n in self.fields and n != "vocab_bits"]:
             out[name] = torch.stack(
                 [_pad(getattr(s, name).cpu(), self.num_experts, name in _SQUARE) for s in layers]
             ).numpy()
-        bits = [s.vocab_bits.cpu().reshape(-1, self.vocab_bytes) for s in layers]
-        out["vocab_bits"] = torch.stack([_pad(b, self.num_experts, False) for b in bits]).numpy()
+        if "vocab_bits" in self.fields:
+            bits = [s.vocab_bits.cpu().reshape(-1, self.vocab_bytes) for s in layers]
+            out["vocab_bits"] = torch.stack([_pad(b, self.num_experts, False) for b in bits]).numpy()
         if self._pass is not None:
             extra = [self._pass.zeros(slot, cpu) if s is None else s for slot, s in enumerate(self._pass.sums)]
             for name in self._pass.fields:

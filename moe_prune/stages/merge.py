@@ -106,7 +106,9 @@ def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str, weights:
     for stat, option in wanted:
         if stat not in stats.arrays:
             hint = " (or use --method prune)" if stat == "logit_gram" else ""
-            raise MoePruneError(f"{name}: lacks {stat}, which {option} needs; re-run `{PRODUCED_BY[stat]}`{hint}")
+            raise MoePruneError(
+                f"{name}: lacks {stat}, which {option} needs; re-run `{PRODUCED_BY[stat]}`{hint}{stats.profiled_for()}"
+            )
 
 
 def run(

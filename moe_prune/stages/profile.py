@@ -47,6 +47,7 @@ from moe_prune.runtime.skeleton import parse_dtype
 from moe_prune.runtime.sources import Mix, SourceData, SourceSpec, mix, read_source, read_sources, take
 from moe_prune.runtime.sources import parse_sources as parse_sources
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.stages.profile_for import wanted
 from moe_prune.stages.tasks import TASK_PREFIX, calibration_texts
 from moe_prune.training.losses import token_cross_entropy
 
@@ -78,6 +79,23 @@ class Settings:
     save_every: int = 0  # batches between resumable checkpoints (0: none)
     expert_outputs: bool = False  # out_all_sum: every expert on every token (runtime.expert_outputs)
     refit_stats: bool = False  # refit_hh / refit_hy: the normal equations of `merge --refit`
+    for_names: tuple[str, ...] = ()  # `--for`: record only what these criteria / merge options read
+
+    def stat_fields(self) -> frozenset[str] | None:
+        """The forward statistics to record: None for all, else those `for_names` read (`stages.profile_for`)."""
+        return wanted(self.for_names).fields if self.for_names else None
+
+    def with_opt_ins(self) -> Settings:
+        """`--for` names that read gradient, every-expert or refit statistics turn those passes on."""
+        if not self.for_names:
+            return self
+        want = wanted(self.for_names)
+        return replace(
+            self,
+            gradients=self.gradients or want.gradients,
+            expert_outputs=self.expert_outputs or want.expert_outputs,
+            refit_stats=self.refit_stats or want.refit_stats,
+        )
 
     def check(self) -> None:
         if self.samples < 1:
@@ -190,6 +208,7 @@ def run(
     held, and the partial is deleted only after it succeeded and before the lock is released: a run that
     starts once the lock is free never has its own partial file deleted by this one.
     """
+    settings = settings.with_opt_ins()
     settings.check()
     with work_lock(partial) if partial is not None else nullcontext():
         result = _profile(model, data, settings, progress, partial, resume)
@@ -273,6 +292,7 @@ def _profile(
         "predictions": predictions if settings.gradients else None,
         "sequential": settings.sequential,
         "processes": place.size,
+        "for": list(settings.for_names) or None,
         **model_facts(config),
     }
     stats = Stats(identity, arrays, provenance)
@@ -320,6 +340,8 @@ def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place
     options = (settings.batch_size, settings.dtype, settings.gradients, place.rank, place.size)
     if settings.expert_outputs or settings.refit_stats:  # fingerprints of runs without them stay as they were
         options += (settings.expert_outputs, settings.refit_stats)
+    if settings.for_names:
+        options += (sorted(settings.stat_fields() or ()),)
     digest.update(repr(options).encode())
     return digest.hexdigest()
 
@@ -342,7 +364,7 @@ def _collect(
     device = input_device(model)
     total_tokens = int(windows.numel())
     predictions = 0
-    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats)
+    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats, settings.stat_fields())
     grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
     batches = _batches(windows, settings.batch_size)
     with recorder, grads as expert_params:
@@ -383,7 +405,9 @@ def _collect_sequential(
     model.load_outside(skip=head)
     buffer: HiddenBuffer | None = None
     calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
-    recorder = StatisticsRecorder(model.model, config, settings.expert_outputs, settings.refit_stats)
+    recorder = StatisticsRecorder(
+        model.model, config, settings.expert_outputs, settings.refit_stats, settings.stat_fields()
+    )
     moe = set(config.moe_layers)
     try:
         for rows in batches:
