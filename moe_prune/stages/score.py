@@ -16,7 +16,7 @@ import numpy as np
 from moe_prune.architectures import get_adapter
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.mask import DropMask
-from moe_prune.artifacts.stats import STAT_FIELDS, Stats
+from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.expert_weights import ExpertWeights
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -24,16 +24,14 @@ from moe_prune.io.output import atomic_file
 from moe_prune.scoring import Criterion, Inputs, get_criterion
 from moe_prune.scoring import all_criteria as all_criteria
 from moe_prune.scoring.registry import Direction, evaluate
-from moe_prune.scoring.selection import Budget, Selection, group_quota
+from moe_prune.scoring.selection import Budget
 from moe_prune.scoring.stability import (
     DEFAULT_DRAWS,
     Stability,
-    agreement,
-    expert_stability,
-    pair_stability,
-    stability_note,
 )
 from moe_prune.scoring.stability import LayerStability as LayerStability
+from moe_prune.stages.score_selection import selection_rule, super_experts
+from moe_prune.stages.score_stability import load_parts, stability_of
 
 
 @dataclass
@@ -102,15 +100,7 @@ def score(
     `profile --combine` adds): `draws` bootstrap resamples of them (seeded by `seed`) give each layer's agreement.
     """
     crit = get_criterion(criterion)
-    direction = direction or crit.direction
-    if direction not in ("min", "max"):
-        raise MoePruneError(f"--direction must be min or max, not {direction!r}")
-    if global_ and not crit.global_ok:
-        comparable = ", ".join(c.name for c in _global_criteria())
-        raise MoePruneError(
-            f"criterion {crit.name!r} gives scores that are not comparable across layers, so --global is "
-            f"refused; criteria that support it: {comparable}"
-        )
+    direction = _direction(crit, direction, global_)
     if isinstance(stats, (str, Path)):
         stats_name = stats_name or str(stats)
         stats = Stats.load(Path(stats))
@@ -120,27 +110,22 @@ def score(
     warnings: list[str] = []
     top_k = _top_k(stats, ckpt, warnings)
     counts = [identity.experts_in(layer) for layer in identity.moe_layers]  # differ in a ragged model
-    protected = _super_experts(stats, stats_name, counts) if protect_super_experts else set()
+    protected = super_experts(stats, stats_name, counts) if protect_super_experts else set()
     n_group = _n_group(stats, ckpt, identity)
-    rule = _selection(identity, direction, budget or Budget(drop=0), global_, min_keep, top_k, n_group, protected)
-    parts = _load_parts(crit, stats, stats_name, stability, draws, warnings)
+    rule = selection_rule(identity, direction, budget or Budget(drop=0), global_, min_keep, top_k, n_group, protected)
+    parts = load_parts(crit, stats, stats_name, stability, draws, warnings)
 
     weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
     inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
     scores, usage, values = evaluate(crit, inputs)
     drops, slot_pairs = rule.drops(scores, usage, values)
-    stable = _stability(crit, inputs, rule, (scores, usage, values), (drops, slot_pairs), parts, draws, draw_progress)
+    stable = stability_of(crit, inputs, rule, (scores, usage, values), (drops, slot_pairs), parts, draws, draw_progress)
     if parts:
         stable.parts, stable.draws, stable.seed = [str(p) for p in stability], draws, seed
     warnings += stable.warnings(crit.name)
 
     ids = identity.original_ids
-    dropped = {layer: [ids[layer][slot] for slot in drops[i]] for i, layer in enumerate(identity.moe_layers)}
-    pairs = {
-        layer: [(ids[layer][p], ids[layer][q], v) for p, q, v in slot_pairs[i]]
-        for i, layer in enumerate(identity.moe_layers)
-        if values is not None
-    }
+    dropped, pairs = _original_ids(identity, drops, slot_pairs if values is not None else None)
     keep = {layer: [i for i in ids[layer] if i not in set(d)] for layer, d in dropped.items()}
     params: dict[str, Any] = {
         "direction": direction,
@@ -174,101 +159,32 @@ def score(
     return mask, report
 
 
-def _selection(
-    identity: ModelIdentity,
-    direction: Direction,
-    budget: Budget,
-    global_: bool,
-    min_keep: int | None,
-    top_k: int | None,
-    n_group: int,
-    protected: set[tuple[int, int]],
-) -> Selection:
-    """The drop rule, checked against top-k and routing groups before any score is computed."""
-    layers = tuple(identity.moe_layers)
-    counts = tuple(identity.experts_in(layer) for layer in layers)
-    if global_:
-        if n_group > 1:
-            raise MoePruneError(f"--global is not supported with grouped routing ({n_group} groups per layer)")
-        floor = _floor(min_keep, top_k)
-        total = budget.drops(sum(counts), "in all MoE layers together")
-        return Selection(direction, layers, counts, total=total, floor=floor, protected=frozenset(protected))
-    if min_keep is not None:
-        raise MoePruneError("--min-keep only applies with --global")
-    n_drops = tuple(budget.drops(n, "per layer") for n in counts)
-    for layer, n, n_drop in zip(layers, counts, n_drops, strict=True):
-        if top_k is not None and n - n_drop < top_k:
-            raise MoePruneError(
-                f"dropping {n_drop} of {n} experts in layer {layer} keeps {n - n_drop}, fewer than top-k {top_k}"
-            )
-    quotas = tuple(group_quota(n, n_group, d, layer) for layer, n, d in zip(layers, counts, n_drops, strict=True))
-    return Selection(direction, layers, counts, n_drops, quotas, protected=frozenset(protected))
-
-
-def _stability(
-    crit: Criterion,
-    inputs: Inputs,
-    rule: Selection,
-    evaluated: tuple[np.ndarray, np.ndarray | None, np.ndarray | None],
-    chosen: tuple[list[list[int]], list[list[tuple[int, int, float]]]],
-    parts: list[Stats],
-    draws: int,
-    progress: Callable[[int, int], None] | None,
-) -> Stability:
-    """Per layer: ties and the margin at the cut; with `parts`, agreement under the bootstrap (seeded by `inputs`)."""
-    (scores, usage, values), (drops, pairs) = evaluated, chosen
-    if values is not None:
-        assert usage is not None
-        layers = pair_stability(values, usage, rule, pairs)
-    else:
-        real = [row[:n] for row, n in zip(scores, rule.counts, strict=True)]
-        layers = expert_stability(real, drops, rule.direction, rule.n_drops is None)
-    result = Stability(dict(zip(rule.layers, layers, strict=True)), note=stability_note(crit, parts))
-    if parts:
-        agreement(result, crit, inputs, rule, drops, parts, draws, inputs.seed, progress)
-    return result
-
-
-def _load_parts(
-    crit: Criterion,
-    stats: Stats | None,
-    stats_name: str,
-    paths: Sequence[str | Path],
-    draws: int,
-    warnings: list[str],
-) -> list[Stats]:
-    """The `--stability` parts: disjoint profiles of the same model holding what the criterion reads."""
-    if draws < 1:
-        raise MoePruneError(f"--draws must be at least 1 (got {draws})")
-    if not paths or not crit.stats:
-        return []  # a criterion of weights or a seed alone does not depend on the calibration data
-    from moe_prune.stages.profile import refuse_overlap  # loads torch/transformers: only when asked
-
-    assert stats is not None
-    final = [name for name in crit.stats if STAT_FIELDS[name][0] == "final"]
-    if final:
+def _direction(crit: Criterion, direction: Direction | None, global_: bool) -> Direction:
+    """The criterion's own direction unless given; --global only for scores comparable across layers."""
+    direction = direction or crit.direction
+    if direction not in ("min", "max"):
+        raise MoePruneError(f"--direction must be min or max, not {direction!r}")
+    if global_ and not crit.global_ok:
+        comparable = ", ".join(c.name for c in _global_criteria())
         raise MoePruneError(
-            f"--stability: criterion {crit.name!r} reads {', '.join(final)}, reductions of one run's whole "
-            "gradient that do not add across parts; only criteria of forward statistics can be resampled"
+            f"criterion {crit.name!r} gives scores that are not comparable across layers, so --global is "
+            f"refused; criteria that support it: {comparable}"
         )
-    if len(paths) < 2:
-        raise MoePruneError(
-            "--stability needs at least two partial statistics files of disjoint data "
-            "(e.g. `moe-prune profile --shard 0/4` ... `--shard 3/4`)"
-        )
-    loaded = [Stats.load(Path(p)) for p in paths]
-    for path, part in zip(paths, loaded, strict=True):
-        part.identity.require_same(stats.identity, str(path), stats_name)
-        part.require(*crit.stats, source=str(path))
-    refuse_overlap([Path(p) for p in paths], loaded)
-    if "tokens" in stats.arrays and all("tokens" in part.arrays for part in loaded):
-        parts_tokens = int(sum(part.arrays["tokens"] for part in loaded).max())
-        if parts_tokens != int(stats.arrays["tokens"].max()):
-            warnings.append(
-                f"--stability: the parts hold {parts_tokens:,} tokens per MoE layer, {stats_name} "
-                f"{int(stats.arrays['tokens'].max()):,}; the agreement is that of a selection from the parts' data"
-            )
-    return loaded
+    return direction
+
+
+def _original_ids(
+    identity: ModelIdentity, drops: list[list[int]], slot_pairs: list[list[tuple[int, int, float]]] | None
+) -> tuple[dict[int, list[int]], dict[int, list[tuple[int, int, float]]]]:
+    """Dropped experts (in the order chosen) and merged pairs per MoE layer, slots turned into original ids."""
+    ids = identity.original_ids
+    dropped = {layer: [ids[layer][slot] for slot in drops[i]] for i, layer in enumerate(identity.moe_layers)}
+    pairs = {
+        layer: [(ids[layer][p], ids[layer][q], v) for p, q, v in slot_pairs[i]]
+        for i, layer in enumerate(identity.moe_layers)
+        if slot_pairs is not None
+    }
+    return dropped, pairs
 
 
 def write_mask(mask: DropMask, out: Path, force: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
@@ -325,40 +241,11 @@ def _n_group(stats: Stats | None, ckpt: Checkpoint | None, identity: ModelIdenti
     raise MoePruneError(f"{identity.model_type} may route within expert groups; pass --model so the groups are known")
 
 
-def _floor(min_keep: int | None, top_k: int | None) -> int:
-    """Fewest experts a layer may keep under --global: --min-keep, never below top-k (default top-k)."""
-    if min_keep is not None and min_keep < 1:
-        raise MoePruneError(f"--min-keep {min_keep} must be at least 1")
-    if min_keep is not None and top_k is not None and min_keep < top_k:
-        raise MoePruneError(f"--min-keep {min_keep} is below top-k {top_k}; a layer must keep at least top-k experts")
-    return min_keep if min_keep is not None else (top_k or 1)
-
-
 def _vocab(stats: Stats | None, ckpt: Checkpoint | None) -> int | None:
     if ckpt is not None:
         vocab = ckpt.config.get("vocab_size")
         return vocab if isinstance(vocab, int) else None
     return stats.provenance.get("vocab_size") if stats is not None else None
-
-
-SUPER_EXPERT_PERCENTILE = 99.5  # REAP's thresholds (CerebrasResearch/reap, get_super_expert_indices)
-SUPER_EXPERT_FRACTION_OF_MAX = 10.0
-SUPER_EXPERT_LAYER_SHARE = 0.75
-
-
-def _super_experts(stats: Stats | None, stats_name: str, counts: list[int]) -> set[tuple[int, int]]:
-    """(MoE layer index, slot) of REAP's super experts: an expert's largest |output| above both the 99.5th
-    percentile over every expert of every MoE layer and a tenth of the largest, in the first 75% of MoE layers
-    (massive activations; dropping one breaks the model, REAP section 4)."""
-    if stats is None:
-        raise MoePruneError("--protect-super-experts needs a statistics file (the experts' largest outputs)")
-    stats.require("act_max", source=stats_name)
-    act_max = np.asarray(stats.arrays["act_max"], dtype=np.float64)
-    real = [act_max[i, :n] for i, n in enumerate(counts)]
-    values = np.concatenate(real)
-    threshold = max(np.percentile(values, SUPER_EXPERT_PERCENTILE), values.max() / SUPER_EXPERT_FRACTION_OF_MAX)
-    layers = int(len(counts) * SUPER_EXPERT_LAYER_SHARE)
-    return {(i, int(s)) for i in range(layers) for s in np.flatnonzero(real[i] > threshold)}
 
 
 def _global_criteria() -> list[Criterion]:
