@@ -29,7 +29,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
-    from moe_prune.stages.evaluate import EvalResult
+    from moe_prune.stages.eval_results import EvalResult
     from moe_prune.stages.tasks import TasksResult
 
 

@@ -9,7 +9,7 @@ from rich.table import Table
 from moe_prune.cli.common import human_bytes, out_console
 
 if TYPE_CHECKING:
-    from moe_prune.stages.evaluate import EvalResult, LayerLoad, ModelEval
+    from moe_prune.stages.eval_results import EvalResult, LayerLoad, ModelEval
     from moe_prune.stages.tasks import TasksResult
 
 
