@@ -123,14 +123,16 @@ def refit_layers(
 
 
 def check_range(ckpt: Checkpoint, fits: list[LayerFit]) -> None:
-    """Refuse refit down projections beyond the largest finite value of the checkpoint's float dtypes."""
+    """Refuse refit down projections past the largest finite value of the checkpoint's narrowest float dtype
+    (written there they would be inf; bf16 and float32 reach 3.4e38, float16 only 65504)."""
     dtypes = {FLOAT_DTYPES[t.dtype] for t in ckpt.tensors if t.dtype in FLOAT_DTYPES}
-    for dtype in sorted(dtypes, key=lambda d: torch.finfo(getattr(torch, d)).max):
-        limit = torch.finfo(getattr(torch, dtype)).max
-        for fit in fits:
-            if fit.max_abs > limit:
-                raise MoePruneError(
-                    f"{ckpt.folder}: the refit down projections of MoE layer {fit.layer} reach {fit.max_abs:.3g}, "
-                    f"past {dtype}'s largest value {limit:.3g}; use a larger --refit-ridge (or auto)"
-                )
+    limits = {dtype: torch.finfo(getattr(torch, dtype)).max for dtype in dtypes}
+    if not limits:
         return
+    dtype = min(limits, key=limits.__getitem__)
+    for fit in fits:
+        if fit.max_abs > limits[dtype]:
+            raise MoePruneError(
+                f"{ckpt.folder}: the refit down projections of MoE layer {fit.layer} reach {fit.max_abs:.3g}, "
+                f"past {dtype}'s largest value {limits[dtype]:.3g}; use a larger --refit-ridge (or auto)"
+            )
