@@ -53,8 +53,8 @@ def find_layout(name: str, rows: tuple[ExpertTensor, ...]) -> ExpertTensor:
     )
 
 
-class MergePlanner:
-    """Turn shard headers plus per-layer plans into the output tensor list (see module docstring)."""
+class ShrinkPlanner:
+    """Turn shard headers plus per-layer plans into the output tensor list of a prune or merge (module docstring)."""
 
     def __init__(
         self,
@@ -75,6 +75,7 @@ class MergePlanner:
         self.layers = {layer: LayerExperts(plan, self.counts[layer]) for layer, plan in plans.items()}
 
     def plan(self, tensors: list[TensorInfo]) -> list[AnyOutput]:
+        """The output tensors, in the input's order; every check (dtypes, refit shapes) runs before any is made."""
         check_router_layers(tensors, self.matcher, self.routed)
         classified = [(info, self.matcher.classify(info.name)) for info in group(tensors, self.quant)]
         experts = [(i, k) for i, k in classified if k is not None and k.layer in self.plans and self._is_expert(i, k)]
@@ -273,4 +274,4 @@ def _quantize_slot(info: Stored, index: int, tail: str, merged: list[Expert]) ->
     return quantize(info, merged[index][tail])
 
 
-__all__ = ["ROUTER_RULES", "LayerPlan", "MergePlanner", "find_layout"]
+__all__ = ["ROUTER_RULES", "LayerPlan", "ShrinkPlanner", "find_layout"]

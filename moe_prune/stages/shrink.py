@@ -10,7 +10,7 @@ both commands run the same steps here and differ only in how they make the plan:
    `--drop-mtp`;
 3. the stage plans its layers (prune: the mask's slots; merge: clusters from the statistics);
 4. `Shrink.write(plans, ...)`: MTP MoE blocks get the last MoE layer's plan, the output tensors are planned
-   (`merging.tensors.MergePlanner`: byte selections wherever nothing is computed, so a prune reads no
+   (`merging.tensors.ShrinkPlanner`: byte selections wherever nothing is computed, so a prune reads no
    expert and decodes nothing), the lineage is composed in original expert ids with the input's own
    manifest (a prune of a merged checkpoint keeps its slots' members), and the folder written atomically.
 
@@ -32,11 +32,11 @@ from moe_prune.checkpoint.edit import Edit, Written, stage_mtp, write_edit
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import check_routers_finite
+from moe_prune.checkpoint.surgery import MtpTensors, check_routers_finite
 from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster
 from moe_prune.merging.layer_plan import LayerPlan
-from moe_prune.merging.tensors import MergePlanner
+from moe_prune.merging.tensors import ShrinkPlanner
 from moe_prune.sizes import parse_size
 
 
@@ -92,6 +92,13 @@ def top_k_warnings(counts: dict[int, int], top_k: int) -> list[str]:
 class Shrink:
     """One edit of a checkpoint's expert axis, from opening the source to the written folder (module docstring)."""
 
+    # set by `target`, which `write` needs first
+    counts: dict[int, int]  # experts per MoE layer in the result
+    drop_mtp: bool
+    mtp: MtpTensors
+    config: ModelConfig  # the result's
+    model_files: dict[str, str]  # modelling code a ragged result ships
+
     def __init__(self, model: str | Path, out: Path, max_shard_size: str | int, force: bool) -> None:
         self.max_bytes = parse_size(max_shard_size, "--max-shard-size")
         self.out, self.force = Path(out), force
@@ -131,7 +138,7 @@ class Shrink:
                 if (last := plans.get(follow)) is not None:  # else the block is copied as it is, like the layer
                     planned[virtual] = LayerPlan(virtual, last.clusters, last.weights, last.router, last.seed)
         quant = Quantization.from_config(config.raw)  # computed experts are written back in this format
-        tensors = mtp.restore(MergePlanner(config.adapter, planned, counts, quant, routed).plan(inputs))
+        tensors = mtp.restore(ShrinkPlanner(config.adapter, planned, counts, quant, routed).plan(inputs))
         edit = Edit(ckpt, self.config, tensors, step, slots, mtp, mtp_verb, self.drop_mtp, merged, self.model_files)
         written = write_edit(edit, self.out, self.max_bytes, force=self.force, progress=progress)
         return Shrunk(
