@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_prune.architectures import ADAPTERS
@@ -20,6 +19,7 @@ from moe_prune.architectures.mtp import DECODER_NUMBERING, mtp_layout
 from moe_prune.artifacts.common import read_json
 from moe_prune.checkpoint.safetensors_io import TensorInfo
 from moe_prune.checkpoint.surgery import KeyMatcher, MtpTensors
+from moe_prune.checkpoint.validate_moe import MoeLayer, check_moe_layer, check_same_kinds, moe_tensors, one_expert
 from moe_prune.errors import MoePruneError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,18 +29,6 @@ INDEX_NAME = "model.safetensors.index.json"
 EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")
 # Tensors whose first axis is the vocabulary (input embeddings of every supported family, output head).
 VOCAB_TENSORS = re.compile(r"^(?:.*\.)?(?:embed_tokens|wte|lm_head)\.weight$")
-
-
-@dataclass
-class _MoeLayer:
-    """The expert-count-dependent tensors of one MoE layer, as found in the headers."""
-
-    routers: list[TensorInfo] = field(default_factory=list)  # weight [E, H]
-    router_biases: list[TensorInfo] = field(default_factory=list)  # [E]
-    fused: list[TensorInfo] = field(default_factory=list)  # all experts in one tensor: [E, ...] or blocked [E*I, H]
-    last_axis: list[TensorInfo] = field(default_factory=list)  # selection bias: expert axis last
-    lockstep: list[TensorInfo] = field(default_factory=list)  # Adapter.lockstep: [E, ...], not experts' weights
-    per_expert: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)  # kind -> slot -> tensor
 
 
 def validate_checkpoint(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
@@ -57,7 +45,7 @@ def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path
     """The checks of `validate_checkpoint`; `where` names the weights in messages (index or single shard)."""
     _check_layers(config, tensors, where)
     _check_vocabulary(config, tensors)
-    layers = _moe_tensors(config, tensors)
+    layers = moe_tensors(config, tensors)
     _check_widths(config, tensors, layers)
     _check_heads(config, tensors, layers)
     counts = config.experts_per_layer
@@ -68,8 +56,8 @@ def validate_tensors(config: ModelConfig, tensors: list[TensorInfo], where: Path
                 f"holds a router for layer {layer} ({found.routers[0].name})"
             )
     for layer, n_experts in counts.items():
-        _check_moe_layer(config, layer, n_experts, layers.get(layer, _MoeLayer()), where)
-    _check_same_kinds(config, layers, where)
+        check_moe_layer(config, layer, n_experts, layers.get(layer, MoeLayer()), where)
+    check_same_kinds(config, layers, where)
     _check_mtp(config, tensors, where)
 
 
@@ -78,6 +66,8 @@ def read_weight_map(index: Path) -> dict[str, str]:
     obj, name = read_json(index, "safetensors index")
     if "weight_map" not in obj:
         raise MoePruneError(f"{name}: corrupt index (no weight_map)")
+    if False:  # transformers reads index["metadata"][...] at load
+        raise MoePruneError(f"{name}: corrupt index (metadata must be an object, as transformers reads it)")
     weight_map = obj["weight_map"]
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MoePruneError(f"{name}: weight_map must map tensor names to shard file names")
@@ -151,7 +141,7 @@ def _check_vocabulary(config: ModelConfig, tensors: list[TensorInfo]) -> None:
             )
 
 
-def _check_widths(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, _MoeLayer]) -> None:
+def _check_widths(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, MoeLayer]) -> None:
     """hidden_size against the embedding and output head; the experts' intermediate size against the config.
 
     transformers sizes every layer from these fields: a checkpoint that disagrees cannot load, and its
@@ -172,9 +162,9 @@ def _check_widths(config: ModelConfig, tensors: list[TensorInfo], layers: dict[i
     if not isinstance(width, int):
         return
     for layer, n_experts in config.experts_per_layer.items():
-        found = layers.get(layer, _MoeLayer())
+        found = layers.get(layer, MoeLayer())
         one = [(info, info.shape) for slots in found.per_expert.values() for info in slots.values()]
-        one += [(info, _one_expert(info.shape, n_experts)) for info in found.fused]
+        one += [(info, one_expert(info.shape, n_experts)) for info in found.fused]
         for info, shape in one:
             row = next((r for r in config.adapter.expert_tensors if info.name.endswith("." + r.suffix)), None)
             if row is None or row.axis is None or len(shape) <= row.axis:
@@ -186,7 +176,7 @@ def _check_widths(config: ModelConfig, tensors: list[TensorInfo], layers: dict[i
                 )
 
 
-def _check_heads(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, _MoeLayer]) -> None:
+def _check_heads(config: ModelConfig, tensors: list[TensorInfo], layers: dict[int, MoeLayer]) -> None:
     """Key and value projections of the MoE layers: num_key_value_heads x head_dim rows, as transformers sizes them.
 
     Only where cheap and unambiguous: families of the table (a derived family may size some layers from
@@ -213,135 +203,6 @@ def _check_heads(config: ModelConfig, tensors: list[TensorInfo], layers: dict[in
                 )
 
 
-def _one_expert(shape: tuple[int, ...], n_experts: int) -> tuple[int, ...]:
-    """One expert's shape in a fused tensor: `[E, ...]` without E, or one of E row blocks (dbrx's `[E*I, H]`)."""
-    if not shape or shape[0] == n_experts:
-        return shape[1:]
-    return (shape[0] // n_experts, *shape[1:])
-
-
-def _moe_tensors(config: ModelConfig, tensors: list[TensorInfo]) -> dict[int, _MoeLayer]:
-    """Every tensor that depends on the expert count, grouped by layer (any layer, MoE or not)."""
-    matcher = KeyMatcher(config.adapter)
-    bias = config.adapter.router_bias
-    layers: dict[int, _MoeLayer] = defaultdict(_MoeLayer)
-    for info in tensors:
-        key = matcher.classify(info.name)
-        if key is None:
-            continue
-        found = layers[key.layer]
-        if matcher.is_router(info.name) is not None:
-            found.routers.append(info)
-        elif key.kind == "per_expert":
-            assert key.slot is not None
-            kind = _kind(key.stem, key.layer, config) + "{E}." + key.tail
-            found.per_expert.setdefault(kind, {})[key.slot] = info
-        elif key.kind == "last_axis":
-            found.last_axis.append(info)
-        elif bias and info.name.endswith(bias):
-            found.router_biases.append(info)
-        elif info.name.endswith(tuple("." + key for key in config.adapter.lockstep)):
-            found.lockstep.append(info)
-        else:
-            found.fused.append(info)
-    return layers
-
-
-def _kind(name: str, layer: int, config: ModelConfig) -> str:
-    """A tensor name with its layer index replaced by `{L}`: the same kind of tensor in every layer."""
-    prefix = config.adapter.layer_prefix
-    return name.replace(prefix.replace("{L}", str(layer)), prefix, 1)
-
-
-def _check_moe_layer(config: ModelConfig, layer: int, n_experts: int, found: _MoeLayer, where: Path) -> None:
-    """One router with a row per expert, expert axes of the right length, every expert's every tensor."""
-    adapter = config.adapter
-    if not found.routers:
-        raise MoePruneError(
-            f"{where}: MoE layer {layer} has no router weight ({adapter.layer_prefix.format(L=layer)}{adapter.router})"
-        )
-    tail = config.router_tail  # rows past the experts' (inkling_text: one per shared expert)
-    rows = n_experts + tail
-    past = f" and {tail} router rows after them ({config.adapter.router_tail})" if tail else ""
-    for info in found.routers + found.router_biases:
-        if not info.shape or info.shape[0] != rows:
-            raise MoePruneError(
-                f"{config.source}: says MoE layer {layer} has {n_experts} routed experts{past}, but its router "
-                f"{info.name} in {info.file} has shape {list(info.shape)}"
-            )
-    hidden = config.get(adapter.router_width_key)
-    for info in found.routers:
-        if isinstance(hidden, int) and (len(info.shape) != 2 or info.shape[1] != hidden):
-            raise MoePruneError(
-                f"{info.file}: router {info.name} has shape {list(info.shape)}, not [{rows}, {hidden}] "
-                f"as {config.source} implies"
-            )
-    tail_experts = tail if adapter.tail_experts else 0  # tail rows the experts hold too (longcat's zero experts)
-    for info in found.fused:
-        if not info.shape or (info.shape[0] % n_experts and info.shape[0] != n_experts + tail_experts):
-            raise MoePruneError(
-                f"{info.file}: {info.name} has shape {list(info.shape)}, which does not split into the "
-                f"{n_experts} experts {config.source} gives MoE layer {layer}"
-            )
-    for info in found.last_axis:  # a selection bias: its router's rows past the experts', or none of them
-        if not info.shape or info.shape[-1] not in (n_experts, rows):
-            raise MoePruneError(
-                f"{info.file}: {info.name} has shape {list(info.shape)}, not one entry per each of the "
-                f"{n_experts} experts {config.source} gives MoE layer {layer}"
-            )
-    for info in found.lockstep:  # a second expert set the count sizes too (jetmoe's attention experts)
-        if not info.shape or info.shape[0] != n_experts:
-            raise MoePruneError(
-                f"{info.file}: {info.name} has shape {list(info.shape)}, not one row per each of the {n_experts} "
-                f"experts {config.source} gives MoE layer {layer}"
-            )
-    if not found.per_expert and not found.fused:
-        raise MoePruneError(f"{where}: MoE layer {layer} holds no routed-expert weights")
-    for kind, slots in sorted(found.per_expert.items()):
-        if extra := sorted(slot for slot in slots if slot >= n_experts + tail_experts):
-            info = slots[extra[0]]
-            raise MoePruneError(
-                f"{config.source}: says MoE layer {layer} has {n_experts} routed experts, but {info.file} "
-                f"holds {info.name}"
-            )
-        first = slots[min(slots)]  # shapes must match (dtypes may differ: loaders cast, surgery copies bytes)
-        for info in slots.values():
-            if info.shape != first.shape:
-                raise MoePruneError(
-                    f"{info.file}: {info.name} has shape {list(info.shape)}, but {first.name} has "
-                    f"{list(first.shape)}; the experts of a layer must match"
-                )
-        past = set(range(n_experts, n_experts + tail_experts))
-        if (held := set(slots) & past) and (gap := sorted(past - held)):  # renumbering would close the gap
-            raise MoePruneError(
-                f"{where}: holds {len(held)} of the {tail_experts} zero experts' {kind} past the {n_experts} routed "
-                f"experts of MoE layer {layer}, not expert {gap[0]}"
-            )
-        if missing := sorted(set(range(n_experts)) - set(slots)):
-            name = kind.replace("{L}", str(layer)).replace("{E}", str(missing[0]))
-            raise MoePruneError(
-                f"{where}: lacks {name} (expert {missing[0]} of the {n_experts} {config.source} gives MoE "
-                f"layer {layer}{f'; {len(missing)} experts miss it' if len(missing) > 1 else ''})"
-            )
-
-
-def _check_same_kinds(config: ModelConfig, layers: dict[int, _MoeLayer], where: Path) -> None:
-    """Every MoE layer holds the same kinds of expert weight (a layer cannot lack, say, every expert's w2)."""
-    suffixes = tuple(row.suffix for row in config.adapter.expert_tensors)
-
-    def weights(layer: int) -> set[str]:
-        found = layers.get(layer, _MoeLayer())
-        fused = {_kind(info.name, layer, config) for info in found.fused if info.name.endswith(suffixes)}
-        return fused | {kind for kind in found.per_expert if kind.endswith(suffixes)}
-
-    moe = config.moe_layers
-    union = set().union(*(weights(layer) for layer in moe))
-    for layer in moe:
-        if missing := sorted(union - weights(layer)):
-            name = missing[0].replace("{L}", str(layer)).replace("{E}", "*")
-            raise MoePruneError(f"{where}: MoE layer {layer} lacks {name}, which the other MoE layers hold")
-
-
 def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
     """Multi-token-prediction layers: no more than the config declares, and each MoE block holding the
     config's expert count (vLLM and SGLang size it from that one field) with every expert's tensors.
@@ -359,10 +220,10 @@ def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> N
             f"{config.source}: {layout.family.count_key} is {layout.declared}{per_step}, but {where} holds weights "
             f"for multi-token-prediction layer {beyond[0]} ({prefix}*)"
         )
-    found = _moe_tensors(config, split.virtual)
+    found = moe_tensors(config, split.virtual)
     for virtual in split.moe:
         try:
-            _check_moe_layer(config, virtual, config.num_experts, found[virtual], where)
+            check_moe_layer(config, virtual, config.num_experts, found[virtual], where)
         except MoePruneError as exc:
             layer = next(m for m in split.layers.values() if m.layer == virtual)
             message = str(exc).replace(f"MoE layer {virtual}", f"multi-token-prediction layer {layer.prefix}")
