@@ -6,6 +6,9 @@ converts dtypes (FP8, MXFP4 blocks and scales pass through untouched) and runs a
 Tensors that are computed (merged experts) are `ComputedTensor`s: their bytes are produced only
 when the writer reaches them, so at most the layer being merged is in memory.
 Format: 8-byte little-endian header length, JSON header, then the data buffer.
+
+One file over 300 lines: it is the format's one reader and one writer, which share the dtype table and the
+header layout; a dozen modules import from it, so the byte format is defined exactly once.
 """
 
 from __future__ import annotations

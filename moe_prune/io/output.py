@@ -15,6 +15,9 @@ The one way every command writes an output, a folder (`atomic_folder`) or a file
 Work folders that several steps write over time (a sweep, a lottery run, finetune's resume folder) are
 guarded by `work_lock`: a lock file `.<name>.lock` beside the output, created with O_EXCL, holding the
 owner's pid and host. A second run on the same output is refused in one line before it writes anything.
+
+One file over 300 lines: the writer and the lock share the host-tagged temporary names, the proof that
+their owner is dead (`_alive`) and the no-replace link; split, the lock would import the writer's internals.
 """
 
 from __future__ import annotations
