@@ -15,10 +15,12 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 @dataclass
@@ -174,6 +176,18 @@ COMMANDS: dict[str, Callable[[Workspace], list[str]]] = {
     ],
     "combine": lambda ws: ["profile", "--combine", str(ws.stats), str(ws.stats2), "--out", str(ws.out)],
     "eval": lambda ws: ["eval", str(ws.model), "--data", str(ws.data), "--seq-len", "16", "--max-tokens", "64"],
+    "eval-vllm": lambda ws: [
+        "eval",
+        str(ws.model),
+        "--engine",
+        "vllm",
+        "--data",
+        str(ws.data),
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "64",
+    ],
     "finetune": lambda ws: [
         "finetune",
         str(ws.model),
@@ -238,6 +252,33 @@ COMMANDS: dict[str, Callable[[Workspace], list[str]]] = {
         str(ws.out),
     ],
 }
+
+
+def _vllm_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eval --engine vllm` without vLLM: the engine check passes and vLLM's `LLM` is played by transformers'
+    model of the folder (its log-probs too), so every case reaches what moe-prune checks before it hands the
+    folder to vLLM, and a non-finite model still fails where vLLM's NaN log-probs would."""
+    from moe_prune.runtime import vllm_engine
+    from moe_prune.runtime.loading import load_model
+    from moe_prune.stages import evaluate
+
+    @contextmanager
+    def served(folder: Path, dtype: str, max_len: int, trust_remote_code: bool, *args: object, **kwargs: object):
+        yield load_model(folder, dtype, "cpu", trust_remote_code), folder
+
+    def nll_sum(llm: tuple, chunks, batch_size: int, on_batch) -> tuple[float, int]:
+        model, folder = llm
+        return evaluate.nll_sum(model, chunks, batch_size, on_batch, folder)
+
+    monkeypatch.setattr(vllm_engine, "check_engine", lambda engine, device="cpu": None)
+    monkeypatch.setattr(evaluate, "check_engine", lambda engine, device="cpu": None)
+    monkeypatch.setattr(vllm_engine, "served", served)
+    monkeypatch.setattr(vllm_engine, "nll_sum", nll_sum)
+
+
+# What a command needs in place to run here (applied by the runner before it runs the command).
+PATCHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"eval-vllm": _vllm_stand_in}
+
 # Commands grouped by the kind of input they read.
 MODEL_READERS = (
     "prune",
@@ -246,12 +287,14 @@ MODEL_READERS = (
     "profile",
     "sequential",
     "eval",
+    "eval-vllm",
     "finetune",
     "sweep",
     "lottery",
     "allocate",
 )
-LOADERS = ("profile", "sequential", "eval", "finetune", "sweep", "lottery", "allocate")  # run the model's forward pass
+# Run the model's forward pass.
+LOADERS = ("profile", "sequential", "eval", "eval-vllm", "finetune", "sweep", "lottery", "allocate")
 STATS_READERS = ("score", "merge", "combine", "sweep", "allocate")
 MASK_READERS = ("prune",)
 DATA_READERS = ("profile", "eval", "finetune", "sweep", "lottery", "allocate")

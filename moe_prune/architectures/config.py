@@ -12,7 +12,12 @@ from typing import Any
 
 from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter, wrapper_adapter
 from moe_prune.architectures.activations import check_activations
-from moe_prune.architectures.config_values import check_positive_numbers, check_token_ids
+from moe_prune.architectures.config_values import (
+    check_named_choices,
+    check_positive_numbers,
+    check_probabilities,
+    check_token_ids,
+)
 from moe_prune.architectures.layer_rules import LAYER_RULES
 from moe_prune.artifacts.common import read_json
 from moe_prune.errors import MoePruneError
@@ -167,6 +172,10 @@ class ModelConfig:
         check_sizes(self.text, self.source, prefix)
         check_token_ids(self.text, self.source, self.text.get("vocab_size"), prefix)
         check_positive_numbers(self.text, self.source, prefix)
+        check_probabilities(self.text, self.source, prefix)
+        check_named_choices(self.raw, self.source)
+        if self.text_key:
+            check_named_choices(self.text, self.source, prefix)
         if not self.moe_layers:
             raise MoePruneError(f"{self.source}: describes no MoE layer; nothing to prune or merge")
         if self.n_group > 1 and any(n % self.n_group for n in self.experts_per_layer.values()):

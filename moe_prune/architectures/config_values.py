@@ -3,13 +3,18 @@
 `check_sizes` bounds the sizes; these are the other numbers a model is built or run with, where a wrong one
 does not fail at load but later or silently: a pad token id past the vocabulary is an assertion inside
 torch's Embedding ("could not load the model", naming no field), a negative `rms_norm_eps` or `rope_theta`
-makes every logit NaN (profile then records statistics of NaN), `head_dim` 0 builds empty attention.
-transformers itself only warns about token ids outside the vocabulary. Each is one line naming the field.
+makes every logit NaN (profile then records statistics of NaN), `head_dim` 0 builds empty attention, a
+RoPE scaling `factor` of 0 or below divides positions by it, a dropout of 2 is torch's RuntimeError in
+finetune only. transformers itself only warns about these. Each is one line naming the field.
+
+`check_named_choices` covers the names transformers looks up at load (KeyError or ValueError naming no file)
+or that vLLM reads: the weights' `dtype`, the attention implementation, the RoPE type, `architectures`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from moe_prune.errors import MoePruneError
@@ -17,7 +22,13 @@ from moe_prune.errors import MoePruneError
 # The special token ids loaders and generate() use (transformers' own warning names the same rule).
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 # Numbers that must be finite and above zero wherever they appear (nested rope parameters included).
-POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta", "factor")
+# Probabilities: torch's dropout refuses anything outside [0, 1] when a model trains (finetune), not at load.
+PROBABILITY = re.compile(r"dropout(?:_rate|_prob|_p)?$")
+# Fields naming the attention implementation transformers loads (config.json may set it for every load).
+ATTENTION_FIELDS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+DTYPE_FIELDS = ("dtype", "torch_dtype")
+ROPE_FIELDS = ("rope_scaling", "rope_parameters")
 
 
 def check_token_ids(fields: dict[str, Any], source: str, vocab: Any, prefix: str = "") -> None:
@@ -47,3 +58,78 @@ def check_positive_numbers(fields: dict[str, Any], source: str, prefix: str = ""
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
                 raise MoePruneError(f"{source}: {name} is {value!r}; expected a finite number above 0")
+
+
+def check_probabilities(fields: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Dropout rates, nested objects included, are numbers from 0 to 1 (null: the default)."""
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_probabilities(value, source, f"{name}.")
+        elif PROBABILITY.search(key) and value is not None:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and 0 <= value <= 1):
+                raise MoePruneError(f"{source}: {name} is {value!r}; expected a probability from 0 to 1")
+
+
+def check_named_choices(fields: dict[str, Any], source: str, prefix: str = "") -> None:
+    """The weights' dtype, attention implementation, RoPE types and `architectures` name things that exist.
+
+    Each is what transformers (or vLLM) looks up when it loads the checkpoint, so a wrong one fails there,
+    naming no field, or in every loader of an output prune or merge copied it into. An attention
+    implementation may also name a Hugging Face Hub kernel (`org/repo`): code, refused like a checkpoint's
+    own (`runtime.skeleton.code_decision`), not here.
+    """
+    for key in DTYPE_FIELDS:
+        if fields.get(key) is not None:
+            _check_dtype(fields[key], source, f"{prefix}{key}")
+    for key in ATTENTION_FIELDS:
+        value = fields.get(key)
+        if value is not None and not (isinstance(value, str) and (value in attention_names() or hub_kernel(value))):
+            raise MoePruneError(
+                f"{source}: {prefix}{key} is {value!r}; expected one of {', '.join(sorted(attention_names()))}"
+            )
+    for key in ROPE_FIELDS:
+        if isinstance(fields.get(key), dict):
+            _check_rope_types(fields[key], source, f"{prefix}{key}")
+    value = fields.get("architectures")
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise MoePruneError(f"{source}: {prefix}architectures is {value!r}; expected a list of class names")
+
+
+def hub_kernel(value: str) -> bool:
+    """An attention implementation that names a Hub repository of kernels (`org/repo`, `org/repo:fn`)."""
+    return "/" in value
+
+
+def attention_names() -> set[str]:
+    """The attention implementations transformers ships (`paged|` variants included)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    names = {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    return names | {f"paged|{name}" for name in names if not name.startswith("paged|")}
+
+
+def _check_dtype(value: Any, source: str, name: str) -> None:
+    """A floating-point torch dtype name, as transformers' `dtype="auto"` loads the weights in."""
+    import torch
+
+    found = getattr(torch, value, None) if isinstance(value, str) else None
+    if not (isinstance(found, torch.dtype) and found.is_floating_point):
+        raise MoePruneError(f"{source}: {name} is {value!r}; expected a floating-point dtype such as 'bfloat16'")
+
+
+def _check_rope_types(block: dict[str, Any], source: str, name: str) -> None:
+    """Each RoPE type (`rope_type`, or legacy `type`), per layer type too, is one transformers knows."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    nested = [(f"{name}.{key}", value) for key, value in block.items() if isinstance(value, dict)]
+    for where, params in [(name, block), *nested]:
+        kind = params.get("rope_type", params.get("type"))
+        if kind is None or (isinstance(kind, str) and kind in ROPE_INIT_FUNCTIONS) or kind == "default":
+            continue
+        if isinstance(kind, str) and hasattr(PretrainedConfig, f"_validate_{kind}_rope_parameters"):
+            continue  # a type a family's own code computes (transformers validates it)
+        known = ", ".join(["default", *sorted(ROPE_INIT_FUNCTIONS)])
+        raise MoePruneError(f"{source}: {where}.rope_type is {kind!r}; expected one of {known}")

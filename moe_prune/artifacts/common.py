@@ -12,14 +12,17 @@ artifacts, recipes, data records) goes through `parse_json`.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -40,6 +43,27 @@ NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZip
 MAX_NPZ_INFLATION = 1 << 30
 
 
+def open_regular(path: str | Path, name: str, what: str) -> BinaryIO:
+    """`path` opened for reading in binary, refused in one line unless it is a regular file.
+
+    A named pipe nobody writes to blocks a plain open() forever, and a device (a link to /dev/zero) never
+    ends: the file is opened without blocking and its type checked on the open descriptor, before any read.
+    A folder raises IsADirectoryError and a missing file FileNotFoundError, for the caller to word.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise MoePruneError(f"{name}: {what} is not a regular file (a pipe, socket or device); refusing to read it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_npz(path: Path, name: str) -> np.lib.npyio.NpzFile:
     """`np.load` of an .npz archive whose members' claimed sizes were checked before anything is read.
 
@@ -49,14 +73,20 @@ def open_npz(path: Path, name: str) -> np.lib.npyio.NpzFile:
     is refused unread (np.load would read it whole). Damaged archives raise `NPZ_ERRORS` for the
     caller to word.
     """
-    with open(path, "rb") as handle:
+    handle = open_regular(path, name, "archive")
+    try:
         if handle.read(6) == b"\x93NUMPY":
             raise MoePruneError(f"{name}: not an .npz archive (a single .npy array)")
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):  # a pickle is refused by np.load itself
-        raise MoePruneError(f"{name}: not an .npz archive")
+        handle.seek(0)
+        data = np.load(handle, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a pickle is refused by np.load itself
+            raise MoePruneError(f"{name}: not an .npz archive")
+    except BaseException:
+        handle.close()
+        raise
+    data.fid = handle  # closed with the archive (np.load leaves a file object it was given open)
     try:
-        _check_npz_claims(data.zip, path.stat().st_size, name)
+        _check_npz_claims(data.zip, os.fstat(handle.fileno()).st_size, name)
     except BaseException:
         data.close()
         raise
@@ -225,7 +255,7 @@ def read_capped(source: str | Path, what: str, limit: int = MAX_JSON_BYTES) -> t
         if str(source) == "-":
             blob = sys.stdin.buffer.read(limit + 1) if hasattr(sys.stdin, "buffer") else sys.stdin.read(limit + 1)
         else:
-            with open(source, "rb") as handle:
+            with open_regular(source, name, what) as handle:
                 blob = handle.read(limit + 1)
     except FileNotFoundError as exc:
         raise MoePruneError(f"{name}: {what} file not found") from exc

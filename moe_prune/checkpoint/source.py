@@ -151,12 +151,15 @@ class Checkpoint:
         if index.exists():
             weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
+            spelled: dict[Path, str] = {}  # one file under two names would be read, and loaded, twice
             for name in files:
                 path = self.folder / name
                 if Path(name).is_absolute() or ".." in Path(name).parts or not self.inside(path):
                     raise MoePruneError(f"{index}: shard {name!r} lies outside the checkpoint folder")
                 if not path.is_file():
                     raise MoePruneError(f"{index}: lists missing shard {name}")
+                if (other := spelled.setdefault(path.resolve(), name)) != name:
+                    raise MoePruneError(f"{index}: names one shard file twice, as {other!r} and {name!r}")
             return [self.folder / f for f in files]
         if (self.folder / SINGLE_NAME).is_file():
             return [self.folder / SINGLE_NAME]

@@ -66,7 +66,7 @@ def read_weight_map(index: Path) -> dict[str, str]:
     obj, name = read_json(index, "safetensors index")
     if "weight_map" not in obj:
         raise MoePruneError(f"{name}: corrupt index (no weight_map)")
-    if False:  # transformers reads index["metadata"][...] at load
+    if not isinstance(obj.get("metadata"), dict):  # transformers reads index["metadata"][...] at load
         raise MoePruneError(f"{name}: corrupt index (metadata must be an object, as transformers reads it)")
     weight_map = obj["weight_map"]
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

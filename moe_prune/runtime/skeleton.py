@@ -7,7 +7,9 @@ This is the one place that decides whether a checkpoint's own Python may run (`c
   folder's file is byte-identical to it and `auto_map` names exactly that file and class: anything else
   there is refused with a line naming the file;
 - every other checkpoint loads with transformers' own code (`trust_remote_code=False`): an `auto_map`
-  is ignored with a warning, and a checkpoint that needs its own code to load is refused.
+  is ignored with a warning, and a checkpoint that needs its own code to load is refused;
+- an attention implementation in config.json that names a Hub kernel repository (`org/repo`) is code
+  transformers would fetch and run: refused without --trust-remote-code.
 Every file the loaders read is first checked by `Checkpoint.open` (shards and side files inside the
 folder, complete headers, a sane config).
 
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from moe_prune.architectures.config import RAGGED_KEY
+from moe_prune.architectures.config_values import ATTENTION_FIELDS, hub_kernel
 from moe_prune.checkpoint.ragged import (
     AUTO_CLASS,
     CLASS_PREFIX,
@@ -76,6 +79,7 @@ def code_decision(ckpt: Checkpoint, trust_remote_code: bool) -> CodeDecision:
         return CodeDecision(True)
     config_path = ckpt.folder / "config.json"
     raw = ckpt.config.raw
+    _refuse_hub_kernels(ckpt, config_path)
     targets = auto_map_targets(raw.get("auto_map"), config_path)
     if ckpt.config.ragged is not None:  # in a wrapper's text config
         return CodeDecision(False, _shipped_ragged_class(ckpt, targets))
@@ -88,6 +92,19 @@ def code_decision(ckpt: Checkpoint, trust_remote_code: bool) -> CodeDecision:
             stacklevel=2,
         )
     return CodeDecision(False)
+
+
+def _refuse_hub_kernels(ckpt: Checkpoint, config_path: Path) -> None:
+    """An attention implementation naming a Hub kernel repository is code: one line naming the field."""
+    prefix = f"{ckpt.config.text_key}." if ckpt.config.text_key else ""
+    for fields, where in ((ckpt.config.raw, ""), (ckpt.config.text, prefix)):
+        for key in ATTENTION_FIELDS:
+            value = fields.get(key)
+            if isinstance(value, str) and hub_kernel(value):
+                raise MoePruneError(
+                    f"{config_path}: {where}{key} {value!r} names attention kernels on the Hugging Face Hub, "
+                    f"code that transformers would fetch and run; {TRUST_HINT}"
+                )
 
 
 def _shipped_ragged_class(ckpt: Checkpoint, targets: dict[str, str]) -> type:

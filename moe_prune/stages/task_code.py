@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_prune.artifacts.common import decode_utf8, read_capped
 from moe_prune.demo import DEMO_DIR
 from moe_prune.errors import MoePruneError
 
 DEMO_TASKS_DIR: Path = DEMO_DIR / "tasks"
+# A task YAML is a few KB; larger ones are refused unread.
+TASK_YAML_BYTES = 1 << 20
 
 
 def check_task_yamls(folder: Path, trust_remote_code: bool = False) -> None:
@@ -64,9 +67,10 @@ def _tagged_loader() -> Any:
 def _read_task_yaml(path: Path) -> Any:
     import yaml
 
+    blob, name = read_capped(path, "task YAML", TASK_YAML_BYTES)  # a pipe or /dev/zero is refused, not read
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_tagged_loader())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        return yaml.load(decode_utf8(blob, name, "task YAML"), Loader=_tagged_loader())
+    except (yaml.YAMLError, OSError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise MoePruneError(f"{path}: malformed task YAML{line}") from exc

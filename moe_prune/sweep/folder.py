@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_prune.artifacts.common import check_header, dump_json, first_difference, parse_json, read_json
+from moe_prune.artifacts.common import (
+    check_header,
+    decode_utf8,
+    dump_json,
+    first_difference,
+    parse_json,
+    read_capped,
+    read_json,
+)
 from moe_prune.artifacts.provenance import data_fingerprint, fingerprint_json, model_fingerprint
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -120,7 +128,8 @@ class SweepFolder:
         if not self.results.exists():
             return {}
         rows = {}
-        for number, line in enumerate(self.results.read_text(encoding="utf-8").splitlines(), 1):
+        blob, name = read_capped(self.results, "sweep results")  # bounded: a link to /dev/zero or a pipe is refused
+        for number, line in enumerate(decode_utf8(blob, name, "sweep results").splitlines(), 1):
             where = f"{self.results}:{number}"
             obj = parse_json(line, where, "result line")
             try:
