@@ -10,6 +10,7 @@
   0 or below, a dropout above 1 (`architectures.config_values`).
 - Indexes that name one shard file twice (read, and loaded, twice) or carry no `metadata` object
   (transformers reads `index["metadata"]`).
+- Tokenizer files larger than the bounded reader reads (tokenizers parses tokenizer.json whole).
 - Guards that already held when this round was written (data formats, weights' index paths, recipes,
   odd file names): kept so that they keep holding.
 """
@@ -27,6 +28,7 @@ from hostile_parsing import INDEX, RECIPE_PARAMS, _recipe, write_index
 from hostile_tasks import TASK, TASK_READERS, base_yaml
 from typer.testing import CliRunner
 
+from moe_prune.artifacts.common import MAX_JSON_BYTES
 from moe_prune.cli import app
 
 
@@ -240,3 +242,12 @@ RECIPE_EDITS = {
 }
 for _name, _edit in RECIPE_EDITS.items():
     hostile(f"recipe-{_name}", ("lottery",), "recipe.json")(_recipe({**RECIPE_PARAMS, **_edit}))
+
+
+# ---- tokenizer files past the bounded reader's size: tokenizers would parse them whole ------------------------
+@hostile("tokenizer-json-over-the-bound", LOADERS, "tokenizer.json")
+def _tokenizer_over_the_bound(ws: Workspace) -> None:
+    """Valid JSON (the padding is whitespace) one byte over the cap: without the cap it loads."""
+    path = ws.model / "tokenizer.json"
+    text = path.read_bytes()
+    path.write_bytes(text + b" " * (MAX_JSON_BYTES + 1 - len(text)))

@@ -37,7 +37,7 @@ from moe_prune.runtime.skeleton import (
     quiet_transformers,
     short_error,
 )
-from moe_prune.runtime.tokenizer_files import check_templates, tokenizer_error
+from moe_prune.runtime.tokenizer_files import check_templates, check_tokenizer_sizes, tokenizer_error
 
 TOKENIZER_FILES = ("tokenizer*", "vocab.*", "*.model", "*.tiktoken", "spiece*")
 
@@ -179,6 +179,7 @@ def load_tokenizer(model_path: str | Path | Checkpoint, trust_remote_code: bool 
     if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
         raise MoePruneError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
     _check_tokenizer_code(folder, decision)
+    check_tokenizer_sizes(folder)
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=decision.trust_remote_code)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from moe_prune.artifacts.common import decode_utf8, describe, json_type, parse_json, read_capped
+from moe_prune.artifacts.common import MAX_JSON_BYTES, decode_utf8, describe, json_type, parse_json, read_capped
 from moe_prune.errors import MoePruneError
 
 # Files of a checkpoint folder that are the model's, not the tokenizer's (checked when the checkpoint opens).
@@ -34,6 +34,21 @@ def tokenizer_error(folder: Path, exc: BaseException) -> MoePruneError:
     named = _named_file(folder, exc)
     where = named if named is not None else folder
     return MoePruneError(f"{where}: could not load a tokenizer ({describe(exc)[:300]})")
+
+
+def check_tokenizer_sizes(folder: Path) -> None:
+    """No tokenizer file (JSON or text) is larger than the bounded reader reads, before tokenizers reads it whole.
+
+    The tokenizers library parses tokenizer.json in one piece, and its vocabulary and merges take several times
+    the file's size in memory: a file of gigabytes (a merges list padded to any length) is refused unread. The
+    largest real tokenizer.json files are a few tens of MB, under `MAX_JSON_BYTES`.
+    """
+    for path in _candidates(folder):
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise MoePruneError(
+                f"{path}: tokenizer file of {size} bytes is larger than the {MAX_JSON_BYTES} bytes moe-prune reads"
+            )
 
 
 def _candidates(folder: Path) -> Iterator[Path]:
