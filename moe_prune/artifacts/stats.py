@@ -17,16 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from moe_prune.artifacts.common import (
-    NPZ_ERRORS,
-    check_header,
-    claimed_shapes,
-    describe,
-    open_npz,
-    parse_json,
-    require_type,
-)
+from moe_prune.artifacts.common import check_header, describe, parse_json, require_type
 from moe_prune.artifacts.identity import ModelIdentity
+from moe_prune.artifacts.npz import NPZ_ERRORS, claimed_shapes, open_npz
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file
 

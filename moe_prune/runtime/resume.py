@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_prune.artifacts.common import NPZ_ERRORS, describe, open_npz
+from moe_prune.artifacts.common import describe
+from moe_prune.artifacts.npz import NPZ_ERRORS, open_npz
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file
 
