@@ -1,0 +1,135 @@
+"""Mutation run (mutmut) over `runtime/sources.py` and `merging/refit.py`: how many small code changes the tests catch.
+
+    nice -n 19 python -m benchmarks.mutation                  # both modules, their tests, 2 workers
+    nice -n 19 python -m benchmarks.mutation --json out.json  # also the counts and survivors as JSON
+
+The slow lane of issue #22 (tens of minutes on 2 cores, so not part of `pytest`). mutmut (a maintained
+tool, pinned in constraints.txt) changes one token at a time (a `<` into `<=`, a `+ 1` into `+ 2`, a string,
+a default) and runs the tests that reach the changed function; a mutant no test fails on "survived". The
+work tree's files are copied to a temporary folder, `[tool.mutmut]` is appended to the copy's pyproject.toml
+and mutmut runs there: mutmut writes its `mutants/` tree beside the code, and the work tree is never
+touched. Printed: killed / survived / no tests per module, the score killed / (killed + survived +
+timeout) over the mutants the selected tests reach, and every survivor with its diff line.
+
+Recorded figures are in the CHANGELOG entry of issue #22 (mutation score and the survivors listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ("moe_prune/runtime/sources.py", "moe_prune/merging/refit.py")
+# The tests that guard the two modules (mutmut runs, per mutant, those of them that reach the changed function).
+TESTS = (
+    "tests/test_share_rounding.py",
+    "tests/test_refit_pass.py",
+    "tests/test_merge_methods.py::test_least_squares_down_solves_the_normal_equations",
+    "tests/test_merge_methods.py::test_refit_down_projection_equals_brute_force_least_squares",
+    "tests/test_merge_methods.py::test_missing_statistics_are_refused_before_writing",
+    "tests/test_merge_methods.py::test_refit_refuses_experts_with_biases",
+    "tests/test_data_mix.py::test_spec_parsing",
+    "tests/test_data_mix.py::test_allocation_is_exact_and_adds_up",
+    "tests/test_data_mix.py::test_shares_give_exactly_the_requested_tokens_per_source",
+    "tests/test_data_mix.py::test_a_short_source_shrinks_every_share_alike",
+    "tests/test_data_mix.py::test_one_source_draws_the_windows_it_always_drew",
+    "tests/test_data_mix.py::test_shards_take_disjoint_windows_of_one_mixed_stream",
+    "tests/test_data_mix.py::test_bad_data_is_one_line_and_writes_nothing",
+)
+STATUS = re.compile(r"^\s*(?P<name>\S+): (?P<status>.+)$")
+
+
+def copy_tree(dest: Path) -> None:
+    """The work tree as it is now (tracked and new files, not ignored ones) under `dest`, plus the mutmut section."""
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listing, cwd=ROOT, check=True, capture_output=True).stdout
+    for name in files.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    section = (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["moe_prune"]\n'
+        f"only_mutate = {json.dumps(list(MODULES))}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
+        f"pytest_add_cli_args_test_selection = {json.dumps(list(TESTS))}\n"
+    )
+    with (dest / "pyproject.toml").open("a") as handle:
+        handle.write(section)
+
+
+def mutmut(work: Path, *args: str, log: Path | None = None) -> str:
+    """Run `mutmut ARGS` in `work`; its output (to `log` when given: the run's progress line is long)."""
+    command = [sys.executable, "-m", "mutmut", *args]
+    if log is None:
+        return subprocess.run(command, cwd=work, check=True, capture_output=True, text=True).stdout
+    with log.open("w") as out:
+        subprocess.run(command, cwd=work, check=True, stdout=out, stderr=subprocess.STDOUT)
+    return ""
+
+
+def survivor_line(work: Path, name: str) -> str:
+    """The changed line of one mutant (`+` side of its diff), for the list of survivors."""
+    diff = mutmut(work, "show", name)
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return added[0] if added else "?"
+
+
+def summarize(work: Path) -> dict:
+    """Counts per module and overall, and each survivor (name, function, changed line)."""
+    per_module: dict[str, dict[str, int]] = {}
+    survivors = []
+    for line in mutmut(work, "results", "--all", "true").splitlines():
+        match = STATUS.match(line)
+        if not match:
+            continue
+        name, status = match["name"], match["status"].strip()
+        module = next((m for m in MODULES if name.startswith(m[:-3].replace("/", ".") + ".")), "other")
+        counts = per_module.setdefault(module, {})
+        counts[status] = counts.get(status, 0) + 1
+        if status == "survived":
+            survivors.append({"mutant": name, "changed": survivor_line(work, name)})
+    total: dict[str, int] = {}
+    for counts in per_module.values():
+        for status, n in counts.items():
+            total[status] = total.get(status, 0) + n
+    reached = total.get("killed", 0) + total.get("survived", 0) + total.get("timeout", 0)
+    score = total.get("killed", 0) / reached if reached else 0.0
+    return {"modules": per_module, "total": total, "score": score, "survivors": survivors, "tests": list(TESTS)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (to browse with mutmut)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="moe-prune-mutation-"))
+    try:
+        copy_tree(work)
+        env_note = f"{os.cpu_count()} CPUs, {args.workers} workers"
+        print(f"mutating {', '.join(MODULES)} in {work} ({env_note})", flush=True)
+        mutmut(work, "run", "--max-children", str(args.workers), log=work / "mutmut-run.log")
+        summary = summarize(work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    for module, counts in summary["modules"].items():
+        print(f"{module}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    print(f"score (killed / reached by the tests): {summary['score']:.3f}")
+    for survivor in summary["survivors"]:
+        print(f"  survived {survivor['mutant']}: {survivor['changed']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
