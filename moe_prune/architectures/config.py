@@ -16,6 +16,7 @@ from moe_prune.architectures.config_values import (
     check_named_choices,
     check_positive_numbers,
     check_probabilities,
+    check_rope_types,
     check_token_ids,
 )
 from moe_prune.architectures.layer_rules import LAYER_RULES
@@ -91,13 +92,14 @@ def check_transformers_reads(raw: dict[str, Any], source: str) -> None:
     logging.set_verbosity_error()  # its warnings about odd token ids are not ours to print on every command
     try:
         cls = CONFIG_MAPPING[model_type]
-        cls.from_dict(cls._decode_special_floats(copy.deepcopy(raw)))  # {"__float__": "Infinity"}, as it saves them
+        built = cls.from_dict(cls._decode_special_floats(copy.deepcopy(raw)))  # {"__float__": "Infinity"}, as saved
     except Exception as exc:  # whatever the config class raises on a field it cannot take
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[-1] if len(lines) > 1 else f"{type(exc).__name__}: {lines[0] if lines else ''}"
         raise MoePruneError(f"{source}: transformers cannot read it ({reason[:300]})") from exc
     finally:
         logging.set_verbosity(verbosity)
+    check_rope_types(built, source)
 
 
 def check_sizes(fields: dict[str, Any], source: str, prefix: str = "") -> None:

@@ -8,7 +8,8 @@ RoPE scaling `factor` of 0 or below divides positions by it, a dropout of 2 is t
 finetune only. transformers itself only warns about these. Each is one line naming the field.
 
 `check_named_choices` covers the names transformers looks up at load (KeyError or ValueError naming no file)
-or that vLLM reads: the weights' `dtype`, the attention implementation, the RoPE type, `architectures`.
+or that vLLM reads: the weights' `dtype`, the attention implementation, `architectures`; `check_rope_types`
+the RoPE types, as transformers' config class reads them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ PROBABILITY = re.compile(r"dropout(?:_rate|_prob|_p)?$")
 # Fields naming the attention implementation transformers loads (config.json may set it for every load).
 ATTENTION_FIELDS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
 DTYPE_FIELDS = ("dtype", "torch_dtype")
-ROPE_FIELDS = ("rope_scaling", "rope_parameters")
 
 
 def check_token_ids(fields: dict[str, Any], source: str, vocab: Any, prefix: str = "") -> None:
@@ -61,19 +61,24 @@ def check_positive_numbers(fields: dict[str, Any], source: str, prefix: str = ""
 
 
 def check_probabilities(fields: dict[str, Any], source: str, prefix: str = "") -> None:
-    """Dropout rates, nested objects included, are numbers from 0 to 1 (null: the default)."""
+    """Dropout rates, nested objects included, are numbers from 0 to 1 (null: the default; true/false: a switch)."""
     for key, value in fields.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             check_probabilities(value, source, f"{name}.")
-        elif PROBABILITY.search(key) and value is not None:
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and 0 <= value <= 1):
-                raise MoePruneError(f"{source}: {name} is {value!r}; expected a probability from 0 to 1")
+        elif PROBABILITY.search(key) and _not_a_probability(value):
+            raise MoePruneError(f"{source}: {name} is {value!r}; expected a probability from 0 to 1")
+
+
+def _not_a_probability(value: Any) -> bool:
+    """Neither null (the default), true/false (a switch: esm's `token_dropout`) nor a number from 0 to 1."""
+    if value is None or isinstance(value, bool):
+        return False
+    return not (isinstance(value, int | float) and 0 <= value <= 1)
 
 
 def check_named_choices(fields: dict[str, Any], source: str, prefix: str = "") -> None:
-    """The weights' dtype, attention implementation, RoPE types and `architectures` name things that exist.
+    """The weights' dtype, attention implementation and `architectures` name things that exist.
 
     Each is what transformers (or vLLM) looks up when it loads the checkpoint, so a wrong one fails there,
     naming no field, or in every loader of an output prune or merge copied it into. An attention
@@ -89,9 +94,6 @@ def check_named_choices(fields: dict[str, Any], source: str, prefix: str = "") -
             raise MoePruneError(
                 f"{source}: {prefix}{key} is {value!r}; expected one of {', '.join(sorted(attention_names()))}"
             )
-    for key in ROPE_FIELDS:
-        if isinstance(fields.get(key), dict):
-            _check_rope_types(fields[key], source, f"{prefix}{key}")
     value = fields.get("architectures")
     if value is not None and not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
         raise MoePruneError(f"{source}: {prefix}architectures is {value!r}; expected a list of class names")
@@ -117,6 +119,20 @@ def _check_dtype(value: Any, source: str, name: str) -> None:
     found = getattr(torch, value, None) if isinstance(value, str) else None
     if not (isinstance(found, torch.dtype) and found.is_floating_point):
         raise MoePruneError(f"{source}: {name} is {value!r}; expected a floating-point dtype such as 'bfloat16'")
+
+
+def check_rope_types(config: Any, source: str) -> None:
+    """Each RoPE type of transformers' config object `config` (and of its text config), read after the config
+    class has renamed legacy types (Qwen2-VL's `mrope`, Phi-3's `su`), is one transformers can compute: an
+    unknown one is a KeyError when the model is built, naming no file."""
+    try:
+        text = config.get_text_config()
+    except ValueError:  # several text configs (an encoder-decoder): the top level only
+        text = config
+    for found in {id(c): c for c in (config, text)}.values():
+        params = getattr(found, "rope_parameters", None)
+        if isinstance(params, dict):
+            _check_rope_types(params, source, "rope_parameters")
 
 
 def _check_rope_types(block: dict[str, Any], source: str, name: str) -> None:
