@@ -2,7 +2,7 @@
 
 - config.json fields that transformers' own config class refuses (a string for a bool, an int epsilon, a
   list for rope parameters, a quantization_config that is no object, a dtype torch lacks): refused in one
-  line naming config.json by every command that reads the model (`architectures.config.check_transformers_reads`),
+  line naming config.json by every command that reads the model (`config_checks.check_transformers_reads`),
   not as a tokenizer failure in the loaders, nor copied by prune/merge/score into an output transformers
   cannot load (dtype is outside the mask's config fingerprint, so prune accepted it).
 - tokenizer_config.json fields transformers takes as given and trips over later: model_max_length a string

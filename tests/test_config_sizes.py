@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from moe_prune.architectures import ADAPTERS
-from moe_prune.architectures.config import MAX_SIZE, POSITIVE_SIZES, TEXT_CONFIG_KEYS, check_sizes
+from moe_prune.architectures.config import TEXT_CONFIG_KEYS
+from moe_prune.architectures.config_checks import MAX_SIZE, POSITIVE_SIZES, check_sizes
 from moe_prune.errors import MoePruneError
 
 

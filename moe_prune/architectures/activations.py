@@ -5,7 +5,7 @@ so an unknown name was an unexpected KeyError in the commands that load the mode
 a word by those that do not (prune, merge, score --model). Every field named like an activation
 (`hidden_act`, `hidden_activation`, `mlp_hidden_act`, `activation_function`..., nested configs included)
 that holds a name must be one of transformers' activations. Types transformers does not ship (remote
-code) are judged by their own code, as in `config.check_transformers_reads`.
+code) are judged by their own code, as in `config_checks.check_transformers_reads`.
 """
 
 from __future__ import annotations

@@ -5,22 +5,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moe_prune.architectures import ADAPTERS, Adapter, find_adapter, get_adapter, wrapper_adapter
 from moe_prune.architectures.activations import check_activations
+from moe_prune.architectures.config_checks import check_sizes, check_transformers_reads
 from moe_prune.architectures.config_values import (
     check_named_choices,
     check_positive_numbers,
     check_probabilities,
-    check_rope_types,
     check_token_ids,
 )
 from moe_prune.architectures.layer_rules import LAYER_RULES
-from moe_prune.artifacts.common import read_json
+from moe_prune.artifacts.common import is_int, read_json
 from moe_prune.errors import MoePruneError
 
 # Fields that change without changing the model's weights or shapes.
@@ -31,27 +30,6 @@ RAGGED_KEY = "moe_prune_ragged"
 # Larger counts are no real model's: a config that claims them is corrupt (and would size huge buffers).
 MAX_EXPERTS = 1 << 16
 MAX_LAYERS = 1 << 16
-# Size-like fields (widths, head counts, context length, vocabulary...) as transformers names them in every
-# family; found by name so that fields of families added later are covered too. No real model has a size
-# above MAX_SIZE (the longest contexts are ~10M positions, the largest vocabularies ~260k).
-SIZE_FIELD = re.compile(r"(?:^|_)(?:size|dim|heads|rank|embeddings|experts|layers|groups?|window)$|^(?:num|n)_")
-# Those a model cannot have zero of (transformers divides by them or sizes weights and position tables).
-POSITIVE_SIZES = (
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "vocab_size",
-    "head_dim",
-)
-MAX_SIZE = 1 << 26
-
-
-def _is_int(value: Any) -> bool:
-    """A JSON integer (true/false are not counts, though Python calls them ints)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -72,52 +50,6 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
 def _wrapped(model_type: str | None, text: Adapter) -> Adapter:
     """A wrapper's text adapter with the wrapper's own layer prefixes (transformers knows the wrapper type)."""
     return wrapper_adapter(model_type, text) if model_type else text
-
-
-def check_transformers_reads(raw: dict[str, Any], source: str) -> None:
-    """Build transformers' own config class from `raw`, as every load does: a field it refuses (a string for
-    a bool, an int epsilon, a list for rope parameters, a dtype torch lacks) is one line naming the file here,
-    not a tokenizer or model failure later, nor copied by prune, merge or score into an output stock
-    transformers cannot load. Types transformers does not ship (remote code) are judged by their own code."""
-    model_type = raw.get("model_type")
-    auto_map = raw.get("auto_map")
-    if not isinstance(model_type, str) or (isinstance(auto_map, dict) and "AutoConfig" in auto_map):
-        return
-    from transformers import CONFIG_MAPPING
-    from transformers.utils import logging
-
-    if model_type not in CONFIG_MAPPING:
-        return
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # its warnings about odd token ids are not ours to print on every command
-    try:
-        cls = CONFIG_MAPPING[model_type]
-        built = cls.from_dict(cls._decode_special_floats(copy.deepcopy(raw)))  # {"__float__": "Infinity"}, as saved
-    except Exception as exc:  # whatever the config class raises on a field it cannot take
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = lines[-1] if len(lines) > 1 else f"{type(exc).__name__}: {lines[0] if lines else ''}"
-        raise MoePruneError(f"{source}: transformers cannot read it ({reason[:300]})") from exc
-    finally:
-        logging.set_verbosity(verbosity)
-    check_rope_types(built, source)
-
-
-def check_sizes(fields: dict[str, Any], source: str, prefix: str = "") -> None:
-    """Refuse a size-like field no model can have (0 heads, 1e9 intermediate size, max_position_embeddings 0).
-
-    Every number under a size-like name (see SIZE_FIELD, nested objects included) must lie in 0..MAX_SIZE;
-    POSITIVE_SIZES must be whole numbers from 1. Absent or null fields are transformers' defaults: not checked.
-    """
-    for key, value in fields.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            check_sizes(value, source, f"{name}.")
-            continue
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if key in POSITIVE_SIZES and value is not None and not (_is_int(value) and 1 <= value <= MAX_SIZE):
-            raise MoePruneError(f"{source}: {name} is {value!r}; expected a whole number from 1 to {MAX_SIZE}")
-        if number and SIZE_FIELD.search(key) and not 0 <= value <= MAX_SIZE:  # NaN fails too
-            raise MoePruneError(f"{source}: {name} is {value!r}; expected a size from 0 to {MAX_SIZE}")
 
 
 @dataclass
@@ -211,7 +143,7 @@ class ModelConfig:
         value = self.get(self.adapter.layer_count_key)
         if isinstance(value, list):  # a per-layer type list sizes the model (nemotron_h's layers_block_type)
             value = len(value)
-        if not _is_int(value) or not 1 <= value <= MAX_LAYERS:
+        if not is_int(value) or not 1 <= value <= MAX_LAYERS:
             raise MoePruneError(
                 f"{self.source}: {self.adapter.layer_count_key} is {value!r}; expected 1 to {MAX_LAYERS} layers"
             )
@@ -220,7 +152,7 @@ class ModelConfig:
     @property
     def num_experts(self) -> int:
         value = self.first(self.adapter.expert_count_keys)
-        if not _is_int(value) or not 1 <= value <= MAX_EXPERTS:
+        if not is_int(value) or not 1 <= value <= MAX_EXPERTS:
             keys = " / ".join(self.adapter.expert_count_keys)
             raise MoePruneError(
                 f"{self.source}: routed-expert count ({keys}) is {value!r}; expected 1 to {MAX_EXPERTS}"
@@ -246,7 +178,7 @@ class ModelConfig:
             counts = {int(k): v for k, v in listed.items()}
         except (AttributeError, TypeError, ValueError):
             counts = {}
-        if not counts or not all(_is_int(v) for v in counts.values()):
+        if not counts or not all(is_int(v) for v in counts.values()):
             raise MoePruneError(f"{self.source}: {RAGGED_KEY}.experts_per_layer must map layer -> count")
         if sorted(counts) != self.moe_layers:
             raise MoePruneError(
@@ -273,7 +205,7 @@ class ModelConfig:
         """Experts each token uses (in a ragged checkpoint, in its largest layers); from 1 to the expert count."""
         value = self.first(self.adapter.top_k_keys)
         keys = " / ".join(self.adapter.top_k_keys)
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise MoePruneError(f"{self.source}: top-k ({keys}) is {value!r}; expected at least 1")
         if value > self.num_experts:
             raise MoePruneError(
@@ -298,7 +230,7 @@ class ModelConfig:
         """Router rows after the routed experts' (`Adapter.router_tail`): 0 for most families."""
         tail = self.adapter.router_tail
         value = self.get(tail) if isinstance(tail, str) else tail
-        if not _is_int(value) or not 0 <= value <= MAX_EXPERTS:
+        if not is_int(value) or not 0 <= value <= MAX_EXPERTS:
             raise MoePruneError(f"{self.source}: {tail} is {value!r}; expected 0 to {MAX_EXPERTS}")
         return value
 
@@ -311,7 +243,7 @@ class ModelConfig:
             return 1
         key = self.adapter.group_count_key
         value = self.get(key) or 1
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise MoePruneError(f"{self.source}: {key} is {value!r}; expected a positive integer")
         return value
 
