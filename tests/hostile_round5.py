@@ -232,16 +232,18 @@ def _stats_nan(ws: Workspace) -> None:
     ws.write_stats(arrays)
 
 
-RECIPE_EDITS = {
+hostile("recipe-target-ratio-a-string", ("lottery",), "recipe.json")(_recipe({**RECIPE_PARAMS, "target_ratio": "nan"}))
+# Values of the right type but out of range: the run's settings differ from the recipe's, so the folder is
+# refused as another run's (naming --out) before any value is used.
+RECIPE_RANGES = {
     "rounds-huge": {"rounds": 10**18},
     "rounds-negative": {"rounds": -1},
-    "target-ratio-a-string": {"target_ratio": "nan"},
     "target-ratio-above-one": {"target_ratio": 2.0},
     "samples-negative": {"profile_samples": -5},
     "criterion-unknown": {"criterion": "evil"},
 }
-for _name, _edit in RECIPE_EDITS.items():
-    hostile(f"recipe-{_name}", ("lottery",), "recipe.json")(_recipe({**RECIPE_PARAMS, **_edit}))
+for _name, _edit in RECIPE_RANGES.items():
+    hostile(f"recipe-{_name}", ("lottery",), "ws/out")(_recipe({**RECIPE_PARAMS, **_edit}))
 
 
 # ---- tokenizer files past the bounded reader's size: tokenizers would parse them whole ------------------------
