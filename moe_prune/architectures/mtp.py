@@ -18,7 +18,7 @@ the same expert-count field as the decoder's. Those ignore patterns are where ea
 
 Inside an MTP layer the MoE keys are those of a decoder layer, so an MTP layer is classified as the virtual
 decoder layer `num_hidden_layers + i`. A tensor that looks like MTP (a name part mentioning mtp or nextn, or
-the family's pattern) but that the layout cannot place is refused by `checkpoint.surgery.MtpTensors.split`.
+the family's pattern) but that the layout cannot place is refused by `checkpoint.mtp_tensors.MtpTensors.split`.
 """
 
 from __future__ import annotations

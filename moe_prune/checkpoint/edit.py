@@ -15,9 +15,9 @@ from typing import Any
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import mtp_layout
 from moe_prune.artifacts.manifest import Manifest, MtpRecord
+from moe_prune.checkpoint.mtp_tensors import MtpTensors, mtp_records, unplaced_error
 from moe_prune.checkpoint.safetensors_io import AnyOutput
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, mtp_records, unplaced_error
 from moe_prune.checkpoint.writer import write_output
 from moe_prune.errors import MoePruneError
 

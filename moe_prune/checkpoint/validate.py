@@ -17,8 +17,9 @@ from moe_prune.architectures import ADAPTERS
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import DECODER_NUMBERING, mtp_layout
 from moe_prune.artifacts.common import read_json
+from moe_prune.checkpoint.mtp_tensors import MtpTensors
 from moe_prune.checkpoint.safetensors_io import TensorInfo
-from moe_prune.checkpoint.surgery import KeyMatcher, MtpTensors
+from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.checkpoint.validate_moe import MoeLayer, check_moe_layer, check_same_kinds, moe_tensors, one_expert
 from moe_prune.errors import MoePruneError
 

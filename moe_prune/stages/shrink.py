@@ -29,10 +29,10 @@ from moe_prune.architectures.mtp import set_mtp_count
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.manifest import Manifest, Members
 from moe_prune.checkpoint.edit import Edit, Written, stage_mtp, write_edit
+from moe_prune.checkpoint.mtp_tensors import MtpTensors, check_routers_finite
 from moe_prune.checkpoint.quantized import Quantization
 from moe_prune.checkpoint.ragged import expert_count_config
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.checkpoint.surgery import MtpTensors, check_routers_finite
 from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster
 from moe_prune.merging.layer_plan import LayerPlan
