@@ -150,9 +150,7 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
                 str(stats),
                 "--keep",
                 keep,
-                "--refit",
-                "--data",
-                str(data),
+                "--refit",  # without --refit-stats sums: one layer-by-layer pass over the profile's windows
                 "--out",
                 str(work / "merged-r"),
                 "--force",
