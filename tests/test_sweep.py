@@ -14,8 +14,7 @@ from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.cli import app
-from moe_prune.cli import sweep as sweep_cmd
+from moe_prune.cli import app, sweep_tables
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.plotting import pyplot
@@ -333,7 +332,7 @@ def test_tasks_are_columns_measured_on_each_model(stats_file, monkeypatch):
     for row in result.rows:
         assert row.tasks == {"fake": {"metric": "acc,none", "value": row.kept[0] / 8, "stderr": 0.0}}
     table = " ".join(
-        str(c) for column in sweep_cmd.sweep_table(result).columns for c in [column.header, *column._cells]
+        str(c) for column in sweep_tables.sweep_table(result).columns for c in [column.header, *column._cells]
     )
     assert "fake\nacc" in table and "0.750" in table and "0.500" in table
 
