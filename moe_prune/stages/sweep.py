@@ -27,9 +27,9 @@ from moe_prune.merging.registry import METHODS as METHODS
 from moe_prune.merging.registry import get_method, weight_statistic
 from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.skeleton import code_decision, parse_dtype
-from moe_prune.scoring import Criterion, all_criteria, get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, merge, prune, score, tasks
+from moe_prune.stages.sweep_checks import check_ratios, check_usable, sweep_criteria
 from moe_prune.stages.sweep_search import searched
 from moe_prune.stages.task_harness import quiet_lm_eval
 from moe_prune.sweep.folder import SweepFolder, fingerprint
@@ -120,14 +120,14 @@ class Plan:
 def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Plan:
     """Validate options, model, statistics, data and tasks; list the combinations. Nothing is written."""
     settings.check()
-    criteria = _criteria(settings.criteria)
+    criteria = sweep_criteria(settings.criteria)
     methods = [m for m in settings.merge_methods if get_method(m)]
     ckpt = Checkpoint.open(model)
     code_decision(ckpt, settings.trust_remote_code)  # refuses checkpoint code before any work
     loaded = Stats.load(Path(stats))
     loaded.identity.require_same(ckpt.identity, str(stats), str(ckpt.folder))
-    _check_ratios(ckpt, settings.ratios)
-    _check_usable(criteria, methods, loaded, ckpt, str(stats))
+    check_ratios(ckpt, settings.ratios)
+    check_usable(criteria, methods, loaded, ckpt, str(stats))
     texts = evaluate.heldout_documents(
         settings.data, settings.text_field, "train", settings.max_tokens, settings.split_on
     )
@@ -282,41 +282,6 @@ def _measure(plan: Plan, row: Row, folder: Path) -> None:
         measured.params.active,
         measured.bytes_on_disk,
     )
-
-
-def _criteria(names: tuple[str, ...]) -> list[Criterion]:
-    """The named criteria (unknown names fail with "did you mean"); `random` is the floor, never a line."""
-    chosen = [get_criterion(n) for n in names] if names else all_criteria()
-    return [c for c in chosen if c.name != "random"]
-
-
-def _check_ratios(ckpt: Checkpoint, ratios: tuple[float, ...]) -> None:
-    """Every ratio must leave each layer at least top-k experts (the count score and merge would keep)."""
-    top_k = ckpt.config.top_k
-    for ratio in ratios:
-        for layer in ckpt.identity.moe_layers:
-            n = ckpt.identity.experts_in(layer)
-            kept = n - Budget(ratio=ratio).drops(n, f"in layer {layer}")
-            if kept < top_k:
-                raise MoePruneError(
-                    f"--ratios {ratio:g} keeps {kept} of the {n} experts of layer {layer}, fewer than top-k {top_k}"
-                )
-
-
-def _check_usable(criteria: list[Criterion], methods: list[str], stats: Stats, ckpt: Checkpoint, name: str) -> None:
-    """Refuse a sweep whose every criterion and merge method the statistics cannot serve (others: skipped rows)."""
-    reasons = []
-    for crit in criteria:
-        missing = [s for s in crit.stats if s not in stats.arrays]
-        if missing:
-            reasons.append(f"{crit.name} needs {', '.join(missing)}")
-    for method in methods:
-        try:
-            merge.check_stats(stats, ckpt, method, name)  # weights and refit: skipped rows with merge's reason
-        except MoePruneError as exc:
-            reasons.append(str(exc))
-    if reasons and len(reasons) == len(criteria) + len(methods):
-        raise MoePruneError(f"{name}: serves none of the criteria and merge methods asked for ({'; '.join(reasons)})")
 
 
 def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSettings) -> dict[str, Any]:
