@@ -38,7 +38,7 @@ from moe_prune.architectures.spec import ExpertTensor
 from moe_prune.errors import MoePruneError
 
 RIDGE = 1e-6  # times the mean diagonal of sum p h h^T
-RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the candidates of --refit-ridge auto
+RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the candidates of --refit-ridge auto
 DOWN_SUFFIXES = ("down_proj", "down_proj.weight", "w2.weight", "output_linear.weight")
 
 
