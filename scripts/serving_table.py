@@ -15,14 +15,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def status(base_class: str) -> str:
     """The serving column of one family."""
-    from moe_prune.checkpoint.serving import SERVED, unserved_reason
+    from moe_prune.checkpoint.serving import SERVED, served_architecture, unserved_reason
 
     served = SERVED.get(base_class)
     if served is None:
         return f"not served: {unserved_reason(base_class, {})}"
     extra = [f"every layer needs {served.min_experts} experts"] if served.min_experts > 1 else []
     extra += [served.note] if served.note else []
-    return f"**served** (vLLM `{served.architecture}`)" + "".join(f"; {e}" for e in extra)
+    return f"**served** (vLLM `{served_architecture(base_class)}`)" + "".join(f"; {e}" for e in extra)
 
 
 def rows() -> list[tuple[str, str, str]]:

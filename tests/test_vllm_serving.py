@@ -7,8 +7,7 @@ log-probs through moe-prune's own loader and compares perplexities (relative dif
 Checkpoints: the demo's uniform prune (a stock config: it must resolve to vLLM's own class), a
 `merge --method prune --refit`, a `score --global` ragged prune, and ragged tiny random models of the families in
 TINY_RAGGED (a layer under top-k where the family allows it). A damaged ragged block stops vLLM in one line naming
-the field. A ragged checkpoint must be refused by a
-vLLM without the plugin.
+the field. A ragged checkpoint must be refused by a vLLM without the plugin.
 Tests marked `vllm` are left out by default (`pytest -m vllm` runs them); the naming tests at the end are not.
 """
 
@@ -19,11 +18,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
 from typer.testing import CliRunner
+from vllm_tiny import TINY_RAGGED, tiny_ragged
 
 from moe_prune.architectures.config import RAGGED_KEY
 from moe_prune.artifacts.mask import DropMask
@@ -64,53 +63,9 @@ def demo_ids() -> list[list[int]]:
     return [ids[:240], ids[240:480]]
 
 
-# Experts kept (original ids) in the MoE layers, cycling: the first layer keeps fewer than top-k (2).
-UNDER_TOP_K = ([6], [0, 2, 3, 5, 7], [1, 4])
-# For families whose vLLM class needs two experts per layer (checkpoint/serving.py min_experts, or vLLM's grouped
-# top-k, which sums each group's best two): with top-k 3 the first layer is still under top-k.
-TWO_OR_MORE = ([6, 1], [0, 2, 3, 5, 7], [1, 4, 5])
-TOP_K_3 = {"num_experts_per_tok": 3}
-
-
-class Tiny(NamedTuple):
-    """A tiny random family served ragged: config overrides (heads of 32 or more: vLLM's CPU attention has no
-    smaller head; tests/tiny_models.py uses 8), experts kept, and the dtype vLLM's CPU kernels take for it."""
-
-    overrides: dict
-    keep: tuple = UNDER_TOP_K
-    dtype: str = "float32"
-
-
-TINY_RAGGED = {
-    "qwen3_moe": Tiny({"head_dim": 32}),
-    "qwen2_moe": Tiny({"hidden_size": 128}),
-    "olmoe": Tiny({"hidden_size": 128}),
-    "llama4_text": Tiny({"head_dim": 32}),  # top-1, as Llama 4 itself
-    "granitemoe": Tiny({"hidden_size": 128}),
-    "glm4_moe": Tiny({"head_dim": 32, **TOP_K_3}, TWO_OR_MORE),
-}
 RAGGED_NAMES = ["ragged", *(f"{model_type}_ragged" for model_type in TINY_RAGGED), "ragged_remote_code"]
 # Relative perplexity difference allowed in bfloat16 (vLLM against transformers' float32 on the same weights).
 BF16_TOLERANCE = 2e-2
-
-
-def tiny_ragged(model_type: str, tmp: Path) -> Path:
-    """A tiny random `model_type` pruned to different expert counts per layer."""
-    from tiny_models import tiny_config
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **TINY_RAGGED[model_type].overrides))
-    with torch.no_grad():  # default init is tiny; experts and routers must matter for the check to fail
-        for name, param in model.named_parameters():
-            if any(part in name for part in ("experts", "gate", "router", "input_linear", "output_linear")):
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(tmp / model_type)
-    ckpt = Checkpoint.open(tmp / model_type)
-    kept = TINY_RAGGED[model_type].keep
-    keep = {layer: kept[i % len(kept)] for i, layer in enumerate(ckpt.identity.moe_layers)}
-    prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / f"{model_type}_ragged")
-    return tmp / f"{model_type}_ragged"
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +128,14 @@ def dtype(name: str) -> str:
     return tiny.dtype if tiny else "float32"
 
 
+def tolerance(name: str) -> tuple[float, float]:
+    """(relative perplexity, largest log-prob) differences allowed for a checkpoint served in vLLM."""
+    tiny = TINY_RAGGED.get(name.removesuffix("_ragged"))
+    if tiny and tiny.tolerance:
+        return tiny.tolerance
+    return (TOLERANCE, 1e-3) if dtype(name) == "float32" else (BF16_TOLERANCE, 0.2)
+
+
 def damage(folder: Path, out: Path) -> Path:
     """A copy of the ragged `folder` whose block gives its smallest layer a top-k past its experts."""
     shutil.copytree(folder, out)
@@ -204,9 +167,9 @@ def test_vllm_perplexity_equals_transformers(name, checkpoints, served):
         f"{name}: relative perplexity difference {relative:.2e}, largest log-prob difference "
         f"{float((got - want).abs().max()):.2e}"
     )
-    float32 = dtype(name) == "float32"
-    assert relative <= (TOLERANCE if float32 else BF16_TOLERANCE)
-    assert torch.allclose(got, want, atol=1e-3 if float32 else 0.2)
+    perplexity, logprob = tolerance(name)
+    assert relative <= perplexity
+    assert torch.allclose(got, want, atol=logprob)
 
 
 @pytest.mark.vllm

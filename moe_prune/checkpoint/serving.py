@@ -18,7 +18,7 @@ from moe_prune.errors import MoePruneWarning
 class Served(NamedTuple):
     """How vLLM serves one family's ragged checkpoints."""
 
-    architecture: str  # vLLM's architecture name (its model class is subclassed)
+    architecture: str | None = None  # vLLM's architecture name (its class is subclassed); None: transformers' name
     min_experts: int = 1  # experts every layer needs in vLLM's class (a 1-expert layer is a dense MLP, or top-2 only)
     note: str = ""  # what the check in tests/test_vllm_serving.py could not cover
 
@@ -27,38 +27,83 @@ DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to trans
 DEEPSEEK_V3 = (
     "checked by hand on vLLM CPU without MLA: layers at their own sizes, log-probs 3.1e-3 off (stock not compared)"
 )
-# transformers' causal-LM class (the block's base_class) -> how vLLM serves it.
+ERNIE = (
+    "vLLM's CPU router ignores softmax routers' expert-selection bias (moe_statics), in its own class too: "
+    "a stock tiny ERNIE with random bias is 9.7e-3 off, with it zero 5e-10; its GPU router applies it"
+)
+TWO_CHECKED = "checked with 2 or more experts per layer"
+COHERE2 = "log-probs 1.1e-3 from transformers', as vLLM's own class on the unpruned tiny model (2.9e-3): vLLM's"
+LFM2 = (
+    "checked by hand: log-probs 1.0e-2 from transformers', as vLLM's own class on the unpruned tiny model (1.1e-2; "
+    "4.6e-3 without its conv layers): vLLM's, cause not found"
+)
+GLM_LITE = "checked by hand on vLLM CPU without MLA: 3.8e-4 off, vLLM's own class 2.1e-4 on the unpruned tiny model"
+AFMOE = "vLLM's class reads score_func, route_norm, n_group and topk_group, which only the hub's config.json carries"
+# transformers' causal-LM class (the block's base_class) -> how vLLM serves it. Each row was served ragged on vLLM's
+# CPU build in float32 with transformers' log-probs (tests/test_vllm_serving.py TINY_RAGGED), unless its note says.
 SERVED: dict[str, Served] = {
-    "MixtralForCausalLM": Served("MixtralForCausalLM"),
-    "OlmoeForCausalLM": Served("OlmoeForCausalLM"),
-    "Qwen2MoeForCausalLM": Served("Qwen2MoeForCausalLM"),
-    "Qwen3MoeForCausalLM": Served("Qwen3MoeForCausalLM"),
-    "Llama4ForCausalLM": Served("Llama4ForCausalLM"),
-    "GraniteMoeForCausalLM": Served("GraniteMoeForCausalLM"),
-    "Glm4MoeForCausalLM": Served("Glm4MoeForCausalLM", min_experts=2),  # grouped top-k sums each group's best two
+    "MixtralForCausalLM": Served(),
+    "OlmoeForCausalLM": Served(),
+    "Qwen2MoeForCausalLM": Served(),
+    "Qwen3MoeForCausalLM": Served(),
+    "Llama4ForCausalLM": Served(),
+    "GraniteMoeForCausalLM": Served(),
+    "GraniteMoeSharedForCausalLM": Served(),
+    "GraniteMoeSWAForCausalLM": Served(),
+    "Glm4MoeForCausalLM": Served(min_experts=2),  # grouped top-k sums each group's best two
+    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED),  # transformers' own routing needs two
+    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE),
+    "Cohere2MoeForCausalLM": Served(note=COHERE2),
+    "Gemma4ForCausalLM": Served(),
+    "AfmoeForCausalLM": Served(min_experts=2, note=AFMOE),  # grouped top-k (one group) sums each group's best two
+    "Lfm2MoeForCausalLM": Served(min_experts=2, note=LFM2),  # the same grouped top-k
+    "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE),  # the same grouped top-k
     # Measured by hand (not in the test lane): layers built at their own sizes; log-probs 1.5e-4 (V2) and 3.1e-3 (V3)
     # from transformers' in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only), where vLLM's own
     # class differs by 5.4e-4 on the unpruned tiny DeepSeek-V2: the gap is vLLM's attention, not the expert sizes.
-    "DeepseekV2ForCausalLM": Served("DeepseekV2ForCausalLM", note=DEEPSEEK),
-    "DeepseekV3ForCausalLM": Served("DeepseekV3ForCausalLM", min_experts=2, note=DEEPSEEK_V3),
+    "DeepseekV2ForCausalLM": Served(note=DEEPSEEK),
+    "DeepseekV3ForCausalLM": Served(min_experts=2, note=DEEPSEEK_V3),
 }
 
 TRANSFORMERS_BACKEND = "vLLM 0.32 runs this family through its Transformers backend, which sizes every layer alike"
 NO_CLASS = "vLLM 0.32 has no model class for it"
-# base_class -> why vLLM cannot serve its ragged checkpoints through the plugin.
+HUB_KEYS = "not checked: vLLM's class reads config keys of the hub's config.json that transformers' config lacks"
+# base_class -> why vLLM cannot serve its ragged checkpoints through the plugin. Where vLLM has the class, the
+# reason is what serving a ragged tiny model of it on vLLM's CPU build gave (tests/test_vllm_registry.py holds the
+# "no class" and "Transformers backend" rows to vLLM's registry).
 NOT_SERVED: dict[str, str] = {
     "HunYuanMoEV1ForCausalLM": TRANSFORMERS_BACKEND,
     "FlexOlmoForCausalLM": TRANSFORMERS_BACKEND,
     "MellumForCausalLM": TRANSFORMERS_BACKEND,
-    # vLLM has the class; the plugin does not register it until a ragged tiny model serves right on vLLM CPU:
     "GptOssForCausalLM": "not checked: vLLM CPU has no unquantized fused-MoE kernel for it",
     "Qwen3NextForCausalLM": "not checked: vLLM CPU's gated-delta-net attention takes bfloat16 only",
     "JambaForCausalLM": "not checked: vLLM's CPU build has no Mamba selective-scan kernel",
-    "Ernie4_5_MoeForCausalLM": "built at its own sizes, but log-probs 1.5e-3 from transformers' (unexplained)",
-    "Lfm2MoeForCausalLM": "built at its own sizes, but log-probs 5.3e-3 from transformers' (unexplained)",
     "DbrxForCausalLM": "not checked: vLLM 0.32 refuses the dbrx config.json transformers 5 writes (unknown kwargs)",
     "PhimoeForCausalLM": "vLLM CPU gave NaN log-probs for a ragged tiny PhiMoE (top-2 routing only); not served",
-    "MiniMaxM2ForCausalLM": "not checked: vLLM's class reads rotary_dim and scoring_func, which transformers lacks",
+    "MiniMaxM2ForCausalLM": f"{HUB_KEYS} (rotary_dim, scoring_func)",
+    "MiMoV2FlashForCausalLM": f"{HUB_KEYS} (hybrid_layer_pattern, moe_layer_freq, swa_* ...)",
+    "InklingForCausalLM": f"{HUB_KEYS} (padded_vocab_size)",
+    "HYV3ForCausalLM": f"{HUB_KEYS} (first_k_dense_replace, expert_hidden_dim) and weight names (no k_norm)",
+    "LagunaForCausalLM": "not checked: vLLM CPU's router has no ungrouped sigmoid top-k (AssertionError), stock too",
+    "NemotronHForCausalLM": "not checked: vLLM CPU has no fused-MoE kernel for non-gated (relu2) experts",
+    "KimiLinearForCausalLM": "not checked: vLLM CPU's KDA linear attention fails ('_lib_fn_wrapper' has no 'get')",
+    **dict.fromkeys(
+        ("GraniteMoeHybridForCausalLM", "LongcatFlashForCausalLM"),
+        "not checked: the tiny random model the check needs did not run in transformers (shrunk config)",
+    ),
+    "AXK1ForCausalLM": "not checked: vLLM's AXK1 class expects post_mlp_layernorm weights transformers' AXK1 lacks",
+    **dict.fromkeys(
+        ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"),
+        "not checked: vLLM CPU has no sparse (DSA) attention ('Sparse Attention is not supported on CPU')",
+    ),
+    **dict.fromkeys(
+        ("Qwen3_5MoeForCausalLM", "Qwen4ExpForCausalLM"),
+        "not checked: vLLM 0.32's module for it imports torchvision, which its CPU venv cannot keep",
+    ),
+    **dict.fromkeys(
+        ("Dots3NoteForCausalLM", "HYV4ForCausalLM"),
+        "not checked: transformers 5.19, which vLLM 0.32 pins, lacks this family (or its config fields)",
+    ),
     **dict.fromkeys(
         (
             "AriaTextForCausalLM",
@@ -68,6 +113,7 @@ NOT_SERVED: dict[str, str] = {
             "Dots1ForCausalLM",
             "FlintForCausalLM",
             "Inkling2ForCausalLM",
+            "JetMoeForCausalLM",
             "Kolibri1ForCausalLM",
             "MiniMaxForCausalLM",
             "MiniMaxM3VLForCausalLM",
@@ -92,10 +138,16 @@ def ragged_base_class(config: dict[str, Any]) -> str | None:
     return None
 
 
+def served_architecture(base_class: str) -> str:
+    """vLLM's architecture of a served family: in vLLM 0.32 every served family's has transformers' class name
+    (tests/test_vllm_serving.py checks each against vLLM's registry), unless its row names another."""
+    return SERVED[base_class].architecture or base_class
+
+
 def vllm_architecture(config: dict[str, Any]) -> str | None:
     """vLLM's architecture the plugin builds a ragged config.json on, or None (not ragged, or not served)."""
-    served = SERVED.get(ragged_base_class(config) or "")
-    return served.architecture if served else None
+    base = ragged_base_class(config) or ""
+    return served_architecture(base) if base in SERVED else None
 
 
 def unserved_reason(base_class: str, counts: dict[int, int]) -> str | None:

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from moe_prune.checkpoint.ragged import CLASS_PREFIX, ragged_architecture
-from moe_prune.checkpoint.serving import SERVED, unserved_reason
+from moe_prune.checkpoint.serving import SERVED, served_architecture, unserved_reason
 from moe_prune.errors import MoePruneError
 from moe_prune.serving.ragged_block import read_block
 
@@ -125,7 +125,7 @@ def __getattr__(name: str) -> type:
         raise AttributeError(name)
     from vllm import ModelRegistry
 
-    base = ModelRegistry.models[SERVED[base_name].architecture].load_model_cls()
+    base = ModelRegistry.models[served_architecture(base_name)].load_model_cls()
     namespace = {"__module__": __name__, "__qualname__": name, "__doc__": RaggedMixin.__doc__}
     cls = type(name, (RaggedMixin, base), namespace)
     globals()[name] = cls

@@ -1,0 +1,84 @@
+"""Tiny random ragged checkpoints of the families moe-prune's vLLM plugin serves (tests/test_vllm_serving.py).
+
+One row per family in TINY_RAGGED: config overrides (vLLM's CPU attention has no head under 32), the experts each
+MoE layer keeps (a layer under top-k where the family allows it), the dtype, and where vLLM's own class already
+differs from transformers on the unpruned model, the tolerance that gap needs (measured, in the row's comment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.stages import prune
+
+# Experts kept (original ids) in the MoE layers, cycling: the first layer keeps fewer than top-k (2).
+UNDER_TOP_K = ([6], [0, 2, 3, 5, 7], [1, 4])
+# For families whose vLLM class needs two experts per layer (checkpoint/serving.py min_experts, or vLLM's grouped
+# top-k, which sums each group's best two): with top-k 3 the first layer is still under top-k.
+TWO_OR_MORE = ([6, 1], [0, 2, 3, 5, 7], [1, 4, 5])
+TOP_K_3 = {"num_experts_per_tok": 3}
+
+
+class Tiny(NamedTuple):
+    """A tiny random family served ragged: config overrides (heads of 32 or more: vLLM's CPU attention has no
+    smaller head; tests/tiny_models.py uses 8), experts kept, and the dtype vLLM's CPU kernels take for it."""
+
+    overrides: dict
+    keep: tuple = UNDER_TOP_K
+    dtype: str = "float32"
+    bias: float = 0.5  # spread of the routers' expert-selection biases (e_score_correction_bias), if any
+    # (relative perplexity, log-prob) differences allowed where vLLM's own class differs as much on the unpruned model
+    tolerance: tuple[float, float] | None = None
+
+
+AFMOE_HUB_KEYS = {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1}
+TINY_RAGGED = {
+    "qwen3_moe": Tiny({"head_dim": 32}),
+    "qwen2_moe": Tiny({"hidden_size": 128}),
+    "olmoe": Tiny({"hidden_size": 128}),
+    "llama4_text": Tiny({"head_dim": 32}),  # top-1, as Llama 4 itself
+    "granitemoe": Tiny({"hidden_size": 128}),
+    "glm4_moe": Tiny({"head_dim": 32, **TOP_K_3}, TWO_OR_MORE),
+    "granitemoeshared": Tiny({"hidden_size": 128}),
+    "granitemoe_swa": Tiny({"hidden_size": 128}),
+    "exaone_moe": Tiny({"hidden_size": 128}, TWO_OR_MORE),  # transformers' grouped top-k needs two per layer
+    # vLLM CPU's router drops the softmax routers' selection bias (ERNIE's moe_statics), stock class too: zero here
+    "ernie4_5_moe": Tiny({"hidden_size": 128}, bias=0.0),
+    # score_func, route_norm, n_group, topk_group: read by vLLM's class, carried by the hub's config.json only
+    "afmoe": Tiny({"hidden_size": 128, "head_dim": 32, **AFMOE_HUB_KEYS}, TWO_OR_MORE),
+    # its full-attention layers' own head size (per_layer_config) is shrunk to 8 too: vLLM CPU needs 32 or more
+    "gemma4_text": Tiny({"hidden_size": 128, "head_dim": 32, "per_layer_config": {"3": {"head_dim": 64}}}),
+    # vLLM's own class differs from transformers by 2.9e-3 (log-probs up to 5.1e-2) on the unpruned tiny model
+    "cohere2_moe": Tiny({"head_dim": 32, "hidden_size": 128}, tolerance=(6e-3, 0.1)),
+}
+
+
+def tiny_ragged(model_type: str, tmp: Path) -> Path:
+    """A tiny random `model_type` pruned to different expert counts per layer (tests/tiny_models.py's config for
+    its families, else the derivation's shrunk defaults, as tests/test_derived.py builds them)."""
+    from tiny_models import TINY, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from moe_prune.architectures.derive_shrink import shrink_config
+
+    overrides = TINY_RAGGED[model_type].overrides
+    config = tiny_config(model_type, **overrides) if model_type in TINY else shrink_config(model_type, overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # default init is tiny; experts and routers must matter for the check to fail
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("experts", "gate", "router", "input_linear", "output_linear")):
+                param.normal_(0.0, 0.3)
+            elif "correction_bias" in name or name.endswith("expert_bias"):
+                param.normal_(0.0, TINY_RAGGED[model_type].bias)
+    model.save_pretrained(tmp / model_type)
+    ckpt = Checkpoint.open(tmp / model_type)
+    kept = TINY_RAGGED[model_type].keep
+    keep = {layer: kept[i % len(kept)] for i, layer in enumerate(ckpt.identity.moe_layers)}
+    prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / f"{model_type}_ragged")
+    return tmp / f"{model_type}_ragged"
