@@ -85,7 +85,7 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, float]:
     forward = Settings(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     fns: dict[str, Callable[[], object]] = {"bare": bare}
     fns["profile"] = lambda: _collect(model, config, windows, forward, None)
-    for name in FOR_CHOICES:
+    for name in args.for_choices:
         only = Settings(batch_size=args.batch_size, device=args.device, dtype=args.dtype, for_names=(name,))
         fns[f"for {name}"] = lambda only=only: _collect(model, config, windows, only, None)
     times = interleaved(fns, args.repeats)
@@ -109,6 +109,7 @@ def main() -> None:
     add_model_options(parser, sequences=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-gradients", action="store_true", help="forward statistics only")
+    parser.add_argument("--for-choices", nargs="*", default=list(FOR_CHOICES), help="profile --for variants timed")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (a busy shared machine)"
@@ -121,7 +122,7 @@ def main() -> None:
         f"{args.sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
         f"best of {args.repeats}, {args.clock} clock"
     )
-    fors = "".join(f"  {'--for ' + n:>22} {'ratio':>6}" for n in FOR_CHOICES)
+    fors = "".join(f"  {'--for ' + n:>22} {'ratio':>6}" for n in args.for_choices)
     header = f"{'model':<26} {'bare s':>7} {'stats s':>8} {'ratio':>6}{fors}"
     if not args.skip_gradients:
         header += f"  {'fwd+bwd s':>9} {'+stats s':>8} {'ratio':>6}  {'reduce s':>8} {'ratio w/o':>9}"
@@ -130,7 +131,7 @@ def main() -> None:
         name, folder = resolve_model(name, args.work_dir)
         t = measure(folder, args)
         row = f"{name:<26} {t['bare']:7.3f} {t['profile']:8.3f} {t['profile'] / t['bare']:6.3f}"
-        row += "".join(f"  {t['for ' + n]:22.3f} {t['for ' + n] / t['bare']:6.3f}" for n in FOR_CHOICES)
+        row += "".join(f"  {t['for ' + n]:22.3f} {t['for ' + n] / t['bare']:6.3f}" for n in args.for_choices)
         if not args.skip_gradients:
             row += (
                 f"  {t['bare_bwd']:9.3f} {t['profile_bwd']:8.3f} {t['profile_bwd'] / t['bare_bwd']:6.3f}  "
