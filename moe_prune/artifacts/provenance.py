@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 WEIGHT_HASH_LIMIT = 1 << 30
 CHUNK = 1 << 20
 
@@ -51,6 +53,14 @@ def hash_files(paths: list[Path]) -> str:
         with open(path, "rb") as handle:
             while block := handle.read(CHUNK):
                 digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def hash_tokens(ids: Any) -> str:
+    """Short sha256 of token ids (an integer array of any shape; the shape counts): which windows a file counted."""
+    array = np.ascontiguousarray(np.asarray(ids), dtype=np.int64)
+    digest = hashlib.sha256(repr(array.shape).encode())
+    digest.update(array.tobytes())
     return "sha256:" + digest.hexdigest()[:16]
 
 

@@ -31,6 +31,7 @@ import torch
 import moe_prune
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.table import NO_SEQUENTIAL
+from moe_prune.artifacts.provenance import hash_tokens
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -240,7 +241,7 @@ def _profile(
     config = ckpt.config
     specs = parse_sources([data] if isinstance(data, str) else list(data))
     sources = read_sources(
-        specs, settings.samples * settings.seq_len, pool=POOL_FACTOR, what=BUDGET, read=_reader(settings)
+        specs, settings.samples * settings.seq_len, pool=POOL_FACTOR, what=BUDGET, read=source_reader(settings)
     )
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     if settings.sequential and config.model_type in NO_SEQUENTIAL:
@@ -257,7 +258,7 @@ def _profile(
         loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
         hf_config = loaded.config
     seq_len = clip_seq_len(settings.seq_len, hf_config)
-    mixed, windows, warnings = _windows(sources, tokenizer, seq_len, settings)
+    mixed, windows, warnings = cut_windows(sources, tokenizer, seq_len, settings)
     total = len(windows)
     part = shard_slice(total, settings.shard)
     windows = windows[part]
@@ -281,6 +282,7 @@ def _profile(
         "samples": settings.samples,
         "sequences_available": total,
         "sequences": len(windows),
+        "windows_sha256": hash_tokens(windows),  # which windows: merge --refit re-reads and compares them
         "seq_len": seq_len,
         "seed": settings.seed,
         "shard": list(settings.shard),
@@ -300,7 +302,7 @@ def _profile(
     return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
 
 
-def _reader(settings: Settings) -> Callable[[SourceSpec, int], SourceData]:
+def source_reader(settings: Settings) -> Callable[[SourceSpec, int], SourceData]:
     """Reads `task:NAME` sources through lm-eval (the task's own documents), the rest as files or hub datasets."""
 
     def read(spec: SourceSpec, max_chars: int) -> SourceData:
@@ -314,7 +316,7 @@ def _reader(settings: Settings) -> Callable[[SourceSpec, int], SourceData]:
     return read
 
 
-def _windows(
+def cut_windows(
     sources: list[SourceData], tokenizer: Any, seq_len: int, settings: Settings
 ) -> tuple[Mix, torch.Tensor, list[str]]:
     """The mixed stream of samples x seq_len tokens cut into windows, and the warnings about it."""
@@ -330,6 +332,9 @@ def _windows(
             f"{mixed.label}: holds only {len(windows)} sequences of {seq_len} tokens ({settings.samples} asked)"
         )
     return mixed, windows, warnings
+
+
+_reader, _windows = source_reader, cut_windows  # old names, until stages/allocate_data.py reads stages.calibration
 
 
 def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place: distributed.World) -> str:
