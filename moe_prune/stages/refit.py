@@ -1,8 +1,8 @@
 """`merge --refit` without stored refit sums: the calibration windows of the statistics, one sequential pass.
 
 `profile` records in the statistics' provenance exactly which windows it counted (data, samples, seq-len,
-seed, shard, text field, split, dtype, batch size); the refit re-reads the same windows the same way
-(`stages.profile`'s own reader and mixer) and solves each layer during one pass of the original model
+seed, shard, text field, split, dtype, batch size, a hash of the tokens); the refit re-reads the same
+windows the same way (`stages.calibration`) and solves each layer during one pass of the original model
 (`merging.refit_pass`). Statistics that hold `refit_hh`/`refit_hy` (`profile --refit-stats`) are solved
 from the stored sums instead (`stages.merge`): those sums add across shards and machines (`profile
 combine`) and serve any number of merges without running the model again; the pass needs neither
@@ -25,13 +25,10 @@ from moe_prune.errors import MoePruneError
 from moe_prune.merging.refit import RIDGE
 from moe_prune.merging.refit_pass import LayerFit, refit_pass
 from moe_prune.merging.tensors import LayerPlan
-from moe_prune.runtime.loading import load_tokenizer
 from moe_prune.runtime.sequential import LayerwiseModel
-from moe_prune.runtime.sources import parse_sources, read_sources
-from moe_prune.stages.profile import BUDGET, POOL_FACTOR, Settings, _reader, _windows, shard_slice
+from moe_prune.stages.calibration import recorded_windows
 
 SUM_FIELDS = ("refit_hh", "refit_hy")
-CALIBRATION = ("data", "samples", "seq_len", "seed", "shard", "text_field", "split", "split_on", "dtype", "batch_size")
 
 
 def has_sums(stats: Stats) -> bool:
@@ -50,39 +47,6 @@ def parse_ridge(value: str | float | None) -> float | None:
     if not ridge >= 0 or ridge == float("inf"):
         raise MoePruneError(f"--refit-ridge {value!r}: expected a finite number >= 0, or auto")
     return ridge
-
-
-def calibration(stats: Stats, name: str) -> Settings:
-    """The profile settings that chose the statistics' windows; refused in one line when they are not recorded."""
-    provenance = stats.provenance
-    missing = [key for key in CALIBRATION if key not in provenance]
-    if missing:
-        why = "combines several profile runs" if "combined" in provenance else f"does not record {missing[0]}"
-        raise MoePruneError(
-            f"{name}: {why}, so merge --refit cannot re-read its calibration windows; profile with --refit-stats "
-            "(sums that combine), or give statistics of one profile run"
-        )
-    values = {key: provenance[key] for key in CALIBRATION if key != "data"}
-    values["shard"] = tuple(values["shard"])
-    return Settings(**values)
-
-
-def windows(ckpt: Checkpoint, stats: Stats, name: str, trust_remote_code: bool) -> tuple[torch.Tensor, Settings]:
-    """[N, seq_len] the very windows `profile` counted (same sources, mixing, seed and shard)."""
-    settings = replace(calibration(stats, name), trust_remote_code=trust_remote_code)
-    data = stats.provenance["data"]
-    specs = parse_sources([data] if isinstance(data, str) else list(data))
-    budget = settings.samples * settings.seq_len
-    sources = read_sources(specs, budget, pool=POOL_FACTOR, what=BUDGET, read=_reader(settings))
-    tokenizer = load_tokenizer(ckpt, trust_remote_code)
-    _, chunks, _ = _windows(sources, tokenizer, settings.seq_len, settings)
-    chosen = chunks[shard_slice(len(chunks), settings.shard)]
-    if len(chosen) != stats.provenance.get("sequences", len(chosen)):
-        raise MoePruneError(
-            f"{name}: its calibration data now gives {len(chosen)} windows, the statistics counted "
-            f"{stats.provenance['sequences']}; the data changed since `profile`"
-        )
-    return chosen, settings
 
 
 def refit_layers(
@@ -105,7 +69,7 @@ def refit_layers(
             f"{ckpt.folder / 'config.json'}: merge --refit runs the model one layer at a time, which "
             f"{config.model_type} does not allow ({NO_SEQUENTIAL[config.model_type]}); profile with --refit-stats"
         )
-    chosen, settings = windows(ckpt, stats, name, trust_remote_code)
+    chosen, settings = recorded_windows(ckpt, stats, name, trust_remote_code)
     layerwise = LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, settings.dtype, device, trust_remote_code)
     anchors = {layer: plan.anchors for layer, plan in plans.items()}
     result = refit_pass(
