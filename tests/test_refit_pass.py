@@ -180,7 +180,7 @@ def test_refusals_before_writing(tiny, tmp_path):
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
     combined = Stats(stats.identity, stats.arrays, {"combined": [{}, {}]})
     cases = [
-        (combined, {}, "combines several profile runs, so its calibration windows cannot be re-read; for merge --refit"),
+        (combined, {}, "combines several profile runs, so its calibration windows cannot be re-read"),
         (stats, {"refit_ridge": "-1"}, "--refit-ridge '-1': expected a finite number >= 0, or auto"),
         (stats, {"refit_ridge": "often"}, "--refit-ridge 'often': expected a number such as 1e-4, or auto"),
     ]
