@@ -23,7 +23,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.refit import RIDGES
-from moe_prune.merging.refit_pass import LayerFit
+from moe_prune.merging.refit_pass import LayerFit, held_out_rows
 from moe_prune.merging.refit_store import SpilledDowns
 from moe_prune.runtime.loading import load_model
 from moe_prune.stages import merge
@@ -122,7 +122,7 @@ def test_refit_pass_keeps_one_layers_statistics_alive(tmp_path, monkeypatch):
     assert 0.9 * one_layer < peaks[0] < 1.5 * one_layer, (peaks[0] / one_layer, one_layer)
 
 
-def layer_reference(model, config, ids, layer: int, anchors: list[int], held: int) -> dict:
+def layer_reference(model, config, ids, layer: int, anchors: list[int], held: list[int]) -> dict:
     """float64 numpy: each anchor's held-out error for every candidate ridge, fitted on the other windows."""
     rec = capture_routing(model, config, ids)[layer]
     experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
@@ -134,23 +134,25 @@ def layer_reference(model, config, ids, layer: int, anchors: list[int], held: in
     y = y / w.sum(axis=1, keepdims=True)
     p = np.exp(z - z.max(1, keepdims=True))
     p = p / p.sum(1, keepdims=True)
-    cut = x.shape[0] - held * ids.shape[1]
+    out = np.isin(np.arange(x.shape[0]) // ids.shape[1], held)  # tokens of the held-out windows
+    fit = ~out
     errors, norms, solutions = np.zeros((len(anchors), len(RIDGES))), np.zeros(len(anchors)), []
     for row, a in enumerate(anchors):
         h, pa = hidden[a], p[:, a : a + 1]
-        hh, hy = (h[:cut] * pa[:cut]).T @ h[:cut], (h[:cut] * pa[:cut]).T @ y[:cut]
+        hh, hy = (h[fit] * pa[fit]).T @ h[fit], (h[fit] * pa[fit]).T @ y[fit]
         scale = np.mean(np.diag(hh))
         fits = [np.linalg.solve(hh + r * scale * np.eye(len(hh)), hy) for r in RIDGES]
         for i, d in enumerate(fits):
-            errors[row, i] = np.sum(pa[cut:, 0] * np.sum((h[cut:] @ d - y[cut:]) ** 2, axis=1))
-        norms[row] = np.sum(pa[cut:, 0] * np.sum(y[cut:] ** 2, axis=1))
+            errors[row, i] = np.sum(pa[out, 0] * np.sum((h[out] @ d - y[out]) ** 2, axis=1))
+        norms[row] = np.sum(pa[out, 0] * np.sum(y[out] ** 2, axis=1))
         solutions.append(fits)
     return {"errors": errors, "norms": norms, "solutions": solutions}
 
 
 def test_auto_ridge_equals_a_float64_held_out_selection(tiny, tmp_path):
-    """--refit-ridge auto: the last eighth of the windows (5 of 40) scores every candidate ridge; the reported errors,
-    each slot's choice and the written down projection equal a numpy ridge selection on captured activations."""
+    """--refit-ridge auto: every 8th window (5 of 40: 7, 15, ..., 39, spread over the stream, not its tail) scores
+    every candidate ridge; the reported errors, each slot's choice and the written down projection equal a numpy
+    ridge selection on captured activations."""
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 40, seed=4)
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
@@ -161,7 +163,7 @@ def test_auto_ridge_equals_a_float64_held_out_selection(tiny, tmp_path):
     assert len(result.refit_fits) == len(result.layers) == 3
     for report, fit in zip(result.layers, result.refit_fits, strict=True):
         anchors = [c.anchor for c in report.clusters]
-        want = layer_reference(model, config, ids, report.layer, anchors, held=5)
+        want = layer_reference(model, config, ids, report.layer, anchors, held=[7, 15, 23, 31, 39])
         relative = want["errors"].sum(0) / want["norms"].sum()
         np.testing.assert_allclose(list(fit.held_out_errors.values()), relative, rtol=1e-4)
         best = want["errors"].argmin(1)
@@ -171,6 +173,13 @@ def test_auto_ridge_equals_a_float64_held_out_selection(tiny, tmp_path):
             expected = want["solutions"][slot][i].T
             got = merged.model.layers[report.layer].mlp.experts.down_proj[slot].detach().double().numpy()
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_held_out_windows_are_spread_over_the_stream():
+    """One in eight, the last of each equal run: each source of a mixture (sources follow one another) is held out."""
+    assert held_out_rows(40) == [7, 15, 23, 31, 39]
+    assert held_out_rows(8) == [7] and held_out_rows(2) == [1] and held_out_rows(12) == [5, 11]
+    assert held_out_rows(13) == [5, 12] and held_out_rows(256)[:2] == [7, 15] and len(held_out_rows(256)) == 32
 
 
 def test_refusals_before_writing(tiny, tmp_path):

@@ -10,10 +10,13 @@ E x I x (I + H) per layer of every layer that `profile --refit-stats` stores. Th
 the original model's, as in the whole-model profile, so the result equals the two-step refit up to float
 summation order. Layers after the last refit layer are not run.
 
-Held-out ridge (`ridge=None`): the last `held_out` share of the windows is kept out of the sums; once the
-fit windows have run, each slot's hh is replaced in place by its eigendecomposition and the held-out
+Held-out ridge (`ridge=None`): one window in eight (`held_out_rows`: the last of each of N/8 equal runs of
+consecutive windows, spread over the whole stream, so each source of a `--data` mixture, which follow one
+another, gives its share; a tail would be the last source alone) is kept out of the sums; once the fit
+windows have run, each slot's hh is replaced in place by its eigendecomposition and the held-out
 windows score every candidate of `merging.refit.RIDGES`; each slot takes the ridge with the smallest
-held-out error. The held-out windows still run through the layer (the next layer needs their states).
+held-out error. The held-out windows still run through the layer (the next layer needs their states), but
+the written solution is the one fitted on the other 7/8 (the eigendecomposition replaced the sums).
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def _batches(count: int, batch_size: int, start: int = 0) -> list[slice]:
     return [slice(s, min(s + batch_size, count)) for s in range(start, count, batch_size)]
 
 
+def held_out_rows(count: int) -> list[int]:
+    """Rows of `count` windows that choose the ridge: the last of each of round(count / 8) equal runs (>= 1)."""
+    runs = max(1, round(count * HELD_OUT))
+    return [(i + 1) * count // runs - 1 for i in range(runs)]
+
+
 def refit_pass(
     model: LayerwiseModel,
     config: ModelConfig,
@@ -84,8 +93,11 @@ def refit_pass(
         )
     if ridge is None and len(windows) < 2:
         raise MoePruneError("--refit-ridge auto holds out calibration windows; the statistics counted only one")
-    held = max(1, round(len(windows) * HELD_OUT)) if ridge is None else 0
-    runner = _Layers(model, windows, batch_size, len(windows) - held, max(anchors, default=-1), progress)
+    held = held_out_rows(len(windows)) if ridge is None else []
+    if held:  # the fit windows first, then the held-out ones: the sums do not depend on the windows' order
+        fitted = sorted(set(range(len(windows))) - set(held))
+        windows = windows[fitted + held]
+    runner = _Layers(model, windows, batch_size, len(windows) - len(held), max(anchors, default=-1), progress)
     runner.buffer_memory = buffer_memory
     result = PassResult({}, [])
     try:
