@@ -11,7 +11,14 @@ and mutmut runs there: mutmut writes its `mutants/` tree beside the code, and th
 touched. Printed: killed / survived / no tests per module, the score killed / (killed + survived +
 timeout) over the mutants the selected tests reach, and every survivor with its diff line.
 
-Recorded figures are in the CHANGELOG entry of issue #22 (mutation score and the survivors listed).
+Recorded 2026-12-06 (2 CPU cores shared with other work, load ~15; mutmut 3.8.1): 681 mutants. A first run
+over all of them did ~7 a minute, so the recorded one was finished with `--work` and `--mutants` over all of
+refit.py and the share arithmetic of sources.py (`_largest_remainder`, `allocate`, `_weights`, `take`,
+`parse_sources`; `load_mix`, `_looks_local` and some of `parse_source` were reached by the first run):
+refit.py 86 killed / 38 survived (all 124); sources.py 130 killed / 62 survived / 4 without tests, 361 not
+run (`mix`, `_fit`, `parse_source`, `read_source(s)`, `Mix.provenance`). Score 216 / 316 = 0.684. Every
+mutant of `_largest_remainder` (the sabotage of issue #22, item 2) is killed. The survivors are listed in the
+CHANGELOG entry of issue #22.
 """
 
 from __future__ import annotations
@@ -28,21 +35,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("moe_prune/runtime/sources.py", "moe_prune/merging/refit.py")
-# The tests that guard the two modules (mutmut runs, per mutant, those of them that reach the changed function).
+# The fast tests that guard the two modules (mutmut runs, per mutant, those of them that reach the changed
+# function). Tests that build and run the demo model are left out: with them, one mutant takes minutes.
 TESTS = (
     "tests/test_share_rounding.py",
-    "tests/test_refit_pass.py",
-    "tests/test_merge_methods.py::test_least_squares_down_solves_the_normal_equations",
-    "tests/test_merge_methods.py::test_refit_down_projection_equals_brute_force_least_squares",
-    "tests/test_merge_methods.py::test_missing_statistics_are_refused_before_writing",
-    "tests/test_merge_methods.py::test_refit_refuses_experts_with_biases",
     "tests/test_data_mix.py::test_spec_parsing",
     "tests/test_data_mix.py::test_allocation_is_exact_and_adds_up",
-    "tests/test_data_mix.py::test_shares_give_exactly_the_requested_tokens_per_source",
-    "tests/test_data_mix.py::test_a_short_source_shrinks_every_share_alike",
-    "tests/test_data_mix.py::test_one_source_draws_the_windows_it_always_drew",
-    "tests/test_data_mix.py::test_shards_take_disjoint_windows_of_one_mixed_stream",
     "tests/test_data_mix.py::test_bad_data_is_one_line_and_writes_nothing",
+    "tests/test_merge_methods.py::test_least_squares_down_solves_the_normal_equations",
+    "tests/test_refit_pass.py::test_auto_ridge_equals_a_float64_held_out_selection",
+    "tests/test_refit_pass.py::test_spilled_downs_read_back_float32",
+    "tests/test_refit_pass.py::test_range_check_refuses_what_fp16_cannot_hold",
+    "tests/test_refit_pass.py::test_refusals_before_writing",
 )
 STATUS = re.compile(r"^\s*(?P<name>\S+): (?P<status>.+)$")
 
@@ -111,16 +115,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (to browse with mutmut)")
+    parser.add_argument("--work", type=Path, default=None, help="go on in the folder an earlier --keep run left")
+    parser.add_argument("--mutants", nargs="+", default=(), help="only these mutants (mutmut names, * allowed)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="moe-prune-mutation-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="moe-prune-mutation-"))
     try:
-        copy_tree(work)
+        if args.work is None:
+            copy_tree(work)
         env_note = f"{os.cpu_count()} CPUs, {args.workers} workers"
         print(f"mutating {', '.join(MODULES)} in {work} ({env_note})", flush=True)
-        mutmut(work, "run", "--max-children", str(args.workers), log=work / "mutmut-run.log")
+        run = ["run", "--max-children", str(args.workers), *args.mutants]
+        mutmut(work, *run, log=work / "mutmut-run.log")
         summary = summarize(work)
     finally:
-        if not args.keep:
+        if not (args.keep or args.work):
             shutil.rmtree(work, ignore_errors=True)
     for module, counts in summary["modules"].items():
         print(f"{module}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
