@@ -8,6 +8,7 @@ captured activations for `--refit-ridge auto`, and tracemalloc for the memory th
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 
 import numpy as np
@@ -194,10 +195,14 @@ def test_refusals_before_writing(tiny, tmp_path):
         (stats, {"refit_ridge": "often"}, "--refit-ridge 'often': expected a number such as 1e-4, or auto"),
     ]
     with_sums = Stats(stats.identity, {**stats.arrays, "refit_hh": np.zeros(1), "refit_hy": np.zeros(1)})
-    cases.append((with_sums, {"refit_ridge": "auto"}, "--refit-ridge auto needs held-out windows"))
+    stored = "holds refit sums (profile --refit-stats), solved with a fixed ridge without running the model, so "
+    cases.append((with_sums, {"refit_ridge": "auto"}, stored + "--refit-ridge auto does not apply"))
+    cases.append((with_sums, {"device": "cpu"}, stored + "--device does not apply; give a --refit-ridge number"))
+    cases.append((stats, {"refit": False, "refit_ridge": "auto"}, "--refit-ridge applies to --refit only"))
+    cases.append((stats, {"refit": False, "device": "cpu"}, "--device applies to --refit only; add --refit or"))
     for given, options, message in cases:
-        with pytest.raises(MoePruneError, match=message.replace("(", r"\(")):
-            merge.run(folder, given, tmp_path / "out", 3, refit=True, **options)
+        with pytest.raises(MoePruneError, match=re.escape(message)):
+            merge.run(folder, given, tmp_path / "out", 3, **{"refit": True, **options})
         assert not (tmp_path / "out").exists()
     moved = tmp_path / "cal.jsonl"
     moved.write_text(moved.read_text().splitlines()[0] + "\n")
@@ -217,6 +222,21 @@ def test_cli_refit_without_sums_reports_each_layer(tiny, tmp_path):
     fits = json.loads(result.stdout)["refit_layers"]
     assert [f["layer"] for f in fits] == [0, 1, 2]
     assert all(set(f["held_out_errors"]) == {f"{r:g}" for r in RIDGES} and f["max_abs"] > 0 for f in fits)
+
+
+def test_cli_refit_options_without_refit_are_one_line(tiny, tmp_path):
+    """--device (its default is not the user's word) and --refit-ridge without --refit: exit 1, nothing written."""
+    folder = tiny("mixtral")
+    write_docs(tmp_path / "cal.jsonl", 4, seed=3)
+    stats, out = tmp_path / "s.npz", tmp_path / "out"
+    args = ["profile", str(folder), "-d", str(tmp_path / "cal.jsonl"), "--seq-len", "16", "-o", str(stats)]
+    assert runner.invoke(app, args).exit_code == 0
+    merge_args = ["merge", str(folder), "-s", str(stats), "-k", "3", "-o", str(out)]
+    for extra, option in ((["--device", "cpu"], "--device"), (["--refit-ridge", "1e-3"], "--refit-ridge")):
+        result = runner.invoke(app, [*merge_args, *extra])
+        assert result.exit_code == 1 and f"{option} applies to --refit only" in result.output, result.output
+        assert not out.exists()
+    assert runner.invoke(app, merge_args).exit_code == 0
 
 
 def test_range_check_refuses_what_fp16_cannot_hold(tiny_factory, tmp_path):

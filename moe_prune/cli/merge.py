@@ -53,6 +53,12 @@ def parse_keep(values: list[str]) -> tuple[int, dict[int, int]]:
     return default, overrides
 
 
+def typed(ctx: typer.Context, param: str) -> bool:
+    """Whether the user gave option `param` (its default is not the user's word: --device alone is refused)."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def parse_layers(values: list[str]) -> list[int]:
     try:
         return sorted({int(part) for value in values for part in value.split(",") if part.strip()})
@@ -62,6 +68,7 @@ def parse_layers(values: list[str]) -> list[int]:
 
 @user_errors
 def merge(
+    ctx: typer.Context,
     out: OutDirOpt,
     stats: Annotated[Path, typer.Option("--stats", "-s", help="Statistics of this model (from `moe-prune profile`).")],
     keep: Annotated[
@@ -86,12 +93,12 @@ def merge(
         ),
     ] = False,
     refit_ridge: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Relative ridge of --refit's least squares, or auto: chosen per slot on held-out calibration "
-            "windows (layer-by-layer pass only)."
+            help="Relative ridge of --refit's least squares (default: a fixed one, shown in the refit table), or "
+            "auto: chosen per slot on held-out calibration windows (layer-by-layer pass only)."
         ),
-    ] = "1e-6",
+    ] = None,
     device: DeviceOpt = "cpu",
     skip_layers: Annotated[
         list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
@@ -140,7 +147,7 @@ def merge(
             progress=update,
             drop_mtp=drop_mtp,
             refit_ridge=refit_ridge,
-            device=device,
+            device=device if typed(ctx, "device") else None,  # --device without the pass is refused, not ignored
             refit_progress=refit_update,
         )
     if plot is not None:

@@ -111,6 +111,22 @@ def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str, weights:
             )
 
 
+def check_refit_options(
+    refit: bool, stored: bool, refit_ridge: str | float | None, device: str | None, stats_name: str
+) -> None:
+    """--refit-ridge and --device only where they act: with --refit; --device and auto for the pass only."""
+    given = [option for option, value in (("--refit-ridge", refit_ridge), ("--device", device)) if value is not None]
+    if given and not refit:
+        raise MoePruneError(f"{given[0]} applies to --refit only; add --refit or leave {given[0]} out")
+    if stored and (refit_ridge == "auto" or device is not None):
+        option = "--refit-ridge auto" if refit_ridge == "auto" else "--device"
+        raise MoePruneError(
+            f"{stats_name}: holds refit sums (profile --refit-stats), solved with a fixed ridge without running the "
+            f"model, so {option} does not apply; give a --refit-ridge number, or use statistics without "
+            "refit_hh/refit_hy (the layer-by-layer pass)"
+        )
+
+
 def run(
     model: str | Path,
     stats: Stats,
@@ -129,8 +145,8 @@ def run(
     stats_name: str = "stats",
     progress: Callable[[int, int], None] | None = None,
     drop_mtp: bool = False,
-    refit_ridge: str | float = RIDGE,
-    device: str = "cpu",
+    refit_ridge: str | float | None = None,
+    device: str | None = None,
     refit_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
@@ -139,8 +155,9 @@ def run(
     each slot's down projection to the layer's output instead (`merging.refit`). Multi-token-prediction
     MoE blocks get the last MoE layer's plan (clusters and weights, never a refit: the statistics are the
     decoder layer's), or are removed with `drop_mtp`. Without stored refit sums the refit runs one sequential
-    pass on `device` over the statistics' calibration windows (`stages.refit`); `refit_ridge` is the relative
-    ridge, or "auto" (chosen on held-out windows, that pass only).
+    pass on `device` (default cpu) over the statistics' calibration windows (`stages.refit`); `refit_ridge` is
+    the relative ridge (default `merging.refit.RIDGE`), or "auto" (chosen on held-out windows, that pass only).
+    Both are refused where they would do nothing (without `refit`; `device` with stored sums).
     """
     get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
     if router not in ROUTER_RULES:
@@ -149,9 +166,8 @@ def run(
     ckpt = shrink.ckpt
     config, identity = ckpt.config, ckpt.identity
     stored = refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
-    ridge = parse_ridge(refit_ridge) if refit else RIDGE
-    if stored and ridge is None:
-        raise MoePruneError(f"{stats_name}: --refit-ridge auto needs held-out windows; drop its refit sums' use")
+    check_refit_options(refit, stored, refit_ridge, device, stats_name)
+    ridge = parse_ridge(RIDGE if refit_ridge is None else refit_ridge)
     check_stats(stats, ckpt, method, stats_name, weights, stored)
     current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
     skip = sorted(set(skip_layers or []))
@@ -181,7 +197,7 @@ def run(
     fits = []
     if refit and not stored:
         plans, fits = refit_layers(
-            model, ckpt, stats, plans, stats_name, ridge=ridge, device=device, progress=refit_progress
+            model, ckpt, stats, plans, stats_name, ridge=ridge, device=device or "cpu", progress=refit_progress
         )
     step = {
         "stage": "merge",
