@@ -379,11 +379,11 @@ def test_eval_split_reaches_a_hub_dataset(tiny, files, monkeypatch):
 
     asked = []
 
-    def hub(source, text_field, split, max_chars):
+    def hub(source, text_field, split):
         asked.append((source, split))
         return [(files / "prose.txt").read_text()]
 
-    monkeypatch.setattr(data, "_read_hub", hub)
+    monkeypatch.setattr(data, "read_hub", hub)
     args = ["eval", str(tiny("mixtral")), "--data", "org/corpus:en", "--split", "validation", "--seq-len", str(SEQ)]
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
