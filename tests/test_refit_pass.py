@@ -200,6 +200,8 @@ def test_refusals_before_writing(tiny, tmp_path):
     cases.append((with_sums, {"device": "cpu"}, stored + "--device does not apply; give a --refit-ridge number"))
     cases.append((stats, {"refit": False, "refit_ridge": "auto"}, "--refit-ridge applies to --refit only"))
     cases.append((stats, {"refit": False, "device": "cpu"}, "--device applies to --refit only; add --refit or"))
+    cases.append((stats, {"refit": False, "buffer_memory": 10}, "--buffer-memory applies to --refit only"))
+    cases.append((with_sums, {"buffer_memory": 10}, stored + "--buffer-memory does not apply"))
     for given, options, message in cases:
         with pytest.raises(MoePruneError, match=re.escape(message)):
             merge.run(folder, given, tmp_path / "out", 3, **{"refit": True, **options})
@@ -225,18 +227,52 @@ def test_cli_refit_without_sums_reports_each_layer(tiny, tmp_path):
 
 
 def test_cli_refit_options_without_refit_are_one_line(tiny, tmp_path):
-    """--device (its default is not the user's word) and --refit-ridge without --refit: exit 1, nothing written."""
+    """--device (its default is not the user's word), --refit-ridge, --buffer-memory without --refit: exit 1,
+    nothing written."""
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 4, seed=3)
     stats, out = tmp_path / "s.npz", tmp_path / "out"
     args = ["profile", str(folder), "-d", str(tmp_path / "cal.jsonl"), "--seq-len", "16", "-o", str(stats)]
     assert runner.invoke(app, args).exit_code == 0
     merge_args = ["merge", str(folder), "-s", str(stats), "-k", "3", "-o", str(out)]
-    for extra, option in ((["--device", "cpu"], "--device"), (["--refit-ridge", "1e-3"], "--refit-ridge")):
+    for extra in (["--device", "cpu"], ["--refit-ridge", "1e-3"], ["--buffer-memory", "1KB"]):
+        option = extra[0]
         result = runner.invoke(app, [*merge_args, *extra])
         assert result.exit_code == 1 and f"{option} applies to --refit only" in result.output, result.output
         assert not out.exists()
     assert runner.invoke(app, merge_args).exit_code == 0
+
+
+def test_buffer_memory_spills_beside_the_output(tiny, tmp_path, monkeypatch):
+    """Hidden states past buffer_memory and the solved down projections go to temporary files in the output's
+    folder (not $TMPDIR, often RAM); the merged model equals an in-memory run's, bit for bit."""
+    from moe_prune.merging import refit_pass as pass_module
+
+    folder = tiny("mixtral")
+    write_docs(tmp_path / "cal.jsonl", 8, seed=6)
+    stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
+    seen: list[tuple[str, bool, object]] = []
+
+    class Buffer(pass_module.HiddenBuffer):
+        def __init__(self, shape, dtype, budget, folder=None):
+            super().__init__(shape, dtype, budget, folder)
+            seen.append(("hidden", self.spilled, folder))
+
+    class Downs(SpilledDowns):
+        def __init__(self, downs, folder=None):
+            super().__init__(downs, folder)
+            seen.append(("downs", True, folder))
+
+    monkeypatch.setattr(pass_module, "HiddenBuffer", Buffer)
+    monkeypatch.setattr(pass_module, "SpilledDowns", Downs)
+    (tmp_path / "runs").mkdir()
+    merge.run(folder, stats, tmp_path / "runs" / "spilled", 3, refit=True, buffer_memory=1)
+    assert seen == [("hidden", True, tmp_path / "runs")] + [("downs", True, tmp_path / "runs")] * 3
+    seen.clear()
+    merge.run(folder, stats, tmp_path / "in-memory", 3, refit=True)
+    assert seen[0] == ("hidden", False, tmp_path)
+    want, got = downs(tmp_path / "in-memory"), downs(tmp_path / "runs" / "spilled")
+    assert sorted(want) == sorted(got) and all(torch.equal(got[name], value) for name, value in want.items())
 
 
 def test_range_check_refuses_what_fp16_cannot_hold(tiny_factory, tmp_path):

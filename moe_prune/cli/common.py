@@ -55,6 +55,13 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (sp
 DeviceMapOpt = Annotated[
     str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
 ]
+BufferMemoryOpt = Annotated[  # profile --sequential, merge --refit's layer-by-layer pass
+    str | None,
+    typer.Option(
+        help="Layer-by-layer runs (profile --sequential, merge --refit without refit sums): hidden states "
+        "kept in memory, e.g. 8GB; more spill to disk."
+    ),
+]
 MaxShardSizeOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
 DropMtpOpt = Annotated[
     bool,

@@ -12,6 +12,7 @@ from rich.table import Table
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
     MAX_SEED,
+    BufferMemoryOpt,
     DeviceOpt,
     DropMtpOpt,
     ForceOpt,
@@ -27,7 +28,7 @@ from moe_prune.cli.common import (
     user_errors,
 )
 from moe_prune.errors import MoePruneError
-from moe_prune.stages.common import check_not_input, check_plot
+from moe_prune.stages.common import check_not_input, check_plot, parse_size
 
 if TYPE_CHECKING:
     from moe_prune.stages.merge import MergeResult
@@ -100,6 +101,7 @@ def merge(
         ),
     ] = None,
     device: DeviceOpt = "cpu",
+    buffer_memory: BufferMemoryOpt = None,
     skip_layers: Annotated[
         list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
     ] = None,
@@ -148,6 +150,7 @@ def merge(
             drop_mtp=drop_mtp,
             refit_ridge=refit_ridge,
             device=device if typed(ctx, "device") else None,  # --device without the pass is refused, not ignored
+            buffer_memory=parse_size(buffer_memory, "--buffer-memory") if buffer_memory else None,
             refit_progress=refit_update,
         )
     if plot is not None:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from moe_prune.cli.common import (
     MAX_SEED,
+    BufferMemoryOpt,
     DataOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -106,9 +107,7 @@ def profile(
     sequential: Annotated[
         bool, typer.Option("--sequential", help="Load one decoder layer at a time: memory of one layer.")
     ] = False,
-    buffer_memory: Annotated[
-        str | None, typer.Option(help="With --sequential: hidden states kept in memory, e.g. 8GB; more spill to disk.")
-    ] = None,
+    buffer_memory: BufferMemoryOpt = None,
     save_every: Annotated[int, typer.Option(help="Save resumable progress every N batches (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.npz.")] = False,
     trust_remote_code: TrustOpt = False,

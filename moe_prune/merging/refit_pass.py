@@ -98,7 +98,7 @@ def refit_pass(
         fitted = sorted(set(range(len(windows))) - set(held))
         windows = windows[fitted + held]
     runner = _Layers(model, windows, batch_size, len(windows) - len(held), max(anchors, default=-1), progress)
-    runner.buffer_memory = buffer_memory
+    runner.buffer_memory, runner.spill = buffer_memory, spill
     result = PassResult({}, [])
     try:
         runner.embed()
@@ -145,6 +145,7 @@ class _Layers:
         self.calls: dict[int, dict[int, tuple[tuple, dict]]] = {}
         self.buffer: HiddenBuffer | None = None
         self.buffer_memory: int | None = None
+        self.spill: Path | None = None  # folder of the hidden states past buffer_memory
 
     def embed(self) -> None:
         """Every window's input to the first decoder layer, and what the model passes each layer."""
@@ -156,7 +157,7 @@ class _Layers:
             hidden = inputs[0][0][0]
             if self.buffer is None:
                 shape = (len(self.windows), *hidden.shape[1:])
-                self.buffer = HiddenBuffer(shape, hidden.dtype, self.buffer_memory)
+                self.buffer = HiddenBuffer(shape, hidden.dtype, self.buffer_memory, self.spill)
             self.buffer.tensor[rows] = hidden.cpu()
             self.calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
             self.report(int(rows.stop * self.windows.shape[1]), self.total)

@@ -112,14 +112,16 @@ def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str, weights:
 
 
 def check_refit_options(
-    refit: bool, stored: bool, refit_ridge: str | float | None, device: str | None, stats_name: str
+    refit: bool, stored: bool, refit_ridge: str | float | None, passing: dict[str, Any], stats_name: str
 ) -> None:
-    """--refit-ridge and --device only where they act: with --refit; --device and auto for the pass only."""
-    given = [option for option, value in (("--refit-ridge", refit_ridge), ("--device", device)) if value is not None]
+    """Refit options only where they act: all with --refit; `passing` ({option: value or None}) and auto in the
+    layer-by-layer pass only."""
+    given = [option for option, value in {"--refit-ridge": refit_ridge, **passing}.items() if value is not None]
     if given and not refit:
         raise MoePruneError(f"{given[0]} applies to --refit only; add --refit or leave {given[0]} out")
-    if stored and (refit_ridge == "auto" or device is not None):
-        option = "--refit-ridge auto" if refit_ridge == "auto" else "--device"
+    pass_only = [option for option, value in passing.items() if value is not None]
+    if stored and (refit_ridge == "auto" or pass_only):
+        option = "--refit-ridge auto" if refit_ridge == "auto" else pass_only[0]
         raise MoePruneError(
             f"{stats_name}: holds refit sums (profile --refit-stats), solved with a fixed ridge without running the "
             f"model, so {option} does not apply; give a --refit-ridge number, or use statistics without "
@@ -147,6 +149,7 @@ def run(
     drop_mtp: bool = False,
     refit_ridge: str | float | None = None,
     device: str | None = None,
+    buffer_memory: int | None = None,
     refit_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
@@ -157,7 +160,9 @@ def run(
     decoder layer's), or are removed with `drop_mtp`. Without stored refit sums the refit runs one sequential
     pass on `device` (default cpu) over the statistics' calibration windows (`stages.refit`); `refit_ridge` is
     the relative ridge (default `merging.refit.RIDGE`), or "auto" (chosen on held-out windows, that pass only).
-    Both are refused where they would do nothing (without `refit`; `device` with stored sums).
+    The pass keeps `buffer_memory` bytes of hidden states in memory (None: all) and spills the rest, and the
+    solved down projections, beside `out` (its file system holds the result anyway; $TMPDIR is often RAM).
+    All three are refused where they would do nothing (without `refit`; with stored sums, but a ridge number).
     """
     get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
     if router not in ROUTER_RULES:
@@ -166,7 +171,7 @@ def run(
     ckpt = shrink.ckpt
     config, identity = ckpt.config, ckpt.identity
     stored = refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
-    check_refit_options(refit, stored, refit_ridge, device, stats_name)
+    check_refit_options(refit, stored, refit_ridge, {"--device": device, "--buffer-memory": buffer_memory}, stats_name)
     ridge = parse_ridge(RIDGE if refit_ridge is None else refit_ridge)
     check_stats(stats, ckpt, method, stats_name, weights, stored)
     current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
@@ -197,7 +202,16 @@ def run(
     fits = []
     if refit and not stored:
         plans, fits = refit_layers(
-            model, ckpt, stats, plans, stats_name, ridge=ridge, device=device or "cpu", progress=refit_progress
+            model,
+            ckpt,
+            stats,
+            plans,
+            stats_name,
+            ridge=ridge,
+            device=device or "cpu",
+            buffer_memory=buffer_memory,
+            spill=shrink.out.absolute().parent,
+            progress=refit_progress,
         )
     step = {
         "stage": "merge",

@@ -60,9 +60,13 @@ def refit_layers(
     device: str = "cpu",
     trust_remote_code: bool = False,
     buffer_memory: int | None = None,
+    spill: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, LayerPlan], list[LayerFit]]:
-    """`plans` with every slot's down projection refit in one sequential pass; the fit of each layer."""
+    """`plans` with every slot's down projection refit in one sequential pass; the fit of each layer.
+
+    Hidden states past `buffer_memory` bytes and the solved down projections go to temporary files in `spill`.
+    """
     config = ckpt.config
     if config.model_type in NO_SEQUENTIAL:
         raise MoePruneError(
@@ -80,6 +84,7 @@ def refit_layers(
         batch_size=settings.batch_size,
         ridge=ridge,
         buffer_memory=buffer_memory,
+        spill=spill,
         progress=progress,
     )
     check_range(ckpt, result.fits)
