@@ -82,6 +82,7 @@ def test_damaged_block_is_one_line_naming_config_and_field(ragged_folder, tmp_pa
     config = json.loads((ragged_folder / "config.json").read_text())
     damaged = copy.deepcopy(config)
     _set(damaged[RAGGED_KEY], field, value)
+    shutil.copytree(ragged_folder, tmp_path, dirs_exist_ok=True)  # the plugin opens the whole checkpoint
     (tmp_path / "config.json").write_text(json.dumps(damaged))
     with pytest.raises(MoePruneError) as caught:
         read_block(str(tmp_path), {})
@@ -96,9 +97,12 @@ def test_damaged_block_is_one_line_naming_config_and_field(ragged_folder, tmp_pa
 def test_no_block_is_named(ragged_folder, tmp_path):
     config = json.loads((ragged_folder / "config.json").read_text())
     del config[RAGGED_KEY]
+    shutil.copytree(ragged_folder, tmp_path, dirs_exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoePruneError, match=r"config\.json: says MoE layer 1 has 6 routed experts, but its router"):
+        read_block(str(tmp_path), {})  # the checkpoint reader finds the config disagreeing with the weights
     with pytest.raises(MoePruneError, match=f"no {RAGGED_KEY} object"):
-        read_block(str(tmp_path), {})
+        read_block(str(tmp_path / "hub-name"), config)
 
 
 def test_prune_warns_once_for_a_family_vllm_cannot_serve(tiny_factory, tmp_path):

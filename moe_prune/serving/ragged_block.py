@@ -12,6 +12,7 @@ from typing import Any
 
 from moe_prune.architectures.config import RAGGED_KEY, ModelConfig
 from moe_prune.checkpoint.ragged import RAGGED_FORMAT
+from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 
 
@@ -61,8 +62,13 @@ def check_block(config: ModelConfig) -> dict[str, Any]:
 
 
 def read_block(folder: str, fallback: dict[str, Any]) -> dict[str, Any]:
-    """The checked block of the checkpoint `folder` (its config.json, read as moe-prune reads it), or of
-    `fallback` (the engine's parsed config as a dict) where the folder is not local (a hub name)."""
-    path = Path(folder) / "config.json"
-    config = ModelConfig.load(path) if path.is_file() else ModelConfig.from_dict(fallback, f"{folder}: config.json")
-    return check_block(config)
+    """The checked block of the checkpoint `folder`, or of `fallback` (the engine's parsed config as a dict)
+    where the folder is not local (a hub name).
+
+    A local folder is opened with moe-prune's own checkpoint reader first (files inside the folder, index and
+    shard headers, config against the weights, generation config), as every command opens a model: the engine
+    reads the same files, and a damaged one must stop it with one line naming the file, not deep in its loader.
+    """
+    if Path(folder).is_dir():
+        return check_block(Checkpoint.open(folder).config)
+    return check_block(ModelConfig.from_dict(fallback, f"{folder}: config.json"))
