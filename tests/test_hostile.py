@@ -21,9 +21,11 @@ import hostile_parsing  # noqa: F401
 import hostile_round3  # noqa: F401
 import hostile_round4  # noqa: F401
 import hostile_round5  # noqa: F401
+import hostile_serving
 import hostile_tasks  # noqa: F401
 import pytest
 from hostile import CASES, COMMANDS, PATCHES, fresh_workspace, snapshot
+from hostile_serving import good_ragged  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from moe_prune.cli import app
@@ -87,16 +89,25 @@ def hang_guard():
 
 def run(argv: list[str]):
     with hang_guard():
+        if argv[0] == hostile_serving.COMMAND:
+            return hostile_serving.serve(argv[1:])
         return CliRunner().invoke(app, argv, catch_exceptions=True)
 
 
+# The good inputs a command starts from (the plugin serves ragged checkpoints only).
+GOOD = {hostile_serving.COMMAND: "good_ragged"}
+PATCHES = {**PATCHES, hostile_serving.COMMAND: hostile_serving.stand_in_vllm}
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_good_inputs_pass(good, tmp_path, monkeypatch, command):
-    ws = fresh_workspace(good, tmp_path / "ws")
+def test_good_inputs_pass(request, tmp_path, monkeypatch, command):
+    ws = fresh_workspace(request.getfixturevalue(GOOD.get(command, "good")), tmp_path / "ws")
     PATCHES.get(command, lambda patch: None)(monkeypatch)
     result = run(COMMANDS[command](ws))
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    if not command.startswith("eval"):
+    if command == hostile_serving.COMMAND:
+        hostile_serving.check_good(ws, result)
+    elif not command.startswith("eval"):
         assert ws.out.exists()
 
 
@@ -104,9 +115,9 @@ PAIRS = [(name, command) for name, case in sorted(CASES.items()) for command in 
 
 
 @pytest.mark.parametrize(("case_name", "command"), PAIRS, ids=[f"{n}-{c}" for n, c in PAIRS])
-def test_hostile_input_is_one_line_exit_1_and_nothing_lost(good, tmp_path, monkeypatch, case_name, command):
+def test_hostile_input_is_one_line_exit_1_and_nothing_lost(request, tmp_path, monkeypatch, case_name, command):
     case = CASES[case_name]
-    ws = fresh_workspace(good, tmp_path / "ws")
+    ws = fresh_workspace(request.getfixturevalue(GOOD.get(command, "good")), tmp_path / "ws")
     PATCHES.get(command, lambda patch: None)(monkeypatch)
     case.build(ws)
     before = snapshot(ws.root)

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from hostile_serving import DAMAGED, set_block_field
 
 from moe_prune.architectures.config import RAGGED_KEY
 from moe_prune.artifacts.mask import DropMask
@@ -30,35 +31,6 @@ def ragged_prune(folder: Path, counts: list[int], out: Path) -> dict:
     keep = {layer: list(ckpt.identity.original_ids[layer][:n]) for layer, n in zip(layers, counts, strict=True)}
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), out)
     return json.loads((out / "config.json").read_text())
-
-
-def _set(block: dict, field: str, value) -> None:
-    """Set `field` of the block; `a.b` sets key b of the dict a, a value None deletes it."""
-    owner, _, key = field.rpartition(".")
-    target = block[owner] if owner else block
-    if value is None:
-        del target[key]
-    else:
-        target[key] = value
-
-
-# (field, value, what the one-line error says): each damage the reader must name.
-DAMAGED = [
-    ("experts_per_layer.1", None, "experts_per_layer lists layers"),  # wrong length
-    ("experts_per_layer.1", 9, "experts_per_layer counts must be between 1 and the config's expert count"),
-    ("experts_per_layer.0", -2, "experts_per_layer counts must be between 1"),
-    ("experts_per_layer.0", "6", "experts_per_layer must map layer -> count"),
-    ("experts_per_layer.0", 2.5, "experts_per_layer must map layer -> count"),
-    ("top_k_per_layer.1", 4, "top_k_per_layer['1'] is 4; expected 1 to that layer's 3 experts"),
-    ("top_k_per_layer.1", 0, "top_k_per_layer['1'] is 0"),
-    ("top_k_per_layer.2", True, "top_k_per_layer['2'] is True"),
-    ("top_k_per_layer.2", None, "top_k_per_layer must list the layers"),
-    ("top_k_per_layer", [2, 2, 2], "top_k_per_layer must list the layers"),
-    ("count_keys", ["no_such_field"], "count_keys names 'no_such_field'"),
-    ("top_k_keys", "num_experts_per_tok", "top_k_keys must be a non-empty list"),
-    ("format", 7, "format is 7"),
-    ("base_class", 3, "base_class must be a class name"),
-]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +53,7 @@ def test_sound_block_is_read_as_written(ragged_folder):
 def test_damaged_block_is_one_line_naming_config_and_field(ragged_folder, tmp_path, field, value, message):
     config = json.loads((ragged_folder / "config.json").read_text())
     damaged = copy.deepcopy(config)
-    _set(damaged[RAGGED_KEY], field, value)
+    set_block_field(damaged[RAGGED_KEY], field, value)
     shutil.copytree(ragged_folder, tmp_path, dirs_exist_ok=True)  # the plugin opens the whole checkpoint
     (tmp_path / "config.json").write_text(json.dumps(damaged))
     with pytest.raises(MoePruneError) as caught:

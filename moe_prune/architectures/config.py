@@ -190,6 +190,11 @@ class ModelConfig:
                 f"{self.source}: {RAGGED_KEY}.experts_per_layer counts must be between 1 and the "
                 f"config's expert count {self.num_experts}"
             )
+        if max(counts.values()) != self.num_experts:  # as checkpoint.ragged writes it (the docstring above)
+            raise MoePruneError(
+                f"{self.source}: routed-expert count is {self.num_experts}, but the largest layer of "
+                f"{RAGGED_KEY}.experts_per_layer holds {max(counts.values())}; a ragged config keeps the largest"
+            )
         return counts
 
     def experts_in_layer(self, layer: int) -> int:
