@@ -47,3 +47,5 @@ def test_debug_shows_the_cause_and_the_line_is_unchanged(tmp_path, monkeypatch):
     debug = CliRunner().invoke(app, ["--debug", *argv])
     assert debug.exit_code != 0
     assert isinstance(debug.exception.__cause__, FileNotFoundError), repr(debug.exception)
+    again = CliRunner().invoke(app, argv)  # --debug lasted for its own invocation only
+    assert again.exit_code == 1 and again.stderr == plain.stderr

@@ -75,13 +75,27 @@ app = typer.Typer(
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the full traceback of a failure (for bug reports).")
     ] = False,
 ) -> None:
-    """Options of every subcommand, given before it: `moe-prune --debug prune ...`."""
+    """Options of every subcommand, given before it: `moe-prune --debug prune ...`.
+
+    `--debug` lasts for this invocation only: the environment is restored when the command ends, so a
+    program (or test) that calls the app twice in one process does not keep tracebacks on.
+    """
     if debug:
+        before = os.environ.get(DEBUG_ENV)
         os.environ[DEBUG_ENV] = "1"
+        ctx.call_on_close(lambda: _restore(DEBUG_ENV, before))
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 app.command("profile", help=profile_cmd.__doc__, cls=_Command)(profile_cmd.profile)
