@@ -14,13 +14,15 @@ from typer.testing import CliRunner
 from moe_prune.allocation.blocks import MergedBlocks
 from moe_prune.allocation.evaluator import Evaluator
 from moe_prune.allocation.objective import Reference, sums
+from moe_prune.allocation.plan import Layers
+from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.runtime.loading import load_model
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import allocate as stage
-from moe_prune.stages import merge, profile
+from moe_prune.stages import merge, profile, prune
 from moe_prune.stages.allocate_merge import MergeTarget, merged_models
 
 TEXT = "the quick brown fox jumps over the lazy dog; 0123456789 pack my box with five dozen liquor jugs.\n" * 40
@@ -49,7 +51,8 @@ def test_candidate_is_the_merged_checkpoint(refit_stats, tmp_path, target):
     ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
     judge = Evaluator(model, ckpt.config, ids, batch_size=3, top=10**6)
     counts = (6, 3, 4)
-    with merged_models(folder, stats, "stats", target, [], stage.Calibration()) as build:
+    layers = Layers((0, 1, 2), (8, 8, 8), (2, 2, 2), (True, True, True))
+    with merged_models(folder, stats, "stats", target, layers, stage.Calibration()) as build:
         blocks = MergedBlocks(model, ckpt.config, (0, 1, 2), (True, True, True), build)
         esap, kl = judge.measure_in(blocks.swapped(counts))
         assert blocks.built == 3  # one merged model per distinct count
@@ -122,3 +125,21 @@ def test_library_call_returns_counts(refit_stats):
     result, report = stage.allocate(stats, folder, "soft-counts", Budget(keep=10), budget_evals=4, merge=MergeTarget())
     assert isinstance(result, stage.MergeAllocation)
     assert sum(result.keep.values()) <= 10 and list(result.keep.values()) == report.counts["searched"]
+
+
+def test_ragged_source_searches_each_layer_within_its_experts(tiny, tmp_path):
+    """Review #1: a ragged source (6/3/5 experts): counts above a small layer's are merged there to its own
+    count, so the search runs to its end instead of stopping at '--keep 6 for layer 1 is more than its 3'."""
+    folder = tiny("mixtral")
+    keep = {0: [0, 1, 2, 3, 4, 5], 1: [0, 2, 4], 2: [1, 3, 5, 6, 7]}
+    ragged = tmp_path / "ragged"
+    prune.run(folder, DropMask.create(Checkpoint.open(folder).identity, keep, "test"), ragged)
+    data = tmp_path / "calibration.txt"
+    data.write_text(TEXT)
+    stats = tmp_path / "stats.npz"
+    profile.run(ragged, str(data), profile.Settings(samples=4, seq_len=32, batch_size=4)).stats.save(stats)
+    result, report = stage.allocate(stats, ragged, "soft-counts", Budget(keep=11), budget_evals=12, merge=MergeTarget())
+    assert isinstance(result, stage.MergeAllocation) and report.evaluations > 1
+    for counts in report.counts.values():
+        assert all(2 <= k <= n for k, n in zip(counts, (6, 3, 5), strict=True)) and sum(counts) <= 11
+    assert list(result.keep.values()) == report.counts["searched"]

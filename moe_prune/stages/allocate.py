@@ -140,7 +140,7 @@ def allocate(
         if merge is None:
             candidate = lambda counts: judge.masks.dropped(table.drops(counts))  # noqa: E731
         else:
-            build = stack.enter_context(merged_models(model, loaded, stats_name, merge, skip, calibration))
+            build = stack.enter_context(merged_models(model, loaded, stats_name, merge, layers, calibration))
             candidate = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build).swapped
 
         def value(counts: Counts) -> float:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_prune.allocation.plan import Layers
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
@@ -55,12 +56,28 @@ class MergeTarget:
         return out + (f" --seed {self.seed}" if self.seed else "")
 
 
+def capped(count: int, layers: Layers) -> dict[int, int]:
+    """Per searched layer, `count` within its own [top-k, experts]: a ragged source's small layers.
+
+    The search space already keeps each layer's count there, so a candidate never asks a layer for a
+    block outside it; the cap only lets one uniform build serve the layers that can hold `count`.
+    """
+    bounds = zip(layers.numbers, layers.experts, layers.top_k, layers.searched, strict=True)
+    return {layer: min(max(count, top_k), experts) for layer, experts, top_k, searched in bounds if searched}
+
+
 @contextmanager
 def merged_models(
-    model: str | Path, stats: Stats, stats_name: str, target: MergeTarget, skip: list[int], calibration: Calibration
+    model: str | Path,
+    stats: Stats,
+    stats_name: str,
+    target: MergeTarget,
+    layers: Layers,
+    calibration: Calibration,
 ) -> Iterator[Callable[[int], Any]]:
-    """`build(k)`: the model merged to k experts in every searched layer, loaded like the original."""
+    """`build(k)`: the model merged to k experts (capped per layer, `capped`) in every searched layer."""
     work = Path(tempfile.mkdtemp(prefix="moe-prune-allocate-"))
+    skip = [layer for layer, searched in zip(layers.numbers, layers.searched, strict=True) if not searched]
     try:
 
         def build(count: int) -> Any:
@@ -70,6 +87,7 @@ def merged_models(
                 stats,
                 folder,
                 count,
+                keep_overrides=capped(count, layers),
                 method=target.method,
                 weights=target.weights,
                 refit=target.refit,
