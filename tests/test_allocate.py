@@ -35,8 +35,8 @@ def hand(logp: np.ndarray, logq: np.ndarray, top: int | None) -> tuple[float, fl
         p, q = np.exp(lp), np.exp(lq)
         if top is not None:
             keep = np.argsort(-p, kind="stable")[:top]
-            p = np.append(p[keep], 1 - p[keep].sum())
-            q = np.append(q[keep], 1 - q[keep].sum())
+            p = np.append(p[keep], np.delete(p, keep).sum())  # the rest bucket summed, not 1 - Σ kept
+            q = np.append(q[keep], np.delete(q, keep).sum())
         for pv, qv in zip(p, q, strict=True):
             esap += min(pv, qv)
             kl += pv * math.log(pv / qv) if pv > 0 else 0.0
@@ -79,6 +79,20 @@ def test_objective_sums_on_random_logits():
     for top in (11, 4):
         got = sums(Reference.from_logits(p, top), q)
         assert got == pytest.approx(hand(log_softmax64(p), log_softmax64(q), None if top == 11 else top), rel=1e-12)
+
+
+def test_objective_kl_stays_finite_when_a_candidate_is_more_confident():
+    """Review #5: the original puts ~5e-12 outside its top tokens, the candidate ~1e-18 (1 − Σ stored rounds to
+    0 in float64); KL is the float64 brute force's tiny positive value, not +inf, truncated or not."""
+    vocab = 50
+    p, q = torch.zeros(3, vocab), torch.zeros(3, vocab)
+    p[:, 0], q[:, 0] = 30.0, 45.0
+    p[1, 1:4], q[2, 7] = 12.0, 3.0  # rows that differ a little in shape
+    for top in (vocab, 10, 1):
+        esap, kl = sums(Reference.from_logits(p, top), q)
+        want_esap, want_kl = hand(log_softmax64(p), log_softmax64(q), None if top == vocab else top)
+        assert math.isfinite(kl) and kl > 0, (top, kl)
+        assert kl == pytest.approx(want_kl, rel=1e-3) and esap == pytest.approx(want_esap, rel=1e-12)
 
 
 def random_space(rng: random.Random, grouped: bool) -> Space:
