@@ -12,7 +12,6 @@ marked skipped with the stage's reason; they are fatal only when nothing else is
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +27,9 @@ from moe_prune.merging.registry import get_method, weight_statistic
 from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.skeleton import code_decision, parse_dtype
 from moe_prune.scoring.selection import Budget
-from moe_prune.stages import evaluate, merge, prune, score, tasks
+from moe_prune.stages import evaluate, prune, score, tasks
 from moe_prune.stages.sweep_checks import check_ratios, check_usable, sweep_criteria
-from moe_prune.stages.sweep_search import searched
+from moe_prune.stages.sweep_search import merge_to_counts, searched
 from moe_prune.stages.task_harness import quiet_lm_eval
 from moe_prune.sweep.folder import SweepFolder, fingerprint
 from moe_prune.sweep.plan import DIRECTIONS, REFITS, Combo, choice, combinations, command, parse_scopes
@@ -229,22 +228,7 @@ def _build(plan: Plan, combo: Combo, target: Path) -> tuple[dict[int, int], Path
         return searched(plan, combo, target)
     if combo.kind == "merge":
         counts = {layer: n - Budget(ratio=combo.ratio).drops(n, "per layer") for layer, n in plan.experts.items()}
-        keep = Counter(counts.values()).most_common(1)[0][0]
-        overrides = {layer: n for layer, n in counts.items() if n != keep}
-        merge.run(
-            source,
-            plan.stats,
-            target,
-            keep,
-            method=combo.name,
-            weights=combo.weights,
-            refit=combo.refit,
-            keep_overrides=overrides,
-            seed=combo.seed or 0,
-            force=True,
-            stats_name=plan.stats_name,
-        )
-        return counts, target
+        return merge_to_counts(plan, combo, target, counts), target
     mask, _ = score.score(
         plan.stats,
         source,

@@ -42,10 +42,14 @@ def searched(plan: Any, combo: Combo, target: Path) -> tuple[dict[int, int], Pat
     found, _ = allocate.allocate(plan.stats_name, source, _ranking(plan), budget, calibration=calibration,
                                  budget_evals=evals, merge=way)  # fmt: skip
     assert isinstance(found, allocate.MergeAllocation)
-    counts = found.keep
+    return merge_to_counts(plan, combo, target, found.keep), target
+
+
+def merge_to_counts(plan: Any, combo: Combo, target: Path, counts: dict[int, int]) -> dict[int, int]:
+    """Merge `combo` into `target` keeping `counts[layer]` experts per layer (the most common count as --keep)."""
     keep = Counter(counts.values()).most_common(1)[0][0]
     merge.run(
-        source,
+        plan.ckpt.folder,
         plan.stats,
         target,
         keep,
@@ -57,7 +61,7 @@ def searched(plan: Any, combo: Combo, target: Path) -> tuple[dict[int, int], Pat
         force=True,
         stats_name=plan.stats_name,
     )
-    return dict(counts), target
+    return dict(counts)
 
 
 def _ranking(plan: Any) -> str:
