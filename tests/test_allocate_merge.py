@@ -143,3 +143,22 @@ def test_ragged_source_searches_each_layer_within_its_experts(tiny, tmp_path):
     for counts in report.counts.values():
         assert all(2 <= k <= n for k, n in zip(counts, (6, 3, 5), strict=True)) and sum(counts) <= 11
     assert list(result.keep.values()) == report.counts["searched"]
+
+
+def test_merge_without_criterion_ranks_by_what_profile_for_the_method_recorded(refit_stats, tmp_path):
+    """Review #6: statistics `profile --for uncurl` wrote (no soft_counts) serve `allocate --for merge --method
+    uncurl` without --criterion, as they serve `merge`; the global start ranks by usage frequency."""
+    folder, _ = refit_stats
+    data = tmp_path / "calibration.txt"
+    data.write_text(TEXT)
+    settings = profile.Settings(samples=4, seq_len=32, batch_size=4, for_names=("uncurl",))
+    stats = tmp_path / "uncurl.npz"
+    profile.run(folder, str(data), settings).stats.save(stats)
+    assert "soft_counts" not in Stats.load(stats).arrays
+    out = tmp_path / "counts.json"
+    argv = [str(folder), "--stats", str(stats), "--for", "merge", "--method", "uncurl", "--ratio", "0.5"]
+    result = CliRunner().invoke(app, ["allocate", *argv, "--budget-evals", "4", "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["criterion"] == "usage-frequency" and report["global_from"] == "usage-frequency"
+    assert json.loads(out.read_text())["keep"]

@@ -109,7 +109,6 @@ def allocate(
     target = _target(for_, method, weights, refit, merge_seed)
     if criterion is None and target is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
-    criterion = criterion or stage.GLOBAL_FALLBACK  # --for merge: only ranks experts for the global start
     if [ratio, keep, bytes_].count(None) != 2:
         raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
     budget = parse_size(bytes_, "--bytes") if bytes_ is not None else Budget(keep=keep, ratio=ratio)

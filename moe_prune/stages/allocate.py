@@ -43,6 +43,7 @@ from moe_prune.stages.score import _identity, _vocab
 
 DEFAULT_OBJECTIVE = "kl"  # tracked held-out perplexity best on the demo (README, allocate)
 GLOBAL_FALLBACK = "soft-counts"  # ranks experts across layers when the criterion's scores are not comparable
+MERGE_RANKING = "usage-frequency"  # --for merge without soft counts: ranks by the hard counts merge reads
 
 
 @dataclass
@@ -69,7 +70,7 @@ class AllocationReport:
 def allocate(
     stats: str | Path,
     model: str | Path,
-    criterion: str,
+    criterion: str | None,
     budget: Budget | int,
     objective: str = DEFAULT_OBJECTIVE,
     calibration: Calibration | None = None,
@@ -83,8 +84,8 @@ def allocate(
     """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes).
 
     With `merge`, the counts are for `merge` with that method (`stages.allocate_merge`): candidates are
-    judged as merged models, `criterion` only ranks experts across layers for the global start, and the
-    result is a `MergeAllocation` instead of a drop mask.
+    judged as merged models, `criterion` only ranks experts across layers for the global start (None: one
+    the statistics hold, `merge_ranking`), and the result is a `MergeAllocation` instead of a drop mask.
     """
     calibration = calibration or Calibration()  # None: the defaults
     start = time.perf_counter()
@@ -98,9 +99,9 @@ def allocate(
     ):
         if value < least:
             raise MoePruneError(f"{name} must be at least {least} (got {value})")
-    crit = get_criterion(criterion)
     stats_name = str(stats)
     loaded = Stats.load(Path(stats))
+    crit = get_criterion(criterion or merge_ranking(loaded, merge))
     ckpt = Checkpoint.open(model)
     code_decision(ckpt, calibration.trust_remote_code)  # refuses checkpoint code before any work
     identity = _identity(crit, loaded, ckpt, stats_name)
@@ -204,6 +205,17 @@ def _with_weights(crit: Any, inputs: Inputs, ckpt: Checkpoint) -> tuple[np.ndarr
 
     inputs.weights = ExpertWeights(ckpt, None)
     return evaluate(crit, inputs)
+
+
+def merge_ranking(stats: Stats, merge: MergeTarget | None) -> str:
+    """--for merge without --criterion: rank experts for the global start by what the statistics hold.
+
+    Soft counts when profiled, else usage frequency from the hard counts every merge method reads
+    (`profile --for uncurl` records hard_counts, not soft_counts).
+    """
+    if merge is None:
+        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
+    return GLOBAL_FALLBACK if "soft_counts" in stats.arrays else MERGE_RANKING
 
 
 def _global_source(crit: Any, stats: Stats, layers: plan.Layers) -> str | None:
