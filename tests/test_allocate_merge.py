@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from moe_prune.allocation.blocks import MergedBlocks
 from moe_prune.allocation.evaluator import Evaluator
-from moe_prune.allocation.objective import Reference, sums
+from moe_prune.allocation.objective import Reference
+from moe_prune.allocation.objective import sums as objective_sums
 from moe_prune.allocation.plan import Layers
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
@@ -24,6 +25,7 @@ from moe_prune.scoring.selection import Budget
 from moe_prune.stages import allocate as stage
 from moe_prune.stages import merge, profile, prune
 from moe_prune.stages.allocate_merge import MergeTarget, merged_models
+from moe_prune.stages.refit import has_sums
 
 TEXT = "the quick brown fox jumps over the lazy dog; 0123456789 pack my box with five dozen liquor jugs.\n" * 40
 
@@ -41,11 +43,30 @@ def refit_stats(tiny, tmp_path_factory) -> tuple[Path, Path]:
     return folder, path
 
 
-@pytest.mark.parametrize("target", [MergeTarget("uncurl", refit=True), MergeTarget("frequency", "output")])
-def test_candidate_is_the_merged_checkpoint(refit_stats, tmp_path, target):
-    """Blocks swapped into the original = `merge --keep 6 --keep 1=3 --keep 2=4` written and loaded by itself."""
+@pytest.fixture(scope="module")
+def plain_stats(tiny, tmp_path_factory) -> Path:
+    """The tiny Mixtral's statistics without refit sums (merge --refit runs its layer-by-layer pass)."""
+    folder = tiny("mixtral")
+    tmp = tmp_path_factory.mktemp("plain-stats")
+    data = tmp / "calibration.txt"
+    data.write_text(TEXT)
+    path = tmp / "stats.npz"
+    profile.run(folder, str(data), profile.Settings(samples=4, seq_len=32, batch_size=4)).stats.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("target", "sums"),
+    [(MergeTarget("uncurl", refit=True), True), (MergeTarget("frequency", "output"), True),
+     (MergeTarget("uncurl", refit=True), False)],
+)  # fmt: skip
+def test_candidate_is_the_merged_checkpoint(refit_stats, plain_stats, tmp_path, target, sums):
+    """Blocks swapped into the original = `merge --keep 6 --keep 1=3 --keep 2=4` written and loaded by itself;
+    also for --refit without refit sums (review #7: merge's layer-by-layer pass feeds each layer the
+    original's inputs, so a layer's refit block does not depend on the other layers' counts)."""
     folder, stats_path = refit_stats
-    stats = Stats.load(stats_path)
+    stats = Stats.load(stats_path if sums else plain_stats)
+    assert has_sums(stats) == sums
     ckpt = Checkpoint.open(folder)
     model = load_model(folder)
     ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
@@ -61,7 +82,7 @@ def test_candidate_is_the_merged_checkpoint(refit_stats, tmp_path, target):
               keep_overrides={1: 3, 2: 4})  # fmt: skip
     with torch.inference_mode():
         logits = load_model(out)(input_ids=ids).logits[:, :-1].reshape(-1, 128)
-    want_esap, want_kl = sums(judge.references[0], logits)
+    want_esap, want_kl = objective_sums(judge.references[0], logits)
     assert esap == pytest.approx(want_esap / judge.positions, rel=1e-6)
     assert kl == pytest.approx(want_kl / judge.positions, rel=1e-5, abs=1e-9)
     assert kl > 1e-4  # merged, not the original
@@ -162,3 +183,12 @@ def test_merge_without_criterion_ranks_by_what_profile_for_the_method_recorded(r
     report = json.loads(result.stdout)
     assert report["criterion"] == "usage-frequency" and report["global_from"] == "usage-frequency"
     assert json.loads(out.read_text())["keep"]
+
+
+def test_refit_without_sums_searches_and_says_what_it_costs(refit_stats, plain_stats):
+    """Review #7: `allocate --for merge --refit` takes statistics without refit_hh/refit_hy, as `merge --refit` does."""
+    folder, _ = refit_stats
+    merge_target = MergeTarget(refit=True)
+    result, report = stage.allocate(plain_stats, folder, None, Budget(keep=12), budget_evals=3, merge=merge_target)
+    assert isinstance(result, stage.MergeAllocation) and sum(result.keep.values()) <= 12
+    assert any("layer-by-layer pass" in warning for warning in report.warnings)

@@ -105,8 +105,7 @@ def allocate(
     ckpt = Checkpoint.open(model)
     code_decision(ckpt, calibration.trust_remote_code)  # refuses checkpoint code before any work
     identity = _identity(crit, loaded, ckpt, stats_name)
-    if merge is not None:
-        merge.check(loaded, ckpt, stats_name)
+    notes = merge.check(loaded, ckpt, stats_name, calibration.trust_remote_code) if merge is not None else []
     config = ckpt.config
     layers = _layers(config, identity.moe_layers, skip_layers)
     if isinstance(budget, Budget):
@@ -114,7 +113,7 @@ def allocate(
     else:
         costs, limit = _costs(ckpt, layers), bytes_budget(ckpt, layers, budget)
     space = plan.space(layers, min_per_layer, costs, limit)
-    warnings: list[str] = []
+    warnings: list[str] = notes
     inputs = Inputs(identity, loaded, None, seed, _vocab(loaded, ckpt))
     scores, usage, values = evaluate(crit, inputs) if not crit.weights else _with_weights(crit, inputs, ckpt)
     table = plan.DropTable(layers, crit.direction, scores, usage, values)

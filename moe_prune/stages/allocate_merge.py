@@ -31,6 +31,8 @@ from moe_prune.merging.registry import get_method, weight_statistic
 from moe_prune.runtime.loading import load_model
 from moe_prune.stages import merge
 from moe_prune.stages.allocate_data import Calibration
+from moe_prune.stages.calibration import recorded_windows
+from moe_prune.stages.refit import check_pass, has_sums
 
 FORMAT = "moe-prune merge allocation"
 
@@ -44,10 +46,28 @@ class MergeTarget:
     refit: bool = False
     seed: int = 0  # the merge methods' (k-means)
 
-    def check(self, stats: Stats, ckpt: Checkpoint, stats_name: str) -> None:
-        """Unknown names and statistics the merge cannot use fail here, before the model is loaded."""
+    def check(self, stats: Stats, ckpt: Checkpoint, stats_name: str, trust_remote_code: bool) -> list[str]:
+        """Unknown names and statistics the merge cannot use fail here, before the model is loaded; returns notes.
+
+        --refit without stored sums runs `merge`'s layer-by-layer pass once per count tried; that pass feeds
+        every layer the original's inputs, so a layer's refit block still does not depend on the other
+        layers' counts and the block swap stays exact. Its windows are re-read here, so a moved data file
+        fails now rather than at the first build.
+        """
         get_method(self.method), weight_statistic(self.weights)
-        merge.check_stats(stats, ckpt, self.method, stats_name, self.weights, self.refit)
+        merge.check_stats(stats, ckpt, self.method, stats_name, self.weights, self.passes(stats) is False)
+        if not self.passes(stats):
+            return []
+        check_pass(ckpt)
+        recorded_windows(ckpt, stats, stats_name, trust_remote_code)
+        return [
+            "--refit without refit sums: every count tried runs merge's layer-by-layer pass over the "
+            "calibration windows (profile --refit-stats solves every count from stored sums)"
+        ]
+
+    def passes(self, stats: Stats) -> bool | None:
+        """None: no refit; True: refit by the layer-by-layer pass; False: refit from stored sums."""
+        return not has_sums(stats) if self.refit else None
 
     def options(self) -> str:
         out = f" --method {self.method}"
@@ -88,6 +108,7 @@ def merged_models(
                 folder,
                 count,
                 keep_overrides=capped(count, layers),
+                device=calibration.device if target.passes(stats) else None,
                 method=target.method,
                 weights=target.weights,
                 refit=target.refit,

@@ -49,6 +49,16 @@ def parse_ridge(value: str | float | None) -> float | None:
     return ridge
 
 
+def check_pass(ckpt: Checkpoint) -> None:
+    """Refuse architectures that cannot run one decoder layer at a time (they need stored refit sums)."""
+    config = ckpt.config
+    if config.model_type in NO_SEQUENTIAL:
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: merge --refit runs the model one layer at a time, which "
+            f"{config.model_type} does not allow ({NO_SEQUENTIAL[config.model_type]}); profile with --refit-stats"
+        )
+
+
 def refit_layers(
     model: str | Path,
     ckpt: Checkpoint,
@@ -68,11 +78,7 @@ def refit_layers(
     Hidden states past `buffer_memory` bytes and the solved down projections go to temporary files in `spill`.
     """
     config = ckpt.config
-    if config.model_type in NO_SEQUENTIAL:
-        raise MoePruneError(
-            f"{ckpt.folder / 'config.json'}: merge --refit runs the model one layer at a time, which "
-            f"{config.model_type} does not allow ({NO_SEQUENTIAL[config.model_type]}); profile with --refit-stats"
-        )
+    check_pass(ckpt)
     chosen, settings = recorded_windows(ckpt, stats, name, trust_remote_code)
     layerwise = LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, settings.dtype, device, trust_remote_code)
     anchors = {layer: plan.anchors for layer, plan in plans.items()}
