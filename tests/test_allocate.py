@@ -95,6 +95,26 @@ def test_objective_kl_stays_finite_when_a_candidate_is_more_confident():
         assert kl == pytest.approx(want_kl, rel=1e-3) and esap == pytest.approx(want_esap, rel=1e-12)
 
 
+def test_objective_works_through_the_positions_in_chunks(monkeypatch):
+    """Review #3: no float64 copy of more than CHUNK_BYTES exists at once (a real batch's would be ~20 GB),
+    and the chunked sums over row blocks (the evaluator's per-window views) equal the float64 brute force."""
+    from moe_prune.allocation import objective
+
+    seen: list[int] = []
+    whole = objective.log_softmax64
+    monkeypatch.setattr(objective, "CHUNK_BYTES", 3 * 8 * 11)  # 3 positions of 11 tokens
+    monkeypatch.setattr(objective, "log_softmax64", lambda rows: seen.append(len(rows)) or whole(rows))
+    gen = torch.Generator().manual_seed(5)
+    p, q = torch.randn(10, 11, generator=gen) * 3, torch.randn(10, 11, generator=gen) * 3
+    for top in (11, 4):
+        reference = Reference.from_logits(list(p.split([4, 6])), top)
+        got = sums(reference, list(q.split([7, 3])))
+        assert got == pytest.approx(hand(log_softmax64(p), log_softmax64(q), None if top == 11 else top), rel=1e-12)
+    assert seen and max(seen) <= 3
+    with pytest.raises(ValueError, match="9 candidate positions against 10"):
+        sums(reference, q[:9])
+
+
 def random_space(rng: random.Random, grouped: bool) -> Space:
     step = 2 if grouped else 1
     experts = tuple(rng.choice([4, 8, 8, 16]) for _ in range(rng.randint(2, 6)))

@@ -27,10 +27,11 @@ class Evaluator:
         self.positions = sum(len(r) for r in self.references)
 
     @torch.inference_mode()
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """[B × (S − 1), V] next-token logits of the positions scored."""
-        logits = self.model(input_ids=batch.to(input_device(self.model)), use_cache=False).logits[:, :-1]
-        return logits.reshape(-1, logits.shape[-1]).cpu()
+    def _logits(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Per window, the [S − 1, V] next-token logits of the positions scored: views, on the model's device
+        (no CPU or reshaped copy of the batch's logits; `objective` works through them in chunks)."""
+        logits = self.model(input_ids=batch.to(input_device(self.model)), use_cache=False).logits
+        return list(logits[:, :-1].unbind(0))
 
     def measure(self, drops: list[list[int]], on_batch: Callable[[], None] | None = None) -> tuple[float, float]:
         """(mean ESAP, mean KL) of the original with `drops[i]` (slots) out of routing in MoE layer i."""
