@@ -42,7 +42,15 @@ def allocate(
     model: ModelArg = DEFAULT_MODEL,
     stats: Annotated[str | None, typer.Option("--stats", help="Statistics .npz from `moe-prune profile`.")] = None,
     criterion: Annotated[
-        str | None, typer.Option("--criterion", "-c", help="Criterion ordering experts inside a layer.")
+        str | None,
+        typer.Option(
+            "--criterion",
+            "-c",
+            help=(
+                "Criterion ordering experts inside a layer (--for merge: ranks the global start; default "
+                "soft-counts, or usage-frequency without soft_counts)."
+            ),
+        ),
     ] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of the searched layers' experts to drop.")] = None,
     keep: Annotated[int | None, typer.Option(help="Experts to keep in the searched layers together.")] = None,
