@@ -111,8 +111,9 @@ def test_output_weighted_average_equals_a_hand_computation(tiny_factory, tmp_pat
 # --- refit -----------------------------------------------------------------------------------------------------
 
 
-def refit_reference(model, config, input_ids, layer: int, anchor: int) -> np.ndarray:
-    """D^T of `anchor` by weighted least squares on captured activations, recomputed in float64 numpy."""
+def refit_targets(model, config, input_ids, layer: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """float64 numpy on captured activations: each expert's intermediate activation h_e, the refit target y (the
+    gate-weighted mean of the chosen experts' outputs) and the router probabilities p [tokens, E]."""
     rec = capture_routing(model, config, input_ids)[layer]
     experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
     gate_up = experts.gate_up_proj.detach().double().numpy()
@@ -120,10 +121,15 @@ def refit_reference(model, config, input_ids, layer: int, anchor: int) -> np.nda
     x, z, idx, w = rec["x"], rec["z"], rec["idx"], rec["w"]
     hidden = [silu(g) * u for g, u in (np.split(x @ gate_up[e].T, 2, axis=1) for e in range(len(gate_up)))]
     y = sum(w[:, j : j + 1] * np.stack([hidden[e][t] @ down[e].T for t, e in enumerate(idx[:, j])]) for j in range(2))
-    y = y / w.sum(axis=1, keepdims=True)  # the gate-weighted mean of the chosen experts' outputs
+    y = y / w.sum(axis=1, keepdims=True)
     p = np.exp(z - z.max(1, keepdims=True))
-    p = (p / p.sum(1, keepdims=True))[:, anchor]
-    root = np.sqrt(p)[:, None]
+    return hidden, y, p / p.sum(1, keepdims=True)
+
+
+def refit_reference(model, config, input_ids, layer: int, anchor: int) -> np.ndarray:
+    """D^T of `anchor` by weighted least squares on captured activations, recomputed in float64 numpy."""
+    hidden, y, p = refit_targets(model, config, input_ids, layer)
+    root = np.sqrt(p[:, anchor])[:, None]
     return np.linalg.lstsq(hidden[anchor] * root, y * root, rcond=None)[0]
 
 

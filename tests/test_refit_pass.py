@@ -14,7 +14,8 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from test_profile import capture_routing, settings, silu, windows_of, write_docs
+from test_merge_methods import refit_targets
+from test_profile import settings, windows_of, write_docs
 from tiny_models import save_char_tokenizer, tiny_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -125,17 +126,8 @@ def test_refit_pass_keeps_one_layers_statistics_alive(tmp_path, monkeypatch):
 
 def layer_reference(model, config, ids, layer: int, anchors: list[int], held: list[int]) -> dict:
     """float64 numpy: each anchor's held-out error for every candidate ridge, fitted on the other windows."""
-    rec = capture_routing(model, config, ids)[layer]
-    experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
-    gate_up = experts.gate_up_proj.detach().double().numpy()
-    down = experts.down_proj.detach().double().numpy()
-    x, z, idx, w = rec["x"], rec["z"], rec["idx"], rec["w"]
-    hidden = [silu(g) * u for g, u in (np.split(x @ gate_up[e].T, 2, axis=1) for e in range(len(gate_up)))]
-    y = sum(w[:, j : j + 1] * np.stack([hidden[e][t] @ down[e].T for t, e in enumerate(idx[:, j])]) for j in range(2))
-    y = y / w.sum(axis=1, keepdims=True)
-    p = np.exp(z - z.max(1, keepdims=True))
-    p = p / p.sum(1, keepdims=True)
-    out = np.isin(np.arange(x.shape[0]) // ids.shape[1], held)  # tokens of the held-out windows
+    hidden, y, p = refit_targets(model, config, ids, layer)
+    out = np.isin(np.arange(y.shape[0]) // ids.shape[1], held)  # tokens of the held-out windows
     fit = ~out
     errors, norms, solutions = np.zeros((len(anchors), len(RIDGES))), np.zeros(len(anchors)), []
     for row, a in enumerate(anchors):
