@@ -15,7 +15,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,39 +67,56 @@ def refusal(folder: Path, exc: Exception) -> MoePruneError:
 
 
 @contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` while inside, then as it was (unset, or its old value): a later command or caller in
+    this process must not inherit what one evaluation needed."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextmanager
 def served(
     folder: Path, dtype: str, max_len: int, trust_remote_code: bool, past_context: bool = False, seed: int = 0
 ) -> Iterator[Any]:
     """vLLM's `LLM` over `folder`, for prompts of up to `max_len` tokens, freed on exit.
 
     vLLM wants room for one generated token after a prompt, so the engine's length is `max_len + 1`; when
-    that passes the model's context (`past_context`), vLLM is allowed past it: the extra token is sampled
-    from the last prompt position and never run through the model.
+    that passes the model's context (`past_context`), vLLM is allowed past it while the engine lives (its
+    environment flag is restored on exit): the extra token is sampled from the last prompt position and
+    never run through the model.
     """
     check_dtype(dtype)
-    if past_context:
-        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
-    quiet_vllm()
-    from vllm import LLM
+    with ExitStack() as stack:
+        if past_context:
+            stack.enter_context(_environ("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1"))
+        quiet_vllm()
+        from vllm import LLM
 
-    try:
-        llm = LLM(
-            model=str(folder),
-            dtype=dtype,
-            skip_tokenizer_init=True,  # moe-prune tokenizes: the same ids as the transformers engine
-            enforce_eager=True,
-            enable_prefix_caching=False,  # every window's prompt log-probs computed, none taken from a cache
-            max_model_len=max_len + 1,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-        )
-    except Exception as exc:  # vLLM raises ValueError, RuntimeError, AssertionError... for what it cannot serve
-        raise refusal(folder, exc) from exc
-    try:
-        yield llm
-    finally:
-        del llm
-        gc.collect()
+        try:
+            llm = LLM(
+                model=str(folder),
+                dtype=dtype,
+                skip_tokenizer_init=True,  # moe-prune tokenizes: the same ids as the transformers engine
+                enforce_eager=True,
+                enable_prefix_caching=False,  # every window's prompt log-probs computed, none taken from a cache
+                max_model_len=max_len + 1,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+            )
+        except Exception as exc:  # vLLM raises ValueError, RuntimeError, AssertionError... for what it cannot serve
+            raise refusal(folder, exc) from exc
+        try:
+            yield llm
+        finally:
+            del llm
+            gc.collect()
 
 
 def nll_sum(llm: Any, chunks: torch.Tensor, batch_size: int, on_batch: Callable[[int], None]) -> tuple[float, int]:
