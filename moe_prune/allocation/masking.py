@@ -10,6 +10,7 @@ Router rows past the experts' (`router_tail`) are never masked.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,17 +23,18 @@ from moe_prune.errors import MoePruneError
 
 
 class _MaskRouterLogits(TorchFunctionMode):
-    """Set dropped columns of a router weight's F.linear output to -inf (id(weight) -> dropped slots)."""
+    """Set dropped columns of a router weight's F.linear output to -inf (id(weight) -> dropped slots); `hits`
+    counts the calls per weight, so a router that computes its logits some other way is found, layer by layer."""
 
     def __init__(self, dropped: dict[int, torch.Tensor]) -> None:
         super().__init__()
         self.dropped = dropped
-        self.hits = 0
+        self.hits: Counter[int] = Counter()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self.dropped:
-            self.hits += 1
+            self.hits[id(args[1])] += 1
             slots = self.dropped[id(args[1])]
             if len(slots):
                 out = out.index_fill(-1, slots.to(out.device), float("-inf"))
@@ -78,8 +80,14 @@ class RouterMasks:
                 for biases, originals in zip(self.biases, saved, strict=True):
                     for bias, original in zip(biases, originals, strict=True):
                         bias.copy_(original)
-        if mode.hits == 0 and any(drops):
-            raise MoePruneError("no router weight reached F.linear: this family's routers cannot be masked")
+        missed = [
+            layer for layer, w, d in zip(self.layers, self.weights, drops, strict=True) if d and not mode.hits[id(w)]
+        ]
+        if missed:  # those layers ran unmasked: the candidate's score would be the original's there
+            raise MoePruneError(
+                f"MoE layers {missed}: the router weight never reached F.linear, so dropped experts could not be "
+                "masked; this family's routers cannot be scored without a checkpoint"
+            )
 
 
 def _selection_biases(block: torch.nn.Module, router_path: str, key: str | None, rows: int) -> list[torch.Tensor]:
