@@ -1,4 +1,8 @@
-"""The drop mask: per MoE layer which experts to keep and drop, in ORIGINAL expert ids."""
+"""The drop mask: per MoE layer which experts to keep and drop, in ORIGINAL expert ids.
+
+A layer entry may also carry `top_k`, the experts each token uses there (`allocate --top-k search`); masks
+without it (every earlier one) leave top-k as the model has it, clipped to the kept experts.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class DropMask:
     model: ModelIdentity
     keep: dict[int, tuple[int, ...]]
     provenance: dict[str, Any] = field(default_factory=dict)
+    top_k: dict[int, int] | None = None  # experts per token per MoE layer; None: the model's, clipped to the kept
 
     def drop(self, layer: int) -> tuple[int, ...]:
         return tuple(i for i in self.model.original_ids[layer] if i not in set(self.keep[layer]))
@@ -33,7 +38,12 @@ class DropMask:
 
     @classmethod
     def create(
-        cls, model: ModelIdentity, keep: dict[int, list[int]], criterion: str, params: dict[str, Any] | None = None
+        cls,
+        model: ModelIdentity,
+        keep: dict[int, list[int]],
+        criterion: str,
+        params: dict[str, Any] | None = None,
+        top_k: dict[int, int] | None = None,
     ) -> DropMask:
         """Build a validated mask with provenance (criterion, parameters, tool version, time)."""
         provenance = {
@@ -42,7 +52,7 @@ class DropMask:
             "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        mask = cls(model, {k: tuple(sorted(v)) for k, v in keep.items()}, provenance)
+        mask = cls(model, {k: tuple(sorted(v)) for k, v in keep.items()}, provenance, top_k)
         mask.validate("mask")
         return mask
 
@@ -64,6 +74,19 @@ class DropMask:
                 raise MoePruneError(f"{name}: layer {layer} lists an expert twice")
             if not kept:
                 raise MoePruneError(f"{name}: layer {layer} drops every expert; keep at least one")
+        if self.top_k is not None:
+            self._validate_top_k(name)
+
+    def _validate_top_k(self, name: str) -> None:
+        """Per-layer top-k: every MoE layer listed, from 1 to the experts that layer keeps."""
+        assert self.top_k is not None
+        if sorted(self.top_k) != sorted(self.keep):
+            raise MoePruneError(f"{name}: top_k is given for layers {sorted(self.top_k)}, not every MoE layer")
+        for layer, k in self.top_k.items():
+            if not 1 <= k <= len(self.keep[layer]):
+                raise MoePruneError(
+                    f"{name}: layer {layer} top_k {k} must be from 1 to the {len(self.keep[layer])} experts it keeps"
+                )
 
     def validate_groups(self, n_group: int, name: str) -> None:
         """Grouped routers stay the same model only with equal drops per group and >= 2 kept per group."""
@@ -91,7 +114,11 @@ class DropMask:
             "version": MASK_VERSION,
             "model": self.model.to_dict(),
             "layers": {
-                str(layer): {"keep": list(self.keep[layer]), "drop": list(self.drop(layer))}
+                str(layer): {
+                    "keep": list(self.keep[layer]),
+                    "drop": list(self.drop(layer)),
+                    **({"top_k": self.top_k[layer]} if self.top_k is not None else {}),
+                }
                 for layer in sorted(self.keep)
             },
             "provenance": self.provenance,
@@ -108,13 +135,17 @@ class DropMask:
         if not isinstance(layers, dict):
             raise MoePruneError(f"{name}: 'layers' must be an object of layer -> {{keep, drop}}")
         keep: dict[int, tuple[int, ...]] = {}
+        top_k: dict[int, int] = {}
         for key, entry in layers.items():
             layer = require_layer_key(key, name, "layers")
             if layer not in model.original_ids:
                 raise MoePruneError(f"{name}: layer {key!r} is not an MoE layer of the model")
             keep[layer] = _kept(layer, require_type(entry, dict, name, f"layers[{key}]"), model, name)
+            if "top_k" in entry:
+                top_k[layer] = require_int(entry["top_k"], name, f"layers[{layer}].top_k", minimum=1)
         provenance = obj.get("provenance")
-        mask = cls(model, keep, require_type(provenance, dict, name, "provenance") if provenance is not None else {})
+        provenance = require_type(provenance, dict, name, "provenance") if provenance is not None else {}
+        mask = cls(model, keep, provenance, top_k or None)
         mask.validate(name)
         return mask
 
@@ -134,9 +165,11 @@ def _ids(entry: dict[str, Any], field: str, layer: int, name: str) -> list[int] 
 
 def _kept(layer: int, entry: dict[str, Any], model: ModelIdentity, name: str) -> tuple[int, ...]:
     """Kept ids of one layer entry, from `keep`, or from `drop` when `keep` is absent."""
-    unknown = sorted(set(entry) - {"keep", "drop"})
+    unknown = sorted(set(entry) - {"keep", "drop", "top_k"})
     if unknown:
-        raise MoePruneError(f"{name}: layers[{layer}] has unknown field {unknown[0]!r} (expected keep and drop)")
+        raise MoePruneError(
+            f"{name}: layers[{layer}] has unknown field {unknown[0]!r} (expected keep and drop, optionally top_k)"
+        )
     kept, dropped = _ids(entry, "keep", layer, name), _ids(entry, "drop", layer, name)
     if kept is None and dropped is None:
         raise MoePruneError(f"{name}: layers[{layer}] has neither keep nor drop")

@@ -5,6 +5,8 @@ Non-uniform ("ragged") counts give a config that keeps the largest count in the 
 lists each layer's count under `moe_prune_ragged` with the family facts the model file needs (from
 the adapter table), and points `auto_map` at `modeling_moe_prune.py`, a static, self-contained
 file copied into the checkpoint. `expert_count_config` is the one entry point for both cases.
+Per-layer top-k (`allocate --top-k search`) is written the same way: stock configs hold one top-k, so
+counts that are equal but top-ks that differ also give a ragged config (its `top_k_per_layer`).
 """
 
 from __future__ import annotations
@@ -107,13 +109,34 @@ def base_class(model: ModelConfig) -> str:
     return causal_lm_class(top if isinstance(top, str) and model.text_key else model.adapter.model_type)
 
 
+def layer_top_k(counts: dict[int, int], top_k: int | dict[int, int]) -> dict[int, int]:
+    """Experts per token of every layer: `top_k` (one for all, or per layer) clipped to the layer's count."""
+    return {layer: min(top_k if isinstance(top_k, int) else top_k[layer], n) for layer, n in counts.items()}
+
+
+def source_top_k(model: ModelConfig) -> int | dict[int, int]:
+    """The top-k a checkpoint's layers use: a ragged block's `top_k_per_layer` when it lists every MoE layer with
+    a count (an earlier `--top-k search`), else the config's one top-k (`ModelConfig.top_k`)."""
+    listed = model.ragged.get("top_k_per_layer") if model.ragged is not None else None
+    if isinstance(listed, dict):
+        try:
+            values = {int(k): v for k, v in listed.items()}
+        except ValueError:
+            values = {}
+        if sorted(values) == model.moe_layers and all(isinstance(v, int) and v >= 1 for v in values.values()):
+            return {layer: min(v, model.top_k) for layer, v in values.items()}
+    return model.top_k
+
+
 def ragged_config(
-    config: dict[str, Any], adapter: Adapter, counts: dict[int, int], top_k: int
+    config: dict[str, Any], adapter: Adapter, counts: dict[int, int], top_k: int | dict[int, int]
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """config.json for per-layer expert `counts` (layer -> routed experts) and the files to write beside it.
 
-    Expert-count fields hold the largest count (so configs stay valid); top-k fields hold `top_k`,
-    clipped to that largest count; each layer uses min(top_k, its count) experts per token.
+    Expert-count fields hold the largest count (so configs stay valid); top-k fields hold the config's
+    top-k (or `top_k` when it is one for all layers), clipped to that largest count, so layers outside the
+    block (multi-token prediction) keep theirs; each layer uses its top-k (`top_k`: one for all layers, or
+    per layer), clipped to its count, experts per token.
     """
     model = ModelConfig.from_dict(config)
     if model.adapter.model_type != adapter.model_type:
@@ -123,7 +146,8 @@ def ragged_config(
     if any(n < 1 for n in counts.values()):
         raise MoePruneError("every MoE layer must keep at least one expert")
     largest = max(counts.values())
-    global_top_k = min(top_k, largest)
+    per_layer = layer_top_k(counts, top_k)
+    global_top_k = min(top_k if isinstance(top_k, int) else model.top_k, largest)
     raw = copy.deepcopy(model.with_expert_count(largest, global_top_k).raw)
     text = raw[model.text_key] if model.text_key else raw
     _strip_ragged(raw, text)
@@ -140,7 +164,7 @@ def ragged_config(
         "count_keys": [key for key in adapter.expert_count_keys if key in present],
         "top_k_keys": [key for key in adapter.top_k_keys if key in present],
         "experts_per_layer": {str(layer): counts[layer] for layer in sorted(counts)},
-        "top_k_per_layer": {str(layer): min(top_k, counts[layer]) for layer in sorted(counts)},
+        "top_k_per_layer": {str(layer): per_layer[layer] for layer in sorted(counts)},
     }
     # The model class extends transformers' own class, so it needs transformers' config class too; auto_map names
     # nothing else, since moe-prune loads such a folder without the user's --trust-remote-code only when it does.
@@ -151,15 +175,20 @@ def ragged_config(
 
 
 def expert_count_config(
-    config: dict[str, Any], adapter: Adapter, counts: dict[int, int], top_k: int
+    config: dict[str, Any], adapter: Adapter, counts: dict[int, int], top_k: int | dict[int, int]
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The one entry point: a stock config and no files when every layer has the same count, else ragged.
+    """The one entry point: a stock config and no files when every layer has the same count and top-k is
+    the config's, else ragged (`top_k`: one for all layers, or per layer, e.g. from `allocate --top-k search`).
 
-    Uniform: every expert-count field is set to the count and top-k is clipped to it (stock loadable).
+    Uniform: every expert-count field is set to the count and top-k is clipped to it (stock loadable). Per-layer
+    top-ks other than the config's are written ragged even at equal counts: a stock config holds one top-k,
+    which layers outside the block (multi-token prediction) would take too.
     """
-    if len(set(counts.values())) > 1:
-        return ragged_config(config, adapter, counts, top_k)
     model = ModelConfig.from_dict(config)
+    if isinstance(top_k, dict) and layer_top_k(counts, top_k) == layer_top_k(counts, model.top_k):
+        top_k = model.top_k
+    if len(set(counts.values())) > 1 or isinstance(top_k, dict):
+        return ragged_config(config, adapter, counts, top_k)
     count = next(iter(counts.values()))
     raw = copy.deepcopy(model.with_expert_count(count, min(top_k, count)).raw)
     _strip_ragged(raw, raw[model.text_key] if model.text_key else raw)

@@ -78,6 +78,17 @@ def allocate(
     objective: Annotated[
         str, typer.Option(help="esap (Σ min(p, q)) or kl (KL(p‖q)) against the original, on calibration tokens.")
     ] = "kl",
+    top_k: Annotated[
+        str,
+        typer.Option(
+            "--top-k",
+            help="keep (the model's top-k) or search (per-layer top-k after the counts, LExI-style; see README).",
+        ),
+    ] = "keep",
+    active_ratio: Annotated[
+        float | None,
+        typer.Option(help="With --top-k search: share of the searched layers' experts per token kept, in (0, 1)."),
+    ] = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows the candidates are judged on.")] = 16,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per window (default: the statistics').")] = None,
@@ -115,6 +126,7 @@ def allocate(
     if stats is None:
         raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
     target = _target(for_, method, weights, refit, merge_seed)
+    active = _active_ratio(top_k, active_ratio)
     if criterion is None and target is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
     if [ratio, keep, bytes_].count(None) != 2:
@@ -141,6 +153,7 @@ def allocate(
             skip_layers=_layers(skip_layers),
             progress=lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
             merge=target,
+            active_ratio=active,
         )
     if isinstance(mask, stage.MergeAllocation):
         mask.write(Path(out), force, inputs)
@@ -158,6 +171,8 @@ def allocate(
         print_json({**report.to_dict(), "out": out, "plot": str(plot) if plot else None, "command": command})
         return
     out_console.print(allocation_table(report))
+    if report.top_k is not None:
+        out_console.print(top_k_table(report))
     if command is None:
         out_console.print(f"mask written to {out}", highlight=False)
         return
@@ -177,6 +192,19 @@ def _target(for_: str, method: str | None, weights: str | None, refit: bool, see
             raise MoePruneError(f"{', '.join(given + ['--refit'] * refit)} apply to --for merge only")
         return None
     return MergeTarget(method or "uncurl", weights or "frequency", refit, seed or 0)
+
+
+def _active_ratio(top_k: str, ratio: float | None) -> float | None:
+    """--top-k search needs --active-ratio; --top-k keep refuses it."""
+    if top_k not in ("keep", "search"):
+        raise MoePruneError(f"--top-k {top_k!r}: use keep or search")
+    if top_k == "keep":
+        if ratio is not None:
+            raise MoePruneError("--active-ratio applies to --top-k search only")
+        return None
+    if ratio is None:
+        raise MoePruneError("--top-k search needs --active-ratio R (the share of experts per token kept)")
+    return ratio
 
 
 def _layers(text: str | None) -> tuple[int, ...]:
@@ -211,4 +239,25 @@ def allocation_table(report: AllocationReport) -> Table:
         label = f"global ({report.global_from})" if name == "global" else name
         values = report.values[name]
         table.add_row(label, *map(str, counts), f"{values['esap']:.4f}", f"{values['kl']:.4f}")
+    return table
+
+
+def top_k_table(report: AllocationReport) -> Table:
+    """Experts per token per layer: the model's, the greedy start's and the searched, with their objective."""
+    top_k = report.top_k or {}
+    table = Table(
+        title=f"top-k per MoE layer (--active-ratio {top_k['active_ratio']}: at most {top_k['budget']} per token "
+        f"over the searched layers; {top_k['evaluations']} candidates)",
+        title_justify="left",
+        highlight=False,
+    )
+    table.add_column("top-k")
+    for layer in report.layers:
+        table.add_column(str(layer), justify="right")
+    table.add_column("ESAP", justify="right")
+    table.add_column("KL", justify="right")
+    for name, key in (("model", "full"), ("greedy", "greedy"), ("searched", "searched")):
+        values = top_k["values"][key]
+        per_layer = top_k["top_k" if key == "searched" else key]
+        table.add_row(name, *map(str, per_layer), f"{values['esap']:.4f}", f"{values['kl']:.4f}")
     return table

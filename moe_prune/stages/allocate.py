@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from moe_prune.allocation import plan
 from moe_prune.allocation.blocks import MergedBlocks
 from moe_prune.allocation.objective import OBJECTIVES
 from moe_prune.allocation.plot import counts_figure as counts_figure
-from moe_prune.allocation.search import Counts, Trace, search
+from moe_prune.allocation.search import Counts, search
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
@@ -38,33 +38,15 @@ from moe_prune.stages.allocate_data import Calibration, calibration_windows
 from moe_prune.stages.allocate_merge import MergeAllocation as MergeAllocation
 from moe_prune.stages.allocate_merge import MergeTarget as MergeTarget
 from moe_prune.stages.allocate_merge import merged_models
+from moe_prune.stages.allocate_record import AllocationReport as AllocationReport
+from moe_prune.stages.allocate_record import allocation_record, drop_mask, report_of
+from moe_prune.stages.allocate_topk import TopKJudge, check_options, search_top_k
 from moe_prune.stages.evaluate import _is_expert_weight
 from moe_prune.stages.score import _identity, _vocab
 
 DEFAULT_OBJECTIVE = "kl"  # tracked held-out perplexity best on the demo (README, allocate)
 GLOBAL_FALLBACK = "soft-counts"  # ranks experts across layers when the criterion's scores are not comparable
 MERGE_RANKING = "usage-frequency"  # --for merge without soft counts: ranks by the hard counts merge reads
-
-
-@dataclass
-class AllocationReport:
-    """Counts per layer of each start and of the result, their objective values, and what the search cost."""
-
-    criterion: str
-    objective: str
-    layers: list[int]
-    counts: dict[str, list[int]]  # uniform, global (when there is one), searched
-    values: dict[str, dict[str, float]]  # the same names -> {"esap": ..., "kl": ...}
-    evaluations: int
-    accepted: int
-    seconds: float
-    positions: int
-    global_from: str | None
-    warnings: list[str] = field(default_factory=list)
-    target: dict[str, Any] = field(default_factory=lambda: {"for": "prune"})  # --for merge: method, weights...
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 def allocate(
@@ -80,6 +62,7 @@ def allocate(
     skip_layers: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
     merge: MergeTarget | None = None,
+    active_ratio: float | None = None,
 ) -> tuple[DropMask | MergeAllocation, AllocationReport]:
     """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes).
 
@@ -113,6 +96,8 @@ def allocate(
     else:
         costs, limit = _costs(ckpt, layers), bytes_budget(ckpt, layers, budget)
     space = plan.space(layers, min_per_layer, costs, limit)
+    if active_ratio is not None:
+        check_options(config, layers, active_ratio, merge is not None)
     warnings: list[str] = notes
     inputs = Inputs(identity, loaded, None, seed, _vocab(loaded, ckpt))
     scores, usage, values = evaluate(crit, inputs) if not crit.weights else _with_weights(crit, inputs, ckpt)
@@ -149,16 +134,23 @@ def allocate(
             return esap if objective == "esap" else -kl
 
         trace = search(space, starts, value, budget_evals, seed, progress)
-    report = _report(crit.name, objective, layers, starts, trace, measured, judge.positions, global_from, warnings)
+        top_k = None
+        if active_ratio is not None:
+            counts_candidate = lambda: candidate(trace.best)  # noqa: E731
+            topk_judge = TopKJudge(model_obj, config, judge.measure_in, counts_candidate, windows[0], objective)
+            top_k = search_top_k(topk_judge, layers, trace.best, active_ratio, budget_evals, seed, progress)
+    report = report_of(crit.name, objective, layers, starts, trace, measured, judge.positions, global_from, warnings)
+    report.top_k = top_k.to_dict() if top_k is not None else None
     report.seconds = time.perf_counter() - start
     facts = {"budget_evals": budget_evals, "seed": seed, "min_per_layer": min_per_layer, "skip_layers": skip}
     if merge is not None:
         report.target = {"for": "merge", **asdict(merge)}
-        record = _allocation(report, budget, calibration, facts, stats)
+        record = allocation_record(report, budget, calibration, facts, stats)
         record = {**{k: v for k, v in record.items() if k not in ("allocation", "stats")}, **record["allocation"]}
         keep = dict(zip(layers.numbers, trace.best, strict=True))
         return MergeAllocation(merge, keep, skip, str(model), stats_name, record), report
-    mask = _mask(identity, layers, table, trace, report, budget, calibration, facts, stats)
+    searched_top_k = tuple(top_k.top_k) if top_k is not None else None
+    mask = drop_mask(identity, layers, table, trace, report, budget, calibration, facts, stats, searched_top_k)
     mask.validate_groups(layers.n_group, "mask")
     return mask, report
 
@@ -224,75 +216,3 @@ def _global_source(crit: Any, stats: Stats, layers: plan.Layers) -> str | None:
     if crit.global_ok:
         return crit.name
     return GLOBAL_FALLBACK if "soft_counts" in stats.arrays else None
-
-
-def _report(
-    name: str,
-    objective: str,
-    layers: plan.Layers,
-    starts: dict[str, Counts],
-    trace: Trace,
-    measured: dict[Counts, tuple[float, float]],
-    positions: int,
-    global_from: str | None,
-    warnings: list[str],
-) -> AllocationReport:
-    named = {**starts, "searched": trace.best}
-    return AllocationReport(
-        criterion=name,
-        objective=objective,
-        layers=list(layers.numbers),
-        counts={k: list(v) for k, v in named.items()},
-        values={k: {"esap": measured[v][0], "kl": measured[v][1]} for k, v in named.items()},
-        evaluations=trace.evaluations,
-        accepted=trace.accepted,
-        seconds=0.0,
-        positions=positions,
-        global_from=global_from,
-        warnings=warnings,
-    )
-
-
-def _mask(
-    identity: Any,
-    layers: plan.Layers,
-    table: plan.DropTable,
-    trace: Trace,
-    report: AllocationReport,
-    budget: Budget | int,
-    calibration: Calibration,
-    facts: dict[str, Any],
-    stats: str | Path,
-) -> DropMask:
-    ids = identity.original_ids
-    drops = table.drops(trace.best)
-    keep = {
-        n: [e for slot, e in enumerate(ids[n]) if slot not in set(d)]
-        for n, d in zip(layers.numbers, drops, strict=True)
-    }
-    params: dict[str, Any] = {
-        "direction": table.direction,
-        **_allocation(report, budget, calibration, facts, stats),
-    }
-    return DropMask.create(identity, keep, report.criterion, params)
-
-
-def _allocation(
-    report: AllocationReport, budget: Budget | int, calibration: Calibration, facts: dict[str, Any], stats: str | Path
-) -> dict[str, Any]:
-    """The search's record: budget, objective values of the starts and the result, evaluations, calibration."""
-    return {
-        **(budget.to_dict() if isinstance(budget, Budget) else {"bytes": budget}),
-        "allocation": {
-            "objective": report.objective,
-            "values": report.values,
-            "counts": report.counts,
-            "evaluations": report.evaluations,
-            **facts,
-            "global_from": report.global_from,
-            "calibration": {k: v for k, v in calibration.__dict__.items() if k not in ("device",)},
-            "positions": report.positions,
-            **({"target": report.target} if report.target["for"] != "prune" else {}),
-        },
-        "stats": str(stats),
-    }

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.mask import DropMask as DropMask
+from moe_prune.errors import MoePruneError
 from moe_prune.merging.layer_plan import LayerPlan
 from moe_prune.stages.shrink import Shrink, Shrunk
 
@@ -43,6 +45,14 @@ class PruneResult(Shrunk):
         }
 
 
+def check_top_k(mask: DropMask, config: ModelConfig, mask_name: str) -> None:
+    """A mask's per-layer top-k (`allocate --top-k search`) only lowers the model's: routing was never trained
+    with more experts per token than the model's top-k."""
+    for layer, k in (mask.top_k or {}).items():
+        if k > config.top_k:
+            raise MoePruneError(f"{mask_name}: layer {layer} top_k {k} is above the model's top-k {config.top_k}")
+
+
 def run(
     model: str | Path,
     mask: DropMask,
@@ -68,7 +78,8 @@ def run(
         layer: [slot for slot, orig in enumerate(original[layer]) if orig in set(kept)]
         for layer, kept in mask.keep.items()
     }
-    shrink.target({layer: len(slots) for layer, slots in keep_slots.items()}, drop_mtp, "prune")
+    check_top_k(mask, ckpt.config, mask_name)
+    shrink.target({layer: len(slots) for layer, slots in keep_slots.items()}, drop_mtp, "prune", mask.top_k)
     plans = {layer: LayerPlan.selection(layer, slots) for layer, slots in keep_slots.items()}
     step = {"stage": "prune", "source": str(model), "mask": mask.to_dict()}
     shrunk = shrink.write(plans, step, "kept", progress)

@@ -31,7 +31,7 @@ from moe_prune.artifacts.manifest import Manifest, Members
 from moe_prune.checkpoint.edit import Edit, Written, stage_mtp, write_edit
 from moe_prune.checkpoint.mtp_tensors import MtpTensors, check_routers_finite
 from moe_prune.checkpoint.quantized import Quantization
-from moe_prune.checkpoint.ragged import expert_count_config
+from moe_prune.checkpoint.ragged import expert_count_config, source_top_k
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.io.output import check_writable
 from moe_prune.merging.clustering import Cluster
@@ -105,13 +105,15 @@ class Shrink:
         check_writable(self.out, force, "folder")
         self.ckpt = Checkpoint.open(model)
 
-    def target(self, counts: dict[int, int], drop_mtp: bool, verb: str) -> None:
-        """Check the result's expert counts (every MoE layer's) before any plan; `verb` names the command."""
+    def target(self, counts: dict[int, int], drop_mtp: bool, verb: str, top_k: dict[int, int] | None = None) -> None:
+        """Check the result's expert counts (every MoE layer's) before any plan; `verb` names the command.
+        `top_k`: experts per token per layer (a mask's, from `allocate --top-k search`); None: the source's."""
         ckpt, config = self.ckpt, self.ckpt.config
         self.counts, self.drop_mtp = counts, drop_mtp
         self.mtp = stage_mtp(ckpt, counts, drop_mtp)
         check_routers_finite(self.mtp, config.adapter, verb, mtp=not drop_mtp)  # experts: read only where computed
-        raw, self.model_files = expert_count_config(config.raw, config.adapter, counts, config.top_k)
+        layer_top_k = source_top_k(config) if top_k is None else top_k
+        raw, self.model_files = expert_count_config(config.raw, config.adapter, counts, layer_top_k)
         if drop_mtp:
             set_mtp_count(raw, config.text_key, self.mtp.layout.family, 0)
         self.config = ModelConfig(raw, config.adapter, config.text_key, config.source)
