@@ -1,6 +1,7 @@
-"""Mutation run (mutmut) over `runtime/sources.py` and `merging/refit.py`: how many small code changes the tests catch.
+"""Mutation run (mutmut) over `runtime/shares.py`, `runtime/sources.py` and `merging/refit.py`: how many small code
+changes the tests catch.
 
-    nice -n 19 python -m benchmarks.mutation                  # both modules, their tests, 2 workers
+    nice -n 19 python -m benchmarks.mutation                  # the modules, their tests, 2 workers
     nice -n 19 python -m benchmarks.mutation --json out.json  # also the counts and survivors as JSON
 
 The slow lane of issue #22 (tens of minutes on 2 cores, so not part of `pytest`). mutmut (a maintained
@@ -34,7 +35,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("moe_prune/runtime/sources.py", "moe_prune/merging/refit.py")
+# The share arithmetic of the 2026-12-06 run below (`_largest_remainder`, `allocate`, `_weights`, `parse_sources`)
+# now lives in runtime/shares.py (as `largest_remainder`, `share_weights`); mixing stays in runtime/sources.py.
+MODULES = ("moe_prune/runtime/shares.py", "moe_prune/runtime/sources.py", "moe_prune/merging/refit.py")
 # The fast tests that guard the two modules (mutmut runs, per mutant, those of them that reach the changed
 # function). Tests that build and run the demo model are left out: with them the run checked ~5 mutants a
 # minute on 2 busy cores, without them ~20.

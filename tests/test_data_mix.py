@@ -22,7 +22,9 @@ from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
 from moe_prune.lottery.recipe import LotteryParams
 from moe_prune.runtime.data import fixed_chunks, load_texts
-from moe_prune.runtime.sources import allocate, load_mix, parse_source, parse_sources
+from moe_prune.runtime.data_plan import plan_data, read_plan
+from moe_prune.runtime.sources import Mix, allocate, parse_source, parse_sources
+from moe_prune.runtime.sources import mix as mix_sources
 from moe_prune.stages import evaluate, lottery
 from moe_prune.stages import profile as stage
 
@@ -32,6 +34,12 @@ CHATS = [
     [{"role": "user", "content": f"question {i}: {'ab' * i}?"}, {"role": "assistant", "content": f"answer {i}."}]
     for i in range(12)
 ]
+
+
+def load_mix(specs: list[str], tok, budget: int, unit: int = 1) -> Mix:
+    """The mixed stream of `specs` for `budget` tokens: the data plan's sources through the mixer."""
+    plan = plan_data(specs, budget, unit=unit)
+    return mix_sources(read_plan(plan), tok, plan.tokens, unit=unit)
 
 
 def tokenizer_of(folder):

@@ -131,7 +131,7 @@ def finetune(
         FinetuneOptions,
         check_records_source,
         parse_anneal,
-        parse_sources,
+        parse_data,
         parse_train,
     )
 
@@ -168,13 +168,13 @@ def finetune(
     if not data and data_format != "text":
         raise MoePruneError(f"--format {data_format} needs --data FILE (JSONL records; the demo data is plain text)")
     given = data or [str(DEMO_CALIBRATION)]
-    specs = parse_sources(given)
+    specs = parse_data(given)  # parsed once: the stage takes these, not the strings
     check_records_source(specs, data_format)
     sources = tuple(spec.source for spec in specs)
     with _training_bar() as bar:
         try:
             check_not_input(out, (model, *sources, *([eval_data] if eval_data else [])))
-            result = stage.run(model, given, out, options, progress=lambda p: _report(bar, p))
+            result = stage.run(model, specs, out, options, progress=lambda p: _report(bar, p))
         except KeyboardInterrupt as exc:
             bar.stop()
             err_console.print("[bold red]interrupted[/]; continue from the last saved state with --resume")

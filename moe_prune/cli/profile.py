@@ -115,7 +115,7 @@ def profile(
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import profile as stage
-    from moe_prune.stages.profile import distributed, parse_sources, partial_path
+    from moe_prune.stages.profile import distributed, parse_data, partial_path
     from moe_prune.stages.profile_for import parse_for
 
     if task is not None and data:
@@ -124,7 +124,7 @@ def profile(
     if chosen is not None and combine:
         raise MoePruneError("--for chooses what a profile run records; --combine adds files as they are")
     given = [f"{TASK_PREFIX}{task}"] if task is not None else data or [str(DEMO_CALIBRATION)]
-    specs = parse_sources(given)
+    specs = parse_data(given)  # parsed once: the stage takes these, not the strings
     sources = tuple(spec.source for spec in specs)
     out = out.expanduser()
     check_writable(out, force, "file")
@@ -169,7 +169,7 @@ def profile(
             result.stats.save(out, force, inputs=(model, *sources))
 
     try:
-        result = _run_with_progress(model, given, settings, partial, resume, place.is_main, save)
+        result = _run_with_progress(model, specs, settings, partial, resume, place.is_main, save)
     finally:
         distributed.finish()
     if not place.is_main:
@@ -192,7 +192,7 @@ def profile(
 
 def _run_with_progress(
     model: str,
-    data: list[str],
+    data: tuple[Any, ...],  # --data parsed once (`stages.profile.parse_data`)
     settings: Settings,
     partial: Path | None,
     resume: bool,

@@ -20,9 +20,10 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.data import clip_seq_len
+from moe_prune.runtime.data_plan import calibration_plan, load_calibration, parse_data, read_plan
 from moe_prune.runtime.loading import load_model, load_tokenizer
-from moe_prune.runtime.sources import parse_sources, read_sources
 from moe_prune.stages import profile
+from moe_prune.stages.calibration import recorded_reading
 
 
 @dataclass(frozen=True)
@@ -48,35 +49,35 @@ def recorded(stats: Stats) -> dict[str, Any]:
 
 
 def calibration_windows(
-    ckpt: Checkpoint, stats: Stats, calibration: Calibration
+    ckpt: Checkpoint, stats: Stats, calibration: Calibration, name: str = "the statistics"
 ) -> tuple[Any, torch.Tensor, list[str]]:
-    """(loaded model, windows [N, S], warnings): the first `samples` windows of the calibration stream."""
+    """(loaded model, windows [N, S], warnings): the first `samples` windows of the calibration stream, made by
+    the one data plan and loader (`runtime.data_plan`) from the recorded settings `stages.calibration` checks."""
     facts = recorded(stats)
     data = calibration.data or facts.get("data")
     if not data:
         raise MoePruneError("the statistics do not record their calibration data; pass --data")
-    specs = parse_sources([data] if isinstance(data, str) else list(data))
+    specs = parse_data(data)
     for spec in specs:
         if Path(spec.source).resolve() == DEMO_HELDOUT.resolve():
             raise MoePruneError(f"--data {spec.source}: the held-out set; judge candidates on calibration data")
-    seq_len = calibration.seq_len or int(facts.get("seq_len") or 256)
+    reading = recorded_reading(facts, name)
+    seq_len = calibration.seq_len or reading["seq_len"]
     settings = profile.Settings(
         samples=calibration.samples,
         seq_len=seq_len,
-        seed=int(facts.get("seed") or 0),
-        text_field=str(facts.get("text_field") or "text"),
-        split=str(facts.get("split") or "train"),
-        split_on=str(facts.get("split_on") or "none"),
+        seed=reading["seed"],
+        text_field=reading["text_field"],
+        split=reading["split"],
+        split_on=reading["split_on"],
         dtype=calibration.dtype,
         device=calibration.device,
         trust_remote_code=calibration.trust_remote_code,
     )
     settings.check()
-    sources = read_sources(
-        specs, settings.samples * seq_len, pool=profile.POOL_FACTOR, what=profile.BUDGET, read=profile._reader(settings)
-    )
+    plan = calibration_plan(specs, settings.samples, seq_len, settings.seed, profile.data_reading(settings))
+    sources = read_plan(plan)
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
-    used = clip_seq_len(seq_len, model.config)
-    _, windows, warnings = profile._windows(sources, tokenizer, used, settings)
-    return model, windows[: settings.samples], warnings
+    loaded = load_calibration(plan, tokenizer, clip_seq_len(seq_len, model.config), sources)
+    return model, loaded.windows[: settings.samples], loaded.warnings

@@ -3,10 +3,11 @@
 Statistics travel between people and machines (`profile combine`), and `Stats.load` checks only that their
 provenance is an object; every value used here is checked first, so a hostile or hand-edited file is one
 line naming it and the field, never a TypeError deep in the data reader. `recorded_windows` re-reads the
-very windows `profile` counted (same sources, mixer, seed and shard, through `stages.profile`'s own
-`source_reader` and `cut_windows`) and compares their number and, where profile recorded it, the hash of
-their token ids (`windows_sha256`, `artifacts.provenance.hash_tokens`): a data file edited to the same
-number of windows is refused too. `merge --refit`'s layer-by-layer pass reads them (`stages.refit`).
+very windows `profile` counted (same sources, mixer, seed and shard, through the one data plan and
+loader of `runtime.data_plan`, read as `stages.profile` reads them) and compares their number and, where
+profile recorded it, the hash of their token ids (`windows_sha256`, `artifacts.provenance.hash_tokens`):
+a data file edited to the same number of windows is refused too. `merge --refit`'s layer-by-layer pass
+reads them (`stages.refit`); `allocate` reads its recorded reading settings through `recorded_reading`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from moe_prune.artifacts.provenance import hash_tokens
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data_plan import calibration_plan, load_calibration, read_plan
 from moe_prune.runtime.loading import load_tokenizer
-from moe_prune.runtime.sources import parse_sources, read_sources
-from moe_prune.stages.profile import BUDGET, POOL_FACTOR, Settings, cut_windows, shard_slice, source_reader
+from moe_prune.stages.profile import Settings, data_reading, shard_slice
 
 INTEGERS = {"samples": 1, "seq_len": 2, "seed": 0, "batch_size": 1}  # field -> smallest value profile accepts
 STRINGS = ("text_field", "split", "split_on", "dtype")
@@ -60,6 +61,26 @@ def recorded_settings(stats: Stats, name: str) -> Settings:
     return settings
 
 
+READING_DEFAULTS = {"seq_len": 256, "seed": 0, "text_field": "text", "split": "train", "split_on": "none"}
+
+
+def recorded_reading(provenance: dict[str, Any], name: str) -> dict[str, Any]:
+    """The window and reading settings a profile run recorded, each checked where present, a default where an
+    older file lacks it (`allocate` judges on the data the scores came from): one line naming `name` otherwise."""
+    values: dict[str, Any] = {}
+    for key, default in READING_DEFAULTS.items():
+        value = provenance.get(key)
+        if not value:  # absent, or recorded empty: the default, as allocate always took it
+            values[key] = default
+        elif key in INTEGERS:
+            values[key] = require_int(value, name, f"provenance {key}", INTEGERS[key])
+        else:
+            values[key] = require_type(value, str, name, f"provenance {key}")
+    if values["seed"] > MAX_SEED:
+        raise MoePruneError(f"{name}: provenance seed must be at most {MAX_SEED}, not {values['seed']}")
+    return values
+
+
 def recorded_data(stats: Stats, name: str) -> list[str]:
     """The `SOURCE[:SHARE]` specs profile read: a string or a non-empty list of strings in the provenance."""
     data = stats.provenance.get("data")
@@ -77,11 +98,12 @@ def recorded_windows(
 ) -> tuple[torch.Tensor, Settings]:
     """[N, seq_len] the very windows `profile` counted, and its settings; refused when the data changed since."""
     settings = replace(recorded_settings(stats, name), trust_remote_code=trust_remote_code)
-    specs = parse_sources(recorded_data(stats, name))
-    budget = settings.samples * settings.seq_len
-    sources = read_sources(specs, budget, pool=POOL_FACTOR, what=BUDGET, read=source_reader(settings))
+    plan = calibration_plan(
+        recorded_data(stats, name), settings.samples, settings.seq_len, settings.seed, data_reading(settings)
+    )
+    sources = read_plan(plan)  # the data's problems before the tokenizer's, as in profile
     tokenizer = load_tokenizer(ckpt, trust_remote_code)
-    _, chunks, _ = cut_windows(sources, tokenizer, settings.seq_len, settings)
+    chunks = load_calibration(plan, tokenizer, settings.seq_len, sources).windows
     chosen = chunks[shard_slice(len(chunks), settings.shard)]
     provenance = stats.provenance
     counted = require_int(provenance.get("sequences", len(chosen)), name, "provenance sequences", 1)

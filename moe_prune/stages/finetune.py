@@ -39,12 +39,13 @@ from moe_prune.checkpoint.writer import copy_side_files
 from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_folder, check_writable, work_lock
+from moe_prune.runtime.data_plan import DataLike, refuse_prefixed
+from moe_prune.runtime.data_plan import parse_data as parse_data
 from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.runtime.shares import SourceSpec
 from moe_prune.runtime.skeleton import quiet_transformers
-from moe_prune.runtime.sources import SourceSpec
-from moe_prune.runtime.sources import parse_sources as parse_sources
 from moe_prune.sizes import parse_size
-from moe_prune.stages.tasks import TASK_PREFIX
+from moe_prune.stages.tasks import TASK_PREFIX as TASK_PREFIX  # its `task:` reader registered, to refuse it
 from moe_prune.training.batches import BatchPlan, Sequences
 from moe_prune.training.freeze import group_members, members_of, select_trainable
 from moe_prune.training.heldout import HeldOut, measure
@@ -123,12 +124,11 @@ class _Plan:
     top_k_end: int
 
 
-def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int, specs: list[SourceSpec]) -> _Plan:
+def _plan(model: str | Path, out: Path, options: FinetuneOptions, processes: int, specs: Sequence[SourceSpec]) -> _Plan:
     """Validate options against the checkpoint: cheap checks first, so bad input costs nothing."""
     options.check()
     check_records_source(specs, options.format)
-    if any(s.source.startswith(TASK_PREFIX) for s in specs):
-        raise MoePruneError(f"--data {TASK_PREFIX}NAME: finetune reads files and hub datasets (profile reads tasks)")
+    refuse_prefixed(specs, "finetune")
     ckpt = Checkpoint.open(model)
     _ = ckpt.identity
     config = ckpt.config
@@ -216,7 +216,7 @@ def _optimizer(model: Any, names: list[str], options: FinetuneOptions) -> torch.
 
 def run(
     model: str | Path,
-    data: str | Path | Sequence[str | Path],
+    data: DataLike,
     out: str | Path,
     options: FinetuneOptions | None = None,
     progress: ProgressFn | None = None,
@@ -227,7 +227,7 @@ def run(
     in every process before it writes anything."""
     options = options or FinetuneOptions()
     out = Path(out).expanduser().absolute()
-    specs = parse_sources([str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data])
+    specs = list(parse_data(data))  # parsed once (already parsed `SourceSpec`s are taken as they are)
     given: str | list[str] = specs[0].given if len(specs) == 1 else [s.given for s in specs]
     accelerator = _accelerator(options)
     main = accelerator.is_main_process

@@ -48,12 +48,12 @@ from moe_prune.lottery.recipe import LotteryParams as LotteryParams
 from moe_prune.lottery.results import LotteryResult, MethodResult, RoundResult
 from moe_prune.lottery.schedule import drop_schedule, token_schedule
 from moe_prune.runtime.data import load_documents
+from moe_prune.runtime.data_plan import parse_data, refuse_prefixed
+from moe_prune.runtime.shares import SourceSpec
 from moe_prune.runtime.skeleton import code_decision
-from moe_prune.runtime.sources import SourceSpec, parse_sources
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import evaluate, finetune, profile, prune, score
-from moe_prune.stages.tasks import TASK_PREFIX
 from moe_prune.training.options import FinetuneOptions
 
 ROUND_SCHEMA = "moe-prune/lottery-round"
@@ -78,9 +78,15 @@ class Method:
 
 def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     """Validate everything that needs no compute and fix the schedule; nothing is written."""
+    recipe, methods, ckpt, _ = _plan(params)
+    return recipe, methods, ckpt
+
+
+def _plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint, tuple[SourceSpec, ...]]:
+    """`plan`, and `--data` parsed once (every round's profile and finetune reads these `SourceSpec`s)."""
     params.check()
     get_criterion(params.criterion)  # unknown names fail here, with "did you mean"
-    specs = [s.relocated(local_path(s.source)) for s in parse_sources(_data(params))]
+    specs = tuple(s.relocated(local_path(s.source)) for s in parse_data(_data(params)))
     data = specs[0].given if len(specs) == 1 else [s.given for s in specs]
     params = replace(params, model=local_path(params.model), data=data, eval_data=local_path(params.eval_data))
     ckpt = Checkpoint.open(params.model)
@@ -94,8 +100,7 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
     drops = drop_schedule(counts.pop(), config.top_k, params.target_ratio, params.rounds)
     tokens = token_schedule(params.tokens_first, len(drops)) if params.finetune else [0] * len(drops)
     FinetuneOptions(**_finetune_fields(params, tokens[0] or 1)).check()
-    if any(s.source.startswith(TASK_PREFIX) for s in specs):
-        raise MoePruneError(f"--data {TASK_PREFIX}NAME: lottery reads files and hub datasets (profile reads tasks)")
+    refuse_prefixed(specs, "lottery")
     for source in (*(s.source for s in specs), *((params.eval_data,) if params.eval_tokens else ())):
         # a missing or unreadable file is reported before any round
         load_documents(source, params.text_field, max_chars=1, split_on=params.split_on)
@@ -120,7 +125,7 @@ def plan(params: LotteryParams) -> tuple[Recipe, list[Method], Checkpoint]:
         "profile_seed": params.seed,
         "methods": [m.name for m in methods],
     }
-    return Recipe(params, inputs, schedule), methods, ckpt
+    return Recipe(params, inputs, schedule), methods, ckpt, specs
 
 
 def run(
@@ -132,12 +137,12 @@ def run(
 ) -> LotteryResult:
     """Run (or resume) the lottery into `out`; `expected` is a recipe being reproduced (its inputs must match)."""
     out = Path(out).expanduser().absolute()
-    recipe, methods, ckpt = plan(params)
+    recipe, methods, ckpt, specs = _plan(params)
     if expected is not None:
         diff = first_difference(expected.inputs, recipe.inputs)
         if diff:
             raise MoePruneError(f"the recipe's inputs have changed since it was written: {diff}")
-    _protect_inputs(out, recipe.params)
+    _protect_inputs(out, recipe.params, specs)
     warnings = []
     if expected is not None and expected.tool_version != recipe.tool_version:
         warnings.append(f"the recipe was written by moe-prune {expected.tool_version}; this is {recipe.tool_version}")
@@ -145,7 +150,7 @@ def run(
         fresh = force or not out.exists()
         try:
             resumed = _prepare(out, recipe, force)
-            return _run(recipe, methods, ckpt, out, resumed, warnings, progress)
+            return _run(recipe, methods, ckpt, specs, out, resumed, warnings, progress)
         except BaseException:
             if fresh and out.is_dir() and all(p.is_dir() or p.name == RECIPE_NAME for p in out.rglob("*")):
                 _remove(out)  # a fresh run that wrote nothing but its recipe leaves nothing behind (nothing to resume)
@@ -156,6 +161,7 @@ def _run(
     recipe: Recipe,
     methods: list[Method],
     ckpt: Checkpoint,
+    specs: tuple[SourceSpec, ...],
     out: Path,
     resumed: bool,
     warnings: list[str],
@@ -171,7 +177,9 @@ def _run(
         folder = out / method.name if params.compare else out
         if method.name == EQUAL_BUDGET:  # exactly the tokens the lottery trained (its budgets round down to steps)
             method = replace(method, tokens=[results["lottery"].trained])
-        results[method.name] = _run_method(params, recipe.digest(), method, folder, ckpt.folder, report, first_round)
+        results[method.name] = _run_method(
+            params, specs, recipe.digest(), method, folder, ckpt.folder, report, first_round
+        )
         first_round = first_round or folder / "round-01"
     dropped = {name: m.dropped for name, m in results.items()}
     result = LotteryResult(
@@ -209,16 +217,16 @@ def _data(params: LotteryParams) -> list[str]:
     return [params.data] if isinstance(params.data, str) else list(params.data)
 
 
-def _fingerprints(specs: list[SourceSpec]) -> dict[str, Any] | list[dict[str, Any]]:
+def _fingerprints(specs: tuple[SourceSpec, ...]) -> dict[str, Any] | list[dict[str, Any]]:
     """One source: its fingerprint (as recipes always had); a mix: each source's, with its share as given."""
     prints = [{**data_fingerprint(s.source), **({"spec": s.given} if s.suffix else {})} for s in specs]
     return prints[0] if len(prints) == 1 else prints
 
 
-def _protect_inputs(out: Path, params: LotteryParams) -> None:
+def _protect_inputs(out: Path, params: LotteryParams, specs: tuple[SourceSpec, ...]) -> None:
     """Inputs are never modified: refuse a DIR that is, holds or lies inside the model or the data, before
     anything is written (the recipe, a round's statistics and mask would land inside the input)."""
-    data = [spec.source for spec in parse_sources(_data(params))]
+    data = [spec.source for spec in specs]
     check_not_input(out, (params.model, *data, params.eval_data))
 
 
@@ -231,6 +239,7 @@ def _remove(out: Path) -> None:
 
 def _run_method(
     params: LotteryParams,
+    specs: tuple[SourceSpec, ...],
     digest: str,
     method: Method,
     folder: Path,
@@ -244,7 +253,7 @@ def _run_method(
     rounds: list[RoundResult] = []
     for index, (drop, tokens) in enumerate(zip(method.drops, method.tokens, strict=True), 1):
         shared = first_round if index == 1 else None
-        step = _Round(params, digest, method.name, index, len(method.drops), folder, report, shared)
+        step = _Round(params, digest, method.name, index, len(method.drops), folder, report, shared, specs)
         result = step.run(current, drop, tokens)
         rounds.append(result)
         current = folder / result.checkpoint
@@ -263,6 +272,7 @@ class _Round:
     folder: Path
     report: ProgressFn
     shared: Path | None = None  # another method's round on the same input model: its statistics (and mask)
+    specs: tuple[SourceSpec, ...] = ()  # --data, parsed once by `_plan`: every round's profile and finetune
 
     @property
     def path(self) -> Path:
@@ -287,7 +297,7 @@ class _Round:
                 options = FinetuneOptions(
                     **_finetune_fields(self.params, tokens), seed=self.params.seed + self.index - 1
                 )
-                finetune.run(pruned, _data(self.params), final, options)  # one source or the same mix as profile
+                finetune.run(pruned, self.specs, final, options)  # one source or the same mix as profile
         trained = _trained(final) if tokens else 0
         perplexity = None
         if self.params.eval_tokens:
@@ -340,7 +350,7 @@ class _Round:
             text_field=self.params.text_field,
             split_on=self.params.split_on,
         )
-        stats = profile.run(current, self.params.data, settings).stats
+        stats = profile.run(current, self.specs, settings).stats
         stats.save(path)
         return stats
 

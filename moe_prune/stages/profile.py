@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,23 +39,24 @@ from moe_prune.io.output import work_lock
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.data import check_split_on, clip_seq_len, fixed_chunks
+from moe_prune.runtime.data_plan import BUDGET as BUDGET
+from moe_prune.runtime.data_plan import POOL_FACTOR as POOL_FACTOR
+from moe_prune.runtime.data_plan import DataLike, Reading, calibration_plan, load_calibration, read_plan
+from moe_prune.runtime.data_plan import parse_data as parse_data
 from moe_prune.runtime.loading import input_device, load_model, load_tokenizer
 from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.resume import partial_path as partial_path
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.runtime.skeleton import parse_dtype
-from moe_prune.runtime.sources import Mix, SourceData, SourceSpec, mix, read_source, read_sources, take
-from moe_prune.runtime.sources import parse_sources as parse_sources
+from moe_prune.runtime.sources import take
 from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.stages.profile_for import wanted
-from moe_prune.stages.tasks import TASK_PREFIX, calibration_texts
+from moe_prune.stages.tasks import TASK_PREFIX as TASK_PREFIX  # imported for its registered `task:` reader
 from moe_prune.training.losses import token_cross_entropy
 
 # progress(tokens_done, tokens_total): called before the first batch and after each one.
 ProgressFn = Callable[[int, int], None]
-POOL_FACTOR = 4  # windows are drawn from at most this many times the tokens needed
-BUDGET = "--samples x --seq-len"
 
 
 @dataclass(frozen=True)
@@ -193,14 +194,15 @@ def model_facts(config: ModelConfig) -> dict[str, Any]:
 
 def run(
     model: str | Path,
-    data: str | Sequence[str],
+    data: DataLike,
     settings: Settings = Settings(),
     progress: ProgressFn | None = None,
     partial: Path | None = None,
     resume: bool = False,
     save: Callable[[ProfileResult], None] | None = None,
 ) -> ProfileResult:
-    """Profile `model` on `data` (one source or several `SOURCE[:SHARE]`); nothing is written but `partial`.
+    """Profile `model` on `data` (one source or several `SOURCE[:SHARE]`, or their parsed `SourceSpec`s: parsed
+    once, see `runtime.data_plan`); nothing is written but `partial`.
 
     Under a distributed launch every process profiles its own slice and all get the combined result.
     Each process holds its `partial` (`work_lock`, one file per process) from the start: a second run on
@@ -227,7 +229,7 @@ def discard_partial(partial: Path) -> None:
 
 def _profile(
     model: str | Path,
-    data: str | Sequence[str],
+    data: DataLike,
     settings: Settings,
     progress: ProgressFn | None,
     partial: Path | None,
@@ -239,10 +241,8 @@ def _profile(
     ckpt = Checkpoint.open(model)
     identity = ckpt.identity  # config problems surface before any data is read
     config = ckpt.config
-    specs = parse_sources([data] if isinstance(data, str) else list(data))
-    sources = read_sources(
-        specs, settings.samples * settings.seq_len, pool=POOL_FACTOR, what=BUDGET, read=source_reader(settings)
-    )
+    plan = calibration_plan(data, settings.samples, settings.seq_len, settings.seed, data_reading(settings))
+    sources = read_plan(plan)
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     if settings.sequential and config.model_type in NO_SEQUENTIAL:
         raise MoePruneError(
@@ -258,7 +258,8 @@ def _profile(
         loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
         hf_config = loaded.config
     seq_len = clip_seq_len(settings.seq_len, hf_config)
-    mixed, windows, warnings = cut_windows(sources, tokenizer, seq_len, settings)
+    cut = load_calibration(plan, tokenizer, seq_len, sources)
+    mixed, windows, warnings = cut.mix, cut.windows, cut.warnings
     total = len(windows)
     part = shard_slice(total, settings.shard)
     windows = windows[part]
@@ -274,7 +275,7 @@ def _profile(
     provenance = {
         "tool": f"moe-prune {moe_prune.__version__}",
         "model": str(model),
-        "data": specs[0].given if len(specs) == 1 else [s.given for s in specs],
+        "data": plan.given,
         "sources": mixed.provenance(part.start * seq_len, part.stop * seq_len),
         "text_field": settings.text_field,
         "split": (sources[0].split if len(sources) == 1 else None) or settings.split,
@@ -302,39 +303,17 @@ def _profile(
     return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
 
 
-def source_reader(settings: Settings) -> Callable[[SourceSpec, int], SourceData]:
-    """Reads `task:NAME` sources through lm-eval (the task's own documents), the rest as files or hub datasets."""
-
-    def read(spec: SourceSpec, max_chars: int) -> SourceData:
-        if spec.source.startswith(TASK_PREFIX):
-            texts, split = calibration_texts(
-                spec.source[len(TASK_PREFIX) :], settings.include_path, settings.trust_remote_code
-            )
-            return SourceData(spec, list(texts), split)
-        return read_source(spec, max_chars, settings.text_field, settings.split, settings.split_on)
-
-    return read
-
-
-def cut_windows(
-    sources: list[SourceData], tokenizer: Any, seq_len: int, settings: Settings
-) -> tuple[Mix, torch.Tensor, list[str]]:
-    """The mixed stream of samples x seq_len tokens cut into windows, and the warnings about it."""
-    warnings = []
-    if seq_len < settings.seq_len:
-        warnings.append(f"sequence length {settings.seq_len} exceeds the model's context; using {seq_len}")
-    budget = settings.samples * seq_len
-    mixed = mix(sources, tokenizer, budget, unit=seq_len, seed=settings.seed, pool=POOL_FACTOR, what=BUDGET)
-    warnings += mixed.warnings
-    windows = fixed_chunks(mixed.ids, seq_len, source=mixed.label)
-    if len(windows) < settings.samples:
-        warnings.append(
-            f"{mixed.label}: holds only {len(windows)} sequences of {seq_len} tokens ({settings.samples} asked)"
-        )
-    return mixed, windows, warnings
-
-
-_reader, _windows = source_reader, cut_windows  # old names, until stages/allocate_data.py reads stages.calibration
+def data_reading(settings: Settings) -> Reading:
+    """How profile reads its sources: `task:NAME` through its registered reader (`stages.tasks`), the rest as
+    files or hub datasets with the settings' field, split and .txt cutting."""
+    return Reading(
+        settings.text_field,
+        settings.split,
+        settings.split_on,
+        settings.include_path,
+        settings.trust_remote_code,
+        prefixed=True,
+    )
 
 
 def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place: distributed.World) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.data_plan import Reading, register_reader
+from moe_prune.runtime.sources import SourceData, SourceSpec
 from moe_prune.stages.task_code import check_task_yamls, sandboxed_templates
 from moe_prune.stages.task_harness import (
     check_tasks,
@@ -233,6 +235,13 @@ def write_samples(result: TasksResult, path: Path, force: bool = False, protect:
 
 
 TASK_PREFIX = "task:"  # `--data task:NAME` (or `profile --task NAME`): a task's own documents as calibration text
+
+
+@register_reader(TASK_PREFIX)
+def task_source(spec: SourceSpec, max_chars: int, reading: Reading) -> SourceData:
+    """`task:NAME` in a data plan: the task's own documents (`calibration_texts`), read whole."""
+    texts, split = calibration_texts(spec.source[len(TASK_PREFIX) :], reading.include_path, reading.trust_remote_code)
+    return SourceData(spec, list(texts), split)
 
 
 def calibration_texts(

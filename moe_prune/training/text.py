@@ -10,7 +10,7 @@ sending it through the mix would cut the stream at exactly the budget: fewer row
 so the same command would train another model than the one measured before mixes existed (the README's
 tables).
 
-A mix (several `--data` values, or one with a share) goes through `runtime.sources.load_mix`: each source
+A mix (several `--data` values, or one with a share) goes through the mixer (`runtime.sources.mix`): each source
 gives the FIRST tokens of its share (no seed: like one source, a file is read from its start) of the
 tokens the run trains, i.e. --tokens in whole optimizer steps; the sources follow each other and the
 stream is cut into chunks. So every chunk trains exactly once, and the tokens that the provenance gives
@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moe_prune.runtime.chat import render
-from moe_prune.runtime.data import fixed_chunks, token_stream
-from moe_prune.runtime.sources import CHARS_PER_TOKEN_BOUND, Mix, SourceSpec, Taken, load_mix, read_source
+from moe_prune.runtime.data_plan import DataPlan, Reading, load_windows, plan_data
+from moe_prune.runtime.shares import SourceSpec
 from moe_prune.training.batches import Sequences
 
 
@@ -40,8 +39,26 @@ class Rows:
 
 
 def is_mix(specs: Sequence[SourceSpec]) -> bool:
-    """Several sources, or one with a share or token count: what goes through `load_mix`."""
+    """Several sources, or one with a share or token count: what goes through the mixer."""
     return len(specs) > 1 or bool(specs[0].suffix)
+
+
+def text_plan(
+    specs: Sequence[SourceSpec],
+    seq_len: int,
+    budget: int,
+    *,
+    trained: int | None = None,
+    text_field: str = "text",
+    split_on: str = "none",
+) -> DataPlan:
+    """finetune's data plan: one source for a budget of `budget` tokens (--tokens), every whole chunk of its
+    stream kept, or a mix of exactly `trained` tokens (the tokens the run trains; default `budget`)."""
+    reading = Reading(text_field=text_field, split_on=split_on)
+    if is_mix(specs):
+        total = budget if trained is None else trained
+        return plan_data(specs, total, what="--tokens in whole optimizer steps", unit=seq_len, reading=reading)
+    return plan_data(specs, budget, unit=seq_len, reading=reading, whole=True)
 
 
 def text_rows(
@@ -54,29 +71,10 @@ def text_rows(
     text_field: str = "text",
     split_on: str = "none",
 ) -> Rows:
-    """Chunks of `seq_len` tokens: one source for a budget of `budget` tokens (--tokens) as read before, or a
-    mix of exactly `trained` tokens (the tokens the run trains; default `budget`), see the module docstring."""
-    if is_mix(specs):
-        return _mixed(specs, tokenizer, seq_len, budget if trained is None else trained, text_field, split_on)
-    return _single(specs[0].source, tokenizer, seq_len, budget, text_field, split_on)
+    """Chunks of `seq_len` tokens of `text_plan`'s data (see the module docstring)."""
+    plan = text_plan(specs, seq_len, budget, trained=trained, text_field=text_field, split_on=split_on)
+    loaded = load_windows(plan, tokenizer)
+    return Rows(Sequences(loaded.windows), loaded.warnings, loaded.mix.provenance(0, loaded.windows.numel()))
 
 
-def _single(source: str, tokenizer: Any, seq_len: int, budget: int, text_field: str, split_on: str) -> Rows:
-    """One source's stream as finetune always read it (chats rendered with the model's chat template)."""
-    data = read_source(SourceSpec(source), budget * CHARS_PER_TOKEN_BOUND, text_field, split_on=split_on)
-    ids = token_stream(render(data.documents, tokenizer, source), tokenizer, budget)
-    chunks = fixed_chunks(ids, seq_len, source=source)
-    stream = Mix(ids, [Taken(data, budget, ids.numel(), 0)], [])
-    return Rows(Sequences(chunks), [], stream.provenance(0, chunks.numel()))
-
-
-def _mixed(
-    specs: Sequence[SourceSpec], tokenizer: Any, seq_len: int, budget: int, text_field: str, split_on: str
-) -> Rows:
-    what = "--tokens in whole optimizer steps"
-    mixed = load_mix(specs, tokenizer, budget, text_field=text_field, split_on=split_on, unit=seq_len, what=what)
-    chunks = fixed_chunks(mixed.ids, seq_len, source=mixed.label)
-    return Rows(Sequences(chunks), list(mixed.warnings), mixed.provenance(0, chunks.numel()))
-
-
-__all__ = ["Rows", "is_mix", "text_rows"]
+__all__ = ["Rows", "is_mix", "text_plan", "text_rows"]
