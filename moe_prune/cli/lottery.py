@@ -4,111 +4,34 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from moe_prune.cli.common import (
-    MAX_SEED,
-    SPLIT_ON_HELP,
     JsonOpt,
     LazyBar,
-    TextDataOpt,
     out_console,
-    parse_tokens,
     print_json,
     user_errors,
     warn,
 )
+from moe_prune.cli.spec_options import takes_spec
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.lottery import LotteryParams
 from moe_prune.stages.common import check_plot
 
 if TYPE_CHECKING:
     from moe_prune.stages.lottery import LotteryResult
 
-PRUNING = "Pruning"
-TRAIN = "Finetuning (each round)"
-PROFILE = "Profiling (each round)"
-EVAL = "Evaluation"
-
 
 @user_errors
+@takes_spec(LotteryParams, "given", unset=True)
 def lottery(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (round-NN/ per round, recipe.json, report).")],
-    model: Annotated[
-        str | None, typer.Argument(help="Model folder or hub id (default: the shipped demo model).", show_default=False)
-    ] = None,
-    criterion: Annotated[
-        str | None, typer.Option("--criterion", "-c", help="Criterion (see `moe-prune score --list`).")
-    ] = None,
-    target_ratio: Annotated[
-        float | None, typer.Option(help="Share of each layer's experts gone at the end (default: 0.5).")
-    ] = None,
-    rounds: Annotated[
-        int | None, typer.Option(help="Rounds k (default: one expert per layer per round).", rich_help_panel=PRUNING)
-    ] = None,
-    data: TextDataOpt = None,
-    direction: Annotated[
-        str | None, typer.Option(help="min or max (default: the criterion's).", rich_help_panel=PRUNING)
-    ] = None,
-    no_finetune: Annotated[
-        bool, typer.Option("--no-finetune", help="Iterative pruning: no finetuning between rounds.")
-    ] = False,
-    compare: Annotated[
-        bool,
-        typer.Option(
-            "--compare",
-            help="Also run one-shot, iterative, and one-shot + ONE finetune of the lottery's total tokens; "
-            "compare the four.",
-        ),
-    ] = False,
-    tokens_first: Annotated[
-        str | None, typer.Option(help="Round 1 tokens, doubling each round (default: 200k).", rich_help_panel=TRAIN)
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak AdamW lr (default: 1e-5).", rich_help_panel=TRAIN)] = None,
-    seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per training/eval sequence (default: 256).", rich_help_panel=TRAIN)
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Sequences per micro-batch (default: 8).", rich_help_panel=TRAIN)
-    ] = None,
-    grad_accum: Annotated[
-        int | None, typer.Option(help="Micro-batches per step (default: 1).", rich_help_panel=TRAIN)
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay (default: 0.01).", rich_help_panel=TRAIN)
-    ] = None,
-    warmup_ratio: Annotated[
-        float | None, typer.Option(help="Warm-up share of steps (default: 0.05).", rich_help_panel=TRAIN)
-    ] = None,
-    max_grad_norm: Annotated[
-        float | None, typer.Option(help="Gradient clipping, 0: off (default: 1.0).", rich_help_panel=TRAIN)
-    ] = None,
-    profile_samples: Annotated[
-        int | None, typer.Option(help="Calibration sequences (default: 256).", rich_help_panel=PROFILE)
-    ] = None,
-    profile_seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per calibration sequence (default: 2048).", rich_help_panel=PROFILE)
-    ] = None,
-    profile_batch_size: Annotated[
-        int | None, typer.Option(help="Sequences per forward pass (default: 8).", rich_help_panel=PROFILE)
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=MAX_SEED, help="Seed of calibration windows; round r trains with seed + r - 1 (default: 0)."
-        ),
-    ] = None,
-    text_field: Annotated[str | None, typer.Option(help="Text field of structured data (default: text).")] = None,
-    split_on: Annotated[str | None, typer.Option(help=SPLIT_ON_HELP + " Default: none.")] = None,
-    eval_data: Annotated[
-        str | None, typer.Option(help="Held-out text (default: demo held-out).", rich_help_panel=EVAL)
-    ] = None,
-    eval_tokens: Annotated[
-        int | None,
-        typer.Option(help="Held-out tokens scored per round, 0: skip (default: 16384).", rich_help_panel=EVAL),
-    ] = None,
+    *,
+    given: dict[str, Any],  # one option per LotteryParams field, the ones passed (cli/spec_options.py)
     recipe: Annotated[
         str | None, typer.Option("--recipe", help="Run the experiment of a recipe.json again (no other parameters).")
     ] = None,
@@ -116,32 +39,22 @@ def lottery(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    options = dict(locals())  # the parameters, by name: those named like LotteryParams fields are its fields
-    from dataclasses import fields
-
     from moe_prune.stages import lottery as stage
     from moe_prune.stages.common import DEMO_CALIBRATION, DEMO_MODEL_DIR
-    from moe_prune.stages.lottery import LotteryParams, Recipe
+    from moe_prune.stages.lottery import Recipe
 
-    given = {f.name: options[f.name] for f in fields(LotteryParams) if f.name in options}
-    given["finetune"] = False if no_finetune else None  # flags count as given only when passed
-    given["compare"] = True if compare else None
-    given["data"] = None if not data else data[0] if len(data) == 1 else data
-    given["tokens_first"] = parse_tokens(tokens_first, "--tokens-first") if tokens_first is not None else None
-    set_fields = {k: v for k, v in given.items() if v is not None}
     expected = None
     if recipe is not None:
-        if set_fields:
-            names = ", ".join(sorted(set_fields))
+        if given:
+            names = ", ".join(sorted(given))
             raise MoePruneError(f"--recipe sets every parameter; do not also pass {names}")
         expected = Recipe.read(recipe)
         params = expected.params
     else:
-        if criterion is None:
+        if "criterion" not in given:
             raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`) or --recipe FILE")
-        set_fields.setdefault("model", str(DEMO_MODEL_DIR))
-        set_fields.setdefault("data", str(DEMO_CALIBRATION))
-        params = LotteryParams(**set_fields)
+        defaults = {"model": str(DEMO_MODEL_DIR), "data": str(DEMO_CALIBRATION)}
+        params = LotteryParams(**(defaults | given))
     check_plot(plot, force, (params.model,))
     with _RoundBar() as bar:
         result = stage.run(params, out, force=force, progress=bar.round, expected=expected)

@@ -1,0 +1,79 @@
+"""Option groups several stages share, each stated once: its fields, defaults, help and checks.
+
+A stage spec composes them by inheritance (`class FinetuneSpec(Training, TextData)`) when it uses the
+fields under the same names, or reuses single fields with `fields.like` under another name (lottery's
+`--profile-samples` is profile's `--samples`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_prune.specs.fields import option
+from moe_prune.specs.parse import MAX_SEED, device_map
+
+TRAIN = "Training"
+SPLIT_ON_HELP = (
+    "How .txt/.text/.md files become documents: none (the whole file is one document) or blank-lines "
+    "(each paragraph one document; documents are joined by EOS)."
+)
+
+
+@dataclass(frozen=True)
+class TextData:
+    """How structured and plain-text data become documents."""
+
+    text_field: str = option("text", "Field/column holding the text in structured data.")
+    split_on: str = option("none", SPLIT_ON_HELP)  # runtime.data.SPLIT_ON
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Which windows of the calibration data a profile reads, and how many per forward pass."""
+
+    samples: int = option(256, "Calibration sequences (drawn with --seed when more exist).")
+    seq_len: int = option(2048, "Tokens per sequence (capped at the model's context).")
+    seed: int = option(0, "Seed of the choice of sequences.", min=0, max=MAX_SEED)
+    batch_size: int = option(8, "Sequences per forward pass.")
+
+
+@dataclass(frozen=True)
+class ModelLoading:
+    """How a model is loaded: dtype, placement, and whether its own code may run."""
+
+    dtype: str = option("float32", "float32, bfloat16, float16 or auto (the checkpoint's).")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ... or auto (spread over GPUs).", affects_result=False)
+    device_map: str | None = option(
+        None,
+        "auto: spread a model larger than one device over all (accelerate).",
+        parse=device_map,
+        affects_result=False,
+    )
+    trust_remote_code: bool = option(
+        False,
+        "Allow the checkpoint's own Python code to run (never without this flag).",
+        "--trust-remote-code/--no-trust-remote-code",
+        affects_result=False,
+    )
+
+    def __post_init__(self) -> None:
+        """--device-map auto is accelerate's big-model placement, the same as --device auto."""
+        if self.device_map is not None:
+            object.__setattr__(self, "device", device_map(self.device_map, "--device-map"))
+
+
+@dataclass(frozen=True)
+class Training:
+    """The optimizer and batching of next-token training (finetune, and every lottery round)."""
+
+    seq_len: int = option(
+        256, "Tokens per sequence (chat/completion: longer examples keep their first ones).", panel=TRAIN
+    )
+    batch_size: int = option(8, "Sequences per micro-batch per process.", panel=TRAIN)  # on each process
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", panel=TRAIN)
+    lr: float = option(1e-5, "Peak AdamW learning rate.", panel=TRAIN)
+    weight_decay: float = option(0.01, "AdamW weight decay (2-D weights).", panel=TRAIN)
+    warmup_ratio: float = option(  # share of steps with a linear warm-up before the cosine decay
+        0.05, "Share of steps of linear warm-up before cosine decay.", panel=TRAIN
+    )
+    max_grad_norm: float = option(1.0, "Gradient clipping (0: off).", panel=TRAIN)

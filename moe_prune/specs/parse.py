@@ -1,0 +1,68 @@
+"""Command-line text -> spec values: each parser takes the value and the flag it came with, for its one-line error."""
+
+from __future__ import annotations
+
+from moe_prune.errors import MoePruneError
+from moe_prune.sizes import parse_size, parse_tokens
+
+# Every --seed: numpy and accelerate take 0 to 2**32 - 1, and runs add their round or draw number to it.
+MAX_SEED = 2**31 - 1
+
+
+def tokens(text: str, flag: str) -> int:
+    """'1M' -> 1_000_000."""
+    return parse_tokens(text, flag)
+
+
+def size_or_none(text: str | None, flag: str) -> int | None:
+    """'8GB' -> bytes; not given -> None."""
+    return parse_size(text, flag) if text else None
+
+
+def device_map(value: str, flag: str) -> str:
+    """--device-map auto is accelerate's big-model placement (the only one supported)."""
+    if value != "auto":
+        raise MoePruneError(f"{flag} {value!r}: only 'auto' is supported")
+    return value
+
+
+def shard(text: str, flag: str = "--shard") -> tuple[int, int]:
+    """'i/n' -> (i, n), slice i of n with 0 <= i < n."""
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        shard = int(index), int(count)
+    except ValueError as exc:
+        raise MoePruneError(f"{flag} {text!r}: expected i/n, e.g. 0/4") from exc
+    if not 0 <= shard[0] < shard[1]:
+        raise MoePruneError(f"{flag} {text!r}: slice i of n needs 0 <= i < n")
+    return shard
+
+
+def anneal(text: str | None, flag: str = "--top-k-anneal") -> tuple[int, int] | None:
+    """'4:2' -> (4, 2): top-k goes from 4 to 2 over the run."""
+    if not text:
+        return None
+    first, sep, last = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(first), int(last)
+    except ValueError as exc:
+        raise MoePruneError(f"{flag} {text!r}: expected FROM:TO, e.g. 2:1") from exc
+
+
+def comma_list(text: str, flag: str = "") -> tuple[str, ...]:
+    """'router,attention' -> ('router', 'attention')."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def one_or_many(values: list[str] | None, flag: str = "") -> str | list[str] | None:
+    """Repeated --data: one value as itself, several as a list, none as None."""
+    return None if not values else values[0] if len(values) == 1 else list(values)
+
+
+def negate(passed: bool, flag: str = "") -> bool:
+    """`--no-X`: the flag, passed, sets the field X to False."""
+    return not passed
