@@ -13,46 +13,27 @@ import typer
 from rich.table import Table
 
 from moe_prune.cli.common import (
-    MAX_SEED,
-    BufferMemoryOpt,
     DataOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     ForceOpt,
     JsonOpt,
     LazyBar,
-    SplitOnOpt,
-    TrustOpt,
     out_console,
-    parse_device_map,
     print_json,
     user_errors,
     warn,
 )
+from moe_prune.cli.spec_options import takes_spec
 from moe_prune.errors import MoePruneError
-from moe_prune.stages.common import DEMO_CALIBRATION, DEMO_MODEL_DIR, check_not_input, check_writable, parse_size
+from moe_prune.specs.profile import ProfileSpec
+from moe_prune.stages.common import DEMO_CALIBRATION, DEMO_MODEL_DIR, check_not_input, check_writable
 from moe_prune.stages.tasks import TASK_PREFIX
 
 if TYPE_CHECKING:
     from moe_prune.stages.profile import ProfileResult, Settings
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n), slice i of n with 0 <= i < n."""
-    index, sep, count = text.partition("/")
-    try:
-        if not sep:
-            raise ValueError
-        shard = int(index), int(count)
-    except ValueError as exc:
-        raise MoePruneError(f"--shard {text!r}: expected i/n, e.g. 0/4") from exc
-    if not 0 <= shard[0] < shard[1]:
-        raise MoePruneError(f"--shard {text!r}: slice i of n needs 0 <= i < n")
-    return shard
-
-
 @user_errors
+@takes_spec(ProfileSpec, "settings")
 def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="Statistics file to write (.npz).")],
     inputs: Annotated[
@@ -69,60 +50,24 @@ def profile(
             help="Calibrate on an lm-eval task's own documents (training/few-shot split, never the evaluated one)."
         ),
     ] = None,
-    include_path: Annotated[
-        Path | None,
-        typer.Option(help="Folder of your own lm-eval task YAMLs (--task); their code needs --trust-remote-code."),
-    ] = None,
-    text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
-    split: Annotated[str, typer.Option(help="Split of a hub dataset (streamed).")] = "train",
-    split_on: SplitOnOpt = "none",
-    samples: Annotated[int, typer.Option(help="Calibration sequences (drawn with --seed when more exist).")] = 256,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (capped at the model's context).")] = 2048,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the choice of sequences.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    shard: Annotated[str, typer.Option(help="Profile only slice i of n of the sequences, e.g. 0/4.")] = "0/1",
-    gradients: Annotated[
-        bool, typer.Option("--gradients", help="Also backpropagate the next-token loss: gradient statistics.")
-    ] = False,
-    expert_outputs: Annotated[
-        bool, typer.Option("--expert-outputs", help="Also run every expert on every token: HC-SMoE's output statistic.")
-    ] = False,
-    refit_stats: Annotated[
-        bool, typer.Option("--refit-stats", help="Also record what `merge --refit` needs (every expert, every token).")
-    ] = False,
-    for_names: Annotated[
-        str | None,
-        typer.Option(
-            "--for",
-            help="Record only what these read: criteria, merge methods, refit, protect-super-experts, weights-output "
-            "(comma-separated, e.g. reap,uncurl).",
-        ),
-    ] = None,
+    *,
+    settings: ProfileSpec,  # one option per field (cli/spec_options.py)
     combine: Annotated[
         bool, typer.Option("--combine", help="Add the statistics files given as arguments (disjoint data).")
     ] = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    device_map: DeviceMapOpt = None,
-    sequential: Annotated[
-        bool, typer.Option("--sequential", help="Load one decoder layer at a time: memory of one layer.")
-    ] = False,
-    buffer_memory: BufferMemoryOpt = None,
-    save_every: Annotated[int, typer.Option(help="Save resumable progress every N batches (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.npz.")] = False,
-    trust_remote_code: TrustOpt = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.stages import profile as stage
     from moe_prune.stages.profile import distributed, parse_data, partial_path
-    from moe_prune.stages.profile_for import parse_for
+    from moe_prune.stages.profile_for import wanted
 
     if task is not None and data:
         raise MoePruneError("give --data or --task, not both")
-    chosen = parse_for(for_names)  # an unknown name fails before anything is read
-    if chosen is not None and combine:
-        raise MoePruneError("--for chooses what a profile run records; --combine adds files as they are")
+    if settings.for_names:
+        wanted(settings.for_names)  # an unknown name fails before anything is read
+        if combine:
+            raise MoePruneError("--for chooses what a profile run records; --combine adds files as they are")
     given = [f"{TASK_PREFIX}{task}"] if task is not None else data or [str(DEMO_CALIBRATION)]
     specs = parse_data(given)  # parsed once: the stage takes these, not the strings
     sources = tuple(spec.source for spec in specs)
@@ -139,27 +84,7 @@ def profile(
     if inputs and len(inputs) > 1:
         raise MoePruneError(f"expected one model, got {len(inputs)} arguments (use --combine to add .npz files)")
     model = inputs[0] if inputs else str(DEMO_MODEL_DIR)
-    settings = stage.Settings(
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        batch_size=batch_size,
-        shard=parse_shard(shard),
-        gradients=gradients,
-        text_field=text_field,
-        split=split,
-        split_on=split_on,
-        dtype=dtype,
-        device=parse_device_map(device_map, device),
-        trust_remote_code=trust_remote_code,
-        sequential=sequential,
-        buffer_memory=parse_size(buffer_memory, "--buffer-memory") if buffer_memory else None,
-        save_every=save_every,
-        include_path=include_path,
-        expert_outputs=expert_outputs,
-        refit_stats=refit_stats,
-        for_names=chosen.names if chosen is not None else (),
-    )
+    save_every = settings.save_every
     place = distributed.world()
     partial = partial_path(out, place.rank) if (save_every or resume) else None
 

@@ -51,8 +51,6 @@ from moe_prune.training.freeze import group_members, members_of, select_trainabl
 from moe_prune.training.heldout import HeldOut, measure
 from moe_prune.training.loop import TrainingLoop
 from moe_prune.training.options import FinetuneOptions
-from moe_prune.training.options import parse_anneal as parse_anneal
-from moe_prune.training.options import parse_train as parse_train
 from moe_prune.training.sft import check_records_source as check_records_source
 from moe_prune.training.sft import load_rows
 from moe_prune.training.state import WorkFolder, work_folder

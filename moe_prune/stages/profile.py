@@ -38,7 +38,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.io.output import work_lock
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
-from moe_prune.runtime.data import check_split_on, clip_seq_len, fixed_chunks
+from moe_prune.runtime.data import clip_seq_len, fixed_chunks
 from moe_prune.runtime.data_plan import BUDGET as BUDGET
 from moe_prune.runtime.data_plan import POOL_FACTOR as POOL_FACTOR
 from moe_prune.runtime.data_plan import DataLike, Reading, calibration_plan, load_calibration, read_plan
@@ -48,9 +48,9 @@ from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.resume import partial_path as partial_path
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
-from moe_prune.runtime.skeleton import parse_dtype
 from moe_prune.runtime.sources import take
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.specs.profile import ProfileSpec as Settings
 from moe_prune.stages.profile_for import wanted
 from moe_prune.stages.tasks import TASK_PREFIX as TASK_PREFIX  # imported for its registered `task:` reader
 from moe_prune.training.losses import token_cross_entropy
@@ -59,67 +59,23 @@ from moe_prune.training.losses import token_cross_entropy
 ProgressFn = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How the calibration data is chosen and the model run."""
+def stat_fields(settings: Settings) -> frozenset[str] | None:
+    """The forward statistics to record: None for all, else those `for_names` read (`stages.profile_for`)."""
+    return wanted(settings.for_names).fields if settings.for_names else None
 
-    samples: int = 256
-    seq_len: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    shard: tuple[int, int] = (0, 1)
-    gradients: bool = False
-    text_field: str = "text"
-    split: str = "train"
-    split_on: str = "none"  # how .txt files are cut into documents (runtime.data.SPLIT_ON)
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    include_path: Path | None = None  # task YAMLs of the user's, for `data="task:NAME"`
-    sequential: bool = False  # one decoder layer at a time from the safetensors files
-    buffer_memory: int | None = None  # bytes of hidden states kept in memory (sequential); more spill to disk
-    save_every: int = 0  # batches between resumable checkpoints (0: none)
-    expert_outputs: bool = False  # out_all_sum: every expert on every token (runtime.expert_outputs)
-    refit_stats: bool = False  # refit_hh / refit_hy: the normal equations of `merge --refit`
-    for_names: tuple[str, ...] = ()  # `--for`: record only what these criteria / merge options read
 
-    def stat_fields(self) -> frozenset[str] | None:
-        """The forward statistics to record: None for all, else those `for_names` read (`stages.profile_for`)."""
-        return wanted(self.for_names).fields if self.for_names else None
-
-    def with_opt_ins(self) -> Settings:
-        """`--for` names that read gradient, every-expert or refit statistics turn those passes on."""
-        if not self.for_names:
-            return self
-        want = wanted(self.for_names)
-        return replace(
-            self,
-            gradients=self.gradients or want.gradients,
-            expert_outputs=self.expert_outputs or want.expert_outputs,
-            refit_stats=self.refit_stats or want.refit_stats,
-        )
-
-    def check(self) -> None:
-        if self.samples < 1:
-            raise MoePruneError(f"--samples must be at least 1 (got {self.samples})")
-        if self.seq_len < 2:
-            raise MoePruneError(f"--seq-len must be at least 2 (got {self.seq_len})")
-        if self.batch_size < 1:
-            raise MoePruneError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        index, count = self.shard
-        if count < 1 or not 0 <= index < count:
-            raise MoePruneError(f"shard {index}/{count}: expected i/n with 0 <= i < n")
-        parse_dtype(self.dtype)
-        check_split_on(self.split_on)
-        if self.sequential and self.gradients:
-            raise MoePruneError(
-                "--sequential cannot collect --gradients (backpropagation needs every layer at once); "
-                "profile gradients without --sequential, with --device-map auto for large models"
-            )
-        if self.sequential and self.save_every:
-            raise MoePruneError("--save-every/--resume work without --sequential only")
-        if self.save_every < 0:
-            raise MoePruneError(f"--save-every must be at least 0 (got {self.save_every})")
+def with_opt_ins(settings: Settings) -> Settings:
+    """`--for` names that read gradient, every-expert or refit statistics turn those passes on (names cleaned)."""
+    if not settings.for_names:
+        return settings
+    want = wanted(settings.for_names)
+    return replace(
+        settings,
+        for_names=want.names,
+        gradients=settings.gradients or want.gradients,
+        expert_outputs=settings.expert_outputs or want.expert_outputs,
+        refit_stats=settings.refit_stats or want.refit_stats,
+    )
 
 
 @dataclass
@@ -211,7 +167,7 @@ def run(
     held, and the partial is deleted only after it succeeded and before the lock is released: a run that
     starts once the lock is free never has its own partial file deleted by this one.
     """
-    settings = settings.with_opt_ins()
+    settings = with_opt_ins(settings)
     settings.check()
     with work_lock(partial) if partial is not None else nullcontext():
         result = _profile(model, data, settings, progress, partial, resume)
@@ -325,7 +281,7 @@ def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place
     if settings.expert_outputs or settings.refit_stats:  # fingerprints of runs without them stay as they were
         options += (settings.expert_outputs, settings.refit_stats)
     if settings.for_names:
-        options += (sorted(settings.stat_fields() or ()),)
+        options += (sorted(stat_fields(settings) or ()),)
     digest.update(repr(options).encode())
     return digest.hexdigest()
 
@@ -348,7 +304,7 @@ def _collect(
     device = input_device(model)
     total_tokens = int(windows.numel())
     predictions = 0
-    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats, settings.stat_fields())
+    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings))
     grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
     batches = _batches(windows, settings.batch_size)
     with recorder, grads as expert_params:
@@ -390,7 +346,7 @@ def _collect_sequential(
     buffer: HiddenBuffer | None = None
     calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
     recorder = StatisticsRecorder(
-        model.model, config, settings.expert_outputs, settings.refit_stats, settings.stat_fields()
+        model.model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings)
     )
     moe = set(config.moe_layers)
     try:
