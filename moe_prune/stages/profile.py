@@ -12,7 +12,9 @@ and the tokens it gave to this file's windows.
 
 One forward pass per batch collects every forward statistic (`runtime.statistics`); with
 `gradients=True` the same pass also runs backward on the summed next-token loss and the gradient
-statistics are reduced once at the end (`runtime.gradients`).
+statistics are reduced once at the end (`runtime.gradients`). The model runs are `stages.profile_collect`,
+adding files `stages.profile_combine` (both re-exported here); the windows come from the one data plan
+(`runtime.data_plan`).
 """
 
 from __future__ import annotations
@@ -37,31 +39,28 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import work_lock
 from moe_prune.runtime import distributed
-from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.data import clip_seq_len, fixed_chunks
 from moe_prune.runtime.data_plan import BUDGET as BUDGET
 from moe_prune.runtime.data_plan import POOL_FACTOR as POOL_FACTOR
 from moe_prune.runtime.data_plan import DataLike, Reading, calibration_plan, load_calibration, read_plan
 from moe_prune.runtime.data_plan import parse_data as parse_data
-from moe_prune.runtime.loading import input_device, load_model, load_tokenizer
+from moe_prune.runtime.loading import load_model, load_tokenizer
 from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.resume import partial_path as partial_path
 from moe_prune.runtime.routing import load_balance
-from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.runtime.sequential import LayerwiseModel
 from moe_prune.runtime.sources import take
-from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.specs.profile import ProfileSpec as Settings
+from moe_prune.stages.profile_collect import ProgressFn as ProgressFn
+from moe_prune.stages.profile_collect import collect as _collect
+from moe_prune.stages.profile_collect import collect_sequential as _collect_sequential
+from moe_prune.stages.profile_collect import stat_fields as stat_fields
+from moe_prune.stages.profile_combine import MODEL_FACTS as MODEL_FACTS
+from moe_prune.stages.profile_combine import WINDOW_FIELDS as WINDOW_FIELDS
+from moe_prune.stages.profile_combine import combine as combine
+from moe_prune.stages.profile_combine import refuse_overlap as refuse_overlap
 from moe_prune.stages.profile_for import wanted
 from moe_prune.stages.tasks import TASK_PREFIX as TASK_PREFIX  # imported for its registered `task:` reader
-from moe_prune.training.losses import token_cross_entropy
-
-# progress(tokens_done, tokens_total): called before the first batch and after each one.
-ProgressFn = Callable[[int, int], None]
-
-
-def stat_fields(settings: Settings) -> frozenset[str] | None:
-    """The forward statistics to record: None for all, else those `for_names` read (`stages.profile_for`)."""
-    return wanted(settings.for_names).fields if settings.for_names else None
 
 
 def with_opt_ins(settings: Settings) -> Settings:
@@ -137,9 +136,6 @@ def summarize(stats: Stats, top_k: int) -> list[LayerSummary]:
         shares = counts / total
         rows.append(LayerSummary(layer, int(tokens), float(shares.min()), float(shares.max()), max_over_mean, entropy))
     return rows
-
-
-MODEL_FACTS = ("top_k", "n_group", "vocab_size")
 
 
 def model_facts(config: ModelConfig) -> dict[str, Any]:
@@ -284,140 +280,3 @@ def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place
         options += (sorted(stat_fields(settings) or ()),)
     digest.update(repr(options).encode())
     return digest.hexdigest()
-
-
-def _batches(windows: torch.Tensor, batch_size: int) -> list[slice]:
-    return [slice(start, start + batch_size) for start in range(0, len(windows), batch_size)]
-
-
-def _collect(
-    model: Any,
-    config: Any,
-    windows: torch.Tensor,
-    settings: Settings,
-    progress: ProgressFn | None,
-    resumable: Resumable | None = None,
-    resume: bool = False,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Run every batch once under the recorder; returns the arrays and the number of next-token predictions."""
-    report = progress or (lambda done, total: None)
-    device = input_device(model)
-    total_tokens = int(windows.numel())
-    predictions = 0
-    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings))
-    grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
-    batches = _batches(windows, settings.batch_size)
-    with recorder, grads as expert_params:
-        done = 0
-        if resume and resumable is not None:
-            done, predictions = resumable.restore(recorder, expert_params, device)
-        report(min(done * settings.batch_size, len(windows)) * windows.shape[1], total_tokens)
-        for number, rows in enumerate(batches[done:], start=done + 1):
-            batch = windows[rows].to(device)
-            recorder.set_input_ids(batch)
-            if settings.gradients:
-                token_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch, "sum").backward()
-                predictions += batch[:, 1:].numel()
-            else:
-                with torch.inference_mode():
-                    model(input_ids=batch, use_cache=False)
-            if resumable is not None and resumable.due(number, len(batches)):
-                resumable.save(recorder, expert_params, number, predictions)
-            report(min(rows.stop, len(windows)) * windows.shape[1], total_tokens)
-        arrays = recorder.arrays()
-        if expert_params is not None:
-            size = distributed.world().size
-            predictions = distributed.reduce_gradients(expert_params, predictions, size)
-            arrays.update(grad_stats.reduce(expert_params, config.num_experts, recorder.hidden_size, predictions))
-    return arrays, predictions
-
-
-def _collect_sequential(
-    model: LayerwiseModel, config: Any, windows: torch.Tensor, settings: Settings, progress: ProgressFn | None
-) -> tuple[dict[str, np.ndarray], int]:
-    """Every batch through one decoder layer at a time; the same statistics as `_collect`."""
-    report = progress or (lambda done, total: None)
-    layers = len(model.layers)
-    total_work = int(windows.numel()) * (layers + 1)
-    report(0, total_work)
-    batches = _batches(windows, settings.batch_size)
-    head = _output_head(model.model)
-    model.load_outside(skip=head)
-    buffer: HiddenBuffer | None = None
-    calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
-    recorder = StatisticsRecorder(
-        model.model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings)
-    )
-    moe = set(config.moe_layers)
-    try:
-        for rows in batches:
-            batch = windows[rows]
-            inputs = model.layer_inputs(batch)
-            hidden = inputs[0][0][0]
-            if buffer is None:
-                buffer = HiddenBuffer((len(windows), *hidden.shape[1:]), hidden.dtype, settings.buffer_memory)
-            buffer.tensor[rows] = hidden.cpu()
-            calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
-            report(min(rows.stop, len(windows)) * windows.shape[1], total_work)
-        model.free_outside()
-        assert buffer is not None
-        for layer in range(layers):
-            block = model.load_layer(layer)
-            watch = recorder.watching({layer}) if layer in moe else nullcontext()
-            with watch, torch.inference_mode():
-                for rows in batches:
-                    batch = windows[rows]
-                    recorder.set_input_ids(batch.to(model.device))
-                    args, kwargs = calls[len(batch)][layer]
-                    out = block(buffer.tensor[rows].to(model.device), *args, **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    buffer.tensor[rows] = out.cpu()
-                    done = (layer + 1) * windows.numel() + min(rows.stop, len(windows)) * windows.shape[1]
-                    report(int(done), total_work)
-            model.free_layer(layer)
-    finally:
-        if buffer is not None:
-            buffer.close()
-    return recorder.arrays(), 0
-
-
-def _output_head(model: Any) -> tuple[str, ...]:
-    """Module paths of the output head (never needed for forward statistics)."""
-    head = model.get_output_embeddings()
-    return tuple(name + "." for name, module in model.named_modules() if module is head and name)
-
-
-# Provenance fields that fix which calibration windows a file counted: equal in two files = the same tokens.
-WINDOW_FIELDS = ("data", "text_field", "split", "split_on", "samples", "seq_len", "seed", "shard")
-
-
-def refuse_overlap(paths: list[Path], loaded: list[Stats]) -> None:
-    """Sums of the same data added twice would count it twice: refuse a file given twice or the same windows."""
-    seen: dict[object, Path] = {}
-    for path, stats in zip(paths, loaded, strict=True):
-        windows = tuple(json.dumps(stats.provenance.get(k), sort_keys=True) for k in WINDOW_FIELDS)
-        keys = [("file", path.resolve())]
-        if "data" in stats.provenance:  # a file of one profile run (a combined file lists its sources instead)
-            keys.append(("windows", windows))
-        for key in keys:
-            if key in seen:
-                raise MoePruneError(
-                    f"{path}: counts the same calibration windows as {seen[key]} (same file, or the same data, "
-                    "samples, seq-len, seed and shard); combining them would count those tokens twice"
-                )
-            seen[key] = path
-
-
-def combine(paths: list[Path]) -> Stats:
-    """Statistics of the union of disjoint data: every file must describe the same model."""
-    if len(paths) < 2:
-        raise MoePruneError("combine needs at least two statistics files")
-    loaded = [Stats.load(path) for path in paths]
-    refuse_overlap(paths, loaded)
-    merged = loaded[0]
-    for path, stats in zip(paths[1:], loaded[1:], strict=True):
-        merged = merged.combine(stats, str(path), first_name=str(paths[0]))
-    sources = [{"file": str(path), **stats.provenance} for path, stats in zip(paths, loaded, strict=True)]
-    facts = {key: loaded[0].provenance[key] for key in MODEL_FACTS if key in loaded[0].provenance}
-    merged.provenance = {"tool": f"moe-prune {moe_prune.__version__}", **facts, "combined": sources}
-    return merged

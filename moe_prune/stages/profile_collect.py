@@ -1,0 +1,132 @@
+"""`profile`'s model runs: every batch once under the statistics recorder (and gradients), or one decoder layer
+at a time from the safetensors files (`--sequential`); `stages.profile` chooses the windows and records the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_prune.runtime import distributed
+from moe_prune.runtime import gradients as grad_stats
+from moe_prune.runtime.loading import input_device
+from moe_prune.runtime.resume import Resumable
+from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.specs.profile import ProfileSpec as Settings
+from moe_prune.stages.profile_for import wanted
+from moe_prune.training.losses import token_cross_entropy
+
+# progress(tokens_done, tokens_total): called before the first batch and after each one.
+ProgressFn = Callable[[int, int], None]
+
+
+def stat_fields(settings: Settings) -> frozenset[str] | None:
+    """The forward statistics to record: None for all, else those `for_names` read (`stages.profile_for`)."""
+    return wanted(settings.for_names).fields if settings.for_names else None
+
+
+def batch_slices(windows: torch.Tensor, batch_size: int) -> list[slice]:
+    """The rows of each batch, in order (the last one may be short)."""
+    return [slice(start, start + batch_size) for start in range(0, len(windows), batch_size)]
+
+
+def collect(
+    model: Any,
+    config: Any,
+    windows: torch.Tensor,
+    settings: Settings,
+    progress: ProgressFn | None,
+    resumable: Resumable | None = None,
+    resume: bool = False,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Run every batch once under the recorder; returns the arrays and the number of next-token predictions."""
+    report = progress or (lambda done, total: None)
+    device = input_device(model)
+    total_tokens = int(windows.numel())
+    predictions = 0
+    recorder = StatisticsRecorder(model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings))
+    grads = grad_stats.expert_gradients(model, config) if settings.gradients else nullcontext()
+    batches = batch_slices(windows, settings.batch_size)
+    with recorder, grads as expert_params:
+        done = 0
+        if resume and resumable is not None:
+            done, predictions = resumable.restore(recorder, expert_params, device)
+        report(min(done * settings.batch_size, len(windows)) * windows.shape[1], total_tokens)
+        for number, rows in enumerate(batches[done:], start=done + 1):
+            batch = windows[rows].to(device)
+            recorder.set_input_ids(batch)
+            if settings.gradients:
+                token_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch, "sum").backward()
+                predictions += batch[:, 1:].numel()
+            else:
+                with torch.inference_mode():
+                    model(input_ids=batch, use_cache=False)
+            if resumable is not None and resumable.due(number, len(batches)):
+                resumable.save(recorder, expert_params, number, predictions)
+            report(min(rows.stop, len(windows)) * windows.shape[1], total_tokens)
+        arrays = recorder.arrays()
+        if expert_params is not None:
+            size = distributed.world().size
+            predictions = distributed.reduce_gradients(expert_params, predictions, size)
+            arrays.update(grad_stats.reduce(expert_params, config.num_experts, recorder.hidden_size, predictions))
+    return arrays, predictions
+
+
+def collect_sequential(
+    model: LayerwiseModel, config: Any, windows: torch.Tensor, settings: Settings, progress: ProgressFn | None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Every batch through one decoder layer at a time; the same statistics as `collect`."""
+    report = progress or (lambda done, total: None)
+    layers = len(model.layers)
+    total_work = int(windows.numel()) * (layers + 1)
+    report(0, total_work)
+    batches = batch_slices(windows, settings.batch_size)
+    head = output_head(model.model)
+    model.load_outside(skip=head)
+    buffer: HiddenBuffer | None = None
+    calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
+    recorder = StatisticsRecorder(
+        model.model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings)
+    )
+    moe = set(config.moe_layers)
+    try:
+        for rows in batches:
+            batch = windows[rows]
+            inputs = model.layer_inputs(batch)
+            hidden = inputs[0][0][0]
+            if buffer is None:
+                buffer = HiddenBuffer((len(windows), *hidden.shape[1:]), hidden.dtype, settings.buffer_memory)
+            buffer.tensor[rows] = hidden.cpu()
+            calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
+            report(min(rows.stop, len(windows)) * windows.shape[1], total_work)
+        model.free_outside()
+        assert buffer is not None
+        for layer in range(layers):
+            block = model.load_layer(layer)
+            watch = recorder.watching({layer}) if layer in moe else nullcontext()
+            with watch, torch.inference_mode():
+                for rows in batches:
+                    batch = windows[rows]
+                    recorder.set_input_ids(batch.to(model.device))
+                    args, kwargs = calls[len(batch)][layer]
+                    out = block(buffer.tensor[rows].to(model.device), *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    buffer.tensor[rows] = out.cpu()
+                    done = (layer + 1) * windows.numel() + min(rows.stop, len(windows)) * windows.shape[1]
+                    report(int(done), total_work)
+            model.free_layer(layer)
+    finally:
+        if buffer is not None:
+            buffer.close()
+    return recorder.arrays(), 0
+
+
+def output_head(model: Any) -> tuple[str, ...]:
+    """Module paths of the output head (never needed for forward statistics)."""
+    head = model.get_output_embeddings()
+    return tuple(name + "." for name, module in model.named_modules() if module is head and name)
