@@ -173,15 +173,26 @@ def read_float(stored: Stored) -> torch.Tensor:
         raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from exc
 
 
-def read_expert_tensor(stored: Stored, purpose: str) -> torch.Tensor:
-    """The one reader of expert and router tensors for scoring and merging: float32, dequantized, finite.
+def read_expert_tensor(stored: Stored, purpose: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The one reader of expert and router tensors for scoring, merging and loading: dequantized, finite.
 
-    `purpose` ends the NaN/Inf refusal ("its experts cannot be scored by their weights").
+    `purpose` ends the NaN/Inf refusal ("its experts cannot be scored by their weights"). Without `out`:
+    float32. With `out` (an expert's slot in a fused parameter allocated once, see `runtime.fused`): the
+    tensor is copied into it in out's dtype and `out` returned; a float tensor is read in its stored dtype,
+    so the only temporary is this one tensor, never a stack of a layer's experts.
     """
-    tensor = read_float(stored)
+    plain = out is not None and stored.method is None and stored.data.dtype in FLOAT_DTYPES
+    tensor = read_tensor(stored.data) if plain else read_float(stored)
     if not torch.isfinite(tensor).all():
         raise MoePruneError(f"{stored.file}: {stored.name} holds NaN or Inf values; {purpose}")
-    return tensor
+    if out is None:
+        return tensor
+    if tuple(out.shape) != tuple(tensor.shape):
+        raise MoePruneError(
+            f"{stored.file}: {stored.name} has shape {tuple(tensor.shape)}, its slot in the model's parameter "
+            f"{tuple(out.shape)} (the checkpoint does not match its config)"
+        )
+    return out.copy_(tensor)
 
 
 def split_experts(tensor: torch.Tensor, n_experts: int, stored: Stored) -> torch.Tensor:

@@ -12,6 +12,9 @@ states of the calibration set. How, reusing transformers for everything family-s
               `convert_and_load_state_dict_in_model`, then dropped back to meta after use;
               quantized tensors (FP8 with block scales, MXFP4) are dequantized here, tensor by
               tensor, by `checkpoint.quantized.read_float` and loaded as the float tensors;
+              per-expert tensors that a converter stacks into a fused parameter are read
+              straight into that parameter, allocated once (`runtime.fused`), so a layer's
+              experts are never held twice (the memory contract of issue #24);
   layer calls every decoder layer is first replaced by a stub and the model's own forward is run
               on the input embeddings: the stubs record the layer's input hidden states and
               exactly the arguments the model passes to each layer (masks per layer type,
@@ -38,6 +41,7 @@ import torch
 
 from moe_prune.checkpoint.quantized import Quantization, group, read_float
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime import fused
 from moe_prune.runtime.skeleton import finite, model_skeleton, quiet_transformers
 
 NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -126,6 +130,7 @@ class LayerwiseModel:
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         meta = self.model.state_dict()
+        self._meta = meta  # shapes and names only: the skeleton's parameters, never loaded
         prefix = self.layers_path + "."
         groups: dict[int | None, dict[str, Path]] = defaultdict(dict)
         ckpt = Checkpoint(self.folder)
@@ -145,7 +150,12 @@ class LayerwiseModel:
 
         by_file: dict[Path, list[str]] = defaultdict(list)
         state: dict[str, torch.Tensor] = {}
-        for stored in group((self._infos[key] for key in keys), self._quant):
+        stacked, rest = fused.split(
+            group((self._infos[key] for key in keys), self._quant), self._mapping, self.model, self._meta
+        )
+        for name, entry in stacked.items():  # per-expert tensors read straight into their fused parameter
+            fused.fill(self.model, name, entry, self.device, self.folder)
+        for stored in rest:
             if stored.quantized:  # dequantized on its own: one float tensor more in memory, never the layer twice
                 state[stored.name] = read_float(stored)
                 if not finite(state[stored.name]):
@@ -161,7 +171,7 @@ class LayerwiseModel:
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=[*self._mapping])
         with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
-        missing = sorted(set(expect) & set(info.missing_keys))
+        missing = sorted(set(expect) & set(info.missing_keys) - set(stacked))
         mismatched = sorted(str(k[0]) for k in info.mismatched_keys)
         if missing or mismatched:
             what = f"missing weight {missing[0]}" if missing else f"mismatched weight {mismatched[0]}"

@@ -210,11 +210,21 @@ def _keep_in_float32(model: Any, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.to(plan[groups[match.lastgroup]])
 
 
+FINITE_CHUNK = 1 << 18  # elements checked at a time: `isfinite` makes a bool tensor as large as its input
+
+
 def finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf (tensors that are not floats, on the meta device or 1-byte floats count as finite)."""
+    """No NaN or Inf (tensors that are not floats, on the meta device or 1-byte floats count as finite).
+
+    Checked a bounded chunk of rows at a time: on a whole tensor the bool temporary was a quarter of a
+    float32 expert stack, the one thing `load_model` held beyond `from_pretrained` (issue #24)."""
     if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.element_size() < 2:
         return True
-    return bool(torch.isfinite(tensor).all())
+    if tensor.is_contiguous():
+        parts = tensor.view(-1).split(FINITE_CHUNK)
+    else:  # a view: whole rows at a time, no copy
+        parts = tensor.split(max(1, FINITE_CHUNK // max(1, tensor[0].numel())))
+    return all(bool(torch.isfinite(part).all()) for part in parts)
 
 
 def check_finite(model: Any, folder: Path) -> None:
