@@ -16,7 +16,22 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="moe-prune-tes
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+import typer.main
+import typer.testing
 from tiny_models import build_tiny, save_char_tokenizer
+
+_COMMANDS: dict[int, tuple[object, object]] = {}
+
+
+def _built_once(app: typer.Typer) -> object:
+    """typer's CliRunner rebuilds the whole click command tree (every option's type hints) on each invoke: ~3/4 of
+    a hostile case's time. The tree is static, so build it once per app (the app is kept, so its id stays unique)."""
+    if id(app) not in _COMMANDS:
+        _COMMANDS[id(app)] = (app, typer.main.get_command(app))
+    return _COMMANDS[id(app)][1]
+
+
+typer.testing._get_command = _built_once
 
 _CACHE: dict[str, tuple[Path, object]] = {}
 
