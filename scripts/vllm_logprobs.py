@@ -3,9 +3,11 @@
 Runs under a Python with vLLM (and moe-prune, for its plugin) installed, e.g. the venv of
 tests/test_vllm_serving.py:  python scripts/vllm_logprobs.py jobs.json out.json
 jobs.json: [{"name": ..., "folder": ..., "token_ids": [[...], ...], "trust_remote_code": false, "dtype": "float32",
-             "expect_error": false}, ...]
+             "expect_error": false, "generate": 0, "speculative_config": null}, ...]
 out.json:  {name: {"logprobs": [[per position from the second token], ...], "model_class": ...,
-                   "architectures": [...], "experts": {fused-MoE module: experts}}}
+                   "architectures": [...], "experts": {fused-MoE module: experts}, "top_k": {module: top-k},
+                   with "generate": n, "generated": [[n greedy tokens after each prompt], ...],
+                   with "speculative_config": "drafter": {"model_class", "experts", "top_k"}, "drafts": drafts made}}
            (a job with expect_error: {name: {"error": the exception and its causes, "<-"-joined}})
 Every checkpoint is served (in float32 unless its job names a dtype) by one LLM at a time, in this one process.
 """
@@ -23,8 +25,22 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives 
 
 def describe(model: Any) -> dict[str, Any]:
     """vLLM's model class and the number of experts each fused-MoE layer was built with."""
-    experts = {name: int(m.w13_weight.shape[0]) for name, m in model.named_modules() if hasattr(m, "w13_weight")}
-    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "experts": experts}
+    moe = [(name, m) for name, m in model.named_modules() if hasattr(m, "w13_weight")]
+    return {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "experts": {name: int(m.w13_weight.shape[0]) for name, m in moe},
+        "top_k": {name: int(m.top_k) for name, m in moe if hasattr(m, "top_k")},
+    }
+
+
+def describe_drafter(worker: Any) -> dict[str, Any]:
+    """`describe` of the speculative-decoding draft model (an MTP model) of a worker."""
+    return describe(worker.model_runner.drafter.model)
+
+
+def drafts(llm: Any) -> int:
+    """How many draft proposals speculative decoding made (vLLM's spec_decode_num_drafts counter)."""
+    return int(sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_drafts"))
 
 
 def serve(job: dict[str, Any]) -> dict[str, Any]:
@@ -32,18 +48,21 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    generate = max(int(job.get("generate", 0)), 1)  # vLLM generates at least one token after the prompt
     llm = LLM(
         model=job["folder"],
         dtype=job.get("dtype", "float32"),
         skip_tokenizer_init=True,
         enforce_eager=True,
-        max_model_len=max(len(ids) for ids in job["token_ids"]) + 1,
+        max_model_len=max(len(ids) for ids in job["token_ids"]) + generate + 2 * bool(job.get("speculative_config")),
         seed=0,
         trust_remote_code=bool(job.get("trust_remote_code", False)),
         kv_cache_memory_bytes=64 << 20,  # tiny models, short prompts: no share of the machine's memory
+        speculative_config=job.get("speculative_config"),
+        disable_log_stats=not job.get("speculative_config"),  # the draft counter is a logged statistic
     )
     try:
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(max_tokens=generate, temperature=0, prompt_logprobs=0, detokenize=False)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["token_ids"]], params)
         logprobs = []
         for ids, output in zip(job["token_ids"], outputs, strict=True):
@@ -51,6 +70,11 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
             logprobs.append([entry[token].logprob for token, entry in zip(ids[1:], per_position, strict=True)])
         info = llm.apply_model(describe)[0]
         info["architectures"] = list(llm.llm_engine.model_config.hf_config.architectures or [])
+        if job.get("generate"):
+            info["generated"] = [list(output.outputs[0].token_ids) for output in outputs]
+        if job.get("speculative_config"):
+            info["drafter"] = llm.collective_rpc(describe_drafter)[0]
+            info["drafts"] = drafts(llm)
         return {"logprobs": logprobs, **info}
     finally:
         del llm

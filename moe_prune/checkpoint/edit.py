@@ -16,7 +16,9 @@ from moe_prune.architectures.config import ModelConfig
 from moe_prune.architectures.mtp import mtp_layout
 from moe_prune.artifacts.manifest import Manifest, MtpRecord
 from moe_prune.checkpoint.mtp_tensors import MtpTensors, mtp_records, unplaced_error
+from moe_prune.checkpoint.ragged import base_class
 from moe_prune.checkpoint.safetensors_io import AnyOutput
+from moe_prune.checkpoint.serving import ragged_mtp_architecture
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.writer import write_output
 from moe_prune.errors import MoePruneError
@@ -102,7 +104,8 @@ def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTen
 
     Masks and statistics cannot describe MTP layers (transformers never runs them, so `profile` cannot
     measure them), so the last decoder MoE layer, the one whose output the MTP layer continues, decides.
-    Refused: per-layer expert counts (vLLM and SGLang size the MTP MoE from the config's one count) and
+    Refused: per-layer expert counts (vLLM and SGLang size the MTP MoE from the config's one count), unless
+    moe-prune's vLLM plugin sizes the family's MTP layers (`checkpoint.serving.ragged_mtp_architecture`), and
     MTP layers whose experts are not known to be those of that layer.
     """
     config = ckpt.config
@@ -114,11 +117,12 @@ def stage_mtp(ckpt: Checkpoint, counts: Mapping[int, int], drop: bool) -> MtpTen
     if not split.moe:
         return split
     prefixes = ", ".join(split.prefixes().values())
-    if len(set(counts.values())) > 1:
+    if len(set(counts.values())) > 1 and not ragged_mtp_architecture(base_class(config)):
         raise MoePruneError(
             f"{ckpt.folder}: the result would keep different expert counts per layer, but its multi-token-prediction "
-            f"layers ({prefixes}) hold MoE blocks that vLLM and SGLang size from the one expert count in config.json; "
-            "keep one count in every layer, or pass --drop-mtp"
+            f"layers ({prefixes}) hold MoE blocks that vLLM and SGLang size from the one expert count in config.json "
+            "(moe-prune's vLLM plugin sizes them only for the families README 'Serving' lists); keep one count in "
+            "every layer, or pass --drop-mtp"
         )
     follow = config.moe_layers[-1]
     manifest = ckpt.manifest

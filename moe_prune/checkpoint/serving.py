@@ -21,6 +21,9 @@ class Served(NamedTuple):
     architecture: str | None = None  # vLLM's architecture name (its class is subclassed); None: transformers' name
     min_experts: int = 1  # experts every layer needs in vLLM's class (a 1-expert layer is a dense MLP, or top-2 only)
     note: str = ""  # what the check in tests/test_vllm_serving.py could not cover
+    # vLLM's multi-token-prediction architecture the plugin sizes at the last MoE layer's count (speculative
+    # decoding of a ragged checkpoint); "": prune and merge refuse to keep MTP layers in a ragged checkpoint
+    mtp: str = ""
 
 
 DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to transformers' as stock vLLM's"
@@ -50,7 +53,7 @@ SERVED: dict[str, Served] = {
     "GraniteMoeForCausalLM": Served(),
     "GraniteMoeSharedForCausalLM": Served(),
     "GraniteMoeSWAForCausalLM": Served(),
-    "Glm4MoeForCausalLM": Served(min_experts=2),  # grouped top-k sums each group's best two
+    "Glm4MoeForCausalLM": Served(min_experts=2, mtp="Glm4MoeMTPModel"),  # grouped top-k sums each group's best two
     "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED),  # transformers' own routing needs two
     "Ernie4_5_MoeForCausalLM": Served(note=ERNIE),
     "Cohere2MoeForCausalLM": Served(note=COHERE2),
@@ -157,9 +160,15 @@ def unserved_reason(base_class: str, counts: dict[int, int]) -> str | None:
         return NOT_SERVED.get(base_class, DEFAULT_REASON)
     small = [layer for layer, n in sorted(counts.items()) if n < served.min_experts]
     if small:
-        need = f"vLLM's {served.architecture} needs {served.min_experts} experts in every layer"
+        need = f"vLLM's {served_architecture(base_class)} needs {served.min_experts} experts in every layer"
         return f"{need}; layer {small[0]} keeps fewer"
     return None
+
+
+def ragged_mtp_architecture(base_class: str) -> str:
+    """vLLM's MTP architecture of a family whose ragged checkpoints keep MTP layers (served by the plugin), or ""."""
+    served = SERVED.get(base_class)
+    return served.mtp if served else ""
 
 
 def warn_if_unserved(base_class: str, counts: dict[int, int]) -> None:

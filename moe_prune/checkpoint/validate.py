@@ -206,7 +206,9 @@ def _check_heads(config: ModelConfig, tensors: list[TensorInfo], layers: dict[in
 
 def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> None:
     """Multi-token-prediction layers: no more than the config declares, and each MoE block holding the
-    config's expert count (vLLM and SGLang size it from that one field) with every expert's tensors.
+    experts of the last decoder MoE layer, whose output it continues (prune and merge give it that layer's
+    selection): the config's one count (vLLM and SGLang size it from that field), or in a ragged checkpoint that
+    layer's count (moe-prune's vLLM plugin sizes it so), with every expert's tensors.
 
     They are checked as the virtual decoder layer `num_hidden_layers + i`, never as one of the decoder's
     MoE layers; messages name their on-disk keys.
@@ -222,9 +224,10 @@ def _check_mtp(config: ModelConfig, tensors: list[TensorInfo], where: Path) -> N
             f"for multi-token-prediction layer {beyond[0]} ({prefix}*)"
         )
     found = moe_tensors(config, split.virtual)
+    count = config.experts_in_layer(config.moe_layers[-1])
     for virtual in split.moe:
         try:
-            check_moe_layer(config, virtual, config.num_experts, found[virtual], where)
+            check_moe_layer(config, virtual, count, found[virtual], where)
         except MoePruneError as exc:
             layer = next(m for m in split.layers.values() if m.layer == virtual)
             message = str(exc).replace(f"MoE layer {virtual}", f"multi-token-prediction layer {layer.prefix}")

@@ -1,0 +1,96 @@
+"""Ragged checkpoints that keep their multi-token-prediction (MTP) layers, where moe-prune's vLLM plugin sizes them.
+
+prune and merge give an MTP layer the experts of the last decoder MoE layer, whose output it continues. In a
+ragged checkpoint that is that layer's count, not the config's one (largest) count, which vLLM's stock MTP class
+would build: so a ragged result keeps its MTP layers only for families whose row in checkpoint/serving.py names
+the vLLM MTP class the plugin builds at that count (GLM-4-MoE); others still need --drop-mtp
+(tests/test_mtp.py). The checkpoint reader holds each MTP block to the last layer's count. The plugin's draft
+override (vLLM's SpeculativeConfig.hf_config_override, asked under the base name) is checked here over a stand-in;
+tests/test_vllm_mtp.py serves such a checkpoint with MTP speculative decoding in vLLM.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from helpers import checkpoint_tensors as all_tensors
+from safetensors.torch import load_file, save_file
+from test_mtp import assert_mirrors_last_layer, experts_of, family_factory, with_mtp  # noqa: F401
+
+from moe_prune.artifacts.mask import DropMask
+from moe_prune.checkpoint.serving import SERVED
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime.loading import load_model
+from moe_prune.serving import vllm_plugin
+from moe_prune.stages import prune
+
+FAMILY = "glm4_moe"
+
+
+def ragged_with_mtp(family_factory, tmp_path):  # noqa: F811
+    """GLM-4-MoE with one MTP layer, pruned so its last MoE layer keeps fewer experts than the first."""
+    folder, _, prefix, _ = with_mtp(family_factory, FAMILY, tmp_path)
+    ckpt = Checkpoint.open(folder)
+    first, last = ckpt.identity.moe_layers[0], ckpt.identity.moe_layers[-1]
+    keep = {layer: list(range(8)) for layer in ckpt.identity.moe_layers} | {first: [0, 2, 3, 5, 7], last: [1, 6]}
+    out = tmp_path / "ragged"
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), out)
+    return out, prefix, ckpt.config.adapter.layer_prefix.format(L=last)
+
+
+def test_ragged_prune_keeps_mtp_at_the_last_layers_count(family_factory, tmp_path):  # noqa: F811
+    out, prefix, last = ragged_with_mtp(family_factory, tmp_path)
+    tensors = all_tensors(out)
+    assert_mirrors_last_layer(tensors, prefix, last)
+    assert experts_of(tensors, prefix) == experts_of(tensors, last) == {0, 1}
+    opened = Checkpoint.open(out)  # the reader holds the MTP block to the last layer's count, not the largest
+    assert sorted(opened.config.experts_per_layer.values()) == [2, 5] and opened.config.num_experts == 5
+    with torch.no_grad():  # transformers runs the decoder only: the MTP layer is left aside, as before
+        logits = load_model(out, dtype="float32")(torch.arange(3, 30)[None]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_reader_refuses_an_mtp_block_at_another_layers_count(family_factory, tmp_path):  # noqa: F811
+    """A ragged checkpoint whose MTP block holds more experts than the last layer (e.g. the largest count, as a
+    stock engine would size it) is refused, naming the MTP layer."""
+    out, prefix, _ = ragged_with_mtp(family_factory, tmp_path)
+    (shard,) = out.glob("*.safetensors")
+    tensors = load_file(shard)
+    router = f"{prefix}mlp.gate.weight"
+    tensors[router] = torch.cat([tensors[router], tensors[router][:1]])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(MoePruneError, match=rf"multi-token-prediction layer {prefix}.*\[3, "):
+        Checkpoint.open(out)
+
+
+def stock_override(config):
+    """vLLM's override as it treats GLM-4-MoE (by architecture) and DeepSeek-V3 (by model_type)."""
+    if config.architectures[0] == "Glm4MoeForCausalLM":
+        config.architectures = ["Glm4MoeMTPModel"]
+    elif config.model_type == "deepseek_v3":
+        config.architectures = ["DeepSeekMTPModel"]
+    return config
+
+
+@pytest.mark.parametrize(
+    "architecture,model_type,want",
+    [
+        ("MoePruneRaggedGlm4MoeForCausalLM", "glm4_moe", "MoePruneRaggedGlm4MoeMTPModel"),
+        ("RaggedGlm4MoeForCausalLM", "glm4_moe", "MoePruneRaggedGlm4MoeMTPModel"),
+        ("Glm4MoeForCausalLM", "glm4_moe", "Glm4MoeMTPModel"),  # not ragged: vLLM's own
+        ("MoePruneRaggedMixtralForCausalLM", "mixtral", "MoePruneRaggedMixtralForCausalLM"),  # no MTP: unchanged
+        ("MoePruneRaggedDeepseekV3ForCausalLM", "deepseek_v3", None),  # an MTP class the plugin does not size
+    ],
+)
+def test_draft_override_names_the_plugins_mtp_class(monkeypatch, architecture, model_type, want):
+    assert SERVED["Glm4MoeForCausalLM"].mtp == "Glm4MoeMTPModel" and not SERVED["DeepseekV3ForCausalLM"].mtp
+    monkeypatch.setattr(vllm_plugin, "_STOCK_OVERRIDE", stock_override)
+    config = types.SimpleNamespace(architectures=[architecture], model_type=model_type)
+    if want is None:
+        with pytest.raises(ValueError, match="does not build DeepSeekMTPModel at a ragged checkpoint's"):
+            vllm_plugin.draft_override(config)
+    else:
+        assert vllm_plugin.draft_override(config).architectures == [want]
