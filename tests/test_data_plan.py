@@ -15,6 +15,7 @@ from moe_prune.artifacts.provenance import hash_tokens
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
+from moe_prune.errors import MoePruneError
 from moe_prune.lottery.recipe import LotteryParams
 from moe_prune.runtime import data_plan, shares
 from moe_prune.scoring.selection import Budget
@@ -103,3 +104,24 @@ def test_every_stage_draws_the_same_windows_from_one_plan(two_sources, loads, pa
     finetune.run(DEMO_MODEL_DIR, two_sources, tmp_path / "tuned", options)
     assert len(loads) == 3 and loads[2] == loads[1]  # finetune alone and the round's: one plan, one set of rows
     assert loads[1][0].specs == plan.specs and loads[1][0].tokens == (384, 128)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("seed", "x", "provenance seed must be an integer, not a string 'x'"),
+        ("seq_len", 1, "provenance seq_len must be at least 2, not 1"),
+        ("split_on", 3, "provenance split_on must be a string, not an integer"),
+    ],
+)
+def test_allocate_reads_the_recorded_settings_checked(field, value, message, tmp_path):
+    """allocate judges on the data the statistics record, read through `stages.calibration`'s checks: a
+    hand-edited value is one line naming the file, not a ValueError from int() deep in the data reader."""
+    settings = profile.Settings(samples=2, seq_len=SEQ, batch_size=2)
+    stats = profile.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), settings).stats
+    stats.provenance[field] = value
+    path = tmp_path / "edited.npz"
+    stats.save(path)
+    with pytest.raises(MoePruneError) as caught:
+        allocate.allocate(str(path), DEMO_MODEL_DIR, CRITERION, Budget(ratio=0.5), budget_evals=2)
+    assert str(caught.value) == f"{path}: {message}"

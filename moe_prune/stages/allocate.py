@@ -116,7 +116,7 @@ def allocate(
 
     from moe_prune.allocation.evaluator import Evaluator  # torch and transformers: only once the inputs are good
 
-    model_obj, windows, data_warnings = calibration_windows(ckpt, loaded, calibration)
+    model_obj, windows, data_warnings = calibration_windows(ckpt, loaded, calibration, stats_name)
     warnings += data_warnings
     judge = Evaluator(model_obj, config, windows, calibration.batch_size, calibration.top)
     measured: dict[Counts, tuple[float, float]] = {}
