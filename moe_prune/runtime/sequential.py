@@ -55,10 +55,15 @@ class _Stub(torch.nn.Module):
     """Stands in for decoder layer `index`: records what the model passes it and returns its input."""
 
     def __init__(
-        self, index: int, record: Callable[[int, tuple, dict], None], last: bool, layer: torch.nn.Module
+        self,
+        index: int,
+        record: Callable[[int, tuple, dict], None],
+        last: bool,
+        layer: torch.nn.Module,
+        output: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.index, self.record, self.last = index, record, last
+        self.index, self.record, self.last, self.output = index, record, last, output
         # Plain facts the model reads off its layers (e.g. an `attention_type` class attribute), not modules.
         classes = [c for c in type(layer).__mro__ if c not in torch.nn.Module.__mro__]
         for scope in (*reversed(classes), layer):
@@ -68,6 +73,8 @@ class _Stub(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.record(self.index, (hidden, *args), kwargs)
+        if self.last and self.output is not None:  # the last layer's real output: the model's forward goes on
+            return self.output
         if self.last:
             raise _Stop
         return hidden
@@ -206,14 +213,17 @@ class LayerwiseModel:
     # -- layer inputs ---------------------------------------------------------------------------
 
     @contextmanager
-    def stubs(self) -> Iterator[dict[int, tuple[tuple, dict]]]:
-        """Decoder layers replaced by recording stubs; yields {layer: (args, kwargs)} of the last call."""
+    def stubs(self, output: torch.Tensor | None = None) -> Iterator[dict[int, tuple[tuple, dict]]]:
+        """Decoder layers replaced by recording stubs; yields {layer: (args, kwargs)} of the last call.
+
+        With `output`, the last stub returns it (the decoder layers' output, computed layer by layer) and the
+        model's own forward runs on to its final norm and head; without, the forward stops there."""
         calls: dict[int, tuple[tuple, dict]] = {}
         originals = list(self.layers)
         last = len(originals) - 1
         for i in range(len(originals)):
             record = lambda j, args, kwargs: calls.__setitem__(j, (args, kwargs))  # noqa: E731
-            self.layers[i] = _Stub(i, record, i == last, originals[i])
+            self.layers[i] = _Stub(i, record, i == last, originals[i], output if i == last else None)
         try:
             yield calls
         finally:
@@ -233,3 +243,9 @@ class LayerwiseModel:
         if len(calls) != len(self.layers):
             raise MoePruneError(f"{self.folder}: the model did not call its decoder layers one after another")
         return calls
+
+    def finish(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> Any:
+        """The model's own outputs (logits) for `input_ids` whose last decoder layer gave `hidden`: the embeddings
+        run again (cheap) and every layer is a stub, so final norm, head and any logit scaling are the model's."""
+        with self.stubs(output=hidden.to(self.device)):
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False)

@@ -41,8 +41,10 @@ from moe_prune.runtime.loading import (
     parse_dtype,
 )
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
+from moe_prune.runtime.sequential import LayerwiseModel
 from moe_prune.runtime.sources import parse_source
 from moe_prune.runtime.vllm_engine import check_engine as check_engine
+from moe_prune.stages import eval_sequential
 from moe_prune.stages.eval_results import EvalResult, LayerLoad, ModelEval, ParamCounts
 from moe_prune.training.nll import nll_sum as one_nll_sum
 from moe_prune.training.nll import non_finite
@@ -131,6 +133,7 @@ class Settings:
     device: str
     trust_remote_code: bool
     engine: str = "transformers"
+    sequential: bool = False  # one decoder layer at a time (stages.eval_sequential)
 
 
 def evaluate_model(
@@ -149,10 +152,7 @@ def evaluate_model(
     """
     config = ckpt.config
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
-    if settings.engine == "vllm":
-        model = meta_model(ckpt, settings.dtype, settings.trust_remote_code)
-    else:
-        model = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
+    model, runtime = _model(ckpt, settings)
     used_len = clip_seq_len(settings.seq_len, model.config)
     warnings = []
     if used_len < settings.seq_len:
@@ -160,8 +160,9 @@ def evaluate_model(
     stream = token_stream(render(texts, tokenizer, source), tokenizer, settings.max_tokens)
     chunks = fixed_chunks(stream, used_len, settings.max_tokens, source=source)
     batches = math.ceil(len(chunks) / settings.batch_size)
+    batches *= len(runtime.layers) + 2 if runtime is not None else 1  # --sequential: every layer is a pass
     progress(label, 0, batches)
-    nll, scored, load = _score(model, ckpt, chunks, settings, lambda done: progress(label, done, batches))
+    nll, scored, load = _score(model, ckpt, chunks, settings, lambda done: progress(label, done, batches), runtime)
     mean = nll / scored
     result = ModelEval(
         model=name,
@@ -184,6 +185,16 @@ def evaluate_model(
     return result, chunks, warnings
 
 
+def _model(ckpt: Checkpoint, settings: Settings) -> tuple[Any, LayerwiseModel | None]:
+    """(the model eval counts and, unless --sequential, runs; its layer-at-a-time loader under --sequential)."""
+    if settings.engine == "vllm":
+        return meta_model(ckpt, settings.dtype, settings.trust_remote_code), None
+    if settings.sequential:
+        runtime = eval_sequential.layerwise(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
+        return runtime.model, runtime
+    return load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code), None
+
+
 def meta_model(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> Any:
     """The model on the meta device, its head tied as from_pretrained ties it: what --engine vllm counts
     parameters, memory and context on (vLLM holds the weights)."""
@@ -193,9 +204,18 @@ def meta_model(ckpt: Checkpoint, dtype: str, trust_remote_code: bool) -> Any:
 
 
 def _score(
-    model: Any, ckpt: Checkpoint, chunks: torch.Tensor, settings: Settings, on_batch: Callable[[int], None]
+    model: Any,
+    ckpt: Checkpoint,
+    chunks: torch.Tensor,
+    settings: Settings,
+    on_batch: Callable[[int], None],
+    runtime: LayerwiseModel | None = None,
 ) -> tuple[float, int, list[LayerLoad]]:
-    """(summed NLL, predictions, expert load) of `chunks` by the settings' engine (vLLM records no load)."""
+    """(summed NLL, predictions, expert load) of `chunks` by the settings' engine (vLLM records no load), or
+    layer by layer through `runtime` (--sequential)."""
+    if runtime is not None:
+        nll, scored, recorder = eval_sequential.score(runtime, ckpt, chunks, settings.batch_size, on_batch)
+        return nll, scored, _layer_loads(recorder, ckpt.identity.original_ids)
     if settings.engine == "vllm":
         used_len = chunks.shape[1]
         past_context = clip_seq_len(used_len + 1, model.config) <= used_len
@@ -225,8 +245,12 @@ def run(
     device: str = "cpu",
     trust_remote_code: bool = False,
     engine: str = "transformers",
+    sequential: bool = False,
 ) -> EvalResult:
-    """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data` with `engine`."""
+    """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data` with `engine`;
+    `sequential`: one decoder layer at a time (models larger than memory)."""
+    if sequential and engine != "transformers":
+        raise MoePruneError(f"--sequential runs the model with transformers, not --engine {engine}")
     vllm_engine.check_engine(engine, device)
     if seq_len < 2:
         raise MoePruneError(f"sequence length must be at least 2 (got {seq_len})")
@@ -240,7 +264,7 @@ def run(
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), _open(baseline))
     texts = heldout_documents(data, text_field, split, max_tokens, split_on)
-    settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine)
+    settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine, sequential)
     report = progress or (lambda label, done, total: None)
     evals = {
         label: evaluate_model(name, ckpt, label, texts, settings, report, data)

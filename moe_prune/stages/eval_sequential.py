@@ -1,0 +1,91 @@
+"""`eval --sequential`: perplexity and expert load one decoder layer at a time, for models larger than memory.
+
+Why: whole-model eval holds every layer (6.8 layers' worth at Qwen3-30B-A3B shapes, issue #24). Here the
+layer-by-layer machinery of `profile --sequential` (`runtime.sequential.LayerwiseModel`) runs every chunk
+through one decoder layer at a time, the hidden states of all chunks in a `HiddenBuffer` (spilled to a
+memory-mapped file past `buffer_memory`); then the model's own forward, its layers stubbed to hand back
+the buffer's rows, gives the logits, and the one NLL loop (`training.nll.nll_sum`) scores them. Same
+chunks, same batches, same layers: the perplexity equals whole-model eval's to float rounding. Held at
+once: one decoder layer, the embeddings and head, the hidden buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from moe_prune.architectures.table import NO_SEQUENTIAL
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
+from moe_prune.runtime.routing import RoutingRecorder
+from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.training.nll import nll_sum
+
+
+def layerwise(ckpt: Checkpoint, dtype: str, device: str, trust_remote_code: bool) -> LayerwiseModel:
+    """The checkpoint as a meta skeleton whose layers load one at a time; refused for families that cannot."""
+    config = ckpt.config
+    if config.model_type in NO_SEQUENTIAL:
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
+            f"({NO_SEQUENTIAL[config.model_type]}); evaluate the whole model (--device auto for large ones)"
+        )
+    return LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, dtype, device, trust_remote_code)
+
+
+@torch.inference_mode()
+def score(
+    runtime: LayerwiseModel,
+    ckpt: Checkpoint,
+    chunks: torch.Tensor,
+    batch_size: int,
+    on_step: Callable[[int], None],
+    buffer_memory: int | None = None,
+) -> tuple[float, int, RoutingRecorder]:
+    """(summed NLL, predictions, routing counts) of `chunks`; `on_step(done)` after each batch of each pass
+    (1 embedding pass, one per decoder layer, 1 head pass: `batches x (layers + 2)` steps)."""
+    batches = [slice(start, start + batch_size) for start in range(0, len(chunks), batch_size)]
+    runtime.load_outside(skip=())
+    runtime.model.tie_weights()  # a tied head is the embedding, loaded once
+    step = iter(range(1, len(batches) * (len(runtime.layers) + 2) + 1))
+    buffer: HiddenBuffer | None = None
+    calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
+    try:
+        for rows in batches:
+            inputs = runtime.layer_inputs(chunks[rows])
+            hidden = inputs[0][0][0]
+            if buffer is None:
+                buffer = HiddenBuffer((len(chunks), *hidden.shape[1:]), hidden.dtype, buffer_memory)
+            buffer.tensor[rows] = hidden.cpu()
+            calls.setdefault(len(hidden), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
+            on_step(next(step))
+        assert buffer is not None
+        with RoutingRecorder(runtime.model, ckpt.config) as recorder:
+            for layer in range(len(runtime.layers)):
+                block = runtime.load_layer(layer)
+                for rows in batches:
+                    args, kwargs = calls[len(buffer.tensor[rows])][layer]
+                    out = block(buffer.tensor[rows].to(runtime.device), *args, **kwargs)
+                    buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
+                    on_step(next(step))
+                runtime.free_layer(layer)
+        head = _Head(runtime, buffer, iter(batches))
+        triples = ((chunks[rows], chunks[rows], chunks[rows][:, 1:].numel()) for rows in batches)
+        total, count = nll_sum(head, triples, runtime.device, ckpt.folder, lambda done: on_step(next(step)))
+    finally:
+        if buffer is not None:
+            buffer.close()
+    return total, count, recorder
+
+
+class _Head:
+    """What the NLL loop calls as the model: the batch's last-layer hidden states, read from the buffer in
+    batch order, through the model's own final norm and head (`LayerwiseModel.finish`)."""
+
+    def __init__(self, runtime: LayerwiseModel, buffer: HiddenBuffer, rows: Iterator[slice]) -> None:
+        self.runtime, self.buffer, self.rows = runtime, buffer, rows
+
+    def __call__(self, input_ids: torch.Tensor, use_cache: bool = False) -> Any:
+        return self.runtime.finish(input_ids, self.buffer.tensor[next(self.rows)])

@@ -1,0 +1,63 @@
+"""`eval --sequential` (stages/eval_sequential.py): one decoder layer at a time gives whole-model eval's results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_profile import write_docs
+
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
+from moe_prune.errors import MoePruneError
+from moe_prune.stages import eval_sequential, evaluate
+
+
+def _both(model, data: str, **options) -> tuple[evaluate.ModelEval, evaluate.ModelEval]:
+    whole = evaluate.run(model, data, **options).model
+    layered = evaluate.run(model, data, sequential=True, **options).model
+    return whole, layered
+
+
+def _same(whole: evaluate.ModelEval, layered: evaluate.ModelEval) -> None:
+    assert layered.tokens_scored == whole.tokens_scored > 0
+    assert math.isclose(layered.perplexity, whole.perplexity, rel_tol=1e-5), (layered.perplexity, whole.perplexity)
+    assert [load.counts for load in layered.load] == [load.counts for load in whole.load]
+    assert sum(sum(load.counts) for load in whole.load) > 0
+    assert layered.params == whole.params and layered.bytes_in_memory == whole.bytes_in_memory
+
+
+def test_demo_perplexity_equals_whole_model():
+    """The brief's check: the demo's perplexity within 1e-5 of plain eval, and the same expert load."""
+    whole, layered = _both(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), seq_len=64, batch_size=3, max_tokens=1500)
+    _same(whole, layered)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss", "qwen3_moe"])
+def test_families_equal_whole_model(model_type, tiny, tmp_path):
+    """deepseek_v3: a dense first layer; gpt_oss: sliding-window layers and sinks; qwen3_moe: a dense middle layer."""
+    data = tmp_path / "held.jsonl"
+    write_docs(data, 7, seed=3)
+    whole, layered = _both(tiny(model_type), str(data), seq_len=16, batch_size=3)
+    _same(whole, layered)
+
+
+def test_hidden_states_spilled_to_disk_give_the_same_nll(tiny):
+    """Past `buffer_memory` the hidden states of all chunks live in a memory-mapped file: same sums."""
+    folder = tiny("mixtral")
+    ckpt = Checkpoint.open(folder)
+    chunks = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
+    sums = []
+    for budget in (None, 64):
+        runtime = eval_sequential.layerwise(ckpt, "float32", "cpu", False)
+        steps: list[int] = []
+        total, count, _ = eval_sequential.score(runtime, ckpt, chunks, 2, steps.append, buffer_memory=budget)
+        assert steps == list(range(1, 3 * (len(runtime.layers) + 2) + 1))  # every pass reports each of 3 batches
+        sums.append((total, count))
+    assert sums[0] == sums[1] and sums[0][1] == 5 * 11
+
+
+def test_sequential_needs_transformers_engine():
+    with pytest.raises(MoePruneError, match=r"^--sequential runs the model with transformers, not --engine vllm$"):
+        evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), engine="vllm", sequential=True)
