@@ -89,6 +89,8 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
     window = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
     common = ["--data", str(data), *window, "--dtype", args.dtype, "--force"]
     stats, seq_stats = work / "stats.npz", work / "stats-seq.npz"
+    tokens = ["--max-tokens", str(args.samples * args.seq_len), "--dtype", args.dtype]
+    evaluation = [str(model), "--data", str(data), *window[2:], *tokens]  # eval has no --samples
     return [
         ("profile", ["profile", str(model), "--out", str(stats), *common], stats),
         ("profile --sequential", ["profile", str(model), "--out", str(seq_stats), *common, "--sequential"], seq_stats),
@@ -157,24 +159,8 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             ],
             work / "merged-r",
         ),
-        (
-            "eval",
-            [
-                "eval",
-                str(model),
-                "--data",
-                str(data),
-                "--seq-len",
-                str(args.seq_len),
-                "--batch-size",
-                str(args.batch_size),
-                "--max-tokens",
-                str(args.samples * args.seq_len),
-                "--dtype",
-                args.dtype,
-            ],
-            None,
-        ),
+        ("eval", ["eval", *evaluation], None),
+        ("eval --sequential", ["-m", "benchmarks.eval_stage", *evaluation, "--sequential"], None),
         (
             "finetune 1 step (router)",
             [
@@ -241,7 +227,7 @@ def main() -> None:
     for name, argv, output in stages(preset, model, data, work, args):
         if args.only is not None and not any(name.startswith(o) for o in args.only):
             continue
-        cmd = [python(), "-m", "moe_prune", *argv]
+        cmd = [python(), *argv] if argv[0] == "-m" else [python(), "-m", "moe_prune", *argv]  # -m: a benchmark helper
         wall, peak, status = run_stage(cmd, budget, work / f"{name.split()[0]}.log")
         results.append(StageResult(name, wall, peak, folder_bytes(output) if output else 0, status))
         _print_row(results[-1], moe_layers, preset.full_layers, one_layer)
