@@ -14,15 +14,23 @@ import typer
 from typer.testing import CliRunner
 
 from moe_prune.cli import app
-from moe_prune.cli.spec_options import build, given, takes_spec
+from moe_prune.cli.spec_options import build, given, parameters, takes_spec
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.specs.fields import KEY, check_complete, fingerprint, from_record, option, record
 from moe_prune.specs.finetune import FinetuneSpec
 from moe_prune.specs.lottery import LotteryParams
 from moe_prune.specs.profile import ProfileSpec
+from moe_prune.specs.sweep import SweepSpec
 
 GROUP = typer.main.get_command(app)
-SPECS = {"profile": ProfileSpec, "finetune": FinetuneSpec, "lottery": LotteryParams}
+SPECS = {
+    "profile": ProfileSpec,
+    "finetune": FinetuneSpec,
+    "lottery": LotteryParams,
+    "sweep": SweepSpec,
+    "eval": EvalSpec,
+}
 
 
 def flags_of(spec: type) -> dict[str, str]:
@@ -159,3 +167,11 @@ def test_fingerprint_changes_with_exactly_the_fields_that_decide_the_result(spec
         changed = dataclasses.replace(base, **{f.name: _other(getattr(base, f.name))})
         assert (fingerprint(changed) != fingerprint(base)) == (f.name not in OUTPUT_ONLY[spec]), f.name
         assert record(changed) != record(base), f.name  # the recorded step has every field
+
+
+@pytest.mark.parametrize("spec", [ProfileSpec, FinetuneSpec, SweepSpec, EvalSpec])
+def test_the_options_defaults_are_the_specs_defaults(spec: type) -> None:
+    """Nothing passed on the command line is the library's default spec (each CLI default parses to the field's)."""
+    defaults = {p.name: p.default for p in parameters(spec)}
+    assert build(spec, defaults) == spec()
+    assert given(LotteryParams, {p.name: p.default for p in parameters(LotteryParams, unset=True)}) == {}

@@ -325,7 +325,7 @@ def test_tasks_are_columns_measured_on_each_model(stats_file, monkeypatch):
     monkeypatch.setattr(tasks, "prepare", lambda settings: "manager")
     monkeypatch.setattr(tasks, "evaluate_tasks", fake_tasks)
     settings = stage.SweepSettings(
-        criteria=("usage-frequency",), ratios=(0.25, 0.5), random_seeds=1, tasks=tasks.TaskSettings(["fake"]), **EVAL
+        criteria=("usage-frequency",), ratios=(0.25, 0.5), random_seeds=1, tasks="fake", **EVAL
     )
     result = stage.run(MODEL, stats_file, settings)
     assert result.tasks == ["fake"]
@@ -344,7 +344,8 @@ def test_task_accuracy_equals_eval_tasks_on_the_rebuilt_model(stats_file, tmp_pa
         criteria=("usage-frequency",),
         ratios=(0.5,),
         random_seeds=1,
-        tasks=tasks.TaskSettings(["demo_records"], limit=8),
+        tasks="demo_records",
+        limit=8,
         **EVAL,
     )
     result = stage.run(MODEL, stats_file, settings)

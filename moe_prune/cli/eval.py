@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from moe_prune.cli.common import (
-    DEFAULT_DATA,
     DEFAULT_MODEL,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
     JsonOpt,
     LazyBar,
     ModelArg,
-    SplitOnOpt,
-    TrustOpt,
     out_console,
-    parse_device_map,
     print_json,
     user_errors,
     warn,
 )
 from moe_prune.cli.eval_tables import print_perplexity, task_tables
+from moe_prune.cli.spec_options import takes_spec
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
@@ -34,120 +27,36 @@ if TYPE_CHECKING:
 
 
 @user_errors
+@takes_spec(EvalSpec, "spec")
 def evaluate(
     model: ModelArg = DEFAULT_MODEL,
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data",
-            "-d",
-            help="Text file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records through the model's chat "
-            "template) or hub dataset id.",
-        ),
-    ] = DEFAULT_DATA,
-    text_field: Annotated[str, typer.Option(help="Field/column holding the text in structured data.")] = "text",
-    split: Annotated[str, typer.Option(help="Split of a hub dataset (streamed).")] = "train",
-    split_on: SplitOnOpt = "none",
-    seq_len: Annotated[int, typer.Option(help="Tokens per evaluated sequence (capped at the model's context).")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    max_tokens: Annotated[int | None, typer.Option(help="Evaluate at most this many tokens of the data.")] = None,
-    baseline: Annotated[
-        str | None, typer.Option(help="Also evaluate this model (e.g. the unpruned original) and compare.")
-    ] = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    device_map: DeviceMapOpt = None,
-    trust_remote_code: TrustOpt = False,
+    *,
+    spec: EvalSpec,  # one option per field (cli/spec_options.py)
     json_output: JsonOpt = False,
-    tasks: Annotated[
-        str | None,
-        typer.Option(
-            "--tasks",
-            help="Comma-separated lm-eval tasks/groups to score (e.g. demo: the demo model's offline suite). "
-            "Needs moe-prune\\[tasks].",
-        ),
-    ] = None,
-    num_fewshot: Annotated[
-        int | None, typer.Option(help="Few-shot demonstrations per task question (default: each task's own).")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="Score at most this many documents per task.")] = None,
-    include_path: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder of your own lm-eval task YAMLs, usable by name in --tasks (their code, such as "
-            "!function, runs only with --trust-remote-code)."
-        ),
-    ] = None,
-    log_samples: Annotated[
-        Path | None, typer.Option(help="Write lm-eval's per-sample records (JSONL) to this file.")
-    ] = None,
-    perplexity: Annotated[
-        bool, typer.Option("--perplexity/--no-perplexity", help="Also measure perplexity, sizes and expert load.")
-    ] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --log-samples file.")] = False,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="transformers, or vllm: perplexity from vLLM's prompt log-probs on the same token windows and "
-            "--tasks through lm-eval's vLLM backend (needs vLLM installed; no expert load)."
-        ),
-    ] = "transformers",
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
     from moe_prune.stages.evaluate import check_engine
 
-    device = parse_device_map(device_map, device)
-    check_engine(engine, device)  # a missing vLLM is one line before any task or data is read
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    check_engine(spec.engine, spec.device)  # a missing vLLM is one line before any task or data is read
+    inputs = _local_inputs((model, spec.baseline, spec.data, spec.include_path))  # never replaced by --log-samples
+    samples = (spec.log_samples, spec.force, inputs)
     task_result = None
-    inputs = _local_inputs((model, baseline, data, include_path))  # never replaced by --log-samples
-    if tasks is None:
-        if not perplexity:
+    if spec.tasks is None:
+        if not spec.perplexity:
             raise MoePruneError("--no-perplexity leaves nothing to evaluate without --tasks")
-        if any(v is not None for v in (num_fewshot, limit, include_path, log_samples)):
+        if any(v is not None for v in (spec.num_fewshot, spec.limit, spec.include_path, spec.log_samples)):
             raise MoePruneError("--num-fewshot, --limit, --include-path and --log-samples apply to --tasks only")
     else:
-        if log_samples is not None:  # refused before any work, like every output
-            _check_samples(log_samples, force, inputs)
-        task_result = _run_tasks(
-            model,
-            tasks,
-            baseline,
-            num_fewshot,
-            limit,
-            include_path,
-            log_samples,
-            batch_size,
-            dtype,
-            device,
-            trust_remote_code,
-            columns,
-            engine,
-        )
-        if not perplexity:
-            _report_tasks(task_result, json_output, None, (log_samples, force, inputs))
+        if spec.log_samples is not None:  # refused before any work, like every output
+            _check_samples(spec.log_samples, spec.force, inputs)
+        task_result = _run_tasks(model, spec)
+        if not spec.perplexity:
+            _report_tasks(task_result, json_output, None, samples)
             return
-    result = _run_perplexity(
-        columns,
-        model,
-        data,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        baseline=baseline,
-        text_field=text_field,
-        split=split,
-        split_on=split_on,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        engine=engine,
-    )
+    result = _run_perplexity(model, spec)
     for message in result.warnings:
         warn(message)
     if task_result is not None:
-        _report_tasks(task_result, json_output, result, (log_samples, force, inputs))
+        _report_tasks(task_result, json_output, result, samples)
         return
     if json_output:
         print_json(result.to_dict())
@@ -155,59 +64,52 @@ def evaluate(
     print_perplexity(result)
 
 
-def _run_perplexity(columns: tuple[Any, ...], model: str, data: str, **options: Any) -> EvalResult:
+def _columns() -> tuple[Any, ...]:
+    """Each progress bar: what runs, batches or requests done of all, time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    return TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+
+
+def _run_perplexity(model: str, spec: EvalSpec) -> EvalResult:
     """Perplexity, sizes and expert load of the model (and baseline), one progress bar per model."""
     from moe_prune.stages import evaluate as stage
 
-    bar = LazyBar(*columns)
+    bar = LazyBar(*_columns())
 
     def advance(label: str, done: int, total: int) -> None:
         bar.update(label, f"evaluating {label} (batches)", completed=done, total=total)
 
+    s = spec
     try:
-        return stage.run(model, data, progress=advance, **options)
+        return stage.run(
+            model, s.data, s.seq_len, s.batch_size, s.max_tokens, s.baseline, advance, text_field=s.text_field,
+            split=s.split, split_on=s.split_on, dtype=s.dtype, device=s.device,
+            trust_remote_code=s.trust_remote_code, engine=s.engine,
+        )  # fmt: skip
     finally:
         bar.stop()
 
 
-def _run_tasks(
-    model: str,
-    spec: str,
-    baseline: str | None,
-    num_fewshot: int | None,
-    limit: int | None,
-    include_path: Path | None,
-    log_samples: Path | None,
-    batch_size: int,
-    dtype: str,
-    device: str,
-    trust_remote_code: bool,
-    columns: tuple[Any, ...],
-    engine: str,
-) -> TasksResult:
+def _run_tasks(model: str, spec: EvalSpec) -> TasksResult:
     """Task accuracy first: a wrong task name or task file fails before any perplexity work."""
     from moe_prune.stages import tasks as stage
     from moe_prune.stages.task_harness import require_lm_eval
 
     require_lm_eval()
+    assert spec.tasks is not None
+    s = spec
     settings = stage.TaskSettings(
-        stage.parse_tasks(spec),
-        num_fewshot,
-        limit,
-        include_path,
-        batch_size,
-        dtype,
-        device,
-        trust_remote_code,
-        engine=engine,
-    )
+        stage.parse_tasks(s.tasks), s.num_fewshot, s.limit, s.include_path, s.batch_size, s.dtype, s.device,
+        s.trust_remote_code, engine=s.engine,
+    )  # fmt: skip
     stage.validate(settings)
-    with LazyBar(*columns) as bar:
+    with LazyBar(*_columns()) as bar:
 
         def advance(label: str, done: int, total: int, kind: str) -> None:
             bar.update(label, f"{label}: {kind} requests", completed=done, total=total)
 
-        return stage.run(model, settings, baseline, advance)
+        return stage.run(model, settings, s.baseline, advance)
 
 
 def _check_samples(path: Path, force: bool, inputs: tuple[str | Path, ...]) -> None:

@@ -8,7 +8,10 @@ fields under the same names, or reuses single fields with `fields.like` under an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from moe_prune.demo import DEMO_HELDOUT
+from moe_prune.errors import MoePruneError
 from moe_prune.specs.fields import option
 from moe_prune.specs.parse import MAX_SEED, device_map
 
@@ -77,3 +80,44 @@ class Training:
         0.05, "Share of steps of linear warm-up before cosine decay.", panel=TRAIN
     )
     max_grad_norm: float = option(1.0, "Gradient clipping (0: off).", panel=TRAIN)
+
+
+@dataclass(frozen=True)
+class Heldout(TextData):
+    """Perplexity on held-out text: which text, and how much of it per forward pass (eval, sweep)."""
+
+    data: str = option(
+        str(DEMO_HELDOUT),
+        "Text file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records through the model's chat "
+        "template) or hub dataset id.",
+        "--data",
+        "-d",
+    )
+    seq_len: int = option(256, "Tokens per evaluated sequence (capped at the model's context).")
+    batch_size: int = option(8, "Sequences per forward pass.")
+    max_tokens: int | None = option(None, "Evaluate at most this many tokens of the data.")
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """lm-eval task accuracy (`--tasks`) and its options, which apply to --tasks only (eval, sweep)."""
+
+    tasks: str | None = option(  # the names as given; `stages.tasks.parse_tasks` reads them
+        None,
+        "Comma-separated lm-eval tasks/groups to score (e.g. demo: the demo model's offline suite). "
+        "Needs moe-prune\\[tasks].",
+        "--tasks",
+    )
+    num_fewshot: int | None = option(None, "Few-shot demonstrations per task question (default: each task's own).")
+    limit: int | None = option(None, "Score at most this many documents per task.")
+    include_path: Path | None = option(
+        None,
+        "Folder of your own lm-eval task YAMLs, usable by name in --tasks (their code, such as "
+        "!function, runs only with --trust-remote-code).",
+    )
+
+    def check_tasks(self) -> None:
+        """The task options alone are refused: they would silently do nothing."""
+        options = {"--num-fewshot": self.num_fewshot, "--limit": self.limit, "--include-path": self.include_path}
+        if self.tasks is None and any(v is not None for v in options.values()):
+            raise MoePruneError(f"{', '.join(list(options)[:-1])} and {list(options)[-1]} apply to --tasks only")

@@ -66,3 +66,35 @@ def one_or_many(values: list[str] | None, flag: str = "") -> str | list[str] | N
 def negate(passed: bool, flag: str = "") -> bool:
     """`--no-X`: the flag, passed, sets the field X to False."""
     return not passed
+
+
+def names(text: str, flag: str) -> list[str]:
+    """'a, b,a' -> ['a', 'b'] (order kept, duplicates dropped); none is refused."""
+    found = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not found:
+        raise MoePruneError(f"{flag} needs at least one name")
+    return found
+
+
+def all_or_names(text: str, flag: str) -> tuple[str, ...]:
+    """'all' -> () (the stage's every one), else the names."""
+    return () if text.strip() == "all" else tuple(names(text, flag))
+
+
+def name_tuple(text: str, flag: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b')."""
+    return tuple(names(text, flag))
+
+
+def ratios(text: str, flag: str = "--ratios") -> tuple[float, ...]:
+    """'0.5,0.25' -> (0.25, 0.5): fractions of experts to drop, each in (0, 1), ascending."""
+    found = set()
+    for part in names(text, flag):
+        try:
+            ratio = float(part)
+        except ValueError as exc:
+            raise MoePruneError(f"{flag} {part!r}: expected a fraction such as 0.25") from exc
+        if not 0.0 < ratio < 1.0:
+            raise MoePruneError(f"{flag} {part}: each ratio must be above 0 and below 1 (the original is always run)")
+        found.add(ratio)
+    return tuple(sorted(found))

@@ -19,7 +19,6 @@ from typing import Any
 
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.io.output import OutputError
 from moe_prune.merging.registry import METHODS as METHODS
@@ -27,6 +26,7 @@ from moe_prune.merging.registry import get_method, weight_statistic
 from moe_prune.runtime.data import Document, check_split_on
 from moe_prune.runtime.skeleton import code_decision, parse_dtype
 from moe_prune.scoring.selection import Budget
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import evaluate, prune, score, tasks
 from moe_prune.stages.sweep_checks import check_ratios, check_usable, sweep_criteria
 from moe_prune.stages.sweep_search import merge_to_counts, searched
@@ -47,51 +47,46 @@ from moe_prune.sweep.results import verdicts as verdicts
 ProgressFn = Callable[[int, int, Combo | None], None]
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    """What to sweep and how each model is evaluated (see `moe-prune sweep --help` for each field)."""
+SweepSettings = SweepSpec  # the stage's settings are its spec (`specs.sweep`)
 
-    criteria: tuple[str, ...] = ()  # empty: every registered criterion but `random` (the floor)
-    ratios: tuple[float, ...] = (0.25, 0.5)
-    directions: str = "default"  # default | opposite | both
-    scopes: str = "layer"  # layer | global | search, comma-separated; both = layer,global; all
-    merge_methods: tuple[str, ...] = ()
-    merge_weights: tuple[str, ...] = ("frequency",)  # what merges average members by (each a line)
-    merge_refit: str = "no"  # no | yes | both
-    search_evals: int = 32  # candidates per `allocate` search (scope search)
-    random_seeds: int = 5
-    prune_hopeless: bool = False
-    data: str = str(DEMO_HELDOUT)
-    text_field: str = "text"
-    split_on: str = "none"
-    seq_len: int = 256
-    batch_size: int = 8
-    max_tokens: int | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    merge_seed: int = 0
-    tasks: tasks.TaskSettings | None = None
 
-    def check(self) -> None:
-        """Checks of the settings alone, before any file is read."""
-        choice(self.directions, "--directions", DIRECTIONS)
-        parse_scopes(self.scopes)
-        choice(self.merge_refit, "--merge-refit", tuple(REFITS))
-        for rule in self.merge_weights:
-            weight_statistic(rule)
-        if self.search_evals < 2:
-            raise MoePruneError(f"--search-evals must be at least 2 (got {self.search_evals})")
-        if not self.ratios or not all(0.0 < r < 1.0 for r in self.ratios):
-            raise MoePruneError(f"--ratios {list(self.ratios)}: each ratio must be above 0 and below 1")
-        if self.random_seeds < 1:
-            raise MoePruneError(f"--random-seeds must be at least 1 (got {self.random_seeds}): they are the floor")
-        if self.seq_len < 2 or self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
-            raise MoePruneError("--seq-len must be at least 2, --batch-size and --max-tokens at least 1")
-        parse_dtype(self.dtype)
-        check_split_on(self.split_on)
-        if self.tasks is not None:
-            tasks.validate(self.tasks)
+def check(settings: SweepSettings) -> None:
+    """Checks of the settings alone, before any file is read."""
+    settings.check_tasks()
+    choice(settings.directions, "--directions", DIRECTIONS)
+    parse_scopes(settings.scopes)
+    choice(settings.merge_refit, "--merge-refit", tuple(REFITS))
+    for rule in settings.merge_weights:
+        weight_statistic(rule)
+    if settings.search_evals < 2:
+        raise MoePruneError(f"--search-evals must be at least 2 (got {settings.search_evals})")
+    if not settings.ratios or not all(0.0 < r < 1.0 for r in settings.ratios):
+        raise MoePruneError(f"--ratios {list(settings.ratios)}: each ratio must be above 0 and below 1")
+    if settings.random_seeds < 1:
+        raise MoePruneError(f"--random-seeds must be at least 1 (got {settings.random_seeds}): they are the floor")
+    if settings.seq_len < 2 or settings.batch_size < 1 or (settings.max_tokens is not None and settings.max_tokens < 1):
+        raise MoePruneError("--seq-len must be at least 2, --batch-size and --max-tokens at least 1")
+    parse_dtype(settings.dtype)
+    check_split_on(settings.split_on)
+    task_settings = tasks_of(settings)
+    if task_settings is not None:
+        tasks.validate(task_settings)
+
+
+def tasks_of(settings: SweepSettings) -> tasks.TaskSettings | None:
+    """--tasks and its options, the models loaded as for perplexity; None without --tasks."""
+    if settings.tasks is None:
+        return None
+    s = settings
+    return tasks.TaskSettings(
+        tasks.parse_tasks(s.tasks), s.num_fewshot, s.limit, s.include_path, s.batch_size, s.dtype, s.device,
+        s.trust_remote_code,
+    )  # fmt: skip
+
+
+def methods_of(settings: SweepSettings) -> tuple[str, ...]:
+    """The merge methods: `all` is every registered one."""
+    return tuple(METHODS.names()) if settings.merge_methods == ("all",) else settings.merge_methods
 
 
 @dataclass
@@ -118,9 +113,9 @@ class Plan:
 
 def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Plan:
     """Validate options, model, statistics, data and tasks; list the combinations. Nothing is written."""
-    settings.check()
+    check(settings)
     criteria = sweep_criteria(settings.criteria)
-    methods = [m for m in settings.merge_methods if get_method(m)]
+    methods = [m for m in methods_of(settings) if get_method(m)]
     ckpt = Checkpoint.open(model)
     code_decision(ckpt, settings.trust_remote_code)  # refuses checkpoint code before any work
     loaded = Stats.load(Path(stats))
@@ -130,7 +125,8 @@ def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Pl
     texts = evaluate.heldout_documents(
         settings.data, settings.text_field, "train", settings.max_tokens, settings.split_on
     )
-    manager = tasks.prepare(settings.tasks) if settings.tasks is not None else None
+    task_settings = tasks_of(settings)
+    manager = tasks.prepare(task_settings) if task_settings is not None else None
     s = settings
     combos = combinations(
         criteria, methods, s.ratios, s.directions, s.scopes, s.random_seeds,
@@ -178,7 +174,7 @@ def run(
             ratios=settings.ratios,
             rows=rows,
             defaults=plan.defaults,
-            tasks=list(settings.tasks.tasks) if settings.tasks else [],
+            tasks=tasks.parse_tasks(settings.tasks) if settings.tasks else [],
             reused=reused,
             warnings=list(dict.fromkeys(plan.warnings)),
         )
@@ -252,9 +248,12 @@ def _measure(plan: Plan, row: Row, folder: Path) -> None:
     )
     plan.warnings += warnings
     if plan.manager is not None:
-        assert s.tasks is not None
+        task_settings = tasks_of(s)
+        assert task_settings is not None
         with quiet_lm_eval():
-            result = tasks.evaluate_tasks(str(folder), folder, row.combo.line, plan.manager, s.tasks, lambda *a: None)
+            result = tasks.evaluate_tasks(
+                str(folder), folder, row.combo.line, plan.manager, task_settings, lambda *a: None
+            )
         row.tasks = {
             task: {"metric": f"{m},{f}", "value": value, "stderr": stderr}
             for task in result.results
@@ -272,6 +271,7 @@ def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSettings) -
     """What every result depends on; the combinations are not in it (a rerun may add criteria or ratios)."""
     names = ("text_field", "split_on", "seq_len", "batch_size", "max_tokens", "dtype", "device", "merge_seed")
     evaluation: dict[str, Any] = {name: getattr(settings, name) for name in names}
-    if settings.tasks is not None:
-        evaluation["tasks"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings.tasks).items()}
+    task_settings = tasks_of(settings)
+    if task_settings is not None:
+        evaluation["tasks"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(task_settings).items()}
     return fingerprint(ckpt, stats, settings.data, evaluation)

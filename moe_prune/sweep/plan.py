@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring.registry import Criterion
+from moe_prune.specs.parse import names, ratios
 
 Kind = Literal["original", "random", "prune", "merge"]
 OPPOSITE = {"min": "max", "max": "min"}
@@ -71,24 +72,12 @@ class Combo:
 
 def parse_names(spec: str, option: str) -> list[str]:
     """'a, b,a' -> ['a', 'b'] (order kept, duplicates dropped)."""
-    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
-    if not names:
-        raise MoePruneError(f"{option} needs at least one name")
-    return names
+    return names(spec, option)
 
 
 def parse_ratios(spec: str) -> tuple[float, ...]:
     """'0.5,0.25' -> (0.25, 0.5): fractions of experts to drop, each in (0, 1), ascending."""
-    ratios = set()
-    for part in parse_names(spec, "--ratios"):
-        try:
-            ratio = float(part)
-        except ValueError as exc:
-            raise MoePruneError(f"--ratios {part!r}: expected a fraction such as 0.25") from exc
-        if not 0.0 < ratio < 1.0:
-            raise MoePruneError(f"--ratios {part}: each ratio must be above 0 and below 1 (the original is always run)")
-        ratios.add(ratio)
-    return tuple(sorted(ratios))
+    return ratios(spec, "--ratios")
 
 
 def choice(value: str, option: str, allowed: tuple[str, ...]) -> str:
