@@ -8,6 +8,9 @@ lottery round's finetune of the same tokens must share theirs too.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -125,3 +128,11 @@ def test_allocate_reads_the_recorded_settings_checked(field, value, message, tmp
     with pytest.raises(MoePruneError) as caught:
         allocate.allocate(str(path), DEMO_MODEL_DIR, CRITERION, Budget(ratio=0.5), budget_evals=2)
     assert str(caught.value) == f"{path}: {message}"
+
+
+def test_naming_the_task_reader_loads_no_torch():
+    """The CLI imports `stages.tasks` (for `task:`), which registers the task reader: that must not load torch,
+    or every command, `--help` included, would pay for it (`runtime.readers` is torch-free)."""
+    code = "import sys, moe_prune.cli, moe_prune.runtime.readers as r; print('torch' in sys.modules, sorted(r.READERS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "['task:']"]

@@ -7,58 +7,29 @@ same `artifacts.provenance.hash_tokens`) in every stage. Parsing and sharing are
 and mixing `runtime.sources`.
 
 Sources whose name starts with a registered prefix (`task:NAME`, registered by `stages.tasks`) are read by
-that prefix's reader; a stage that does not read them refuses them in one line (`refuse_prefixed`).
+that prefix's reader (`runtime.readers`, free of torch so that registering costs the CLI nothing); a stage
+that does not read them refuses them in one line (`refuse_prefixed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moe_prune.errors import MoePruneError
 from moe_prune.runtime.chat import render
 from moe_prune.runtime.data import fixed_chunks, token_stream
+from moe_prune.runtime.readers import READERS, Reading, prefixed
+from moe_prune.runtime.readers import refuse_prefixed as refuse_prefixed
+from moe_prune.runtime.readers import register_reader as register_reader
 from moe_prune.runtime.shares import SourceSpec, allocate, parse_sources
 from moe_prune.runtime.sources import CHARS_PER_TOKEN_BOUND, Mix, SourceData, Taken, mix, read_source
 
 POOL_FACTOR = 4  # profile: windows are drawn from at most this many times the tokens needed
 BUDGET = "--samples x --seq-len"  # profile's budget, as errors name it
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How each source is read: a structured file's or hub dataset's field and split, how .txt files are cut
-    into documents, and (registered readers, e.g. tasks) the user's task folder and the code-trust decision."""
-
-    text_field: str = "text"
-    split: str = "train"
-    split_on: str = "none"
-    include_path: Path | None = None
-    trust_remote_code: bool = False
-    prefixed: bool = False  # registered prefixes (task:NAME) read by their reader; else names like any other
-
-
-PrefixReader = Callable[[SourceSpec, int, Reading], SourceData]  # (spec, max_chars, reading) -> documents
-READERS: dict[str, PrefixReader] = {}  # source prefix -> its reader (`register_reader`)
-
-
-def register_reader(prefix: str) -> Callable[[PrefixReader], PrefixReader]:
-    """Sources named `prefix...` are read by the decorated function instead of as files or hub datasets."""
-
-    def add(reader: PrefixReader) -> PrefixReader:
-        READERS[prefix] = reader
-        return reader
-
-    return add
-
-
-def prefixed(spec: SourceSpec) -> str | None:
-    """The registered prefix `spec`'s source starts with, if any."""
-    return next((p for p in READERS if spec.source.startswith(p)), None)
 
 
 @dataclass(frozen=True)
@@ -103,14 +74,6 @@ class DataPlan:
 
 
 DataLike = str | Path | SourceSpec | DataPlan | Sequence[str | Path | SourceSpec]
-
-
-def refuse_prefixed(specs: Sequence[SourceSpec], stage: str) -> None:
-    """A stage that reads no registered source (tasks are profile's) refuses one in one line."""
-    for spec in specs:
-        prefix = prefixed(spec)
-        if prefix is not None:
-            raise MoePruneError(f"--data {prefix}NAME: {stage} reads files and hub datasets (profile reads tasks)")
 
 
 def parse_data(data: DataLike, option: str = "--data") -> tuple[SourceSpec, ...]:
