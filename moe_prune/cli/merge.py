@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,14 +12,8 @@ from rich.table import Table
 
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
-    MAX_SEED,
-    BufferMemoryOpt,
-    DeviceOpt,
-    DropMtpOpt,
-    ForceOpt,
     JsonOpt,
     LazyBar,
-    MaxShardSizeOpt,
     ModelArg,
     OutDirOpt,
     byte_progress,
@@ -27,8 +22,10 @@ from moe_prune.cli.common import (
     print_json,
     user_errors,
 )
+from moe_prune.cli.spec_options import takes_spec
 from moe_prune.errors import MoePruneError
-from moe_prune.stages.common import check_not_input, check_plot, parse_size
+from moe_prune.specs.merge import MergeSpec
+from moe_prune.stages.common import check_not_input, check_plot
 
 if TYPE_CHECKING:
     from moe_prune.stages.merge import MergeResult
@@ -54,69 +51,25 @@ def parse_keep(values: list[str]) -> tuple[int, dict[int, int]]:
     return default, overrides
 
 
-def typed(ctx: typer.Context, param: str) -> bool:
-    """Whether the user gave option `param` (its default is not the user's word: --device alone is refused)."""
-    source = ctx.get_parameter_source(param)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-
-def parse_layers(values: list[str]) -> list[int]:
-    try:
-        return sorted({int(part) for value in values for part in value.split(",") if part.strip()})
-    except ValueError as exc:
-        raise MoePruneError(f"--skip-layers {values}: expected layer numbers such as 0 or 0,3") from exc
-
-
 @user_errors
+@takes_spec(MergeSpec, "spec")
 def merge(
-    ctx: typer.Context,
     out: OutDirOpt,
     stats: Annotated[Path, typer.Option("--stats", "-s", help="Statistics of this model (from `moe-prune profile`).")],
     keep: Annotated[
         list[str], typer.Option("--keep", "-k", help="Experts per MoE layer after merging; LAYER=COUNT overrides.")
     ],
     model: ModelArg = DEFAULT_MODEL,
-    method: Annotated[
-        str, typer.Option(help="uncurl (router-logit clustering), hcsmoe (output clustering), frequency or prune.")
-    ] = "uncurl",
-    router: Annotated[
-        str, typer.Option(help="Router rows of merged experts: anchor, average or reinit (then train the router).")
-    ] = "anchor",
-    weights: Annotated[
-        str, typer.Option(help="Average members in proportion to: frequency (selections) or output (gate x norm).")
-    ] = "frequency",
-    refit: Annotated[
-        bool,
-        typer.Option(
-            "--refit",
-            help="Fit each slot's down projection to the layer's output: from profile --refit-stats sums, else in "
-            "one layer-by-layer pass over the statistics' calibration windows.",
-        ),
-    ] = False,
-    refit_ridge: Annotated[
-        str | None,
-        typer.Option(
-            help="Relative ridge of --refit's least squares (default: a fixed one, shown in the refit table), or "
-            "auto: chosen per slot on held-out calibration windows (layer-by-layer pass only)."
-        ),
-    ] = None,
-    device: DeviceOpt = "cpu",
-    buffer_memory: BufferMemoryOpt = None,
-    skip_layers: Annotated[
-        list[str] | None, typer.Option("--skip-layers", help="MoE layers to leave as they are (e.g. 0 or 0,5).")
-    ] = None,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of k-means and of --router reinit.")] = 0,
+    *,
+    spec: MergeSpec,  # one option per field (cli/spec_options.py), named as stages.merge.run's keywords
     plot: Annotated[Path | None, typer.Option(help="Write a PNG heatmap of the similarity by cluster.")] = None,
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    drop_mtp: DropMtpOpt = False,
-    force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import merge as stage
     from moe_prune.stages.merge import Stats
 
     default, overrides = parse_keep(keep)
-    skip = parse_layers(skip_layers or [])
+    force = spec.force
     check_not_input(out, (model, stats))
     check_plot(plot, force, (model, stats))
     loaded = Stats.load(stats)
@@ -131,28 +84,11 @@ def merge(
             refit_bar.stop()  # the pass is over once writing starts
             write_update(done, total)
 
+        options = {f.name: getattr(spec, f.name) for f in fields(spec)}
         result = stage.run(
-            model,
-            loaded,
-            out,
-            default,
-            method=method,
-            router=router,
-            weights=weights,
-            refit=refit,
-            keep_overrides=overrides,
-            skip_layers=skip,
-            seed=seed,
-            max_shard_size=max_shard_size,
-            force=force,
-            stats_name=str(stats),
-            progress=update,
-            drop_mtp=drop_mtp,
-            refit_ridge=refit_ridge,
-            device=device if typed(ctx, "device") else None,  # --device without the pass is refused, not ignored
-            buffer_memory=parse_size(buffer_memory, "--buffer-memory") if buffer_memory else None,
-            refit_progress=refit_update,
-        )
+            model, loaded, out, default, keep_overrides=overrides, stats_name=str(stats), progress=update,
+            refit_progress=refit_update, **options,
+        )  # fmt: skip
     if plot is not None:
         from moe_prune.stages.merge import similarity_heatmaps
 

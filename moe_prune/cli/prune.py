@@ -9,6 +9,7 @@ Not read: kept experts, attention, embeddings and all other tensors are copied b
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated
 
 import typer
@@ -16,10 +17,7 @@ from rich.table import Table
 
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
-    DropMtpOpt,
-    ForceOpt,
     JsonOpt,
-    MaxShardSizeOpt,
     ModelArg,
     OutDirOpt,
     byte_progress,
@@ -29,6 +27,8 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
+from moe_prune.cli.spec_options import takes_spec
+from moe_prune.specs.prune import PruneSpec
 from moe_prune.stages.common import check_not_input
 
 
@@ -39,13 +39,13 @@ def _counts(per_layer: dict[int, int]) -> str:
 
 
 @user_errors
+@takes_spec(PruneSpec, "spec")
 def prune(
     out: OutDirOpt,
     mask: Annotated[str, typer.Option("--mask", "-m", help="Drop mask JSON (from `moe-prune score`); - reads stdin.")],
     model: ModelArg = DEFAULT_MODEL,
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    drop_mtp: DropMtpOpt = False,
-    force: ForceOpt = False,
+    *,
+    spec: PruneSpec,  # one option per field (cli/spec_options.py), named as stages.prune.run's keywords
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import prune as stage
@@ -54,15 +54,9 @@ def prune(
     check_not_input(out, (model, mask))
     drop_mask = DropMask.read(mask)
     with byte_progress("writing shards") as update:
+        options = {f.name: getattr(spec, f.name) for f in fields(spec)}
         result = stage.run(
-            model,
-            drop_mask,
-            out,
-            max_shard_size=max_shard_size,
-            force=force,
-            mask_name="<stdin>" if mask == "-" else mask,
-            progress=update,
-            drop_mtp=drop_mtp,
+            model, drop_mask, out, mask_name="<stdin>" if mask == "-" else mask, progress=update, **options
         )
     for message in result.warnings:
         warn(message)

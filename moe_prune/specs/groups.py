@@ -121,3 +121,16 @@ class Tasks:
         options = {"--num-fewshot": self.num_fewshot, "--limit": self.limit, "--include-path": self.include_path}
         if self.tasks is None and any(v is not None for v in options.values()):
             raise MoePruneError(f"{', '.join(list(options)[:-1])} and {list(options)[-1]} apply to --tasks only")
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a shrunk checkpoint is written (prune, merge)."""
+
+    max_shard_size: str = option("5GB", "Largest output shard, e.g. 5GB, 500MB, 2GiB.", affects_result=False)
+    drop_mtp: bool = option(
+        False,
+        "Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
+        "--drop-mtp",
+    )
+    force: bool = option(False, "Replace an existing output.", "--force", affects_result=False)

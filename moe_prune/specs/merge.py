@@ -1,0 +1,55 @@
+"""How `merge` merges and writes: `stages.merge.run`'s keywords (same names) and `moe-prune merge`'s options
+(the model, statistics, --keep and output folder are the command's own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_prune.specs import parse
+from moe_prune.specs.fields import like, option
+from moe_prune.specs.groups import Output
+from moe_prune.specs.profile import ProfileSpec
+
+REFIT_HELP = (
+    "Fit each slot's down projection to the layer's output: from profile --refit-stats sums, else in "
+    "one layer-by-layer pass over the statistics' calibration windows."
+)
+RIDGE_HELP = (
+    "Relative ridge of --refit's least squares (default: a fixed one, shown in the refit table), or "
+    "auto: chosen per slot on held-out calibration windows (layer-by-layer pass only)."
+)
+
+
+def _layers(values: list[str], flag: str) -> list[int]:
+    """['0,3', '5'] -> [0, 3, 5]."""
+    from moe_prune.errors import MoePruneError
+
+    try:
+        return sorted({int(part) for value in values for part in value.split(",") if part.strip()})
+    except ValueError as exc:
+        raise MoePruneError(f"{flag} {values}: expected layer numbers such as 0 or 0,3") from exc
+
+
+@dataclass(frozen=True)
+class MergeSpec(Output):
+    """Merge's options: the method, how merged experts are built, the refit pass, the output."""
+
+    method: str = option("uncurl", "uncurl (router-logit clustering), hcsmoe (output clustering), frequency or prune.")
+    router: str = option("anchor", "Router rows of merged experts: anchor, average or reinit (then train the router).")
+    weights: str = option(
+        "frequency", "Average members in proportion to: frequency (selections) or output (gate x norm)."
+    )
+    refit: bool = option(False, REFIT_HELP, "--refit")
+    refit_ridge: str | None = option(None, RIDGE_HELP)
+    device: str | None = option(  # None: not given (the stage refuses --device without the layer-by-layer pass)
+        None, "cpu, cuda, cuda:1, ... or auto (spread over GPUs) (default: cpu).", affects_result=False
+    )
+    buffer_memory: int | None = like(ProfileSpec, "buffer_memory")
+    skip_layers: list[int] | None = option(
+        None,
+        "MoE layers to leave as they are (e.g. 0 or 0,5).",
+        "--skip-layers",
+        cli_type=list[str] | None,
+        parse=_layers,
+    )
+    seed: int = option(0, "Seed of k-means and of --router reinit.", min=0, max=parse.MAX_SEED)
