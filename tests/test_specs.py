@@ -23,6 +23,7 @@ from moe_prune.specs.lottery import LotteryParams
 from moe_prune.specs.merge import MergeSpec
 from moe_prune.specs.profile import ProfileSpec
 from moe_prune.specs.prune import PruneSpec
+from moe_prune.specs.score import ScoreSpec
 from moe_prune.specs.sweep import SweepSpec
 
 GROUP = typer.main.get_command(app)
@@ -171,7 +172,7 @@ def test_fingerprint_changes_with_exactly_the_fields_that_decide_the_result(spec
         assert record(changed) != record(base), f.name  # the recorded step has every field
 
 
-@pytest.mark.parametrize("spec", [ProfileSpec, FinetuneSpec, SweepSpec, EvalSpec, PruneSpec, MergeSpec])
+@pytest.mark.parametrize("spec", [ProfileSpec, FinetuneSpec, SweepSpec, EvalSpec, PruneSpec, MergeSpec, ScoreSpec])
 def test_the_options_defaults_are_the_specs_defaults(spec: type) -> None:
     """Nothing passed on the command line is the library's default spec (each CLI default parses to the field's)."""
     defaults = {p.name: p.default for p in parameters(spec)}

@@ -11,7 +11,6 @@ import typer
 from rich.table import Table
 
 from moe_prune.cli.common import (
-    MAX_SEED,
     ForceOpt,
     JsonOpt,
     LazyBar,
@@ -21,7 +20,9 @@ from moe_prune.cli.common import (
     user_errors,
     warn,
 )
+from moe_prune.cli.spec_options import takes_spec
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.score import ScoreSpec
 from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ MARGIN = {
 
 
 @user_errors
+@takes_spec(ScoreSpec, "spec")
 def score(
     stats: Annotated[
         str | None, typer.Argument(help="Statistics .npz from `moe-prune profile` (omit for weight criteria).")
@@ -42,45 +44,14 @@ def score(
     model: Annotated[
         str | None, typer.Option("--model", help="Checkpoint folder or hub id (weight criteria; checks top-k).")
     ] = None,
-    criterion: Annotated[str | None, typer.Option("--criterion", "-c", help="Criterion name (see --list).")] = None,
-    direction: Annotated[
-        str | None, typer.Option(help="min drops the lowest scores first, max the highest (default: per criterion).")
-    ] = None,
-    drop: Annotated[int | None, typer.Option(help="Experts to drop per layer (in total with --global).")] = None,
-    keep: Annotated[int | None, typer.Option(help="Experts to keep per layer (in total with --global).")] = None,
-    ratio: Annotated[float | None, typer.Option(help="Fraction of experts to drop, rounded to nearest.")] = None,
-    global_: Annotated[
-        bool, typer.Option("--global", help="Choose across all layers (non-uniform; comparable criteria only).")
-    ] = False,
-    min_keep: Annotated[
-        int | None, typer.Option(help="With --global: fewest experts a layer keeps (default and minimum: top-k).")
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the `random` criterion and of the --stability bootstrap.")
-    ] = 0,
-    protect_super_experts: Annotated[
-        bool,
-        typer.Option(
-            "--protect-super-experts",
-            help="Never drop REAP's super experts: largest |output| above the 99.5th percentile of all experts and "
-            "a tenth of the largest, in the first 75% of MoE layers.",
-        ),
-    ] = False,
+    *,
+    spec: ScoreSpec,  # one option per field (cli/spec_options.py)
     out: Annotated[
         str | None,
         typer.Option("--out", "-o", help="Mask JSON to write; - writes it to stdout (pipe into `prune --mask -`)."),
     ] = None,
     force: ForceOpt = False,
     report: Annotated[bool, typer.Option("--report", help="Print every expert's score and what is dropped.")] = False,
-    stability: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--stability",
-            help="A partial statistics file of disjoint data (repeat: the files `profile --combine` adds, e.g. "
-            "`--shard 0/4` ... `3/4`); each layer's selection is recomputed on bootstrap resamples of them.",
-        ),
-    ] = None,
-    draws: Annotated[int, typer.Option(help="Bootstrap resamples of the --stability files.")] = 200,
     list_: Annotated[bool, typer.Option("--list", help="List the criteria and exit.")] = False,
     explain: Annotated[
         bool,
@@ -93,7 +64,6 @@ def score(
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import score as stage
-    from moe_prune.stages.score import Budget
 
     if list_:
         _list(json_output)
@@ -101,34 +71,19 @@ def score(
     if explain:
         _explain(model, json_output)
         return
-    if criterion is None:
+    if spec.criterion is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
     if out == "-" and json_output:
         raise MoePruneError("--out - writes the mask to stdout; --json cannot share it")
-    inputs = tuple(p for p in (stats, model, *(stability or ())) if p)
+    inputs = tuple(p for p in (stats, model, *spec.stability) if p)
     if out not in (None, "-"):  # the one output check, before any scoring: a device node, a folder, an input
         check_writable(Path(out), force, "file")
         check_not_input(Path(out), inputs)
-    budget = Budget(drop, keep, ratio) if (drop, keep, ratio) != (None, None, None) else None
-    if budget is None and out is not None:
+    if not spec.budget_given and out is not None:
         raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
     console = err_console if out == "-" else out_console
     with _progress() as (progress, draw_progress):
-        mask, result = stage.score(
-            stats,
-            model,
-            criterion,
-            direction=direction,  # type: ignore[arg-type]
-            budget=budget,
-            global_=global_,
-            min_keep=min_keep,
-            protect_super_experts=protect_super_experts,
-            seed=seed,
-            progress=progress,
-            stability=stability or (),
-            draws=draws,
-            draw_progress=draw_progress,
-        )
+        mask, result = stage.score_spec(stats, model, spec, progress=progress, draw_progress=draw_progress)
     if out == "-":
         typer.echo(mask.dumps(), nl=False)
     elif out is not None:

@@ -98,3 +98,8 @@ def ratios(text: str, flag: str = "--ratios") -> tuple[float, ...]:
             raise MoePruneError(f"{flag} {part}: each ratio must be above 0 and below 1 (the original is always run)")
         found.add(ratio)
     return tuple(sorted(found))
+
+
+def as_tuple(values: list[str], flag: str = "") -> tuple[str, ...]:
+    """A repeated option's values, as the spec's immutable tuple."""
+    return tuple(values)

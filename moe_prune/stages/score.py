@@ -30,6 +30,7 @@ from moe_prune.scoring.stability import (
     Stability,
 )
 from moe_prune.scoring.stability import LayerStability as LayerStability
+from moe_prune.specs.score import ScoreSpec
 from moe_prune.stages.score_selection import selection_rule, super_experts
 from moe_prune.stages.score_stability import load_parts, stability_of
 
@@ -157,6 +158,25 @@ def score(
         stability=stable,
     )
     return mask, report
+
+
+def score_spec(
+    stats: Stats | str | Path | None,
+    model: str | Path | None,
+    spec: ScoreSpec,
+    progress: Callable[[int, int], None] | None = None,
+    draw_progress: Callable[[int, int], None] | None = None,
+) -> tuple[DropMask, ScoreReport]:
+    """`score` with its options as one spec (`moe-prune score`'s); the budget is the one of drop/keep/ratio given."""
+    if spec.criterion is None:
+        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
+    budget = Budget(spec.drop, spec.keep, spec.ratio) if spec.budget_given else None
+    return score(
+        stats, model, spec.criterion, direction=spec.direction,  # type: ignore[arg-type]
+        budget=budget, global_=spec.global_, min_keep=spec.min_keep, seed=spec.seed, progress=progress,
+        protect_super_experts=spec.protect_super_experts, stability=spec.stability, draws=spec.draws,
+        draw_progress=draw_progress,
+    )  # fmt: skip
 
 
 def _direction(crit: Criterion, direction: Direction | None, global_: bool) -> Direction:
