@@ -18,11 +18,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from moe_prune.errors import MoePruneError, MoePruneWarning
-from moe_prune.stages.common import (
-    DEMO_HELDOUT,
-    DEMO_MODEL_DIR,
-    parse_tokens,  # noqa: F401  (the CLI's token-count parser, re-exported)
-)
+from moe_prune.specs.groups import data_help
+from moe_prune.specs.parse import MAX_SEED as MAX_SEED  # every --seed's range
+from moe_prune.stages.common import DEMO_MODEL_DIR
 
 try:  # typer vendors its own click (its exceptions are not click's)
     from typer._click import exceptions as click_exceptions
@@ -38,9 +36,6 @@ ModelArg = Annotated[
     str, typer.Argument(help="Model folder or hub id (default: the shipped demo model).", show_default=False)
 ]
 DEFAULT_MODEL = str(DEMO_MODEL_DIR)
-DEFAULT_DATA = str(DEMO_HELDOUT)
-# Every --seed: numpy and accelerate take 0 to 2**32 - 1, and runs add their round or draw number to it.
-MAX_SEED = 2**31 - 1
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 TrustOpt = Annotated[
@@ -52,24 +47,6 @@ TrustOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")]
-DeviceMapOpt = Annotated[
-    str | None, typer.Option(help="auto: spread a model larger than one device over all (accelerate).")
-]
-BufferMemoryOpt = Annotated[  # profile --sequential, merge --refit's layer-by-layer pass
-    str | None,
-    typer.Option(
-        help="Layer-by-layer runs (profile --sequential, merge --refit without refit sums): hidden states "
-        "kept in memory, e.g. 8GB; more spill to disk."
-    ),
-]
-MaxShardSizeOpt = Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")]
-DropMtpOpt = Annotated[
-    bool,
-    typer.Option(
-        "--drop-mtp",
-        help="Remove the multi-token-prediction layers (vLLM/SGLang speculative decoding); count set to 0.",
-    ),
-]
 
 
 def _data_option(tasks: bool) -> Any:
@@ -77,9 +54,7 @@ def _data_option(tasks: bool) -> Any:
     return typer.Option(
         "--data",
         "-d",
-        help="Data file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records go through the model's chat "
-        f"template){', hub dataset id or task:NAME' if tasks else ' or hub dataset id'}. "
-        "Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k).",
+        help=data_help(tasks),
         metavar="SOURCE[:SHARE]",
         show_default=False,
     )
@@ -87,11 +62,6 @@ def _data_option(tasks: bool) -> Any:
 
 DataOpt = Annotated[list[str] | None, _data_option(tasks=True)]  # profile, allocate
 TextDataOpt = Annotated[list[str] | None, _data_option(tasks=False)]  # finetune, lottery: they refuse task:NAME
-SPLIT_ON_HELP = (
-    "How .txt/.text/.md files become documents: none (the whole file is one document) or blank-lines "
-    "(each paragraph one document; documents are joined by EOS)."
-)
-SplitOnOpt = Annotated[str, typer.Option(help=SPLIT_ON_HELP)]
 OutDirOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist unless --force).")
 ]
@@ -218,12 +188,3 @@ def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with LazyBar(*columns, TimeRemainingColumn()) as bar:
         yield lambda done, total: bar.update(description, completed=done, total=total)
-
-
-def parse_device_map(device_map: str | None, device: str) -> str:
-    """--device-map auto is accelerate's big-model placement, the same as --device auto."""
-    if device_map is None:
-        return device
-    if device_map != "auto":
-        raise MoePruneError(f"--device-map {device_map!r}: only 'auto' is supported")
-    return "auto"

@@ -22,6 +22,15 @@ SPLIT_ON_HELP = (
 )
 
 
+def data_help(tasks: bool) -> str:
+    """`--data`'s help, naming task:NAME only where the command reads tasks (through profile's reader)."""
+    return (
+        "Data file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records go through the model's chat "
+        f"template){', hub dataset id or task:NAME' if tasks else ' or hub dataset id'}. "
+        "Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k)."
+    )
+
+
 @dataclass(frozen=True)
 class TextData:
     """How structured and plain-text data become documents."""

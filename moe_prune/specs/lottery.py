@@ -11,16 +11,12 @@ from moe_prune.demo import DEMO_HELDOUT
 from moe_prune.errors import MoePruneError
 from moe_prune.specs import parse
 from moe_prune.specs.fields import from_record, like, option
-from moe_prune.specs.groups import Calibration, TextData, Training
+from moe_prune.specs.groups import Calibration, TextData, Training, data_help
 
 PRUNING = "Pruning"
 TRAIN = "Finetuning (each round)"
 PROFILE = "Profiling (each round)"
 EVAL = "Evaluation"
-DATA_HELP = (
-    "Data file (.txt/.jsonl/.json/.parquet/.csv; chat 'messages' records go through the model's chat "
-    "template) or hub dataset id. Repeat to mix: SOURCE:SHARE (0.5, 50%) or SOURCE:TOKENS (20k)."
-)
 COMPARE_HELP = (
     "Also run one-shot, iterative, and one-shot + ONE finetune of the lottery's total tokens; compare the four."
 )
@@ -36,7 +32,7 @@ class LotteryParams:
     criterion: str = option(MISSING, "Criterion (see `moe-prune score --list`).", "--criterion", "-c")
     data: str | list[str] = option(  # one `--data` value, or several SOURCE:SHARE values mixed (runtime.sources)
         MISSING,
-        DATA_HELP,
+        data_help(tasks=False),
         "--data",
         "-d",
         cli_type=list[str] | None,
