@@ -7,7 +7,8 @@ Each measurement runs in a fresh child process: it first loads a tiny model (imp
 initialisation, allocator warm-up), then resets its resident high-water mark (`/proc/self/clear_refs`
 5) and does the measured thing; the growth of the high-water mark over the resident memory before it
 is that thing's cost. Printed as ratios against a baseline measured in the same run:
-- whole model: `load_model` / `AutoModelForCausalLM.from_pretrained` (goal <= 1.0: no extra);
+- whole model: `load_model` / `AutoModelForCausalLM.from_pretrained` (goal <= 1.0: no extra), and, for
+  comparison, every layer read through the fused reader (the path `load_model` takes for FP8 checkpoints);
 - one layer (`LayerwiseModel.load_layer` of the largest layer): peak growth / that layer's bytes, with
   the per-expert tensors read straight into the fused parameter (`runtime/fused.py`) and, as the
   baseline, through transformers' own stacking (the code before). Linux only.
@@ -43,6 +44,10 @@ def load(folder):
     if what == "from_pretrained":
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), None
+    if what == "layerwise_whole":  # every layer through the fused reader (load_model's quantized fallback)
+        from moe_prune.checkpoint.source import Checkpoint
+        from moe_prune.runtime.loading import _load_dequantized_layerwise
+        return _load_dequantized_layerwise(Checkpoint.open(folder), "float32", "cpu", False), None
     from moe_prune.runtime import fused
     from moe_prune.runtime.sequential import LayerwiseModel
     if what == "layer_stacking":  # the code before: every tensor through transformers' conversion
@@ -112,11 +117,15 @@ def main() -> None:
     print(f"model {model} ({size / 2**20:.0f} MiB on disk)")
     best = {
         what: min((measure(what, small, model) for _ in range(args.repeats)), key=lambda r: r["growth"])
-        for what in ("from_pretrained", "load_model", "layer_stacking", "layer_fused")
+        for what in ("from_pretrained", "load_model", "layerwise_whole", "layer_stacking", "layer_fused")
     }
     mib = {what: r["growth"] / 2**20 for what, r in best.items()}
     print(f"whole model: from_pretrained +{mib['from_pretrained']:.0f} MiB, load_model +{mib['load_model']:.0f} MiB")
-    print(f"  load_model / from_pretrained: {best['load_model']['growth'] / best['from_pretrained']['growth']:.3f}")
+    base = best["from_pretrained"]["growth"]
+    print(f"  load_model / from_pretrained: {best['load_model']['growth'] / base:.3f}")
+    whole = mib["layerwise_whole"]
+    print(f"  every layer through the fused reader: +{whole:.0f} MiB, {whole / mib['from_pretrained']:.3f}x")
+    print(f"  model bytes on disk / from_pretrained's growth: {size / base:.3f}")
     layer = best["layer_fused"]["layer"]
     print(f"one decoder layer ({layer / 2**20:.0f} MiB), peak growth of load_layer:")
     for what in ("layer_stacking", "layer_fused"):
