@@ -96,6 +96,11 @@ def merge(
     if json_output:
         print_json(result.to_dict())
         return
+    _print(result, plot)
+
+
+def _print(result: MergeResult, plot: Path | None) -> None:
+    """The clusters, the refit fits, the sizes before and after, and the checkpoint's notes."""
     out_console.print(cluster_table(result))
     if result.refit_fits:
         out_console.print(refit_table(result))

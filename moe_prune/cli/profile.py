@@ -59,7 +59,7 @@ def profile(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    from moe_prune.stages.profile import distributed, parse_data, partial_path
+    from moe_prune.stages.profile import parse_data
     from moe_prune.stages.profile_for import wanted
 
     if task is not None and data:
@@ -70,23 +70,28 @@ def profile(
             raise MoePruneError("--for chooses what a profile run records; --combine adds files as they are")
     given = [f"{TASK_PREFIX}{task}"] if task is not None else data or [str(DEMO_CALIBRATION)]
     specs = parse_data(given)  # parsed once: the stage takes these, not the strings
-    sources = tuple(spec.source for spec in specs)
-    out = out.expanduser()
-    check_writable(out, force, "file")
-    check_not_input(out, (*(inputs or [str(DEMO_MODEL_DIR)]), *sources))
-    if out.is_dir():
-        raise MoePruneError(f"{out}: is a folder; expected a .npz file path")
-    if not out.parent.is_dir():
-        raise MoePruneError(f"{out.parent}: output folder does not exist")
+    out = _check_out(out.expanduser(), force, (*(inputs or [str(DEMO_MODEL_DIR)]), *(s.source for s in specs)))
     if combine:
         _combine([Path(p) for p in inputs or []], out, force, json_output)
         return
     if inputs and len(inputs) > 1:
         raise MoePruneError(f"expected one model, got {len(inputs)} arguments (use --combine to add .npz files)")
     model = inputs[0] if inputs else str(DEMO_MODEL_DIR)
-    save_every = settings.save_every
+    result = _run(model, specs, settings, out, (force, resume))
+    if result is not None:  # the main process reports
+        _report(model, given, result, out, json_output)
+
+
+def _run(
+    model: str, specs: tuple[Any, ...], settings: ProfileSpec, out: Path, force_resume: tuple[bool, bool]
+) -> ProfileResult | None:
+    """Profile, resumable from OUT's partial with --save-every/--resume; the main process's result (others: None)."""
+    from moe_prune.stages.profile import distributed, partial_path
+
+    force, resume = force_resume
     place = distributed.world()
-    partial = partial_path(out, place.rank) if (save_every or resume) else None
+    partial = partial_path(out, place.rank) if (settings.save_every or resume) else None
+    sources = tuple(spec.source for spec in specs)
 
     def save(result: ProfileResult) -> None:
         """Rank 0 writes the file, while every process still holds its partial (each then deletes its own)."""
@@ -97,8 +102,22 @@ def profile(
         result = _run_with_progress(model, specs, settings, partial, resume, place.is_main, save)
     finally:
         distributed.finish()
-    if not place.is_main:
-        return
+    return result if place.is_main else None
+
+
+def _check_out(out: Path, force: bool, inputs: tuple[str, ...]) -> Path:
+    """The output is a writable .npz path in an existing folder, none of the inputs: checked before any work."""
+    check_writable(out, force, "file")
+    check_not_input(out, inputs)
+    if out.is_dir():
+        raise MoePruneError(f"{out}: is a folder; expected a .npz file path")
+    if not out.parent.is_dir():
+        raise MoePruneError(f"{out.parent}: output folder does not exist")
+    return out
+
+
+def _report(model: str, given: list[str], result: ProfileResult, out: Path, json_output: bool) -> None:
+    """The warnings, then JSON, or what was profiled, each source's part of a mix and the usage per layer."""
     for message in result.warnings:
         warn(message)
     if json_output:

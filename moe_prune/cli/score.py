@@ -65,22 +65,13 @@ def score(
 ) -> None:
     from moe_prune.stages import score as stage
 
-    if list_:
-        _list(json_output)
-        return
-    if explain:
-        _explain(model, json_output)
+    if list_ or explain:  # modes that print and exit
+        _list(json_output) if list_ else _explain(model, json_output)
         return
     if spec.criterion is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
-    if out == "-" and json_output:
-        raise MoePruneError("--out - writes the mask to stdout; --json cannot share it")
     inputs = tuple(p for p in (stats, model, *spec.stability) if p)
-    if out not in (None, "-"):  # the one output check, before any scoring: a device node, a folder, an input
-        check_writable(Path(out), force, "file")
-        check_not_input(Path(out), inputs)
-    if not spec.budget_given and out is not None:
-        raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
+    _check_out(out, force, inputs, json_output, spec)
     console = err_console if out == "-" else out_console
     with _progress() as (progress, draw_progress):
         mask, result = stage.score_spec(stats, model, spec, progress=progress, draw_progress=draw_progress)
@@ -96,6 +87,18 @@ def score(
     console.print(score_table(result, full=report or out is None))
     if out not in (None, "-"):
         console.print(f"mask written to {out}", highlight=False)
+
+
+def _check_out(out: str | None, force: bool, inputs: tuple[str, ...], json_output: bool, spec: ScoreSpec) -> None:
+    """The one output check, before any scoring: stdout not shared with --json, a writable file (not a device
+    node, a folder or an input), and a budget to write a mask for."""
+    if out == "-" and json_output:
+        raise MoePruneError("--out - writes the mask to stdout; --json cannot share it")
+    if out not in (None, "-"):
+        check_writable(Path(out), force, "file")
+        check_not_input(Path(out), inputs)
+    if not spec.budget_given and out is not None:
+        raise MoePruneError("give exactly one of --drop N, --keep N or --ratio R")
 
 
 def _explain(model: str | None, json_output: bool) -> None:
