@@ -219,15 +219,20 @@ def test_cli_refit_without_sums_reports_each_layer(tiny, tmp_path):
 
 
 def test_cli_refit_options_without_refit_are_one_line(tiny, tmp_path):
-    """--device (its default is not the user's word), --refit-ridge, --buffer-memory without --refit: exit 1,
-    nothing written."""
+    """--device (its default is not the user's word), --refit-ridge, --buffer-memory, --refit-memory without --refit:
+    exit 1, nothing written."""
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 4, seed=3)
     stats, out = tmp_path / "s.npz", tmp_path / "out"
     args = ["profile", str(folder), "-d", str(tmp_path / "cal.jsonl"), "--seq-len", "16", "-o", str(stats)]
     assert runner.invoke(app, args).exit_code == 0
     merge_args = ["merge", str(folder), "-s", str(stats), "-k", "3", "-o", str(out)]
-    for extra in (["--device", "cpu"], ["--refit-ridge", "1e-3"], ["--buffer-memory", "1KB"]):
+    for extra in (
+        ["--device", "cpu"],
+        ["--refit-ridge", "1e-3"],
+        ["--buffer-memory", "1KB"],
+        ["--refit-memory", "1KB"],
+    ):
         option = extra[0]
         result = runner.invoke(app, [*merge_args, *extra])
         assert result.exit_code == 1 and f"{option} applies to --refit only" in result.output, result.output

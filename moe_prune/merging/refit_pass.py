@@ -5,8 +5,11 @@ ORIGINAL model one decoder layer at a time (`runtime.sequential.LayerwiseModel`,
 machinery); while a MoE layer runs, `runtime.refit_sums.AnchorSums` adds hh and hy of the experts that
 become slots, then each slot's down projection is solved (`merging.refit`), written to a temporary file
 (`merging.refit_store`) and the sums are freed before the next layer loads. Alive at once: one layer's
-weights, D x I x (I + H) float64 sums of that layer, and the hidden states of the windows; never the
-E x I x (I + H) per layer of every layer that `profile --refit-stats` stores. The inputs of every layer are
+weights, the float64 sums of at most `refit_memory` bytes of that layer's slots (`merging.refit_groups`:
+the D slots in groups, the layer run once per group over the buffered inputs, the last run's outputs
+feeding the next layer; one group of all D x I x (I + H) when they fit), one slot's solve and the hidden
+states of the windows; never the E x I x (I + H) per layer of every layer that `profile --refit-stats`
+stores. The inputs of every layer are
 the original model's, as in the whole-model profile, so the result equals the two-step refit up to float
 summation order. Layers after the last refit layer are not run.
 
@@ -17,12 +20,13 @@ windows have run, each slot's hh is replaced in place by its eigendecomposition 
 windows score every candidate of `merging.refit.RIDGES`; each slot takes the ridge with the smallest
 held-out error. The held-out windows still run through the layer (the next layer needs their states), but
 the written solution is the one fitted on the other 7/8 (the eigendecomposition replaced the sums).
+With several groups each group runs both phases (fit windows, then held-out windows) and the held-out
+errors of all slots add up to the layer's; each slot's choice is its own, so the grouping changes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +37,9 @@ import torch
 from moe_prune.architectures.config import ModelConfig
 from moe_prune.errors import MoePruneError
 from moe_prune.merging.refit import RIDGE, RIDGES, candidate_errors, eigen_fit, least_squares_down, ridge_solution
+from moe_prune.merging.refit_groups import check_bound, layer_budget, slot_groups
 from moe_prune.merging.refit_store import SpilledDowns
-from moe_prune.runtime.refit_sums import AnchorSums, refit_check
+from moe_prune.runtime.refit_sums import AnchorSums, refit_check, slot_bytes
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 
 HELD_OUT = 0.125  # share of the windows that choose the ridge (at least one window)
@@ -79,18 +84,22 @@ def refit_pass(
     batch_size: int,
     ridge: float | None = RIDGE,
     buffer_memory: int | None = None,
+    refit_memory: int | None = None,
     spill: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PassResult:
     """Solve every layer of `anchors` ({decoder layer: current expert ids that become slots}) in one pass.
 
     `ridge` None chooses each slot's ridge on held-out windows (module docstring), else it is fixed.
+    `refit_memory` bounds the bytes of sums alive at once (`merging.refit_groups`; None: automatic).
     """
     adapter = config.adapter
+    per_slot = {}
     for layer in anchors:  # every refusal before the first forward pass
-        refit_check(
-            model.model.get_submodule(f"{adapter.runtime_layers}.{layer}.{adapter.runtime_experts}"), config, layer
-        )
+        experts = model.model.get_submodule(f"{adapter.runtime_layers}.{layer}.{adapter.runtime_experts}")
+        refit_check(experts, config, layer)
+        per_slot[layer] = slot_bytes(model.model, experts)
+    check_bound(refit_memory, per_slot)
     if ridge is None and len(windows) < 2:
         raise MoePruneError("--refit-ridge auto holds out calibration windows; the statistics counted only one")
     held = held_out_rows(len(windows)) if ridge is None else []
@@ -104,26 +113,55 @@ def refit_pass(
         runner.embed()
         for layer in range(runner.last + 1):
             block = model.load_layer(layer)
-            sums = AnchorSums(model.model, config, layer, anchors[layer]) if layer in anchors else None
-            with sums if sums is not None else nullcontext(), torch.inference_mode():
-                runner.run(block, layer, runner.fit)
-                if sums is not None:
-                    downs, fit = _solve(sums, ridge, lambda: runner.run(block, layer, runner.held))  # noqa: B023
-                else:
-                    runner.run(block, layer, runner.held)
-            if sums is not None:
-                down = sums.experts.down_proj.detach()[sums.anchors]
-                fit.layer = layer
-                fit.original_max_abs = float(down.abs().max())
-                fit.original_max_norm = float(torch.linalg.matrix_norm(down.double()).max())
-                sums.release()
-                result.downs[layer] = SpilledDowns(downs, spill)
+            if layer in anchors:
+                groups = slot_groups(len(anchors[layer]), per_slot[layer], layer_budget(refit_memory, model.device))
+                result.downs[layer], fit = _refit_layer(runner, block, config, layer, anchors[layer], groups, ridge)
                 result.fits.append(fit)
-                del sums, downs, down
+            else:
+                with torch.inference_mode():
+                    runner.run(block, layer, runner.fit + runner.held)
             model.free_layer(layer)
     finally:
         runner.close()
     return result
+
+
+def _refit_layer(
+    runner: _Layers,
+    block: torch.nn.Module,
+    config: ModelConfig,
+    layer: int,
+    anchors: list[int],
+    groups: list[slice],
+    ridge: float | None,
+) -> tuple[SpilledDowns, LayerFit]:
+    """One MoE layer's slots, a group at a time: the layer runs once per group over the buffered inputs, only
+    the group's sums alive; the last run hands its outputs to the next layer (the others leave the buffer)."""
+    store = SpilledDowns([], runner.spill)
+    fit = LayerFit(layer, [], 0.0, 0.0, 0.0, 0.0)
+    errors = torch.zeros(len(anchors), len(RIDGES), dtype=torch.float64)  # held-out, every slot x candidate
+    norms = torch.zeros(len(anchors), dtype=torch.float64)
+    for part, group in enumerate(groups):
+        write = part == len(groups) - 1
+
+        def run(batches: list[slice], write: bool = write, part: int = part) -> None:
+            runner.run(block, layer, batches, write, (part, len(groups)))
+
+        sums = AnchorSums(runner.model.model, config, layer, anchors[group])
+        with sums, torch.inference_mode():
+            run(runner.fit)
+            _solve(sums, ridge, lambda: run(runner.held), store, fit, errors[group], norms[group])
+            for expert in sums.anchors:  # one slot at a time: no copy of the layer's down projections
+                down = sums.experts.down_proj.detach()[expert]
+                fit.original_max_abs = max(fit.original_max_abs, float(down.abs().max()))
+                fit.original_max_norm = max(fit.original_max_norm, float(torch.linalg.matrix_norm(down.double())))
+        sums.release()
+    if ridge is None:
+        best = errors.argmin(dim=1)
+        total = float(norms.sum()) or 1.0
+        fit.held_out_error = float(errors.gather(1, best[:, None]).sum()) / total
+        fit.held_out_errors = {f"{r:g}": float(errors[:, i].sum()) / total for i, r in enumerate(RIDGES)}
+    return store, fit
 
 
 class _Layers:
@@ -163,31 +201,44 @@ class _Layers:
             self.report(int(rows.stop * self.windows.shape[1]), self.total)
         self.model.free_outside()
 
-    def run(self, block: torch.nn.Module, layer: int, batches: list[slice]) -> None:
-        """Decoder layer `layer` on these batches, its outputs replacing its inputs."""
+    def run(
+        self, block: torch.nn.Module, layer: int, batches: list[slice], write: bool = True, part: tuple = (0, 1)
+    ) -> None:
+        """Decoder layer `layer` on these batches, its outputs replacing its inputs if `write`; run `part[0]`
+        of `part[1]` over the layer (progress: each run is that share of the layer)."""
         assert self.buffer is not None
+        count, length = self.windows.shape[:2]
         for rows in batches:
             args, kwargs = self.calls[rows.stop - rows.start][layer]
             out = block(self.buffer.tensor[rows].to(self.model.device), *args, **kwargs)
-            self.buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
-            self.report(int((layer + 1) * self.windows.numel() + rows.stop * self.windows.shape[1]), self.total)
+            if write:
+                self.buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
+            share = (part[0] * count + rows.stop) * length // part[1]
+            self.report(int((layer + 1) * self.windows.numel() + share), self.total)
 
     def close(self) -> None:
         if self.buffer is not None:
             self.buffer.close()
 
 
-def _solve(sums: AnchorSums, ridge: float | None, held_out: Callable[[], None]) -> tuple[list[np.ndarray], LayerFit]:
-    """Each slot's D^T: a fixed ridge, or the held-out choice (the held-out windows run inside, see docstring)."""
+def _solve(
+    sums: AnchorSums,
+    ridge: float | None,
+    held_out: Callable[[], None],
+    store: SpilledDowns,
+    fit: LayerFit,
+    errors: torch.Tensor,
+    norms: torch.Tensor,
+) -> None:
+    """Each slot's D^T into `store`: a fixed ridge, or the held-out choice (the held-out windows run inside, see
+    the docstring; `errors`/`norms` the group's rows of the layer's held-out sums)."""
     if sums.hh is None or sums.hy is None:
         raise MoePruneError(f"--refit: MoE layer {sums.layer} saw no calibration tokens")
     if ridge is not None:
         held_out()
-        downs = [
-            least_squares_down(sums.hh[j].cpu().numpy(), sums.hy[j].cpu().numpy(), ridge)
-            for j in range(len(sums.anchors))
-        ]
-        return downs, _fit(downs, [ridge] * len(downs))
+        for j in range(len(sums.anchors)):
+            _keep(store, fit, least_squares_down(sums.hh[j].cpu().numpy(), sums.hy[j].cpu().numpy(), ridge), ridge)
+        return
     values, scales = [], []
     for j in range(len(sums.anchors)):  # hh[j] <- Q, hy[j] <- Q^T hy: the decomposition in the sums' memory
         q, v, rotated, scale = eigen_fit(sums.hh[j], sums.hy[j])
@@ -195,8 +246,6 @@ def _solve(sums: AnchorSums, ridge: float | None, held_out: Callable[[], None]) 
         sums.hy[j].copy_(rotated)
         values.append(v)
         scales.append(scale)
-    errors = torch.zeros(len(sums.anchors), len(RIDGES), dtype=torch.float64)
-    norms = torch.zeros(len(sums.anchors), dtype=torch.float64)
 
     def score(row: int, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> None:
         g = h @ sums.hh[row]
@@ -205,24 +254,16 @@ def _solve(sums: AnchorSums, ridge: float | None, held_out: Callable[[], None]) 
 
     sums.scorer = score
     held_out()
-    best = errors.argmin(dim=1).tolist()
-    downs = [ridge_solution(sums.hh[j], values[j], sums.hy[j], scales[j], RIDGES[i]) for j, i in enumerate(best)]
-    fit = _fit(downs, [RIDGES[i] for i in best])
-    total = float(norms.sum()) or 1.0
-    fit.held_out_error = float(sum(errors[j, i] for j, i in enumerate(best))) / total
-    fit.held_out_errors = {f"{r:g}": float(errors[:, i].sum()) / total for i, r in enumerate(RIDGES)}
-    return downs, fit
+    for j, i in enumerate(errors.argmin(dim=1).tolist()):
+        _keep(store, fit, ridge_solution(sums.hh[j], values[j], sums.hy[j], scales[j], RIDGES[i]), RIDGES[i])
 
 
-def _fit(downs: list[np.ndarray], ridges: list[float]) -> LayerFit:
-    return LayerFit(
-        layer=-1,
-        ridges=ridges,
-        max_abs=max(float(np.abs(d).max()) for d in downs),
-        original_max_abs=0.0,
-        max_norm=max(float(np.linalg.norm(d)) for d in downs),
-        original_max_norm=0.0,
-    )
+def _keep(store: SpilledDowns, fit: LayerFit, down: np.ndarray, ridge: float) -> None:
+    """One solved slot: to the store (float32 on disk), its ridge and range into the layer's fit."""
+    store.append(down)
+    fit.ridges.append(ridge)
+    fit.max_abs = max(fit.max_abs, float(np.abs(down).max()))
+    fit.max_norm = max(fit.max_norm, float(np.linalg.norm(down)))
 
 
 def _output_head(model: Any) -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 Why not in memory: D x I x H floats per layer is the size of the merged model's down projections in
 float32 (24 GB for Qwen3-30B-A3B at half its experts). Each layer's solutions go, in float32 (what
 `merging.refit.down_tensor` hands the writer anyway), to an anonymous temporary file (`tempfile.TemporaryFile`:
-already unlinked on POSIX, so nothing is left behind even when the run is killed) and are read back one
-slot at a time. The store behaves as the tuple of arrays `merging.tensors.LayerPlan.refit` expects.
+already unlinked on POSIX, so nothing is left behind even when the run is killed) as each slot is solved,
+and are read back one slot at a time. The store behaves as the tuple of arrays `merging.tensors.LayerPlan.refit`
+expects.
 """
 
 from __future__ import annotations
@@ -20,17 +21,24 @@ import numpy as np
 class SpilledDowns(Sequence[np.ndarray]):
     """D^T [I, H] per slot in float32, in an anonymous temporary file."""
 
-    def __init__(self, downs: Sequence[np.ndarray], folder: Path | None = None) -> None:
-        if not downs:
-            raise ValueError("no down projections to store")
-        self.shape = tuple(downs[0].shape)
+    def __init__(self, downs: Sequence[np.ndarray] = (), folder: Path | None = None) -> None:
         # Held open for the store's life (read back by the writer), closed by `close` or garbage collection.
         self._file: IO[bytes] = tempfile.TemporaryFile(prefix="moe-prune-refit-", dir=folder)  # noqa: SIM115
+        self.shape: tuple[int, ...] | None = None
+        self._count = self._nbytes = 0
         for down in downs:
-            self._file.write(np.ascontiguousarray(down, dtype=np.float32).tobytes())
+            self.append(down)
+
+    def append(self, down: np.ndarray) -> None:
+        """One more slot's D^T, written at once: the pass solves a slot and drops its float64 solution."""
+        if self.shape is None:
+            self.shape, self._nbytes = tuple(down.shape), int(np.prod(down.shape)) * 4
+        elif tuple(down.shape) != self.shape:
+            raise ValueError(f"down projection of shape {tuple(down.shape)} in a store of {self.shape}")
+        self._file.seek(0, 2)
+        self._file.write(np.ascontiguousarray(down, dtype=np.float32).tobytes())
         self._file.flush()
-        self._count = len(downs)
-        self._nbytes = int(np.prod(self.shape)) * 4
+        self._count += 1
 
     def __len__(self) -> int:
         return self._count
@@ -46,7 +54,7 @@ class SpilledDowns(Sequence[np.ndarray]):
             raise IndexError(index)
         self._file.seek((index % self._count) * self._nbytes)
         data = bytearray(self._file.read(self._nbytes))  # writable: torch.from_numpy warns on read-only arrays
-        return np.frombuffer(data, dtype=np.float32).reshape(self.shape)
+        return np.frombuffer(data, dtype=np.float32).reshape(self.shape or ())
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(self._count))

@@ -48,6 +48,19 @@ def refit_check(module: torch.nn.Module, config: ModelConfig, layer: int) -> Non
         )
 
 
+def hidden_size(model: Any) -> int:
+    """H: the model's hidden size (of the text model for multimodal configs)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(text.hidden_size)
+
+
+def slot_bytes(model: Any, experts: torch.nn.Module) -> int:
+    """float64 bytes of one slot's sums, hh [I, I] and hy [I, H] (works on the meta skeleton): the unit of
+    `merge --refit-memory`."""
+    inner = intermediate_size(experts)
+    return inner * (inner + hidden_size(model)) * 8
+
+
 def zeros(shape: tuple[int, ...], device: torch.device) -> tuple[np.ndarray | None, torch.Tensor]:
     """float64 zeros: a numpy array and its torch view on the CPU, a device tensor elsewhere."""
     if device.type == "cpu":
@@ -70,8 +83,7 @@ class AnchorSums(RoutingRecorder):
         self.experts = self.module(layer, self.adapter.runtime_experts)
         refit_check(self.experts, config, layer)
         self.inner = intermediate_size(self.experts)
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.hidden = int(text.hidden_size)
+        self.hidden = hidden_size(model)
         self.hh: torch.Tensor | None = None
         self.hy: torch.Tensor | None = None
         self.arrays: dict[str, np.ndarray | None] = {}

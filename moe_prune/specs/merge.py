@@ -19,6 +19,11 @@ RIDGE_HELP = (
     "auto: chosen per slot on held-out calibration windows (layer-by-layer pass only)."
 )
 
+REFIT_MEMORY_HELP = (
+    "Layer-by-layer refit: float64 sums kept at once, e.g. 8GB (at least one slot's); a layer's slots "
+    "are summed in groups that fit, the layer run once per group (default: half the available memory)."
+)
+
 
 def _layers(values: list[str], flag: str) -> list[int]:
     """['0,3', '5'] -> [0, 3, 5]."""
@@ -45,6 +50,9 @@ class MergeSpec(Output):
         None, "cpu, cuda, cuda:1, ... or auto (spread over GPUs) (default: cpu).", affects_result=False
     )
     buffer_memory: int | None = like(ProfileSpec, "buffer_memory")
+    refit_memory: int | None = option(  # bytes of refit sums alive at once; the slots run in groups (refit_groups)
+        None, REFIT_MEMORY_HELP, cli_type=str | None, parse=parse.size_or_none, affects_result=False
+    )
     skip_layers: list[int] | None = option(
         None,
         "MoE layers to leave as they are (e.g. 0 or 0,5).",

@@ -150,6 +150,7 @@ def run(
     refit_ridge: str | float | None = None,
     device: str | None = None,
     buffer_memory: int | None = None,
+    refit_memory: int | None = None,
     refit_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
@@ -160,9 +161,9 @@ def run(
     decoder layer's), or are removed with `drop_mtp`. Without stored refit sums the refit runs one sequential
     pass on `device` (default cpu) over the statistics' calibration windows (`stages.refit`); `refit_ridge` is
     the relative ridge (default `merging.refit.RIDGE`), or "auto" (chosen on held-out windows, that pass only).
-    The pass keeps `buffer_memory` bytes of hidden states in memory (None: all) and spills the rest, and the
-    solved down projections, beside `out` (its file system holds the result anyway; $TMPDIR is often RAM).
-    All three are refused where they would do nothing (without `refit`; with stored sums, but a ridge number).
+    The pass keeps `buffer_memory` bytes of hidden states (None: all) and `refit_memory` bytes of refit sums (None:
+    automatic) in memory; the rest and the solved down projections go beside `out` (its disk; $TMPDIR is often RAM).
+    All four are refused where they would do nothing (without `refit`; with stored sums, but a ridge number).
     """
     get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
     if router not in ROUTER_RULES:
@@ -171,7 +172,8 @@ def run(
     ckpt = shrink.ckpt
     config, identity = ckpt.config, ckpt.identity
     stored = refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
-    check_refit_options(refit, stored, refit_ridge, {"--device": device, "--buffer-memory": buffer_memory}, stats_name)
+    passing = {"--device": device, "--buffer-memory": buffer_memory, "--refit-memory": refit_memory}
+    check_refit_options(refit, stored, refit_ridge, passing, stats_name)
     ridge = parse_ridge(RIDGE if refit_ridge is None else refit_ridge)
     check_stats(stats, ckpt, method, stats_name, weights, stored)
     current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
@@ -210,6 +212,7 @@ def run(
             ridge=ridge,
             device=device or "cpu",
             buffer_memory=buffer_memory,
+            refit_memory=refit_memory,
             spill=shrink.out.absolute().parent,
             progress=refit_progress,
         )

@@ -70,12 +70,14 @@ def refit_layers(
     device: str = "cpu",
     trust_remote_code: bool = False,
     buffer_memory: int | None = None,
+    refit_memory: int | None = None,
     spill: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, LayerPlan], list[LayerFit]]:
     """`plans` with every slot's down projection refit in one sequential pass; the fit of each layer.
 
-    Hidden states past `buffer_memory` bytes and the solved down projections go to temporary files in `spill`.
+    Hidden states past `buffer_memory` bytes and the solved down projections go to temporary files in `spill`;
+    at most `refit_memory` bytes of sums are alive at once (None: half the available memory, `merging.refit_groups`).
     """
     config = ckpt.config
     check_pass(ckpt)
@@ -90,6 +92,7 @@ def refit_layers(
         batch_size=settings.batch_size,
         ridge=ridge,
         buffer_memory=buffer_memory,
+        refit_memory=refit_memory,
         spill=spill,
         progress=progress,
     )
