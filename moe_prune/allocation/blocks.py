@@ -5,12 +5,19 @@ the block of layer L merged to k experts is the same whatever the other layers k
 model once per count k (uniform `--keep k`) therefore yields every (layer, k) block a candidate can use;
 a candidate runs the original with, in each searched layer, the block of its count swapped in. That is the
 merged checkpoint `merge --keep ... LAYER=COUNT` would write, computed without writing one per candidate
-(the attention, embeddings and norms are the original's in both). Memory: one merged copy of every
-searched layer's block per count tried, about (E − top-k)/2 times the routed experts.
+(the attention, embeddings and norms are the original's in both).
+
+Memory: only what the candidate being measured uses. Before each candidate, the blocks it does not use are
+dropped (and collected: a loaded transformers model sits in reference cycles, so without `gc.collect` it
+would linger until a full collection); then `build(k, layers)` merges only the layers that now need a
+block of count k. So the search holds at most one merged block per searched layer beside the original
+(plus, while one is built, that merged model), whatever the number of candidates or counts it tries.
+Neighbouring candidates differ in two layers, so a step rebuilds those layers only.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +30,8 @@ from moe_prune.checkpoint.ragged import block_path
 
 
 class MergedBlocks:
-    """The original's MoE blocks and, per count, the merged model's; `build(k)` loads the model merged to k."""
+    """The original's MoE blocks and the current candidate's merged ones; `build(k, layers)` loads a model whose
+    `layers` are merged to k."""
 
     def __init__(
         self, model: Any, config: ModelConfig, layers: tuple[int, ...], searched: tuple[bool, ...], build: Callable
@@ -34,8 +42,8 @@ class MergedBlocks:
         self.paths = path if isinstance(path, list) else [path]
         self.runtime_layers = config.adapter.runtime_layers
         self.decoder = model.get_submodule(self.runtime_layers)
-        self.blocks: dict[int, dict[int, list[torch.nn.Module]]] = {}  # count -> layer -> modules
-        self.built = 0  # merged models built so far
+        self.blocks: dict[int, dict[int, list[torch.nn.Module]]] = {}  # count -> layer -> modules (held now)
+        self.built = 0  # merged models built so far (a layer dropped and needed again is rebuilt)
 
     def _owner(self, layer_module: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
         parent, _, name = path.rpartition(".")
@@ -44,28 +52,42 @@ class MergedBlocks:
     def _modules(self, decoder: Any, layer: int) -> list[torch.nn.Module]:
         return [getattr(*self._owner(decoder[layer], p)) for p in self.paths]
 
-    def _merged(self, count: int) -> dict[int, list[torch.nn.Module]]:
-        """The blocks of the model merged to `count` experts in every searched layer (built on first use)."""
-        if count not in self.blocks:
-            merged = self.build(count)
+    def _keep_only(self, wanted: dict[int, int]) -> None:
+        """Drop every merged block but the (layer -> count) ones in `wanted`, and collect the freed models."""
+        dropped = False
+        for count in list(self.blocks):
+            for layer in [layer for layer in self.blocks[count] if wanted.get(layer) != count]:
+                del self.blocks[count][layer]
+                dropped = True
+            if not self.blocks[count]:
+                del self.blocks[count]
+        if dropped:
+            gc.collect()
+
+    def _merged(self, count: int, layers: list[int]) -> dict[int, list[torch.nn.Module]]:
+        """The blocks merged to `count` experts of `layers` (the model merged to it built for the missing ones)."""
+        held = self.blocks.setdefault(count, {})
+        missing = [layer for layer in layers if layer not in held]
+        if missing:
+            merged = self.build(count, missing)
             decoder = merged.get_submodule(self.runtime_layers)
-            self.blocks[count] = {
-                layer: self._modules(decoder, layer)
-                for layer, searched in zip(self.layers, self.searched, strict=True)
-                if searched
-            }
+            held.update({layer: self._modules(decoder, layer) for layer in missing})
+            del merged, decoder
+            gc.collect()  # the rest of the merged model (attention, embeddings) goes now, not at a full collection
             self.built += 1
-        return self.blocks[count]
+        return held
 
     @contextmanager
     def swapped(self, counts: Counts) -> Iterator[None]:
         """Run the model inside with searched layer i's block(s) replaced by the block merged to `counts[i]`."""
         saved: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        wanted = {layer: count for layer, count, searched in zip(self.layers, counts, self.searched, strict=True)
+                  if searched}  # fmt: skip
+        self._keep_only(wanted)
         try:
-            for layer, count, searched in zip(self.layers, counts, self.searched, strict=True):
-                if not searched:
-                    continue
-                for path, module in zip(self.paths, self._merged(count)[layer], strict=True):
+            for layer, count in wanted.items():
+                needing = [other for other, n in wanted.items() if n == count]
+                for path, module in zip(self.paths, self._merged(count, needing)[layer], strict=True):
                     owner, name = self._owner(self.decoder[layer], path)
                     saved.append((owner, name, getattr(owner, name)))
                     setattr(owner, name, module)

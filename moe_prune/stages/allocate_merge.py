@@ -2,9 +2,10 @@
 
 Masking router logits is the pruned model exactly, but not a merged one: merging averages members into
 the anchor (or refits its down projection), so the kept experts compute something else. Here each
-candidate is the merged model itself: `merge.run` builds the model merged to k experts in every layer
-once per count k the search tries (into a temporary folder), and a candidate runs the original with
-each searched layer's block taken from the model of its count (`allocation.blocks`). The result is not a
+candidate is the merged model itself: `merge.run` builds the model merged to k experts in the layers
+that need count k (into a temporary folder, deleted once loaded), and a candidate runs the original with
+each searched layer's block taken from the model of its count (`allocation.blocks`, which holds only
+the current candidate's blocks). The result is not a
 drop mask but the counts, written as JSON with the `moe-prune merge --keep D --keep LAYER=COUNT ...`
 command that builds the checkpoint.
 """
@@ -94,30 +95,36 @@ def merged_models(
     target: MergeTarget,
     layers: Layers,
     calibration: Calibration,
-) -> Iterator[Callable[[int], Any]]:
-    """`build(k)`: the model merged to k experts (capped per layer, `capped`) in every searched layer."""
+) -> Iterator[Callable[..., Any]]:
+    """`build(k, only=None)`: the model merged to k experts (capped per layer, `capped`) in the searched layers
+    (or only in `only`; a layer's block does not depend on the others'). Its checkpoint is deleted as soon as
+    it is loaded: the search writes one temporary checkpoint at a time, never one per count kept to the end."""
     work = Path(tempfile.mkdtemp(prefix="moe-prune-allocate-"))
-    skip = [layer for layer, searched in zip(layers.numbers, layers.searched, strict=True) if not searched]
+    searched = [layer for layer, on in zip(layers.numbers, layers.searched, strict=True) if on]
     try:
 
-        def build(count: int) -> Any:
+        def build(count: int, only: list[int] | None = None) -> Any:
+            merged = set(searched if only is None else only)
             folder = work / f"keep-{count}"
-            merge.run(
-                model,
-                stats,
-                folder,
-                count,
-                keep_overrides=capped(count, layers),
-                device=calibration.device if target.passes(stats) else None,
-                method=target.method,
-                weights=target.weights,
-                refit=target.refit,
-                skip_layers=skip,
-                seed=target.seed,
-                force=True,
-                stats_name=stats_name,
-            )
-            return load_model(folder, calibration.dtype, calibration.device, calibration.trust_remote_code)
+            try:
+                merge.run(
+                    model,
+                    stats,
+                    folder,
+                    count,
+                    keep_overrides={k: n for k, n in capped(count, layers).items() if k in merged},
+                    device=calibration.device if target.passes(stats) else None,
+                    method=target.method,
+                    weights=target.weights,
+                    refit=target.refit,
+                    skip_layers=[layer for layer in layers.numbers if layer not in merged],
+                    seed=target.seed,
+                    force=True,
+                    stats_name=stats_name,
+                )
+                return load_model(folder, calibration.dtype, calibration.device, calibration.trust_remote_code)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
 
         yield build
     finally:
