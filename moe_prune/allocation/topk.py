@@ -1,13 +1,14 @@
 """Per-layer top-k (`allocate --top-k search`, LExI-style, arXiv 2509.02753) on one loaded model.
 
-A candidate is the experts each token uses per MoE layer, at most the layer's top-k. It runs on the loaded
-original by setting the routing modules' top-k attributes of each layer (the integer attributes named
-`top_k` or like the family's top-k config field, e.g. `num_experts_per_tok`), which transformers' blocks
-copy from the config when they are built: the ragged checkpoint builds each layer's block from a config
-holding that layer's top-k (`checkpoint/modeling_moe_prune.py`, and vLLM's plugin the same way), so the
-masked original and the written checkpoint route alike. `LayerTopK.check` proves on one forward pass that
-the family reads those attributes when it routes (every torch.topk call of a layer counted before and after):
-a family that takes top-k from elsewhere is refused, never searched with a change that does nothing.
+A candidate is the experts each token uses per MoE layer, at most the layer's top-k. It runs on the
+loaded original by setting each layer's routing top-k attributes (the integer attributes named in
+`Adapter.runtime_top_k_attrs`, or like the family's top-k config field, e.g. `num_experts_per_tok`),
+which transformers' blocks copy from the config when they are built. The ragged checkpoint builds each
+layer's block from a config holding that layer's top-k (`checkpoint/modeling_moe_prune.py`; vLLM's plugin
+the same way), so the masked original and the written checkpoint route alike. `LayerTopK.check` proves
+on one forward pass that the family reads those attributes when it routes (each layer's torch.topk calls
+counted before and after): a family that takes top-k from elsewhere is refused, never searched with a
+change that does nothing.
 
 The search (`greedy`): LExI's allocation of active experts by layer sensitivity, measured here with the
 allocation objective instead of weight perturbation. Starting from every layer at its full top-k, it lowers,
@@ -33,8 +34,9 @@ from moe_prune.errors import MoePruneError
 
 
 def attribute_names(config: ModelConfig) -> set[str]:
-    """Names a block's top-k attribute has: `top_k`, or the last part of the family's top-k config field."""
-    return {"top_k", *(key.rsplit(".", 1)[-1] for key in config.adapter.top_k_keys)}
+    """Names a block's top-k attribute has: the adapter's (`runtime_top_k_attrs`, which `finetune --top-k`
+    sets too), or the last part of the family's top-k config field."""
+    return {*config.adapter.runtime_top_k_attrs, *(key.rsplit(".", 1)[-1] for key in config.adapter.top_k_keys)}
 
 
 class LayerTopK:
