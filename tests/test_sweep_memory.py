@@ -20,8 +20,10 @@ import torch
 from moe_prune.allocation.evaluator import Evaluator
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_MODEL_DIR
+from moe_prune.errors import MoePruneError
 from moe_prune.stages import evaluate
 from moe_prune.stages import sweep as stage
+from moe_prune.sweep.plan import Combo
 
 EVAL = dict(seq_len=128, batch_size=16, max_tokens=512)
 
@@ -130,3 +132,17 @@ def test_sweep_holds_one_checkpoint_and_memory_does_not_grow_with_candidates(dem
         "growth over the combinations, in models": max(combo_growth) < 0.1,
     }
     assert all(ok.values()), {k: v for k, v in problems.items() if not ok[k]}
+
+
+def test_a_refused_build_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """A combination refused half-way through its build (a skipped row) leaves nothing in the scratch folder."""
+
+    def refused(plan, combo, target):
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        raise MoePruneError("refused after writing")
+
+    monkeypatch.setattr(stage, "_build", refused)
+    row = stage._execute(None, Combo("prune", 0.5, "usage-frequency", "min"), tmp_path)
+    assert (row.status, row.reason) == ("skipped", "refused after writing")
+    assert checkpoints_under(tmp_path) == []

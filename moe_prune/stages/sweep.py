@@ -11,6 +11,7 @@ marked skipped with the stage's reason; they are fatal only when nothing else is
 
 from __future__ import annotations
 
+import gc
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -195,24 +196,32 @@ def _hopeless(plan: Plan, combo: Combo, rows: list[Row]) -> Row | None:
 
 
 def _execute(plan: Plan, combo: Combo, scratch: Path) -> Row:
-    """Build the combination's checkpoint, evaluate it, delete it: its row."""
+    """Build the combination's checkpoint, evaluate it, delete it: its row.
+
+    Whatever happens (a refused build too), the checkpoint is gone, and the models loaded for it (the evaluated
+    one, an `allocate` search's) are collected now: a loaded transformers model sits in reference cycles, so
+    it would otherwise wait for a full collection while the next combination loads its own.
+    """
     target = scratch / "model"
     try:
-        kept, folder = _build(plan, combo, target)
-    except OutputError:  # a full disk is the run's failure, not the combination's
-        raise
-    except MoePruneError as exc:  # refused by score, prune or merge before anything was evaluated
-        return Row(combo, "skipped", str(exc))
-    row = Row(combo, "failed", kept=kept, command=command(combo, plan.model, plan.stats_name, kept))
-    try:
-        _measure(plan, row, folder)
-    except MoePruneError as exc:  # e.g. non-finite logits: no perplexity, the worst row of its ratio
-        if combo.kind == "original":
-            raise  # the model itself cannot be evaluated (tokenizer, weights, code): nothing to compare with
-        row.reason = str(exc)
+        try:
+            kept, folder = _build(plan, combo, target)
+            gc.collect()  # what the build loaded (an allocate search's models) goes before the evaluation's
+        except OutputError:  # a full disk is the run's failure, not the combination's
+            raise
+        except MoePruneError as exc:  # refused by score, prune or merge before anything was evaluated
+            return Row(combo, "skipped", str(exc))
+        row = Row(combo, "failed", kept=kept, command=command(combo, plan.model, plan.stats_name, kept))
+        try:
+            _measure(plan, row, folder)
+        except MoePruneError as exc:  # e.g. non-finite logits: no perplexity, the worst row of its ratio
+            if combo.kind == "original":
+                raise  # the model itself cannot be evaluated (tokenizer, weights, code): nothing to compare with
+            row.reason = str(exc)
+        return row
     finally:
-        shutil.rmtree(target, ignore_errors=True)
-    return row
+        shutil.rmtree(target, ignore_errors=True)  # also what a refused build left half-written
+        gc.collect()
 
 
 def _build(plan: Plan, combo: Combo, target: Path) -> tuple[dict[int, int], Path]:
