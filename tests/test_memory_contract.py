@@ -1,8 +1,8 @@
-"""Memory contract of `profile --sequential` (issue #24): peak resident memory at most 1.5x one decoder layer in
-the working dtype, plus embeddings/head and the hidden-state buffer.
+"""Memory contract of `profile --sequential` and `eval --sequential` (issue #24): peak resident memory at most
+1.5x one decoder layer in the working dtype, plus embeddings/head and the hidden-state buffer.
 
-Probe: a child process profiles a small model first (every import and lazy initialisation done), then resets
-its resident high-water mark (`/proc/self/clear_refs` 5) and profiles a model whose MoE layers are
+Probe: a child process profiles (or evaluates) a small model first (every import and lazy initialisation
+done), then resets its resident high-water mark (`/proc/self/clear_refs` 5) and runs on a model whose MoE layers are
 deliberately large next to everything else (4 layers of 100 MB float32 experts, a 128-token vocabulary);
 the growth of the high-water mark over the resident memory before it is what the large model cost. Holding
 every layer (what whole-model profiling does) is 4 layers, well past the contract. Linux only.
@@ -26,20 +26,25 @@ CONTRACT = 1.5
 
 PROBE = """
 import gc, json, sys
-from moe_prune.stages import profile as stage
+from moe_prune.stages import evaluate, profile
 
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-small, large, data, sequential = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-settings = stage.Settings(samples=8, seq_len=16, batch_size=4, sequential=sequential)
-stage.run(small, data, settings)
+small, large, data, command = sys.argv[1:5]
+settings = profile.Settings(samples=8, seq_len=16, batch_size=4, sequential=True)
+def run(model):
+    if command == "profile":
+        profile.run(model, data, settings)
+    else:
+        evaluate.run(model, data, seq_len=16, batch_size=4, max_tokens=128, sequential=True)
+run(small)
 gc.collect()
 before = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")
-stage.run(large, data, settings)
+run(large)
 print(json.dumps({"before": before, "peak": status("VmHWM:")}))
 """
 
@@ -55,27 +60,33 @@ def _save(folder: Path, **overrides) -> int:
     return sum(p.numel() * 4 for p in model.model.layers[0].parameters())
 
 
-def _growth(tmp_path: Path, sequential: bool) -> tuple[int, int]:
-    """(peak growth in bytes while profiling the large model, one large layer's bytes)."""
-    _save(tmp_path / "small")
-    layer = _save(tmp_path / "large", **LARGE)
-    data = tmp_path / "cal.jsonl"
-    write_docs(data, 8, seed=0)
-    args = [str(tmp_path / "small"), str(tmp_path / "large"), str(data), "1" if sequential else "0"]
+def _growth(folder: Path, command: str) -> int:
+    """Peak growth in bytes while `command` (profile or eval) --sequential runs on the large model."""
+    args = [str(folder / "small"), str(folder / "large"), str(folder / "cal.jsonl"), command]
     out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    return probe["peak"] - probe["before"], layer
+    return probe["peak"] - probe["before"]
 
 
-pytestmark = [  # about a minute and a half on 2 busy cores: building and profiling 400 MB of experts
+pytestmark = [  # about two minutes on 2 busy cores: building, profiling and evaluating 400 MB of experts
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc"),
 ]
 
 
 @pytest.fixture(scope="module")
-def sequential_growth(tmp_path_factory) -> tuple[int, int]:
-    return _growth(tmp_path_factory.mktemp("contract"), sequential=True)
+def models(tmp_path_factory) -> tuple[Path, int]:
+    """(folder with the small and large models and the data, one large layer's bytes)."""
+    folder = tmp_path_factory.mktemp("contract")
+    _save(folder / "small")
+    layer = _save(folder / "large", **LARGE)
+    write_docs(folder / "cal.jsonl", 8, seed=0)
+    return folder, layer
+
+
+@pytest.fixture(scope="module")
+def sequential_growth(models) -> tuple[int, int]:
+    return _growth(models[0], "profile"), models[1]
 
 
 def test_sequential_profile_holds_one_layer_at_a_time(sequential_growth):
@@ -89,4 +100,11 @@ def test_sequential_profile_within_one_and_a_half_layers(sequential_growth):
     (runtime/fused.py); through transformers' stacking the peak grew 2.9 layers (276-285 MB for 96 MB layers)."""
     growth, layer = sequential_growth
     # embeddings and head (128 x 128 float32) and the hidden buffer (8 x 16 x 128) are under 1 MB here
+    assert growth <= CONTRACT * layer + 2**20, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"
+
+
+def test_sequential_eval_within_one_and_a_half_layers(models):
+    """eval --sequential under the same contract (whole-model eval holds all 4 layers)."""
+    folder, layer = models
+    growth = _growth(folder, "eval")
     assert growth <= CONTRACT * layer + 2**20, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"
