@@ -100,64 +100,12 @@ def score(
     MoE layers read by weight criteria. `stability` names disjoint partial statistics files (the parts
     `profile --combine` adds): `draws` bootstrap resamples of them (seeded by `seed`) give each layer's agreement.
     """
-    crit = get_criterion(criterion)
-    direction = _direction(crit, direction, global_)
-    if isinstance(stats, (str, Path)):
-        stats_name = stats_name or str(stats)
-        stats = Stats.load(Path(stats))
-    stats_name = stats_name or "stats"
-    ckpt = Checkpoint.open(model) if model is not None else None
-    identity = _identity(crit, stats, ckpt, stats_name)
-    warnings: list[str] = []
-    top_k = _top_k(stats, ckpt, warnings)
-    counts = [identity.experts_in(layer) for layer in identity.moe_layers]  # differ in a ragged model
-    protected = super_experts(stats, stats_name, counts) if protect_super_experts else set()
-    n_group = _n_group(stats, ckpt, identity)
-    rule = selection_rule(identity, direction, budget or Budget(drop=0), global_, min_keep, top_k, n_group, protected)
-    parts = load_parts(crit, stats, stats_name, stability, draws, warnings)
-
-    weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
-    inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
-    scores, usage, values = evaluate(crit, inputs)
-    drops, slot_pairs = rule.drops(scores, usage, values)
-    stable = stability_of(crit, inputs, rule, (scores, usage, values), (drops, slot_pairs), parts, draws, draw_progress)
-    if parts:
-        stable.parts, stable.draws, stable.seed = [str(p) for p in stability], draws, seed
-    warnings += stable.warnings(crit.name)
-
-    ids = identity.original_ids
-    dropped, pairs = _original_ids(identity, drops, slot_pairs if values is not None else None)
-    keep = {layer: [i for i in ids[layer] if i not in set(d)] for layer, d in dropped.items()}
-    params: dict[str, Any] = {
-        "direction": direction,
-        **(budget or Budget(drop=0)).to_dict(),
-        "global": global_,
-        "min_keep": rule.floor if global_ else None,
-        "seed": seed if crit.name == "random" else None,
-        "protected_super_experts": sorted(ids[identity.moe_layers[i]][s] for i, s in protected)
-        if protect_super_experts
-        else None,
-        "top_k": top_k,
-        "stats": stats_name if stats is not None else None,
-        "model": str(model) if model is not None else None,
-    }
-    mask = DropMask.create(identity, keep, crit.name, params)
-    mask.validate_groups(n_group, "mask")
-    shown = usage if values is not None else scores
-    report = ScoreReport(
-        criterion=crit.name,
-        direction=direction,
-        kind=crit.kind,
-        source=crit.source,
-        original_ids=dict(sorted(ids.items())),
-        scores={layer: [float(s) for s in shown[i][: counts[i]]] for i, layer in enumerate(identity.moe_layers)},
-        dropped=dropped,
-        pairs=pairs,
-        params=params,
-        warnings=warnings,
-        stability=stable,
-    )
-    return mask, report
+    drop, keep, ratio = (budget.drop, budget.keep, budget.ratio) if budget is not None else (None, None, None)
+    spec = ScoreSpec(
+        criterion, direction, drop, keep, ratio, global_, min_keep, seed, protect_super_experts,
+        tuple(str(p) for p in stability), draws,
+    )  # fmt: skip
+    return score_spec(stats, model, spec, progress, draw_progress, stats_name)
 
 
 def score_spec(
@@ -166,17 +114,61 @@ def score_spec(
     spec: ScoreSpec,
     progress: Callable[[int, int], None] | None = None,
     draw_progress: Callable[[int, int], None] | None = None,
+    stats_name: str | None = None,
 ) -> tuple[DropMask, ScoreReport]:
-    """`score` with its options as one spec (`moe-prune score`'s); the budget is the one of drop/keep/ratio given."""
+    """`score` with its options as one spec (`moe-prune score`'s, see `score`)."""
     if spec.criterion is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
-    budget = Budget(spec.drop, spec.keep, spec.ratio) if spec.budget_given else None
-    return score(
-        stats, model, spec.criterion, direction=spec.direction,  # type: ignore[arg-type]
-        budget=budget, global_=spec.global_, min_keep=spec.min_keep, seed=spec.seed, progress=progress,
-        protect_super_experts=spec.protect_super_experts, stability=spec.stability, draws=spec.draws,
-        draw_progress=draw_progress,
-    )  # fmt: skip
+    crit = get_criterion(spec.criterion)
+    direction = _direction(crit, spec.direction, spec.global_)  # type: ignore[arg-type]
+    global_, seed, draws = spec.global_, spec.seed, spec.draws
+    budget = Budget(spec.drop, spec.keep, spec.ratio) if spec.budget_given else Budget(drop=0)
+    stats, stats_name = _load(stats, stats_name)
+    ckpt = Checkpoint.open(model) if model is not None else None
+    identity = _identity(crit, stats, ckpt, stats_name)
+    warnings: list[str] = []
+    top_k = _top_k(stats, ckpt, warnings)
+    counts = [identity.experts_in(layer) for layer in identity.moe_layers]  # differ in a ragged model
+    protected = super_experts(stats, stats_name, counts) if spec.protect_super_experts else set()
+    n_group = _n_group(stats, ckpt, identity)
+    rule = selection_rule(identity, direction, budget, global_, spec.min_keep, top_k, n_group, protected)
+    parts = load_parts(crit, stats, stats_name, spec.stability, draws, warnings)
+    weights = ExpertWeights(ckpt, progress) if crit.weights and ckpt else None
+    inputs = Inputs(identity, stats, weights, seed, _vocab(stats, ckpt))
+    scores, usage, values = evaluate(crit, inputs)
+    drops, slot_pairs = rule.drops(scores, usage, values)
+    stable = stability_of(crit, inputs, rule, (scores, usage, values), (drops, slot_pairs), parts, draws, draw_progress)
+    if parts:
+        stable.parts, stable.draws, stable.seed = [str(p) for p in spec.stability], draws, seed
+    warnings += stable.warnings(crit.name)
+    ids = identity.original_ids
+    dropped, pairs = _original_ids(identity, drops, slot_pairs if values is not None else None)
+    keep = {layer: [i for i in ids[layer] if i not in set(d)] for layer, d in dropped.items()}
+    protected_ids = sorted(ids[identity.moe_layers[i]][s] for i, s in protected) if spec.protect_super_experts else None
+    params = {"direction": direction, **budget.to_dict(), "global": global_}
+    params |= _recorded(rule.floor if global_ else None, seed if crit.name == "random" else None, protected_ids)
+    params |= {"top_k": top_k, "stats": stats_name if stats is not None else None}
+    params["model"] = str(model) if model is not None else None
+    mask = DropMask.create(identity, keep, crit.name, params)
+    mask.validate_groups(n_group, "mask")
+    shown = usage if values is not None else scores
+    per_layer = {layer: [float(s) for s in shown[i][: counts[i]]] for i, layer in enumerate(identity.moe_layers)}
+    ids_sorted = dict(sorted(ids.items()))
+    report = ScoreReport(crit.name, direction, crit.kind, crit.source, ids_sorted, per_layer, dropped, pairs)
+    report.params, report.warnings, report.stability = params, warnings, stable
+    return mask, report
+
+
+def _recorded(min_keep: int | None, seed: int | None, protected: list[int] | None) -> dict[str, Any]:
+    """The mask's params that are set only when they acted: --global's floor, `random`'s seed, super experts."""
+    return {"min_keep": min_keep, "seed": seed, "protected_super_experts": protected}
+
+
+def _load(stats: Stats | str | Path | None, stats_name: str | None) -> tuple[Stats | None, str]:
+    """The statistics (read when given as a path) and the name messages call them by."""
+    if isinstance(stats, (str, Path)):
+        return Stats.load(Path(stats)), stats_name or str(stats)
+    return stats, stats_name or "stats"
 
 
 def _direction(crit: Criterion, direction: Direction | None, global_: bool) -> Direction:
