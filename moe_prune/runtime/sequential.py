@@ -1,4 +1,4 @@
-"""Run a model one decoder layer at a time, straight from its safetensors files (`profile --sequential`).
+"""Run a model one decoder layer at a time, straight from its safetensors files (`profile`/`eval --sequential`).
 
 Why: a model larger than memory still profiles in one layer's worth of memory plus the hidden
 states of the calibration set. How, reusing transformers for everything family-specific:
