@@ -178,3 +178,19 @@ def test_the_options_defaults_are_the_specs_defaults(spec: type) -> None:
     defaults = {p.name: p.default for p in parameters(spec)}
     assert build(spec, defaults) == spec()
     assert given(LotteryParams, {p.name: p.default for p in parameters(LotteryParams, unset=True)}) == {}
+
+
+def test_eval_sequential_reaches_the_stage_and_refuses_tasks(monkeypatch) -> None:
+    from moe_prune.stages import evaluate
+
+    seen: list[Any] = []
+
+    def run(*args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs.get("sequential"))
+        raise MoePruneError("stopped before evaluating")
+
+    monkeypatch.setattr(evaluate, "run", run)
+    result = CliRunner().invoke(app, ["eval", "--sequential", "--max-tokens", "64"])
+    assert result.exit_code == 1 and "stopped before evaluating" in result.output and seen == [True], result.output
+    result = CliRunner().invoke(app, ["eval", "--sequential", "--tasks", "demo"])
+    assert result.exit_code == 1 and "--tasks runs lm-eval on the whole model" in result.output, result.output

@@ -40,6 +40,8 @@ def evaluate(
     inputs = _local_inputs((model, spec.baseline, spec.data, spec.include_path))  # never replaced by --log-samples
     samples = (spec.log_samples, spec.force, inputs)
     task_result = None
+    if spec.sequential and spec.tasks is not None:
+        raise MoePruneError("--sequential measures perplexity layer by layer; --tasks runs lm-eval on the whole model")
     if spec.tasks is None:
         if not spec.perplexity:
             raise MoePruneError("--no-perplexity leaves nothing to evaluate without --tasks")
@@ -85,7 +87,7 @@ def _run_perplexity(model: str, spec: EvalSpec) -> EvalResult:
         return stage.run(
             model, s.data, s.seq_len, s.batch_size, s.max_tokens, s.baseline, advance, text_field=s.text_field,
             split=s.split, split_on=s.split_on, dtype=s.dtype, device=s.device,
-            trust_remote_code=s.trust_remote_code, engine=s.engine,
+            trust_remote_code=s.trust_remote_code, engine=s.engine, sequential=s.sequential,
         )  # fmt: skip
     finally:
         bar.stop()

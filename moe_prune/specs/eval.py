@@ -28,3 +28,6 @@ class EvalSpec(ModelLoading, Tasks, Heldout):
     perplexity: bool = option(True, "Also measure perplexity, sizes and expert load.", "--perplexity/--no-perplexity")
     force: bool = option(False, "Replace an existing --log-samples file.", "--force", affects_result=False)
     engine: str = option("transformers", ENGINE_HELP)
+    sequential: bool = like(  # perplexity only: --tasks runs lm-eval on the whole model
+        ProfileSpec, "sequential", help="Perplexity one decoder layer at a time: memory of one layer (not --tasks)."
+    )
