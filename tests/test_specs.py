@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from moe_prune.cli import app
 from moe_prune.cli.spec_options import build, given, parameters, takes_spec
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.allocate import AllocateSpec
 from moe_prune.specs.eval import EvalSpec
 from moe_prune.specs.fields import KEY, check_complete, fingerprint, from_record, option, record
 from moe_prune.specs.finetune import FinetuneSpec
@@ -172,7 +173,9 @@ def test_fingerprint_changes_with_exactly_the_fields_that_decide_the_result(spec
         assert record(changed) != record(base), f.name  # the recorded step has every field
 
 
-@pytest.mark.parametrize("spec", [ProfileSpec, FinetuneSpec, SweepSpec, EvalSpec, PruneSpec, MergeSpec, ScoreSpec])
+@pytest.mark.parametrize(
+    "spec", [ProfileSpec, FinetuneSpec, SweepSpec, EvalSpec, PruneSpec, MergeSpec, ScoreSpec, AllocateSpec]
+)
 def test_the_options_defaults_are_the_specs_defaults(spec: type) -> None:
     """Nothing passed on the command line is the library's default spec (each CLI default parses to the field's)."""
     defaults = {p.name: p.default for p in parameters(spec)}

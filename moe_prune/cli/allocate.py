@@ -10,21 +10,19 @@ from rich.table import Table
 
 from moe_prune.cli.common import (
     DEFAULT_MODEL,
-    MAX_SEED,
     DataOpt,
-    DeviceOpt,
-    DtypeOpt,
     ForceOpt,
     JsonOpt,
     LazyBar,
     ModelArg,
-    TrustOpt,
     out_console,
     print_json,
     user_errors,
     warn,
 )
+from moe_prune.cli.spec_options import takes_spec
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.allocate import AllocateSpec
 from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
@@ -38,81 +36,19 @@ SEQUENTIAL_REFUSAL = (
 
 
 @user_errors
+@takes_spec(AllocateSpec, "spec")
 def allocate(
     model: ModelArg = DEFAULT_MODEL,
     stats: Annotated[str | None, typer.Option("--stats", help="Statistics .npz from `moe-prune profile`.")] = None,
-    criterion: Annotated[
-        str | None,
-        typer.Option(
-            "--criterion",
-            "-c",
-            help=(
-                "Criterion ordering experts inside a layer (--for merge: ranks the global start; default "
-                "soft-counts, or usage-frequency without soft_counts)."
-            ),
-        ),
-    ] = None,
-    ratio: Annotated[float | None, typer.Option(help="Fraction of the searched layers' experts to drop.")] = None,
-    keep: Annotated[int | None, typer.Option(help="Experts to keep in the searched layers together.")] = None,
-    bytes_: Annotated[
-        str | None, typer.Option("--bytes", help="Largest checkpoint size, e.g. 10MB, 5GiB (routed experts + rest).")
-    ] = None,
+    *,
+    spec: AllocateSpec,  # one option per field (cli/spec_options.py)
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="Mask JSON to write (--for merge: the counts and merge command).")
     ] = None,
-    for_: Annotated[
-        str, typer.Option("--for", help="prune (a drop mask) or merge (counts for `merge`, judged as merged).")
-    ] = "prune",
-    method: Annotated[
-        str | None, typer.Option(help="With --for merge: the merge method (see `moe-prune merge --help`).")
-    ] = None,
-    weights: Annotated[
-        str | None, typer.Option(help="With --for merge: average members by frequency or output.")
-    ] = None,
-    refit: Annotated[
-        bool, typer.Option("--refit", help="With --for merge: refit down projections (profile --refit-stats).")
-    ] = False,
-    merge_seed: Annotated[
-        int | None, typer.Option(min=0, max=MAX_SEED, help="With --for merge: the merge method's seed (k-means).")
-    ] = None,
-    objective: Annotated[
-        str, typer.Option(help="esap (Σ min(p, q)) or kl (KL(p‖q)) against the original, on calibration tokens.")
-    ] = "kl",
-    top_k: Annotated[
-        str,
-        typer.Option(
-            "--top-k",
-            help="keep (the model's top-k) or search (per-layer top-k after the counts, LExI-style; see README).",
-        ),
-    ] = "keep",
-    active_ratio: Annotated[
-        float | None,
-        typer.Option(help="With --top-k search: share of the searched layers' experts per token kept, in (0, 1)."),
-    ] = None,
     data: DataOpt = None,
-    samples: Annotated[int, typer.Option(help="Calibration windows the candidates are judged on.")] = 16,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per window (default: the statistics').")] = None,
-    top_logprobs: Annotated[
-        int, typer.Option(help="The original's most likely tokens stored per position (all when >= vocabulary).")
-    ] = 2048,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    budget_evals: Annotated[int, typer.Option(help="Candidates evaluated at most (starts included).")] = 64,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the search's move order.")] = 0,
-    min_per_layer: Annotated[
-        int | None, typer.Option(help="Fewest experts a searched layer keeps (default and minimum: top-k).")
-    ] = None,
-    skip_layers: Annotated[
-        str | None, typer.Option(help="Comma-separated MoE layers kept whole and left out of the budget.")
-    ] = None,
     plot: Annotated[
         Path | None, typer.Option(help="PNG of the counts per layer: uniform, global and searched (matplotlib).")
     ] = None,
-    sequential: Annotated[
-        bool, typer.Option("--sequential", help="Refused: every candidate is a whole forward pass (see README).")
-    ] = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
     force: ForceOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -121,36 +57,39 @@ def allocate(
     from moe_prune.stages.common import check_plot, parse_size
     from moe_prune.stages.score import write_mask
 
-    if sequential:
+    s = spec
+    if s.sequential:
         raise MoePruneError(SEQUENTIAL_REFUSAL)
     if stats is None:
         raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
-    target = _target(for_, method, weights, refit, merge_seed)
-    active = _active_ratio(top_k, active_ratio)
-    if criterion is None and target is None:
+    target = _target(s.for_, s.method, s.weights, s.refit, s.merge_seed)
+    active = _active_ratio(s.top_k, s.active_ratio)
+    if s.criterion is None and target is None:
         raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
-    if [ratio, keep, bytes_].count(None) != 2:
+    if [s.ratio, s.keep, s.bytes_].count(None) != 2:
         raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
-    budget = parse_size(bytes_, "--bytes") if bytes_ is not None else Budget(keep=keep, ratio=ratio)
+    budget = parse_size(s.bytes_, "--bytes") if s.bytes_ is not None else Budget(keep=s.keep, ratio=s.ratio)
     inputs = tuple(p for p in (stats, model, *(data or ())) if p)
     if out is None:
         raise MoePruneError("pass --out MASK (the mask JSON to write)")
     check_writable(Path(out), force, "file")
     check_not_input(Path(out), inputs)
     check_plot(plot, force, (*inputs, out))
-    calibration = stage.Calibration(data, samples, seq_len, batch_size, top_logprobs, dtype, device, trust_remote_code)
+    calibration = stage.Calibration(
+        data, s.samples, s.seq_len, s.batch_size, s.top_logprobs, s.dtype, s.device, s.trust_remote_code
+    )
     with LazyBar(*_columns()) as bar:
         mask, report = stage.allocate(
             stats,
             model,
-            criterion,
+            s.criterion,
             budget,
-            objective=objective,
+            objective=s.objective,
             calibration=calibration,
-            budget_evals=budget_evals,
-            seed=seed,
-            min_per_layer=min_per_layer,
-            skip_layers=_layers(skip_layers),
+            budget_evals=s.budget_evals,
+            seed=s.seed,
+            min_per_layer=s.min_per_layer,
+            skip_layers=_layers(s.skip_layers),
             progress=lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
             merge=target,
             active_ratio=active,

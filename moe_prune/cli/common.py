@@ -38,15 +38,6 @@ ModelArg = Annotated[
 DEFAULT_MODEL = str(DEMO_MODEL_DIR)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code/--no-trust-remote-code",
-        help="Allow the checkpoint's own Python code to run (never without this flag).",
-    ),
-]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... or auto (spread over GPUs).")]
 
 
 def _data_option(tasks: bool) -> Any:
