@@ -53,6 +53,9 @@ TINY_RAGGED = {
     "afmoe": Tiny({"hidden_size": 128, "head_dim": 32, **AFMOE_HUB_KEYS}, TWO_OR_MORE),
     # its full-attention layers' own head size (per_layer_config) is shrunk to 8 too: vLLM CPU needs 32 or more
     "gemma4_text": Tiny({"hidden_size": 128, "head_dim": 32, "per_layer_config": {"3": {"head_dim": 64}}}),
+    # swigluoai experts are not padded by vLLM CPU's fused-MoE kernel: intermediate size a multiple of 32 (the tiny
+    # default 48 gave 'No Unquantized MoE backend supports the deployment configuration'; gpt-oss' own is 2880)
+    "gpt_oss": Tiny({"head_dim": 32, "intermediate_size": 32}),
     # vLLM's own class differs from transformers by 2.9e-3 (log-probs up to 5.1e-2) on the unpruned tiny model
     "cohere2_moe": Tiny({"head_dim": 32, "hidden_size": 128}, tolerance=(6e-3, 0.1)),
 }

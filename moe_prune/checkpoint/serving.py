@@ -61,6 +61,7 @@ SERVED: dict[str, Served] = {
     "AfmoeForCausalLM": Served(min_experts=2, note=AFMOE),  # grouped top-k (one group) sums each group's best two
     "Lfm2MoeForCausalLM": Served(min_experts=2, note=LFM2),  # the same grouped top-k
     "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE),  # the same grouped top-k
+    "GptOssForCausalLM": Served(),
     # Measured by hand (not in the test lane): layers built at their own sizes; log-probs 1.5e-4 (V2) and 3.1e-3 (V3)
     # from transformers' in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only), where vLLM's own
     # class differs by 5.4e-4 on the unpruned tiny DeepSeek-V2: the gap is vLLM's attention, not the expert sizes.
@@ -78,12 +79,14 @@ NOT_SERVED: dict[str, str] = {
     "HunYuanMoEV1ForCausalLM": TRANSFORMERS_BACKEND,
     "FlexOlmoForCausalLM": TRANSFORMERS_BACKEND,
     "MellumForCausalLM": TRANSFORMERS_BACKEND,
-    "GptOssForCausalLM": "not checked: vLLM CPU has no unquantized fused-MoE kernel for it",
     "Qwen3NextForCausalLM": "not checked: vLLM CPU's gated-delta-net attention takes bfloat16 only",
     "JambaForCausalLM": "not checked: vLLM's CPU build has no Mamba selective-scan kernel",
     "DbrxForCausalLM": "not checked: vLLM 0.32 refuses the dbrx config.json transformers 5 writes (unknown kwargs)",
     "PhimoeForCausalLM": "vLLM CPU gave NaN log-probs for a ragged tiny PhiMoE (top-2 routing only); not served",
-    "MiniMaxM2ForCausalLM": f"{HUB_KEYS} (rotary_dim, scoring_func)",
+    "MiniMaxM2ForCausalLM": (
+        "not checked: vLLM CPU's router has no ungrouped sigmoid top-k (AssertionError), stock too, with the hub's "
+        "rotary_dim, scoring_func and use_routing_bias given"
+    ),
     "MiMoV2FlashForCausalLM": f"{HUB_KEYS} (hybrid_layer_pattern, moe_layer_freq, swa_* ...)",
     "InklingForCausalLM": f"{HUB_KEYS} (padded_vocab_size)",
     "HYV3ForCausalLM": f"{HUB_KEYS} (first_k_dense_replace, expert_hidden_dim) and weight names (no k_norm)",

@@ -158,6 +158,7 @@ def _checked_block(model_config: Any, name: str) -> dict[str, Any]:
 
 
 def _configs(model_config: Any) -> list[Any]:
+    """vLLM's parsed config and its text config (the same object unless wrapped): both carry the count fields."""
     return list({id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}.values())
 
 
