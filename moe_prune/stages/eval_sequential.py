@@ -5,8 +5,9 @@ layer-by-layer machinery of `profile --sequential` (`runtime.sequential.Layerwis
 through one decoder layer at a time, the hidden states of all chunks in a `HiddenBuffer` (spilled to a
 memory-mapped file past `buffer_memory`); then the model's own forward, its layers stubbed to hand back
 the buffer's rows, gives the logits, and the one NLL loop (`training.nll.nll_sum`) scores them. Same
-chunks, same batches, same layers: the perplexity equals whole-model eval's to float rounding. Held at
-once: one decoder layer, the embeddings and head, the hidden buffer.
+chunks, same batches, same layers: the perplexity equals whole-model eval's to float rounding (the head pass
+scores one window at a time). Held at once: one decoder layer and the hidden buffer, then the embeddings and
+head with one window's logits.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def score(
             calls.setdefault(len(hidden), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
             on_step(next(step))
         assert buffer is not None
+        runtime.free_outside()  # embeddings and head: not needed until the head pass
         with RoutingRecorder(runtime.model, ckpt.config) as recorder:
             for layer in range(len(runtime.layers)):
                 block = runtime.load_layer(layer)
@@ -71,13 +73,34 @@ def score(
                     buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
                     on_step(next(step))
                 runtime.free_layer(layer)
-        head = _Head(runtime, buffer, iter(batches))
-        triples = ((chunks[rows], chunks[rows], chunks[rows][:, 1:].numel()) for rows in batches)
-        total, count = nll_sum(head, triples, runtime.device, ckpt.folder, lambda done: on_step(next(step)))
+        total, count = _head_pass(runtime, ckpt, chunks, buffer, lambda done: on_step(next(step)), batch_size)
     finally:
         if buffer is not None:
             buffer.close()
     return total, count, recorder
+
+
+def _head_pass(
+    runtime: LayerwiseModel,
+    ckpt: Checkpoint,
+    chunks: torch.Tensor,
+    buffer: HiddenBuffer,
+    on_batch: Callable[[int], None],
+    batch_size: int,
+) -> tuple[float, int]:
+    """The NLL of the last layer's hidden states, one window at a time: a batch's logits (and the loss's float32
+    copies) are windows x seq_len x vocabulary, 1.2 GB for 4 x 256 tokens of a 152k vocabulary, more than a
+    decoder layer's share. `on_batch` is still called once per batch of `batch_size` windows."""
+    runtime.load_outside(skip=())
+    runtime.model.tie_weights()
+    single = [slice(row, row + 1) for row in range(len(chunks))]
+    triples = ((chunks[rows], chunks[rows], chunks[rows][:, 1:].numel()) for rows in single)
+
+    def window_done(done: int) -> None:
+        if done % batch_size == 0 or done == len(chunks):
+            on_batch(done)
+
+    return nll_sum(_Head(runtime, buffer, iter(single)), triples, runtime.device, ckpt.folder, window_done)
 
 
 class _Head:
