@@ -67,30 +67,33 @@ def test_reader_refuses_an_mtp_block_at_another_layers_count(family_factory, tmp
 
 
 def stock_override(config):
-    """vLLM's override as it treats GLM-4-MoE (by architecture) and DeepSeek-V3 (by model_type)."""
+    """vLLM's override as it treats GLM-4-MoE (by architecture), DeepSeek-V3 and Qwen3-Next (by model_type)."""
     if config.architectures[0] == "Glm4MoeForCausalLM":
         config.architectures = ["Glm4MoeMTPModel"]
     elif config.model_type == "deepseek_v3":
         config.architectures = ["DeepSeekMTPModel"]
+    elif config.model_type == "qwen3_next":
+        config.architectures = ["Qwen3NextMTP"]
     return config
 
 
 @pytest.mark.parametrize(
     "architecture,model_type,want",
     [
-        ("MoePruneRaggedGlm4MoeForCausalLM", "glm4_moe", "MoePruneRaggedGlm4MoeMTPModel"),
-        ("RaggedGlm4MoeForCausalLM", "glm4_moe", "MoePruneRaggedGlm4MoeMTPModel"),
-        ("Glm4MoeForCausalLM", "glm4_moe", "Glm4MoeMTPModel"),  # not ragged: vLLM's own
-        ("MoePruneRaggedMixtralForCausalLM", "mixtral", "MoePruneRaggedMixtralForCausalLM"),  # no MTP: unchanged
-        ("MoePruneRaggedDeepseekV3ForCausalLM", "deepseek_v3", None),  # an MTP class the plugin does not size
+        ("MoePruneRaggedGlm4MoeForCausalLM", "glm4_moe", ["MoePruneRaggedGlm4MoeMTPModel", "Glm4MoeMTPModel"]),
+        ("RaggedGlm4MoeForCausalLM", "glm4_moe", ["MoePruneRaggedGlm4MoeMTPModel", "Glm4MoeMTPModel"]),
+        ("Glm4MoeForCausalLM", "glm4_moe", ["Glm4MoeMTPModel"]),  # not ragged: vLLM's own
+        ("MoePruneRaggedMixtralForCausalLM", "mixtral", ["MoePruneRaggedMixtralForCausalLM"]),  # no MTP: unchanged
+        ("MoePruneRaggedDeepseekV3ForCausalLM", "deepseek_v3", ["MoePruneRaggedDeepSeekMTPModel", "DeepSeekMTPModel"]),
+        ("MoePruneRaggedQwen3MoeForCausalLM", "qwen3_next", None),  # an MTP class the plugin does not size
     ],
 )
 def test_draft_override_names_the_plugins_mtp_class(monkeypatch, architecture, model_type, want):
-    assert SERVED["Glm4MoeForCausalLM"].mtp == "Glm4MoeMTPModel" and not SERVED["DeepseekV3ForCausalLM"].mtp
+    assert SERVED["Glm4MoeForCausalLM"].mtp == "Glm4MoeMTPModel" and not SERVED["Qwen3MoeForCausalLM"].mtp
     monkeypatch.setattr(vllm_plugin, "_STOCK_OVERRIDE", stock_override)
     config = types.SimpleNamespace(architectures=[architecture], model_type=model_type)
     if want is None:
-        with pytest.raises(ValueError, match="does not build DeepSeekMTPModel at a ragged checkpoint's"):
+        with pytest.raises(ValueError, match="does not build Qwen3NextMTP at a ragged checkpoint's"):
             vllm_plugin.draft_override(config)
     else:
-        assert vllm_plugin.draft_override(config).architectures == [want]
+        assert vllm_plugin.draft_override(config).architectures == want

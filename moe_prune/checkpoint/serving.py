@@ -30,6 +30,9 @@ DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to trans
 DEEPSEEK_V3 = (
     "checked by hand on vLLM CPU without MLA: layers at their own sizes, log-probs 3.1e-3 off (stock not compared)"
 )
+DEEPSEEK_V3_MTP = (
+    f"{DEEPSEEK_V3}; MTP kept and drafted (speculative decoding) by hand without MLA: tokens as without drafting"
+)
 ERNIE = (
     "vLLM's CPU router ignores softmax routers' expert-selection bias (moe_statics), in its own class too: "
     "a stock tiny ERNIE with random bias is 9.7e-3 off, with it zero 5e-10; its GPU router applies it"
@@ -66,7 +69,7 @@ SERVED: dict[str, Served] = {
     # from transformers' in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only), where vLLM's own
     # class differs by 5.4e-4 on the unpruned tiny DeepSeek-V2: the gap is vLLM's attention, not the expert sizes.
     "DeepseekV2ForCausalLM": Served(note=DEEPSEEK),
-    "DeepseekV3ForCausalLM": Served(min_experts=2, note=DEEPSEEK_V3),
+    "DeepseekV3ForCausalLM": Served(min_experts=2, note=DEEPSEEK_V3_MTP, mtp="DeepSeekMTPModel"),
 }
 
 TRANSFORMERS_BACKEND = "vLLM 0.32 runs this family through its Transformers backend, which sizes every layer alike"

@@ -66,7 +66,8 @@ def _ragged_base(architecture: str) -> str | None:
 
 def draft_override(hf_config: Any) -> Any:
     """vLLM's draft-config override, asked under the base name for a ragged checkpoint: its MTP class becomes
-    the plugin's (`MoePruneRagged<MTP class>`); an MTP class the plugin does not size is refused in one line.
+    the plugin's (`MoePruneRagged<MTP class>`, then vLLM's own name, which vLLM's drafter also reads); an MTP class
+    the plugin does not size is refused in one line.
     Module-level, so vLLM can pickle the draft config that holds it."""
     if _STOCK_OVERRIDE is None:  # unpickled in a process whose plugins vLLM has not loaded yet
         register()
@@ -85,8 +86,8 @@ def draft_override(hf_config: Any) -> Any:
             f"{architecture}: moe-prune's vLLM plugin does not build {mtp} at a ragged checkpoint's expert counts; "
             "serve it without MTP speculative decoding, or prune with one count in every layer"
         )
-    else:
-        result.architectures = [ragged_architecture(mtp)]
+    else:  # vLLM builds the first name it knows; it reads the second for the MTP class's output (model_returns_tuple)
+        result.architectures = [ragged_architecture(mtp), mtp]
     return result
 
 
@@ -157,9 +158,9 @@ def _checked_block(model_config: Any, name: str) -> dict[str, Any]:
     return spec
 
 
-def _configs(model_config: Any) -> list[Any]:
-    """vLLM's parsed config and its text config (the same object unless wrapped): both carry the count fields."""
-    return list({id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}.values())
+def _configs(*model_configs: Any) -> list[Any]:
+    """vLLM's parsed configs and their text configs (the same object unless wrapped): all carry the count fields."""
+    return list({id(c): c for m in model_configs for c in (m.hf_config, m.hf_text_config)}.values())
 
 
 class RaggedMixin:
@@ -189,7 +190,9 @@ class RaggedMtpMixin:
         model_config = vllm_config.model_config  # the draft's: vLLM builds its MTP model under the draft config
         spec = _checked_block(model_config, type(self).__name__)
         last = max(int(layer) for layer in spec["experts_per_layer"])
-        with _layer_fields(_configs(model_config), spec, last):
+        # some MTP layers (DeepSeek's) read the speculative config's draft config, a copy of model_config
+        draft = getattr(getattr(vllm_config, "speculative_config", None), "draft_model_config", None)
+        with _layer_fields(_configs(model_config, *([draft] if draft is not None else [])), spec, last):
             super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
 
 
