@@ -160,7 +160,7 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             work / "merged-r",
         ),
         ("eval", ["eval", *evaluation], None),
-        ("eval --sequential", ["-m", "benchmarks.eval_stage", *evaluation, "--sequential"], None),
+        ("eval --sequential", ["eval", *evaluation, "--sequential"], None),
         (
             "finetune 1 step (router)",
             [
@@ -227,7 +227,7 @@ def main() -> None:
     for name, argv, output in stages(preset, model, data, work, args):
         if args.only is not None and not any(name.startswith(o) for o in args.only):
             continue
-        cmd = [python(), *argv] if argv[0] == "-m" else [python(), "-m", "moe_prune", *argv]  # -m: a benchmark helper
+        cmd = [python(), "-m", "moe_prune", *argv]
         wall, peak, status = run_stage(cmd, budget, work / f"{name.split()[0]}.log")
         results.append(StageResult(name, wall, peak, folder_bytes(output) if output else 0, status))
         _print_row(results[-1], moe_layers, preset.full_layers, one_layer)
