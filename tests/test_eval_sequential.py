@@ -61,3 +61,41 @@ def test_hidden_states_spilled_to_disk_give_the_same_nll(tiny):
 def test_sequential_needs_transformers_engine():
     with pytest.raises(MoePruneError, match=r"^--sequential runs the model with transformers, not --engine vllm$"):
         evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), engine="vllm", sequential=True)
+
+
+def test_buffer_memory_spills_through_eval_with_the_same_perplexity(monkeypatch):
+    """`eval --sequential --buffer-memory`: past the bound the hidden states go to disk, the result is unchanged."""
+    spilled: list[bool] = []
+
+    class Recorded(eval_sequential.HiddenBuffer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            spilled.append(self.spilled)
+
+    monkeypatch.setattr(eval_sequential, "HiddenBuffer", Recorded)
+    options = {"seq_len": 32, "batch_size": 3, "max_tokens": 400, "sequential": True}
+    held = evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), **options).model
+    bounded = evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), buffer_memory=1024, **options).model
+    assert spilled == [False, True]
+    assert bounded.perplexity == held.perplexity and bounded.tokens_scored == held.tokens_scored > 0
+    assert [load.counts for load in bounded.load] == [load.counts for load in held.load]
+
+
+def test_buffer_memory_reaches_the_stage_and_needs_sequential(monkeypatch):
+    """The CLI passes the parsed size on; without --sequential the stage refuses it in one line."""
+    from typer.testing import CliRunner
+
+    from moe_prune.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--buffer-memory", "2KB"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "--buffer-memory applies to --sequential only; add --sequential or leave it out" in result.output
+    seen: list[tuple] = []
+
+    def run(*args, **kwargs):
+        seen.append((kwargs.get("sequential"), kwargs.get("buffer_memory")))
+        raise MoePruneError("stopped before evaluating")
+
+    monkeypatch.setattr(evaluate, "run", run)
+    result = CliRunner().invoke(app, ["eval", "--sequential", "--buffer-memory", "2KB", "--max-tokens", "64"])
+    assert result.exit_code == 1 and seen == [(True, 2000)], result.output

@@ -10,6 +10,7 @@ from moe_prune.specs.fields import like, option
 from moe_prune.specs.groups import Heldout, ModelLoading, Tasks
 from moe_prune.specs.profile import ProfileSpec
 
+BUFFER_MEMORY_HELP = "--sequential: hidden states kept in memory, e.g. 8GB; more spill to disk (a temporary file)."
 ENGINE_HELP = (
     "transformers, or vllm: perplexity from vLLM's prompt log-probs on the same token windows and "
     "--tasks through lm-eval's vLLM backend (needs vLLM installed; no expert load)."
@@ -31,3 +32,4 @@ class EvalSpec(ModelLoading, Tasks, Heldout):
     sequential: bool = like(  # perplexity only: --tasks runs lm-eval on the whole model
         ProfileSpec, "sequential", help="Perplexity one decoder layer at a time: memory of one layer (not --tasks)."
     )
+    buffer_memory: int | None = like(ProfileSpec, "buffer_memory", help=BUFFER_MEMORY_HELP)

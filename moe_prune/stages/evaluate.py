@@ -99,8 +99,7 @@ def nll_sum(
 ) -> tuple[float, int]:
     """(summed next-token NLL, number of predictions) over `chunks`, through the one loop (`training.nll`).
 
-    A batch whose loss is not finite (NaN/Inf logits) is refused, naming `source` (the model folder).
-    """
+    A batch whose loss is not finite (NaN/Inf logits) is refused, naming `source` (the model folder)."""
     batches = ((batch, batch, batch[:, 1:].numel()) for batch in chunks.split(batch_size))
     return one_nll_sum(model, batches, input_device(model), source, on_batch)
 
@@ -134,6 +133,7 @@ class Settings:
     trust_remote_code: bool
     engine: str = "transformers"
     sequential: bool = False  # one decoder layer at a time (stages.eval_sequential)
+    buffer_memory: int | None = None  # --sequential: bytes of hidden states in memory; more spill to disk
 
 
 def evaluate_model(
@@ -148,8 +148,7 @@ def evaluate_model(
     """Load one model, score `texts`, count its routing; returns the evaluation, the chunks scored, warnings.
 
     Under --engine vllm the transformers model is built on the meta device only (context, parameter and
-    memory counts) and vLLM scores the same windows.
-    """
+    memory counts) and vLLM scores the same windows."""
     config = ckpt.config
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
     model, runtime = _model(ckpt, settings)
@@ -214,7 +213,8 @@ def _score(
     """(summed NLL, predictions, expert load) of `chunks` by the settings' engine (vLLM records no load), or
     layer by layer through `runtime` (--sequential)."""
     if runtime is not None:
-        nll, scored, recorder = eval_sequential.score(runtime, ckpt, chunks, settings.batch_size, on_batch)
+        memory = settings.buffer_memory  # the rest of the hidden states spill to a temporary file
+        nll, scored, recorder = eval_sequential.score(runtime, ckpt, chunks, settings.batch_size, on_batch, memory)
         return nll, scored, _layer_loads(recorder, ckpt.identity.original_ids)
     if settings.engine == "vllm":
         used_len = chunks.shape[1]
@@ -246,9 +246,13 @@ def run(
     trust_remote_code: bool = False,
     engine: str = "transformers",
     sequential: bool = False,
+    buffer_memory: int | None = None,
 ) -> EvalResult:
     """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data` with `engine`;
-    `sequential`: one decoder layer at a time (models larger than memory)."""
+    `sequential`: one decoder layer at a time (models larger than memory), `buffer_memory` bytes of hidden states
+    in memory (None: all; the rest in a temporary file)."""
+    if buffer_memory is not None and not sequential:
+        raise MoePruneError("--buffer-memory applies to --sequential only; add --sequential or leave it out")
     if sequential and engine != "transformers":
         raise MoePruneError(f"--sequential runs the model with transformers, not --engine {engine}")
     vllm_engine.check_engine(engine, device)
@@ -264,7 +268,9 @@ def run(
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), _open(baseline))
     texts = heldout_documents(data, text_field, split, max_tokens, split_on)
-    settings = Settings(seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine, sequential)
+    settings = Settings(
+        seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine, sequential, buffer_memory
+    )
     report = progress or (lambda label, done, total: None)
     evals = {
         label: evaluate_model(name, ckpt, label, texts, settings, report, data)
