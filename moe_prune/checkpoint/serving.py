@@ -30,9 +30,7 @@ DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to trans
 DEEPSEEK_V3 = (
     "checked by hand on vLLM CPU without MLA: layers at their own sizes, log-probs 3.1e-3 off (stock not compared)"
 )
-DEEPSEEK_V3_MTP = (
-    f"{DEEPSEEK_V3}; MTP kept and drafted (speculative decoding) by hand without MLA: tokens as without drafting"
-)
+DEEPSEEK_V3_MTP = f"{DEEPSEEK_V3}; MTP drafting checked by hand too (the same greedy tokens as without)"
 ERNIE = (
     "vLLM's CPU router ignores softmax routers' expert-selection bias (moe_statics), in its own class too: "
     "a stock tiny ERNIE with random bias is 9.7e-3 off, with it zero 5e-10; its GPU router applies it"
