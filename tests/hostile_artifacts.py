@@ -347,6 +347,7 @@ FINETUNE_OPTIONS = {
     "top-k-anneal-malformed": ("--top-k-anneal", "2-1"),
     "top-k-anneal-increasing": ("--top-k-anneal", "1:2"),
     "top-k-anneal-to-zero": ("--top-k-anneal", "2:0"),
+    "top-k-anneal-empty": ("--top-k-anneal", ""),
     "entropy-weight-negative": ("--entropy-weight", "-0.1"),
     "weight-decay-negative": ("--weight-decay", "-1"),
     "max-grad-norm-inf": ("--max-grad-norm", "inf"),

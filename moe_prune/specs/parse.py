@@ -41,8 +41,8 @@ def shard(text: str, flag: str = "--shard") -> tuple[int, int]:
 
 
 def anneal(text: str | None, flag: str = "--top-k-anneal") -> tuple[int, int] | None:
-    """'4:2' -> (4, 2): top-k goes from 4 to 2 over the run."""
-    if not text:
+    """'4:2' -> (4, 2): top-k goes from 4 to 2 over the run; not given -> None, but '' is refused (not 'no anneal')."""
+    if text is None:
         return None
     first, sep, last = text.partition(":")
     try:

@@ -34,8 +34,6 @@ from moe_prune.stages.sweep_search import merge_to_counts, searched
 from moe_prune.stages.task_harness import quiet_lm_eval
 from moe_prune.sweep.folder import SweepFolder, fingerprint
 from moe_prune.sweep.plan import DIRECTIONS, REFITS, Combo, choice, combinations, command, parse_scopes
-from moe_prune.sweep.plan import parse_names as parse_names
-from moe_prune.sweep.plan import parse_ratios as parse_ratios
 from moe_prune.sweep.plot import PLOT_NAME as PLOT_NAME
 from moe_prune.sweep.plot import perplexity_plot as perplexity_plot
 from moe_prune.sweep.results import Floor as Floor

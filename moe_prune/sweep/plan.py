@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring.registry import Criterion
-from moe_prune.specs.parse import names, ratios
+from moe_prune.specs.parse import names
 
 Kind = Literal["original", "random", "prune", "merge"]
 OPPOSITE = {"min": "max", "max": "min"}
@@ -70,16 +70,6 @@ class Combo:
         return cls(**obj)
 
 
-def parse_names(spec: str, option: str) -> list[str]:
-    """'a, b,a' -> ['a', 'b'] (order kept, duplicates dropped)."""
-    return names(spec, option)
-
-
-def parse_ratios(spec: str) -> tuple[float, ...]:
-    """'0.5,0.25' -> (0.25, 0.5): fractions of experts to drop, each in (0, 1), ascending."""
-    return ratios(spec, "--ratios")
-
-
 def choice(value: str, option: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise MoePruneError(f"{option} {value!r}: use one of {', '.join(allowed)}")
@@ -90,10 +80,10 @@ def parse_scopes(spec: str) -> tuple[str, ...]:
     """--global: layer, global, search, comma-separated ones, both (layer,global) or all."""
     if spec in SCOPE_SETS:
         return SCOPE_SETS[spec]
-    names = parse_names(spec, "--global")
-    for name in names:
+    given = names(spec, "--global")
+    for name in given:
         choice(name, "--global", (*SCOPES, *SCOPE_SETS))
-    return tuple(s for s in SCOPES if s in names or any(s in SCOPE_SETS.get(n, ()) for n in names))
+    return tuple(s for s in SCOPES if s in given or any(s in SCOPE_SETS.get(n, ()) for n in given))
 
 
 def combinations(
