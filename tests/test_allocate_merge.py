@@ -73,8 +73,10 @@ def test_candidate_is_the_merged_checkpoint(refit_stats, plain_stats, tmp_path, 
     judge = Evaluator(model, ckpt.config, ids, batch_size=3, top=10**6)
     counts = (6, 3, 4)
     layers = Layers((0, 1, 2), (8, 8, 8), (2, 2, 2), (True, True, True))
-    with merged_models(folder, stats, "stats", target, layers, stage.Calibration()) as build:
-        blocks = MergedBlocks(model, ckpt.config, (0, 1, 2), (True, True, True), build)
+    with (
+        merged_models(folder, stats, "stats", target, layers, stage.Calibration()) as build,
+        MergedBlocks(model, ckpt.config, (0, 1, 2), (True, True, True), build) as blocks,
+    ):
         esap, kl = judge.measure_in(blocks.swapped(counts))
         assert blocks.built == 3  # one merged model per distinct count
     out = tmp_path / "merged"

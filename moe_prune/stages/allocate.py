@@ -126,7 +126,8 @@ def allocate(
             candidate = lambda counts: judge.masks.dropped(table.drops(counts))  # noqa: E731
         else:
             build = stack.enter_context(merged_models(model, loaded, stats_name, merge, layers, calibration))
-            candidate = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build).swapped
+            blocks = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build)
+            candidate = stack.enter_context(blocks).swapped  # leaving it deletes the spilled blocks
 
         def value(counts: Counts) -> float:
             measured[counts] = judge.measure_in(candidate(counts))

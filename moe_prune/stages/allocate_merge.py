@@ -2,12 +2,11 @@
 
 Masking router logits is the pruned model exactly, but not a merged one: merging averages members into
 the anchor (or refits its down projection), so the kept experts compute something else. Here each
-candidate is the merged model itself: `merge.run` builds the model merged to k experts in the layers
-that need count k (into a temporary folder, deleted once loaded), and a candidate runs the original with
-each searched layer's block taken from the model of its count (`allocation.blocks`, which holds only
-the current candidate's blocks). The result is not a
-drop mask but the counts, written as JSON with the `moe-prune merge --keep D --keep LAYER=COUNT ...`
-command that builds the checkpoint.
+candidate is the merged model itself: `merge.run` builds the model merged to k experts in every searched
+layer once per count k the search tries (into a temporary folder, deleted once loaded), and a candidate
+runs the original with each searched layer's block taken from the model of its count (`allocation.blocks`,
+which holds only the current candidate's blocks in memory and spills the others to disk). The result is not a drop mask but the counts, written as JSON with the
+`moe-prune merge --keep D --keep LAYER=COUNT ...` command that builds the checkpoint.
 """
 
 from __future__ import annotations
