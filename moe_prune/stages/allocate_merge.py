@@ -5,8 +5,9 @@ the anchor (or refits its down projection), so the kept experts compute somethin
 candidate is the merged model itself: `merge.run` builds the model merged to k experts in every searched
 layer once per count k the search tries (into a temporary folder, deleted once loaded), and a candidate
 runs the original with each searched layer's block taken from the model of its count (`allocation.blocks`,
-which holds only the current candidate's blocks in memory and spills the others to disk). The result is not a drop mask but the counts, written as JSON with the
-`moe-prune merge --keep D --keep LAYER=COUNT ...` command that builds the checkpoint.
+which holds only the current candidate's blocks in memory and spills the others to disk). The result
+is not a drop mask but the counts, written as JSON with the `moe-prune merge --keep D --keep LAYER=COUNT ...`
+command that builds the checkpoint.
 """
 
 from __future__ import annotations
