@@ -197,3 +197,26 @@ def test_eval_sequential_reaches_the_stage_and_refuses_tasks(monkeypatch) -> Non
     assert result.exit_code == 1 and "stopped before evaluating" in result.output and seen == [True], result.output
     result = CliRunner().invoke(app, ["eval", "--sequential", "--tasks", "demo"])
     assert result.exit_code == 1 and "--tasks runs lm-eval on the whole model" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["allocate", "--ratio", "0.5", "--stats", "missing.npz", "-o", "mask.json", "--skip-layers"],
+        ["merge", "--stats", "missing.npz", "--keep", "2", "-o", "out", "--skip-layers"],
+    ],
+)
+def test_skip_layers_one_grammar_in_allocate_and_merge(command: list[str]) -> None:
+    """One parser (`specs.parse.layer_numbers`) for both commands: a blank part is refused the same way."""
+    result = CliRunner().invoke(app, [*command, "0,,2"])
+    assert result.exit_code == 1, result.output
+    assert "--skip-layers '0,,2': expected comma-separated layer numbers such as 0 or 0,3" in result.output
+
+
+def test_layer_numbers_sorted_once_each() -> None:
+    from moe_prune.specs.parse import layer_numbers
+
+    assert layer_numbers("3,0,3", "--skip-layers") == [0, 3]
+    assert layer_numbers(["0,3", " 5"], "--skip-layers") == [0, 3, 5]
+    with pytest.raises(MoePruneError, match=r"^--skip-layers 'a': expected comma-separated layer numbers"):
+        layer_numbers("a", "--skip-layers")

@@ -89,7 +89,7 @@ def allocate(
             budget_evals=s.budget_evals,
             seed=s.seed,
             min_per_layer=s.min_per_layer,
-            skip_layers=_layers(s.skip_layers),
+            skip_layers=s.skip_layers or (),
             progress=lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
             merge=target,
             active_ratio=active,
@@ -144,15 +144,6 @@ def _active_ratio(top_k: str, ratio: float | None) -> float | None:
     if ratio is None:
         raise MoePruneError("--top-k search needs --active-ratio R (the share of experts per token kept)")
     return ratio
-
-
-def _layers(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError as exc:
-        raise MoePruneError(f"--skip-layers {text!r}: expected comma-separated layer numbers") from exc
 
 
 def _columns() -> tuple:

@@ -43,7 +43,12 @@ class AllocateSpec:
     budget_evals: int = option(64, "Candidates evaluated at most (starts included).")
     seed: int = option(0, "Seed of the search's move order.", min=0, max=parse.MAX_SEED)
     min_per_layer: int | None = option(None, "Fewest experts a searched layer keeps (default and minimum: top-k).")
-    skip_layers: str | None = option(None, "Comma-separated MoE layers kept whole and left out of the budget.")
+    skip_layers: list[int] | None = option(
+        None,
+        "Comma-separated MoE layers kept whole and left out of the budget.",
+        cli_type=str | None,
+        parse=parse.layer_numbers,
+    )
     sequential: bool = option(False, "Refused: every candidate is a whole forward pass (see README).", "--sequential")
     dtype: str = like(ModelLoading, "dtype")
     device: str = like(ModelLoading, "device")

@@ -25,16 +25,6 @@ REFIT_MEMORY_HELP = (
 )
 
 
-def _layers(values: list[str], flag: str) -> list[int]:
-    """['0,3', '5'] -> [0, 3, 5]."""
-    from moe_prune.errors import MoePruneError
-
-    try:
-        return sorted({int(part) for value in values for part in value.split(",") if part.strip()})
-    except ValueError as exc:
-        raise MoePruneError(f"{flag} {values}: expected layer numbers such as 0 or 0,3") from exc
-
-
 @dataclass(frozen=True)
 class MergeSpec(Output):
     """Merge's options: the method, how merged experts are built, the refit pass, the output."""
@@ -58,6 +48,6 @@ class MergeSpec(Output):
         "MoE layers to leave as they are (e.g. 0 or 0,5).",
         "--skip-layers",
         cli_type=list[str] | None,
-        parse=_layers,
+        parse=parse.layer_numbers,
     )
     seed: int = option(0, "Seed of k-means and of --router reinit.", min=0, max=parse.MAX_SEED)

@@ -53,6 +53,16 @@ def anneal(text: str | None, flag: str = "--top-k-anneal") -> tuple[int, int] | 
         raise MoePruneError(f"{flag} {text!r}: expected FROM:TO, e.g. 2:1") from exc
 
 
+def layer_numbers(values: str | list[str], flag: str) -> list[int]:
+    """'0,3' or ['0,3', '5'] (a repeated option) -> [0, 3, 5]: sorted, each once; a blank part is refused."""
+    texts = [values] if isinstance(values, str) else values
+    try:
+        return sorted({int(part) for text in texts for part in text.split(",")})
+    except ValueError as exc:
+        given = ",".join(texts)
+        raise MoePruneError(f"{flag} {given!r}: expected comma-separated layer numbers such as 0 or 0,3") from exc
+
+
 def comma_list(text: str, flag: str = "") -> tuple[str, ...]:
     """'router,attention' -> ('router', 'attention')."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
