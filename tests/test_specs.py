@@ -220,3 +220,10 @@ def test_layer_numbers_sorted_once_each() -> None:
     assert layer_numbers(["0,3", " 5"], "--skip-layers") == [0, 3, 5]
     with pytest.raises(MoePruneError, match=r"^--skip-layers 'a': expected comma-separated layer numbers"):
         layer_numbers("a", "--skip-layers")
+
+
+def test_budget_evals_help_says_top_k_search_spends_its_own() -> None:
+    """README: --top-k search evaluates up to --budget-evals more candidates; the help must not say 'at most' alone."""
+    result = CliRunner().invoke(app, ["allocate", "--help"], env={"COLUMNS": "400"})
+    line = next(text for text in result.output.splitlines() if "--budget-evals" in text)
+    assert "per search" in line and "--top-k search adds up to as many again" in line, line

@@ -13,6 +13,10 @@ CRITERION_HELP = (
     "Criterion ordering experts inside a layer (--for merge: ranks the global start; default "
     "soft-counts, or usage-frequency without soft_counts)."
 )
+BUDGET_EVALS_HELP = (
+    "Candidates evaluated at most per search (starts included); --top-k search adds up to as many again "
+    "(its exchange search) plus its greedy's (see README)."
+)
 TOP_K_HELP = "keep (the model's top-k) or search (per-layer top-k after the counts, LExI-style; see README)."
 
 
@@ -40,7 +44,7 @@ class AllocateSpec:
     seq_len: int | None = option(None, "Tokens per window (default: the statistics').")
     top_logprobs: int = option(2048, "The original's most likely tokens stored per position (all when >= vocabulary).")
     batch_size: int = option(8, "Windows per forward pass.")
-    budget_evals: int = option(64, "Candidates evaluated at most (starts included).")
+    budget_evals: int = option(64, BUDGET_EVALS_HELP)
     seed: int = option(0, "Seed of the search's move order.", min=0, max=parse.MAX_SEED)
     min_per_layer: int | None = option(None, "Fewest experts a searched layer keeps (default and minimum: top-k).")
     skip_layers: list[int] | None = option(
