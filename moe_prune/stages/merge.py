@@ -26,8 +26,10 @@ from moe_prune.merging.layer_plan import ROUTER_RULES, LayerPlan
 from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.plot import similarity_heatmaps as similarity_heatmaps
 from moe_prune.merging.refit import RIDGE, least_squares_down
-from moe_prune.merging.registry import NEEDS, PRODUCED_BY, LayerStats, get_method, weight_statistic
+from moe_prune.merging.registry import NEEDS, LayerStats, get_method, weight_statistic
 from moe_prune.merging.similarity import router_similarity
+from moe_prune.stages.merge_checks import check_refit_options as check_refit_options
+from moe_prune.stages.merge_checks import check_stats as check_stats
 from moe_prune.stages.refit import has_sums, parse_ridge, refit_layers
 from moe_prune.stages.shrink import Shrink, Shrunk
 
@@ -94,41 +96,6 @@ class MergeResult(Shrunk):
         }
 
 
-def check_stats(stats: Stats, ckpt: Checkpoint, method: str, name: str, weights: str = "", refit: bool = False) -> None:
-    """Statistics of this very model, holding everything the method, the weights and the refit read."""
-    stats.identity.require_same(ckpt.identity, name, str(ckpt.folder))
-    if "hard_counts" not in stats.arrays:
-        raise MoePruneError(f"{name}: lacks expert selection counts (hard_counts); re-run `moe-prune profile`")
-    wanted = [(stat, f"--method {method}") for stat in NEEDS.get(method, ())]
-    if weights and method != "prune":
-        wanted.append((weight_statistic(weights), f"--weights {weights}"))
-    wanted += [(stat, "--refit") for stat in ("refit_hh", "refit_hy") if refit]
-    for stat, option in wanted:
-        if stat not in stats.arrays:
-            hint = " (or use --method prune)" if stat == "logit_gram" else ""
-            raise MoePruneError(
-                f"{name}: lacks {stat}, which {option} needs; re-run `{PRODUCED_BY[stat]}`{hint}{stats.profiled_for()}"
-            )
-
-
-def check_refit_options(
-    refit: bool, stored: bool, refit_ridge: str | float | None, passing: dict[str, Any], stats_name: str
-) -> None:
-    """Refit options only where they act: all with --refit; `passing` ({option: value or None}) and auto in the
-    layer-by-layer pass only."""
-    given = [option for option, value in {"--refit-ridge": refit_ridge, **passing}.items() if value is not None]
-    if given and not refit:
-        raise MoePruneError(f"{given[0]} applies to --refit only; add --refit or leave {given[0]} out")
-    pass_only = [option for option, value in passing.items() if value is not None]
-    if stored and (refit_ridge == "auto" or pass_only):
-        option = "--refit-ridge auto" if refit_ridge == "auto" else pass_only[0]
-        raise MoePruneError(
-            f"{stats_name}: holds refit sums (profile --refit-stats), solved with a fixed ridge without running the "
-            f"model, so {option} does not apply; give a --refit-ridge number, or use statistics without "
-            "refit_hh/refit_hy (the layer-by-layer pass)"
-        )
-
-
 def run(
     model: str | Path,
     stats: Stats,
@@ -181,25 +148,8 @@ def run(
     counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
     shrink.target(counts, drop_mtp, "merge")
 
-    rows = {layer: i for i, layer in enumerate(identity.moe_layers)}
-    plans: dict[int, LayerPlan] = {}
-    reports: list[LayerReport] = []
-    for layer in identity.moe_layers:
-        ids = identity.original_ids[layer]
-        if layer in skip:
-            reports.append(LayerReport(layer, len(ids), len(ids), True, []))
-            continue
-        plan, report = _plan_layer(
-            stats,
-            rows[layer],
-            ids,
-            layer,
-            Choice(method, weights, stored, router, seed, ridge or RIDGE),
-            counts[layer],
-            config.n_group,
-        )
-        plans[layer] = plan
-        reports.append(report)
+    choice = Choice(method, weights, stored, router, seed, ridge or RIDGE)
+    plans, reports = _plan_layers(stats, ckpt, choice, counts, skip)
 
     fits = []
     if refit and not stored:
@@ -216,28 +166,13 @@ def run(
             spill=shrink.out.absolute().parent,
             progress=refit_progress,
         )
-    step = {
-        "stage": "merge",
-        "source": str(model),
-        "method": method,
-        "router": router,
-        "weights": weights,
-        "refit": refit,
-        "keep": {str(k): v for k, v in counts.items()},
-        "skip_layers": skip,
-        "seed": seed,
-        "stats": stats_name,
-    }
+    step = {"stage": "merge", "source": str(model), "method": method, "router": router, "weights": weights}
+    step |= {"refit": refit, "keep": {str(k): v for k, v in counts.items()}, "skip_layers": skip}
+    step |= {"seed": seed, "stats": stats_name}
     verb = "merged alike" if identity.moe_layers[-1] in plans else "kept (layer skipped)"
     shrunk = shrink.write(plans, step, verb, progress)
     return MergeResult(
-        **vars(shrunk),
-        method=method,
-        router=router,
-        weights=weights,
-        refit=refit,
-        layers=reports,
-        refit_fits=fits,
+        **vars(shrunk), method=method, router=router, weights=weights, refit=refit, layers=reports, refit_fits=fits
     )
 
 
@@ -251,6 +186,25 @@ class Choice:
     router: str
     seed: int
     ridge: float = RIDGE
+
+
+def _plan_layers(
+    stats: Stats, ckpt: Checkpoint, choice: Choice, counts: dict[int, int], skip: list[int]
+) -> tuple[dict[int, LayerPlan], list[LayerReport]]:
+    """Every merged layer's plan, and every layer's report (a skipped layer keeps its experts)."""
+    identity = ckpt.identity
+    rows = {layer: i for i, layer in enumerate(identity.moe_layers)}
+    plans: dict[int, LayerPlan] = {}
+    reports: list[LayerReport] = []
+    for layer in identity.moe_layers:
+        ids = identity.original_ids[layer]
+        if layer in skip:
+            reports.append(LayerReport(layer, len(ids), len(ids), True, []))
+            continue
+        plan, report = _plan_layer(stats, rows[layer], ids, layer, choice, counts[layer], ckpt.config.n_group)
+        plans[layer] = plan
+        reports.append(report)
+    return plans, reports
 
 
 def _plan_layer(
