@@ -32,7 +32,6 @@ import torch
 
 import moe_prune
 from moe_prune.architectures.config import ModelConfig
-from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.artifacts.provenance import hash_tokens
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
@@ -44,16 +43,16 @@ from moe_prune.runtime.data_plan import BUDGET as BUDGET
 from moe_prune.runtime.data_plan import POOL_FACTOR as POOL_FACTOR
 from moe_prune.runtime.data_plan import DataLike, Reading, calibration_plan, load_calibration, read_plan
 from moe_prune.runtime.data_plan import parse_data as parse_data
-from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.runtime.loading import load_tokenizer
 from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.resume import partial_path as partial_path
 from moe_prune.runtime.routing import load_balance
-from moe_prune.runtime.sequential import LayerwiseModel
 from moe_prune.runtime.sources import take
 from moe_prune.specs.profile import ProfileSpec as Settings
 from moe_prune.stages.profile_collect import ProgressFn as ProgressFn
 from moe_prune.stages.profile_collect import collect as _collect
 from moe_prune.stages.profile_collect import collect_sequential as _collect_sequential
+from moe_prune.stages.profile_collect import load_profiled
 from moe_prune.stages.profile_collect import stat_fields as stat_fields
 from moe_prune.stages.profile_combine import MODEL_FACTS as MODEL_FACTS
 from moe_prune.stages.profile_combine import WINDOW_FIELDS as WINDOW_FIELDS
@@ -196,19 +195,7 @@ def _profile(
     plan = calibration_plan(data, settings.samples, settings.seq_len, settings.seed, data_reading(settings))
     sources = read_plan(plan)
     tokenizer = load_tokenizer(ckpt, settings.trust_remote_code)
-    if settings.sequential and config.model_type in NO_SEQUENTIAL:
-        raise MoePruneError(
-            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
-            f"({NO_SEQUENTIAL[config.model_type]}); profile the whole model (--device-map auto for large ones)"
-        )
-    if settings.sequential:
-        loaded = LayerwiseModel(
-            ckpt.folder, config.adapter.runtime_layers, settings.dtype, settings.device, settings.trust_remote_code
-        )
-        hf_config = loaded.model.config
-    else:
-        loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
-        hf_config = loaded.config
+    loaded, hf_config = load_profiled(ckpt, settings)
     seq_len = clip_seq_len(settings.seq_len, hf_config)
     cut = load_calibration(plan, tokenizer, seq_len, sources)
     mixed, windows, warnings = cut.mix, cut.windows, cut.warnings
@@ -224,11 +211,31 @@ def _profile(
         resumable = Resumable(partial, _fingerprint(identity, windows, settings, place), settings.save_every)
         arrays, predictions = _collect(loaded, config, mine, settings, progress, resumable if partial else None, resume)
     arrays = distributed.reduce_arrays(arrays, place.size)
-    provenance = {
+    where = (plan, sources, mixed.provenance(part.start * seq_len, part.stop * seq_len), place.size)
+    provenance = _provenance(model, settings, where, total, windows, seq_len, predictions, config)
+    stats = Stats(identity, arrays, provenance)
+    tokens = int(windows.numel())
+    return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
+
+
+def _provenance(
+    model: str | Path,
+    settings: Settings,
+    where: tuple[Any, list[Any], list[dict[str, Any]], int],
+    total: int,
+    windows: Any,
+    seq_len: int,
+    predictions: Any,
+    config: ModelConfig,
+) -> dict[str, Any]:
+    """What the statistics record of their run; `where`: (the calibration plan, its sources, the sources' shares
+    of this shard's windows, the process count)."""
+    plan, sources, mixed, processes = where
+    return {
         "tool": f"moe-prune {moe_prune.__version__}",
         "model": str(model),
         "data": plan.given,
-        "sources": mixed.provenance(part.start * seq_len, part.stop * seq_len),
+        "sources": mixed,
         "text_field": settings.text_field,
         "split": (sources[0].split if len(sources) == 1 else None) or settings.split,
         "split_on": settings.split_on,
@@ -246,13 +253,10 @@ def _profile(
         "refit_stats": settings.refit_stats,
         "predictions": predictions if settings.gradients else None,
         "sequential": settings.sequential,
-        "processes": place.size,
+        "processes": processes,
         "for": list(settings.for_names) or None,
         **model_facts(config),
     }
-    stats = Stats(identity, arrays, provenance)
-    tokens = int(windows.numel())
-    return ProfileResult(stats, len(windows), seq_len, tokens, summarize(stats, config.top_k), warnings)
 
 
 def data_reading(settings: Settings) -> Reading:

@@ -1,5 +1,6 @@
-"""`profile`'s model runs: every batch once under the statistics recorder (and gradients), or one decoder layer
-at a time from the safetensors files (`--sequential`); `stages.profile` chooses the windows and records the result.
+"""`profile`'s model runs: the model loaded whole, or one decoder layer at a time from the safetensors files
+(`--sequential`), and every batch once under the statistics recorder (and gradients); `stages.profile` chooses
+the windows and records the result.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_prune.architectures.table import NO_SEQUENTIAL
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.errors import MoePruneError
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
-from moe_prune.runtime.loading import input_device
+from moe_prune.runtime.loading import input_device, load_model
 from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.runtime.statistics import StatisticsRecorder
@@ -130,3 +134,20 @@ def output_head(model: Any) -> tuple[str, ...]:
     """Module paths of the output head (never needed for forward statistics)."""
     head = model.get_output_embeddings()
     return tuple(name + "." for name, module in model.named_modules() if module is head and name)
+
+
+def load_profiled(ckpt: Checkpoint, settings: Settings) -> tuple[Any, Any]:
+    """The model (whole, or layer by layer with --sequential) and its transformers config."""
+    config = ckpt.config
+    if settings.sequential and config.model_type in NO_SEQUENTIAL:
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
+            f"({NO_SEQUENTIAL[config.model_type]}); profile the whole model (--device-map auto for large ones)"
+        )
+    if settings.sequential:
+        loaded = LayerwiseModel(
+            ckpt.folder, config.adapter.runtime_layers, settings.dtype, settings.device, settings.trust_remote_code
+        )
+        return loaded, loaded.model.config
+    loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
+    return loaded, loaded.config
