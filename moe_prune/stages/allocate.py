@@ -25,6 +25,7 @@ from moe_prune.allocation.blocks import MergedBlocks
 from moe_prune.allocation.objective import OBJECTIVES
 from moe_prune.allocation.plot import counts_figure as counts_figure
 from moe_prune.allocation.search import Counts, search
+from moe_prune.architectures.config import ModelConfig
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
@@ -32,7 +33,7 @@ from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.skeleton import code_decision
 from moe_prune.scoring import get_criterion
-from moe_prune.scoring.registry import Inputs, evaluate
+from moe_prune.scoring.registry import Criterion, Inputs, evaluate
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages.allocate_data import Calibration, calibration_windows
 from moe_prune.stages.allocate_merge import MergeAllocation as MergeAllocation
@@ -72,16 +73,7 @@ def allocate(
     """
     calibration = calibration or Calibration()  # None: the defaults
     start = time.perf_counter()
-    if objective not in OBJECTIVES:
-        raise MoePruneError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    for name, value, least in (
-        ("--budget-evals", budget_evals, 2),
-        ("--samples", calibration.samples, 1),
-        ("--top-logprobs", calibration.top, 1),
-        ("--batch-size", calibration.batch_size, 1),
-    ):
-        if value < least:
-            raise MoePruneError(f"{name} must be at least {least} (got {value})")
+    _check_numbers(objective, budget_evals, calibration)
     stats_name = str(stats)
     loaded = Stats.load(Path(stats))
     crit = get_criterion(criterion or merge_ranking(loaded, merge))
@@ -91,28 +83,14 @@ def allocate(
     notes = merge.check(loaded, ckpt, stats_name, calibration.trust_remote_code) if merge is not None else []
     config = ckpt.config
     layers = _layers(config, identity.moe_layers, skip_layers)
-    if isinstance(budget, Budget):
-        costs, limit = (1,) * len(layers.numbers), budget
-    else:
-        costs, limit = _costs(ckpt, layers), bytes_budget(ckpt, layers, budget)
-    space = plan.space(layers, min_per_layer, costs, limit)
+    space, limit = _space(ckpt, layers, budget, min_per_layer)
     if active_ratio is not None:
         check_options(config, layers, active_ratio, merge is not None)
     warnings: list[str] = notes
     inputs = Inputs(identity, loaded, None, seed, _vocab(loaded, ckpt))
     scores, usage, values = evaluate(crit, inputs) if not crit.weights else _with_weights(crit, inputs, ckpt)
     table = plan.DropTable(layers, crit.direction, scores, usage, values)
-    starts: dict[str, Counts] = {"uniform": plan.uniform(space, layers, limit)}
-    global_from = _global_source(crit, loaded, layers)
-    if global_from is None:
-        warnings.append(
-            "no global start: the criterion's scores are not comparable across layers and the "
-            f"statistics hold no {GLOBAL_FALLBACK}, or routing is grouped"
-        )
-    else:
-        ranking = scores if global_from == crit.name else evaluate(get_criterion(global_from), inputs)[0]
-        direction = crit.direction if global_from == crit.name else get_criterion(global_from).direction
-        starts["global"] = plan.global_counts(space, layers, ranking, direction)
+    starts, global_from = _starts(crit, loaded, inputs, scores, space, layers, limit, warnings)
 
     from moe_prune.allocation.evaluator import Evaluator  # torch and transformers: only once the inputs are good
 
@@ -125,9 +103,7 @@ def allocate(
         if merge is None:
             candidate = lambda counts: judge.masks.dropped(table.drops(counts))  # noqa: E731
         else:
-            build = stack.enter_context(merged_models(model, loaded, stats_name, merge, layers, calibration))
-            blocks = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build)
-            candidate = stack.enter_context(blocks).swapped  # leaving it deletes the spilled blocks
+            candidate = _merged(stack, model_obj, config, model, loaded, stats_name, merge, layers, calibration)
 
         def value(counts: Counts) -> float:
             measured[counts] = judge.measure_in(candidate(counts))
@@ -145,15 +121,98 @@ def allocate(
     report.seconds = time.perf_counter() - start
     facts = {"budget_evals": budget_evals, "seed": seed, "min_per_layer": min_per_layer, "skip_layers": skip}
     if merge is not None:
-        report.target = {"for": "merge", **asdict(merge)}
-        record = allocation_record(report, budget, calibration, facts, stats)
-        record = {**{k: v for k, v in record.items() if k not in ("allocation", "stats")}, **record["allocation"]}
         keep = dict(zip(layers.numbers, trace.best, strict=True))
-        return MergeAllocation(merge, keep, skip, str(model), stats_name, record), report
+        return _merge_allocation(merge, keep, report, budget, calibration, facts, stats, model), report
     searched_top_k = tuple(top_k.top_k) if top_k is not None else None
     mask = drop_mask(identity, layers, table, trace, report, budget, calibration, facts, stats, searched_top_k)
     mask.validate_groups(layers.n_group, "mask")
     return mask, report
+
+
+def _space(
+    ckpt: Checkpoint, layers: plan.Layers, budget: Budget | int, min_per_layer: int | None
+) -> tuple[plan.Space, Budget | int]:
+    """The counts allowed and the limit on them: a Budget counts experts, bytes count each layer's expert bytes."""
+    if isinstance(budget, Budget):
+        costs, limit = (1,) * len(layers.numbers), budget
+    else:
+        costs, limit = _costs(ckpt, layers), bytes_budget(ckpt, layers, budget)
+    return plan.space(layers, min_per_layer, costs, limit), limit
+
+
+def _merged(
+    stack: ExitStack,
+    model_obj: Any,
+    config: ModelConfig,
+    model: str | Path,
+    loaded: Stats,
+    stats_name: str,
+    merge: MergeTarget,
+    layers: plan.Layers,
+    calibration: Calibration,
+) -> Callable[[Counts], Any]:
+    """`--for merge` candidates: each count's merged blocks swapped into the loaded model (`stack` closes
+    them: leaving it deletes the spilled blocks)."""
+    build = stack.enter_context(merged_models(model, loaded, stats_name, merge, layers, calibration))
+    blocks = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build)
+    return stack.enter_context(blocks).swapped
+
+
+def _merge_allocation(
+    merge: MergeTarget,
+    keep: dict[int, int],
+    report: AllocationReport,
+    budget: Budget | int,
+    calibration: Calibration,
+    facts: dict[str, Any],
+    stats: str | Path,
+    model: str | Path,
+) -> MergeAllocation:
+    """The `--for merge` result: the counts to merge to and the allocation's record."""
+    report.target = {"for": "merge", **asdict(merge)}
+    record = allocation_record(report, budget, calibration, facts, stats)
+    record = {**{k: v for k, v in record.items() if k not in ("allocation", "stats")}, **record["allocation"]}
+    return MergeAllocation(merge, keep, facts["skip_layers"], str(model), str(stats), record)
+
+
+def _check_numbers(objective: str, budget_evals: int, calibration: Calibration) -> None:
+    """The objective's name and the counts' lower bounds, before anything is read."""
+    if objective not in OBJECTIVES:
+        raise MoePruneError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    for name, value, least in (
+        ("--budget-evals", budget_evals, 2),
+        ("--samples", calibration.samples, 1),
+        ("--top-logprobs", calibration.top, 1),
+        ("--batch-size", calibration.batch_size, 1),
+    ):
+        if value < least:
+            raise MoePruneError(f"{name} must be at least {least} (got {value})")
+
+
+def _starts(
+    crit: Criterion,
+    loaded: Stats,
+    inputs: Inputs,
+    scores: Any,
+    space: plan.Space,
+    layers: plan.Layers,
+    limit: Budget | int,
+    warnings: list[str],
+) -> tuple[dict[str, Counts], str | None]:
+    """The search's starting counts: uniform, and global when some statistic ranks experts across layers
+    (its name returned; None, with a warning, when none does)."""
+    starts: dict[str, Counts] = {"uniform": plan.uniform(space, layers, limit)}
+    global_from = _global_source(crit, loaded, layers)
+    if global_from is None:
+        warnings.append(
+            "no global start: the criterion's scores are not comparable across layers and the "
+            f"statistics hold no {GLOBAL_FALLBACK}, or routing is grouped"
+        )
+    else:
+        ranking = scores if global_from == crit.name else evaluate(get_criterion(global_from), inputs)[0]
+        direction = crit.direction if global_from == crit.name else get_criterion(global_from).direction
+        starts["global"] = plan.global_counts(space, layers, ranking, direction)
+    return starts, global_from
 
 
 def _layers(config: Any, numbers: list[int], skip: Sequence[int]) -> plan.Layers:
