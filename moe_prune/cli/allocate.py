@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -53,28 +53,9 @@ def allocate(
     json_output: JsonOpt = False,
 ) -> None:
     from moe_prune.stages import allocate as stage
-    from moe_prune.stages.allocate import Budget
-    from moe_prune.stages.common import check_plot, parse_size
-    from moe_prune.stages.score import write_mask
 
     s = spec
-    if s.sequential:
-        raise MoePruneError(SEQUENTIAL_REFUSAL)
-    if stats is None:
-        raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
-    target = _target(s.for_, s.method, s.weights, s.refit, s.merge_seed)
-    active = _active_ratio(s.top_k, s.active_ratio)
-    if s.criterion is None and target is None:
-        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
-    if [s.ratio, s.keep, s.bytes_].count(None) != 2:
-        raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
-    budget = parse_size(s.bytes_, "--bytes") if s.bytes_ is not None else Budget(keep=s.keep, ratio=s.ratio)
-    inputs = tuple(p for p in (stats, model, *(data or ())) if p)
-    if out is None:
-        raise MoePruneError("pass --out MASK (the mask JSON to write)")
-    check_writable(Path(out), force, "file")
-    check_not_input(Path(out), inputs)
-    check_plot(plot, force, (*inputs, out))
+    target, active, budget, inputs = _checked(s, model, stats, out, data, plot, force)
     calibration = stage.Calibration(
         data, s.samples, s.seq_len, s.batch_size, s.top_logprobs, s.dtype, s.device, s.trust_remote_code
     )
@@ -94,6 +75,49 @@ def allocate(
             merge=target,
             active_ratio=active,
         )
+    _finish(mask, report, out, plot, force, inputs, json_output)
+
+
+def _checked(
+    s: AllocateSpec,
+    model: str | None,
+    stats: str | None,
+    out: str | None,
+    data: list[str] | None,
+    plot: Path | None,
+    force: bool,
+) -> tuple[MergeTarget | None, float | None, Any, tuple[str, ...]]:
+    """The options checked before any work: (merge target, active ratio, budget, the run's inputs)."""
+    from moe_prune.stages.allocate import Budget
+    from moe_prune.stages.common import check_plot, parse_size
+
+    if s.sequential:
+        raise MoePruneError(SEQUENTIAL_REFUSAL)
+    if stats is None:
+        raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
+    target = _target(s.for_, s.method, s.weights, s.refit, s.merge_seed)
+    active = _active_ratio(s.top_k, s.active_ratio)
+    if s.criterion is None and target is None:
+        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
+    if [s.ratio, s.keep, s.bytes_].count(None) != 2:
+        raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
+    budget = parse_size(s.bytes_, "--bytes") if s.bytes_ is not None else Budget(keep=s.keep, ratio=s.ratio)
+    inputs = tuple(p for p in (stats, model, *(data or ())) if p)
+    if out is None:
+        raise MoePruneError("pass --out MASK (the mask JSON to write)")
+    check_writable(Path(out), force, "file")
+    check_not_input(Path(out), inputs)
+    check_plot(plot, force, (*inputs, out))
+    return target, active, budget, inputs
+
+
+def _finish(
+    mask: Any, report: Any, out: str, plot: Path | None, force: bool, inputs: tuple[str, ...], json_output: bool
+) -> None:
+    """Write the mask (or merge counts) and the plot, then print the tables or the JSON document."""
+    from moe_prune.stages import allocate as stage
+    from moe_prune.stages.score import write_mask
+
     if isinstance(mask, stage.MergeAllocation):
         mask.write(Path(out), force, inputs)
     else:
