@@ -176,19 +176,25 @@ def _columns() -> tuple:
     return TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
 
 
-def allocation_table(report: AllocationReport) -> Table:
-    """Counts per layer and the objective of each start and of the result."""
-    table = Table(
-        title=f"{report.criterion}: experts kept per MoE layer ({report.objective} on {report.positions:,} "
-        f"calibration positions, {report.evaluations} candidates, {report.seconds:.1f} s)",
-        title_justify="left",
-        highlight=False,
-    )
-    table.add_column("allocation")
-    for layer in report.layers:
+def _per_layer_table(title: str, first: str, layers: list[int]) -> Table:
+    """A table with one column per MoE layer between the row name and the objective's two values."""
+    table = Table(title=title, title_justify="left", highlight=False)
+    table.add_column(first)
+    for layer in layers:
         table.add_column(str(layer), justify="right")
     table.add_column("ESAP", justify="right")
     table.add_column("KL", justify="right")
+    return table
+
+
+def allocation_table(report: AllocationReport) -> Table:
+    """Counts per layer and the objective of each start and of the result."""
+    table = _per_layer_table(
+        f"{report.criterion}: experts kept per MoE layer ({report.objective} on {report.positions:,} "
+        f"calibration positions, {report.evaluations} candidates, {report.seconds:.1f} s)",
+        "allocation",
+        report.layers,
+    )
     for name, counts in report.counts.items():
         label = f"global ({report.global_from})" if name == "global" else name
         values = report.values[name]
@@ -199,17 +205,12 @@ def allocation_table(report: AllocationReport) -> Table:
 def top_k_table(report: AllocationReport) -> Table:
     """Experts per token per layer: the model's, the greedy start's and the searched, with their objective."""
     top_k = report.top_k or {}
-    table = Table(
-        title=f"top-k per MoE layer (--active-ratio {top_k['active_ratio']}: at most {top_k['budget']} per token "
+    table = _per_layer_table(
+        f"top-k per MoE layer (--active-ratio {top_k['active_ratio']}: at most {top_k['budget']} per token "
         f"over the searched layers; {top_k['evaluations']} candidates)",
-        title_justify="left",
-        highlight=False,
+        "top-k",
+        report.layers,
     )
-    table.add_column("top-k")
-    for layer in report.layers:
-        table.add_column(str(layer), justify="right")
-    table.add_column("ESAP", justify="right")
-    table.add_column("KL", justify="right")
     for name, key in (("model", "full"), ("greedy", "greedy"), ("searched", "searched")):
         values = top_k["values"][key]
         per_layer = top_k["top_k" if key == "searched" else key]
