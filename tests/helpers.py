@@ -29,3 +29,18 @@ def assert_one_line_error(result, message: str) -> None:
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
     assert message in " ".join(result.output.split()), result.output
+
+
+PANGRAMS = "the quick brown fox jumps over the lazy dog; 0123456789 pack my box with five dozen liquor jugs.\n" * 40
+
+
+def tiny_stats(folder: Path, tmp: Path, *, refit_stats: bool = False) -> Path:
+    """Statistics of a tiny model on PANGRAMS (4 sequences of 32 tokens), saved under `tmp`."""
+    from moe_prune.stages import profile
+
+    data = tmp / "calibration.txt"
+    data.write_text(PANGRAMS)
+    path = tmp / "stats.npz"
+    settings = profile.Settings(samples=4, seq_len=32, batch_size=4, refit_stats=refit_stats)
+    profile.run(folder, str(data), settings).stats.save(path)
+    return path

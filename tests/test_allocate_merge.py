@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PANGRAMS, tiny_stats
 from typer.testing import CliRunner
 
 from moe_prune.allocation.blocks import MergedBlocks
@@ -27,32 +28,21 @@ from moe_prune.stages import merge, profile, prune
 from moe_prune.stages.allocate_merge import MergeTarget, merged_models
 from moe_prune.stages.refit import has_sums
 
-TEXT = "the quick brown fox jumps over the lazy dog; 0123456789 pack my box with five dozen liquor jugs.\n" * 40
+TEXT = PANGRAMS
 
 
 @pytest.fixture(scope="module")
 def refit_stats(tiny, tmp_path_factory) -> tuple[Path, Path]:
     """(tiny Mixtral: 3 MoE layers of 8 experts, top-2; its statistics with the refit sums)."""
     folder = tiny("mixtral")
-    tmp = tmp_path_factory.mktemp("merge-stats")
-    data = tmp / "calibration.txt"
-    data.write_text(TEXT)
-    settings = profile.Settings(samples=4, seq_len=32, batch_size=4, refit_stats=True)
-    path = tmp / "stats.npz"
-    profile.run(folder, str(data), settings).stats.save(path)
+    path = tiny_stats(folder, tmp_path_factory.mktemp("merge-stats"), refit_stats=True)
     return folder, path
 
 
 @pytest.fixture(scope="module")
 def plain_stats(tiny, tmp_path_factory) -> Path:
     """The tiny Mixtral's statistics without refit sums (merge --refit runs its layer-by-layer pass)."""
-    folder = tiny("mixtral")
-    tmp = tmp_path_factory.mktemp("plain-stats")
-    data = tmp / "calibration.txt"
-    data.write_text(TEXT)
-    path = tmp / "stats.npz"
-    profile.run(folder, str(data), profile.Settings(samples=4, seq_len=32, batch_size=4)).stats.save(path)
-    return path
+    return tiny_stats(tiny("mixtral"), tmp_path_factory.mktemp("plain-stats"))
 
 
 @pytest.mark.parametrize(
@@ -157,10 +147,7 @@ def test_ragged_source_searches_each_layer_within_its_experts(tiny, tmp_path):
     keep = {0: [0, 1, 2, 3, 4, 5], 1: [0, 2, 4], 2: [1, 3, 5, 6, 7]}
     ragged = tmp_path / "ragged"
     prune.run(folder, DropMask.create(Checkpoint.open(folder).identity, keep, "test"), ragged)
-    data = tmp_path / "calibration.txt"
-    data.write_text(TEXT)
-    stats = tmp_path / "stats.npz"
-    profile.run(ragged, str(data), profile.Settings(samples=4, seq_len=32, batch_size=4)).stats.save(stats)
+    stats = tiny_stats(ragged, tmp_path)
     result, report = stage.allocate(stats, ragged, "soft-counts", Budget(keep=11), budget_evals=12, merge=MergeTarget())
     assert isinstance(result, stage.MergeAllocation) and report.evaluations > 1
     for counts in report.counts.values():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_allocate_merge import TEXT
+from helpers import tiny_stats
 
 from moe_prune.allocation import spill
 from moe_prune.allocation.blocks import MergedBlocks
@@ -20,7 +20,6 @@ from moe_prune.allocation.evaluator import Evaluator
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring.selection import Budget
 from moe_prune.stages import allocate as stage
-from moe_prune.stages import profile
 from moe_prune.stages.allocate_merge import MergeTarget
 
 EVALS = 24
@@ -30,11 +29,7 @@ EVALS = 24
 def mixtral_stats(tiny, tmp_path_factory) -> tuple[Path, Path]:
     """(tiny Mixtral: 3 MoE layers of 8 experts, top-2; its statistics)."""
     folder = tiny("mixtral")
-    tmp = tmp_path_factory.mktemp("spill-stats")
-    data = tmp / "calibration.txt"
-    data.write_text(TEXT)
-    path = tmp / "stats.npz"
-    profile.run(folder, str(data), profile.Settings(samples=4, seq_len=32, batch_size=4)).stats.save(path)
+    path = tiny_stats(folder, tmp_path_factory.mktemp("spill-stats"))
     return folder, path
 
 
