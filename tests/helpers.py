@@ -44,3 +44,22 @@ def tiny_stats(folder: Path, tmp: Path, *, refit_stats: bool = False) -> Path:
     settings = profile.Settings(samples=4, seq_len=32, batch_size=4, refit_stats=refit_stats)
     profile.run(folder, str(data), settings).stats.save(path)
     return path
+
+
+def traced_peaks(monkeypatch, module, name: str) -> list[int]:
+    """Replace `module.name` by a wrapper that appends the tracemalloc peak of each call (above what was traced
+    when it began) to the returned list; tracemalloc must be started by the caller."""
+    import tracemalloc
+
+    whole = getattr(module, name)
+    peaks: list[int] = []
+
+    def measured(*args, **kwargs):
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        result = whole(*args, **kwargs)
+        peaks.append(tracemalloc.get_traced_memory()[1] - start)
+        return result
+
+    monkeypatch.setattr(module, name, measured)
+    return peaks

@@ -13,6 +13,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import traced_peaks
 from test_profile import settings, write_docs
 from test_refit_pass import downs, wide_model
 from typer.testing import CliRunner
@@ -111,17 +112,7 @@ def test_a_bound_of_one_slot_keeps_one_slots_sums_alive(tmp_path, monkeypatch):
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
     per_slot = inner * (inner + hidden) * 8
     state = alive_sums(monkeypatch)
-    peaks: list[int] = []
-
-    def measured(*args, **kwargs):  # the pass alone: not the calibration reader's transient before it
-        tracemalloc.reset_peak()
-        start = tracemalloc.get_traced_memory()[0]
-        result = whole(*args, **kwargs)
-        peaks.append(tracemalloc.get_traced_memory()[1] - start)
-        return result
-
-    whole = refit_stage.refit_pass
-    monkeypatch.setattr(refit_stage, "refit_pass", measured)
+    peaks = traced_peaks(monkeypatch, refit_stage, "refit_pass")  # the pass alone, not the reader before it
     for bound in (ALL, per_slot):
         state.update(now=0, peak=0, arrays=0)
         tracemalloc.start()

@@ -14,6 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from helpers import traced_peaks
 from test_merge_methods import refit_targets
 from test_profile import settings, windows_of, write_docs
 from tiny_models import save_char_tokenizer, tiny_config
@@ -104,17 +105,7 @@ def test_refit_pass_keeps_one_layers_statistics_alive(tmp_path, monkeypatch):
     write_docs(tmp_path / "cal.jsonl", 12, seed=1)
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
     one_layer = keep * inner * (inner + hidden) * 8
-    peaks = []
-
-    def measured(*args, **kwargs):
-        tracemalloc.reset_peak()
-        start = tracemalloc.get_traced_memory()[0]
-        result = refit_pass(*args, **kwargs)
-        peaks.append(tracemalloc.get_traced_memory()[1] - start)
-        return result
-
-    refit_pass = refit_stage.refit_pass
-    monkeypatch.setattr(refit_stage, "refit_pass", measured)
+    peaks = traced_peaks(monkeypatch, refit_stage, "refit_pass")
     tracemalloc.start()
     try:
         result = merge.run(folder, stats, tmp_path / "out", keep, refit=True)
