@@ -11,6 +11,7 @@ from test_profile import write_docs
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.sequential import open_layerwise
 from moe_prune.stages import eval_sequential, evaluate
 
 
@@ -50,7 +51,7 @@ def test_hidden_states_spilled_to_disk_give_the_same_nll(tiny):
     chunks = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
     sums = []
     for budget in (None, 64):
-        runtime = eval_sequential.layerwise(ckpt, "float32", "cpu", False)
+        runtime = open_layerwise(ckpt, "float32", "cpu", False, "")
         steps: list[int] = []
         total, count, _ = eval_sequential.score(runtime, ckpt, chunks, 2, steps.append, buffer_memory=budget)
         assert steps == list(range(1, 3 * (len(runtime.layers) + 2) + 1))  # every pass reports each of 3 batches
@@ -99,3 +100,19 @@ def test_buffer_memory_reaches_the_stage_and_needs_sequential(monkeypatch):
     monkeypatch.setattr(evaluate, "run", run)
     result = CliRunner().invoke(app, ["eval", "--sequential", "--buffer-memory", "2KB", "--max-tokens", "64"])
     assert result.exit_code == 1 and seen == [(True, 2000)], result.output
+
+
+def test_families_whose_layers_share_state_are_refused_in_one_line():
+    """The one refusal of profile, eval (and merge --refit's pass): the config named, the reason from the table."""
+    from types import SimpleNamespace
+
+    from moe_prune.architectures.table import NO_SEQUENTIAL
+
+    family, reason = next(iter(NO_SEQUENTIAL.items()))
+    ckpt = SimpleNamespace(config=SimpleNamespace(model_type=family), folder=DEMO_MODEL_DIR)
+    with pytest.raises(MoePruneError) as refused:
+        open_layerwise(ckpt, "float32", "cpu", False, "evaluate the whole model")
+    assert str(refused.value) == (
+        f"{DEMO_MODEL_DIR / 'config.json'}: --sequential is not supported for {family} ({reason}); "
+        "evaluate the whole model"
+    )

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.checkpoint.quantized import Quantization, group, read_float
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime import fused
@@ -249,3 +250,15 @@ class LayerwiseModel:
         run again (cheap) and every layer is a stub, so final norm, head and any logit scaling are the model's."""
         with self.stubs(output=hidden.to(self.device)):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False)
+
+
+def open_layerwise(ckpt: Any, dtype: str, device: str, trust_remote_code: bool, instead: str) -> LayerwiseModel:
+    """`ckpt` as a meta skeleton whose decoder layers load one at a time (`--sequential`); refused in one line
+    for the families whose layers hand state to the next one (`instead`: what the user can do)."""
+    config = ckpt.config
+    if config.model_type in NO_SEQUENTIAL:
+        raise MoePruneError(
+            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
+            f"({NO_SEQUENTIAL[config.model_type]}); {instead}"
+        )
+    return LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, dtype, device, trust_remote_code)

@@ -17,23 +17,10 @@ from typing import Any
 
 import torch
 
-from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.errors import MoePruneError
 from moe_prune.runtime.routing import RoutingRecorder
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.training.nll import nll_sum
-
-
-def layerwise(ckpt: Checkpoint, dtype: str, device: str, trust_remote_code: bool) -> LayerwiseModel:
-    """The checkpoint as a meta skeleton whose layers load one at a time; refused for families that cannot."""
-    config = ckpt.config
-    if config.model_type in NO_SEQUENTIAL:
-        raise MoePruneError(
-            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
-            f"({NO_SEQUENTIAL[config.model_type]}); evaluate the whole model (--device auto for large ones)"
-        )
-    return LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, dtype, device, trust_remote_code)
 
 
 @torch.inference_mode()

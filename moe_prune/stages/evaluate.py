@@ -41,7 +41,7 @@ from moe_prune.runtime.loading import (
     parse_dtype,
 )
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
-from moe_prune.runtime.sequential import LayerwiseModel
+from moe_prune.runtime.sequential import LayerwiseModel, open_layerwise
 from moe_prune.runtime.sources import parse_source
 from moe_prune.runtime.vllm_engine import check_engine as check_engine
 from moe_prune.stages import eval_sequential
@@ -51,8 +51,8 @@ from moe_prune.training.nll import non_finite
 
 # progress(label, batches_done, batches_total): called before the first batch and after each one.
 ProgressFn = Callable[[str, int, int], None]
-# Characters read per requested token: far more than any tokenizer needs, so --max-tokens is met.
-CHARS_PER_TOKEN_BOUND = 16
+CHARS_PER_TOKEN_BOUND = 16  # characters read per requested token: more than any tokenizer needs
+_WHOLE = "evaluate the whole model (--device auto for large ones)"  # what to do where --sequential is refused
 
 
 def _is_expert_weight(key: ExpertKey, name: str, matcher: KeyMatcher) -> bool:
@@ -189,7 +189,7 @@ def _model(ckpt: Checkpoint, settings: Settings) -> tuple[Any, LayerwiseModel | 
     if settings.engine == "vllm":
         return meta_model(ckpt, settings.dtype, settings.trust_remote_code), None
     if settings.sequential:
-        runtime = eval_sequential.layerwise(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
+        runtime = open_layerwise(ckpt, settings.dtype, settings.device, settings.trust_remote_code, _WHOLE)
         return runtime.model, runtime
     return load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code), None
 

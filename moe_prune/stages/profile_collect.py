@@ -12,14 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.checkpoint.source import Checkpoint
-from moe_prune.errors import MoePruneError
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
 from moe_prune.runtime.loading import input_device, load_model
 from moe_prune.runtime.resume import Resumable
-from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel, open_layerwise
 from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.specs.profile import ProfileSpec as Settings
 from moe_prune.stages.profile_for import wanted
@@ -138,15 +136,13 @@ def output_head(model: Any) -> tuple[str, ...]:
 
 def load_profiled(ckpt: Checkpoint, settings: Settings) -> tuple[Any, Any]:
     """The model (whole, or layer by layer with --sequential) and its transformers config."""
-    config = ckpt.config
-    if settings.sequential and config.model_type in NO_SEQUENTIAL:
-        raise MoePruneError(
-            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
-            f"({NO_SEQUENTIAL[config.model_type]}); profile the whole model (--device-map auto for large ones)"
-        )
     if settings.sequential:
-        loaded = LayerwiseModel(
-            ckpt.folder, config.adapter.runtime_layers, settings.dtype, settings.device, settings.trust_remote_code
+        loaded = open_layerwise(
+            ckpt,
+            settings.dtype,
+            settings.device,
+            settings.trust_remote_code,
+            "profile the whole model (--device-map auto for large ones)",
         )
         return loaded, loaded.model.config
     loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
