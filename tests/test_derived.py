@@ -37,6 +37,8 @@ from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.demo import DEMO_CALIBRATION
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
+from moe_prune.specs.eval import EvalSpec
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import evaluate, finetune, profile, prune
 from moe_prune.training.options import FinetuneOptions
 
@@ -375,7 +377,7 @@ def test_gemma4_merge_refit_is_refused_for_its_per_expert_scale(family_factory, 
     eye = np.broadcast_to(np.eye(inner), (layers, experts, inner, inner)).copy()
     arrays = {**stats.arrays, "refit_hh": eye, "refit_hy": np.zeros((layers, experts, inner, hidden))}
     with pytest.raises(MoePruneError, match="per-expert scale") as info:
-        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, refit=True)
+        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, MergeSpec(refit=True))
     assert "\n" not in str(info.value) and "router.per_expert_scale" in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -423,7 +425,7 @@ def test_derived_eval_matches_the_models_own_loss(model_type, family_factory, tm
     data = tmp_path / "docs.jsonl"
     test_profile.write_docs(data, 6, seed=3)
     docs = [json.loads(line)["text"] for line in data.read_text().splitlines()]
-    result = evaluate.run(str(folder), str(data), seq_len=test_eval.SEQ, batch_size=3).model
+    result = evaluate.run(str(folder), EvalSpec(data=str(data), seq_len=test_eval.SEQ, batch_size=3)).model
     nll, count = test_eval.independent_nll(folder, docs)
     assert result.tokens_scored == count
     assert result.nll == pytest.approx(nll, rel=1e-5)

@@ -188,8 +188,8 @@ def test_eval_sequential_reaches_the_stage_and_refuses_tasks(monkeypatch) -> Non
 
     seen: list[Any] = []
 
-    def run(*args: Any, **kwargs: Any) -> None:
-        seen.append(kwargs.get("sequential"))
+    def run(model: Any, spec: Any, progress: Any = None) -> None:
+        seen.append(spec.sequential)
         raise MoePruneError("stopped before evaluating")
 
     monkeypatch.setattr(evaluate, "run", run)

@@ -18,6 +18,7 @@ from moe_prune.cli import app, sweep_tables
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.plotting import pyplot
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, tasks
 from moe_prune.stages import sweep as stage
 
@@ -55,7 +56,7 @@ def full(stats_file, tmp_path_factory):
 
 
 def perplexity(folder: str | Path) -> float:
-    return evaluate.run(folder, str(DEMO_HELDOUT), **EVAL).model.perplexity
+    return evaluate.run(folder, EvalSpec(data=str(DEMO_HELDOUT), **EVAL)).model.perplexity
 
 
 def rows(result) -> dict[str, dict]:
