@@ -11,6 +11,7 @@ from test_profile import write_docs
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime import layer_pass
 from moe_prune.runtime.sequential import open_layerwise
 from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import eval_sequential, evaluate
@@ -69,12 +70,12 @@ def test_buffer_memory_spills_through_eval_with_the_same_perplexity(monkeypatch)
     """`eval --sequential --buffer-memory`: past the bound the hidden states go to disk, the result is unchanged."""
     spilled: list[bool] = []
 
-    class Recorded(eval_sequential.HiddenBuffer):
+    class Recorded(layer_pass.HiddenBuffer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             spilled.append(self.spilled)
 
-    monkeypatch.setattr(eval_sequential, "HiddenBuffer", Recorded)
+    monkeypatch.setattr(layer_pass, "HiddenBuffer", Recorded)
     options = {"seq_len": 32, "batch_size": 3, "max_tokens": 400, "sequential": True}
     held = evaluate.run(DEMO_MODEL_DIR, EvalSpec(data=str(DEMO_CALIBRATION), **options)).model
     bounded = evaluate.run(DEMO_MODEL_DIR, EvalSpec(data=str(DEMO_CALIBRATION), buffer_memory=1024, **options)).model

@@ -236,13 +236,14 @@ def test_buffer_memory_spills_beside_the_output(tiny, tmp_path, monkeypatch):
     """Hidden states past buffer_memory and the solved down projections go to temporary files in the output's
     folder (not $TMPDIR, often RAM); the merged model equals an in-memory run's, bit for bit."""
     from moe_prune.merging import refit_pass as pass_module
+    from moe_prune.runtime import layer_pass
 
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 8, seed=6)
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
     seen: list[tuple[str, bool, object]] = []
 
-    class Buffer(pass_module.HiddenBuffer):
+    class Buffer(layer_pass.HiddenBuffer):
         def __init__(self, shape, dtype, budget, folder=None):
             super().__init__(shape, dtype, budget, folder)
             seen.append(("hidden", self.spilled, folder))
@@ -252,7 +253,7 @@ def test_buffer_memory_spills_beside_the_output(tiny, tmp_path, monkeypatch):
             super().__init__(downs, folder)
             seen.append(("downs", True, folder))
 
-    monkeypatch.setattr(pass_module, "HiddenBuffer", Buffer)
+    monkeypatch.setattr(layer_pass, "HiddenBuffer", Buffer)
     monkeypatch.setattr(pass_module, "SpilledDowns", Downs)
     (tmp_path / "runs").mkdir()
     merge.run(folder, stats, tmp_path / "runs" / "spilled", 3, MergeSpec(refit=True, buffer_memory=1))

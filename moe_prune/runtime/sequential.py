@@ -186,10 +186,13 @@ class LayerwiseModel:
             raise MoePruneError(f"{self.folder}: checkpoint does not match its config ({what})")
 
     def load_outside(self, skip: tuple[str, ...]) -> None:
-        """Every parameter outside the decoder layers except those under `skip` (the output head)."""
+        """Every parameter outside the decoder layers except those under `skip` (the output head); with the head
+        (`skip` empty), a tied head is tied again to the loaded embedding, so it is held once."""
         keys = self._keys.get(None, {})
         expect = [n for n, _ in self.model.named_parameters() if not n.startswith((self.layers_path + ".", *skip))]
         self.load(keys, expect)
+        if not skip:
+            self.model.tie_weights()
 
     def free_outside(self) -> None:
         """Parameters outside the decoder layers back to meta (the embeddings are needed only once)."""
