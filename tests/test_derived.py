@@ -382,6 +382,29 @@ def test_gemma4_merge_refit_is_refused_for_its_per_expert_scale(family_factory, 
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_refit_pass_is_refused_with_the_one_sequential_refusal(family_factory, tmp_path):
+    """gemma4's decoder layers take per-layer inputs that layer-by-layer replay cannot give: merge --refit without
+    refit sums (its layer-by-layer pass) is refused with `--sequential`'s one line (`check_layerwise`: the config,
+    the family's reason from the table), naming the pass and what to do; nothing is written."""
+    from moe_prune.runtime.sequential import open_layerwise
+    from moe_prune.stages import merge
+
+    folder, _ = family_factory("gemma4_text")
+    ckpt = Checkpoint.open(folder)
+    family = ckpt.config.model_type
+    with pytest.raises(MoePruneError) as refused:
+        merge.run(folder, test_merge.synthetic_stats(ckpt), tmp_path / "out", 4, MergeSpec(refit=True))
+    shared = f" is not supported for {family} ({NO_SEQUENTIAL[family]}); "
+    assert str(refused.value) == (
+        f"{folder / 'config.json'}: merge --refit's layer-by-layer pass (no refit sums in the statistics)"
+        f"{shared}profile with --refit-stats (the sums make the pass unneeded)"
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(MoePruneError) as sequential:  # profile/eval --sequential: the same line, its own option
+        open_layerwise(ckpt, "float32", "cpu", False, "profile the whole model")
+    assert str(sequential.value) == f"{folder / 'config.json'}: --sequential{shared}profile the whole model"
+
+
 @pytest.mark.parametrize("model_type", DERIVED)
 def test_derived_profile_counts_top_k_per_token(model_type, family_factory, tmp_path):
     """Whole-model profile: every token of every window picks top-k experts in every MoE layer."""
