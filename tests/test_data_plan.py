@@ -22,6 +22,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.lottery.recipe import LotteryParams
 from moe_prune.runtime import data_plan, shares
 from moe_prune.specs.allocate import AllocateSpec
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import allocate, calibration, finetune, lottery, profile, sweep
 from moe_prune.training import text
 from moe_prune.training.options import FinetuneOptions
@@ -90,7 +91,7 @@ def test_every_stage_draws_the_same_windows_from_one_plan(two_sources, loads, pa
     windows, _ = calibration.recorded_windows(Checkpoint.open(DEMO_MODEL_DIR), stats, str(path), False)
     assert hash_tokens(windows) == digest  # merge --refit's re-reading
     allocate.allocate(str(path), DEMO_MODEL_DIR, AllocateSpec(CRITERION, ratio=0.5, budget_evals=2))
-    search = sweep.SweepSettings(
+    search = SweepSpec(
         criteria=(CRITERION,), ratios=(0.5,), scopes="search", search_evals=2, random_seeds=1, max_tokens=256
     )
     sweep.run(DEMO_MODEL_DIR, path, search)

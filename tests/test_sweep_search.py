@@ -14,6 +14,7 @@ from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring import get_criterion
 from moe_prune.specs.eval import EvalSpec
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import evaluate, profile
 from moe_prune.stages import sweep as stage
 from moe_prune.sweep.plan import Combo, combinations, parse_scopes
@@ -69,7 +70,7 @@ def refit_stats(tmp_path_factory) -> Path:
 def test_searched_and_refit_rows_are_their_own_commands(refit_stats, tmp_path, monkeypatch):
     """A searched prune, an output-weighted refit merge and its searched twin: each row's command line, run by
     hand (allocate -> prune, or merge with the searched counts), gives the row's perplexity."""
-    settings = stage.SweepSettings(
+    settings = SweepSpec(
         criteria=("soft-counts",),
         ratios=(0.5,),
         scopes="layer,search",
