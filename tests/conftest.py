@@ -82,10 +82,13 @@ def demo_stats():
 def demo_perplexity():
     """`demo_perplexity(folder)`: held-out perplexity on the demo's held-out split, first 8192 tokens, seq 256."""
     from moe_prune.demo import DEMO_HELDOUT
+    from moe_prune.specs.eval import EvalSpec
     from moe_prune.stages import evaluate
 
     def run(folder) -> float:
-        return evaluate.run(folder, str(DEMO_HELDOUT), seq_len=256, batch_size=16, max_tokens=8192).model.perplexity
+        return evaluate.run(
+            folder, EvalSpec(data=str(DEMO_HELDOUT), seq_len=256, batch_size=16, max_tokens=8192)
+        ).model.perplexity
 
     return run
 

@@ -20,7 +20,7 @@ from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
-from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
 from moe_prune.stages import allocate as stage
 from moe_prune.stages import profile, prune
 from tests.reference import masked_logits
@@ -168,7 +168,7 @@ def tiny_stats(folder: Path, tmp_path: Path) -> Path:
 def test_grouped_router_counts_stay_balanced_per_group(tiny, tmp_path):
     folder = tiny("deepseek_v3")  # n_group 2 (experts 0-3, 4-7), MoE layers 1 and 2, top-2
     stats = tiny_stats(folder, tmp_path)
-    mask, report = stage.allocate(stats, folder, "soft-counts", Budget(ratio=0.5), budget_evals=12)
+    mask, report = stage.allocate(stats, folder, AllocateSpec("soft-counts", ratio=0.5, budget_evals=12))
     for name, counts in report.counts.items():
         assert all(k % 2 == 0 and 4 <= k <= 8 for k in counts), (name, counts)
         assert sum(counts) <= 8
@@ -184,7 +184,7 @@ def test_ragged_input_keeps_each_layer_within_its_experts_and_top_k(tiny, tmp_pa
     ragged = tmp_path / "ragged"
     prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), ragged)
     stats = tiny_stats(ragged, tmp_path)
-    mask, report = stage.allocate(stats, ragged, "activation-norm", Budget(keep=9), budget_evals=15, seed=2)
+    mask, report = stage.allocate(stats, ragged, AllocateSpec("activation-norm", keep=9, budget_evals=15, seed=2))
     experts = [6, 3, 5]
     for counts in report.counts.values():
         assert all(2 <= k <= n for k, n in zip(counts, experts, strict=True)) and sum(counts) <= 9
@@ -200,7 +200,7 @@ def test_skip_layers_and_min_per_layer(tiny, tmp_path):
     folder = tiny("mixtral")
     stats = tiny_stats(folder, tmp_path)
     mask, report = stage.allocate(
-        stats, folder, "soft-counts", Budget(ratio=0.5), budget_evals=10, min_per_layer=3, skip_layers=(1,)
+        stats, folder, AllocateSpec("soft-counts", ratio=0.5, budget_evals=10, min_per_layer=3, skip_layers=[1])
     )
     assert all(c[1] == 8 and c[0] >= 3 and c[2] >= 3 and c[0] + c[2] <= 8 for c in report.counts.values())
     assert mask.provenance["params"]["allocation"]["evaluations"] == report.evaluations <= 10
@@ -249,13 +249,7 @@ def test_held_out_data_is_refused(tmp_path, demo_stats):
     stats = tmp_path / "demo.npz"
     demo_stats.save(stats)
     with pytest.raises(MoePruneError, match="the held-out set"):
-        stage.allocate(
-            stats,
-            DEMO_MODEL_DIR,
-            "soft-counts",
-            Budget(ratio=0.5),
-            calibration=stage.Calibration(data=[str(DEMO_HELDOUT)]),
-        )
+        stage.allocate(stats, DEMO_MODEL_DIR, AllocateSpec("soft-counts", ratio=0.5), data=[str(DEMO_HELDOUT)])
 
 
 def global_start_mask(stats: Path, criterion: str, counts: list[int]) -> DropMask:

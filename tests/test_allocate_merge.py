@@ -22,7 +22,8 @@ from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.runtime.loading import load_model
-from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import allocate as stage
 from moe_prune.stages import merge, profile, prune
 from moe_prune.stages.allocate_merge import MergeTarget, merged_models
@@ -70,8 +71,8 @@ def test_candidate_is_the_merged_checkpoint(refit_stats, plain_stats, tmp_path, 
         esap, kl = judge.measure_in(blocks.swapped(counts))
         assert blocks.built == 3  # one merged model per distinct count
     out = tmp_path / "merged"
-    merge.run(folder, stats, out, 6, method=target.method, weights=target.weights, refit=target.refit,
-              keep_overrides={1: 3, 2: 4})  # fmt: skip
+    spec = MergeSpec(method=target.method, weights=target.weights, refit=target.refit)
+    merge.run(folder, stats, out, 6, spec, keep_overrides={1: 3, 2: 4})
     with torch.inference_mode():
         logits = load_model(out)(input_ids=ids).logits[:, :-1].reshape(-1, 128)
     want_esap, want_kl = objective_sums(judge.references[0], logits)
@@ -135,7 +136,7 @@ def test_bad_merge_options_are_one_line(refit_stats, tmp_path, extra, message):
 
 def test_library_call_returns_counts(refit_stats):
     folder, stats = refit_stats
-    result, report = stage.allocate(stats, folder, "soft-counts", Budget(keep=10), budget_evals=4, merge=MergeTarget())
+    result, report = stage.allocate(stats, folder, AllocateSpec("soft-counts", keep=10, budget_evals=4, for_="merge"))
     assert isinstance(result, stage.MergeAllocation)
     assert sum(result.keep.values()) <= 10 and list(result.keep.values()) == report.counts["searched"]
 
@@ -148,7 +149,7 @@ def test_ragged_source_searches_each_layer_within_its_experts(tiny, tmp_path):
     ragged = tmp_path / "ragged"
     prune.run(folder, DropMask.create(Checkpoint.open(folder).identity, keep, "test"), ragged)
     stats = tiny_stats(ragged, tmp_path)
-    result, report = stage.allocate(stats, ragged, "soft-counts", Budget(keep=11), budget_evals=12, merge=MergeTarget())
+    result, report = stage.allocate(stats, ragged, AllocateSpec("soft-counts", keep=11, budget_evals=12, for_="merge"))
     assert isinstance(result, stage.MergeAllocation) and report.evaluations > 1
     for counts in report.counts.values():
         assert all(2 <= k <= n for k, n in zip(counts, (6, 3, 5), strict=True)) and sum(counts) <= 11
@@ -177,7 +178,7 @@ def test_merge_without_criterion_ranks_by_what_profile_for_the_method_recorded(r
 def test_refit_without_sums_searches_and_says_what_it_costs(refit_stats, plain_stats):
     """Review #7: `allocate --for merge --refit` takes statistics without refit_hh/refit_hy, as `merge --refit` does."""
     folder, _ = refit_stats
-    merge_target = MergeTarget(refit=True)
-    result, report = stage.allocate(plain_stats, folder, None, Budget(keep=12), budget_evals=3, merge=merge_target)
+    spec = AllocateSpec(keep=12, budget_evals=3, for_="merge", refit=True)
+    result, report = stage.allocate(plain_stats, folder, spec)
     assert isinstance(result, stage.MergeAllocation) and sum(result.keep.values()) <= 12
     assert any("layer-by-layer pass" in warning for warning in report.warnings)

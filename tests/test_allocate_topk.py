@@ -20,13 +20,14 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
-from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
 from moe_prune.stages import allocate as stage
 from moe_prune.stages import prune
 from moe_prune.stages.allocate_topk import check_family
 from tests.test_allocate import tiny_stats
 
 # Families the vLLM plugin serves whose tiny models have top-k 2 (llama4_text's is 1: nothing to lower).
+SEARCH = {"top_k": "search", "active_ratio": 0.5}  # allocate --top-k search --active-ratio 0.5
 FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "glm4_moe", "granitemoe", "ernie4_5_moe"]
 
 
@@ -134,7 +135,7 @@ def test_search_keeps_the_budget_and_repeats_for_a_seed(tiny, tmp_path):
     folder = tiny("mixtral")
     stats = tiny_stats(folder, tmp_path)
     runs = [
-        stage.allocate(stats, folder, "soft-counts", Budget(ratio=0.25), budget_evals=6, seed=3, active_ratio=0.5)
+        stage.allocate(stats, folder, AllocateSpec("soft-counts", ratio=0.25, budget_evals=6, seed=3, **SEARCH))
         for _ in range(2)
     ]
     (mask, report), (again, report_again) = runs
@@ -224,7 +225,7 @@ def test_search_is_refused_for_an_unserved_family_before_loading(tiny, tmp_path,
     stats = tiny_stats(folder, tmp_path)
     monkeypatch.setattr(stage, "calibration_windows", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(MoePruneError, match="--top-k search is not supported for phimoe"):
-        stage.allocate(stats, folder, "soft-counts", Budget(ratio=0.25), active_ratio=0.5)
+        stage.allocate(stats, folder, AllocateSpec("soft-counts", ratio=0.25, **SEARCH))
 
 
 def top_k_checkpoint(model_type: str, tmp: Path) -> Path:

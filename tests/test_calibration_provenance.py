@@ -15,6 +15,7 @@ from moe_prune.artifacts.provenance import hash_tokens
 from moe_prune.artifacts.stats import Stats
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge
 from moe_prune.stages import profile as profile_stage
 
@@ -51,7 +52,7 @@ def test_hostile_provenance_is_one_line_naming_the_file_and_field(profiled, tmp_
     folder, stats = profiled
     edited = Stats(stats.identity, stats.arrays, {**stats.provenance, **edit})
     with pytest.raises(MoePruneError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        merge.run(folder, edited, tmp_path / "out", 3, refit=True, stats_name="s.npz")
+        merge.run(folder, edited, tmp_path / "out", 3, MergeSpec(refit=True), stats_name="s.npz")
     assert not (tmp_path / "out").exists()
 
 
@@ -71,5 +72,5 @@ def test_same_number_of_other_windows_is_refused_by_their_hash(profiled, tmp_pat
     assert stats.provenance["windows_sha256"] == hash_tokens(windows_of(tmp_path / "cal.jsonl", folder))
     write_docs(tmp_path / "cal.jsonl", 6, seed=5)
     with pytest.raises(MoePruneError, match=r"other tokens than the 6 windows .* \(windows_sha256 differs\)"):
-        merge.run(folder, stats, tmp_path / "out", 3, refit=True)
+        merge.run(folder, stats, tmp_path / "out", 3, MergeSpec(refit=True))
     assert not (tmp_path / "out").exists()

@@ -25,6 +25,7 @@ from moe_prune.runtime.data import fixed_chunks, load_texts
 from moe_prune.runtime.data_plan import plan_data, read_plan
 from moe_prune.runtime.sources import Mix, allocate, parse_source, parse_sources
 from moe_prune.runtime.sources import mix as mix_sources
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, lottery
 from moe_prune.stages import profile as stage
 
@@ -272,9 +273,9 @@ def test_eval_reads_a_txt_file_as_one_document_unless_split(tiny, files, monkeyp
 
     monkeypatch.setattr(evaluate, "nll_sum", spy)
     raw = (files / "prose.txt").read_text()
-    evaluate.run(folder, str(files / "prose.txt"), seq_len=SEQ, batch_size=64)
+    evaluate.run(folder, EvalSpec(data=str(files / "prose.txt"), seq_len=SEQ, batch_size=64))
     assert torch.equal(scored[-1], fixed_chunks(stream(tok, [raw]), SEQ))  # every newline kept, one EOS at the end
-    evaluate.run(folder, str(files / "prose.txt"), seq_len=SEQ, batch_size=64, split_on="blank-lines")
+    evaluate.run(folder, EvalSpec(data=str(files / "prose.txt"), seq_len=SEQ, batch_size=64, split_on="blank-lines"))
     paragraphs = raw.strip().split("\n\n")
     assert torch.equal(scored[-1], fixed_chunks(stream(tok, paragraphs), SEQ))
 

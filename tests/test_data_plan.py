@@ -21,7 +21,8 @@ from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.lottery.recipe import LotteryParams
 from moe_prune.runtime import data_plan, shares
-from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import allocate, calibration, finetune, lottery, profile, sweep
 from moe_prune.training import text
 from moe_prune.training.options import FinetuneOptions
@@ -89,8 +90,8 @@ def test_every_stage_draws_the_same_windows_from_one_plan(two_sources, loads, pa
 
     windows, _ = calibration.recorded_windows(Checkpoint.open(DEMO_MODEL_DIR), stats, str(path), False)
     assert hash_tokens(windows) == digest  # merge --refit's re-reading
-    allocate.allocate(str(path), DEMO_MODEL_DIR, CRITERION, Budget(ratio=0.5), budget_evals=2)
-    search = sweep.SweepSettings(
+    allocate.allocate(str(path), DEMO_MODEL_DIR, AllocateSpec(CRITERION, ratio=0.5, budget_evals=2))
+    search = SweepSpec(
         criteria=(CRITERION,), ratios=(0.5,), scopes="search", search_evals=2, random_seeds=1, max_tokens=256
     )
     sweep.run(DEMO_MODEL_DIR, path, search)
@@ -126,7 +127,7 @@ def test_allocate_reads_the_recorded_settings_checked(field, value, message, tmp
     path = tmp_path / "edited.npz"
     stats.save(path)
     with pytest.raises(MoePruneError) as caught:
-        allocate.allocate(str(path), DEMO_MODEL_DIR, CRITERION, Budget(ratio=0.5), budget_evals=2)
+        allocate.allocate(str(path), DEMO_MODEL_DIR, AllocateSpec(CRITERION, ratio=0.5, budget_evals=2))
     assert str(caught.value) == f"{path}: {message}"
 
 

@@ -15,6 +15,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.runtime.data import fixed_chunks, load_texts, token_stream
 from moe_prune.runtime.loading import load_model, load_tokenizer
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, prune
 
 README = Path(__file__).parents[1] / "README.md"
@@ -28,7 +29,7 @@ def stated_perplexity() -> float:
 
 @pytest.fixture(scope="module")
 def demo_eval():
-    return evaluate.run(DEMO_MODEL_DIR, str(DEMO_HELDOUT), seq_len=256, batch_size=16)
+    return evaluate.run(DEMO_MODEL_DIR, EvalSpec(data=str(DEMO_HELDOUT), seq_len=256, batch_size=16))
 
 
 def test_demo_loads_and_matches_readme(demo_eval):
@@ -65,7 +66,9 @@ def test_pruning_half_of_every_layer_hurts_more(demo_eval, tmp_path):
     rng = random.Random(1)
     keep = {layer: sorted(rng.sample(range(8), 4)) for layer in ckpt.identity.moe_layers}
     prune.run(DEMO_MODEL_DIR, DropMask.create(ckpt.identity, keep, "random"), tmp_path / "half")
-    half = evaluate.run(tmp_path / "half", str(DEMO_HELDOUT), seq_len=256, batch_size=16, baseline=DEMO_MODEL_DIR)
+    half = evaluate.run(
+        tmp_path / "half", EvalSpec(data=str(DEMO_HELDOUT), seq_len=256, batch_size=16, baseline=DEMO_MODEL_DIR)
+    )
     print(f"\ndemo perplexity {demo_eval.model.perplexity:.3f}; half dropped {half.model.perplexity:.3f}")
     assert half.model.perplexity > demo_eval.model.perplexity * 1.05
     assert half.model.params.total < half.baseline.params.total

@@ -37,6 +37,8 @@ from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.demo import DEMO_CALIBRATION
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
+from moe_prune.specs.eval import EvalSpec
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import evaluate, finetune, profile, prune
 from moe_prune.training.options import FinetuneOptions
 
@@ -375,9 +377,32 @@ def test_gemma4_merge_refit_is_refused_for_its_per_expert_scale(family_factory, 
     eye = np.broadcast_to(np.eye(inner), (layers, experts, inner, inner)).copy()
     arrays = {**stats.arrays, "refit_hh": eye, "refit_hy": np.zeros((layers, experts, inner, hidden))}
     with pytest.raises(MoePruneError, match="per-expert scale") as info:
-        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, refit=True)
+        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, MergeSpec(refit=True))
     assert "\n" not in str(info.value) and "router.per_expert_scale" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_refit_pass_is_refused_with_the_one_sequential_refusal(family_factory, tmp_path):
+    """gemma4's decoder layers take per-layer inputs that layer-by-layer replay cannot give: merge --refit without
+    refit sums (its layer-by-layer pass) is refused with `--sequential`'s one line (`check_layerwise`: the config,
+    the family's reason from the table), naming the pass and what to do; nothing is written."""
+    from moe_prune.runtime.sequential import open_layerwise
+    from moe_prune.stages import merge
+
+    folder, _ = family_factory("gemma4_text")
+    ckpt = Checkpoint.open(folder)
+    family = ckpt.config.model_type
+    with pytest.raises(MoePruneError) as refused:
+        merge.run(folder, test_merge.synthetic_stats(ckpt), tmp_path / "out", 4, MergeSpec(refit=True))
+    shared = f" is not supported for {family} ({NO_SEQUENTIAL[family]}); "
+    assert str(refused.value) == (
+        f"{folder / 'config.json'}: merge --refit's layer-by-layer pass (no refit sums in the statistics)"
+        f"{shared}profile with --refit-stats (the sums make the pass unneeded)"
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(MoePruneError) as sequential:  # profile/eval --sequential: the same line, its own option
+        open_layerwise(ckpt, "float32", "cpu", False, "profile the whole model")
+    assert str(sequential.value) == f"{folder / 'config.json'}: --sequential{shared}profile the whole model"
 
 
 @pytest.mark.parametrize("model_type", DERIVED)
@@ -423,7 +448,7 @@ def test_derived_eval_matches_the_models_own_loss(model_type, family_factory, tm
     data = tmp_path / "docs.jsonl"
     test_profile.write_docs(data, 6, seed=3)
     docs = [json.loads(line)["text"] for line in data.read_text().splitlines()]
-    result = evaluate.run(str(folder), str(data), seq_len=test_eval.SEQ, batch_size=3).model
+    result = evaluate.run(str(folder), EvalSpec(data=str(data), seq_len=test_eval.SEQ, batch_size=3)).model
     nll, count = test_eval.independent_nll(folder, docs)
     assert result.tokens_scored == count
     assert result.nll == pytest.approx(nll, rel=1e-5)

@@ -17,6 +17,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
 from moe_prune.runtime.routing import RoutingRecorder, load_balance
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate
 
 SEQ = 16
@@ -55,7 +56,7 @@ def independent_nll(folder, docs: list[str], trust_remote_code: bool = False) ->
 @pytest.mark.parametrize("model_type", ["mixtral", "llama4_text"])
 def test_perplexity_matches_the_models_own_loss(tiny, docs, data_file, model_type):
     folder = tiny(model_type)
-    result = evaluate.run(str(folder), data_file, seq_len=SEQ, batch_size=3).model
+    result = evaluate.run(str(folder), EvalSpec(data=data_file, seq_len=SEQ, batch_size=3)).model
     nll, count = independent_nll(folder, docs)
     assert result.tokens_scored == count == result.sequences * (SEQ - 1)
     assert result.nll == pytest.approx(nll, rel=1e-5)
@@ -124,7 +125,7 @@ def test_param_counts_equal_the_loaded_models_parameters(tiny, model_type):
 
 def test_sizes_in_the_result(tiny, data_file):
     folder = tiny("mixtral")
-    result = evaluate.run(str(folder), data_file, seq_len=SEQ, max_tokens=4 * SEQ + 3).model
+    result = evaluate.run(str(folder), EvalSpec(data=data_file, seq_len=SEQ, max_tokens=4 * SEQ + 3)).model
     model = load_model(folder)
     assert result.sequences == 4
     assert result.bytes_on_disk == sum(p.stat().st_size for p in folder.glob("*.safetensors"))
@@ -138,9 +139,9 @@ def test_sizes_in_the_result(tiny, data_file):
 def test_bad_numbers_are_user_errors(tiny, data_file):
     folder = str(tiny("mixtral"))
     with pytest.raises(MoePruneError, match="batch size"):
-        evaluate.run(folder, data_file, batch_size=0)
+        evaluate.run(folder, EvalSpec(data=data_file, batch_size=0))
     with pytest.raises(MoePruneError, match="max tokens 5 is fewer than one sequence of 16"):
-        evaluate.run(folder, data_file, seq_len=SEQ, max_tokens=5)
+        evaluate.run(folder, EvalSpec(data=data_file, seq_len=SEQ, max_tokens=5))
 
 
 def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(tiny, tmp_path):
@@ -155,7 +156,7 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(tiny, tmp
 
 
 def test_seq_len_is_clipped_to_the_context(tiny, data_file):
-    result = evaluate.run(str(tiny("mixtral")), data_file, seq_len=1000, max_tokens=200)
+    result = evaluate.run(str(tiny("mixtral")), EvalSpec(data=data_file, seq_len=1000, max_tokens=200))
     assert result.model.seq_len == 128  # tiny_models.COMMON max_position_embeddings
     assert any("exceeds the model's context" in w for w in result.warnings)
 

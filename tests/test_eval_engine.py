@@ -22,6 +22,7 @@ from moe_prune.cli import app
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.runtime.loading import load_model, memory_bytes
 from moe_prune.runtime.vllm_engine import VLLM_INSTALL_HINT
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, tasks
 from moe_prune.stages.evaluate import count_params, meta_model
 from moe_prune.stages.task_harness import plain
@@ -133,7 +134,7 @@ def test_vllm_engine_perplexity_equals_transformers(vllm_python, demo_prunes):  
     args = (str(demo_prunes["ragged"]), "--baseline", str(demo_prunes["uniform"]), "--data", str(DEMO_HELDOUT))
     got = run_vllm_eval(vllm_python, *args, "--max-tokens", str(MAX_TOKENS))
     want = evaluate.run(
-        demo_prunes["ragged"], str(DEMO_HELDOUT), max_tokens=MAX_TOKENS, baseline=demo_prunes["uniform"]
+        demo_prunes["ragged"], EvalSpec(data=str(DEMO_HELDOUT), max_tokens=MAX_TOKENS, baseline=demo_prunes["uniform"])
     ).to_dict()
     for label in ("model", "baseline"):
         g, w = got[label], want[label]

@@ -11,13 +11,15 @@ from test_profile import write_docs
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime import layer_pass
 from moe_prune.runtime.sequential import open_layerwise
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import eval_sequential, evaluate
 
 
 def _both(model, data: str, **options) -> tuple[evaluate.ModelEval, evaluate.ModelEval]:
-    whole = evaluate.run(model, data, **options).model
-    layered = evaluate.run(model, data, sequential=True, **options).model
+    whole = evaluate.run(model, EvalSpec(data=data, **options)).model
+    layered = evaluate.run(model, EvalSpec(data=data, sequential=True, **options)).model
     return whole, layered
 
 
@@ -61,22 +63,22 @@ def test_hidden_states_spilled_to_disk_give_the_same_nll(tiny):
 
 def test_sequential_needs_transformers_engine():
     with pytest.raises(MoePruneError, match=r"^--sequential runs the model with transformers, not --engine vllm$"):
-        evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), engine="vllm", sequential=True)
+        evaluate.run(DEMO_MODEL_DIR, EvalSpec(data=str(DEMO_CALIBRATION), engine="vllm", sequential=True))
 
 
 def test_buffer_memory_spills_through_eval_with_the_same_perplexity(monkeypatch):
     """`eval --sequential --buffer-memory`: past the bound the hidden states go to disk, the result is unchanged."""
     spilled: list[bool] = []
 
-    class Recorded(eval_sequential.HiddenBuffer):
+    class Recorded(layer_pass.HiddenBuffer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             spilled.append(self.spilled)
 
-    monkeypatch.setattr(eval_sequential, "HiddenBuffer", Recorded)
+    monkeypatch.setattr(layer_pass, "HiddenBuffer", Recorded)
     options = {"seq_len": 32, "batch_size": 3, "max_tokens": 400, "sequential": True}
-    held = evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), **options).model
-    bounded = evaluate.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), buffer_memory=1024, **options).model
+    held = evaluate.run(DEMO_MODEL_DIR, EvalSpec(data=str(DEMO_CALIBRATION), **options)).model
+    bounded = evaluate.run(DEMO_MODEL_DIR, EvalSpec(data=str(DEMO_CALIBRATION), buffer_memory=1024, **options)).model
     assert spilled == [False, True]
     assert bounded.perplexity == held.perplexity and bounded.tokens_scored == held.tokens_scored > 0
     assert [load.counts for load in bounded.load] == [load.counts for load in held.load]
@@ -93,8 +95,8 @@ def test_buffer_memory_reaches_the_stage_and_needs_sequential(monkeypatch):
     assert "--buffer-memory applies to --sequential only; add --sequential or leave it out" in result.output
     seen: list[tuple] = []
 
-    def run(*args, **kwargs):
-        seen.append((kwargs.get("sequential"), kwargs.get("buffer_memory")))
+    def run(model, spec, progress=None):
+        seen.append((spec.sequential, spec.buffer_memory))
         raise MoePruneError("stopped before evaluating")
 
     monkeypatch.setattr(evaluate, "run", run)

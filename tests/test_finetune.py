@@ -20,6 +20,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, finetune
 from moe_prune.training.batches import BatchPlan
 from moe_prune.training.options import FinetuneOptions
@@ -34,8 +35,8 @@ def test_finetuning_a_pruned_demo_model_lowers_held_out_loss(pruned_demo, tmp_pa
     out = tmp_path / "ft"
     options = FinetuneOptions(tokens=4096, seq_len=64, batch_size=8, lr=2e-3, eval_tokens=1024)
     result = finetune.run(pruned_demo, DATA, out, options)
-    before = evaluate.run(pruned_demo, str(DEMO_HELDOUT), seq_len=64, max_tokens=2048).model.nll
-    after = evaluate.run(out, str(DEMO_HELDOUT), seq_len=64, max_tokens=2048).model.nll
+    before = evaluate.run(pruned_demo, EvalSpec(data=str(DEMO_HELDOUT), seq_len=64, max_tokens=2048)).model.nll
+    after = evaluate.run(out, EvalSpec(data=str(DEMO_HELDOUT), seq_len=64, max_tokens=2048)).model.nll
     assert after < before - 0.5  # measured by `eval`, an independent path: 3.30 -> ~1.5 nats
     assert result.after.loss < result.before.loss
     assert result.steps == 4096 // (8 * 64) and result.tokens_trained == 4096

@@ -19,6 +19,7 @@ from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge, prune
 
 ATTENTION = ("input_linear.weight", "output_linear.weight", "router.layer.weight")
@@ -49,7 +50,7 @@ def test_prune_keeps_the_kept_slots_attention_experts(jetmoe, tmp_path):
 def test_merge_keeps_the_anchors_attention_experts_unaveraged(jetmoe, tmp_path):
     folder, _ = jetmoe
     ckpt = Checkpoint.open(folder)
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "half", 4, router="average", seed=1)
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "half", 4, MergeSpec(router="average", seed=1))
     anchors = {layer: list(slots) for layer, slots in Manifest.read(tmp_path / "half").slots.items()}
     _attention_follows(checkpoint_tensors(folder), checkpoint_tensors(tmp_path / "half"), anchors)
     load_stock(tmp_path / "half")

@@ -21,6 +21,7 @@ from moe_prune.lottery import agreement
 from moe_prune.lottery.recipe import LotteryParams, Recipe
 from moe_prune.lottery.schedule import drop_schedule, token_schedule
 from moe_prune.scoring.selection import Budget
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, lottery, profile, score
 
 CRITERION = "activation-norm"
@@ -101,7 +102,9 @@ def test_rounds_match_the_stages_run_by_hand(compared):
     for method in ("one-shot", "iterative", "lottery", CONTROL):
         for r in report["methods"][method]["rounds"]:
             ckpt = out / method / r["checkpoint"]
-            measured = evaluate.run(ckpt, str(DEMO_HELDOUT), seq_len=128, max_tokens=2048).model.perplexity
+            measured = evaluate.run(
+                ckpt, EvalSpec(data=str(DEMO_HELDOUT), seq_len=128, max_tokens=2048)
+            ).model.perplexity
             assert math.isclose(r["perplexity"], measured, rel_tol=1e-6)
 
 

@@ -26,6 +26,7 @@ CONTRACT = 1.5
 
 PROBE = """
 import gc, json, sys
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, profile
 
 def status(key):
@@ -39,7 +40,7 @@ def run(model):
     if command == "profile":
         profile.run(model, data, settings)
     else:
-        evaluate.run(model, data, seq_len=16, batch_size=4, max_tokens=128, sequential=True)
+        evaluate.run(model, EvalSpec(data=data, seq_len=16, batch_size=4, max_tokens=128, sequential=True))
 run(small)
 gc.collect()
 before = status("VmRSS:")

@@ -30,6 +30,7 @@ from moe_prune.merging.planning import cluster_layer, layer_counts
 from moe_prune.merging.registry import METHODS, get_method
 from moe_prune.merging.similarity import router_similarity
 from moe_prune.merging.tensors import find_layout
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge, prune
 
 runner = CliRunner()
@@ -151,7 +152,7 @@ def test_merging_permuted_copies_keeps_the_logits(model_type, tiny_factory, tmp_
         want = model(ids).logits
     for keep, router in ((2, "anchor"), (4, "average")):
         out = tmp_path / f"merged{keep}"
-        merge.run(folder, synthetic_stats(ckpt), out, keep, router=router)
+        merge.run(folder, synthetic_stats(ckpt), out, keep, MergeSpec(router=router))
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
         assert Checkpoint.open(out).config.num_experts == keep
         with torch.no_grad():
@@ -207,7 +208,7 @@ def test_merging_permuted_copies_equals_pruning_to_the_anchors(model_type, tiny_
     model.save_pretrained(folder)
     ckpt = Checkpoint.open(folder)
     keep = 2 * config.n_group
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "merged", keep, router="anchor")
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "merged", keep, MergeSpec(router="anchor"))
     anchors = Manifest.read(tmp_path / "merged").slots
     prune.run(
         folder, DropMask.create(ckpt.identity, {k: list(v) for k, v in anchors.items()}, "anchors"), tmp_path / "p"
@@ -345,7 +346,7 @@ def test_method_prune_equals_the_prune_stage(tiny_factory, tmp_path):
     folder, _ = tiny_factory("mixtral")
     ckpt = Checkpoint.open(folder)
     stats = synthetic_stats(ckpt, seed=2)
-    merge.run(folder, stats, tmp_path / "merge", 4, method="prune")
+    merge.run(folder, stats, tmp_path / "merge", 4, MergeSpec(method="prune"))
     counts = stats.arrays["hard_counts"]
     keep = {
         layer: sorted(np.argsort(-counts[i], kind="stable")[:4].tolist())
@@ -364,8 +365,8 @@ def test_router_average_and_reinit(model_type, tiny_factory, tmp_path):
     adapter = ckpt.config.adapter
     matcher = KeyMatcher(adapter)
     before = checkpoint_tensors(folder)
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "avg", 4, router="average")
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "new", 4, router="reinit", seed=3)
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "avg", 4, MergeSpec(router="average"))
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "new", 4, MergeSpec(router="reinit", seed=3))
     avg, new = checkpoint_tensors(tmp_path / "avg"), checkpoint_tensors(tmp_path / "new")
     manifest = Manifest.read(tmp_path / "avg")
     checked = 0
@@ -411,7 +412,7 @@ def test_manifest_records_members_and_a_second_merge_speaks_original_ids(tiny_fa
             assert report.members == ids
     once = Checkpoint.open(tmp_path / "once")
     assert once.identity.original_ids == manifest.slots
-    merge.run(tmp_path / "once", synthetic_stats(once, seed=6), tmp_path / "twice", 2, method="frequency")
+    merge.run(tmp_path / "once", synthetic_stats(once, seed=6), tmp_path / "twice", 2, MergeSpec(method="frequency"))
     twice = Manifest.read(tmp_path / "twice")
     for layer in ckpt.identity.moe_layers:
         ids = sorted(orig for slot in twice.members(layer) for orig, _ in slot)
@@ -484,7 +485,7 @@ def test_skip_layers_give_a_ragged_checkpoint_that_loads_with_its_model_code(tin
     folder, _ = tiny_factory("mixtral")
     ckpt = Checkpoint.open(folder)
     n, first = ckpt.config.num_experts, ckpt.config.moe_layers[0]
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "ragged", n // 2, skip_layers=[first])
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "ragged", n // 2, MergeSpec(skip_layers=[first]))
     merged = Checkpoint.open(tmp_path / "ragged")
     counts = {layer: merged.config.experts_in_layer(layer) for layer in merged.config.moe_layers}
     assert counts == {layer: n if layer == first else n // 2 for layer in ckpt.config.moe_layers}
@@ -544,7 +545,9 @@ def _demo_table(demo_stats, demo_perplexity, tmp_path, skip: list[int]) -> dict[
     for keep in (4, 2):
         for label, (method, router) in runs.items():
             out = tmp_path / f"{method}-{router}-{keep}-{skip}"
-            result = merge.run(DEMO_MODEL_DIR, demo_stats, out, keep, method=method, router=router, skip_layers=skip)
+            result = merge.run(
+                DEMO_MODEL_DIR, demo_stats, out, keep, MergeSpec(method=method, router=router, skip_layers=skip)
+            )
             assert result.bytes_after < result.bytes_before
             rows.setdefault(label, {})[keep] = demo_perplexity(out)
         random_ppl = []
@@ -574,7 +577,7 @@ def test_uncurl_beats_random_masks_at_half_on_the_demo(demo_stats, demo_perplexi
     """The fast check of the table below (first MoE layer kept, 4 of 8 experts): uncurl beats random masks."""
     ckpt = Checkpoint.open(DEMO_MODEL_DIR)
     first = ckpt.identity.moe_layers[0]
-    merge.run(DEMO_MODEL_DIR, demo_stats, tmp_path / "uncurl", 4, skip_layers=[first])
+    merge.run(DEMO_MODEL_DIR, demo_stats, tmp_path / "uncurl", 4, MergeSpec(skip_layers=[first]))
     random_ppl = []
     for seed in range(5):
         rng = random.Random(seed)

@@ -18,9 +18,8 @@ from moe_prune.allocation import spill
 from moe_prune.allocation.blocks import MergedBlocks
 from moe_prune.allocation.evaluator import Evaluator
 from moe_prune.errors import MoePruneError
-from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
 from moe_prune.stages import allocate as stage
-from moe_prune.stages.allocate_merge import MergeTarget
 
 EVALS = 24
 
@@ -96,7 +95,8 @@ def recorded(monkeypatch, tmp_path) -> tuple[Record, Path]:
 
 def run_search(stats: tuple[Path, Path]) -> None:
     folder, path = stats
-    stage.allocate(path, folder, "soft-counts", Budget(keep=12), budget_evals=EVALS, merge=MergeTarget("frequency"))
+    spec = AllocateSpec(criterion="soft-counts", keep=12, budget_evals=EVALS, for_="merge", method="frequency")
+    stage.allocate(path, folder, spec)
 
 
 def test_each_block_is_built_once_and_scores_equal_a_search_that_keeps_every_block(

@@ -23,6 +23,7 @@ from moe_prune.merging.planning import cluster_layer
 from moe_prune.merging.refit import least_squares_down
 from moe_prune.merging.registry import LayerStats, get_method
 from moe_prune.runtime.loading import load_model
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge
 from moe_prune.stages import profile as profile_stage
 
@@ -94,7 +95,7 @@ def test_output_weighted_average_equals_a_hand_computation(tiny_factory, tmp_pat
     stats = synthetic_stats(ckpt)
     share = np.random.default_rng(5).uniform(1, 10, size=stats.arrays["hard_counts"].shape)
     stats = Stats(ckpt.identity, {**stats.arrays, "act_weighted_norm_sum": share})
-    result = merge.run(tmp_path / "scaled", stats, tmp_path / "out", 3, method="frequency", weights="output")
+    result = merge.run(tmp_path / "scaled", stats, tmp_path / "out", 3, MergeSpec(method="frequency", weights="output"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for row, report in enumerate(result.layers):
         experts = merged.model.layers[report.layer].mlp.experts
@@ -146,7 +147,7 @@ def refit_case(tiny, tmp_path_factory):
 
 def test_refit_down_projection_equals_brute_force_least_squares(refit_case, tmp_path):
     folder, data, stats, _ = refit_case
-    result = merge.run(folder, stats, tmp_path / "out", 3, method="uncurl", refit=True)
+    result = merge.run(folder, stats, tmp_path / "out", 3, MergeSpec(method="uncurl", refit=True))
     model, config = load_model(folder), Checkpoint.open(folder).config
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = windows_of(data, folder)
@@ -189,7 +190,7 @@ def test_merging_permuted_copies_keeps_the_logits_with_new_methods(model_type, m
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits
-    merge.run(folder, stats, tmp_path / "merged", 2 * config.n_group, method=method, **options)
+    merge.run(folder, stats, tmp_path / "merged", 2 * config.n_group, MergeSpec(method=method, **options))
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
@@ -212,7 +213,7 @@ def test_missing_statistics_are_refused_before_writing(refit_case, tmp_path, opt
     folder, _, stats, _ = refit_case
     arrays = {k: v for k, v in stats.arrays.items() if k != drop}
     with pytest.raises(MoePruneError, match=message):
-        merge.run(folder, Stats(stats.identity, arrays), tmp_path / "out", 4, **options)
+        merge.run(folder, Stats(stats.identity, arrays), tmp_path / "out", 4, MergeSpec(**options))
     assert not (tmp_path / "out").exists()
 
 
@@ -226,7 +227,7 @@ def test_refit_refuses_experts_with_biases(tiny, tmp_path):
     eye = np.broadcast_to(np.eye(inner), (layers, experts, inner, inner)).copy()
     arrays = {**stats.arrays, "refit_hh": eye, "refit_hy": np.zeros((layers, experts, inner, hidden))}
     with pytest.raises(MoePruneError, match="without a bias"):
-        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, refit=True)
+        merge.run(folder, Stats(ckpt.identity, arrays), tmp_path / "out", 4, MergeSpec(refit=True))
     assert not (tmp_path / "out").exists()
     assert FAMILIES["gpt_oss"][0] == "gpt_oss"
 
@@ -264,7 +265,7 @@ def test_refit_beats_pruning_at_a_quarter_of_the_demo_experts(demo_refit_stats, 
     """
     from moe_prune.demo import DEMO_MODEL_DIR
 
-    merge.run(DEMO_MODEL_DIR, demo_refit_stats, tmp_path / "prune", 2, method="prune")
-    merge.run(DEMO_MODEL_DIR, demo_refit_stats, tmp_path / "refit", 2, method="prune", refit=True)
+    merge.run(DEMO_MODEL_DIR, demo_refit_stats, tmp_path / "prune", 2, MergeSpec(method="prune"))
+    merge.run(DEMO_MODEL_DIR, demo_refit_stats, tmp_path / "refit", 2, MergeSpec(method="prune", refit=True))
     full, pruned, refit = (demo_perplexity(p) for p in (DEMO_MODEL_DIR, tmp_path / "prune", tmp_path / "refit"))
     assert full < refit < 2 * full < pruned / 4, (full, refit, pruned)

@@ -38,6 +38,7 @@ from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge, prune
 
 runner = CliRunner()
@@ -256,7 +257,7 @@ def test_drop_mtp_removes_every_mtp_tensor(model_type, family_factory, tmp_path)
     assert json.loads((tmp_path / "out" / "config.json").read_text())[key] == 0
     assert json.loads((tmp_path / "out" / "moe_prune.json").read_text())["mtp"] == {"layers": {}, "dropped": 1}
 
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "merged", 4, drop_mtp=True)
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "merged", 4, MergeSpec(drop_mtp=True))
     merged = all_tensors(tmp_path / "merged")
     assert not mtp_names(merged, plain, model_type) and merged.keys() == reference.keys()
     assert json.loads((tmp_path / "merged" / "config.json").read_text())[key] == 0

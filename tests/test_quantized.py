@@ -30,6 +30,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
 from moe_prune.scoring.selection import Budget
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, merge, profile, prune
 from moe_prune.stages.score import score
 
@@ -380,8 +381,8 @@ def test_weight_criteria_rank_the_same(family, criterion, quantized):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eval_equals_dequantized_copy(family, quantized, calibration):
     folder, plain = quantized(family)
-    got = evaluate.run(folder, str(calibration), seq_len=SEQ, batch_size=4).model.perplexity
-    want = evaluate.run(plain, str(calibration), seq_len=SEQ, batch_size=4).model.perplexity
+    got = evaluate.run(folder, EvalSpec(data=str(calibration), seq_len=SEQ, batch_size=4)).model.perplexity
+    want = evaluate.run(plain, EvalSpec(data=str(calibration), seq_len=SEQ, batch_size=4)).model.perplexity
     assert math.isfinite(got) and got == pytest.approx(want, rel=1e-6)
 
 

@@ -29,6 +29,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.cli import app
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.loading import load_model
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import prune
 
 # Experts kept per routing group, cycling over the MoE layers: never the same count in every layer.
@@ -416,7 +417,7 @@ def test_merging_a_ragged_checkpoint_equals_pruning_it_to_the_anchors(tiny_facto
     prune.run(folder, mask, tmp_path / "ragged")
     ragged_ckpt = Checkpoint.open(tmp_path / "ragged")
     stats = synthetic_stats(ragged_ckpt)
-    merge.run(ragged_ckpt.folder, stats, tmp_path / "merged", 2, method="prune")
+    merge.run(ragged_ckpt.folder, stats, tmp_path / "merged", 2, MergeSpec(method="prune"))
     anchors = Manifest.read(tmp_path / "merged").slots
     keep = {layer: list(ids) for layer, ids in anchors.items()}
     prune.run(ragged_ckpt.folder, DropMask.create(ragged_ckpt.identity, keep, "anchors"), tmp_path / "pruned")

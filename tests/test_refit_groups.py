@@ -24,6 +24,7 @@ from moe_prune.merging import refit_groups, refit_pass
 from moe_prune.merging.refit_groups import slot_groups
 from moe_prune.merging.refit_store import SpilledDowns
 from moe_prune.runtime import refit_sums
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge
 from moe_prune.stages import profile as profile_stage
 from moe_prune.stages import refit as refit_stage
@@ -63,7 +64,7 @@ def test_groups_of_one_and_two_slots_equal_all_at_once_on_the_demo(tmp_path, mon
         ticks: list[tuple[int, int]] = []
         out = tmp_path / f"g{slots}"
         results[slots] = merge.run(
-            DEMO_MODEL_DIR, stats, out, 4, refit=True, refit_ridge=ridge, refit_memory=slots * per_slot,
+            DEMO_MODEL_DIR, stats, out, 4, MergeSpec(refit=True, refit_ridge=ridge, refit_memory=slots * per_slot),
             refit_progress=lambda done, total: ticks.append((done, total)),  # noqa: B023
         )  # fmt: skip
         written[slots] = downs(out)
@@ -117,7 +118,7 @@ def test_a_bound_of_one_slot_keeps_one_slots_sums_alive(tmp_path, monkeypatch):
         state.update(now=0, peak=0, arrays=0)
         tracemalloc.start()
         try:
-            merge.run(folder, stats, tmp_path / f"out{bound}", keep, refit=True, refit_memory=bound)
+            merge.run(folder, stats, tmp_path / f"out{bound}", keep, MergeSpec(refit=True, refit_memory=bound))
         finally:
             tracemalloc.stop()
         slots = 1 if bound == per_slot else keep
@@ -136,7 +137,7 @@ def test_the_automatic_bound_is_half_the_available_memory(tiny, tmp_path, monkey
     monkeypatch.setattr(refit_groups, "available_bytes", lambda device: 5 * per_slot[0])  # groups of 2 (2.5)
     original = refit_pass.slot_bytes
     monkeypatch.setattr(refit_pass, "slot_bytes", lambda *a: per_slot.append(original(*a)) or per_slot[-1])
-    merge.run(folder, stats, tmp_path / "out", 3, refit=True)
+    merge.run(folder, stats, tmp_path / "out", 3, MergeSpec(refit=True))
     assert [slots for _, slots in built] == [2, 1] * 3, built
     assert refit_groups.available_bytes(torch.device("cpu")) > 0
 
@@ -162,7 +163,7 @@ def test_refit_memory_refusals(tiny, tmp_path):
     ]
     for given, options, message in cases:
         with pytest.raises(MoePruneError, match=re.escape(message)):
-            merge.run(folder, given, tmp_path / "out", 3, **{"refit": True, **options})
+            merge.run(folder, given, tmp_path / "out", 3, MergeSpec(**{"refit": True, **options}))
         assert not (tmp_path / "out").exists()
 
 

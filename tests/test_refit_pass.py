@@ -29,6 +29,7 @@ from moe_prune.merging.refit import RIDGES
 from moe_prune.merging.refit_pass import LayerFit, held_out_rows
 from moe_prune.merging.refit_store import SpilledDowns
 from moe_prune.runtime.loading import load_model
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge
 from moe_prune.stages import profile as profile_stage
 from moe_prune.stages.refit import check_range
@@ -62,8 +63,8 @@ def test_sequential_refit_equals_the_two_step_refit_on_the_demo(tmp_path):
 
     options = profile_stage.Settings(samples=8, seq_len=256, refit_stats=True)
     stats = profile_stage.run(DEMO_MODEL_DIR, str(DEMO_CALIBRATION), options).stats
-    stored = merge.run(DEMO_MODEL_DIR, stats, tmp_path / "two-step", 2, refit=True)
-    layered = merge.run(DEMO_MODEL_DIR, without_sums(stats), tmp_path / "one-pass", 2, refit=True)
+    stored = merge.run(DEMO_MODEL_DIR, stats, tmp_path / "two-step", 2, MergeSpec(refit=True))
+    layered = merge.run(DEMO_MODEL_DIR, without_sums(stats), tmp_path / "one-pass", 2, MergeSpec(refit=True))
     assert [f.layer for f in layered.refit_fits] == [0, 1, 2, 3] and not stored.refit_fits
     want, got = downs(tmp_path / "two-step"), downs(tmp_path / "one-pass")
     assert sorted(want) == sorted(got) and len(want) == 8
@@ -108,7 +109,7 @@ def test_refit_pass_keeps_one_layers_statistics_alive(tmp_path, monkeypatch):
     peaks = traced_peaks(monkeypatch, refit_stage, "refit_pass")
     tracemalloc.start()
     try:
-        result = merge.run(folder, stats, tmp_path / "out", keep, refit=True)
+        result = merge.run(folder, stats, tmp_path / "out", keep, MergeSpec(refit=True))
     finally:
         tracemalloc.stop()
     assert len(result.refit_fits) == layers and len(peaks) == 1
@@ -140,7 +141,7 @@ def test_auto_ridge_equals_a_float64_held_out_selection(tiny, tmp_path):
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 40, seed=4)
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
-    result = merge.run(folder, stats, tmp_path / "out", 3, refit=True, refit_ridge="auto")
+    result = merge.run(folder, stats, tmp_path / "out", 3, MergeSpec(refit=True, refit_ridge="auto"))
     model, config = load_model(folder), Checkpoint.open(folder).config
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = windows_of(tmp_path / "cal.jsonl", folder)
@@ -187,12 +188,12 @@ def test_refusals_before_writing(tiny, tmp_path):
     cases.append((with_sums, {"buffer_memory": 10}, stored + "--buffer-memory does not apply"))
     for given, options, message in cases:
         with pytest.raises(MoePruneError, match=re.escape(message)):
-            merge.run(folder, given, tmp_path / "out", 3, **{"refit": True, **options})
+            merge.run(folder, given, tmp_path / "out", 3, MergeSpec(**{"refit": True, **options}))
         assert not (tmp_path / "out").exists()
     moved = tmp_path / "cal.jsonl"
     moved.write_text(moved.read_text().splitlines()[0] + "\n")
     with pytest.raises(MoePruneError, match="the data changed since `profile`"):
-        merge.run(folder, stats, tmp_path / "out", 3, refit=True)
+        merge.run(folder, stats, tmp_path / "out", 3, MergeSpec(refit=True))
 
 
 def test_cli_refit_without_sums_reports_each_layer(tiny, tmp_path):
@@ -235,13 +236,14 @@ def test_buffer_memory_spills_beside_the_output(tiny, tmp_path, monkeypatch):
     """Hidden states past buffer_memory and the solved down projections go to temporary files in the output's
     folder (not $TMPDIR, often RAM); the merged model equals an in-memory run's, bit for bit."""
     from moe_prune.merging import refit_pass as pass_module
+    from moe_prune.runtime import layer_pass
 
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 8, seed=6)
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
     seen: list[tuple[str, bool, object]] = []
 
-    class Buffer(pass_module.HiddenBuffer):
+    class Buffer(layer_pass.HiddenBuffer):
         def __init__(self, shape, dtype, budget, folder=None):
             super().__init__(shape, dtype, budget, folder)
             seen.append(("hidden", self.spilled, folder))
@@ -251,13 +253,13 @@ def test_buffer_memory_spills_beside_the_output(tiny, tmp_path, monkeypatch):
             super().__init__(downs, folder)
             seen.append(("downs", True, folder))
 
-    monkeypatch.setattr(pass_module, "HiddenBuffer", Buffer)
+    monkeypatch.setattr(layer_pass, "HiddenBuffer", Buffer)
     monkeypatch.setattr(pass_module, "SpilledDowns", Downs)
     (tmp_path / "runs").mkdir()
-    merge.run(folder, stats, tmp_path / "runs" / "spilled", 3, refit=True, buffer_memory=1)
+    merge.run(folder, stats, tmp_path / "runs" / "spilled", 3, MergeSpec(refit=True, buffer_memory=1))
     assert seen == [("hidden", True, tmp_path / "runs")] + [("downs", True, tmp_path / "runs")] * 3
     seen.clear()
-    merge.run(folder, stats, tmp_path / "in-memory", 3, refit=True)
+    merge.run(folder, stats, tmp_path / "in-memory", 3, MergeSpec(refit=True))
     assert seen[0] == ("hidden", False, tmp_path)
     want, got = downs(tmp_path / "in-memory"), downs(tmp_path / "runs" / "spilled")
     assert sorted(want) == sorted(got) and all(torch.equal(got[name], value) for name, value in want.items())

@@ -19,6 +19,7 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import KeyMatcher
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge
 
 FAMILY = "inkling_text"
@@ -36,7 +37,7 @@ def test_merge_keeps_the_tail_rows_after_the_merged_ones(inkling, router, tmp_pa
     ckpt = Checkpoint.open(inkling)
     n, tail = ckpt.config.num_experts, ckpt.config.router_tail
     assert tail == 1
-    merge.run(inkling, synthetic_stats(ckpt), tmp_path / "half", n // 2, router=router, seed=1)
+    merge.run(inkling, synthetic_stats(ckpt), tmp_path / "half", n // 2, MergeSpec(router=router, seed=1))
     before, after = checkpoint_tensors(inkling), checkpoint_tensors(tmp_path / "half")
     matcher = KeyMatcher(ckpt.config.adapter)
     routers = [name for name in after if matcher.is_router(name) is not None]

@@ -188,8 +188,8 @@ def test_eval_sequential_reaches_the_stage_and_refuses_tasks(monkeypatch) -> Non
 
     seen: list[Any] = []
 
-    def run(*args: Any, **kwargs: Any) -> None:
-        seen.append(kwargs.get("sequential"))
+    def run(model: Any, spec: Any, progress: Any = None) -> None:
+        seen.append(spec.sequential)
         raise MoePruneError("stopped before evaluating")
 
     monkeypatch.setattr(evaluate, "run", run)
@@ -227,3 +227,30 @@ def test_budget_evals_help_says_top_k_search_spends_its_own() -> None:
     result = CliRunner().invoke(app, ["allocate", "--help"], env={"COLUMNS": "400"})
     line = next(text for text in result.output.splitlines() if "--budget-evals" in text)
     assert "per search" in line and "--top-k search adds up to as many again" in line, line
+
+
+def test_profile_resume_fingerprint_places_every_result_field() -> None:
+    """The resume fingerprint is read off ProfileSpec's result-affecting fields (`stages.profile.resume_options`):
+    each is in it (`RESUMED`) or pinned by the windows' token ids / never resumed (`NOT_RESUMED`), so a field added
+    to the spec cannot be left out of what a resumed run must match (the golden values are
+    tests/test_resume_fingerprints.py's)."""
+    from moe_prune.specs.profile import NOT_RESUMED, RESUMED
+
+    resumed = [name for group in RESUMED for name in group]
+    assert len(set(resumed)) == len(resumed) and not set(resumed) & set(NOT_RESUMED)
+    assert set(fingerprint(ProfileSpec())) == set(resumed) | set(NOT_RESUMED)
+
+
+@pytest.mark.parametrize("field", ["batch_size", "dtype", "gradients", "expert_outputs", "refit_stats", "for_names"])
+def test_profile_resume_fingerprint_changes_with_each_resumed_field(field: str) -> None:
+    """Each RESUMED field, changed alone, changes the fingerprint (an old partial does not resume a different run)."""
+    from dataclasses import fields, replace
+
+    from moe_prune.runtime.distributed import World
+    from moe_prune.stages.profile import resume_options
+
+    base = ProfileSpec()
+    default = next(f.default for f in fields(ProfileSpec) if f.name == field)
+    changed = {"batch_size": 3, "dtype": "bfloat16", "for_names": ("reap",)}.get(field, not default)
+    world = World(rank=0, size=1)
+    assert resume_options(replace(base, **{field: changed}), world) != resume_options(base, world)

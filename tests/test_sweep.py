@@ -18,6 +18,8 @@ from moe_prune.cli import app, sweep_tables
 from moe_prune.demo import DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.plotting import pyplot
+from moe_prune.specs.eval import EvalSpec
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import evaluate, tasks
 from moe_prune.stages import sweep as stage
 
@@ -25,7 +27,7 @@ MODEL = str(DEMO_MODEL_DIR)
 EVAL = dict(seq_len=128, batch_size=16, max_tokens=2048)  # 2048 held-out tokens: a fraction of a second per model
 # usage-frequency compares across layers (global), router-weight-norm reads weights, gradient-norm needs
 # gradients the statistics lack (skipped), frequency merges.
-FULL = stage.SweepSettings(
+FULL = SweepSpec(
     criteria=("usage-frequency", "router-weight-norm", "gradient-norm"),
     ratios=(0.25, 0.5, 0.75),
     directions="both",
@@ -55,7 +57,7 @@ def full(stats_file, tmp_path_factory):
 
 
 def perplexity(folder: str | Path) -> float:
-    return evaluate.run(folder, str(DEMO_HELDOUT), **EVAL).model.perplexity
+    return evaluate.run(folder, EvalSpec(data=str(DEMO_HELDOUT), **EVAL)).model.perplexity
 
 
 def rows(result) -> dict[str, dict]:
@@ -159,7 +161,7 @@ def test_prune_hopeless_skips_exactly_the_lines_worse_than_random_earlier(full, 
         )
 
     monkeypatch.setattr(stage, "_measure", replay)
-    pruned = stage.run(MODEL, stats_file, stage.SweepSettings(**{**vars(FULL), "prune_hopeless": True}))
+    pruned = stage.run(MODEL, stats_file, SweepSpec(**{**vars(FULL), "prune_hopeless": True}))
     hopeless = {r.combo.key for r in pruned.rows if r.status == "hopeless"}
     assert hopeless == expected and not hopeless & set(evaluated)
     full_rows = rows(result)
@@ -214,9 +216,7 @@ def test_a_random_mask_is_never_best_nor_recommended():
 def test_interrupted_sweep_resumes_and_ends_with_the_same_rows(full, stats_file, tmp_path, monkeypatch):
     """A part of the full sweep (its rows depend on nothing else), interrupted after 5 models, then resumed."""
     _, uninterrupted = full
-    part = stage.SweepSettings(
-        **{**vars(FULL), "criteria": ("usage-frequency",), "ratios": (0.25, 0.5), "merge_methods": ()}
-    )
+    part = SweepSpec(**{**vars(FULL), "criteria": ("usage-frequency",), "ratios": (0.25, 0.5), "merge_methods": ()})
     out = tmp_path / "run"
     evaluated: list[str] = []
     real = stage._measure
@@ -253,7 +253,7 @@ def test_interrupted_sweep_resumes_and_ends_with_the_same_rows(full, stats_file,
 def test_another_fingerprint_is_refused_without_force(full, stats_file, tmp_path):
     out, _ = full
     before = (out / "results.jsonl").read_bytes()
-    other = stage.SweepSettings(**{**vars(FULL), "max_tokens": 1024})
+    other = SweepSpec(**{**vars(FULL), "max_tokens": 1024})
     with pytest.raises(MoePruneError, match=r"holds a sweep of another .*max_tokens \(2048 there, 1024 now\)"):
         stage.run(MODEL, stats_file, other, out)
     result = invoke(
@@ -324,9 +324,7 @@ def fake_tasks(name, folder, label, manager, settings, progress):
 def test_tasks_are_columns_measured_on_each_model(stats_file, monkeypatch):
     monkeypatch.setattr(tasks, "prepare", lambda settings: "manager")
     monkeypatch.setattr(tasks, "evaluate_tasks", fake_tasks)
-    settings = stage.SweepSettings(
-        criteria=("usage-frequency",), ratios=(0.25, 0.5), random_seeds=1, tasks="fake", **EVAL
-    )
+    settings = SweepSpec(criteria=("usage-frequency",), ratios=(0.25, 0.5), random_seeds=1, tasks="fake", **EVAL)
     result = stage.run(MODEL, stats_file, settings)
     assert result.tasks == ["fake"]
     for row in result.rows:
@@ -340,7 +338,7 @@ def test_tasks_are_columns_measured_on_each_model(stats_file, monkeypatch):
 @pytest.mark.slow
 def test_task_accuracy_equals_eval_tasks_on_the_rebuilt_model(stats_file, tmp_path, monkeypatch):
     """Real lm-eval: the best row's accuracy is what `tasks.run` measures on the model its command builds."""
-    settings = stage.SweepSettings(
+    settings = SweepSpec(
         criteria=("usage-frequency",),
         ratios=(0.5,),
         random_seeds=1,

@@ -21,6 +21,7 @@ from moe_prune.allocation.evaluator import Evaluator
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import evaluate
 from moe_prune.stages import sweep as stage
 from moe_prune.sweep.plan import Combo
@@ -90,7 +91,7 @@ def test_sweep_holds_one_checkpoint_and_memory_does_not_grow_with_candidates(dem
     more than at the first candidate's (plus a tenth of the model: the search's bookkeeping)."""
     stats = tmp_path / "demo.npz"
     demo_stats.save(stats)
-    settings = stage.SweepSettings(
+    settings = SweepSpec(
         criteria=("usage-frequency",),
         ratios=(0.5,),
         scopes="search",

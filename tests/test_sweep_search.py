@@ -13,6 +13,8 @@ from moe_prune.cli import app
 from moe_prune.demo import DEMO_CALIBRATION, DEMO_HELDOUT, DEMO_MODEL_DIR
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring import get_criterion
+from moe_prune.specs.eval import EvalSpec
+from moe_prune.specs.sweep import SweepSpec
 from moe_prune.stages import evaluate, profile
 from moe_prune.stages import sweep as stage
 from moe_prune.sweep.plan import Combo, combinations, parse_scopes
@@ -68,7 +70,7 @@ def refit_stats(tmp_path_factory) -> Path:
 def test_searched_and_refit_rows_are_their_own_commands(refit_stats, tmp_path, monkeypatch):
     """A searched prune, an output-weighted refit merge and its searched twin: each row's command line, run by
     hand (allocate -> prune, or merge with the searched counts), gives the row's perplexity."""
-    settings = stage.SweepSettings(
+    settings = SweepSpec(
         criteria=("soft-counts",),
         ratios=(0.5,),
         scopes="layer,search",
@@ -103,6 +105,6 @@ def test_searched_and_refit_rows_are_their_own_commands(refit_stats, tmp_path, m
             built = CliRunner().invoke(app, words[1:])
             assert built.exit_code == 0, built.output
         folder = tmp_path / words[words.index("--out") + 1]
-        assert evaluate.run(folder, str(DEMO_HELDOUT), **EVAL).model.perplexity == row.perplexity, line
+        assert evaluate.run(folder, EvalSpec(data=str(DEMO_HELDOUT), **EVAL)).model.perplexity == row.perplexity, line
     floor = result.to_dict()["floors"][0]
     assert floor["rule"] == "best of 1 random mask" and floor["floor"] == floor["low"]

@@ -24,6 +24,7 @@ from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint import ragged
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.demo import DEMO_CALIBRATION
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, finetune, profile, prune
 from moe_prune.training.options import FinetuneOptions
 
@@ -65,7 +66,7 @@ def test_ragged_wrapper_profiles_evaluates_and_prunes_back(model_type, family_fa
         test_profile.assert_same_stats(layered, result.stats.arrays, rtol=1e-9)
 
     docs = [json.loads(line)["text"] for line in data.read_text().splitlines()]
-    scored = evaluate.run(str(once), str(data), seq_len=test_eval.SEQ, batch_size=3).model
+    scored = evaluate.run(str(once), EvalSpec(data=str(data), seq_len=test_eval.SEQ, batch_size=3)).model
     nll, count = test_eval.independent_nll(once, docs, trust_remote_code=True)
     assert scored.tokens_scored == count and scored.nll == pytest.approx(nll, rel=1e-5)
 

@@ -19,6 +19,7 @@ from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.errors import MoePruneError
 from moe_prune.runtime.statistics import StatisticsRecorder
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge, prune
 
 FAMILY = "longcat_flash"
@@ -79,7 +80,7 @@ def test_merge_keeps_the_zero_experts_after_the_merged_ones(longcat, router, tmp
     folder, _ = longcat
     ckpt = Checkpoint.open(folder)
     n, zero = ckpt.config.num_experts, ckpt.config.router_tail
-    merge.run(folder, synthetic_stats(ckpt), tmp_path / "half", n // 2, router=router, seed=1)
+    merge.run(folder, synthetic_stats(ckpt), tmp_path / "half", n // 2, MergeSpec(router=router, seed=1))
     before, after = checkpoint_tensors(folder), checkpoint_tensors(tmp_path / "half")
     for layer in ckpt.config.moe_layers:
         p = PREFIX.format(L=layer)

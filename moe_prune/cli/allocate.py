@@ -26,13 +26,7 @@ from moe_prune.specs.allocate import AllocateSpec
 from moe_prune.stages.common import check_not_input, check_writable
 
 if TYPE_CHECKING:
-    from moe_prune.stages.allocate import AllocationReport, MergeTarget
-
-
-SEQUENTIAL_REFUSAL = (
-    "allocate --sequential is not supported: each candidate is a whole forward pass, so one layer at a time would "
-    "read the checkpoint from disk once per candidate; use --device auto (GPUs) or score --global"
-)
+    from moe_prune.stages.allocate import AllocationReport
 
 
 @user_errors
@@ -54,26 +48,14 @@ def allocate(
 ) -> None:
     from moe_prune.stages import allocate as stage
 
-    s = spec
-    target, active, budget, inputs = _checked(s, model, stats, out, data, plot, force)
-    calibration = stage.Calibration(
-        data, s.samples, s.seq_len, s.batch_size, s.top_logprobs, s.dtype, s.device, s.trust_remote_code
-    )
+    inputs = _checked(spec, model, stats, out, data, plot, force)
     with LazyBar(*_columns()) as bar:
         mask, report = stage.allocate(
             stats,
             model,
-            s.criterion,
-            budget,
-            objective=s.objective,
-            calibration=calibration,
-            budget_evals=s.budget_evals,
-            seed=s.seed,
-            min_per_layer=s.min_per_layer,
-            skip_layers=s.skip_layers or (),
-            progress=lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
-            merge=target,
-            active_ratio=active,
+            spec,
+            data,
+            lambda done, total: bar.update("candidates evaluated", completed=done, total=total),
         )
     _finish(mask, report, out, plot, force, inputs, json_output)
 
@@ -86,29 +68,19 @@ def _checked(
     data: list[str] | None,
     plot: Path | None,
     force: bool,
-) -> tuple[MergeTarget | None, float | None, Any, tuple[str, ...]]:
-    """The options checked before any work: (merge target, active ratio, budget, the run's inputs)."""
-    from moe_prune.stages.allocate import Budget
-    from moe_prune.stages.common import check_plot, parse_size
+) -> tuple[str, ...]:
+    """The options checked before any work (the spec's by the stage, then the outputs'): the run's inputs."""
+    from moe_prune.stages.allocate import choices
+    from moe_prune.stages.common import check_plot
 
-    if s.sequential:
-        raise MoePruneError(SEQUENTIAL_REFUSAL)
-    if stats is None:
-        raise MoePruneError("pass --stats STATS (produce it with `moe-prune profile`)")
-    target = _target(s.for_, s.method, s.weights, s.refit, s.merge_seed)
-    active = _active_ratio(s.top_k, s.active_ratio)
-    if s.criterion is None and target is None:
-        raise MoePruneError("pass --criterion NAME (see `moe-prune score --list`)")
-    if [s.ratio, s.keep, s.bytes_].count(None) != 2:
-        raise MoePruneError("give exactly one of --ratio R, --keep N or --bytes SIZE")
-    budget = parse_size(s.bytes_, "--bytes") if s.bytes_ is not None else Budget(keep=s.keep, ratio=s.ratio)
+    choices(stats, s)
     inputs = tuple(p for p in (stats, model, *(data or ())) if p)
     if out is None:
         raise MoePruneError("pass --out MASK (the mask JSON to write)")
     check_writable(Path(out), force, "file")
     check_not_input(Path(out), inputs)
     check_plot(plot, force, (*inputs, out))
-    return target, active, budget, inputs
+    return inputs
 
 
 def _finish(
@@ -141,33 +113,6 @@ def _finish(
         return
     out_console.print(f"counts for merge written to {out}; build it with:", highlight=False)
     out_console.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
-
-
-def _target(for_: str, method: str | None, weights: str | None, refit: bool, seed: int | None) -> MergeTarget | None:
-    """--for merge and its options; the options without it are refused."""
-    from moe_prune.stages.allocate import MergeTarget
-
-    if for_ not in ("prune", "merge"):
-        raise MoePruneError(f"--for {for_!r}: use prune or merge")
-    if for_ == "prune":
-        given = [name for name, v in (("--method", method), ("--weights", weights), ("--merge-seed", seed)) if v]
-        if given or refit:
-            raise MoePruneError(f"{', '.join(given + ['--refit'] * refit)} apply to --for merge only")
-        return None
-    return MergeTarget(method or "uncurl", weights or "frequency", refit, seed or 0)
-
-
-def _active_ratio(top_k: str, ratio: float | None) -> float | None:
-    """--top-k search needs --active-ratio; --top-k keep refuses it."""
-    if top_k not in ("keep", "search"):
-        raise MoePruneError(f"--top-k {top_k!r}: use keep or search")
-    if top_k == "keep":
-        if ratio is not None:
-            raise MoePruneError("--active-ratio applies to --top-k search only")
-        return None
-    if ratio is None:
-        raise MoePruneError("--top-k search needs --active-ratio R (the share of experts per token kept)")
-    return ratio
 
 
 def _columns() -> tuple:

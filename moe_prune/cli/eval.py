@@ -82,14 +82,8 @@ def _run_perplexity(model: str, spec: EvalSpec) -> EvalResult:
     def advance(label: str, done: int, total: int) -> None:
         bar.update(label, f"evaluating {label} (batches)", completed=done, total=total)
 
-    s = spec
     try:
-        return stage.run(
-            model, s.data, s.seq_len, s.batch_size, s.max_tokens, s.baseline, advance, text_field=s.text_field,
-            split=s.split, split_on=s.split_on, dtype=s.dtype, device=s.device,
-            trust_remote_code=s.trust_remote_code, engine=s.engine, sequential=s.sequential,
-            buffer_memory=s.buffer_memory,
-        )  # fmt: skip
+        return stage.run(model, spec, advance)
     finally:
         bar.stop()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -61,7 +60,7 @@ def merge(
     ],
     model: ModelArg = DEFAULT_MODEL,
     *,
-    spec: MergeSpec,  # one option per field (cli/spec_options.py), named as stages.merge.run's keywords
+    spec: MergeSpec,  # one option per field (cli/spec_options.py), passed whole to stages.merge.run
     plot: Annotated[Path | None, typer.Option(help="Write a PNG heatmap of the similarity by cluster.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -84,10 +83,9 @@ def merge(
             refit_bar.stop()  # the pass is over once writing starts
             write_update(done, total)
 
-        options = {f.name: getattr(spec, f.name) for f in fields(spec)}
         result = stage.run(
-            model, loaded, out, default, keep_overrides=overrides, stats_name=str(stats), progress=update,
-            refit_progress=refit_update, **options,
+            model, loaded, out, default, spec, keep_overrides=overrides, stats_name=str(stats), progress=update,
+            refit_progress=refit_update,
         )  # fmt: skip
     if plot is not None:
         from moe_prune.stages.merge import similarity_heatmaps

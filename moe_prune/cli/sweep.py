@@ -23,7 +23,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.specs.sweep import SweepSpec
 
 if TYPE_CHECKING:
-    from moe_prune.stages.sweep import Combo, SweepResult, SweepSettings
+    from moe_prune.stages.sweep import Combo, SweepResult
 
 
 @user_errors
@@ -62,7 +62,7 @@ def sweep(
     report(result, drawn)
 
 
-def _run(model: str, stats: Path, settings: SweepSettings, out: Path | None, force: bool) -> SweepResult:
+def _run(model: str, stats: Path, settings: SweepSpec, out: Path | None, force: bool) -> SweepResult:
     """The stage under one progress bar over the combinations."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 

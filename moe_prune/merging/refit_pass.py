@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +38,9 @@ from moe_prune.errors import MoePruneError
 from moe_prune.merging.refit import RIDGE, RIDGES, candidate_errors, eigen_fit, least_squares_down, ridge_solution
 from moe_prune.merging.refit_groups import check_bound, layer_budget, slot_groups
 from moe_prune.merging.refit_store import SpilledDowns
+from moe_prune.runtime.layer_pass import LayerPass, output_head
 from moe_prune.runtime.refit_sums import AnchorSums, refit_check, slot_bytes
-from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
+from moe_prune.runtime.sequential import LayerwiseModel
 
 HELD_OUT = 0.125  # share of the windows that choose the ridge (at least one window)
 
@@ -106,13 +106,12 @@ def refit_pass(
     if held:  # the fit windows first, then the held-out ones: the sums do not depend on the windows' order
         fitted = sorted(set(range(len(windows))) - set(held))
         windows = windows[fitted + held]
-    runner = _Layers(model, windows, batch_size, len(windows) - len(held), max(anchors, default=-1), progress)
-    runner.buffer_memory, runner.spill = buffer_memory, spill
+    split = len(windows) - len(held)
+    runner = _Layers(model, windows, batch_size, split, max(anchors, default=-1), progress, buffer_memory, spill)
     result = PassResult({}, [])
-    try:
+    with runner.layerwise:
         runner.embed()
-        for layer in range(runner.last + 1):
-            block = model.load_layer(layer)
+        for layer, block in runner.layerwise.layers(runner.last + 1):
             if layer in anchors:
                 groups = slot_groups(len(anchors[layer]), per_slot[layer], layer_budget(refit_memory, model.device))
                 result.downs[layer], fit = _refit_layer(runner, block, config, layer, anchors[layer], groups, ridge)
@@ -120,9 +119,6 @@ def refit_pass(
             else:
                 with torch.inference_mode():
                     runner.run(block, layer, runner.fit + runner.held)
-            model.free_layer(layer)
-    finally:
-        runner.close()
     return result
 
 
@@ -165,7 +161,8 @@ def _refit_layer(
 
 
 class _Layers:
-    """The windows' hidden states and each layer's recorded call arguments (as `profile --sequential`)."""
+    """The pass's windows (fit ones first, then held-out ones) through the one layer-by-layer loop
+    (`runtime.layer_pass.LayerPass`, hidden states past `buffer_memory` spilled to `spill`), and its progress."""
 
     def __init__(
         self,
@@ -175,50 +172,33 @@ class _Layers:
         split: int,
         last: int,
         progress: Callable[[int, int], None] | None,
+        buffer_memory: int | None = None,
+        spill: Path | None = None,
     ) -> None:
-        self.model, self.windows, self.last = model, windows, last
+        self.model, self.windows, self.last, self.spill = model, windows, last, spill
         self.fit, self.held = _batches(split, batch_size), _batches(len(windows), batch_size, split)
         self.report = progress or (lambda done, total: None)
         self.total = int(windows.numel()) * (last + 2)
-        self.calls: dict[int, dict[int, tuple[tuple, dict]]] = {}
-        self.buffer: HiddenBuffer | None = None
-        self.buffer_memory: int | None = None
-        self.spill: Path | None = None  # folder of the hidden states past buffer_memory
+        self.layerwise = LayerPass(model, windows, self.fit + self.held, buffer_memory, spill)
 
     def embed(self) -> None:
         """Every window's input to the first decoder layer, and what the model passes each layer."""
         self.report(0, self.total)
-        self.model.load_outside(skip=_output_head(self.model.model))
-        for rows in self.fit + self.held:
-            batch = self.windows[rows]
-            inputs = self.model.layer_inputs(batch)
-            hidden = inputs[0][0][0]
-            if self.buffer is None:
-                shape = (len(self.windows), *hidden.shape[1:])
-                self.buffer = HiddenBuffer(shape, hidden.dtype, self.buffer_memory, self.spill)
-            self.buffer.tensor[rows] = hidden.cpu()
-            self.calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
-            self.report(int(rows.stop * self.windows.shape[1]), self.total)
-        self.model.free_outside()
+        length = self.windows.shape[1]
+        self.layerwise.embed(output_head(self.model.model), lambda rows: self.report(rows.stop * length, self.total))
 
     def run(
         self, block: torch.nn.Module, layer: int, batches: list[slice], write: bool = True, part: tuple = (0, 1)
     ) -> None:
         """Decoder layer `layer` on these batches, its outputs replacing its inputs if `write`; run `part[0]`
         of `part[1]` over the layer (progress: each run is that share of the layer)."""
-        assert self.buffer is not None
         count, length = self.windows.shape[:2]
-        for rows in batches:
-            args, kwargs = self.calls[rows.stop - rows.start][layer]
-            out = block(self.buffer.tensor[rows].to(self.model.device), *args, **kwargs)
-            if write:
-                self.buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
+
+        def after(rows: slice) -> None:
             share = (part[0] * count + rows.stop) * length // part[1]
             self.report(int((layer + 1) * self.windows.numel() + share), self.total)
 
-    def close(self) -> None:
-        if self.buffer is not None:
-            self.buffer.close()
+        self.layerwise.run(block, layer, batches, write=write, after=after)
 
 
 def _solve(
@@ -264,9 +244,3 @@ def _keep(store: SpilledDowns, fit: LayerFit, down: np.ndarray, ridge: float) ->
     fit.ridges.append(ridge)
     fit.max_abs = max(fit.max_abs, float(np.abs(down).max()))
     fit.max_norm = max(fit.max_norm, float(np.linalg.norm(down)))
-
-
-def _output_head(model: Any) -> tuple[str, ...]:
-    """Module paths of the output head (the pass needs the decoder layers' outputs only)."""
-    head = model.get_output_embeddings()
-    return tuple(name + "." for name, module in model.named_modules() if module is head and name)

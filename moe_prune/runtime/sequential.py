@@ -186,10 +186,13 @@ class LayerwiseModel:
             raise MoePruneError(f"{self.folder}: checkpoint does not match its config ({what})")
 
     def load_outside(self, skip: tuple[str, ...]) -> None:
-        """Every parameter outside the decoder layers except those under `skip` (the output head)."""
+        """Every parameter outside the decoder layers except those under `skip` (the output head); with the head
+        (`skip` empty), a tied head is tied again to the loaded embedding, so it is held once."""
         keys = self._keys.get(None, {})
         expect = [n for n, _ in self.model.named_parameters() if not n.startswith((self.layers_path + ".", *skip))]
         self.load(keys, expect)
+        if not skip:
+            self.model.tie_weights()
 
     def free_outside(self) -> None:
         """Parameters outside the decoder layers back to meta (the embeddings are needed only once)."""
@@ -252,13 +255,22 @@ class LayerwiseModel:
             return self.model(input_ids=input_ids.to(self.device), use_cache=False)
 
 
-def open_layerwise(ckpt: Any, dtype: str, device: str, trust_remote_code: bool, instead: str) -> LayerwiseModel:
-    """`ckpt` as a meta skeleton whose decoder layers load one at a time (`--sequential`); refused in one line
-    for the families whose layers hand state to the next one (`instead`: what the user can do)."""
+def check_layerwise(ckpt: Any, instead: str, what: str = "--sequential") -> None:
+    """The one refusal of running `ckpt` one decoder layer at a time (`what`: the option or pass that would), in
+    one line naming its config and the family's reason, for the families whose layers hand state to the next one
+    (`instead`: what the user can do)."""
     config = ckpt.config
     if config.model_type in NO_SEQUENTIAL:
         raise MoePruneError(
-            f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
+            f"{ckpt.folder / 'config.json'}: {what} is not supported for {config.model_type} "
             f"({NO_SEQUENTIAL[config.model_type]}); {instead}"
         )
-    return LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, dtype, device, trust_remote_code)
+
+
+def open_layerwise(
+    ckpt: Any, dtype: str, device: str, trust_remote_code: bool, instead: str, what: str = "--sequential"
+) -> LayerwiseModel:
+    """`ckpt` as a meta skeleton whose decoder layers load one at a time (`--sequential`), or the one refusal
+    (`check_layerwise`)."""
+    check_layerwise(ckpt, instead, what)
+    return LayerwiseModel(ckpt.folder, ckpt.config.adapter.runtime_layers, dtype, device, trust_remote_code)

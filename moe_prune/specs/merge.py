@@ -1,5 +1,5 @@
-"""How `merge` merges and writes: `stages.merge.run`'s keywords (same names) and `moe-prune merge`'s options
-(the model, statistics, --keep and output folder are the command's own)."""
+"""How `merge` merges and writes: `stages.merge.run`'s spec and `moe-prune merge`'s options (the model,
+statistics, --keep and output folder are the command's own)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,14 @@ FOR_HELP = (
     "(comma-separated, e.g. reap,uncurl)."
 )
 
+# The resume fingerprint of a profile's partial files (`stages.profile.resume_options`): the result-affecting fields
+# a resumed run must match, in the layout of the first releases' files (which must still resume): the first group
+# always, each later group only when one of its fields is set. The other result-affecting fields choose the
+# windows, whose token ids the fingerprint hashes instead, or never save partial sums (--sequential). A new
+# result-affecting field goes in one of the two (tests/test_specs.py checks it).
+RESUMED = (("batch_size", "dtype", "gradients"), ("expert_outputs", "refit_stats"), ("for_names",))
+NOT_RESUMED = ("samples", "seq_len", "seed", "shard", "text_field", "split", "split_on", "include_path", "sequential")
+
 
 def _names(text: str | None, flag: str) -> tuple[str, ...]:
     """`--for a,b` -> ('a', 'b') as given; `stages.profile_for.wanted` checks and cleans them."""

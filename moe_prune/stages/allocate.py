@@ -1,6 +1,6 @@
 """`allocate`: search how many experts each MoE layer keeps, the criterion's order inside each layer.
 
-Library entry point: `allocate(stats, model, criterion, budget, ...) -> (DropMask, AllocationReport)`.
+Library entry point: `allocate(stats, model, AllocateSpec(...), data) -> (DropMask, AllocationReport)`.
 Inputs, budget and constraints are checked before the model is loaded. The original's predictions on
 calibration windows (those `profile` read, from the statistics' provenance, or `data`) are computed once;
 each candidate runs the same loaded model with its dropped experts out of routing (`allocation.masking`).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import numpy as np
 
 from moe_prune.allocation import plan
 from moe_prune.allocation.blocks import MergedBlocks
-from moe_prune.allocation.objective import OBJECTIVES
 from moe_prune.allocation.plot import counts_figure as counts_figure
 from moe_prune.allocation.search import Counts, search
 from moe_prune.architectures.config import ModelConfig
@@ -35,12 +34,16 @@ from moe_prune.runtime.skeleton import code_decision
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.registry import Criterion, Inputs, evaluate
 from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
+from moe_prune.stages.allocate_choices import SEQUENTIAL_REFUSAL as SEQUENTIAL_REFUSAL
+from moe_prune.stages.allocate_choices import check_numbers
+from moe_prune.stages.allocate_choices import choices as choices
 from moe_prune.stages.allocate_data import Calibration, calibration_windows
 from moe_prune.stages.allocate_merge import MergeAllocation as MergeAllocation
 from moe_prune.stages.allocate_merge import MergeTarget as MergeTarget
-from moe_prune.stages.allocate_merge import merged_models
+from moe_prune.stages.allocate_merge import merge_allocation, merged_models
 from moe_prune.stages.allocate_record import AllocationReport as AllocationReport
-from moe_prune.stages.allocate_record import allocation_record, drop_mask, report_of
+from moe_prune.stages.allocate_record import drop_mask, report_of
 from moe_prune.stages.allocate_topk import TopKJudge, check_options, search_top_k
 from moe_prune.stages.evaluate import _is_expert_weight
 from moe_prune.stages.score import _identity, _vocab
@@ -51,81 +54,122 @@ MERGE_RANKING = "usage-frequency"  # --for merge without soft counts: ranks by t
 
 
 def allocate(
-    stats: str | Path,
+    stats: str | Path | None,
     model: str | Path,
-    criterion: str | None,
-    budget: Budget | int,
-    objective: str = DEFAULT_OBJECTIVE,
-    calibration: Calibration | None = None,
-    budget_evals: int = 64,
-    seed: int = 0,
-    min_per_layer: int | None = None,
-    skip_layers: Sequence[int] = (),
+    spec: AllocateSpec = AllocateSpec(),
+    data: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    merge: MergeTarget | None = None,
-    active_ratio: float | None = None,
 ) -> tuple[DropMask | MergeAllocation, AllocationReport]:
-    """Search per-layer counts for `criterion` under `budget` (a Budget over the searched layers, or bytes).
-
-    With `merge`, the counts are for `merge` with that method (`stages.allocate_merge`): candidates are
-    judged as merged models, `criterion` only ranks experts across layers for the global start (None: one
-    the statistics hold, `merge_ranking`), and the result is a `MergeAllocation` instead of a drop mask.
-    """
-    calibration = calibration or Calibration()  # None: the defaults
+    """Search per-layer counts for `spec.criterion` under the spec's budget (`--ratio`/`--keep` of the searched
+    layers' experts, or `--bytes`), candidates judged on `data` (None: the windows the statistics were profiled on).
+    With `spec.for_` "merge", the counts are for `merge` with that method (`stages.allocate_merge`): candidates are
+    judged as merged models, the criterion only ranks experts across layers for the global start (None: one
+    the statistics hold, `merge_ranking`), and the result is a `MergeAllocation` instead of a drop mask."""
     start = time.perf_counter()
-    _check_numbers(objective, budget_evals, calibration)
-    stats_name = str(stats)
-    loaded = Stats.load(Path(stats))
-    crit = get_criterion(criterion or merge_ranking(loaded, merge))
-    ckpt = Checkpoint.open(model)
-    code_decision(ckpt, calibration.trust_remote_code)  # refuses checkpoint code before any work
-    identity = _identity(crit, loaded, ckpt, stats_name)
-    notes = merge.check(loaded, ckpt, stats_name, calibration.trust_remote_code) if merge is not None else []
-    config = ckpt.config
-    layers = _layers(config, identity.moe_layers, skip_layers)
-    space, limit = _space(ckpt, layers, budget, min_per_layer)
-    if active_ratio is not None:
-        check_options(config, layers, active_ratio, merge is not None)
-    warnings: list[str] = notes
-    inputs = Inputs(identity, loaded, None, seed, _vocab(loaded, ckpt))
-    scores, usage, values = evaluate(crit, inputs) if not crit.weights else _with_weights(crit, inputs, ckpt)
-    table = plan.DropTable(layers, crit.direction, scores, usage, values)
-    starts, global_from = _starts(crit, loaded, inputs, scores, space, layers, limit, warnings)
+    p = _prepared(stats, model, spec, data)
 
     from moe_prune.allocation.evaluator import Evaluator  # torch and transformers: only once the inputs are good
 
-    model_obj, windows, data_warnings = calibration_windows(ckpt, loaded, calibration, stats_name)
-    warnings += data_warnings
-    judge = Evaluator(model_obj, config, windows, calibration.batch_size, calibration.top)
+    model_obj, windows, data_warnings = calibration_windows(p.ckpt, p.stats, p.calibration, p.stats_name)
+    p.warnings.extend(data_warnings)
+    config = p.ckpt.config
+    judge = Evaluator(model_obj, config, windows, p.calibration.batch_size, p.calibration.top)
     measured: dict[Counts, tuple[float, float]] = {}
-    skip = sorted(skip_layers)
     with ExitStack() as stack:
-        if merge is None:
-            candidate = lambda counts: judge.masks.dropped(table.drops(counts))  # noqa: E731
+        if p.merge is None:
+            candidate = lambda counts: judge.masks.dropped(p.table.drops(counts))  # noqa: E731
         else:
-            candidate = _merged(stack, model_obj, config, model, loaded, stats_name, merge, layers, calibration)
+            candidate = _merged(
+                stack, model_obj, config, model, p.stats, p.stats_name, p.merge, p.layers, p.calibration
+            )
 
         def value(counts: Counts) -> float:
             measured[counts] = judge.measure_in(candidate(counts))
             esap, kl = measured[counts]
-            return esap if objective == "esap" else -kl
+            return esap if spec.objective == "esap" else -kl
 
-        trace = search(space, starts, value, budget_evals, seed, progress)
+        trace = search(p.space, p.starts, value, spec.budget_evals, spec.seed, progress)
         top_k = None
-        if active_ratio is not None:
+        if p.active_ratio is not None:
             counts_candidate = lambda: candidate(trace.best)  # noqa: E731
-            topk_judge = TopKJudge(model_obj, config, judge.measure_in, counts_candidate, windows[0], objective)
-            top_k = search_top_k(topk_judge, layers, trace.best, active_ratio, budget_evals, seed, progress)
-    report = report_of(crit.name, objective, layers, starts, trace, measured, judge.positions, global_from, warnings)
+            topk_judge = TopKJudge(model_obj, config, judge.measure_in, counts_candidate, windows[0], spec.objective)
+            top_k = search_top_k(
+                topk_judge, p.layers, trace.best, p.active_ratio, spec.budget_evals, spec.seed, progress
+            )
+    report = report_of(
+        p.criterion, spec.objective, p.layers, p.starts, trace, measured, judge.positions, p.global_from, p.warnings
+    )
     report.top_k = top_k.to_dict() if top_k is not None else None
     report.seconds = time.perf_counter() - start
-    facts = {"budget_evals": budget_evals, "seed": seed, "min_per_layer": min_per_layer, "skip_layers": skip}
-    if merge is not None:
-        keep = dict(zip(layers.numbers, trace.best, strict=True))
-        return _merge_allocation(merge, keep, report, budget, calibration, facts, stats, model), report
-    searched_top_k = tuple(top_k.top_k) if top_k is not None else None
-    mask = drop_mask(identity, layers, table, trace, report, budget, calibration, facts, stats, searched_top_k)
-    mask.validate_groups(layers.n_group, "mask")
+    return _result(p, spec, trace, report, tuple(top_k.top_k) if top_k is not None else None, model)
+
+
+@dataclass
+class _Prepared:
+    """What the search needs, every input read and checked before the model is loaded."""
+
+    merge: MergeTarget | None
+    active_ratio: float | None
+    budget: Budget | int
+    calibration: Calibration
+    stats_name: str
+    stats: Stats
+    criterion: str
+    ckpt: Checkpoint
+    identity: Any
+    layers: plan.Layers
+    space: plan.Space
+    table: plan.DropTable
+    starts: dict[str, Counts]
+    global_from: str | None
+    warnings: list[str]
+
+
+def _prepared(stats: str | Path | None, model: str | Path, spec: AllocateSpec, data: Sequence[str] | None) -> _Prepared:
+    """The spec's choices, the statistics, the checkpoint, the candidates' space and the search's starts."""
+    merge, active_ratio, budget = choices(stats, spec)
+    s = spec
+    calibration = Calibration(
+        data, s.samples, s.seq_len, s.batch_size, s.top_logprobs, s.dtype, s.device, s.trust_remote_code
+    )
+    check_numbers(spec.objective, spec.budget_evals, calibration)
+    stats_name = str(stats)
+    loaded = Stats.load(Path(stats_name))
+    crit = get_criterion(spec.criterion or merge_ranking(loaded, merge))
+    ckpt = Checkpoint.open(model)
+    code_decision(ckpt, calibration.trust_remote_code)  # refuses checkpoint code before any work
+    identity = _identity(crit, loaded, ckpt, stats_name)
+    warnings = merge.check(loaded, ckpt, stats_name, calibration.trust_remote_code) if merge is not None else []
+    layers = _layers(ckpt.config, identity.moe_layers, spec.skip_layers or ())
+    space, limit = _space(ckpt, layers, budget, spec.min_per_layer)
+    if active_ratio is not None:
+        check_options(ckpt.config, layers, active_ratio, merge is not None)
+    inputs = Inputs(identity, loaded, None, spec.seed, _vocab(loaded, ckpt))
+    scores, usage, values = evaluate(crit, inputs) if not crit.weights else _with_weights(crit, inputs, ckpt)
+    table = plan.DropTable(layers, crit.direction, scores, usage, values)
+    starts, global_from = _starts(crit, loaded, inputs, scores, space, layers, limit, warnings)
+    return _Prepared(
+        merge, active_ratio, budget, calibration, stats_name, loaded, crit.name, ckpt, identity, layers, space,
+        table, starts, global_from, warnings,
+    )  # fmt: skip
+
+
+def _result(
+    p: _Prepared,
+    spec: AllocateSpec,
+    trace: Any,
+    report: AllocationReport,
+    top_k: tuple[int, ...] | None,
+    model: str | Path,
+) -> tuple[DropMask | MergeAllocation, AllocationReport]:
+    """The drop mask (or, --for merge, the counts to merge to) with the allocation's record."""
+    facts = {"budget_evals": spec.budget_evals, "seed": spec.seed, "min_per_layer": spec.min_per_layer}
+    facts["skip_layers"] = sorted(spec.skip_layers or ())
+    if p.merge is not None:
+        keep = dict(zip(p.layers.numbers, trace.best, strict=True))
+        return merge_allocation(p.merge, keep, report, p.budget, p.calibration, facts, p.stats_name, model), report
+    mask = drop_mask(p.identity, p.layers, p.table, trace, report, p.budget, p.calibration, facts, p.stats_name, top_k)
+    mask.validate_groups(p.layers.n_group, "mask")
     return mask, report
 
 
@@ -156,37 +200,6 @@ def _merged(
     build = stack.enter_context(merged_models(model, loaded, stats_name, merge, layers, calibration))
     blocks = MergedBlocks(model_obj, config, layers.numbers, layers.searched, build)
     return stack.enter_context(blocks).swapped
-
-
-def _merge_allocation(
-    merge: MergeTarget,
-    keep: dict[int, int],
-    report: AllocationReport,
-    budget: Budget | int,
-    calibration: Calibration,
-    facts: dict[str, Any],
-    stats: str | Path,
-    model: str | Path,
-) -> MergeAllocation:
-    """The `--for merge` result: the counts to merge to and the allocation's record."""
-    report.target = {"for": "merge", **asdict(merge)}
-    record = allocation_record(report, budget, calibration, facts, stats)
-    record = {**{k: v for k, v in record.items() if k not in ("allocation", "stats")}, **record["allocation"]}
-    return MergeAllocation(merge, keep, facts["skip_layers"], str(model), str(stats), record)
-
-
-def _check_numbers(objective: str, budget_evals: int, calibration: Calibration) -> None:
-    """The objective's name and the counts' lower bounds, before anything is read."""
-    if objective not in OBJECTIVES:
-        raise MoePruneError(f"--objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    for name, value, least in (
-        ("--budget-evals", budget_evals, 2),
-        ("--samples", calibration.samples, 1),
-        ("--top-logprobs", calibration.top, 1),
-        ("--batch-size", calibration.batch_size, 1),
-    ):
-        if value < least:
-            raise MoePruneError(f"{name} must be at least {least} (got {value})")
 
 
 def _starts(

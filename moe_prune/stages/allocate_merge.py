@@ -30,8 +30,11 @@ from moe_prune.errors import MoePruneError
 from moe_prune.io.output import atomic_file
 from moe_prune.merging.registry import get_method, weight_statistic
 from moe_prune.runtime.loading import load_model
+from moe_prune.scoring.selection import Budget
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import merge
 from moe_prune.stages.allocate_data import Calibration
+from moe_prune.stages.allocate_record import AllocationReport, allocation_record
 from moe_prune.stages.calibration import recorded_windows
 from moe_prune.stages.refit import check_pass, has_sums
 
@@ -112,14 +115,16 @@ def merged_models(
                     stats,
                     folder,
                     count,
+                    MergeSpec(
+                        device=calibration.device if target.passes(stats) else None,
+                        method=target.method,
+                        weights=target.weights,
+                        refit=target.refit,
+                        skip_layers=[layer for layer in layers.numbers if layer not in merged],
+                        seed=target.seed,
+                        force=True,
+                    ),
                     keep_overrides={k: n for k, n in capped(count, layers).items() if k in merged},
-                    device=calibration.device if target.passes(stats) else None,
-                    method=target.method,
-                    weights=target.weights,
-                    refit=target.refit,
-                    skip_layers=[layer for layer in layers.numbers if layer not in merged],
-                    seed=target.seed,
-                    force=True,
                     stats_name=stats_name,
                 )
                 return load_model(folder, calibration.dtype, calibration.device, calibration.trust_remote_code)
@@ -178,3 +183,20 @@ class MergeAllocation:
             raise MoePruneError(f"{out}: is a folder; give a file name for the allocation")
         with atomic_file(Path(out), force, protect=tuple(Path(p) for p in inputs)) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def merge_allocation(
+    merge: MergeTarget,
+    keep: dict[int, int],
+    report: AllocationReport,
+    budget: Budget | int,
+    calibration: Calibration,
+    facts: dict[str, Any],
+    stats: str | Path,
+    model: str | Path,
+) -> MergeAllocation:
+    """The `--for merge` result: the counts to merge to and the allocation's record."""
+    report.target = {"for": "merge", **asdict(merge)}
+    record = allocation_record(report, budget, calibration, facts, stats)
+    record = {**{k: v for k, v in record.items() if k not in ("allocation", "stats")}, **record["allocation"]}
+    return MergeAllocation(merge, keep, facts["skip_layers"], str(model), str(stats), record)

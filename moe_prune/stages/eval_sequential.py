@@ -1,8 +1,8 @@
 """`eval --sequential`: perplexity and expert load one decoder layer at a time, for models larger than memory.
 
 Why: whole-model eval holds every layer (6.8 layers' worth at Qwen3-30B-A3B shapes, issue #24). Here the
-layer-by-layer machinery of `profile --sequential` (`runtime.sequential.LayerwiseModel`) runs every chunk
-through one decoder layer at a time, the hidden states of all chunks in a `HiddenBuffer` (spilled to a
+layer-by-layer loop of `profile --sequential` (`runtime.layer_pass` over `runtime.sequential.LayerwiseModel`) runs
+every chunk through one decoder layer at a time, the hidden states of all chunks in a `HiddenBuffer` (spilled to a
 memory-mapped file past `buffer_memory`); then the model's own forward, its layers stubbed to hand back
 the buffer's rows, gives the logits, and the one NLL loop (`training.nll.nll_sum`) scores them. Same
 chunks, same batches, same layers: the perplexity equals whole-model eval's to float rounding (the head pass
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.runtime.layer_pass import LayerPass
 from moe_prune.runtime.routing import RoutingRecorder
 from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel
 from moe_prune.training.nll import nll_sum
@@ -35,35 +36,14 @@ def score(
     """(summed NLL, predictions, routing counts) of `chunks`; `on_step(done)` after each batch of each pass
     (1 embedding pass, one per decoder layer, 1 head pass: `batches x (layers + 2)` steps)."""
     batches = [slice(start, start + batch_size) for start in range(0, len(chunks), batch_size)]
-    runtime.load_outside(skip=())
-    runtime.model.tie_weights()  # a tied head is the embedding, loaded once
     step = iter(range(1, len(batches) * (len(runtime.layers) + 2) + 1))
-    buffer: HiddenBuffer | None = None
-    calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
-    try:
-        for rows in batches:
-            inputs = runtime.layer_inputs(chunks[rows])
-            hidden = inputs[0][0][0]
-            if buffer is None:
-                buffer = HiddenBuffer((len(chunks), *hidden.shape[1:]), hidden.dtype, buffer_memory)
-            buffer.tensor[rows] = hidden.cpu()
-            calls.setdefault(len(hidden), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
-            on_step(next(step))
-        assert buffer is not None
-        runtime.free_outside()  # embeddings and head: not needed until the head pass
+    with LayerPass(runtime, chunks, batches, buffer_memory) as layerwise:
+        layerwise.embed(skip=(), after=lambda rows: on_step(next(step)))  # embeddings and head freed until the head
         with RoutingRecorder(runtime.model, ckpt.config) as recorder:
-            for layer in range(len(runtime.layers)):
-                block = runtime.load_layer(layer)
-                for rows in batches:
-                    args, kwargs = calls[len(buffer.tensor[rows])][layer]
-                    out = block(buffer.tensor[rows].to(runtime.device), *args, **kwargs)
-                    buffer.tensor[rows] = (out[0] if isinstance(out, tuple) else out).cpu()
-                    on_step(next(step))
-                runtime.free_layer(layer)
-        total, count = _head_pass(runtime, ckpt, chunks, buffer, lambda done: on_step(next(step)), batch_size)
-    finally:
-        if buffer is not None:
-            buffer.close()
+            for layer, block in layerwise.layers():
+                layerwise.run(block, layer, after=lambda rows: on_step(next(step)))
+        assert layerwise.buffer is not None
+        total, count = _head_pass(runtime, ckpt, chunks, layerwise.buffer, lambda done: on_step(next(step)), batch_size)
     return total, count, recorder
 
 
@@ -78,8 +58,7 @@ def _head_pass(
     """The NLL of the last layer's hidden states, one window at a time: a batch's logits (and the loss's float32
     copies) are windows x seq_len x vocabulary, 1.2 GB for 4 x 256 tokens of a 152k vocabulary, more than a
     decoder layer's share. `on_batch` is still called once per batch of `batch_size` windows."""
-    runtime.load_outside(skip=())
-    runtime.model.tie_weights()
+    runtime.load_outside(skip=())  # a tied head is the embedding, loaded once
     single = [slice(row, row + 1) for row in range(len(chunks))]
     triples = ((chunks[rows], chunks[rows], chunks[rows][:, 1:].numel()) for rows in single)
 

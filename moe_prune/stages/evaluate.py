@@ -44,6 +44,7 @@ from moe_prune.runtime.routing import RoutingRecorder, load_balance
 from moe_prune.runtime.sequential import LayerwiseModel, open_layerwise
 from moe_prune.runtime.sources import parse_source
 from moe_prune.runtime.vllm_engine import check_engine as check_engine
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import eval_sequential
 from moe_prune.stages.eval_results import EvalResult, LayerLoad, ModelEval, ParamCounts
 from moe_prune.training.nll import nll_sum as one_nll_sum
@@ -229,51 +230,36 @@ def _score(
     return nll, scored, _layer_loads(recorder, ckpt.identity.original_ids)
 
 
-def run(
-    model: str | Path,
-    data: str,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    baseline: str | Path | None = None,
-    progress: ProgressFn | None = None,
-    *,
-    text_field: str = "text",
-    split: str = "train",
-    split_on: str = "none",
-    dtype: str = "float32",
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-    engine: str = "transformers",
-    sequential: bool = False,
-    buffer_memory: int | None = None,
-) -> EvalResult:
-    """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data` with `engine`;
-    `sequential`: one decoder layer at a time (models larger than memory), `buffer_memory` bytes of hidden states
-    in memory (None: all; the rest in a temporary file)."""
-    if buffer_memory is not None and not sequential:
+def run(model: str | Path, spec: EvalSpec = EvalSpec(), progress: ProgressFn | None = None) -> EvalResult:
+    """Perplexity, sizes and load of `model` (and `spec.baseline`, one after the other so only one is in memory) on
+    `spec.data` with `spec.engine`; `sequential`: one decoder layer at a time (models larger than memory),
+    `buffer_memory` bytes of hidden states in memory (None: all; the rest in a temporary file). The spec's task
+    fields are `stages.tasks`' (the `eval` command runs both)."""
+    s = spec
+    if s.buffer_memory is not None and not s.sequential:
         raise MoePruneError("--buffer-memory applies to --sequential only; add --sequential or leave it out")
-    if sequential and engine != "transformers":
-        raise MoePruneError(f"--sequential runs the model with transformers, not --engine {engine}")
-    vllm_engine.check_engine(engine, device)
-    if seq_len < 2:
-        raise MoePruneError(f"sequence length must be at least 2 (got {seq_len})")
-    if batch_size < 1:
-        raise MoePruneError(f"batch size must be at least 1 (got {batch_size})")
-    if max_tokens is not None and max_tokens < 1:
-        raise MoePruneError(f"max tokens must be at least 1 (got {max_tokens})")
-    parse_dtype(dtype)
+    if s.sequential and s.engine != "transformers":
+        raise MoePruneError(f"--sequential runs the model with transformers, not --engine {s.engine}")
+    vllm_engine.check_engine(s.engine, s.device)
+    if s.seq_len < 2:
+        raise MoePruneError(f"sequence length must be at least 2 (got {s.seq_len})")
+    if s.batch_size < 1:
+        raise MoePruneError(f"batch size must be at least 1 (got {s.batch_size})")
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise MoePruneError(f"max tokens must be at least 1 (got {s.max_tokens})")
+    parse_dtype(s.dtype)
     # Open both checkpoints first (headers and config): a wrong folder is reported before any data is read.
     checkpoints = {"model": (str(model), _open(model))}
-    if baseline is not None:
-        checkpoints["baseline"] = (str(baseline), _open(baseline))
-    texts = heldout_documents(data, text_field, split, max_tokens, split_on)
+    if s.baseline is not None:
+        checkpoints["baseline"] = (str(s.baseline), _open(s.baseline))
+    texts = heldout_documents(s.data, s.text_field, s.split, s.max_tokens, s.split_on)
     settings = Settings(
-        seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine, sequential, buffer_memory
-    )
+        s.seq_len, s.batch_size, s.max_tokens, s.dtype, s.device, s.trust_remote_code, s.engine, s.sequential,
+        s.buffer_memory,
+    )  # fmt: skip
     report = progress or (lambda label, done, total: None)
     evals = {
-        label: evaluate_model(name, ckpt, label, texts, settings, report, data)
+        label: evaluate_model(name, ckpt, label, texts, settings, report, s.data)
         for label, (name, ckpt) in checkpoints.items()
     }
     result, chunks, warnings = evals["model"]
@@ -283,7 +269,7 @@ def run(
         warnings += base_warnings
         if not torch.equal(chunks, base_chunks):
             warnings.append("model and baseline tokenize the data differently; their perplexities are not comparable")
-    return EvalResult(str(data), result, base, warnings)
+    return EvalResult(str(s.data), result, base, warnings)
 
 
 def _open(model: str | Path) -> Checkpoint:

@@ -22,6 +22,7 @@ from moe_prune.lottery.results import MethodResult, RoundResult
 from moe_prune.runtime.shares import SourceSpec
 from moe_prune.scoring import get_criterion
 from moe_prune.scoring.selection import Budget
+from moe_prune.specs.eval import EvalSpec
 from moe_prune.stages import evaluate, finetune, profile, prune, score
 from moe_prune.training.options import FinetuneOptions
 
@@ -200,11 +201,13 @@ def _finetune_fields(params: LotteryParams, tokens: int) -> dict[str, Any]:
 def _perplexity(params: LotteryParams, model: Path) -> float:
     result = evaluate.run(
         model,
-        params.eval_data,
-        seq_len=params.seq_len,
-        batch_size=params.batch_size,
-        max_tokens=params.eval_tokens,
-        split_on=params.split_on,
+        EvalSpec(
+            data=params.eval_data,
+            seq_len=params.seq_len,
+            batch_size=params.batch_size,
+            max_tokens=params.eval_tokens,
+            split_on=params.split_on,
+        ),
     )
     return result.model.perplexity
 

@@ -28,6 +28,7 @@ from moe_prune.merging.plot import similarity_heatmaps as similarity_heatmaps
 from moe_prune.merging.refit import RIDGE, least_squares_down
 from moe_prune.merging.registry import NEEDS, LayerStats, get_method, weight_statistic
 from moe_prune.merging.similarity import router_similarity
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages.merge_checks import check_refit_options as check_refit_options
 from moe_prune.stages.merge_checks import check_stats as check_stats
 from moe_prune.stages.refit import has_sums, parse_ridge, refit_layers
@@ -101,79 +102,60 @@ def run(
     stats: Stats,
     out: Path,
     keep: int,
+    spec: MergeSpec = MergeSpec(),
     *,
-    method: str = "uncurl",
-    router: str = "anchor",
-    weights: str = "frequency",
-    refit: bool = False,
     keep_overrides: dict[int, int] | None = None,
-    skip_layers: list[int] | None = None,
-    seed: int = 0,
-    max_shard_size: str | int = "5GB",
-    force: bool = False,
     stats_name: str = "stats",
     progress: Callable[[int, int], None] | None = None,
-    drop_mtp: bool = False,
-    refit_ridge: str | float | None = None,
-    device: str | None = None,
-    buffer_memory: int | None = None,
-    refit_memory: int | None = None,
     refit_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
-    """Merge (or prune) to `keep` experts per MoE layer; every check runs before anything is written.
-
-    `weights` (`merging.registry.WEIGHTS`) sets what members are averaged in proportion to; `refit` fits
-    each slot's down projection to the layer's output instead (`merging.refit`). Multi-token-prediction
-    MoE blocks get the last MoE layer's plan (clusters and weights, never a refit: the statistics are the
-    decoder layer's), or are removed with `drop_mtp`. Without stored refit sums the refit runs one sequential
-    pass on `device` (default cpu) over the statistics' calibration windows (`stages.refit`); `refit_ridge` is
-    the relative ridge (default `merging.refit.RIDGE`), or "auto" (chosen on held-out windows, that pass only).
-    The pass keeps `buffer_memory` bytes of hidden states (None: all) and `refit_memory` bytes of refit sums (None:
-    automatic) in memory; the rest and the solved down projections go beside `out` (its disk; $TMPDIR is often RAM).
-    All four are refused where they would do nothing (without `refit`; with stored sums, but a ridge number).
+    """Merge (or prune) to `keep` experts per MoE layer (`keep_overrides`: per layer) as `spec` says; checks first.
+    `spec.weights` (`merging.registry.WEIGHTS`) sets what members are averaged in proportion to; `spec.refit` fits
+    each slot's down projection to the layer's output instead (`merging.refit`). Multi-token-prediction MoE blocks
+    get the last MoE layer's plan (never a refit: the statistics are the decoder layer's), or are removed with
+    `drop_mtp`. Without stored refit sums the refit runs one sequential pass (`stages.refit`) on `device` (default
+    cpu) keeping `buffer_memory` bytes of hidden states and `refit_memory` bytes of sums in memory; the rest and
+    the solved down projections go beside `out` (its disk; $TMPDIR is often RAM). `refit_ridge`: the relative
+    ridge (default `merging.refit.RIDGE`) or "auto" (held-out windows, that pass only). All four are refused
+    where they would do nothing (without `refit`; with stored sums, but a ridge number).
     """
-    get_method(method), weight_statistic(weights)  # unknown names fail before anything is read
-    if router not in ROUTER_RULES:
-        raise MoePruneError(f"unknown --router {router!r}; use one of {', '.join(ROUTER_RULES)}")
-    shrink = Shrink(model, out, max_shard_size, force)
+    s = spec
+    get_method(s.method), weight_statistic(s.weights)  # unknown names fail before anything is read
+    if s.router not in ROUTER_RULES:
+        raise MoePruneError(f"unknown --router {s.router!r}; use one of {', '.join(ROUTER_RULES)}")
+    shrink = Shrink(model, out, s.max_shard_size, s.force)
     ckpt = shrink.ckpt
-    config, identity = ckpt.config, ckpt.identity
-    stored = refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
-    passing = {"--device": device, "--buffer-memory": buffer_memory, "--refit-memory": refit_memory}
-    check_refit_options(refit, stored, refit_ridge, passing, stats_name)
-    ridge = parse_ridge(RIDGE if refit_ridge is None else refit_ridge)
-    check_stats(stats, ckpt, method, stats_name, weights, stored)
-    current = {layer: identity.experts_in(layer) for layer in identity.moe_layers}
-    skip = sorted(set(skip_layers or []))
-    counts = layer_counts(current, keep, keep_overrides or {}, skip, config.top_k)
-    shrink.target(counts, drop_mtp, "merge")
-
-    choice = Choice(method, weights, stored, router, seed, ridge or RIDGE)
+    stored, ridge = _checked(s, stats, ckpt, stats_name)
+    current = {layer: ckpt.identity.experts_in(layer) for layer in ckpt.identity.moe_layers}
+    skip = sorted(set(s.skip_layers or []))
+    counts = layer_counts(current, keep, keep_overrides or {}, skip, ckpt.config.top_k)
+    shrink.target(counts, s.drop_mtp, "merge")
+    choice = Choice(s.method, s.weights, stored, s.router, s.seed, ridge or RIDGE)
     plans, reports = _plan_layers(stats, ckpt, choice, counts, skip)
-
     fits = []
-    if refit and not stored:
+    if s.refit and not stored:
         plans, fits = refit_layers(
-            model,
-            ckpt,
-            stats,
-            plans,
-            stats_name,
-            ridge=ridge,
-            device=device or "cpu",
-            buffer_memory=buffer_memory,
-            refit_memory=refit_memory,
-            spill=shrink.out.absolute().parent,
+            model, ckpt, stats, plans, stats_name, ridge=ridge, device=s.device or "cpu",
+            buffer_memory=s.buffer_memory, refit_memory=s.refit_memory, spill=shrink.out.absolute().parent,
             progress=refit_progress,
-        )
-    step = {"stage": "merge", "source": str(model), "method": method, "router": router, "weights": weights}
-    step |= {"refit": refit, "keep": {str(k): v for k, v in counts.items()}, "skip_layers": skip}
-    step |= {"seed": seed, "stats": stats_name}
-    verb = "merged alike" if identity.moe_layers[-1] in plans else "kept (layer skipped)"
+        )  # fmt: skip
+    step = {"stage": "merge", "source": str(model), "method": s.method, "router": s.router, "weights": s.weights}
+    step |= {"refit": s.refit, "keep": {str(k): v for k, v in counts.items()}, "skip_layers": skip}
+    step |= {"seed": s.seed, "stats": stats_name}
+    verb = "merged alike" if ckpt.identity.moe_layers[-1] in plans else "kept (layer skipped)"
     shrunk = shrink.write(plans, step, verb, progress)
-    return MergeResult(
-        **vars(shrunk), method=method, router=router, weights=weights, refit=refit, layers=reports, refit_fits=fits
-    )
+    return MergeResult(**vars(shrunk), method=s.method, router=s.router, weights=s.weights, refit=s.refit,
+                       layers=reports, refit_fits=fits)  # fmt: skip
+
+
+def _checked(s: MergeSpec, stats: Stats, ckpt: Checkpoint, stats_name: str) -> tuple[bool, float | None]:
+    """(refit from stored sums, ridge): the refit options and the statistics checked before anything is written."""
+    stored = s.refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
+    passing = {"--device": s.device, "--buffer-memory": s.buffer_memory, "--refit-memory": s.refit_memory}
+    check_refit_options(s.refit, stored, s.refit_ridge, passing, stats_name)
+    ridge = parse_ridge(RIDGE if s.refit_ridge is None else s.refit_ridge)
+    check_stats(stats, ckpt, s.method, stats_name, s.weights, stored)
+    return stored, ridge
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ from moe_prune.runtime.resume import Resumable
 from moe_prune.runtime.resume import partial_path as partial_path
 from moe_prune.runtime.routing import load_balance
 from moe_prune.runtime.sources import take
+from moe_prune.specs.fields import fingerprint
+from moe_prune.specs.profile import RESUMED
 from moe_prune.specs.profile import ProfileSpec as Settings
 from moe_prune.stages.profile_collect import ProgressFn as ProgressFn
 from moe_prune.stages.profile_collect import collect as _collect
@@ -273,14 +275,22 @@ def data_reading(settings: Settings) -> Reading:
 
 
 def _fingerprint(identity: Any, windows: torch.Tensor, settings: Settings, place: distributed.World) -> str:
-    """What must not change between an interrupted run and its resumption: model, tokens, batching, dtype."""
+    """What must not change between an interrupted run and its resumption: model, tokens, the spec's fields."""
     digest = hashlib.sha256()
     digest.update(json.dumps(identity.to_dict(), sort_keys=True).encode())
     digest.update(np.ascontiguousarray(windows.numpy()).tobytes())
-    options = (settings.batch_size, settings.dtype, settings.gradients, place.rank, place.size)
-    if settings.expert_outputs or settings.refit_stats:  # fingerprints of runs without them stay as they were
-        options += (settings.expert_outputs, settings.refit_stats)
-    if settings.for_names:
-        options += (sorted(stat_fields(settings) or ()),)
-    digest.update(repr(options).encode())
+    digest.update(repr(resume_options(settings, place)).encode())
     return digest.hexdigest()
+
+
+def resume_options(settings: Settings, place: distributed.World) -> tuple[Any, ...]:
+    """The spec's `RESUMED` fields (`specs.profile`), read off its result-affecting record (`specs.fields.fingerprint`,
+    as finetune's fingerprint is), and the process's place, laid out as the first releases' partial files hold them."""
+    given = fingerprint(settings)
+    always, opt_ins, chosen = RESUMED
+    options = (*(given[name] for name in always), place.rank, place.size)
+    if any(given[name] for name in opt_ins):  # fingerprints of runs without them stay as they were
+        options += tuple(given[name] for name in opt_ins)
+    if any(given[name] for name in chosen):  # what --for records, not the names as given
+        options += (sorted(stat_fields(settings) or ()),)
+    return options

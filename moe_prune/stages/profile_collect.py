@@ -15,9 +15,10 @@ import torch
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.runtime import distributed
 from moe_prune.runtime import gradients as grad_stats
+from moe_prune.runtime.layer_pass import LayerPass, output_head
 from moe_prune.runtime.loading import input_device, load_model
 from moe_prune.runtime.resume import Resumable
-from moe_prune.runtime.sequential import HiddenBuffer, LayerwiseModel, open_layerwise
+from moe_prune.runtime.sequential import LayerwiseModel, open_layerwise
 from moe_prune.runtime.statistics import StatisticsRecorder
 from moe_prune.specs.profile import ProfileSpec as Settings
 from moe_prune.stages.profile_for import wanted
@@ -82,56 +83,29 @@ def collect(
 def collect_sequential(
     model: LayerwiseModel, config: Any, windows: torch.Tensor, settings: Settings, progress: ProgressFn | None
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Every batch through one decoder layer at a time; the same statistics as `collect`."""
+    """Every batch through one decoder layer at a time (`runtime.layer_pass`); the same statistics as `collect`."""
     report = progress or (lambda done, total: None)
-    layers = len(model.layers)
-    total_work = int(windows.numel()) * (layers + 1)
+    total_work = int(windows.numel()) * (len(model.layers) + 1)
     report(0, total_work)
-    batches = batch_slices(windows, settings.batch_size)
-    head = output_head(model.model)
-    model.load_outside(skip=head)
-    buffer: HiddenBuffer | None = None
-    calls: dict[int, dict[int, tuple[tuple, dict]]] = {}  # batch size -> layer -> (args after hidden, kwargs)
     recorder = StatisticsRecorder(
         model.model, config, settings.expert_outputs, settings.refit_stats, stat_fields(settings)
     )
     moe = set(config.moe_layers)
-    try:
-        for rows in batches:
-            batch = windows[rows]
-            inputs = model.layer_inputs(batch)
-            hidden = inputs[0][0][0]
-            if buffer is None:
-                buffer = HiddenBuffer((len(windows), *hidden.shape[1:]), hidden.dtype, settings.buffer_memory)
-            buffer.tensor[rows] = hidden.cpu()
-            calls.setdefault(len(batch), {layer: (args[1:], kwargs) for layer, (args, kwargs) in inputs.items()})
-            report(min(rows.stop, len(windows)) * windows.shape[1], total_work)
-        model.free_outside()
-        assert buffer is not None
-        for layer in range(layers):
-            block = model.load_layer(layer)
+
+    def rows_done(rows: slice) -> int:
+        return min(rows.stop, len(windows)) * windows.shape[1]
+
+    with LayerPass(model, windows, batch_slices(windows, settings.batch_size), settings.buffer_memory) as layerwise:
+        layerwise.embed(output_head(model.model), lambda rows: report(rows_done(rows), total_work))
+        for layer, block in layerwise.layers():
+            done = int((layer + 1) * windows.numel())  # the embedding pass and the layers before
             watch = recorder.watching({layer}) if layer in moe else nullcontext()
             with watch, torch.inference_mode():
-                for rows in batches:
-                    batch = windows[rows]
-                    recorder.set_input_ids(batch.to(model.device))
-                    args, kwargs = calls[len(batch)][layer]
-                    out = block(buffer.tensor[rows].to(model.device), *args, **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    buffer.tensor[rows] = out.cpu()
-                    done = (layer + 1) * windows.numel() + min(rows.stop, len(windows)) * windows.shape[1]
-                    report(int(done), total_work)
-            model.free_layer(layer)
-    finally:
-        if buffer is not None:
-            buffer.close()
+                layerwise.run(
+                    block, layer, before=lambda rows: recorder.set_input_ids(windows[rows].to(model.device)),
+                    after=lambda rows: report(done + rows_done(rows), total_work),  # noqa: B023
+                )  # fmt: skip
     return recorder.arrays(), 0
-
-
-def output_head(model: Any) -> tuple[str, ...]:
-    """Module paths of the output head (never needed for forward statistics)."""
-    head = model.get_output_embeddings()
-    return tuple(name + "." for name, module in model.named_modules() if module is head and name)
 
 
 def load_profiled(ckpt: Checkpoint, settings: Settings) -> tuple[Any, Any]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.artifacts.stats import Stats
 from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES
 from moe_prune.checkpoint.source import Checkpoint
@@ -25,7 +24,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.merging.refit import RIDGE
 from moe_prune.merging.refit_pass import LayerFit, refit_pass
 from moe_prune.merging.tensors import LayerPlan
-from moe_prune.runtime.sequential import LayerwiseModel
+from moe_prune.runtime.sequential import check_layerwise, open_layerwise
 from moe_prune.stages.calibration import recorded_windows
 
 SUM_FIELDS = ("refit_hh", "refit_hy")
@@ -49,14 +48,14 @@ def parse_ridge(value: str | float | None) -> float | None:
     return ridge
 
 
+PASS = "merge --refit's layer-by-layer pass (no refit sums in the statistics)"  # what `check_layerwise` names
+INSTEAD = "profile with --refit-stats (the sums make the pass unneeded)"
+
+
 def check_pass(ckpt: Checkpoint) -> None:
-    """Refuse architectures that cannot run one decoder layer at a time (they need stored refit sums)."""
-    config = ckpt.config
-    if config.model_type in NO_SEQUENTIAL:
-        raise MoePruneError(
-            f"{ckpt.folder / 'config.json'}: merge --refit runs the model one layer at a time, which "
-            f"{config.model_type} does not allow ({NO_SEQUENTIAL[config.model_type]}); profile with --refit-stats"
-        )
+    """Refuse architectures that cannot run one decoder layer at a time (they need stored refit sums): the one
+    refusal of `--sequential` (`runtime.sequential.check_layerwise`), naming the pass."""
+    check_layerwise(ckpt, INSTEAD, PASS)
 
 
 def refit_layers(
@@ -82,7 +81,7 @@ def refit_layers(
     config = ckpt.config
     check_pass(ckpt)
     chosen, settings = recorded_windows(ckpt, stats, name, trust_remote_code)
-    layerwise = LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, settings.dtype, device, trust_remote_code)
+    layerwise = open_layerwise(ckpt, settings.dtype, device, trust_remote_code, INSTEAD, PASS)
     anchors = {layer: plan.anchors for layer, plan in plans.items()}
     result = refit_pass(
         layerwise,

@@ -46,10 +46,7 @@ from moe_prune.sweep.results import verdicts as verdicts
 ProgressFn = Callable[[int, int, Combo | None], None]
 
 
-SweepSettings = SweepSpec  # the stage's settings are its spec (`specs.sweep`)
-
-
-def check(settings: SweepSettings) -> None:
+def check(settings: SweepSpec) -> None:
     """Checks of the settings alone, before any file is read."""
     settings.check_tasks()
     choice(settings.directions, "--directions", DIRECTIONS)
@@ -72,7 +69,7 @@ def check(settings: SweepSettings) -> None:
         tasks.validate(task_settings)
 
 
-def tasks_of(settings: SweepSettings) -> tasks.TaskSettings | None:
+def tasks_of(settings: SweepSpec) -> tasks.TaskSettings | None:
     """--tasks and its options, the models loaded as for perplexity; None without --tasks."""
     if settings.tasks is None:
         return None
@@ -83,7 +80,7 @@ def tasks_of(settings: SweepSettings) -> tasks.TaskSettings | None:
     )  # fmt: skip
 
 
-def methods_of(settings: SweepSettings) -> tuple[str, ...]:
+def methods_of(settings: SweepSpec) -> tuple[str, ...]:
     """The merge methods: `all` is every registered one."""
     return tuple(METHODS.names()) if settings.merge_methods == ("all",) else settings.merge_methods
 
@@ -96,7 +93,7 @@ class Plan:
     ckpt: Checkpoint
     stats: Stats
     stats_name: str
-    settings: SweepSettings
+    settings: SweepSpec
     combos: list[Combo]
     texts: list[Document]
     fingerprint: dict[str, Any]
@@ -110,7 +107,7 @@ class Plan:
         return {layer: identity.experts_in(layer) for layer in identity.moe_layers}
 
 
-def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Plan:
+def prepare(model: str | Path, stats: str | Path, settings: SweepSpec) -> Plan:
     """Validate options, model, statistics, data and tasks; list the combinations. Nothing is written."""
     check(settings)
     criteria = sweep_criteria(settings.criteria)
@@ -138,13 +135,13 @@ def prepare(model: str | Path, stats: str | Path, settings: SweepSettings) -> Pl
 def run(
     model: str | Path,
     stats: str | Path,
-    settings: SweepSettings | None = None,
+    settings: SweepSpec | None = None,
     out: Path | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
 ) -> SweepResult:
     """Run (or resume, from `out`) the sweep; without `out` it works in a temporary folder removed at the end."""
-    settings = settings or SweepSettings()
+    settings = settings or SweepSpec()
     plan = prepare(model, stats, settings)
     folder = SweepFolder.open(out, plan.fingerprint, force, (model, stats, settings.data))
     report = progress or (lambda done, total, combo: None)
@@ -274,7 +271,7 @@ def _measure(plan: Plan, row: Row, folder: Path) -> None:
     )
 
 
-def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSettings) -> dict[str, Any]:
+def _fingerprint(ckpt: Checkpoint, stats: str | Path, settings: SweepSpec) -> dict[str, Any]:
     """What every result depends on; the combinations are not in it (a rerun may add criteria or ratios)."""
     names = ("text_field", "split_on", "seq_len", "batch_size", "max_tokens", "dtype", "device", "merge_seed")
     evaluation: dict[str, Any] = {name: getattr(settings, name) for name in names}

@@ -10,12 +10,14 @@ the same model; its allocation is recorded nowhere but in the row's counts (`kep
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from moe_prune.errors import MoePruneError
 from moe_prune.scoring import get_criterion
-from moe_prune.scoring.selection import Budget
+from moe_prune.specs.allocate import AllocateSpec
+from moe_prune.specs.merge import MergeSpec
 from moe_prune.stages import allocate, merge, prune
 from moe_prune.sweep.plan import Combo
 
@@ -23,9 +25,10 @@ from moe_prune.sweep.plan import Combo
 def searched(plan: Any, combo: Combo, target: Path) -> tuple[dict[int, int], Path]:
     """(experts per MoE layer, checkpoint folder) of a `search` combination; `plan` is the sweep's Plan."""
     s = plan.settings
-    calibration = allocate.Calibration(dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code)
-    evals = combo.evals or 32
-    budget = Budget(ratio=combo.ratio)
+    spec = AllocateSpec(
+        ratio=combo.ratio, budget_evals=combo.evals or 32, dtype=s.dtype, device=s.device,
+        trust_remote_code=s.trust_remote_code,
+    )  # fmt: skip
     source = plan.ckpt.folder
     if combo.kind == "prune":
         if combo.direction != get_criterion(combo.name).direction:
@@ -33,14 +36,18 @@ def searched(plan: Any, combo: Combo, target: Path) -> tuple[dict[int, int], Pat
                 f"allocate keeps {combo.name}'s own order ({get_criterion(combo.name).direction}) inside a layer; "
                 f"no searched allocation for {combo.direction}"
             )
-        mask, _ = allocate.allocate(plan.stats_name, source, combo.name, budget, calibration=calibration,
-                                    budget_evals=evals)  # fmt: skip
+        mask, _ = allocate.allocate(plan.stats_name, source, replace(spec, criterion=combo.name))
         assert not isinstance(mask, allocate.MergeAllocation)
         prune.run(source, mask, target, force=True, mask_name=combo.line)
         return {layer: len(kept) for layer, kept in mask.keep.items()}, target
-    way = allocate.MergeTarget(combo.name, combo.weights, combo.refit, combo.seed or 0)
-    found, _ = allocate.allocate(plan.stats_name, source, _ranking(plan), budget, calibration=calibration,
-                                 budget_evals=evals, merge=way)  # fmt: skip
+    way = {
+        "for_": "merge",
+        "method": combo.name,
+        "weights": combo.weights,
+        "refit": combo.refit,
+        "merge_seed": combo.seed,
+    }
+    found, _ = allocate.allocate(plan.stats_name, source, replace(spec, criterion=_ranking(plan), **way))
     assert isinstance(found, allocate.MergeAllocation)
     return merge_to_counts(plan, combo, target, found.keep), target
 
@@ -53,12 +60,8 @@ def merge_to_counts(plan: Any, combo: Combo, target: Path, counts: dict[int, int
         plan.stats,
         target,
         keep,
-        method=combo.name,
-        weights=combo.weights,
-        refit=combo.refit,
+        MergeSpec(method=combo.name, weights=combo.weights, refit=combo.refit, seed=combo.seed or 0, force=True),
         keep_overrides={layer: n for layer, n in counts.items() if n != keep},
-        seed=combo.seed or 0,
-        force=True,
         stats_name=plan.stats_name,
     )
     return dict(counts)
