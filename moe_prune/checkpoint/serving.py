@@ -4,7 +4,8 @@ A ragged checkpoint names transformers' causal-LM class of its family in `moe_pr
 (moe_prune/serving/vllm_plugin.py) registers `MoePruneRagged<base_class>` as a subclass of the vLLM architecture
 listed in SERVED, building each of its decoder layers with that layer's expert count and top-k. A family is
 listed there once a ragged tiny model of it served on vLLM's CPU build with transformers' prompt log-probs
-(tests/test_vllm_serving.py; DeepSeek by hand, see its note); NOT_SERVED says why others are not (measured there).
+(tests/test_vllm_serving.py, GLM-4-MoE-Lite in tests/test_vllm_mtp.py; DeepSeek by hand, see its note); NOT_SERVED
+says why others are not (measured there).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ class Served(NamedTuple):
     architecture: str | None = None  # vLLM's architecture name (its class is subclassed); None: transformers' name
     min_experts: int = 1  # experts every layer needs in vLLM's class (a 1-expert layer is a dense MLP, or top-2 only)
     note: str = ""  # what the check in tests/test_vllm_serving.py could not cover
-    # vLLM's multi-token-prediction architecture the plugin sizes at the last MoE layer's count (speculative
-    # decoding of a ragged checkpoint); "": prune and merge refuse to keep MTP layers in a ragged checkpoint
+    # vLLM's multi-token-prediction architecture the plugin builds for speculative decoding of a ragged checkpoint,
+    # its MoE MTP layers at the last MoE layer's count and top-k (tests/test_vllm_mtp.py; vLLM's ERNIE-4.5 and
+    # EXAONE-MoE MTP layers are dense: named only, so vLLM drafts); "": the plugin refuses MTP drafting of the
+    # family's ragged checkpoints, and prune and merge refuse to keep MTP MoE layers in them (--drop-mtp)
     mtp: str = ""
 
 
@@ -41,7 +44,10 @@ LFM2 = (
     "checked by hand: log-probs 1.0e-2 from transformers', as vLLM's own class on the unpruned tiny model (1.1e-2; "
     "4.6e-3 without its conv layers): vLLM's, cause not found"
 )
-GLM_LITE = "checked by hand on vLLM CPU without MLA: 3.8e-4 off, vLLM's own class 2.1e-4 on the unpruned tiny model"
+GLM_LITE = (
+    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 3.8e-4 off, vLLM's own class 2.1e-4 "
+    "on the unpruned tiny model"
+)
 AFMOE = "vLLM's class reads score_func, route_norm, n_group and topk_group, which only the hub's config.json carries"
 # transformers' causal-LM class (the block's base_class) -> how vLLM serves it. Each row was served ragged on vLLM's
 # CPU build in float32 with transformers' log-probs (tests/test_vllm_serving.py TINY_RAGGED), unless its note says.
@@ -55,13 +61,14 @@ SERVED: dict[str, Served] = {
     "GraniteMoeSharedForCausalLM": Served(),
     "GraniteMoeSWAForCausalLM": Served(),
     "Glm4MoeForCausalLM": Served(min_experts=2, mtp="Glm4MoeMTPModel"),  # grouped top-k sums each group's best two
-    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED),  # transformers' own routing needs two
-    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE),
+    # transformers' own routing needs two
+    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED, mtp="ExaoneMoeMTP"),
+    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE, mtp="ErnieMTPModel"),
     "Cohere2MoeForCausalLM": Served(note=COHERE2),
     "Gemma4ForCausalLM": Served(),
     "AfmoeForCausalLM": Served(min_experts=2, note=AFMOE),  # grouped top-k (one group) sums each group's best two
     "Lfm2MoeForCausalLM": Served(min_experts=2, note=LFM2),  # the same grouped top-k
-    "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE),  # the same grouped top-k
+    "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE, mtp="Glm4MoeLiteMTPModel"),  # the same grouped top-k
     "GptOssForCausalLM": Served(),
     # Measured by hand (not in the test lane): layers built at their own sizes; log-probs 1.5e-4 (V2) and 3.1e-3 (V3)
     # from transformers' in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only), where vLLM's own
