@@ -13,6 +13,7 @@ tests/test_vllm_mtp.py serves such checkpoints with MTP speculative decoding in 
 
 from __future__ import annotations
 
+import shutil
 import types
 
 import pytest
@@ -21,7 +22,7 @@ from helpers import checkpoint_tensors as all_tensors
 from safetensors.torch import load_file, save_file
 from test_mtp import assert_mirrors_last_layer, experts_of, family_factory, with_mtp  # noqa: F401
 
-from moe_prune.architectures.mtp import MTP_FAMILIES
+from moe_prune.architectures.mtp import MTP_FAMILIES, mtp_layout
 from moe_prune.artifacts.mask import DropMask
 from moe_prune.checkpoint.serving import SERVED
 from moe_prune.checkpoint.source import Checkpoint
@@ -55,6 +56,27 @@ def test_ragged_prune_keeps_mtp_at_the_last_layers_count(family_factory, tmp_pat
     with torch.no_grad():  # transformers runs the decoder only: the MTP layer is left aside, as before
         logits = load_model(out, dtype="float32")(torch.arange(3, 30)[None]).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["ernie4_5_moe", "exaone_moe"])
+def test_ragged_prune_copies_a_dense_mtp_layer(model_type, family_factory, tmp_path):  # noqa: F811
+    """vLLM's MTP class of these families builds a dense layer (a release's MTP layer holds no experts): a ragged
+    result keeps it byte for byte, and vLLM drafts with it (tests/test_vllm_mtp.py); one holding experts is refused
+    (tests/test_mtp.py)."""
+    from test_vllm_mtp import add_mtp_layer
+
+    folder = tmp_path / "mtp"
+    shutil.copytree(family_factory(model_type), folder)
+    add_mtp_layer(folder, model_type, "dense")
+    source = all_tensors(folder)
+    ckpt = Checkpoint.open(folder)
+    first, last = ckpt.identity.moe_layers[0], ckpt.identity.moe_layers[-1]
+    keep = {layer: list(range(8)) for layer in ckpt.identity.moe_layers} | {first: [0, 2, 3, 5, 7], last: [1, 6]}
+    prune.run(folder, DropMask.create(ckpt.identity, keep, "test"), tmp_path / "ragged")
+    out, config = all_tensors(tmp_path / "ragged"), ckpt.config
+    mtp = {name for name in source if mtp_layout(config.adapter, config.text, config.num_layers).looks_mtp(name)}
+    assert mtp and mtp <= out.keys() and all(torch.equal(out[name], source[name]) for name in mtp)
+    assert Checkpoint.open(tmp_path / "ragged").config.ragged is not None
 
 
 def test_reader_refuses_an_mtp_block_at_another_layers_count(family_factory, tmp_path):  # noqa: F811

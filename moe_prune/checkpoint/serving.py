@@ -23,10 +23,13 @@ class Served(NamedTuple):
     min_experts: int = 1  # experts every layer needs in vLLM's class (a 1-expert layer is a dense MLP, or top-2 only)
     note: str = ""  # what the check in tests/test_vllm_serving.py could not cover
     # vLLM's multi-token-prediction architecture the plugin builds for speculative decoding of a ragged checkpoint,
-    # its MoE MTP layers at the last MoE layer's count and top-k (tests/test_vllm_mtp.py; vLLM's ERNIE-4.5 and
-    # EXAONE-MoE MTP layers are dense: named only, so vLLM drafts); "": the plugin refuses MTP drafting of the
-    # family's ragged checkpoints, and prune and merge refuse to keep MTP MoE layers in them (--drop-mtp)
+    # its MTP MoE layers at the last MoE layer's count and top-k (tests/test_vllm_mtp.py); "": the plugin refuses
+    # MTP drafting of the family's ragged checkpoints
     mtp: str = ""
+    # vLLM's MTP class builds an MoE MTP layer (the plugin sizes it); False: a dense one (vLLM's ERNIE-4.5 and
+    # EXAONE-MoE MTP classes: nothing to size, the name lets vLLM draft). prune and merge keep MTP MoE layers in a
+    # ragged checkpoint only where this holds and `mtp` is named (else --drop-mtp); dense MTP layers are copied
+    mtp_moe: bool = True
 
 
 DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to transformers' as stock vLLM's"
@@ -45,8 +48,8 @@ LFM2 = (
     "4.6e-3 without its conv layers): vLLM's, cause not found"
 )
 GLM_LITE = (
-    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 3.8e-4 off, vLLM's own class 2.1e-4 "
-    "on the unpruned tiny model"
+    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 4.1e-5 off, log-probs up to 3.2e-3 "
+    "(vLLM's non-MLA attention: its own class was 2.1e-4 off on an unpruned tiny model, by hand)"
 )
 AFMOE = "vLLM's class reads score_func, route_norm, n_group and topk_group, which only the hub's config.json carries"
 # transformers' causal-LM class (the block's base_class) -> how vLLM serves it. Each row was served ragged on vLLM's
@@ -62,8 +65,8 @@ SERVED: dict[str, Served] = {
     "GraniteMoeSWAForCausalLM": Served(),
     "Glm4MoeForCausalLM": Served(min_experts=2, mtp="Glm4MoeMTPModel"),  # grouped top-k sums each group's best two
     # transformers' own routing needs two
-    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED, mtp="ExaoneMoeMTP"),
-    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE, mtp="ErnieMTPModel"),
+    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED, mtp="ExaoneMoeMTP", mtp_moe=False),
+    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE, mtp="ErnieMTPModel", mtp_moe=False),
     "Cohere2MoeForCausalLM": Served(note=COHERE2),
     "Gemma4ForCausalLM": Served(),
     "AfmoeForCausalLM": Served(min_experts=2, note=AFMOE),  # grouped top-k (one group) sums each group's best two
@@ -177,9 +180,10 @@ def unserved_reason(base_class: str, counts: dict[int, int]) -> str | None:
 
 
 def ragged_mtp_architecture(base_class: str) -> str:
-    """vLLM's MTP architecture of a family whose ragged checkpoints keep MTP layers (served by the plugin), or ""."""
+    """vLLM's MTP architecture of a family whose ragged checkpoints keep MTP MoE layers (the plugin sizes them), or
+    "" (a family vLLM does not draft for ragged, or whose vLLM MTP layer is dense: MTP experts would not load)."""
     served = SERVED.get(base_class)
-    return served.mtp if served else ""
+    return served.mtp if served and served.mtp_moe else ""
 
 
 def warn_if_unserved(base_class: str, counts: dict[int, int]) -> None:
