@@ -22,7 +22,12 @@ def status(base_class: str) -> str:
         return f"not served: {unserved_reason(base_class, {})}"
     extra = [f"every layer needs {served.min_experts} experts"] if served.min_experts > 1 else []
     extra += [served.note] if served.note else []
-    extra += [f"keeps its MTP layers (speculative decoding: vLLM `{served.mtp}`)"] if served.mtp else []
+    dense = (
+        ""
+        if served.mtp_moe
+        else "; its MTP layer is dense there: a ragged result whose MTP layer holds experts is refused"
+    )
+    extra += [f"keeps its MTP layers (speculative decoding: vLLM `{served.mtp}`{dense})"] if served.mtp else []
     return f"**served** (vLLM `{served_architecture(base_class)}`)" + "".join(f"; {e}" for e in extra)
 
 

@@ -62,7 +62,10 @@ def serve(job: dict[str, Any]) -> dict[str, Any]:
         disable_log_stats=not job.get("speculative_config"),  # the draft counter is a logged statistic
     )
     try:
-        params = SamplingParams(max_tokens=generate, temperature=0, prompt_logprobs=0, detokenize=False)
+        # ignore_eos: `generate` tokens after every prompt, to compare with another engine's greedy tokens
+        params = SamplingParams(
+            max_tokens=generate, temperature=0, prompt_logprobs=0, detokenize=False, ignore_eos=True
+        )
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["token_ids"]], params)
         logprobs = []
         for ids, output in zip(job["token_ids"], outputs, strict=True):

@@ -263,9 +263,10 @@ def test_drop_mtp_removes_every_mtp_tensor(model_type, family_factory, tmp_path)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())[key] == 0
 
 
-# families whose vLLM MTP class moe-prune's plugin does not size (checkpoint/serving.py Served.mtp; GLM-4-MoE and
-# DeepSeek-V3 keep theirs: tests/test_ragged_mtp.py)
-@pytest.mark.parametrize("model_type", ["glm4_moe_lite", "mellum"])
+# families whose vLLM MTP class moe-prune's plugin does not size (checkpoint/serving.py Served.mtp; GLM-4-MoE,
+# GLM-4-MoE-Lite and DeepSeek-V3 keep theirs: tests/test_ragged_mtp.py), or builds dense (ERNIE-4.5: mtp_moe False;
+# its dense MTP layer is kept, tests/test_ragged_mtp.py)
+@pytest.mark.parametrize("model_type", ["qwen3_next", "mellum", "ernie4_5_moe"])
 def test_ragged_result_with_mtp_is_refused_unless_dropped(model_type, family_factory, tmp_path):
     folder, plain, prefix, _ = with_mtp(family_factory, model_type, tmp_path)
     ckpt = Checkpoint.open(folder)

@@ -3,7 +3,8 @@
 The table is data, read without vLLM (prune warns from it), so the family -> vLLM class mapping cannot be read
 from vLLM at run time; instead this lane test reads vLLM's registry under MOE_PRUNE_VLLM_PYTHON and holds the
 table to it: a served family's vLLM architecture is a native vLLM class (transformers' class name unless its row
-names another), a family marked "no model class" has none, one marked "Transformers backend" is in that list.
+names another; its MTP class too), a family marked "no model class" has none, one marked "Transformers backend" is
+in that list.
 The default-run test: every family scripts/serving_table.py lists has a measured status, none "not checked yet".
 """
 
@@ -58,6 +59,8 @@ def test_table_agrees_with_vllms_registry(vllm_python):  # noqa: F811
     native, backend = set(registry["native"]), set(registry["transformers"])
     bases = table_classes()
     assert not [b for b in bases if b in SERVED and served_architecture(b) not in native]
+    # the MTP class a served row names for drafting is vLLM's own (the plugin subclasses it)
+    assert not [s.mtp for s in SERVED.values() if s.mtp and s.mtp not in native]
     assert not [b for b in bases if NOT_SERVED.get(b) == NO_CLASS and (b in native or b in backend)]
     assert not [b for b in bases if NOT_SERVED.get(b) == TRANSFORMERS_BACKEND and b not in backend]
     # the rest of NOT_SERVED: vLLM has the class, and the reason is what serving it measured

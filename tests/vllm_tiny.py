@@ -61,26 +61,31 @@ TINY_RAGGED = {
 }
 
 
-def tiny_ragged(model_type: str, tmp: Path) -> Path:
-    """A tiny random `model_type` pruned to different expert counts per layer (tests/tiny_models.py's config for
-    its families, else the derivation's shrunk defaults, as tests/test_derived.py builds them)."""
+def tiny_model(model_type: str, folder: Path, tiny: Tiny) -> Path:
+    """A tiny random `model_type` saved to `folder` (tests/tiny_models.py's config for its families, else the
+    derivation's shrunk defaults, as tests/test_derived.py builds them), its experts and routers made to matter."""
     from tiny_models import TINY, tiny_config
     from transformers import AutoModelForCausalLM
 
     from moe_prune.architectures.derive_shrink import shrink_config
 
-    overrides = TINY_RAGGED[model_type].overrides
+    overrides = tiny.overrides
     config = tiny_config(model_type, **overrides) if model_type in TINY else shrink_config(model_type, overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # default init is tiny; experts and routers must matter for the check to fail
         for name, param in model.named_parameters():
             if "correction_bias" in name or name.endswith("expert_bias"):  # before "gate": ERNIE's sits in its gate
-                param.normal_(0.0, TINY_RAGGED[model_type].bias)
+                param.normal_(0.0, tiny.bias)
             elif any(part in name for part in ("experts", "gate", "router", "input_linear", "output_linear")):
                 param.normal_(0.0, 0.3)
-    model.save_pretrained(tmp / model_type)
-    ckpt = Checkpoint.open(tmp / model_type)
+    model.save_pretrained(folder)
+    return folder
+
+
+def tiny_ragged(model_type: str, tmp: Path) -> Path:
+    """A tiny random `model_type` (`tiny_model`) pruned to different expert counts per layer."""
+    ckpt = Checkpoint.open(tiny_model(model_type, tmp / model_type, TINY_RAGGED[model_type]))
     kept = TINY_RAGGED[model_type].keep
     keep = {layer: kept[i % len(kept)] for i, layer in enumerate(ckpt.identity.moe_layers)}
     prune.run(ckpt.folder, DropMask.create(ckpt.identity, keep, "test"), tmp / f"{model_type}_ragged")

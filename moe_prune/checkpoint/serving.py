@@ -4,7 +4,8 @@ A ragged checkpoint names transformers' causal-LM class of its family in `moe_pr
 (moe_prune/serving/vllm_plugin.py) registers `MoePruneRagged<base_class>` as a subclass of the vLLM architecture
 listed in SERVED, building each of its decoder layers with that layer's expert count and top-k. A family is
 listed there once a ragged tiny model of it served on vLLM's CPU build with transformers' prompt log-probs
-(tests/test_vllm_serving.py; DeepSeek by hand, see its note); NOT_SERVED says why others are not (measured there).
+(tests/test_vllm_serving.py, GLM-4-MoE-Lite in tests/test_vllm_mtp.py; DeepSeek by hand, see its note); NOT_SERVED
+says why others are not (measured there).
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ class Served(NamedTuple):
     architecture: str | None = None  # vLLM's architecture name (its class is subclassed); None: transformers' name
     min_experts: int = 1  # experts every layer needs in vLLM's class (a 1-expert layer is a dense MLP, or top-2 only)
     note: str = ""  # what the check in tests/test_vllm_serving.py could not cover
-    # vLLM's multi-token-prediction architecture the plugin sizes at the last MoE layer's count (speculative
-    # decoding of a ragged checkpoint); "": prune and merge refuse to keep MTP layers in a ragged checkpoint
+    # vLLM's multi-token-prediction architecture the plugin builds for speculative decoding of a ragged checkpoint,
+    # its MTP MoE layers at the last MoE layer's count and top-k (tests/test_vllm_mtp.py); "": the plugin refuses
+    # MTP drafting of the family's ragged checkpoints
     mtp: str = ""
+    # vLLM's MTP class builds an MoE MTP layer (the plugin sizes it); False: a dense one (vLLM's ERNIE-4.5 and
+    # EXAONE-MoE MTP classes: nothing to size, the name lets vLLM draft). prune and merge keep MTP MoE layers in a
+    # ragged checkpoint only where this holds and `mtp` is named (else --drop-mtp); dense MTP layers are copied
+    mtp_moe: bool = True
 
 
 DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to transformers' as stock vLLM's"
@@ -41,7 +47,10 @@ LFM2 = (
     "checked by hand: log-probs 1.0e-2 from transformers', as vLLM's own class on the unpruned tiny model (1.1e-2; "
     "4.6e-3 without its conv layers): vLLM's, cause not found"
 )
-GLM_LITE = "checked by hand on vLLM CPU without MLA: 3.8e-4 off, vLLM's own class 2.1e-4 on the unpruned tiny model"
+GLM_LITE = (
+    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 4.1e-5 off, log-probs up to 3.2e-3 "
+    "(vLLM's non-MLA attention: its own class was 2.1e-4 off on an unpruned tiny model, by hand)"
+)
 AFMOE = "vLLM's class reads score_func, route_norm, n_group and topk_group, which only the hub's config.json carries"
 # transformers' causal-LM class (the block's base_class) -> how vLLM serves it. Each row was served ragged on vLLM's
 # CPU build in float32 with transformers' log-probs (tests/test_vllm_serving.py TINY_RAGGED), unless its note says.
@@ -55,13 +64,14 @@ SERVED: dict[str, Served] = {
     "GraniteMoeSharedForCausalLM": Served(),
     "GraniteMoeSWAForCausalLM": Served(),
     "Glm4MoeForCausalLM": Served(min_experts=2, mtp="Glm4MoeMTPModel"),  # grouped top-k sums each group's best two
-    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED),  # transformers' own routing needs two
-    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE),
+    # transformers' own routing needs two
+    "ExaoneMoeForCausalLM": Served(min_experts=2, note=TWO_CHECKED, mtp="ExaoneMoeMTP", mtp_moe=False),
+    "Ernie4_5_MoeForCausalLM": Served(note=ERNIE, mtp="ErnieMTPModel", mtp_moe=False),
     "Cohere2MoeForCausalLM": Served(note=COHERE2),
     "Gemma4ForCausalLM": Served(),
     "AfmoeForCausalLM": Served(min_experts=2, note=AFMOE),  # grouped top-k (one group) sums each group's best two
     "Lfm2MoeForCausalLM": Served(min_experts=2, note=LFM2),  # the same grouped top-k
-    "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE),  # the same grouped top-k
+    "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE, mtp="Glm4MoeLiteMTPModel"),  # the same grouped top-k
     "GptOssForCausalLM": Served(),
     # Measured by hand (not in the test lane): layers built at their own sizes; log-probs 1.5e-4 (V2) and 3.1e-3 (V3)
     # from transformers' in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only), where vLLM's own
@@ -170,9 +180,10 @@ def unserved_reason(base_class: str, counts: dict[int, int]) -> str | None:
 
 
 def ragged_mtp_architecture(base_class: str) -> str:
-    """vLLM's MTP architecture of a family whose ragged checkpoints keep MTP layers (served by the plugin), or ""."""
+    """vLLM's MTP architecture of a family whose ragged checkpoints keep MTP MoE layers (the plugin sizes them), or
+    "" (a family vLLM does not draft for ragged, or whose vLLM MTP layer is dense: MTP experts would not load)."""
     served = SERVED.get(base_class)
-    return served.mtp if served else ""
+    return served.mtp if served and served.mtp_moe else ""
 
 
 def warn_if_unserved(base_class: str, counts: dict[int, int]) -> None:

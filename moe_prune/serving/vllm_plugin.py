@@ -13,7 +13,8 @@ Multi-token-prediction (speculative decoding, `speculative_config={"method": "mt
 MTP class from the target's architecture name, which a ragged checkpoint hides; the plugin wraps vLLM's
 `SpeculativeConfig.hf_config_override` to ask it under the base name, then names the plugin's subclass of that
 MTP class (families whose row in checkpoint/serving.py names it), which builds the MTP layers at the count and
-top-k of the last MoE layer, whose experts prune and merge gave them.
+top-k of the last MoE layer, whose experts prune and merge gave them (vLLM's ERNIE-4.5 and EXAONE-MoE MTP layers
+are dense: nothing to size, but vLLM drafts for a ragged checkpoint only through the name).
 
 vLLM is imported only inside this module's functions and classes it creates; the CLI never imports it.
 """
