@@ -168,9 +168,9 @@ def summarize(work: Path, modules: list[str], tests: list[str], only: list[str] 
 
 def report(summary: dict) -> None:
     """The counts, the score (with its interval when sampled) and the survivors, on stdout."""
-    for group in ("files", "modules"):
-        for name, counts in sorted(summary[group].items()):
-            print(f"{name}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    groups = {**summary["files"], **summary["modules"]}  # a module given as one file is printed once
+    for name, counts in sorted(groups.items()):
+        print(f"{name}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     low, high = summary["interval95"]
     sample = summary.get("sample")
     where = f" of a sample of {sample['size']} from {sample['population']} (seed {sample['seed']})" if sample else ""
@@ -189,6 +189,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--mutants", nargs="+", default=(), help="only these mutants (mutmut names, * allowed)")
     parser.add_argument("--modules", nargs="+", default=list(MODULES), help="files or globs (moe_prune/scoring/*)")
     parser.add_argument("--tests", nargs="+", default=list(TESTS), help="the pytest selection (files or node ids)")
+    parser.add_argument("--deselect", nargs="+", default=[], help="node ids (or their prefixes) left out of --tests")
     parser.add_argument("--sample", type=int, default=None, help="run N mutants drawn uniformly from all of them")
     parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
     return parser.parse_args()
@@ -200,15 +201,16 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="moe-prune-mutation-"))
     log = work / "mutmut-run.log"
     try:
+        selection = [*args.tests, *(part for node in args.deselect for part in ("--deselect", node))]
         if args.work is None:
-            copy_tree(work, args.modules, args.tests)
+            copy_tree(work, args.modules, selection)
         print(f"mutating {', '.join(args.modules)} in {work} ({os.cpu_count()} CPUs, {args.workers} workers)")
         names, sample = list(args.mutants), None
         if args.sample is not None:
             names, population = draw(work, args.sample, args.seed, log)
             sample = {"size": len(names), "population": population, "seed": args.seed}
         mutmut(work, "run", "--max-children", str(args.workers), *names, log=log)
-        summary = summarize(work, args.modules, args.tests, names if sample else None)
+        summary = summarize(work, args.modules, selection, names if sample else None)
         summary["sample"] = sample
     finally:
         if not (args.keep or args.work):
