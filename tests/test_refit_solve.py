@@ -104,7 +104,10 @@ def test_a_barely_active_expert_is_solved_not_refused():
     np.testing.assert_allclose(ridge_solution(q, values, rotated, scale, 1e-3), want, rtol=1e-6)
 
 
-PLAIN = {"gate_proj.weight": ExpertTensor("gate_proj.weight", 0), "down_proj.weight": ExpertTensor("down_proj.weight", 1)}
+PLAIN = {
+    "gate_proj.weight": ExpertTensor("gate_proj.weight", 0),
+    "down_proj.weight": ExpertTensor("down_proj.weight", 1),
+}
 
 
 @pytest.mark.parametrize(
