@@ -142,11 +142,11 @@ def count(found: dict[str, str], key) -> dict[str, dict[str, int]]:
     return groups
 
 
-def summarize(work: Path, modules: list[str], tests: list[str], only: list[str] | None = None) -> dict:
+def summarize(work: Path, modules: list[str], tests: list[str], only: list[str]) -> dict:
     """Counts per file, per listed module pattern and overall, the score with its interval, and each survivor."""
     found = statuses(work)
-    if only is not None:
-        found = {name: found[name] for name in only}
+    if only:  # the sampled or named mutants (mutmut's patterns) only
+        found = {name: s for name, s in found.items() if any(fnmatch.fnmatchcase(name, p) for p in only)}
 
     def pattern(name: str) -> str:
         return next((m for m in modules if fnmatch.fnmatch(file_of(name), m)), "other")
@@ -210,7 +210,7 @@ def main() -> None:
             names, population = draw(work, args.sample, args.seed, log)
             sample = {"size": len(names), "population": population, "seed": args.seed}
         mutmut(work, "run", "--max-children", str(args.workers), *names, log=log)
-        summary = summarize(work, args.modules, selection, names if sample else None)
+        summary = summarize(work, args.modules, selection, names)
         summary["sample"] = sample
     finally:
         if not (args.keep or args.work):
