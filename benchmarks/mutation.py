@@ -174,7 +174,8 @@ def report(summary: dict) -> None:
     low, high = summary["interval95"]
     sample = summary.get("sample")
     where = f" of a sample of {sample['size']} from {sample['population']} (seed {sample['seed']})" if sample else ""
-    print(f"score (killed / reached by the tests){where}: {summary['score']:.3f} [95%: {low:.3f}-{high:.3f}]")
+    interval = f" [95%: {low:.3f}-{high:.3f}]" if sample else ""  # a run of every mutant is a count, not an estimate
+    print(f"score (killed / reached by the tests){where}: {summary['score']:.3f}{interval}")
     for survivor in summary["survivors"]:
         print(f"  survived {survivor['mutant']}: {survivor['changed']}")
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moe_prune.errors import MoePruneError, MoePruneWarning
-from moe_prune.runtime.shares import largest_remainder, parse_source, parse_sources, share_weights
+from moe_prune.runtime.shares import allocate, largest_remainder, parse_source, parse_sources, share_weights
 from moe_prune.runtime.sources import Mix, SourceData, Taken, _fit, mix, read_source
 
 
@@ -175,3 +175,35 @@ def test_a_hub_name_keeps_what_follows_its_colon_and_relocation_keeps_the_share(
     assert parse_source("org/notes:half").source == "org/notes:half"
     moved = parse_source("a.jsonl:0.5").relocated("/abs/a.jsonl")
     assert (moved.source, moved.share, moved.given) == ("/abs/a.jsonl", Fraction(1, 2), "/abs/a.jsonl:0.5")
+
+
+def refusal(call, *args, **kwargs) -> str:
+    """The one-line message `call(*args, **kwargs)` refuses with."""
+    with pytest.raises(MoePruneError) as raised:
+        call(*args, **kwargs)
+    return str(raised.value)
+
+
+def test_share_and_count_edges_parse_as_written():
+    """A count of 1 is a count; a value that starts with ':' has no source before it, so it is a name."""
+    assert parse_source("a.jsonl:1").count == 1
+    assert parse_source(":0.5") == parse_source(":0.5", "--eval-data") and parse_source(":0.5").source == ":0.5"
+    assert allocate(parse_sources(["a.jsonl:10", "b.jsonl"]), 10) == [10, 0]  # counts may take the whole budget
+
+
+def test_parse_messages_name_the_option_and_say_what_to_do():
+    huge = "9" * 400  # a count past any float: not a number
+    assert refusal(parse_source, "a.jsonl:1.5") == (
+        "--data a.jsonl:1.5: share 1.5 is not in (0, 1] (a fraction of the token budget; give a token count such "
+        "as 20k for an absolute amount)"
+    )
+    assert refusal(parse_source, f"a.jsonl:{huge}").startswith(f"--data a.jsonl:{huge} '{huge}': expected a count")
+    assert refusal(parse_sources, []) == "--data: no data source given"
+    assert refusal(parse_sources, ["a.jsonl:2.0"], "--eval-data").startswith("--eval-data a.jsonl:2.0: share 2.0")
+    assert refusal(parse_sources, ["a.jsonl:0.25", "b.jsonl:0.25"]) == (
+        "--data: shares 0.25 + 0.25 add up to 0.5; make them add up to 1, or leave one source without a share to "
+        "take the rest"
+    )
+    assert refusal(allocate, parse_sources(["a.jsonl:11", "b.jsonl"]), 10) == (
+        "--data: token counts add up to 11, more than the 10 tokens of the token budget"
+    )
