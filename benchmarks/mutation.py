@@ -25,8 +25,11 @@ CHANGELOG entry of issue #22.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The share arithmetic of the 2026-12-06 run below (`_largest_remainder`, `allocate`, `_weights`, `parse_sources`)
 # now lives in runtime/shares.py (as `largest_remainder`, `share_weights`); mixing stays in runtime/sources.py.
 MODULES = ("moe_prune/runtime/shares.py", "moe_prune/runtime/sources.py", "moe_prune/merging/refit.py")
-# The fast tests that guard the two modules (mutmut runs, per mutant, those of them that reach the changed
+# The fast tests that guard the modules (mutmut runs, per mutant, those of them that reach the changed
 # function). Tests that build and run the demo model are left out: with them the run checked ~5 mutants a
 # minute on 2 busy cores, without them ~20.
 TESTS = (
@@ -53,9 +56,12 @@ TESTS = (
     "tests/test_refit_pass.py::test_refusals_before_writing",
 )
 STATUS = re.compile(r"^\s*(?P<name>\S+): (?P<status>.+)$")
+# mutmut 3 has no "generate only" command: a run filtered to a name no mutant has generates every mutant and
+# records which tests reach which function, then stops on its "nothing matches" assertion.
+NO_MUTANT = "no-such-mutant-generate-only"
 
 
-def copy_tree(dest: Path) -> None:
+def copy_tree(dest: Path, modules: list[str], tests: list[str]) -> None:
     """The work tree as it is now (tracked and new files, not ignored ones) under `dest`, plus the mutmut section."""
     listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listing, cwd=ROOT, check=True, capture_output=True).stdout
@@ -66,22 +72,42 @@ def copy_tree(dest: Path) -> None:
     section = (
         "\n[tool.mutmut]\n"
         'source_paths = ["moe_prune"]\n'
-        f"only_mutate = {json.dumps(list(MODULES))}\n"
+        f"only_mutate = {json.dumps(modules)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
-        f"pytest_add_cli_args_test_selection = {json.dumps(list(TESTS))}\n"
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
     )
     with (dest / "pyproject.toml").open("a") as handle:
         handle.write(section)
 
 
-def mutmut(work: Path, *args: str, log: Path | None = None) -> str:
+def mutmut(work: Path, *args: str, log: Path | None = None, check: bool = True) -> str:
     """Run `mutmut ARGS` in `work`; its output (to `log` when given: the run's progress line is long)."""
     command = [sys.executable, "-m", "mutmut", *args]
     if log is None:
-        return subprocess.run(command, cwd=work, check=True, capture_output=True, text=True).stdout
-    with log.open("w") as out:
-        subprocess.run(command, cwd=work, check=True, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.run(command, cwd=work, check=check, capture_output=True, text=True).stdout
+    with log.open("a") as out:
+        subprocess.run(command, cwd=work, check=check, stdout=out, stderr=subprocess.STDOUT)
     return ""
+
+
+def statuses(work: Path) -> dict[str, str]:
+    """Every generated mutant's name and status ("killed", "survived", "no tests", "not checked", ...)."""
+    found = {}
+    for line in mutmut(work, "results", "--all", "true").splitlines():
+        match = STATUS.match(line)
+        if match:
+            found[match["name"]] = match["status"].strip()
+    return found
+
+
+def draw(work: Path, size: int, seed: int, log: Path) -> tuple[list[str], int]:
+    """`size` mutant names drawn uniformly (without replacement, seeded) from all mutants, and their number."""
+    if not statuses(work):
+        mutmut(work, "run", "--max-children", "1", NO_MUTANT, log=log, check=False)
+    population = sorted(statuses(work))
+    if not population:
+        raise SystemExit(f"{log}: mutmut generated no mutants (see the log)")
+    return sorted(random.Random(seed).sample(population, min(size, len(population)))), len(population)
 
 
 def survivor_line(work: Path, name: str) -> str:
@@ -91,54 +117,106 @@ def survivor_line(work: Path, name: str) -> str:
     return added[0] if added else "?"
 
 
-def summarize(work: Path) -> dict:
-    """Counts per module and overall, and each survivor (name, function, changed line)."""
-    per_module: dict[str, dict[str, int]] = {}
-    survivors = []
-    for line in mutmut(work, "results", "--all", "true").splitlines():
-        match = STATUS.match(line)
-        if not match:
-            continue
-        name, status = match["name"], match["status"].strip()
-        module = next((m for m in MODULES if name.startswith(m[:-3].replace("/", ".") + ".")), "other")
-        counts = per_module.setdefault(module, {})
+def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a binomial proportion (sound at small counts and near 0 or 1)."""
+    if trials == 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def file_of(name: str) -> str:
+    """The source file a mutant name belongs to (`moe_prune.a.b.x_f__mutmut_3` -> `moe_prune/a/b.py`)."""
+    module = name.partition("__mutmut_")[0].rpartition(".")[0]
+    return module.replace(".", "/") + ".py"
+
+
+def count(found: dict[str, str], key) -> dict[str, dict[str, int]]:
+    """Status counts grouped by `key(mutant name)`."""
+    groups: dict[str, dict[str, int]] = {}
+    for name, status in found.items():
+        counts = groups.setdefault(key(name), {})
         counts[status] = counts.get(status, 0) + 1
-        if status == "survived":
-            survivors.append({"mutant": name, "changed": survivor_line(work, name)})
-    total: dict[str, int] = {}
-    for counts in per_module.values():
-        for status, n in counts.items():
-            total[status] = total.get(status, 0) + n
-    reached = total.get("killed", 0) + total.get("survived", 0) + total.get("timeout", 0)
-    score = total.get("killed", 0) / reached if reached else 0.0
-    return {"modules": per_module, "total": total, "score": score, "survivors": survivors, "tests": list(TESTS)}
+    return groups
 
 
-def main() -> None:
+def summarize(work: Path, modules: list[str], tests: list[str], only: list[str]) -> dict:
+    """Counts per file, per listed module pattern and overall, the score with its interval, and each survivor."""
+    found = statuses(work)
+    if only:  # the sampled or named mutants (mutmut's patterns) only
+        found = {name: s for name, s in found.items() if any(fnmatch.fnmatchcase(name, p) for p in only)}
+
+    def pattern(name: str) -> str:
+        return next((m for m in modules if fnmatch.fnmatch(file_of(name), m)), "other")
+
+    total = count(found, lambda name: "all")["all"] if found else {}
+    killed = total.get("killed", 0)
+    reached = killed + total.get("survived", 0) + total.get("timeout", 0)
+    survivors = [{"mutant": name, "changed": survivor_line(work, name)} for name, s in found.items() if s == "survived"]
+    return {
+        "files": count(found, file_of),
+        "modules": count(found, pattern),
+        "total": total,
+        "score": killed / reached if reached else 0.0,
+        "interval95": wilson(killed, reached),
+        "survivors": survivors,
+        "tests": tests,
+    }
+
+
+def report(summary: dict) -> None:
+    """The counts, the score (with its interval when sampled) and the survivors, on stdout."""
+    groups = {**summary["files"], **summary["modules"]}  # a module given as one file is printed once
+    for name, counts in sorted(groups.items()):
+        print(f"{name}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    low, high = summary["interval95"]
+    sample = summary.get("sample")
+    where = f" of a sample of {sample['size']} from {sample['population']} (seed {sample['seed']})" if sample else ""
+    interval = f" [95%: {low:.3f}-{high:.3f}]" if sample else ""  # a run of every mutant is a count, not an estimate
+    print(f"score (killed / reached by the tests){where}: {summary['score']:.3f}{interval}")
+    for survivor in summary["survivors"]:
+        print(f"  survived {survivor['mutant']}: {survivor['changed']}")
+
+
+def arguments() -> argparse.Namespace:
+    """The command line (defaults: the three modules above, their fast tests, every mutant)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (to browse with mutmut)")
     parser.add_argument("--work", type=Path, default=None, help="go on in the folder an earlier --keep run left")
     parser.add_argument("--mutants", nargs="+", default=(), help="only these mutants (mutmut names, * allowed)")
-    args = parser.parse_args()
+    parser.add_argument("--modules", nargs="+", default=list(MODULES), help="files or globs (moe_prune/scoring/*)")
+    parser.add_argument("--tests", nargs="+", default=list(TESTS), help="the pytest selection (files or node ids)")
+    parser.add_argument("--deselect", nargs="+", default=[], help="node ids (or their prefixes) left out of --tests")
+    parser.add_argument("--sample", type=int, default=None, help="run N mutants drawn uniformly from all of them")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Copy the tree, run mutmut (all, named or sampled mutants), print and optionally save the summary."""
+    args = arguments()
     work = args.work or Path(tempfile.mkdtemp(prefix="moe-prune-mutation-"))
+    log = work / "mutmut-run.log"
     try:
+        selection = [*args.tests, *(part for node in args.deselect for part in ("--deselect", node))]
         if args.work is None:
-            copy_tree(work)
-        env_note = f"{os.cpu_count()} CPUs, {args.workers} workers"
-        print(f"mutating {', '.join(MODULES)} in {work} ({env_note})", flush=True)
-        run = ["run", "--max-children", str(args.workers), *args.mutants]
-        mutmut(work, *run, log=work / "mutmut-run.log")
-        summary = summarize(work)
+            copy_tree(work, args.modules, selection)
+        print(f"mutating {', '.join(args.modules)} in {work} ({os.cpu_count()} CPUs, {args.workers} workers)")
+        names, sample = list(args.mutants), None
+        if args.sample is not None:
+            names, population = draw(work, args.sample, args.seed, log)
+            sample = {"size": len(names), "population": population, "seed": args.seed}
+        mutmut(work, "run", "--max-children", str(args.workers), *names, log=log)
+        summary = summarize(work, args.modules, selection, names)
+        summary["sample"] = sample
     finally:
         if not (args.keep or args.work):
             shutil.rmtree(work, ignore_errors=True)
-    for module, counts in summary["modules"].items():
-        print(f"{module}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    print(f"score (killed / reached by the tests): {summary['score']:.3f}")
-    for survivor in summary["survivors"]:
-        print(f"  survived {survivor['mutant']}: {survivor['changed']}")
+    report(summary)
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
