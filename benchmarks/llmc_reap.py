@@ -14,11 +14,12 @@ OMP_NUM_THREADS=1 on both sides. The checkpoint is read once before the first st
 cold read alone. Then per MoE layer: the experts each side dropped, and how far llm-compressor's saliency is from
 moe-prune's REAP score (act_gate_norm_sum / hard_counts of the statistics, the formula of the paper).
 
-llm-compressor runs three times: as shipped (`moe_calibrate_all_experts=False`, the setting its REAP log
-recommends; otherwise its defaults); with `--causal` (see `llmc_oneshot.causal_masks`: its traced calibration
-graph loses the causal mask, so every token attends to the whole window); and with `--causal --no-propagate`
-(each layer observed on the unpruned model's activations, as the paper's observer and moe-prune's profile do),
-where both implementations compute the same formula on the same inputs and should drop the same experts.
+llm-compressor runs twice: as shipped (`moe_calibrate_all_experts=False`, the setting its REAP log recommends;
+otherwise its defaults), and with `--causal --no-propagate`: its traced calibration graph loses the causal mask,
+so every token attends to the whole window (`llmc_oneshot.causal_masks` restores it), and it observes each
+layer on the activations of the layers it already pruned; with both undone each layer is observed on the
+unpruned model, as the paper's observer and moe-prune's profile do, both compute the same formula on the
+same inputs, and should drop the same experts.
 """
 
 from __future__ import annotations
@@ -119,7 +120,6 @@ def llmc_runs(model: Path, windows: Path, work: Path, args: argparse.Namespace) 
     runs = []
     variants = (
         ("llm-compressor REAP", []),
-        ("llm-compressor REAP --causal", ["--causal"]),
         ("llm-compressor REAP --causal --no-prop", ["--causal", "--no-propagate"]),
     )
     for name, extra in variants:
