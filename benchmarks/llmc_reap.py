@@ -188,7 +188,7 @@ def header(args: argparse.Namespace, model: Path, built: float) -> None:
     """What ran: the machine, both sides' versions, the model and the windows."""
     query = "from importlib.metadata import version as v; print(v('llmcompressor'), v('transformers'), v('torch'))"
     theirs = subprocess.run([args.llmc_python, "-c", query], capture_output=True, text=True, check=True).stdout.split()
-    print(f"machine: {machine()}; OMP_NUM_THREADS=1 for every stage")
+    print(f"machine: {machine()} (this process); every stage runs with OMP_NUM_THREADS=1")
     print(f"llm-compressor {theirs[0]} (transformers {theirs[1]}, torch {theirs[2]})")
     print(
         f"model {model}: {folder_bytes(model) / 1e9:.2f} GB on disk (built in {built:.0f} s); "
