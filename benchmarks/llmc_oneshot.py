@@ -4,8 +4,10 @@
         [--sparsity 0.5] [--batch-size 4] [--calibrate-all-experts] [--no-propagate]
 
 Runs under llm-compressor's Python (its own environment: llmcompressor 0.14 pins transformers <= 5.17),
-so it imports nothing from moe_prune. The model is loaded the way llm-compressor's docs ask for MoE models,
-`load_quantizable_moe` (per-expert checkpoints straight into its 2-D linear experts), then
+so it imports nothing from moe_prune. The model is loaded with transformers' `from_pretrained` and `oneshot`
+linearizes its experts after loading (its fallback; `load_quantizable_moe`, which would load per-expert
+checkpoints straight into its 2-D experts, fails under transformers 5.17 without torchvision: its patch mapping
+imports every model module, image processors included, and PyPI has no torchvision for the CPU torch), then
 `oneshot(recipe=REAPPruningModifier(sparsity))` on the windows as a tokenized dataset (token ids, no text,
 in the given order), and saved to OUT. REPORT gets, per MoE layer, the experts it kept and the saliency
 vector it chose them by (read off its `REAPSaliencyTracker.compute_retained_experts`, the one place the
@@ -74,15 +76,13 @@ def main() -> None:
 
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modeling.moe.linearize import load_quantizable_moe
     from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
     from transformers import AutoModelForCausalLM
 
     saliencies = record_saliency()
     windows = json.loads(args.windows.read_text())
     data = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    with load_quantizable_moe():
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")  # oneshot linearizes the experts
     if args.causal:
         causal_masks(model)
     retained_path = args.report.with_suffix(".retained.json")
