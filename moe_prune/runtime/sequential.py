@@ -42,7 +42,7 @@ import torch
 from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.checkpoint.quantized import Quantization, group, read_float
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime import fused
+from moe_prune.runtime import expert_chunks, fused
 from moe_prune.runtime.skeleton import finite, model_skeleton, quiet_transformers
 
 NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -117,6 +117,7 @@ class LayerwiseModel:
         model, self.dtype = model_skeleton(Checkpoint.open(folder), dtype, trust_remote_code)
         self.model = model.eval()
         self.layers_path = layers_path
+        self.expert_memory: int | None = None  # bytes of a layer's experts loaded at once (runtime.expert_chunks)
         self.layers: torch.nn.ModuleList = model.get_submodule(layers_path)
         self._keys = self._group_keys()
         for name, buf in list(model.named_buffers()):
@@ -161,8 +162,10 @@ class LayerwiseModel:
         stacked, rest = fused.split(
             group((self._infos[key] for key in keys), self._quant), self._mapping, self.model, self._meta
         )
+        chunked = expert_chunks.install(self.model, stacked, self.expert_memory, self.folder, self.device)
         for name, entry in stacked.items():  # per-expert tensors read straight into their fused parameter
-            fused.fill(self.model, name, entry, self.device, self.folder)
+            if name not in chunked:  # else read a chunk of experts at a time by the experts' forward
+                fused.fill(self.model, name, entry, self.device, self.folder)
         for stored in rest:
             if stored.quantized:  # dequantized on its own: one float tensor more in memory, never the layer twice
                 state[stored.name] = read_float(stored)
@@ -205,10 +208,10 @@ class LayerwiseModel:
         prefix = f"{self.layers_path}.{index}."
         expect = [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
         self.load(self._keys.get(index, {}), expect)
-        layer = self.layers[index].to(self.device)
-        return layer
+        return expert_chunks.to_device(self.layers[index], self.device)
 
     def free_layer(self, index: int) -> None:
+        expert_chunks.remove(self.layers[index])
         self.layers[index].to_empty(device="meta")
 
     # -- layer inputs ---------------------------------------------------------------------------
