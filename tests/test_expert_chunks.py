@@ -85,3 +85,95 @@ def test_budget_below_one_expert_is_one_line(tiny_factory):
     runtime = _runtime(folder, _expert_bytes(model, layer) - 1)
     with pytest.raises(MoePruneError, match=r"--expert-memory \d+ bytes holds no expert of model\.layers\.\d+"):
         runtime.load_layer(layer)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_profile_statistics_equal_with_expert_memory(model_type, tiny_factory, tmp_path):
+    """`profile --sequential --expert-memory`: every statistic (act_* through the experts wrapper included)
+    equals the run with whole layers, to float rounding; the chunked path is taken (chunks read per batch)."""
+    from tiny_models import save_char_tokenizer
+
+    from moe_prune.stages import profile as stage
+    from tests.test_profile import DOCS, assert_same_stats, settings, write_docs
+
+    folder, model = tiny_factory(model_type)
+    if not (folder / "tokenizer.json").exists():
+        save_char_tokenizer(folder)
+    data = tmp_path / "cal.jsonl"
+    write_docs(data, DOCS, seed=3)
+    whole = stage.run(folder, str(data), settings(sequential=True)).stats.arrays
+    reads: list[int] = []
+    original = expert_chunks.remove
+    record = lambda layer: (reads.extend(c.reads for c in expert_chunks.chunked(layer)), original(layer))  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(expert_chunks, "remove", record)
+        budget = _expert_bytes(model, _moe_layers(model)[0]) * 3
+        chunked = stage.run(folder, str(data), settings(sequential=True, expert_memory=budget)).stats.arrays
+    assert len(reads) == len(_moe_layers(model)) and min(reads) > 3  # several chunks, every batch
+    assert any(name.startswith("act_") for name in whole)
+    assert_same_stats(chunked, whole, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"expert_memory": 10**9}, "--expert-memory applies to --sequential only"),
+        ({"expert_memory": 10**9, "sequential": True, "refit_stats": True}, "cannot be combined with --expert-outputs"),
+        ({"expert_memory": 10**9, "sequential": True, "for_names": ("refit",)}, "cannot be combined"),
+    ],
+)
+def test_profile_refusals(flags, message, tiny_factory, tmp_path):
+    from moe_prune.stages import profile as stage
+    from tests.test_profile import settings
+
+    folder, _ = tiny_factory("qwen3_moe")
+    with pytest.raises(MoePruneError, match=message):
+        stage.run(folder, str(tmp_path / "absent.jsonl"), settings(**flags))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_eval_perplexity_equal_with_expert_memory(model_type, tiny_factory, tmp_path):
+    """`eval --sequential --expert-memory`: perplexity and expert load equal the whole-layer run's; chunks read."""
+    from tiny_models import save_char_tokenizer
+
+    from moe_prune.stages import evaluate
+    from tests.test_profile import write_docs
+
+    folder, model = tiny_factory(model_type)
+    if not (folder / "tokenizer.json").exists():
+        save_char_tokenizer(folder)
+    data = tmp_path / "held.jsonl"
+    write_docs(data, 12, seed=4)
+    options = {"seq_len": 16, "batch_size": 4, "sequential": True}
+    whole = evaluate.run(folder, str(data), **options).model
+    reads: list[int] = []
+    original = expert_chunks.remove
+    record = lambda layer: (reads.extend(c.reads for c in expert_chunks.chunked(layer)), original(layer))  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(expert_chunks, "remove", record)
+        budget = _expert_bytes(model, _moe_layers(model)[0]) * 2
+        chunked = evaluate.run(folder, str(data), expert_memory=budget, **options).model
+    assert len(reads) == len(_moe_layers(model)) and min(reads) > 3
+    assert chunked.tokens_scored == whole.tokens_scored > 0
+    assert chunked.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+    assert [load.counts for load in chunked.load] == [load.counts for load in whole.load]
+
+
+def test_eval_cli_passes_expert_memory_and_needs_sequential(monkeypatch):
+    from typer.testing import CliRunner
+
+    from moe_prune.cli import app
+    from moe_prune.stages import evaluate
+
+    result = CliRunner().invoke(app, ["eval", "--expert-memory", "2KB"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "--expert-memory applies to --sequential only; add --sequential or leave it out" in result.output
+    seen: list[int | None] = []
+
+    def run(*args, **kwargs):
+        seen.append(kwargs.get("expert_memory"))
+        raise MoePruneError("stopped before evaluating")
+
+    monkeypatch.setattr(evaluate, "run", run)
+    CliRunner().invoke(app, ["eval", "--sequential", "--expert-memory", "2KiB"])
+    assert seen == [2048]

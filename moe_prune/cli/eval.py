@@ -88,7 +88,7 @@ def _run_perplexity(model: str, spec: EvalSpec) -> EvalResult:
             model, s.data, s.seq_len, s.batch_size, s.max_tokens, s.baseline, advance, text_field=s.text_field,
             split=s.split, split_on=s.split_on, dtype=s.dtype, device=s.device,
             trust_remote_code=s.trust_remote_code, engine=s.engine, sequential=s.sequential,
-            buffer_memory=s.buffer_memory,
+            buffer_memory=s.buffer_memory, expert_memory=s.expert_memory,
         )  # fmt: skip
     finally:
         bar.stop()

@@ -44,6 +44,7 @@ from moe_prune.runtime.routing import RoutingRecorder, load_balance
 from moe_prune.runtime.sequential import LayerwiseModel, open_layerwise
 from moe_prune.runtime.sources import parse_source
 from moe_prune.runtime.vllm_engine import check_engine as check_engine
+from moe_prune.specs.profile import check_sequential_only
 from moe_prune.stages import eval_sequential
 from moe_prune.stages.eval_results import EvalResult, LayerLoad, ModelEval, ParamCounts
 from moe_prune.training.nll import nll_sum as one_nll_sum
@@ -108,17 +109,15 @@ def _layer_loads(recorder: RoutingRecorder, original_ids: dict[int, tuple[int, .
     loads = []
     rows = zip(recorder.layers, recorder.tokens.tolist(), recorder.hard_counts.tolist(), strict=True)
     for layer, tokens, counts in rows:
-        ids = list(original_ids[layer])
-        counts = counts[: len(ids)]  # ragged: the recorder counts up to the largest layer's experts
+        counts = counts[: len(original_ids[layer])]  # ragged: the recorder counts up to the largest layer's experts
         max_over_mean, entropy = load_balance(counts)
-        loads.append(LayerLoad(layer, len(counts), ids, tokens, counts, max_over_mean, entropy))
+        loads.append(LayerLoad(layer, len(counts), list(original_ids[layer]), tokens, counts, max_over_mean, entropy))
     return loads
 
 
 def _shared_experts(ckpt: Checkpoint) -> dict[str, Any] | None:
-    config = ckpt.config
-    key = next((k for k in config.adapter.shared_expert_keys if config.get(k) is not None), None)
-    return None if key is None else {"key": key, "value": config.get(key)}
+    key = next((k for k in ckpt.config.adapter.shared_expert_keys if ckpt.config.get(k) is not None), None)
+    return None if key is None else {"key": key, "value": ckpt.config.get(key)}
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,7 @@ class Settings:
     engine: str = "transformers"
     sequential: bool = False  # one decoder layer at a time (stages.eval_sequential)
     buffer_memory: int | None = None  # --sequential: bytes of hidden states in memory; more spill to disk
+    expert_memory: int | None = None  # --sequential: bytes of a layer's experts loaded at once (runtime.expert_chunks)
 
 
 def evaluate_model(
@@ -190,6 +190,7 @@ def _model(ckpt: Checkpoint, settings: Settings) -> tuple[Any, LayerwiseModel | 
         return meta_model(ckpt, settings.dtype, settings.trust_remote_code), None
     if settings.sequential:
         runtime = open_layerwise(ckpt, settings.dtype, settings.device, settings.trust_remote_code, _WHOLE)
+        runtime.expert_memory = settings.expert_memory
         return runtime.model, runtime
     return load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code), None
 
@@ -247,12 +248,12 @@ def run(
     engine: str = "transformers",
     sequential: bool = False,
     buffer_memory: int | None = None,
+    expert_memory: int | None = None,
 ) -> EvalResult:
     """Evaluate `model` (and `baseline`, one after the other so only one is in memory) on `data` with `engine`;
     `sequential`: one decoder layer at a time (models larger than memory), `buffer_memory` bytes of hidden states
-    in memory (None: all; the rest in a temporary file)."""
-    if buffer_memory is not None and not sequential:
-        raise MoePruneError("--buffer-memory applies to --sequential only; add --sequential or leave it out")
+    in memory (None: all; the rest in a temporary file), `expert_memory` bytes of a layer's experts (None: all)."""
+    check_sequential_only(sequential, buffer_memory=buffer_memory, expert_memory=expert_memory)
     if sequential and engine != "transformers":
         raise MoePruneError(f"--sequential runs the model with transformers, not --engine {engine}")
     vllm_engine.check_engine(engine, device)
@@ -268,9 +269,8 @@ def run(
     if baseline is not None:
         checkpoints["baseline"] = (str(baseline), _open(baseline))
     texts = heldout_documents(data, text_field, split, max_tokens, split_on)
-    settings = Settings(
-        seq_len, batch_size, max_tokens, dtype, device, trust_remote_code, engine, sequential, buffer_memory
-    )
+    running = (dtype, device, trust_remote_code, engine, sequential, buffer_memory, expert_memory)
+    settings = Settings(seq_len, batch_size, max_tokens, *running)
     report = progress or (lambda label, done, total: None)
     evals = {
         label: evaluate_model(name, ckpt, label, texts, settings, report, data)
