@@ -177,3 +177,29 @@ def test_eval_cli_passes_expert_memory_and_needs_sequential(monkeypatch):
     monkeypatch.setattr(evaluate, "run", run)
     CliRunner().invoke(app, ["eval", "--sequential", "--expert-memory", "2KiB"])
     assert seen == [2048]
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text", "dbrx", "granitemoe"])
+def test_experts_stored_fused_are_refused(model_type, tiny_factory):
+    """Experts stored fused (one tensor for all) load whole through transformers: refused, not silently unbounded."""
+    from moe_prune.checkpoint.source import Checkpoint
+    from moe_prune.runtime.sequential import open_layerwise
+
+    folder, _ = tiny_factory(model_type)
+    ckpt = Checkpoint.open(folder)
+    runtime = open_layerwise(ckpt, "float32", "cpu", False, "")
+    runtime.expert_memory = 1000
+    with pytest.raises(MoePruneError, match=r"cannot split the experts of .*\(stored fused in the checkpoint"):
+        runtime.load_layer(ckpt.config.moe_layers[0])
+
+
+def test_open_layerwise_bounds_stacked_families(tiny_factory):
+    """Through `open_layerwise` (the adapter's experts path given) a stacked family is chunked, not refused."""
+    from moe_prune.checkpoint.source import Checkpoint
+    from moe_prune.runtime.sequential import open_layerwise
+
+    folder, model = tiny_factory("deepseek_v3")
+    ckpt = Checkpoint.open(folder)
+    runtime = open_layerwise(ckpt, "float32", "cpu", False, "")
+    runtime.expert_memory = _expert_bytes(model, ckpt.config.moe_layers[0]) * 2
+    assert expert_chunks.chunked(runtime.load_layer(ckpt.config.moe_layers[0]))

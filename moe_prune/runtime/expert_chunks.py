@@ -109,12 +109,14 @@ def _picks(index: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def install(
-    model: torch.nn.Module, stacked: dict[str, Fused], budget: int | None, folder: Path, device: torch.device
+    model: torch.nn.Module, stacked: dict[str, Fused], budget: int | None, experts: str | None, where: Any
 ) -> set[str]:
     """Chunked forwards on the experts modules whose stacked parameters exceed `budget` bytes; returns the
-    parameter names left on meta (read a chunk at a time), which the caller must not fill."""
+    parameter names left on meta (read a chunk at a time), which the caller must not fill. `experts`: the
+    family's experts module of the layer being loaded, refused when over `budget` and not stackable here."""
     if budget is None:
         return set()
+    folder, device = where
     by_module: dict[str, dict[str, Fused]] = defaultdict(dict)
     for name, entry in stacked.items():
         path, _, attr = name.rpartition(".")
@@ -134,7 +136,25 @@ def install(
         module.__dict__[_ATTR] = chunked
         module.forward = chunked
         deferred.update(f"{path}.{attr}" for attr in entries)
+    _check_fused(model, experts, set(by_module), budget, folder)
     return deferred
+
+
+def _check_fused(model: torch.nn.Module, experts: str | None, stacked: set[str], budget: int, folder: Path) -> None:
+    """The layer's experts module, when over `budget` with no parameter stacked from per-expert tensors (stored
+    fused in the checkpoint: loaded whole by transformers), is refused: the budget would silently not hold."""
+    try:
+        module = model.get_submodule(experts) if experts else None
+    except AttributeError:  # a dense layer
+        return
+    if module is None or any(path == experts or path.startswith(experts + ".") for path in stacked):
+        return
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    if size > budget:
+        raise MoePruneError(
+            f"{folder}: --expert-memory cannot split the experts of {experts} (stored fused in the checkpoint, "
+            f"not one tensor per expert: {size} bytes load whole); leave it out"
+        )
 
 
 def _expert_bytes(module: torch.nn.Module, path: str, entries: dict[str, Fused], folder: Path) -> int:

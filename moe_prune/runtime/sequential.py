@@ -118,6 +118,7 @@ class LayerwiseModel:
         self.model = model.eval()
         self.layers_path = layers_path
         self.expert_memory: int | None = None  # bytes of a layer's experts loaded at once (runtime.expert_chunks)
+        self.experts_path: str | None = None  # the experts module in a decoder layer (the family's adapter)
         self.layers: torch.nn.ModuleList = model.get_submodule(layers_path)
         self._keys = self._group_keys()
         for name, buf in list(model.named_buffers()):
@@ -151,8 +152,9 @@ class LayerwiseModel:
             groups[layer][info.name] = info.file
         return groups
 
-    def load(self, keys: dict[str, Path], expect: list[str]) -> None:
-        """Load checkpoint tensors `keys` through transformers' conversion; every name in `expect` must arrive."""
+    def load(self, keys: dict[str, Path], expect: list[str], experts: str | None = None) -> None:
+        """Load checkpoint tensors `keys` through transformers' conversion; every name in `expect` must arrive
+        (`experts`: the path of their experts module, bounded by `expert_memory`)."""
         from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
@@ -162,7 +164,8 @@ class LayerwiseModel:
         stacked, rest = fused.split(
             group((self._infos[key] for key in keys), self._quant), self._mapping, self.model, self._meta
         )
-        chunked = expert_chunks.install(self.model, stacked, self.expert_memory, self.folder, self.device)
+        where = (self.folder, self.device)
+        chunked = expert_chunks.install(self.model, stacked, self.expert_memory, experts, where)
         for name, entry in stacked.items():  # per-expert tensors read straight into their fused parameter
             if name not in chunked:  # else read a chunk of experts at a time by the experts' forward
                 fused.fill(self.model, name, entry, self.device, self.folder)
@@ -207,7 +210,7 @@ class LayerwiseModel:
         """Decoder layer `index` with its weights on the device."""
         prefix = f"{self.layers_path}.{index}."
         expect = [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
-        self.load(self._keys.get(index, {}), expect)
+        self.load(self._keys.get(index, {}), expect, prefix + self.experts_path if self.experts_path else None)
         return expert_chunks.to_device(self.layers[index], self.device)
 
     def free_layer(self, index: int) -> None:
@@ -264,4 +267,6 @@ def open_layerwise(ckpt: Any, dtype: str, device: str, trust_remote_code: bool, 
             f"{ckpt.folder / 'config.json'}: --sequential is not supported for {config.model_type} "
             f"({NO_SEQUENTIAL[config.model_type]}); {instead}"
         )
-    return LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, dtype, device, trust_remote_code)
+    model = LayerwiseModel(ckpt.folder, config.adapter.runtime_layers, dtype, device, trust_remote_code)
+    model.experts_path = config.adapter.runtime_experts
+    return model
