@@ -2,6 +2,8 @@
 
     python -m benchmarks.real_shapes --preset qwen3-30b-a3b --layers 2
     python -m benchmarks.real_shapes --preset deepseek-v3-fp8 --layers 2 --memory-budget 20GB
+    python -m benchmarks.real_shapes --preset deepseek-v3-fp8 --layers 1 --only "profile --sequential" \
+        --expert-memory 4GB    # a MoE layer's experts (22.5 GB in bf16) a chunk at a time
 
 The checkpoint has exactly the preset's per-layer tensor names, shapes, dtypes and quantization (FP8
 128x128 blocks with float32 scale_inv, MXFP4 blocks/scales) and its real vocabulary, but N decoder
@@ -89,6 +91,7 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
     window = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
     common = ["--data", str(data), *window, "--dtype", args.dtype, "--force"]
     stats, seq_stats = work / "stats.npz", work / "stats-seq.npz"
+    chunked = ["--expert-memory", args.expert_memory]
     tokens = ["--max-tokens", str(args.samples * args.seq_len), "--dtype", args.dtype]
     evaluation = [str(model), "--data", str(data), *window[2:], *tokens]  # eval has no --samples
     return [
@@ -159,8 +162,14 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             ],
             work / "merged-r",
         ),
+        (
+            "profile --sequential --expert-memory",  # a layer's experts a chunk at a time (runtime.expert_chunks)
+            ["profile", str(model), "--out", str(seq_stats), *common, "--sequential", *chunked],
+            seq_stats,
+        ),
         ("eval", ["eval", *evaluation], None),
         ("eval --sequential", ["eval", *evaluation, "--sequential"], None),
+        ("eval --sequential --expert-memory", ["eval", *evaluation, "--sequential", *chunked], None),
         (
             "finetune 1 step (router)",
             [
@@ -196,6 +205,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16", help="working dtype of profile and eval")
     parser.add_argument("--memory-budget", default="12GB", help="stop a stage whose resident memory passes this")
+    parser.add_argument("--expert-memory", default="4GB", help="of the --expert-memory stages")
     parser.add_argument("--only", nargs="*", default=None, help="run only the stages whose name starts so")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-real-shapes")
     parser.add_argument("--keep-files", action="store_true", help="keep the checkpoint and outputs")

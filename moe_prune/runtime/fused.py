@@ -81,15 +81,21 @@ def fill(model: Any, name: str, fused: Fused, device: torch.device, folder: Path
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path)
     skeleton = module._parameters[attr]
-    param = torch.empty(skeleton.shape, dtype=skeleton.dtype, device=device)
+    param = read_into(torch.empty(skeleton.shape, dtype=skeleton.dtype, device=device), fused, name, folder)
+    loaded = torch.nn.Parameter(param, requires_grad=param.is_floating_point())
+    loaded._is_hf_initialized = True  # as transformers marks what it loads: never re-initialised
+    module._parameters[attr] = loaded
+
+
+def read_into(param: torch.Tensor, fused: Fused, name: str, folder: Path) -> torch.Tensor:
+    """Every source tensor of `fused` read into its slot of `param` (allocated by the caller), `param` returned:
+    the whole parameter here, a chunk of its experts in `runtime.expert_chunks`."""
     for stored, slot in _slots(param, fused, name, folder):
         if slot.device.type == "cpu":
             read_expert_tensor(stored, PURPOSE, out=slot)
         else:  # read on the CPU (one tensor), copied to the device
             slot.copy_(read_expert_tensor(stored, PURPOSE, out=torch.empty(slot.shape, dtype=slot.dtype)))
-    loaded = torch.nn.Parameter(param, requires_grad=param.is_floating_point())
-    loaded._is_hf_initialized = True  # as transformers marks what it loads: never re-initialised
-    module._parameters[attr] = loaded
+    return param
 
 
 def _slots(param: torch.Tensor, fused: Fused, name: str, folder: Path) -> list[tuple[Stored, torch.Tensor]]:

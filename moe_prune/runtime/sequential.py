@@ -42,7 +42,7 @@ import torch
 from moe_prune.architectures.table import NO_SEQUENTIAL
 from moe_prune.checkpoint.quantized import Quantization, group, read_float
 from moe_prune.errors import MoePruneError
-from moe_prune.runtime import fused
+from moe_prune.runtime import expert_chunks, fused
 from moe_prune.runtime.skeleton import finite, model_skeleton, quiet_transformers
 
 NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
@@ -117,6 +117,8 @@ class LayerwiseModel:
         model, self.dtype = model_skeleton(Checkpoint.open(folder), dtype, trust_remote_code)
         self.model = model.eval()
         self.layers_path = layers_path
+        self.expert_memory: int | None = None  # bytes of a layer's experts loaded at once (runtime.expert_chunks)
+        self.experts_path: str | None = None  # the experts module in a decoder layer (the family's adapter)
         self.layers: torch.nn.ModuleList = model.get_submodule(layers_path)
         self._keys = self._group_keys()
         for name, buf in list(model.named_buffers()):
@@ -150,8 +152,9 @@ class LayerwiseModel:
             groups[layer][info.name] = info.file
         return groups
 
-    def load(self, keys: dict[str, Path], expect: list[str]) -> None:
-        """Load checkpoint tensors `keys` through transformers' conversion; every name in `expect` must arrive."""
+    def load(self, keys: dict[str, Path], expect: list[str], experts: str | None = None) -> None:
+        """Load checkpoint tensors `keys` through transformers' conversion; every name in `expect` must arrive
+        (`experts`: the path of their experts module, bounded by `expert_memory`)."""
         from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
@@ -161,8 +164,11 @@ class LayerwiseModel:
         stacked, rest = fused.split(
             group((self._infos[key] for key in keys), self._quant), self._mapping, self.model, self._meta
         )
+        where = (self.folder, self.device)
+        chunked = expert_chunks.install(self.model, stacked, self.expert_memory, experts, where)
         for name, entry in stacked.items():  # per-expert tensors read straight into their fused parameter
-            fused.fill(self.model, name, entry, self.device, self.folder)
+            if name not in chunked:  # else read a chunk of experts at a time by the experts' forward
+                fused.fill(self.model, name, entry, self.device, self.folder)
         for stored in rest:
             if stored.quantized:  # dequantized on its own: one float tensor more in memory, never the layer twice
                 state[stored.name] = read_float(stored)
@@ -207,11 +213,11 @@ class LayerwiseModel:
         """Decoder layer `index` with its weights on the device."""
         prefix = f"{self.layers_path}.{index}."
         expect = [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
-        self.load(self._keys.get(index, {}), expect)
-        layer = self.layers[index].to(self.device)
-        return layer
+        self.load(self._keys.get(index, {}), expect, prefix + self.experts_path if self.experts_path else None)
+        return expert_chunks.to_device(self.layers[index], self.device)
 
     def free_layer(self, index: int) -> None:
+        expert_chunks.remove(self.layers[index])
         self.layers[index].to_empty(device="meta")
 
     # -- layer inputs ---------------------------------------------------------------------------
@@ -273,4 +279,6 @@ def open_layerwise(
     """`ckpt` as a meta skeleton whose decoder layers load one at a time (`--sequential`), or the one refusal
     (`check_layerwise`)."""
     check_layerwise(ckpt, instead, what)
-    return LayerwiseModel(ckpt.folder, ckpt.config.adapter.runtime_layers, dtype, device, trust_remote_code)
+    model = LayerwiseModel(ckpt.folder, ckpt.config.adapter.runtime_layers, dtype, device, trust_remote_code)
+    model.experts_path = ckpt.config.adapter.runtime_experts
+    return model

@@ -33,3 +33,4 @@ class EvalSpec(ModelLoading, Tasks, Heldout):
         ProfileSpec, "sequential", help="Perplexity one decoder layer at a time: memory of one layer (not --tasks)."
     )
     buffer_memory: int | None = like(ProfileSpec, "buffer_memory", help=BUFFER_MEMORY_HELP)
+    expert_memory: int | None = like(ProfileSpec, "expert_memory")

@@ -15,6 +15,10 @@ BUFFER_MEMORY_HELP = (
     "Layer-by-layer runs (profile --sequential, merge --refit without refit sums): hidden states "
     "kept in memory, e.g. 8GB; more spill to disk."
 )
+EXPERT_MEMORY_HELP = (
+    "--sequential: bytes of a layer's experts loaded at once, e.g. 4GB; a layer whose experts are larger "
+    "runs them a chunk at a time, read again for every batch."
+)
 FOR_HELP = (
     "Record only what these read: criteria, merge methods, refit, protect-super-experts, weights-output "
     "(comma-separated, e.g. reap,uncurl)."
@@ -65,6 +69,9 @@ class ProfileSpec(ModelLoading, TextData, Calibration):
     buffer_memory: int | None = option(  # bytes of hidden states kept in memory (sequential); more spill to disk
         None, BUFFER_MEMORY_HELP, cli_type=str | None, parse=parse.size_or_none, affects_result=False
     )
+    expert_memory: int | None = option(  # bytes of a layer's experts loaded at once (runtime.expert_chunks)
+        None, EXPERT_MEMORY_HELP, cli_type=str | None, parse=parse.size_or_none, affects_result=False
+    )
     save_every: int = option(  # batches between resumable checkpoints (0: none)
         0, "Save resumable progress every N batches (0: never).", affects_result=False
     )
@@ -91,5 +98,19 @@ class ProfileSpec(ModelLoading, TextData, Calibration):
             )
         if self.sequential and self.save_every:
             raise MoePruneError("--save-every/--resume work without --sequential only")
+        check_sequential_only(self.sequential, expert_memory=self.expert_memory)
+        if self.expert_memory is not None and (self.expert_outputs or self.refit_stats):
+            raise MoePruneError(
+                "--expert-memory cannot be combined with --expert-outputs or --refit-stats (or a --for name that "
+                "needs them): they run every expert on every token from the layer's whole expert weights"
+            )
         if self.save_every < 0:
             raise MoePruneError(f"--save-every must be at least 0 (got {self.save_every})")
+
+
+def check_sequential_only(sequential: bool, **sizes: int | None) -> None:
+    """Memory bounds of --sequential's layer-by-layer run (`buffer_memory=...`): refused without it."""
+    for name, size in sizes.items():
+        if size is not None and not sequential:
+            flag = "--" + name.replace("_", "-")
+            raise MoePruneError(f"{flag} applies to --sequential only; add --sequential or leave it out")

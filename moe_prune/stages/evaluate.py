@@ -45,6 +45,7 @@ from moe_prune.runtime.sequential import LayerwiseModel, open_layerwise
 from moe_prune.runtime.sources import parse_source
 from moe_prune.runtime.vllm_engine import check_engine as check_engine
 from moe_prune.specs.eval import EvalSpec
+from moe_prune.specs.profile import check_sequential_only
 from moe_prune.stages import eval_sequential
 from moe_prune.stages.eval_results import EvalResult, LayerLoad, ModelEval, ParamCounts
 from moe_prune.training.nll import nll_sum as one_nll_sum
@@ -109,17 +110,15 @@ def _layer_loads(recorder: RoutingRecorder, original_ids: dict[int, tuple[int, .
     loads = []
     rows = zip(recorder.layers, recorder.tokens.tolist(), recorder.hard_counts.tolist(), strict=True)
     for layer, tokens, counts in rows:
-        ids = list(original_ids[layer])
-        counts = counts[: len(ids)]  # ragged: the recorder counts up to the largest layer's experts
+        counts = counts[: len(original_ids[layer])]  # ragged: the recorder counts up to the largest layer's experts
         max_over_mean, entropy = load_balance(counts)
-        loads.append(LayerLoad(layer, len(counts), ids, tokens, counts, max_over_mean, entropy))
+        loads.append(LayerLoad(layer, len(counts), list(original_ids[layer]), tokens, counts, max_over_mean, entropy))
     return loads
 
 
 def _shared_experts(ckpt: Checkpoint) -> dict[str, Any] | None:
-    config = ckpt.config
-    key = next((k for k in config.adapter.shared_expert_keys if config.get(k) is not None), None)
-    return None if key is None else {"key": key, "value": config.get(key)}
+    key = next((k for k in ckpt.config.adapter.shared_expert_keys if ckpt.config.get(k) is not None), None)
+    return None if key is None else {"key": key, "value": ckpt.config.get(key)}
 
 
 @dataclass(frozen=True)
@@ -135,6 +134,7 @@ class Settings:
     engine: str = "transformers"
     sequential: bool = False  # one decoder layer at a time (stages.eval_sequential)
     buffer_memory: int | None = None  # --sequential: bytes of hidden states in memory; more spill to disk
+    expert_memory: int | None = None  # --sequential: bytes of a layer's experts loaded at once (runtime.expert_chunks)
 
 
 def evaluate_model(
@@ -191,6 +191,7 @@ def _model(ckpt: Checkpoint, settings: Settings) -> tuple[Any, LayerwiseModel | 
         return meta_model(ckpt, settings.dtype, settings.trust_remote_code), None
     if settings.sequential:
         runtime = open_layerwise(ckpt, settings.dtype, settings.device, settings.trust_remote_code, _WHOLE)
+        runtime.expert_memory = settings.expert_memory
         return runtime.model, runtime
     return load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code), None
 
@@ -236,8 +237,7 @@ def run(model: str | Path, spec: EvalSpec = EvalSpec(), progress: ProgressFn | N
     `buffer_memory` bytes of hidden states in memory (None: all; the rest in a temporary file). The spec's task
     fields are `stages.tasks`' (the `eval` command runs both)."""
     s = spec
-    if s.buffer_memory is not None and not s.sequential:
-        raise MoePruneError("--buffer-memory applies to --sequential only; add --sequential or leave it out")
+    check_sequential_only(s.sequential, buffer_memory=s.buffer_memory, expert_memory=s.expert_memory)
     if s.sequential and s.engine != "transformers":
         raise MoePruneError(f"--sequential runs the model with transformers, not --engine {s.engine}")
     vllm_engine.check_engine(s.engine, s.device)
@@ -255,7 +255,7 @@ def run(model: str | Path, spec: EvalSpec = EvalSpec(), progress: ProgressFn | N
     texts = heldout_documents(s.data, s.text_field, s.split, s.max_tokens, s.split_on)
     settings = Settings(
         s.seq_len, s.batch_size, s.max_tokens, s.dtype, s.device, s.trust_remote_code, s.engine, s.sequential,
-        s.buffer_memory,
+        s.buffer_memory, s.expert_memory,
     )  # fmt: skip
     report = progress or (lambda label, done, total: None)
     evals = {

@@ -118,6 +118,7 @@ def load_profiled(ckpt: Checkpoint, settings: Settings) -> tuple[Any, Any]:
             settings.trust_remote_code,
             "profile the whole model (--device-map auto for large ones)",
         )
+        loaded.expert_memory = settings.expert_memory
         return loaded, loaded.model.config
     loaded = load_model(ckpt, settings.dtype, settings.device, settings.trust_remote_code)
     return loaded, loaded.config
