@@ -136,6 +136,7 @@ def test_eval_perplexity_equal_with_expert_memory(model_type, tiny_factory, tmp_
     """`eval --sequential --expert-memory`: perplexity and expert load equal the whole-layer run's; chunks read."""
     from tiny_models import save_char_tokenizer
 
+    from moe_prune.specs.eval import EvalSpec
     from moe_prune.stages import evaluate
     from tests.test_profile import write_docs
 
@@ -144,15 +145,15 @@ def test_eval_perplexity_equal_with_expert_memory(model_type, tiny_factory, tmp_
         save_char_tokenizer(folder)
     data = tmp_path / "held.jsonl"
     write_docs(data, 12, seed=4)
-    options = {"seq_len": 16, "batch_size": 4, "sequential": True}
-    whole = evaluate.run(folder, str(data), **options).model
+    options = {"data": str(data), "seq_len": 16, "batch_size": 4, "sequential": True}
+    whole = evaluate.run(folder, EvalSpec(**options)).model
     reads: list[int] = []
     original = expert_chunks.remove
     record = lambda layer: (reads.extend(c.reads for c in expert_chunks.chunked(layer)), original(layer))  # noqa: E731
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(expert_chunks, "remove", record)
         budget = _expert_bytes(model, _moe_layers(model)[0]) * 2
-        chunked = evaluate.run(folder, str(data), expert_memory=budget, **options).model
+        chunked = evaluate.run(folder, EvalSpec(expert_memory=budget, **options)).model
     assert len(reads) == len(_moe_layers(model)) and min(reads) > 3
     assert chunked.tokens_scored == whole.tokens_scored > 0
     assert chunked.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
@@ -170,8 +171,8 @@ def test_eval_cli_passes_expert_memory_and_needs_sequential(monkeypatch):
     assert "--expert-memory applies to --sequential only; add --sequential or leave it out" in result.output
     seen: list[int | None] = []
 
-    def run(*args, **kwargs):
-        seen.append(kwargs.get("expert_memory"))
+    def run(model, spec, *args):
+        seen.append(spec.expert_memory)
         raise MoePruneError("stopped before evaluating")
 
     monkeypatch.setattr(evaluate, "run", run)
