@@ -70,7 +70,8 @@ def test_transformers_engine_named_in_json_and_table():
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["model"]["engine"] == "transformers"
     table = runner.invoke(app, ["eval", "--max-tokens", "600"])
-    assert "engine transformers" in table.output and "expert load" in table.output
+    words = " ".join(table.output.split())  # Rich wraps the header at the terminal's width, which the path decides
+    assert "engine transformers" in words and "expert load" in words
 
 
 @pytest.mark.parametrize("source", ["demo", "tied"])
