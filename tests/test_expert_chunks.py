@@ -204,3 +204,15 @@ def test_open_layerwise_bounds_stacked_families(tiny_factory):
     runtime = open_layerwise(ckpt, "float32", "cpu", False, "")
     runtime.expert_memory = _expert_bytes(model, ckpt.config.moe_layers[0]) * 2
     assert expert_chunks.chunked(runtime.load_layer(ckpt.config.moe_layers[0]))
+
+
+def test_picks_past_the_experts_are_one_line(tiny_factory):
+    """A family whose router picks slots past its experts (longcat's zero experts) cannot be split: refused."""
+    folder, model = tiny_factory("qwen3_moe")
+    layer = _moe_layers(model)[0]
+    block = _runtime(folder, _expert_bytes(model, layer) * 2).load_layer(layer)
+    hidden = torch.randn(3, 32)
+    index = torch.tensor([[0, 1], [2, 8], [3, 4]])  # 8: one past the 8 experts
+    with pytest.raises(MoePruneError, match=r"model\.layers\.\d+\.mlp\.experts picks experts past its 8"):
+        block.mlp.experts(hidden, index, torch.full((3, 2), 0.5))
+    assert block.mlp.experts(hidden, index[:, :1], torch.ones(3, 1)).shape == (3, 32)

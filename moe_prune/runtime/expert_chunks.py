@@ -40,7 +40,14 @@ _ATTR = "_moe_prune_expert_chunks"  # the ChunkedExperts installed on an experts
 class ChunkedExperts:
     """Stands in for an experts module's forward: its experts run `chunk` at a time, read on every call."""
 
-    def __init__(self, module: torch.nn.Module, path: str, entries: dict[str, Fused], chunk: int, where: Any) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        path: str,
+        entries: dict[str, Fused],
+        chunk: int,
+        where: tuple[Path, torch.device],
+    ) -> None:
         self.module, self.path, self.entries, self.chunk = module, path, entries, chunk
         self.folder, self.device = where  # (checkpoint folder, device of the buffers)
         self.experts = int(module.num_experts)
@@ -77,17 +84,18 @@ class ChunkedExperts:
         """The module's parameters and expert count are those of experts [start, stop) while inside."""
         module, count = self.module, stop - start
         placeholders = {attr: module._parameters[attr] for attr in self.entries}
-        views = {}
+        views, fresh = {}, self.loaded != (start, stop)
+        self.loaded = None if fresh else self.loaded  # a read that fails half-way leaves no stale chunk behind
         for attr, entry in self.entries.items():
             meta = placeholders[attr]
             if attr not in self.buffers:
                 shape = (self.chunk, *meta.shape[1:])
                 self.buffers[attr] = torch.empty(shape, dtype=meta.dtype, device=self.device)
             views[attr] = self.buffers[attr][:count]
-            if self.loaded != (start, stop):
+            if fresh:
                 chunk = {p: tensors[start:stop] for p, tensors in entry.sources.items()}
                 read_into(views[attr], replace(entry, sources=chunk), f"{self.path}.{attr}", self.folder)
-        self.reads += self.loaded != (start, stop)
+        self.reads += fresh
         self.loaded = (start, stop)
         parallel = module.__dict__.get("_is_expert_parallel")
         try:
