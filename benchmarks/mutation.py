@@ -97,13 +97,16 @@ def copy_tree(dest: Path, modules: list[str], tests: list[str]) -> None:
     """The work tree as it is now (tracked and new files, not ignored ones) under `dest`, plus the mutmut section."""
     listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listing, cwd=ROOT, check=True, capture_output=True).stdout
-    for name in files.decode().split("\0"):
-        if name and (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    names = [name for name in files.decode().split("\0") if name and (ROOT / name).is_file()]
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    # mutmut runs the tests in its `mutants/` copy; tests also read README.md, scripts/, benchmarks/ ...
+    tops = sorted({name.split("/")[0] for name in names} - {"moe_prune", "tests", "pyproject.toml"})
     section = (
         "\n[tool.mutmut]\n"
         'source_paths = ["moe_prune"]\n'
+        f"also_copy = {json.dumps(tops)}\n"
         f"only_mutate = {json.dumps(modules)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
