@@ -1,15 +1,17 @@
 """Scoring helpers the criteria tests pass over (mutation survivors of issue #22 over scoring/): ragged padding,
-per-token normalisation of a layer that saw no tokens, and the stability note."""
+per-token normalisation of a layer that saw no tokens, the stability note, the NaN check of a ragged model."""
 
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
+import pytest
 
 from moe_prune.artifacts.identity import ModelIdentity
 from moe_prune.artifacts.stats import Stats
-from moe_prune.scoring.registry import Inputs, get_criterion, stack_layers
+from moe_prune.errors import MoePruneError
+from moe_prune.scoring.registry import Criterion, Inputs, evaluate, get_criterion, stack_layers
 from moe_prune.scoring.stability import stability_note
 
 IDENT = ModelIdentity("mixtral", 2, {0: (0, 1, 2), 1: (0, 1, 2)}, "sha256:synthetic")
@@ -40,3 +42,29 @@ def test_the_stability_note_says_what_the_columns_can_show():
     assert stability_note(get_criterion("random"), parts).startswith("scores do not depend on calibration data")
     assert stability_note(get_criterion("usage-frequency"), []).startswith("margin only; --stability PART.npz")
     assert stability_note(get_criterion("usage-frequency"), parts) == "bootstrap over 2 disjoint partial profiles"
+
+
+RAGGED = ModelIdentity("mixtral", 2, {0: (0, 1, 2), 1: (0, 1)}, "sha256:synthetic")
+
+
+def pair_criterion(nan_at: tuple[int, int, int]) -> Criterion:
+    """A pair criterion on RAGGED whose value at (layer, p, q) is NaN."""
+
+    def fn(inputs: Inputs):
+        values = np.ones((2, 3, 3))
+        values[nan_at] = np.nan
+        return values, np.ones((2, 3))
+
+    return Criterion("nan-pairs", fn, "test", kind="pair", stats=("tokens",))
+
+
+def test_nan_is_refused_on_real_pairs_only():
+    """Layer 1 has 2 experts: its pair (0, 2) is padding and may hold anything; (0, 1) is real."""
+    inputs = Inputs(RAGGED, Stats(RAGGED, {"tokens": np.array([4, 4])}, {}), None)
+    assert evaluate(pair_criterion((1, 0, 2)), inputs)[2].shape == (2, 3, 3)
+    with pytest.raises(MoePruneError) as raised:
+        evaluate(pair_criterion((1, 0, 1)), inputs)
+    assert str(raised.value) == (
+        "criterion 'nan-pairs' gave NaN scores (first at MoE layer index 1); the statistics may be corrupt"
+    )
+    assert Criterion("c", len, "d", stats=("a", "b"), weights=True).needs() == "a, b, model weights"
