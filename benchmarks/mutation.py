@@ -1,25 +1,57 @@
-"""Mutation run (mutmut) over `runtime/shares.py`, `runtime/sources.py` and `merging/refit.py`: how many small code
-changes the tests catch.
+"""Mutation run (mutmut) over chosen modules with chosen tests: how many small code changes the tests catch.
 
-    nice -n 19 python -m benchmarks.mutation                  # the modules, their tests, 2 workers
+    nice -n 19 python -m benchmarks.mutation                  # shares.py, sources.py, refit.py; their fast tests
     nice -n 19 python -m benchmarks.mutation --json out.json  # also the counts and survivors as JSON
+    nice -n 19 python -m benchmarks.mutation --workers 1 --modules 'moe_prune/scoring/*' \
+        --tests tests/test_score.py tests/test_reap.py tests/test_score_stability.py tests/test_selection_parts.py \
+        tests/test_stability_parts.py tests/test_registry_parts.py \
+        --deselect tests/test_score.py::test_random_needs_only_the_model --sample 200 --seed 22
+    nice -n 19 python -m benchmarks.mutation --workers 1 --modules 'moe_prune/checkpoint/*' \
+        --tests tests/test_prune.py tests/test_safetensors_io.py tests/test_bounded_json.py tests/test_quantized.py \
+        tests/test_ragged.py tests/test_aux_loss.py tests/test_router_tail.py tests/test_mtp.py \
+        --deselect tests/test_bounded_json.py::test_the_header_limit_is_safetensors_own \
+        tests/test_quantized.py::test_cli_runs_release_shaped_fp8_with_default_options \
+        'tests/test_quantized.py::test_read_float_equals_independent_dequantization[gpt_oss]' \
+        tests/test_ragged.py::test_loads_without_moe_prune_in_a_fresh_process \
+        tests/test_aux_loss.py::test_aux_loss_weight_evens_out_expert_use \
+        tests/test_mtp.py::test_prune_gives_mtp_the_last_layers_experts \
+        tests/test_mtp.py::test_merge_applies_the_last_layers_plan_to_mtp --sample 100 --seed 22
 
 The slow lane of issue #22 (tens of minutes on 2 cores, so not part of `pytest`). mutmut (a maintained
 tool, pinned in constraints.txt) changes one token at a time (a `<` into `<=`, a `+ 1` into `+ 2`, a string,
 a default) and runs the tests that reach the changed function; a mutant no test fails on "survived". The
 work tree's files are copied to a temporary folder, `[tool.mutmut]` is appended to the copy's pyproject.toml
 and mutmut runs there: mutmut writes its `mutants/` tree beside the code, and the work tree is never
-touched. Printed: killed / survived / no tests per module, the score killed / (killed + survived +
-timeout) over the mutants the selected tests reach, and every survivor with its diff line.
+touched. Printed: killed / survived / no tests per file and per `--modules` pattern, the score killed /
+(killed + survived + timeout) over the mutants the selected tests reach, and every survivor with its diff line.
+The deselected tests above each take 10-110 s (a survivor runs every test that reaches its function).
 
-Recorded 2026-12-06 (2 CPU cores shared with other work, load ~15; mutmut 3.8.1): 681 mutants, too many for
-the time left at ~20 a minute, so the run was stopped and finished with `--work` and `--mutants` over all of
-refit.py and the share arithmetic of sources.py (`_largest_remainder`, `allocate`, `_weights`, `take`,
-`parse_sources`; `load_mix`, `_looks_local` and some of `parse_source` were reached by the first run):
-refit.py 86 killed / 38 survived (all 124); sources.py 130 killed / 62 survived / 4 without tests, 361 not
-run (`mix`, `_fit`, `parse_source`, `read_source(s)`, `Mix.provenance`). Score 216 / 316 = 0.684. Every
-mutant of `_largest_remainder` (the sabotage of issue #22, item 2) is killed. The survivors are listed in the
-CHANGELOG entry of issue #22.
+`--sample N --seed S`: checkpoint/ and scoring/ have too many mutants for 2 cores, so N are drawn uniformly
+(`random.Random(S).sample` over the sorted names of every mutant of the listed modules; mutmut has no
+"generate only" command, so a run filtered to a name no mutant has generates them first) and only those
+run; the score is printed with its 95% Wilson interval and the population size. Mutants in code that runs
+at import (registration decorators) survive by construction: mutmut switches mutants at call time.
+
+Recorded 2026-12-07 (mutmut 3.8.1, 2 CPU cores shared with 3 other sessions, load 7-13, one worker, nice 19):
+- runtime/shares.py + runtime/sources.py, every mutant (467), tests test_share_rounding, test_data_mix,
+  test_finetune_mix: 11.4 mutants a minute; 374 killed, 93 survived: 0.801. With the tests written for the
+  survivors (test_take_windows, test_mix_parts) the 93 were run again: 60 killed, 1 timeout (the
+  `rest += unit` loop never ends), 32 survive. Now 434 killed + 1 timeout of 467: 0.929 (0.931 counting the
+  timeout). The 32: 28 equivalent (21 `zip(strict=...)` on lists of one length by construction, 2 `sum`
+  without its `Fraction(0)` start, `if weights or True`, an `even` share no source uses, `rest >= 0` /
+  `rest > 1` where a total of 0 or 1 token always fits, `windows < needed` where equal counts draw every
+  window) and 4 that read more tokens ahead of a seeded draw (`pool`, `max_tokens`: `token_stream` stops only
+  between batches of 256 documents for slow tokenizers, so no test pins the pool).
+- scoring/ (892 mutants), a uniform sample of 200 (seed 22), tests as above without the *_parts files:
+  24.6 mutants a minute; 142 killed, 58 survived: 0.710 [95%: 0.644-0.768].
+  Survivors by file: stability.py 24 of 86, selection.py 18 of 70, registry.py 11 of 24, linalg.py 4 of 15,
+  routing.py 1 of 1, weights.py 0 of 4. The 17 the new *_parts tests aim at were run again: 16 killed
+  (`reshape(-2)` is equivalent: numpy takes any negative size as the unknown one), so the sample now scores
+  158 / 200 = 0.790 [95%: 0.728-0.841].
+- checkpoint/: a sample of 100 (seed 22) was started at 03:14; see the next commit.
+- merging/refit.py: not run again (2026-12-06: 86 of 124 killed); tests/test_refit_solve.py kills the
+  named survivors by hand-applied sabotage (ridge sign/scale, never-fired refusal, bias refusal, clamp).
+The survivors are listed in the CHANGELOG entry of issue #22.
 """
 
 from __future__ import annotations
@@ -65,13 +97,16 @@ def copy_tree(dest: Path, modules: list[str], tests: list[str]) -> None:
     """The work tree as it is now (tracked and new files, not ignored ones) under `dest`, plus the mutmut section."""
     listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listing, cwd=ROOT, check=True, capture_output=True).stdout
-    for name in files.decode().split("\0"):
-        if name and (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    names = [name for name in files.decode().split("\0") if name and (ROOT / name).is_file()]
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    # mutmut runs the tests in its `mutants/` copy; tests also read README.md, scripts/, benchmarks/ ...
+    tops = sorted({name.split("/")[0] for name in names} - {"moe_prune", "tests", "pyproject.toml"})
     section = (
         "\n[tool.mutmut]\n"
         'source_paths = ["moe_prune"]\n'
+        f"also_copy = {json.dumps(tops)}\n"
         f"only_mutate = {json.dumps(modules)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"

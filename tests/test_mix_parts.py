@@ -207,3 +207,31 @@ def test_parse_messages_name_the_option_and_say_what_to_do():
     assert refusal(allocate, parse_sources(["a.jsonl:11", "b.jsonl"]), 10) == (
         "--data: token counts add up to 11, more than the 10 tokens of the token budget"
     )
+
+
+def test_a_short_source_in_a_mix_without_windows_keeps_every_token_it_can():
+    """Without `unit` the mix is cut to whole tokens (unit 1): 1 + 4 here, where windows of 2 would give 1 + 3."""
+    specs = parse_sources(["a.txt:0.2", "b.txt:0.8"])
+    assert _fit(specs, [3, 12], [1, 40], 2)[0] == [1, 3]  # the case is one that the unit changes
+    sources = [SourceData(specs[0], ["q"]), SourceData(specs[1], ["abcdefghijklmnop"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MoePruneWarning)  # no EOS: documents joined
+        result = mix(sources, Chars(eos=None), [3, 12])
+    assert [t.tokens for t in result.taken] == [1, 4] and result.ids.tolist() == [ord(c) for c in "qabcd"]
+
+
+def test_a_hub_source_is_read_from_the_split_asked_and_records_it(monkeypatch):
+    """The reader passes field, split, character limit and --split-on through; a hub source records its split."""
+    calls = []
+
+    def load(source, text_field, split, max_chars, split_on):  # no defaults: every argument must be passed
+        calls.append((source, text_field, split, max_chars, split_on))
+        return ["doc"]
+
+    monkeypatch.setattr("moe_prune.runtime.sources.load_documents", load)
+    assert read_source(parse_source("org/corpus"), 100).split == "train"
+    assert read_source(parse_source("org/corpus"), None, "body", "validation", "blank-lines").split == "validation"
+    assert calls == [
+        ("org/corpus", "text", "train", 100, "none"),
+        ("org/corpus", "body", "validation", None, "blank-lines"),
+    ]
