@@ -81,6 +81,8 @@ class ProfileSpec(ModelLoading, TextData, Calibration):
                 "--sequential cannot collect --gradients (backpropagation needs every layer at once); "
                 "profile gradients without --sequential, with --device-map auto for large models"
             )
+        if self.buffer_memory is not None and not self.sequential:  # the whole-model profile buffers nothing
+            raise MoePruneError("--buffer-memory applies to --sequential only; add --sequential or leave it out")
         if self.sequential and self.save_every:
             raise MoePruneError("--save-every/--resume work without --sequential only")
         if self.save_every < 0:
