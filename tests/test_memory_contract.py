@@ -80,8 +80,9 @@ def _growth(folder: Path, command: str) -> int:
 
 def test_merge_holds_two_experts_read_at_once(tiny_factory, tmp_path, monkeypatch):
     """The fast check of merge's contract (default run): the experts read in float32 and alive at once are a
-    cluster's anchor and one member, not the layer's (every expert, 8 x 3 tensors, before slots were merged one at
-    a time; mixtral's 8 experts in 2 clusters of 4 here). Sabotage: every member read before the first is aligned: 21."""
+    cluster's anchor and one member, not the layer's (every expert, 8 x 3 tensors, before slots were merged one
+    at a time; mixtral's 8 experts in 2 clusters of 4 here). Sabotage: every member read before the first is
+    aligned: 21 alive."""
     folder, _ = tiny_factory("mixtral")
     alive, most = [0], [0]
     reader = layer_experts.read_float_expert
