@@ -147,6 +147,24 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             work / "merged-f",
         ),
         (
+            "merge uncurl --refit 50% --refit-memory 256MB",
+            [
+                "merge",
+                str(model),
+                "--stats",
+                str(stats),
+                "--keep",
+                keep,
+                "--refit",
+                "--refit-memory",  # the sums in groups of at most 256 MB: the layer runs once per group
+                "256MB",
+                "--out",
+                str(work / "merged-rb"),
+                "--force",
+            ],
+            work / "merged-rb",
+        ),
+        (
             "merge uncurl --refit 50%",
             [
                 "merge",

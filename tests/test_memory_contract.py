@@ -1,5 +1,5 @@
-"""Memory contract of `profile --sequential` and `eval --sequential` (issue #24): peak resident memory at most
-1.5x one decoder layer in the working dtype, plus embeddings/head and the hidden-state buffer.
+"""Memory contract of `profile --sequential`, `eval --sequential` and `merge` (issue #24): peak resident memory at
+most 1.5x one decoder layer in the working dtype, plus embeddings/head and the hidden-state buffer.
 
 Probe: a child process profiles (or evaluates) a small model first (every import and lazy initialisation
 done), then resets its resident high-water mark (`/proc/self/clear_refs` 5) and runs on a model whose MoE layers are
@@ -13,12 +13,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import save_char_tokenizer, tiny_config
 
+from moe_prune.checkpoint.source import Checkpoint
+from moe_prune.merging import layer_experts
+from moe_prune.specs.merge import MergeSpec
+from moe_prune.stages import merge
+from tests.test_merge import synthetic_stats
 from tests.test_profile import write_docs
 
 LARGE = {"hidden_size": 128, "moe_intermediate_size": 2048, "num_experts": 32, "num_hidden_layers": 4}
@@ -26,8 +32,10 @@ CONTRACT = 1.5
 
 PROBE = """
 import gc, json, sys
+from moe_prune.artifacts.stats import Stats
 from moe_prune.specs.eval import EvalSpec
-from moe_prune.stages import evaluate, profile
+from moe_prune.specs.merge import MergeSpec
+from moe_prune.stages import evaluate, merge, profile
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -39,6 +47,10 @@ settings = profile.Settings(samples=8, seq_len=16, batch_size=4, sequential=True
 def run(model):
     if command == "profile":
         profile.run(model, data, settings)
+    elif command.startswith("merge"):  # merge uncurl to half the experts, from statistics of model + ".npz"
+        stats = Stats.load(model + ".npz")
+        refit = {"refit": True, "refit_memory": 36 * 2**20} if command == "merge-refit" else {}
+        merge.run(model, stats, model + "-merged", 16 if model == large else 4, MergeSpec(force=True, **refit))
     else:
         evaluate.run(model, EvalSpec(data=data, seq_len=16, batch_size=4, max_tokens=128, sequential=True))
 run(small)
@@ -69,19 +81,43 @@ def _growth(folder: Path, command: str) -> int:
     return probe["peak"] - probe["before"]
 
 
-pytestmark = [  # about two minutes on 2 busy cores: building, profiling and evaluating 400 MB of experts
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc"),
-]
+def test_merge_holds_two_experts_read_at_once(tiny_factory, tmp_path, monkeypatch):
+    """The fast check of merge's contract (default run): the experts read in float32 and alive at once are a
+    cluster's anchor and one member, not the layer's (every expert, 8 x 3 tensors, before slots were merged one
+    at a time; mixtral's 8 experts in 2 clusters of 4 here). Sabotage: every member read before the first is
+    aligned: 21 alive."""
+    folder, _ = tiny_factory("mixtral")
+    alive, most = [0], [0]
+    reader = layer_experts.read_float_expert
+
+    def counted(info):
+        tensor = reader(info)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(tensor, lambda: alive.__setitem__(0, alive[0] - 1))
+        return tensor
+
+    monkeypatch.setattr(layer_experts, "read_float_expert", counted)
+    merge.run(folder, synthetic_stats(Checkpoint.open(folder)), tmp_path / "out", 2, MergeSpec(method="frequency"))
+    assert 0 < most[0] <= 2 * 3, f"{most[0]} expert tensors read and alive at once"
+
+
+# The probes below: about three minutes on 2 busy cores (building, profiling, evaluating and merging 400 MB of experts)
+linux = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, int]:
-    """(folder with the small and large models and the data, one large layer's bytes)."""
+    """(folder with the small and large models, their statistics and the data, one large layer's bytes)."""
+    from moe_prune.stages import profile
+
     folder = tmp_path_factory.mktemp("contract")
     _save(folder / "small")
     layer = _save(folder / "large", **LARGE)
     write_docs(folder / "cal.jsonl", 8, seed=0)
+    settings = profile.Settings(samples=8, seq_len=16, batch_size=4, sequential=True)
+    for name in ("small", "large"):
+        profile.run(folder / name, folder / "cal.jsonl", settings).stats.save(folder / f"{name}.npz")
     return folder, layer
 
 
@@ -90,12 +126,16 @@ def sequential_growth(models) -> tuple[int, int]:
     return _growth(models[0], "profile"), models[1]
 
 
+@pytest.mark.slow
+@linux
 def test_sequential_profile_holds_one_layer_at_a_time(sequential_growth):
     """Fewer than the model's 4 large layers at the peak: layers are freed as the pass moves on."""
     growth, layer = sequential_growth
     assert growth <= 3.5 * layer, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"
 
 
+@pytest.mark.slow
+@linux
 def test_sequential_profile_within_one_and_a_half_layers(sequential_growth):
     """The contract. Met since the per-expert tensors are read straight into the fused parameter
     (runtime/fused.py); through transformers' stacking the peak grew 2.9 layers (276-285 MB for 96 MB layers)."""
@@ -104,8 +144,34 @@ def test_sequential_profile_within_one_and_a_half_layers(sequential_growth):
     assert growth <= CONTRACT * layer + 2**20, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"
 
 
+@pytest.mark.slow
+@linux
 def test_sequential_eval_within_one_and_a_half_layers(models):
     """eval --sequential under the same contract (whole-model eval holds all 4 layers)."""
     folder, layer = models
     growth = _growth(folder, "eval")
     assert growth <= CONTRACT * layer + 2**20, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"
+
+
+@pytest.mark.slow
+@linux
+def test_merge_within_one_and_a_half_layers(models):
+    """merge (uncurl, 32 -> 16 experts) under the same contract: a slot is merged when the writer reaches it. Before,
+    every expert of the layer was read in float32 first: 2.9 layers (277 MB for 96 MB layers); now 0.8 (80 MB)."""
+    folder, layer = models
+    growth = _growth(folder, "merge")
+    assert growth <= CONTRACT * layer + 2**20, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"
+
+
+@pytest.mark.slow
+@linux
+def test_merge_refit_within_the_contract_plus_its_sums(models):
+    """merge --refit (its layer-by-layer pass) holds the contract's layer plus what the refit itself needs: the sums
+    bounded by --refit-memory (36 MiB, one slot's 34 MiB here) and one slot's solve (hh symmetrised, its LU copy, the
+    right-hand side: about 3 I x I float64, I = 2048). This probe's I >> H makes those 2.3 layers' worth (measured
+    230 MB); at real shapes (Qwen3-30B-A3B: I = 768, H = 2048) one slot's are 1.5% of a layer."""
+    folder, layer = models
+    solve = 3 * 2048 * 2048 * 8
+    growth = _growth(folder, "merge-refit")
+    bound = CONTRACT * layer + 36 * 2**20 + solve + 2**20
+    assert growth <= bound, f"peak grew {growth / 2**20:.0f} MB, one layer {layer / 2**20:.0f} MB"

@@ -69,6 +69,18 @@ def test_sequential_refuses_gradients(tiny, tmp_path):
     assert not (tmp_path / "s.npz").exists()
 
 
+def test_buffer_memory_needs_sequential(tiny, tmp_path):
+    """--buffer-memory bounds --sequential's hidden states; the whole-model profile, which buffers nothing, refuses
+    it in one line instead of ignoring it (sabotage: the check removed, the profile runs and writes s.npz)."""
+    data = tmp_path / "cal.jsonl"
+    write_docs(data, 3, seed=12)
+    args = ["profile", str(tiny("mixtral")), "--data", str(data), "--out", str(tmp_path / "s.npz")]
+    result = CliRunner().invoke(app, [*args, "--buffer-memory", "2KB"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "--buffer-memory applies to --sequential only; add --sequential or leave it out" in result.output
+    assert not (tmp_path / "s.npz").exists()
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 

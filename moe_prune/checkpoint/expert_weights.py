@@ -1,7 +1,8 @@
 """Read routed-expert weights and router rows layer by layer, for criteria that score weights.
 
 Only one MoE layer's expert tensors are in memory at a time (as float32 `[E, ...]` stacks), read from
-the shards byte range by byte range, so a model far larger than memory can be scored. Both on-disk
+the shards byte range by byte range, so a model far larger than memory can be scored; per-expert
+tensors are read straight into their stack's slot (one stack, not the tensors and then their stack). Both on-disk
 layouts are accepted: one tensor per expert (`...experts.{e}.w1.weight`, stacked here) and fused
 tensors with a leading expert axis (`[E, 2I, H]`, or dbrx's blocked `[E*I, H]`, reshaped to
 `[E, I, H]`). FP8 block-quantized and MXFP4 tensors are dequantized one tensor at a time by
@@ -98,17 +99,29 @@ class ExpertWeights:
                 raise MoePruneError(
                     f"{self.ckpt.folder}: layer {layer} has no {tail!r} tensor for experts {missing[:5]}"
                 )
-        wanted = [self._routers[layer], *fused, *(info for slots in per_expert.values() for info in slots.values())]
-        loaded = _read_all(wanted)
+        _check_float([info for slots in per_expert.values() for info in slots.values()])
+        loaded = _read_all([self._routers[layer], *fused])
         tensors = {info.name: split_experts(loaded[info.name], n, info) for info in fused}
         for tail, slots in per_expert.items():
-            tensors[tail] = torch.stack([loaded[slots[e].name] for e in range(n)])
+            stack = torch.empty((n, *slots[0].shape), dtype=torch.float32)
+            for e in range(n):
+                read_expert_tensor(slots[e], PURPOSE, out=stack[e])
+            tensors[tail] = stack
         router = loaded[self._routers[layer].name].reshape(n, -1)
         return LayerWeights(layer, tensors, router)
 
 
+PURPOSE = "its experts cannot be scored by their weights"
+
+
 def _read_all(infos: list[Stored]) -> dict[str, torch.Tensor]:
     """The named tensors as float32 (dequantized one at a time); a one-line error for non-finite ones."""
+    _check_float(infos)
+    return {info.name: read_expert_tensor(info, PURPOSE) for info in infos}
+
+
+def _check_float(infos: list[Stored]) -> None:
+    """Refuse non-float tensors that are not a quantization moe-prune reads."""
     for info in infos:
         if not info.quantized and info.data.dtype not in FLOAT_DTYPES:
             raise MoePruneError(
@@ -116,4 +129,3 @@ def _read_all(infos: list[Stored]) -> dict[str, torch.Tensor]:
                 "(FP8 with weight_scale_inv and MXFP4 are read when config.json's quantization_config says so; "
                 "otherwise dequantise first, or use a statistics-based criterion)"
             )
-    return {info.name: read_expert_tensor(info, "its experts cannot be scored by their weights") for info in infos}

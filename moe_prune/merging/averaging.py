@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from moe_prune.merging.alignment import Expert
 
 
-def weighted_average(experts: Sequence[Expert], weights: Sequence[float]) -> Expert:
-    """sum_i w_i * expert_i per tensor; weights are normalised to sum to 1."""
-    if not experts or len(experts) != len(weights):
+def weighted_average(experts: Iterable[Expert], weights: Sequence[float]) -> Expert:
+    """sum_i w_i * expert_i per tensor; weights are normalised to sum to 1.
+
+    `experts` may be a generator: each member is added as it comes and can be freed before the next is made,
+    so a cluster of many experts holds the sum and one member, never all of them (merge's memory contract)."""
+    if not weights:
         raise ValueError("need one weight per expert and at least one expert")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("weights must sum to a positive number")
-    out = {}
-    for key in experts[0]:
-        acc = torch.zeros_like(experts[0][key], dtype=torch.float32)
-        for expert, weight in zip(experts, weights, strict=True):
-            acc += expert[key].float() * (weight / total)
-        out[key] = acc
+    members = iter(experts)
+    out: Expert = {}
+    for weight in weights:
+        expert = next(members, None)
+        if expert is None:
+            raise ValueError("need one weight per expert and at least one expert")
+        for key, tensor in expert.items():
+            if key not in out:
+                out[key] = torch.zeros_like(tensor, dtype=torch.float32)
+            out[key] += tensor.float() * (weight / total)
+    if next(members, None) is not None:
+        raise ValueError("need one weight per expert and at least one expert")
     return out

@@ -25,11 +25,11 @@ from functools import partial
 import torch
 
 from moe_prune.architectures.spec import Adapter, ExpertTensor
+from moe_prune.checkpoint.expert_slices import fused_expert
 from moe_prune.checkpoint.quantized import Quantization, Stored, group, quantize
 from moe_prune.checkpoint.safetensors_io import AnyOutput, OutputTensor, TensorInfo, read_tensor, tensor_bytes
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher, check_router_layers, router_rows, select_tensor, whole
 from moe_prune.errors import MoePruneError
-from moe_prune.merging.alignment import Expert
 from moe_prune.merging.layer_experts import (
     LayerExperts,
     computed,
@@ -85,6 +85,7 @@ class ShrinkPlanner:
         for info, key in experts:
             self._collect(info, key)
         for layer in self.layers.values():
+            layer.check()
             if layer.plan.refit is not None:  # biases, unknown down tensors, statistics of other shapes refused
                 where = f"{tensors[0].file.parent if tensors else 'the checkpoint'}: MoE layer {layer.plan.layer}"
                 if self.adapter.expert_vectors:
@@ -187,14 +188,13 @@ class ShrinkPlanner:
             if not plan.computes(index, layer.layouts[key.tail]):
                 return copies
             name = key.renumbered(index)
+            take = partial(layer.take, index, key.tail)
             if info.quantized:
-                made = requantized(
-                    info, info.names(name), info.shape, layer, partial(_quantize_slot, info, index, key.tail)
-                )
-                return [(info.data, out) for out in made]
+                layer.want(index, key.tail, partial(quantize, info))
+                return [(info.data, out) for out in requantized(info, info.names(name), info.shape, take)]
             dtype = torch_dtype(info.data)
-            out = computed(name, info.data, info.shape, layer, lambda m: tensor_bytes(m[index][key.tail].to(dtype)))
-            return [(info.data, out)]
+            layer.want(index, key.tail, partial(torch.Tensor.to, dtype=dtype))
+            return [(info.data, computed(name, info.data, info.shape, lambda: tensor_bytes(take())))]
         layout = layer.layouts[info.name]
         tail = layer.fused_tail[info.name]
         if plan.refit is not None and not is_down(layout):
@@ -202,29 +202,41 @@ class ShrinkPlanner:
         count = len(plan.clusters)
         shape = ((info.shape[0] - tail) // self.counts[key.layer] * count + tail, *info.shape[1:])
         if info.quantized:
-            made = requantized(info, info.names(info.name), shape, layer, self._fused_quantized(info, plan, layout))
+            made = requantized(info, info.names(info.name), shape, self._fused_quantized(info, layer, layout))
             return [(info.data, out) for out in made]
         dtype = torch_dtype(info.data)
+        for index in range(count):  # every slot, one-expert clusters too (their average is the expert)
+            layer.want(index, info.name, partial(torch.Tensor.to, dtype=dtype))
 
-        def fused(merged: list[Expert]) -> bytes:
-            stacked = torch.stack([m[info.name] for m in merged]).reshape(-1, *info.shape[1:])
-            past = read_float_expert(info)[info.shape[0] - tail :] if tail else stacked[:0]  # tail rows, unchanged
-            return tensor_bytes(torch.cat([stacked, past.to(stacked.dtype)]).reshape(shape).to(dtype))
+        def fused() -> bytes:
+            """The slots' rows (and the rows past the experts', unchanged) filled into one tensor of the output."""
+            out = torch.empty(shape, dtype=dtype)
+            row = 0
+            for index in range(count):
+                part = layer.take(index, info.name).reshape(-1, *shape[1:])
+                out[row : row + len(part)] = part
+                row += len(part)
+            if tail:
+                out[row:] = layer.tail_rows(info.name)
+            return tensor_bytes(out)
 
-        return [(info.data, computed(info.name, info.data, shape, layer, fused))]
+        return [(info.data, computed(info.name, info.data, shape, fused))]
 
-    def _fused_quantized(self, info: Stored, plan: LayerPlan, layout: ExpertTensor):
+    def _fused_quantized(self, info: Stored, layer: LayerExperts, layout: ExpertTensor):
         """(data, scale) of a fused quantized tensor: unchanged experts keep their bytes, the rest is quantized."""
+        plan = layer.plan
+        for index in range(len(plan.clusters)):
+            if plan.computes(index, layout):
+                layer.want(index, info.name, lambda merged: [t[0] for t in quantize(info, merged[None])])
 
-        def make(merged: list[Expert]) -> tuple[torch.Tensor, torch.Tensor]:
-            raw = [read_tensor(part) for part in info.infos]
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
             parts: list[list[torch.Tensor]] = [[], []]
-            for index, (cluster, expert) in enumerate(zip(plan.clusters, merged, strict=True)):
+            for index, cluster in enumerate(plan.clusters):
                 if not plan.computes(index, layout):
-                    new = [r[cluster.anchor] for r in raw]
+                    anchor = fused_expert(info, layer.n_experts, cluster.anchor)
+                    new = [read_tensor(part) for part in anchor.infos]
                 else:
-                    new = list(quantize(info, expert[info.name][None]))
-                    new = [t[0] for t in new]
+                    new = layer.take(index, info.name)
                 for store, tensor in zip(parts, new, strict=True):
                     store.append(tensor)
             return torch.stack(parts[0]), torch.stack(parts[1])
@@ -266,12 +278,7 @@ class ShrinkPlanner:
             new = torch.cat([new.to(original.dtype), original[count:]])
             return tensor_bytes(new.movedim(0, axis).to(dtype))
 
-        return computed(info.name, info, tuple(shape), None, rows)
-
-
-def _quantize_slot(info: Stored, index: int, tail: str, merged: list[Expert]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merged slot `index`'s tensor `tail`, quantized like `info`."""
-    return quantize(info, merged[index][tail])
+        return computed(info.name, info, tuple(shape), rows)
 
 
 __all__ = ["ROUTER_RULES", "LayerPlan", "ShrinkPlanner", "find_layout"]

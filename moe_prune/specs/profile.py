@@ -98,7 +98,7 @@ class ProfileSpec(ModelLoading, TextData, Calibration):
             )
         if self.sequential and self.save_every:
             raise MoePruneError("--save-every/--resume work without --sequential only")
-        check_sequential_only(self.sequential, expert_memory=self.expert_memory)
+        check_sequential_only(self.sequential, buffer_memory=self.buffer_memory, expert_memory=self.expert_memory)
         if self.expert_memory is not None and (self.expert_outputs or self.refit_stats):
             raise MoePruneError(
                 "--expert-memory cannot be combined with --expert-outputs or --refit-stats (or a --for name that "
