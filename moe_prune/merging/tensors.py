@@ -5,8 +5,9 @@ unchanged is a byte selection of the input (`checkpoint.surgery.select_tensor`):
 the experts of a layer whose clusters each hold one expert (a prune), slots whose cluster is one expert,
 router rows under `--router anchor`. Nothing of those is read or decoded, so a prune streams bytes.
 Merged experts and averaged/re-initialised router rows are `ComputedTensor`s (`merging.layer_experts`):
-a layer's experts are read, aligned and averaged (in float32, cast back to the checkpoint's dtype) when
-the writer reaches the first of that layer's computed tensors, and released after its last one.
+a slot's cluster is read, aligned and averaged (in float32, cast back to the checkpoint's dtype) when
+the writer reaches the first of that slot's computed tensors, one member at a time, and each finished
+tensor is released once written.
 Outputs keep the input's tensor order; a computed quantized tensor's scale follows its data.
 
 Quantized checkpoints (FP8 with block scales, MXFP4): experts are read dequantized through
