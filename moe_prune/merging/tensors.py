@@ -187,8 +187,8 @@ class ShrinkPlanner:
                 return copies  # a tail expert (after the merged ones, unchanged), or a dropped one (nothing)
             index = plan.anchors.index(key.slot)
             if not plan.computes(index, layer.layouts[key.tail]):
-                if plan.refit is None:  # a one-expert cluster, copied: still read once, as every cluster member is
-                    read_float_expert(info)  # (NaN/Inf refused in one line, before anything is written)
+                if plan.refit is None and any(len(c.members) > 1 for c in plan.clusters):
+                    read_float_expert(info)  # a layer that averages reads every member once: NaN/Inf refused here too
                 return copies
             name = key.renumbered(index)
             take = partial(layer.take, index, key.tail)
