@@ -224,6 +224,7 @@ def test_cli_refit_options_without_refit_are_one_line(tiny, tmp_path):
         ["--refit-ridge", "1e-3"],
         ["--buffer-memory", "1KB"],
         ["--refit-memory", "1KB"],
+        ["--expert-memory", "1KB"],
     ):
         option = extra[0]
         result = runner.invoke(app, [*merge_args, *extra])

@@ -53,6 +53,7 @@ class ChunkedExperts:
         self.experts = int(module.num_experts)
         self.buffers: dict[str, torch.Tensor] = {}  # attribute -> [chunk, ...] buffer, allocated once
         self.loaded: tuple[int, int] | None = None  # the experts now in the buffers
+        self.single: dict[str, torch.Tensor] = {}  # attribute -> [1, ...] buffer of one expert read alone
         self.reads = 0  # chunks read from the checkpoint (tests, measurements)
 
     def __call__(
@@ -75,6 +76,20 @@ class ChunkedExperts:
             result = out if result is None else result + out
         assert result is not None
         return result
+
+    def expert(self, attr: str, expert: int) -> torch.Tensor:
+        """Parameter `attr` of one expert: a view of the loaded chunk when it holds the expert, else the expert
+        read alone into a one-expert buffer (allocated once per attribute; `merge --refit`'s sums of a slot)."""
+        if self.loaded is not None and self.loaded[0] <= expert < self.loaded[1]:
+            return self.buffers[attr][expert - self.loaded[0]]
+        if attr not in self.single:
+            meta = self.module._parameters[attr]
+            self.single[attr] = torch.empty((1, *meta.shape[1:]), dtype=meta.dtype, device=self.device)
+        entry = self.entries[attr]
+        one = {p: tensors[expert : expert + 1] for p, tensors in entry.sources.items()}
+        read_into(self.single[attr], replace(entry, sources=one), f"{self.path}.{attr}", self.folder)
+        self.reads += 1
+        return self.single[attr][0]
 
     def _stop(self, start: int) -> int:
         return min(start + self.chunk, self.experts)
@@ -110,6 +125,12 @@ class ChunkedExperts:
             module.num_experts = self.experts
             if parallel is not None:
                 module._is_expert_parallel = parallel
+
+
+def expert_param(module: torch.nn.Module, attr: str, expert: int) -> torch.Tensor:
+    """Parameter `attr` of expert `expert` of an experts module, whether its experts are chunked or loaded."""
+    chunked = module.__dict__.get(_ATTR)
+    return chunked.expert(attr, expert) if chunked is not None else getattr(module, attr)[expert]
 
 
 def _picks(index: torch.Tensor, start: int, stop: int) -> torch.Tensor:

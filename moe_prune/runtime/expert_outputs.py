@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from moe_prune.errors import MoePruneError
+from moe_prune.runtime.expert_chunks import expert_param
 
 EXPERT_OUTPUT_FIELDS = ("out_all_sum",)
 REFIT_FIELDS = ("refit_hh", "refit_hy")
@@ -56,7 +57,7 @@ def intermediate_size(module: torch.nn.Module) -> int:
 
 def intermediate(module: Any, x: torch.Tensor, expert: int) -> torch.Tensor:
     """[T, I] h_e(x): what expert `expert`'s down projection receives (transformers' batched_mm path)."""
-    weight = module.gate_up_proj[expert] if module.has_gate else module.up_proj[expert]
+    weight = expert_param(module, "gate_up_proj" if module.has_gate else "up_proj", expert)
     z = x @ weight if module.is_transposed else x @ weight.T
     return module._apply_gate(z) if module.has_gate else module.act_fn(z)
 

@@ -19,6 +19,10 @@ RIDGE_HELP = (
     "auto: chosen per slot on held-out calibration windows (layer-by-layer pass only)."
 )
 
+EXPERT_MEMORY_HELP = (
+    "Layer-by-layer refit: bytes of a layer's experts loaded at once, e.g. 4GB; a layer whose experts are "
+    "larger runs them a chunk at a time and reads each slot's expert alone, again for every batch."
+)
 REFIT_MEMORY_HELP = (
     "Layer-by-layer refit: float64 sums kept at once, e.g. 8GB (at least one slot's); a layer's slots "
     "are summed in groups that fit, the layer run once per group (default: half the available memory)."
@@ -43,6 +47,7 @@ class MergeSpec(Output):
     refit_memory: int | None = option(  # bytes of refit sums alive at once; the slots run in groups (refit_groups)
         None, REFIT_MEMORY_HELP, cli_type=str | None, parse=parse.size_or_none, affects_result=False
     )
+    expert_memory: int | None = like(ProfileSpec, "expert_memory", help=EXPERT_MEMORY_HELP)
     skip_layers: list[int] | None = option(
         None,
         "MoE layers to leave as they are (e.g. 0 or 0,5).",

@@ -136,8 +136,8 @@ def run(
     if s.refit and not stored:
         plans, fits = refit_layers(
             model, ckpt, stats, plans, stats_name, ridge=ridge, device=s.device or "cpu",
-            buffer_memory=s.buffer_memory, refit_memory=s.refit_memory, spill=shrink.out.absolute().parent,
-            progress=refit_progress,
+            buffer_memory=s.buffer_memory, refit_memory=s.refit_memory, expert_memory=s.expert_memory,
+            spill=shrink.out.absolute().parent, progress=refit_progress,
         )  # fmt: skip
     step = {"stage": "merge", "source": str(model), "method": s.method, "router": s.router, "weights": s.weights}
     step |= {"refit": s.refit, "keep": {str(k): v for k, v in counts.items()}, "skip_layers": skip}
@@ -152,6 +152,7 @@ def _checked(s: MergeSpec, stats: Stats, ckpt: Checkpoint, stats_name: str) -> t
     """(refit from stored sums, ridge): the refit options and the statistics checked before anything is written."""
     stored = s.refit and has_sums(stats)  # profile --refit-stats sums; else one sequential pass (stages.refit)
     passing = {"--device": s.device, "--buffer-memory": s.buffer_memory, "--refit-memory": s.refit_memory}
+    passing["--expert-memory"] = s.expert_memory
     check_refit_options(s.refit, stored, s.refit_ridge, passing, stats_name)
     ridge = parse_ridge(RIDGE if s.refit_ridge is None else s.refit_ridge)
     check_stats(stats, ckpt, s.method, stats_name, s.weights, stored)

@@ -70,6 +70,7 @@ def refit_layers(
     trust_remote_code: bool = False,
     buffer_memory: int | None = None,
     refit_memory: int | None = None,
+    expert_memory: int | None = None,
     spill: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[int, LayerPlan], list[LayerFit]]:
@@ -82,6 +83,7 @@ def refit_layers(
     check_pass(ckpt)
     chosen, settings = recorded_windows(ckpt, stats, name, trust_remote_code)
     layerwise = open_layerwise(ckpt, settings.dtype, device, trust_remote_code, INSTEAD, PASS)
+    layerwise.expert_memory = expert_memory  # a layer's experts past it run a chunk at a time (runtime.expert_chunks)
     anchors = {layer: plan.anchors for layer, plan in plans.items()}
     result = refit_pass(
         layerwise,
