@@ -90,7 +90,9 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
     keep = str(preset.config_value("experts") // 2)
     window = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
     common = ["--data", str(data), *window, "--dtype", args.dtype, "--force"]
-    stats, seq_stats = work / "stats.npz", work / "stats-seq.npz"
+    seq_stats = work / "stats-seq.npz"
+    whole = args.only is None or any("profile".startswith(o) for o in args.only)
+    stats = work / "stats.npz" if whole else seq_stats  # score and merge read the profile that runs
     chunked = ["--expert-memory", args.expert_memory]
     tokens = ["--max-tokens", str(args.samples * args.seq_len), "--dtype", args.dtype]
     evaluation = [str(model), "--data", str(data), *window[2:], *tokens]  # eval has no --samples
@@ -101,6 +103,11 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             "profile --for reap --sequential",
             ["profile", str(model), "--out", str(work / "reap.npz"), *common, "--sequential", "--for", "reap"],
             work / "reap.npz",
+        ),
+        (
+            "profile --sequential --expert-memory",  # a layer's experts a chunk at a time (runtime.expert_chunks)
+            ["profile", str(model), "--out", str(seq_stats), *common, "--sequential", *chunked],
+            seq_stats,
         ),
         (
             "score reap 50%",
@@ -165,6 +172,25 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             work / "merged-rb",
         ),
         (
+            "merge uncurl --refit 50% --expert-memory --refit-memory 4GB",  # DeepSeek-V3: no whole layer held
+            [
+                "merge",
+                str(model),
+                "--stats",
+                str(stats),
+                "--keep",
+                keep,
+                "--refit",
+                *chunked,
+                "--refit-memory",
+                args.refit_memory,
+                "--out",
+                str(work / "merged-rc"),
+                "--force",
+            ],
+            work / "merged-rc",
+        ),
+        (
             "merge uncurl --refit 50%",
             [
                 "merge",
@@ -179,11 +205,6 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
                 "--force",
             ],
             work / "merged-r",
-        ),
-        (
-            "profile --sequential --expert-memory",  # a layer's experts a chunk at a time (runtime.expert_chunks)
-            ["profile", str(model), "--out", str(seq_stats), *common, "--sequential", *chunked],
-            seq_stats,
         ),
         ("eval", ["eval", *evaluation], None),
         ("eval --sequential", ["eval", *evaluation, "--sequential"], None),
@@ -224,6 +245,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="working dtype of profile and eval")
     parser.add_argument("--memory-budget", default="12GB", help="stop a stage whose resident memory passes this")
     parser.add_argument("--expert-memory", default="4GB", help="of the --expert-memory stages")
+    parser.add_argument("--refit-memory", default="4GB", help="of the --expert-memory refit stage")
     parser.add_argument("--only", nargs="*", default=None, help="run only the stages whose name starts so")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-real-shapes")
     parser.add_argument("--keep-files", action="store_true", help="keep the checkpoint and outputs")

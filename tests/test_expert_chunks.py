@@ -216,3 +216,15 @@ def test_picks_past_the_experts_are_one_line(tiny_factory):
     with pytest.raises(MoePruneError, match=r"model\.layers\.\d+\.mlp\.experts picks experts past its 8"):
         block.mlp.experts(hidden, index, torch.full((3, 2), 0.5))
     assert block.mlp.experts(hidden, index[:, :1], torch.ones(3, 1)).shape == (3, 32)
+
+
+def test_held_bytes_count_the_chunk_not_the_stack(tiny_factory):
+    """`held_bytes` (merge --refit's automatic bound): a chunked layer holds its other weights plus one chunk."""
+    folder, model = tiny_factory("qwen3_moe")
+    layer = _moe_layers(model)[0]
+    per_expert = _expert_bytes(model, layer)
+    whole = sum(p.numel() * p.element_size() for p in model.model.layers[layer].parameters())
+    experts = per_expert * model.model.layers[layer].mlp.experts.num_experts
+    assert expert_chunks.held_bytes(_runtime(folder, None).load_layer(layer)) == whole
+    block = _runtime(folder, 3 * per_expert).load_layer(layer)
+    assert expert_chunks.chunked(block) and expert_chunks.held_bytes(block) == whole - experts + 3 * per_expert

@@ -127,19 +127,41 @@ def test_a_bound_of_one_slot_keeps_one_slots_sums_alive(tmp_path, monkeypatch):
     assert peaks[1] < 0.6 * peaks[0], (peaks, peaks[0] / peaks[1])
 
 
-def test_the_automatic_bound_is_half_the_available_memory(tiny, tmp_path, monkeypatch):
-    """Without --refit-memory the groups fit half of what the sums' device has available when the layer runs."""
+@pytest.mark.parametrize("limit", ["available", "layer"])
+def test_the_automatic_bound_is_half_the_layer_within_half_the_available_memory(limit, tiny, tmp_path, monkeypatch):
+    """Without --refit-memory the groups fit half of the layer's own bytes (issue #24's contract: 1.5x a layer),
+    and no more than half of what the sums' device has available when the layer runs."""
+    from transformers import AutoModelForCausalLM
+
     folder = tiny("mixtral")
     write_docs(tmp_path / "cal.jsonl", 6, seed=2)
     stats = profile_stage.run(folder, str(tmp_path / "cal.jsonl"), settings()).stats
+    layer = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).model.layers[0]
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())  # the transformers model's count
     built = count_groups(monkeypatch)
     per_slot = []
-    monkeypatch.setattr(refit_groups, "available_bytes", lambda device: 5 * per_slot[0])  # groups of 2 (2.5)
     original = refit_pass.slot_bytes
     monkeypatch.setattr(refit_pass, "slot_bytes", lambda *a: per_slot.append(original(*a)) or per_slot[-1])
+    if limit == "available":
+        monkeypatch.setattr(refit_groups, "available_bytes", lambda device: 5 * per_slot[0])  # groups of 2 (2.5)
+        want = [2, 1] * 3
+    else:
+        monkeypatch.setattr(refit_groups, "available_bytes", lambda device: 10**15)
+        slots = max(1, min(3, layer_bytes // 2 // original_slot_bytes(folder)))
+        want = [len(range(start, min(start + slots, 3))) for start in range(0, 3, slots)] * 3
+        assert len(want) > 3  # the tiny layer holds fewer bytes than its 3 slots' sums: several groups
     merge.run(folder, stats, tmp_path / "out", 3, MergeSpec(refit=True))
-    assert [slots for _, slots in built] == [2, 1] * 3, built
+    assert [slots for _, slots in built] == want, built
     assert refit_groups.available_bytes(torch.device("cpu")) > 0
+
+
+def original_slot_bytes(folder) -> int:
+    """One slot's sums, I x (I + H) float64, from the config (independent of `runtime.refit_sums.slot_bytes`)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    inner = config["intermediate_size"]
+    return inner * (inner + config["hidden_size"]) * 8
 
 
 def test_slot_groups():

@@ -8,9 +8,13 @@ windows (`merging.refit_pass`): each slot's sums are the same float64 products a
 solutions do not depend on the grouping, only the time does (the layer runs once per group).
 
 Bound: `--refit-memory` bytes, at least one slot's sums (else refused before the first forward pass);
-not given, half the memory available on the sums' device when the layer is about to be summed (its
-weights loaded, the hidden states buffered), leaving the other half to the solve's temporaries (about
-one slot's sums per slot in flight) and the rest of the process.
+not given, half the bytes of the layer as it is held (its loaded weights, plus the chunk of experts of
+`--expert-memory`), and no more than half the memory available on the sums' device when the layer is
+about to be summed (the other half left to the solve's temporaries and the rest of the process). Half a
+layer keeps the pass within issue #24's memory contract (peak at most 1.5x one decoder layer plus the
+embeddings/head): at Qwen3-30B-A3B shapes a layer's 64 slots' sums (1.1 GB) are about one layer (1.16
+GiB), so the layer runs twice; the extra runs cost the layer's forward only (the sums' float64 products
+are done once either way, and they are several times the forward's work).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from moe_prune.errors import MoePruneError
 
 AUTO_SHARE = 0.5  # of the available memory, when --refit-memory is not given
+LAYER_SHARE = 0.5  # of the layer's held bytes, when --refit-memory is not given
 
 
 def available_bytes(device: torch.device) -> int:
@@ -38,9 +43,12 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def layer_budget(bound: int | None, device: torch.device) -> int:
-    """Bytes of sums one layer may hold at once: the user's bound, else AUTO_SHARE of what is available now."""
-    return bound if bound is not None else int(AUTO_SHARE * available_bytes(device))
+def layer_budget(bound: int | None, device: torch.device, layer_bytes: int) -> int:
+    """Bytes of sums one layer may hold at once: the user's bound, else LAYER_SHARE of the layer's held bytes
+    (`layer_bytes`) within AUTO_SHARE of what is available now."""
+    if bound is not None:
+        return bound
+    return int(min(LAYER_SHARE * layer_bytes, AUTO_SHARE * available_bytes(device)))
 
 
 def slot_groups(count: int, per_slot: int, budget: int) -> list[slice]:

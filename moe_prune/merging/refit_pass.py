@@ -38,7 +38,7 @@ from moe_prune.errors import MoePruneError
 from moe_prune.merging.refit import RIDGE, RIDGES, candidate_errors, eigen_fit, least_squares_down, ridge_solution
 from moe_prune.merging.refit_groups import check_bound, layer_budget, slot_groups
 from moe_prune.merging.refit_store import SpilledDowns
-from moe_prune.runtime.expert_chunks import expert_param
+from moe_prune.runtime import expert_chunks
 from moe_prune.runtime.layer_pass import LayerPass, output_head
 from moe_prune.runtime.refit_sums import AnchorSums, refit_check, slot_bytes
 from moe_prune.runtime.sequential import LayerwiseModel
@@ -114,7 +114,8 @@ def refit_pass(
         runner.embed()
         for layer, block in runner.layerwise.layers(runner.last + 1):
             if layer in anchors:
-                groups = slot_groups(len(anchors[layer]), per_slot[layer], layer_budget(refit_memory, model.device))
+                budget = layer_budget(refit_memory, model.device, expert_chunks.held_bytes(block))
+                groups = slot_groups(len(anchors[layer]), per_slot[layer], budget)
                 result.downs[layer], fit = _refit_layer(runner, block, config, layer, anchors[layer], groups, ridge)
                 result.fits.append(fit)
             else:
@@ -149,7 +150,7 @@ def _refit_layer(
             run(runner.fit)
             _solve(sums, ridge, lambda: run(runner.held), store, fit, errors[group], norms[group])
             for expert in sums.anchors:  # one slot at a time: no copy of the layer's down projections
-                down = expert_param(sums.experts, "down_proj", expert).detach()
+                down = expert_chunks.expert_param(sums.experts, "down_proj", expert).detach()
                 fit.original_max_abs = max(fit.original_max_abs, float(down.abs().max()))
                 fit.original_max_norm = max(fit.original_max_norm, float(torch.linalg.matrix_norm(down.double())))
         sums.release()

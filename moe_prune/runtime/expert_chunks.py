@@ -231,6 +231,16 @@ def remove(layer: torch.nn.Module) -> None:
             module.__dict__.pop("forward", None)
 
 
+def held_bytes(layer: torch.nn.Module) -> int:
+    """Bytes `layer` holds once loaded: its parameters off the meta device, plus the chunk buffers of its chunked
+    experts (allocated at their first call)."""
+    total = sum(p.numel() * p.element_size() for p in layer.parameters() if not p.is_meta)
+    for chunks in chunked(layer):
+        meta = [chunks.module._parameters[attr] for attr in chunks.entries]
+        total += chunks.chunk * sum(p[0].numel() * p.element_size() for p in meta)
+    return total
+
+
 def chunked(layer: torch.nn.Module) -> list[ChunkedExperts]:
     """The chunked experts of `layer` (tests and measurements)."""
     return [module.__dict__[_ATTR] for module in layer.modules() if _ATTR in module.__dict__]

@@ -25,7 +25,8 @@ EXPERT_MEMORY_HELP = (
 )
 REFIT_MEMORY_HELP = (
     "Layer-by-layer refit: float64 sums kept at once, e.g. 8GB (at least one slot's); a layer's slots "
-    "are summed in groups that fit, the layer run once per group (default: half the available memory)."
+    "are summed in groups that fit, the layer run once per group (default: half the layer's own bytes, "
+    "within half the available memory)."
 )
 
 
