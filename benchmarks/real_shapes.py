@@ -249,6 +249,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only the stages whose name starts so")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-real-shapes")
     parser.add_argument("--keep-files", action="store_true", help="keep the checkpoint and outputs")
+    parser.add_argument(
+        "--drop-outputs", action="store_true", help="delete each stage's written checkpoint once measured (disk)"
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     budget = parse_size(args.memory_budget, "--memory-budget")
@@ -281,6 +284,8 @@ def main() -> None:
         wall, peak, status = run_stage(cmd, budget, work / f"{name.split()[0]}.log")
         results.append(StageResult(name, wall, peak, folder_bytes(output) if output else 0, status))
         _print_row(results[-1], moe_layers, preset.full_layers, one_layer)
+        if args.drop_outputs and output is not None and output.is_dir() and output.name != "pruned":
+            shutil.rmtree(output)  # finetune reads the pruned checkpoint
     print(
         json.dumps(
             {
