@@ -246,7 +246,8 @@ def main() -> None:
     parser.add_argument("--memory-budget", default="12GB", help="stop a stage whose resident memory passes this")
     parser.add_argument("--expert-memory", default="4GB", help="of the --expert-memory stages")
     parser.add_argument("--refit-memory", default="4GB", help="of the --expert-memory refit stage")
-    parser.add_argument("--only", nargs="*", default=None, help="run only the stages whose name starts so")
+    only = "run only these stages: a full stage name, or the start of names"
+    parser.add_argument("--only", nargs="*", default=None, help=only)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "moe-prune-real-shapes")
     parser.add_argument("--keep-files", action="store_true", help="keep the checkpoint and outputs")
     parser.add_argument(
@@ -277,9 +278,11 @@ def main() -> None:
         f"one MoE decoder layer {one_layer / GiB:.2f} GiB in {args.dtype}; {args.samples} x {args.seq_len} tokens"
     )
     results = []
-    for name, argv, output in stages(preset, model, data, work, args):
-        if args.only is not None and not any(name.startswith(o) for o in args.only):
-            continue
+    planned = stages(preset, model, data, work, args)
+    names = {name for name, _, _ in planned}
+    for name, argv, output in planned:
+        if args.only is not None and not any(o == name or (o not in names and name.startswith(o)) for o in args.only):
+            continue  # a stage's full name selects that stage alone, another string every stage it begins
         cmd = [python(), "-m", "moe_prune", *argv]
         wall, peak, status = run_stage(cmd, budget, work / f"{name.split()[0]}.log")
         results.append(StageResult(name, wall, peak, folder_bytes(output) if output else 0, status))
