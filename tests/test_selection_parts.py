@@ -47,8 +47,8 @@ def test_global_drops_equal_the_least_feasible_set():
         layers, experts = rng.randint(1, 3), rng.randint(2, 4)
         scores = np.array([[rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in range(experts)] for _ in range(layers)])
         counts = rng.choice([None, [rng.randint(1, experts) for _ in range(layers)]])
-        real = [(layer, slot) for layer in range(layers) for slot in range((counts or [experts] * layers)[layer])]
-        protected = set(rng.sample(real, min(len(real), rng.randint(0, 2))))  # super experts are real slots
+        slots = [(layer, slot) for layer in range(layers) for slot in range(experts)]  # past a layer's count too
+        protected = set(rng.sample(slots, min(len(slots), rng.randint(0, 2))))
         floor, total, direction = rng.randint(0, 2), rng.randint(0, 4), rng.choice(["min", "max"])
         want = exhaustive_drops(scores, direction, total, floor, counts, protected)
         case = (scores.tolist(), direction, total, floor, counts, protected)
@@ -100,3 +100,10 @@ def test_groups_left_with_one_expert_are_refused():
     with pytest.raises(MoePruneError) as raised:
         group_quota(16, 4, 12, 3)
     assert str(raised.value) == message
+
+
+def test_protected_slots_past_a_ragged_layers_count_take_no_room():
+    """A protected (layer, slot) past the layer's experts is no expert of it: both real experts may still go."""
+    scores = np.zeros((1, 4))
+    assert global_drops(scores, "min", 2, 0, [2], {(0, 3)}) == [[0, 1]]
+    assert exhaustive_drops(scores, "min", 2, 0, [2], {(0, 3)}) == [[0, 1]]

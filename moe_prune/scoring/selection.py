@@ -139,7 +139,8 @@ def global_drops(
     """
     layers, experts = scores.shape
     counts = counts or [experts] * layers
-    room = sum(max(n - max(floor, sum(1 for p in protected if p[0] == i)), 0) for i, n in enumerate(counts))
+    kept = [sum(1 for p in protected if p[0] == i and p[1] < n) for i, n in enumerate(counts)]  # real slots only
+    room = sum(max(n - max(floor, k), 0) for n, k in zip(counts, kept, strict=True))
     if total > room:
         raise MoePruneError(
             f"cannot drop {total} experts globally while keeping at least {floor} per layer (at most {room} can go)"
