@@ -601,3 +601,28 @@ def test_readme_fp8_loading_code_runs_as_written(family, folder_name, block, qua
         torch.testing.assert_close(
             scope["model"](ids).logits, load_model(outputs["plain"])(ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("block", [None, (128, 128)])
+def test_fp8_per_tensor_scale_multiplies_every_element(block):
+    """One scale for the whole tensor (per-tensor FP8, with or without a block size in the config): the weight
+    times that scale, element by element, whatever the tensor's shape (a hand computation in float64)."""
+    from moe_prune.checkpoint.quantized import dequantize_fp8
+
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(3, 200, 130, generator=generator) * 20).to(torch.float8_e4m3fn)
+    scale = torch.tensor([0.037], dtype=torch.float32)
+    got = dequantize_fp8(weight, scale, block)
+    want = weight.to(torch.float64) * 0.037
+    assert got.dtype == torch.float32 and got.shape == weight.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_fp8_block_scales_of_the_wrong_grid_are_one_error():
+    from moe_prune.checkpoint.quantized import dequantize_fp8
+
+    weight = torch.zeros(256, 200).to(torch.float8_e4m3fn)
+    with pytest.raises(
+        ValueError, match=r"scale_inv has shape \(2, 1\), but \(256, 200\) in \[128, 128\] blocks needs \(2, 2\)"
+    ):
+        dequantize_fp8(weight, torch.ones(2, 1), (128, 128))
