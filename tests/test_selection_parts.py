@@ -3,6 +3,7 @@
 Dropping `total` experts in score order under per-layer floors and protected slots is a partition matroid
 (each layer may lose at most its count minus max(floor, its protected slots), protected slots never), so the
 greedy answer is the feasible set whose sorted score positions are smallest: found here by trying every set.
+The greedy pair rule (`pick_by_pairs`) against the same rule written out by hand.
 (Survivors of the mutation run of issue #22 over scoring/.)
 """
 
@@ -107,3 +108,45 @@ def test_protected_slots_past_a_ragged_layers_count_take_no_room():
     scores = np.zeros((1, 4))
     assert global_drops(scores, "min", 2, 0, [2], {(0, 3)}) == [[0, 1]]
     assert exhaustive_drops(scores, "min", 2, 0, [2], {(0, 3)}) == [[0, 1]]
+
+
+def greedy_pairs_by_hand(values, usage, direction, n_drop, allowed):
+    """The pair rule step by step in plain Python: every remaining pair (p < q) whose loser (less used; ties: the
+    higher slot) is allowed; the least (min) or greatest (max) value, ties to the first pair in row order."""
+    experts, dropped, pairs = len(usage), [], []
+    while len(dropped) < n_drop:
+        best = None
+        for p in range(experts):
+            for q in range(p + 1, experts):
+                if p in dropped or q in dropped:
+                    continue
+                loser = p if (usage[p], -p) < (usage[q], -q) else q
+                if not allowed(loser, list(dropped)):
+                    continue
+                value = float(values[p, q]) if direction == "min" else -float(values[p, q])
+                if best is None or value < best[0]:
+                    best = (value, p, q, loser)
+        if best is None:
+            break
+        dropped.append(best[3])
+        pairs.append((best[1], best[2], float(values[best[1], best[2]])))
+    return dropped, pairs
+
+
+def test_pick_by_pairs_equals_the_rule_by_hand():
+    from moe_prune.scoring.selection import pick_by_pairs
+
+    rng = random.Random(5)
+    for _ in range(300):
+        experts = rng.randint(2, 6)
+        values = np.array([[rng.choice([-1.0, 0.0, 0.5, 2.0]) for _ in range(experts)] for _ in range(experts)])
+        usage = np.array([rng.choice([0, 1, 3]) for _ in range(experts)])
+        banned = set(rng.sample(range(experts), rng.randint(0, experts - 1)))
+        cap = rng.randint(1, experts)
+
+        def allowed(slot, dropped, banned=banned, cap=cap):
+            return slot not in banned and len(dropped) < cap
+
+        n_drop, direction = rng.randint(0, experts), rng.choice(["min", "max"])
+        want = greedy_pairs_by_hand(values, usage, direction, n_drop, allowed)
+        assert pick_by_pairs(values, usage, direction, n_drop, allowed) == want, (values, usage, banned, cap)
