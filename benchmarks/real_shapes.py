@@ -96,6 +96,11 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
     chunked = ["--expert-memory", args.expert_memory]
     tokens = ["--max-tokens", str(args.samples * args.seq_len), "--dtype", args.dtype]
     evaluation = [str(model), "--data", str(data), *window[2:], *tokens]  # eval has no --samples
+
+    def merge(name: str, folder: str, *options: str) -> tuple[str, list[str], Path]:
+        argv = ["merge", str(model), "--stats", str(stats), "--keep", keep, *options, "--out", str(work / folder)]
+        return name, [*argv, "--force"], work / folder
+
     return [
         ("profile", ["profile", str(model), "--out", str(stats), *common], stats),
         ("profile --sequential", ["profile", str(model), "--out", str(seq_stats), *common, "--sequential"], seq_stats),
@@ -131,81 +136,17 @@ def stages(preset: Preset, model: Path, data: Path, work: Path, args: argparse.N
             ["prune", str(model), "--mask", str(work / "mask.json"), "--out", str(work / "pruned"), "--force"],
             work / "pruned",
         ),
-        (
-            "merge uncurl 50%",
-            ["merge", str(model), "--stats", str(stats), "--keep", keep, "--out", str(work / "merged"), "--force"],
-            work / "merged",
+        merge("merge uncurl 50%", "merged"),
+        merge("merge frequency 50%", "merged-f", "--method", "frequency"),
+        # the sums in groups of at most 256 MB: the layer runs once per group
+        merge("merge uncurl --refit 50% --refit-memory 256MB", "merged-rb", "--refit", "--refit-memory", "256MB"),
+        merge(  # DeepSeek-V3: no whole layer held
+            "merge uncurl --refit 50% --expert-memory --refit-memory",
+            "merged-rc",
+            *["--refit", *chunked, "--refit-memory", args.refit_memory],
         ),
-        (
-            "merge frequency 50%",
-            [
-                "merge",
-                str(model),
-                "--stats",
-                str(stats),
-                "--keep",
-                keep,
-                "--method",
-                "frequency",
-                "--out",
-                str(work / "merged-f"),
-                "--force",
-            ],
-            work / "merged-f",
-        ),
-        (
-            "merge uncurl --refit 50% --refit-memory 256MB",
-            [
-                "merge",
-                str(model),
-                "--stats",
-                str(stats),
-                "--keep",
-                keep,
-                "--refit",
-                "--refit-memory",  # the sums in groups of at most 256 MB: the layer runs once per group
-                "256MB",
-                "--out",
-                str(work / "merged-rb"),
-                "--force",
-            ],
-            work / "merged-rb",
-        ),
-        (
-            "merge uncurl --refit 50% --expert-memory --refit-memory 4GB",  # DeepSeek-V3: no whole layer held
-            [
-                "merge",
-                str(model),
-                "--stats",
-                str(stats),
-                "--keep",
-                keep,
-                "--refit",
-                *chunked,
-                "--refit-memory",
-                args.refit_memory,
-                "--out",
-                str(work / "merged-rc"),
-                "--force",
-            ],
-            work / "merged-rc",
-        ),
-        (
-            "merge uncurl --refit 50%",
-            [
-                "merge",
-                str(model),
-                "--stats",
-                str(stats),
-                "--keep",
-                keep,
-                "--refit",  # without --refit-stats sums: one layer-by-layer pass over the profile's windows
-                "--out",
-                str(work / "merged-r"),
-                "--force",
-            ],
-            work / "merged-r",
-        ),
+        # without --refit-stats sums: one layer-by-layer pass over the profile's windows
+        merge("merge uncurl --refit 50%", "merged-r", "--refit"),
         ("eval", ["eval", *evaluation], None),
         ("eval --sequential", ["eval", *evaluation, "--sequential"], None),
         ("eval --sequential --expert-memory", ["eval", *evaluation, "--sequential", *chunked], None),
