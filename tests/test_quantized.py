@@ -626,3 +626,26 @@ def test_fp8_block_scales_of_the_wrong_grid_are_one_error():
         ValueError, match=r"scale_inv has shape \(2, 1\), but \(256, 200\) in \[128, 128\] blocks needs \(2, 2\)"
     ):
         dequantize_fp8(weight, torch.ones(2, 1), (128, 128))
+
+
+def test_fp8_finite_on_stored_bytes_equals_isfinite_of_the_dequantized_tensor():
+    """`fp8_finite` (read_expert_tensor's check of FP8 tensors, on the stored bytes) against `isfinite` over the
+    dequantized float32: clean tensors, a NaN code (0x7F / 0xFF) anywhere, NaN/Inf scales, and scales whose product
+    with 448 passes float32's largest value (and one just within it)."""
+    from moe_prune.checkpoint.quantized import dequantize_fp8, fp8_finite
+
+    generator = torch.Generator().manual_seed(4)
+    big = torch.finfo(torch.float32).max
+    for case in range(40):
+        weight = (torch.randn(256, 384, generator=generator) * 100).to(torch.float8_e4m3fn)
+        scale = torch.rand(2, 3, generator=generator) + 0.01
+        if case % 5 == 1:
+            raw = weight.view(torch.uint8)
+            raw.view(-1)[int(torch.randint(0, raw.numel(), (1,), generator=generator))] = 0x7F | (0x80 * (case % 2))
+        elif case % 5 == 2:
+            scale[case % 2, case % 3] = float("nan") if case % 2 else float("inf")
+        elif case % 5 == 3:
+            scale[1, 2] = big / 448 * (1.5 if case % 2 else 0.999)
+            weight.view(torch.uint8)[200, 300] = 0x7E  # 448, in the block of the large scale
+        want = bool(torch.isfinite(dequantize_fp8(weight, scale, (128, 128))).all())
+        assert fp8_finite(weight, scale) == want, case
