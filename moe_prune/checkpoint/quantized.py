@@ -45,7 +45,6 @@ from moe_prune.errors import MoePruneError
 FP8 = "fp8"
 MXFP4 = "mxfp4"
 FP8_DTYPES = {"F8_E4M3"}
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 FP8_SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -191,7 +190,7 @@ def fp8_finite(data: torch.Tensor, scale: torch.Tensor) -> bool:
     if bool(((data.view(torch.uint8) & 0x7F) == 0x7F).any()):
         return False
     scales = scale.to(torch.float32).abs()
-    return bool(torch.isfinite(scales).all()) and float(scales.max()) * E4M3_MAX <= torch.finfo(torch.float32).max
+    return bool(torch.isfinite(scales).all()) and float(scales.max()) * FP8_MAX <= torch.finfo(torch.float32).max
 
 
 def read_expert_tensor(stored: Stored, purpose: str, out: torch.Tensor | None = None) -> torch.Tensor:
