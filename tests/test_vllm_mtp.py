@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_vllm_serving import TOLERANCE, run_script, transformers_logprobs, vllm_python  # noqa: F401
-from vllm_tiny import TINY_RAGGED, Tiny, tiny_model
+from vllm_tiny import DEEPSEEK_V3, MLA_HEADS, TINY_RAGGED, Tiny, tiny_model
 
 from moe_prune.architectures.config import RAGGED_KEY
 from moe_prune.artifacts.mask import DropMask
@@ -35,9 +35,9 @@ from moe_prune.stages import prune
 FIRST, LAST = [0, 2, 3, 5, 7], [6, 1]  # experts kept by the first MoE layer and the last (the layers between cycle)
 GENERATE = 8
 PLUGIN = "moe_prune.serving.vllm_plugin.Ragged"
-# GLM-4-MoE-Lite: heads of 32 (vLLM CPU's attention, MLA off: its CPU MLA takes bfloat16 only) and the hub
-# config.json's first_k_dense_replace, which vLLM's class reads and transformers' config lacks
-GLM_LITE = {"qk_nope_head_dim": 24, "qk_rope_head_dim": 8, "v_head_dim": 32, "kv_lora_rank": 32, "q_lora_rank": 32}
+# GLM-4-MoE-Lite: MLA heads vLLM CPU takes with MLA off and the hub config.json's first_k_dense_replace, which
+# vLLM's class reads and transformers' config lacks
+GLM_LITE = {**MLA_HEADS, "first_k_dense_replace": 1}
 
 
 class MtpCase(NamedTuple):
@@ -52,9 +52,10 @@ class MtpCase(NamedTuple):
 CASES = {
     "glm4_moe": MtpCase(TINY_RAGGED["glm4_moe"], "last"),
     # log-probs up to 3.2e-3 off: vLLM's non-MLA attention (its own class is 2.1e-4 off on an unpruned tiny model)
-    "glm4_moe_lite": MtpCase(Tiny({**GLM_LITE, "first_k_dense_replace": 1}), "last", (TOLERANCE, 1e-2)),
+    "glm4_moe_lite": MtpCase(Tiny(GLM_LITE), "last", (TOLERANCE, 1e-2)),
     "ernie4_5_moe": MtpCase(TINY_RAGGED["ernie4_5_moe"], "dense"),
     "exaone_moe": MtpCase(TINY_RAGGED["exaone_moe"], "dense"),
+    "deepseek_v3": MtpCase(Tiny(DEEPSEEK_V3), "last", (TOLERANCE, 1e-2)),
 }
 
 
@@ -117,8 +118,7 @@ def served(vllm_python, tmp_path_factory) -> tuple[dict[str, Path], list[list[in
         {"name": name, "folder": str(folder), "token_ids": ids, "generate": GENERATE, "speculative_config": speculative}
         for name, folder in folders.items()
     ]
-    # GLM-4-MoE-Lite's MLA attention takes bfloat16 only on vLLM CPU; the others have none
-    proc = run_script(vllm_python, jobs, tmp / "out.json", env={"VLLM_MLA_DISABLE": "1"})
+    proc = run_script(vllm_python, jobs, tmp / "out.json")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return folders, ids, json.loads((tmp / "out.json").read_text())
 
