@@ -65,7 +65,9 @@ TINY_RAGGED = {
     "gpt_oss": Tiny({"head_dim": 32, "intermediate_size": 32}),
     # vLLM's own class differs from transformers by 2.9e-3 (log-probs up to 5.1e-2) on the unpruned tiny model
     "cohere2_moe": Tiny({"head_dim": 32, "hidden_size": 128}, tolerance=(6e-3, 0.1)),
-    "deepseek_v2": Tiny(DEEPSEEK_V2),
+    # log-probs up to 1.8e-3 off (2.6e-3 at per-layer top-k, test_allocate_topk): vLLM's non-MLA attention, its own
+    # class is 2.9e-3 off on the unpruned tiny model
+    "deepseek_v2": Tiny(DEEPSEEK_V2, tolerance=(1e-4, 1e-2)),
 }
 
 
