@@ -91,11 +91,13 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]]]]:
 
 
 def run_script(python: str, jobs: list[dict], out: Path, env: dict[str, str] | None = None):
+    """scripts/vllm_logprobs.py on `jobs` under `python`; MLA off (DeepSeek, GLM-4-MoE-Lite: vLLM CPU's MLA takes
+    bfloat16 only, the lane serves float32; vLLM's other attention serves them), `env` added."""
     jobs_file = out.with_suffix(".jobs.json")
     jobs_file.write_text(json.dumps(jobs))
     return subprocess.run(
         [python, str(SCRIPT), str(jobs_file), str(out)],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "VLLM_MLA_DISABLE": "1", **(env or {})},
         capture_output=True,
         text=True,
         timeout=1500,

@@ -4,7 +4,7 @@ A ragged checkpoint names transformers' causal-LM class of its family in `moe_pr
 (moe_prune/serving/vllm_plugin.py) registers `MoePruneRagged<base_class>` as a subclass of the vLLM architecture
 listed in SERVED, building each of its decoder layers with that layer's expert count and top-k. A family is
 listed there once a ragged tiny model of it served on vLLM's CPU build with transformers' prompt log-probs
-(tests/test_vllm_serving.py, GLM-4-MoE-Lite in tests/test_vllm_mtp.py; DeepSeek by hand, see its note); NOT_SERVED
+(tests/test_vllm_serving.py; GLM-4-MoE-Lite and DeepSeek-V3 in tests/test_vllm_mtp.py, with MTP drafting); NOT_SERVED
 says why others are not (measured there).
 """
 
@@ -32,11 +32,14 @@ class Served(NamedTuple):
     mtp_moe: bool = True
 
 
-DEEPSEEK = "checked by hand on vLLM CPU without MLA; log-probs as close to transformers' as stock vLLM's"
-DEEPSEEK_V3 = (
-    "checked by hand on vLLM CPU without MLA: layers at their own sizes, log-probs 3.1e-3 off (stock not compared)"
+DEEPSEEK_V2 = (
+    "checked on vLLM CPU without MLA: 4.0e-5 off, log-probs up to 1.8e-3 (vLLM's non-MLA attention: its own class "
+    "is 2.9e-3 off on the unpruned tiny model)"
 )
-DEEPSEEK_V3_MTP = f"{DEEPSEEK_V3}; MTP drafting checked by hand too (the same greedy tokens as without)"
+DEEPSEEK_V3 = (
+    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 8.0e-5 off, log-probs up to 2.4e-3 "
+    "(vLLM's non-MLA attention: its own class is 2.9e-3 off on the unpruned tiny model)"
+)
 ERNIE = (
     "vLLM's CPU router ignores softmax routers' expert-selection bias (moe_statics), in its own class too: "
     "a stock tiny ERNIE with random bias is 9.7e-3 off, with it zero 5e-10; its GPU router applies it"
@@ -48,7 +51,7 @@ LFM2 = (
     "4.6e-3 without its conv layers): vLLM's, cause not found"
 )
 GLM_LITE = (
-    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 4.1e-5 off, log-probs up to 3.2e-3 "
+    "checked on vLLM CPU without MLA (tests/test_vllm_mtp.py, with MTP drafting): 2.6e-5 off, log-probs up to 3.9e-3 "
     "(vLLM's non-MLA attention: its own class was 2.1e-4 off on an unpruned tiny model, by hand)"
 )
 AFMOE = "vLLM's class reads score_func, route_norm, n_group and topk_group, which only the hub's config.json carries"
@@ -73,11 +76,10 @@ SERVED: dict[str, Served] = {
     "Lfm2MoeForCausalLM": Served(min_experts=2, note=LFM2),  # the same grouped top-k
     "Glm4MoeLiteForCausalLM": Served(min_experts=2, note=GLM_LITE, mtp="Glm4MoeLiteMTPModel"),  # the same grouped top-k
     "GptOssForCausalLM": Served(),
-    # Measured by hand (not in the test lane): layers built at their own sizes; log-probs 1.5e-4 (V2) and 3.1e-3 (V3)
-    # from transformers' in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only), where vLLM's own
-    # class differs by 5.4e-4 on the unpruned tiny DeepSeek-V2: the gap is vLLM's attention, not the expert sizes.
-    "DeepseekV2ForCausalLM": Served(note=DEEPSEEK),
-    "DeepseekV3ForCausalLM": Served(min_experts=2, note=DEEPSEEK_V3_MTP, mtp="DeepSeekMTPModel"),
+    # served in float32 with VLLM_MLA_DISABLE=1 (vLLM CPU's MLA takes bfloat16 only): the log-prob gap is vLLM's
+    # attention, as large for its own class on the unpruned tiny models (tests/vllm_tiny.py, tests/test_vllm_mtp.py)
+    "DeepseekV2ForCausalLM": Served(note=DEEPSEEK_V2),
+    "DeepseekV3ForCausalLM": Served(min_experts=2, note=DEEPSEEK_V3, mtp="DeepSeekMTPModel"),
 }
 
 TRANSFORMERS_BACKEND = "vLLM 0.32 runs this family through its Transformers backend, which sizes every layer alike"
