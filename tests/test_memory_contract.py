@@ -42,22 +42,23 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-small, large, data, command = sys.argv[1:5]
-settings = profile.Settings(samples=8, seq_len=16, batch_size=4, sequential=True)
-def run(model):
+small, large, data, command, budget = sys.argv[1:6]
+def run(model, budget=None):
+    settings = profile.Settings(samples=8, seq_len=16, batch_size=4, sequential=True, expert_memory=budget)
     if command == "profile":
         profile.run(model, data, settings)
     elif command.startswith("merge"):  # merge uncurl to half the experts, from statistics of model + ".npz"
         stats = Stats.load(model + ".npz")
-        refit = {"refit": True} if command == "merge-refit" else {}  # the default bound: half the layer
+        refit = {"refit": True, "expert_memory": budget} if command == "merge-refit" else {}  # default bound
         merge.run(model, stats, model + "-merged", 16 if model == large else 4, MergeSpec(force=True, **refit))
     else:
-        evaluate.run(model, EvalSpec(data=data, seq_len=16, batch_size=4, max_tokens=128, sequential=True))
+        spec = EvalSpec(data=data, seq_len=16, batch_size=4, max_tokens=128, sequential=True, expert_memory=budget)
+        evaluate.run(model, spec)
 run(small)
 gc.collect()
 before = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")
-run(large)
+run(large, int(budget) if budget != "none" else None)
 print(json.dumps({"before": before, "peak": status("VmHWM:")}))
 """
 
@@ -73,9 +74,16 @@ def _save(folder: Path, **overrides) -> int:
     return sum(p.numel() * 4 for p in model.model.layers[0].parameters())
 
 
-def _growth(folder: Path, command: str) -> int:
-    """Peak growth in bytes while `command` (profile or eval) --sequential runs on the large model."""
-    args = [str(folder / "small"), str(folder / "large"), str(folder / "cal.jsonl"), command]
+def _growth(folder: Path, command: str, expert_memory: int | None = None) -> int:
+    """Peak growth in bytes while `command` (profile, eval, merge or merge-refit; layer by layer) runs on the large
+    model, with `expert_memory` bytes of a layer's experts at once (runtime.expert_chunks) when given."""
+    args = [
+        str(folder / "small"),
+        str(folder / "large"),
+        str(folder / "cal.jsonl"),
+        command,
+        str(expert_memory or "none"),
+    ]
     out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     return probe["peak"] - probe["before"]
