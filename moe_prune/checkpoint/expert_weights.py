@@ -26,9 +26,10 @@ from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
 from moe_prune.errors import MoePruneError
 
-# The float32 working set of one read: a row chunk of every expert (the Gram matrix of weight-similarity) or a
-# row chunk of one expert. 256 MiB keeps score far inside the 1.5-layer contract (a DeepSeek-V3 decoder layer is
-# 11 GB in bf16) while each read stays large enough to run at disk speed.
+# The float32 working set of one read (the default of `LayerWeights.chunks` / `expert`, looked up at call time):
+# a row chunk of every expert (the Gram matrix of weight-similarity) or a row chunk of one expert. 256 MiB keeps
+# score far inside the 1.5-layer contract (a DeepSeek-V3 MoE layer is 11 GB in FP8, 22.5 GB in bf16); one read of
+# a chunk per expert is still 1 MiB there (256 experts), large enough to run near disk speed.
 CHUNK_BYTES = 256 << 20
 
 
@@ -44,9 +45,10 @@ class LayerWeights:
         """The layer's expert count (its own, in a ragged model)."""
         return self.router.shape[0]
 
-    def chunks(self, bound: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    def chunks(self, bound: int | None = None) -> Iterator[torch.Tensor]:
         """`[E, k]` float32 blocks of at most `bound` bytes (one row if a row is larger): the same stored rows of
         every expert, so concatenated they are each expert's flattened weights (in one order for all experts)."""
+        bound = CHUNK_BYTES if bound is None else bound
         for slots in self.tensors.values():
             for part in _parts(slots[0], bound // len(slots)):
                 chunk = torch.empty((len(slots), _rows(slots[0], part) * _row_floats(slots[0])))
@@ -54,8 +56,9 @@ class LayerWeights:
                     chunk[e] = read_expert_tensor(stored, PURPOSE, part=part).reshape(-1)
                 yield chunk
 
-    def expert(self, e: int, bound: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    def expert(self, e: int, bound: int | None = None) -> Iterator[torch.Tensor]:
         """Expert `e`'s tensors in row parts of at most `bound` float32 bytes (one row if a row is larger)."""
+        bound = CHUNK_BYTES if bound is None else bound
         for slots in self.tensors.values():
             for part in _parts(slots[e], bound):
                 yield read_expert_tensor(slots[e], PURPOSE, part=part)
