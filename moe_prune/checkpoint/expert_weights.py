@@ -55,6 +55,7 @@ class LayerWeights:
                 for e, stored in enumerate(slots):
                     chunk[e] = read_expert_tensor(stored, PURPOSE, part=part).reshape(-1)
                 yield chunk
+                del chunk  # not held while the next one is allocated (the caller drops its own, see _gram)
 
     def expert(self, e: int, bound: int | None = None) -> Iterator[torch.Tensor]:
         """Expert `e`'s tensors in row parts of at most `bound` float32 bytes (one row if a row is larger)."""

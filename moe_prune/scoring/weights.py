@@ -27,6 +27,7 @@ def _gram(inputs: Inputs) -> np.ndarray:
         gram = np.zeros((layer.router.shape[0],) * 2)
         for chunk in layer.chunks():
             gram += (chunk @ chunk.T).double().numpy()
+            del chunk  # else held while the generator builds the next one: two chunks, twice the bound
         grams.append(gram)
     return stack_layers(grams, inputs.shape[1])
 
