@@ -206,3 +206,21 @@ def test_a_row_part_of_an_mxfp4_tensor_is_those_output_columns(tmp_path):
     expert = _stored(one, {"x_blocks": blocks[1].clone(), "x_scales": scales[1].clone()}, Quantization(MXFP4))
     for part in [(0, 40), (3, 17), (39, 40)]:
         assert torch.equal(read_float(expert, part), want[1][:, part[0] : part[1]]), part
+
+
+def test_an_expert_shaped_unlike_expert_0_is_refused(tiny_factory):
+    """Checkpoint.open refuses wrong shapes first; the weight reader checks anyway (its chunks are one shape)."""
+    from dataclasses import replace
+
+    from moe_prune.checkpoint.source import Checkpoint
+    from moe_prune.errors import MoePruneError
+
+    folder, _ = tiny_factory("mixtral")
+    weights = expert_weights.ExpertWeights(Checkpoint.open(folder))
+    entries = weights._experts[0]
+    index = next(i for i, (s, _) in enumerate(entries) if s.name.endswith("experts.3.w2.weight"))
+    stored, key = entries[index]
+    data = replace(stored.data, shape=(32, 47), end=stored.data.start + 32 * 47 * 4)
+    entries[index] = (replace(stored, data=data), key)
+    with pytest.raises(MoePruneError, match=r"experts\.3\.w2\.weight has shape \(32, 47\), expert 0's w2\.weight"):
+        weights.load(0)
