@@ -11,7 +11,7 @@ from moe_prune.errors import MoePruneError
 
 
 def fused_expert(stored: Stored, n_experts: int, slot: int, tail: int = 0) -> Stored:
-    """Expert `slot` of fused `stored` as `quantized.split_experts` cuts it: `[E, ...]` gives one `[...]`, E equal
+    """Expert `slot` of fused `stored`, as the model classes cut it: `[E, ...]` gives one `[...]`, E equal
     row blocks (dbrx's `[E*I, H]`) one `[I, H]`; `tail` rows past the experts' are not the experts'. A quantized
     tensor's scales are cut the same way (a single per-tensor scale is every expert's)."""
     data = stored.data

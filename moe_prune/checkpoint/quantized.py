@@ -230,18 +230,6 @@ def read_expert_tensor(
     return out.copy_(tensor)
 
 
-def split_experts(tensor: torch.Tensor, n_experts: int, stored: Stored) -> torch.Tensor:
-    """`[E, ...]` view of a fused expert tensor: `[E, ...]` itself, or E equal row blocks (dbrx's `[E*I, H]`)."""
-    if tensor.dim() == 0 or tensor.shape[0] % n_experts:
-        raise MoePruneError(
-            f"{stored.file}: {stored.name} has shape {tuple(tensor.shape)}, which does not split into "
-            f"{n_experts} experts"
-        )
-    if tensor.shape[0] == n_experts:
-        return tensor
-    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
-
-
 def _fp8_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
