@@ -109,7 +109,8 @@ def test_refit_pass_keeps_one_layers_statistics_alive(tmp_path, monkeypatch):
     peaks = traced_peaks(monkeypatch, refit_stage, "refit_pass")
     tracemalloc.start()
     try:
-        result = merge.run(folder, stats, tmp_path / "out", keep, MergeSpec(refit=True))
+        spec = MergeSpec(refit=True, refit_memory=10**15)  # one group per layer (the default groups: test_refit_groups)
+        result = merge.run(folder, stats, tmp_path / "out", keep, spec)
     finally:
         tracemalloc.stop()
     assert len(result.refit_fits) == layers and len(peaks) == 1

@@ -6,18 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moe_prune.checkpoint.quantized import Stored
-from moe_prune.checkpoint.safetensors_io import TensorInfo
+from moe_prune.checkpoint.safetensors_io import rows
 from moe_prune.errors import MoePruneError
 
 
-def rows(info: TensorInfo, start: int, stop: int, shape: tuple[int, ...]) -> TensorInfo:
-    """Rows `start:stop` of `info` (axis 0, contiguous in the file), viewed as `shape`."""
-    row = info.nbytes // info.shape[0]
-    return replace(info, shape=shape, start=info.start + start * row, end=info.start + stop * row)
-
-
 def fused_expert(stored: Stored, n_experts: int, slot: int, tail: int = 0) -> Stored:
-    """Expert `slot` of fused `stored` as `quantized.split_experts` cuts it: `[E, ...]` gives one `[...]`, E equal
+    """Expert `slot` of fused `stored`, as the model classes cut it: `[E, ...]` gives one `[...]`, E equal
     row blocks (dbrx's `[E*I, H]`) one `[I, H]`; `tail` rows past the experts' are not the experts'. A quantized
     tensor's scales are cut the same way (a single per-tensor scale is every expert's)."""
     data = stored.data

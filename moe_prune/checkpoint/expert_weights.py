@@ -1,47 +1,94 @@
-"""Read routed-expert weights and router rows layer by layer, for criteria that score weights.
+"""Read routed-expert weights and router rows layer by layer, in bounded pieces, for criteria that score weights.
 
-Only one MoE layer's expert tensors are in memory at a time (as float32 `[E, ...]` stacks), read from
-the shards byte range by byte range, so a model far larger than memory can be scored; per-expert
-tensors are read straight into their stack's slot (one stack, not the tensors and then their stack). Both on-disk
-layouts are accepted: one tensor per expert (`...experts.{e}.w1.weight`, stacked here) and fused
-tensors with a leading expert axis (`[E, 2I, H]`, or dbrx's blocked `[E*I, H]`, reshaped to
-`[E, I, H]`). FP8 block-quantized and MXFP4 tensors are dequantized one tensor at a time by
-`checkpoint.quantized.read_float` (the one dequantizing function); other non-float tensors are refused.
+Never a layer's experts as one float32 stack (DeepSeek-V3's 256 FP8 experts of 3 x 2048 x 7168 would be 45 GB, and
+a bf16 layer's stack is 2x the layer, past issue #24's 1.5-layer memory contract): a layer is a list of each
+expert's tensors (`Stored`, byte ranges), read through `checkpoint.quantized.read_expert_tensor` (the one reader,
+which dequantizes FP8 and MXFP4) either one expert's tensor at a time or the same rows of every expert at once,
+at most `CHUNK_BYTES` of float32 in either case. Both on-disk layouts are accepted: one tensor per expert
+(`...experts.{e}.w1.weight`) and fused tensors with a leading expert axis (`[E, 2I, H]`, or dbrx's blocked
+`[E*I, H]`), cut into each expert's byte range by `checkpoint.expert_slices.fused_expert`; other non-float
+tensors are refused.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from moe_prune.checkpoint.quantized import Quantization, Stored, group, read_expert_tensor, split_experts
+from moe_prune.checkpoint.expert_slices import fused_expert
+from moe_prune.checkpoint.quantized import Quantization, Stored, group, read_expert_tensor
 from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES
 from moe_prune.checkpoint.source import Checkpoint
 from moe_prune.checkpoint.surgery import ExpertKey, KeyMatcher
 from moe_prune.errors import MoePruneError
 
+# The float32 working set of one read (the default of `LayerWeights.chunks` / `expert`, looked up at call time):
+# a row chunk of every expert (the Gram matrix of weight-similarity) or a row chunk of one expert. 256 MiB keeps
+# score far inside the 1.5-layer contract (a DeepSeek-V3 MoE layer is 11 GB in FP8, 22.5 GB in bf16); one read of
+# a chunk per expert is still 1 MiB there (256 experts), large enough to run near disk speed.
+CHUNK_BYTES = 256 << 20
+
 
 @dataclass
 class LayerWeights:
-    """One MoE layer: its routed experts' tensors as `[E, ...]` float32 stacks, and the router `[E, H]`."""
+    """One MoE layer: each routed expert's tensors as byte ranges (read on demand), and the router `[E, H]`."""
 
     layer: int
-    tensors: dict[str, torch.Tensor]  # key tail (e.g. `w1.weight`, `gate_up_proj`) -> [E, ...]
+    tensors: dict[str, list[Stored]]  # key tail (e.g. `w1.weight`, `gate_up_proj`) -> expert e's tensor
     router: torch.Tensor
 
-    def flat(self) -> Iterator[torch.Tensor]:
-        """Each tensor as `[E, numel per expert]`: concatenating these gives each expert's flattened weights."""
-        for tensor in self.tensors.values():
-            yield tensor.reshape(tensor.shape[0], -1)
+    def __len__(self) -> int:
+        """The layer's expert count (its own, in a ragged model)."""
+        return self.router.shape[0]
 
-    def matrices(self) -> Iterator[torch.Tensor]:
-        """The per-expert 2-D weight matrices as `[E, rows, cols]` (biases and other shapes skipped)."""
-        for tensor in self.tensors.values():
-            if tensor.dim() == 3:
-                yield tensor
+    def chunks(self, bound: int | None = None) -> Iterator[torch.Tensor]:
+        """`[E, k]` float32 blocks of at most `bound` bytes (one row if a row is larger): the same stored rows of
+        every expert, so concatenated they are each expert's flattened weights (in one order for all experts)."""
+        bound = CHUNK_BYTES if bound is None else bound
+        for slots in self.tensors.values():
+            for part in _parts(slots[0], bound // len(slots)):
+                chunk = torch.empty((len(slots), _rows(slots[0], part) * _row_floats(slots[0])))
+                for e, stored in enumerate(slots):
+                    chunk[e] = read_expert_tensor(stored, PURPOSE, part=part).reshape(-1)
+                yield chunk
+                del chunk  # not held while the next one is allocated (the caller drops its own, see _gram)
+
+    def expert(self, e: int, bound: int | None = None) -> Iterator[torch.Tensor]:
+        """Expert `e`'s tensors in row parts of at most `bound` float32 bytes (one row if a row is larger)."""
+        bound = CHUNK_BYTES if bound is None else bound
+        for slots in self.tensors.values():
+            for part in _parts(slots[e], bound):
+                yield read_expert_tensor(slots[e], PURPOSE, part=part)
+
+    def matrices(self, e: int) -> Iterator[torch.Tensor]:
+        """Expert `e`'s 2-D weight matrices, whole and one at a time (biases and other shapes skipped)."""
+        for slots in self.tensors.values():
+            if len(slots[e].shape) == 2:
+                yield read_expert_tensor(slots[e], PURPOSE)
+
+
+def _row_floats(stored: Stored) -> int:
+    """Float values in one stored row (leading axis) of `stored`; a 0-d tensor is one row of one."""
+    return math.prod(stored.shape) // stored.data.shape[0] if stored.data.shape else 1
+
+
+def _rows(stored: Stored, part: tuple[int, int] | None) -> int:
+    return 1 if part is None else part[1] - part[0]
+
+
+def _parts(stored: Stored, bound: int) -> Iterator[tuple[int, int] | None]:
+    """Row ranges of `stored`'s leading axis, each at most `bound` bytes of float32 (at least one row); None (the
+    whole tensor) for a 0-d one."""
+    if not stored.data.shape:
+        yield None
+        return
+    step = max(1, bound // max(4 * _row_floats(stored), 1))
+    for start in range(0, stored.data.shape[0], step):
+        yield start, min(start + step, stored.data.shape[0])
 
 
 class ExpertWeights:
@@ -49,7 +96,7 @@ class ExpertWeights:
 
     def __init__(self, ckpt: Checkpoint, progress: Callable[[int, int], None] | None = None) -> None:
         self.ckpt = ckpt
-        self.progress = progress  # progress(layers done, layers) after each layer is read
+        self.progress = progress  # progress(layers done, layers) after each layer is scored
         config = ckpt.config
         self.n_experts = config.num_experts  # the largest count; a ragged model's layers have their own
         self.counts = config.experts_per_layer
@@ -81,7 +128,7 @@ class ExpertWeights:
                 self.progress(done, len(self.layers))
 
     def load(self, layer: int) -> LayerWeights:
-        """Read one layer's expert stacks and router rows as float32 (each shard opened once)."""
+        """One layer's experts (byte ranges, nothing read yet) and its router rows as float32."""
         n = self.counts[layer]
         per_expert: dict[str, dict[int, Stored]] = defaultdict(dict)
         fused: list[Stored] = []
@@ -99,25 +146,21 @@ class ExpertWeights:
                 raise MoePruneError(
                     f"{self.ckpt.folder}: layer {layer} has no {tail!r} tensor for experts {missing[:5]}"
                 )
-        _check_float([info for slots in per_expert.values() for info in slots.values()])
-        loaded = _read_all([self._routers[layer], *fused])
-        tensors = {info.name: split_experts(loaded[info.name], n, info) for info in fused}
+        _check_float([info for slots in per_expert.values() for info in slots.values()] + fused)
+        tensors = {info.name: [fused_expert(info, n, e) for e in range(n)] for info in fused}
         for tail, slots in per_expert.items():
-            stack = torch.empty((n, *slots[0].shape), dtype=torch.float32)
-            for e in range(n):
-                read_expert_tensor(slots[e], PURPOSE, out=stack[e])
-            tensors[tail] = stack
-        router = loaded[self._routers[layer].name].reshape(n, -1)
+            tensors[tail] = [slots[e] for e in range(n)]
+            for stored in tensors[tail]:
+                if stored.shape != slots[0].shape:
+                    raise MoePruneError(
+                        f"{stored.file}: {stored.name} has shape {stored.shape}, expert 0's {tail} {slots[0].shape}"
+                    )
+        _check_float([self._routers[layer]])
+        router = read_expert_tensor(self._routers[layer], PURPOSE).reshape(n, -1)
         return LayerWeights(layer, tensors, router)
 
 
 PURPOSE = "its experts cannot be scored by their weights"
-
-
-def _read_all(infos: list[Stored]) -> dict[str, torch.Tensor]:
-    """The named tensors as float32 (dequantized one at a time); a one-line error for non-finite ones."""
-    _check_float(infos)
-    return {info.name: read_expert_tensor(info, PURPOSE) for info in infos}
 
 
 def _check_float(infos: list[Stored]) -> None:

@@ -25,8 +25,8 @@ What comes from transformers, what is our own, and why:
 - MXFP4 quantizing: our own; transformers quantizes MXFP4 only through triton kernels (GPU). The
   shared exponent is the smallest that fits the block's amax under 6 (no clipping), nearest code.
 
-One file over 300 lines (a quarter of it this docstring): reading a format and writing it back share its
-block grid, scale names and code tables, so each format's rules stay in one place.
+One file over 300 lines (a quarter of it this docstring): reading a format (whole or a row part) and writing it
+back share its block grid, scale names and code tables, so each format's rules stay in one place.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES, TensorInfo, read_tensor
+from moe_prune.checkpoint.safetensors_io import FLOAT_DTYPES, TensorInfo, read_tensor, rows
 from moe_prune.errors import MoePruneError
 
 FP8 = "fp8"
@@ -149,34 +149,39 @@ def group(tensors: Iterable[TensorInfo], quant: Quantization | None) -> list[Sto
     return [s for s in out if s.name not in companions]
 
 
-def read_float(stored: Stored) -> torch.Tensor:
-    """The logical tensor as float32 (dequantized when stored quantized); refuses other non-float dtypes."""
+def read_float(stored: Stored, part: tuple[int, int] | None = None) -> torch.Tensor:
+    """The logical tensor as float32 (dequantized when stored quantized); refuses other non-float dtypes.
+
+    `part` = (start, stop) reads only rows start:stop of the stored data's leading axis (with the scales of
+    those rows): the same values as those rows of the whole tensor, for readers that bound their memory.
+    For MXFP4 the stored rows are the float tensor's last axis (`[..., out, in/32, 16]` -> `[..., in, out]`).
+    """
+    return _read(stored, part)[0]
+
+
+def _read(stored: Stored, part: tuple[int, int] | None) -> tuple[torch.Tensor, bool | None]:
+    """`read_float`'s tensor, and for FP8 whether it is finite (`fp8_finite`, judged on the stored bytes)."""
     if stored.method is None:
         if stored.data.dtype not in FLOAT_DTYPES:
             raise MoePruneError(
                 f"{stored.file}: {stored.name} is {stored.data.dtype}, and moe-prune dequantizes only FP8 "
                 "(quant_method fp8, with weight_scale_inv) and MXFP4 (_blocks/_scales) checkpoints"
             )
-        return read_tensor(stored.data).to(torch.float32)
-    return _dequantized(stored, *_quantized_parts(stored))
-
-
-def _quantized_parts(stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored data and scale tensors of a quantized tensor, its scale dtype checked."""
+        return read_tensor(_part(stored.data, part)).to(torch.float32), None
     assert stored.scale is not None
     if stored.method == FP8 and stored.scale.dtype not in FP8_SCALE_DTYPES:
         raise MoePruneError(
             f"{stored.file}: {stored.name} has FP8 scales of dtype {stored.scale.dtype} (e.g. ue8m0); moe-prune reads "
             f"float scales ({', '.join(FP8_SCALE_DTYPES)})"
         )
-    return read_tensor(stored.data), read_tensor(stored.scale)
-
-
-def _dequantized(stored: Stored, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     try:
         if stored.method == FP8:
-            return dequantize_fp8(data, scale, stored.block)
-        return dequantize_mxfp4(data, scale)
+            data, scale, block = _fp8_parts(stored, part)
+            return dequantize_fp8(data, scale, block), fp8_finite(data, scale)
+        if problem := _mxfp4_problem(stored.data.shape, stored.scale.shape):
+            raise ValueError(problem)
+        data, scale = read_tensor(_part(stored.data, part)), read_tensor(_part(stored.scale, part))
+        return dequantize_mxfp4(data, scale), None
     except ValueError as exc:
         raise MoePruneError(f"{stored.file}: {stored.name}: {exc}") from exc
 
@@ -193,23 +198,50 @@ def fp8_finite(data: torch.Tensor, scale: torch.Tensor) -> bool:
     return bool(torch.isfinite(scales).all()) and float(scales.max()) * FP8_MAX <= torch.finfo(torch.float32).max
 
 
-def read_expert_tensor(stored: Stored, purpose: str, out: torch.Tensor | None = None) -> torch.Tensor:
+def _part(info: TensorInfo, part: tuple[int, int] | None) -> TensorInfo:
+    """Rows part[0]:part[1] of `info` (all of it for None)."""
+    if part is None:
+        return info
+    return rows(info, part[0], part[1], (part[1] - part[0], *info.shape[1:]))
+
+
+def _fp8_parts(
+    stored: Stored, part: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+    """(FP8 data, scale_inv, block) to dequantize; a row part of a block-scaled matrix gets its rows' scales, one
+    row a block."""
+    assert stored.scale is not None
+    block, scale_info = stored.block, stored.scale
+    per_tensor = block is None or scale_info.numel == 1
+    if not per_tensor and (problem := _fp8_problem(stored.data.shape, scale_info.shape, block)):
+        raise ValueError(problem)
+    data = read_tensor(_part(stored.data, part))
+    if part is None or per_tensor:
+        return data, read_tensor(scale_info), block
+    assert block is not None
+    if len(stored.data.shape) != 2:  # a leading expert axis: scales have it too
+        return data, read_tensor(_part(scale_info, part)), block
+    first, last = part[0] // block[0], -(-part[1] // block[0])
+    scale = read_tensor(_part(scale_info, (first, last))).repeat_interleave(block[0], 0)
+    offset = first * block[0]
+    return data, scale[part[0] - offset : part[1] - offset], (1, block[1])
+
+
+def read_expert_tensor(
+    stored: Stored, purpose: str, out: torch.Tensor | None = None, part: tuple[int, int] | None = None
+) -> torch.Tensor:
     """The one reader of expert and router tensors for scoring, merging and loading: dequantized, finite.
 
     `purpose` ends the NaN/Inf refusal ("its experts cannot be scored by their weights"). Without `out`:
     float32. With `out` (an expert's slot in a fused parameter allocated once, see `runtime.fused`): the
     tensor is copied into it in out's dtype and `out` returned; a float tensor is read in its stored dtype,
-    so the only temporary is this one tensor, never a stack of a layer's experts. FP8 is checked on its
-    stored bytes (`fp8_finite`), everything else on the float tensor.
+    so the only temporary is this one tensor, never a stack of a layer's experts. `part`: only those stored
+    rows (see `read_float`), so a reader can hold a bounded slice of many experts at once. FP8 is checked on
+    its stored bytes (`fp8_finite`), everything else on the float tensor.
     """
     plain = out is not None and stored.method is None and stored.data.dtype in FLOAT_DTYPES
-    if stored.method == FP8:
-        data, scale = _quantized_parts(stored)
-        finite, tensor = fp8_finite(data, scale), _dequantized(stored, data, scale)
-    else:
-        tensor = read_tensor(stored.data) if plain else read_float(stored)
-        finite = bool(torch.isfinite(tensor).all())
-    if not finite:
+    tensor, finite = (read_tensor(_part(stored.data, part)), None) if plain else _read(stored, part)
+    if not (bool(torch.isfinite(tensor).all()) if finite is None else finite):
         raise MoePruneError(f"{stored.file}: {stored.name} holds NaN or Inf values; {purpose}")
     if out is None:
         return tensor
@@ -221,20 +253,25 @@ def read_expert_tensor(stored: Stored, purpose: str, out: torch.Tensor | None = 
     return out.copy_(tensor)
 
 
-def split_experts(tensor: torch.Tensor, n_experts: int, stored: Stored) -> torch.Tensor:
-    """`[E, ...]` view of a fused expert tensor: `[E, ...]` itself, or E equal row blocks (dbrx's `[E*I, H]`)."""
-    if tensor.dim() == 0 or tensor.shape[0] % n_experts:
-        raise MoePruneError(
-            f"{stored.file}: {stored.name} has shape {tuple(tensor.shape)}, which does not split into "
-            f"{n_experts} experts"
-        )
-    if tensor.shape[0] == n_experts:
-        return tensor
-    return tensor.reshape(n_experts, tensor.shape[0] // n_experts, *tensor.shape[1:])
-
-
 def _fp8_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
+
+
+def _fp8_problem(shape: tuple[int, ...], scale: tuple[int, ...], block: tuple[int, int]) -> str | None:
+    """Why block scales of shape `scale` do not fit a weight of `shape` (None when they do)."""
+    if len(shape) >= 2 and tuple(scale) == _fp8_grid(shape, block):
+        return None
+    need = _fp8_grid(shape, block) if len(shape) >= 2 else "a 2-D weight"
+    return f"scale_inv has shape {tuple(scale)}, but {tuple(shape)} in {list(block)} blocks needs {need}"
+
+
+def _mxfp4_problem(blocks: tuple[int, ...], scales: tuple[int, ...]) -> str | None:
+    """Why MXFP4 blocks and scales of these shapes do not pair up (None when they do)."""
+    if len(blocks) >= 3 and blocks[-1] == MXFP4_BLOCK // 2 and tuple(blocks[:-1]) == tuple(scales):
+        return None
+    return (
+        f"MXFP4 blocks {tuple(blocks)} and scales {tuple(scales)} are not [..., out, in/32, 16] and [..., out, in/32]"
+    )
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
@@ -243,11 +280,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
     if block is None or scale_inv.numel() == 1:
         return weight.to(torch.float32) * scale_inv.to(torch.float32).reshape(())
-    if weight.dim() < 2 or tuple(scale_inv.shape) != _fp8_grid(tuple(weight.shape), block):
-        raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)}, but {tuple(weight.shape)} in {list(block)} blocks "
-            f"needs {_fp8_grid(tuple(weight.shape), block) if weight.dim() >= 2 else 'a 2-D weight'}"
-        )
+    if problem := _fp8_problem(tuple(weight.shape), tuple(scale_inv.shape), block):
+        raise ValueError(problem)
     return _dequantize_fp8_weight(weight, scale_inv.to(torch.float32), list(block), torch.float32)
 
 
@@ -255,11 +289,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     """MXFP4 `[E, out, in/32, 16]` blocks and `[E, out, in/32]` exponents as float32 `[E, in, out]` (transformers)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
-        raise ValueError(
-            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} are not [..., out, in/32, 16] "
-            "and [..., out, in/32]"
-        )
+    if problem := _mxfp4_problem(tuple(blocks.shape), tuple(scales.shape)):
+        raise ValueError(problem)
     if blocks.dim() == 3:  # one expert: transformers wants a leading axis
         return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.float32)[0]
     return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)

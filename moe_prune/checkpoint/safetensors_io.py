@@ -18,7 +18,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moe_prune.artifacts.common import parse_json
@@ -73,6 +73,14 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def rows(info: TensorInfo, start: int, stop: int, shape: tuple[int, ...]) -> TensorInfo:
+    """Rows `start:stop` of `info` (axis 0, contiguous in the file), viewed as `shape`."""
+    if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+        raise ValueError(f"{info.name} has shape {info.shape}: no rows {start}:{stop}")
+    row = info.nbytes // info.shape[0]
+    return replace(info, shape=shape, start=info.start + start * row, end=info.start + stop * row)
 
 
 def _corrupt(path: Path, problem: str, part: str = "header") -> MoePruneError:

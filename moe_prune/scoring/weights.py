@@ -1,9 +1,12 @@
 """Weight-guided criteria (MC-Suite section 2.2): need only the checkpoint (`--model`), no statistics.
 
-Math in float32 per tensor, accumulated in float64; one MoE layer's experts in memory at a time.
+Math in float32 per read, accumulated in float64. Weights are read in bounded pieces (`LayerWeights.chunks` /
+`expert` / `matrices`), never as a layer's float32 stack, so score stays within issue #24's memory contract.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,15 +14,20 @@ import torch
 from moe_prune.scoring.linalg import cosine_from_gram, row_sum_minus_diagonal
 from moe_prune.scoring.registry import Inputs, criterion, stack_layers
 
+if TYPE_CHECKING:
+    from moe_prune.checkpoint.expert_weights import LayerWeights
+
 
 def _gram(inputs: Inputs) -> np.ndarray:
-    """`[L, E, E]` Gram matrix of each expert's flattened, concatenated weights (accumulated tensor by tensor)."""
+    """`[L, E, E]` Gram matrix of each expert's flattened, concatenated weights, summed over row chunks of every
+    expert (G = sum over chunks of C C^T: each weight read once, the working set one chunk)."""
     assert inputs.weights is not None
     grams = []
     for layer in inputs.weights:
         gram = np.zeros((layer.router.shape[0],) * 2)
-        for flat in layer.flat():
-            gram += (flat @ flat.T).double().numpy()
+        for chunk in layer.chunks():
+            gram += (chunk @ chunk.T).double().numpy()
+            del chunk  # else held while the generator builds the next one: two chunks, twice the bound
         grams.append(gram)
     return stack_layers(grams, inputs.shape[1])
 
@@ -44,8 +52,13 @@ def weight_similarity(inputs: Inputs) -> np.ndarray:
     source="MC-Suite EWN, eq. 6",
 )
 def weight_norm(inputs: Inputs) -> np.ndarray:
-    """score_p = ||flatten W_p||_2 over every tensor of expert p (biases included)."""
-    return np.sqrt(np.diagonal(_gram(inputs), axis1=-2, axis2=-1))
+    """score_p = ||flatten W_p||_2 over every tensor of expert p (biases included), read one expert at a time."""
+    assert inputs.weights is not None
+    layers = []
+    for layer in inputs.weights:
+        squares = [sum(float(part.double().square().sum()) for part in layer.expert(e)) for e in range(len(layer))]
+        layers.append(np.sqrt(squares))
+    return stack_layers(layers, inputs.shape[1])
 
 
 @criterion(
@@ -76,13 +89,17 @@ def stable_rank(inputs: Inputs) -> np.ndarray:
     between the two layouts of the same model. Biases are not matrices and are skipped.
     """
     assert inputs.weights is not None
-    layers = []
-    for layer in inputs.weights:
+    return stack_layers([_stable_ranks(layer) for layer in inputs.weights], inputs.shape[1])
+
+
+def _stable_ranks(layer: LayerWeights) -> np.ndarray:
+    """`[E]` mean stable rank of each expert's matrices, one matrix of one expert in memory at a time."""
+    experts = []
+    for e in range(len(layer)):
         ranks = []
-        for matrices in layer.matrices():
-            sigma = torch.linalg.svdvals(matrices)  # [E, min(rows, cols)], descending
-            top = sigma[:, 0] ** 2
-            total = (sigma**2).sum(dim=1)
-            ranks.append(torch.where(top > 0, total / top.clamp_min(1e-30), torch.zeros_like(top)).double().numpy())
-        layers.append(np.mean(ranks, axis=0) if ranks else np.zeros(layer.router.shape[0]))
-    return stack_layers(layers, inputs.shape[1])
+        for matrix in layer.matrices(e):
+            sigma = torch.linalg.svdvals(matrix)  # descending
+            top, total = sigma[0] ** 2, (sigma**2).sum()  # float32, as the ratio always was
+            ranks.append(float(total / top.clamp_min(1e-30)) if top > 0 else 0.0)
+        experts.append(np.mean(ranks) if ranks else 0.0)
+    return np.asarray(experts)
